@@ -1,0 +1,223 @@
+//! Wiring: `App::build` opens the store, starts (or reaches) the broker,
+//! loads the order book, binds HTTP and spawns the background tasks; tests
+//! build it with port 0 everywhere and read the ports back.
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::{web, HttpServer};
+use anyhow::Context;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Broker, Config};
+use crate::gateway::{now_millis, Gateway};
+use crate::http::answer::OrderContext;
+use crate::mercadopago::client::MpClient;
+use crate::mqtt::connection::{self, LinkState};
+use crate::mqtt::{broker, topics::Topics};
+use crate::orders::Command;
+use crate::settlement::{self, Settler};
+use crate::store::{SqliteStore, Store};
+
+/// What HTTP handlers share.
+pub struct Shared {
+    pub gateway: Arc<Gateway>,
+    pub settler: Settler,
+    pub link: Arc<LinkState>,
+}
+
+pub struct App {
+    http_addr: SocketAddr,
+    mqtt_addr: SocketAddr,
+    server: actix_web::dev::Server,
+    gateway: Arc<Gateway>,
+    link: Arc<LinkState>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl App {
+    pub async fn build(config: Config) -> anyhow::Result<App> {
+        let store: Arc<dyn Store> = Arc::new(
+            SqliteStore::open(&config.store.path, config.store.fsync)
+                .with_context(|| format!("cannot open the store {}", config.store.path.display()))?,
+        );
+        // Bind HTTP before anything starts in the background, so a taken
+        // port fails the start cleanly.
+        let listener = TcpListener::bind(config.http.listen)
+            .with_context(|| format!("cannot listen for HTTP on {}", config.http.listen))?;
+        let http_addr = listener.local_addr()?;
+
+        let (mqtt_host, mqtt_port, mqtt_addr) = match &config.mqtt.broker {
+            Broker::Embedded => {
+                let addr = broker::start(config.mqtt.embedded_listen, config.mqtt.max_payload_bytes)?;
+                tracing::info!(listen = %addr, "embedded MQTT broker listening");
+                (addr.ip().to_string(), addr.port(), addr)
+            }
+            Broker::External { host, port } => {
+                let addr = tokio::net::lookup_host((host.as_str(), *port))
+                    .await
+                    .ok()
+                    .and_then(|mut a| a.next())
+                    .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], *port)));
+                tracing::info!(broker = %format!("{host}:{port}"), "using an external MQTT broker");
+                (host.clone(), *port, addr)
+            }
+        };
+
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let (publish_tx, publish_rx) = mpsc::unbounded_channel();
+        let (served_tx, mut served_rx) = mpsc::unbounded_channel();
+        let ctx = OrderContext {
+            collector_id: config.mercadopago.collector_id,
+            sponsor_id: config.mercadopago.sponsor_id,
+            notification_url: config.http.notification_url(),
+        };
+        let gateway = Arc::new(
+            Gateway::load(
+                config.pos.clone(),
+                Arc::clone(&store),
+                ctx,
+                config.mercadopago.collector_id,
+                Topics::new(&config.mqtt.topic_prefix),
+                publish_tx,
+                served_tx,
+            )
+            .await?,
+        );
+
+        let link = connection::spawn(
+            &config.mqtt,
+            mqtt_host,
+            mqtt_port,
+            Arc::clone(&gateway),
+            publish_rx,
+            shutdown.clone(),
+            &tracker,
+        );
+        let client = MpClient::new(&config.mercadopago)?;
+        let settler = settlement::spawn(client, Arc::clone(&gateway), shutdown.clone(), &tracker);
+
+        // Marks served sales off the poll path.
+        {
+            let gateway = Arc::clone(&gateway);
+            let shutdown = shutdown.clone();
+            tracker.spawn(async move {
+                loop {
+                    let (pos, reference) = tokio::select! {
+                        r = served_rx.recv() => match r { Some(r) => r, None => break },
+                        _ = shutdown.cancelled() => break,
+                    };
+                    if let Err(e) = gateway.execute(&pos, Command::Served(reference)).await {
+                        tracing::error!(pos = %pos, error = %e, "cannot record that a sale was served");
+                    }
+                }
+            });
+        }
+        // Expires sales nobody paid.
+        {
+            let gateway = Arc::clone(&gateway);
+            let shutdown = shutdown.clone();
+            tracker.spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(250));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        _ = shutdown.cancelled() => break,
+                    }
+                    for pos in gateway.expired(now_millis()) {
+                        if let Err(e) = gateway.execute(&pos, Command::Expire).await {
+                            tracing::error!(pos = %pos, error = %e, "cannot expire a sale");
+                        }
+                    }
+                }
+            });
+        }
+
+        let shared = web::Data::new(Shared {
+            gateway: Arc::clone(&gateway),
+            settler,
+            link: Arc::clone(&link),
+        });
+        let workers = std::thread::available_parallelism().map_or(2, |n| n.get().min(4));
+        let server = HttpServer::new(move || {
+            actix_web::App::new()
+                .app_data(shared.clone())
+                .configure(crate::http::routes)
+        })
+        .workers(workers)
+        .disable_signals()
+        .shutdown_timeout(5)
+        .client_request_timeout(Duration::from_secs(5))
+        .listen(listener)?
+        .run();
+
+        tracing::info!(listen = %http_addr, pos_url = %format!("{}/mp/pos/{{pos_id}}", config.http.public_url),
+            notification_url = %config.http.notification_url(), "HTTP listening");
+        tracing::info!(count = config.pos.len(), pos = %config.pos.iter().map(|p| p.id.as_str()).collect::<Vec<_>>().join(","),
+            "points of sale configured");
+        if config.mercadopago.access_token.is_none() {
+            tracing::warn!(
+                "no Mercado Pago access token is set ({}): payments cannot be verified until it is",
+                crate::config::ACCESS_TOKEN_ENV
+            );
+        }
+
+        Ok(App {
+            http_addr,
+            mqtt_addr,
+            server,
+            gateway,
+            link,
+            shutdown,
+            tracker,
+        })
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// The broker qrgate talks to (the embedded one's real port).
+    pub fn mqtt_addr(&self) -> SocketAddr {
+        self.mqtt_addr
+    }
+
+    pub fn gateway(&self) -> Arc<Gateway> {
+        Arc::clone(&self.gateway)
+    }
+
+    pub fn link(&self) -> Arc<LinkState> {
+        Arc::clone(&self.link)
+    }
+
+    /// Cancelling it stops the app gracefully.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Serves until the shutdown token is cancelled, then drains: HTTP stops
+    /// taking requests, in-flight work finishes, background tasks end.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let handle = self.server.handle();
+        let server = tokio::spawn(self.server);
+        self.shutdown.cancelled().await;
+        tracing::info!("shutting down");
+        handle.stop(true).await;
+        let _ = server.await;
+        self.tracker.close();
+        if tokio::time::timeout(Duration::from_secs(10), self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("background tasks did not finish within 10 s");
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+}

@@ -1,0 +1,441 @@
+//! The live order book: one view per POS in a `DashMap`, read by polls
+//! without locks, and changed only through [`Gateway::execute`] and
+//! [`Gateway::settle`], which decide with the pure rules of `orders`, write
+//! the change to the store, and only then make it visible and tell the
+//! device.
+//!
+//! Each POS has its own async mutex held across decide → store → publish, so
+//! a cancel and a payment for the same POS cannot interleave, while other
+//! POS go on. No `DashMap` guard ever lives across an `.await`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use tokio::sync::{mpsc, Mutex};
+
+use crate::http::answer::{self, OrderContext, PollAnswer};
+use crate::mqtt::outbound;
+use crate::mqtt::topics::Topics;
+use crate::orders::settle::{check_payment, MerchantOrderFacts};
+use crate::orders::{
+    self, Command, Ctx, ExternalReference, Outcome, PosConfig, PosId, PosState, Sale, SaleEvent,
+    UnixMillis,
+};
+use crate::store::{MerchantOrderRecord, Store, StoreError};
+
+/// A POS as polls see it: its state and the answer rendered from it.
+#[derive(Debug)]
+pub struct PosView {
+    pub state: PosState,
+    pub answer: PollAnswer,
+    /// Set by the first poll that hands the pending sale to Mercado Pago, so
+    /// only that poll asks for the sale to be marked served.
+    served_asked: AtomicBool,
+}
+
+/// A message for a device, in the order it must be sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Publish {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub retain: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("unknown POS {0:?}")]
+    UnknownPos(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What became of a merchant order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settlement {
+    Paid { reference: ExternalReference },
+    Duplicate,
+    RefundDue { reference: ExternalReference },
+    Refused(String),
+}
+
+pub struct Gateway {
+    pos: HashMap<PosId, PosConfig>,
+    locks: HashMap<PosId, Mutex<()>>,
+    views: DashMap<PosId, Arc<PosView>>,
+    /// The current sale of each POS by reference, for notifications.
+    by_reference: DashMap<ExternalReference, PosId>,
+    store: Arc<dyn Store>,
+    ctx: OrderContext,
+    collector_id: u64,
+    topics: Topics,
+    publish: mpsc::UnboundedSender<Publish>,
+    served: mpsc::UnboundedSender<(PosId, ExternalReference)>,
+}
+
+pub fn now_millis() -> UnixMillis {
+    chrono::Utc::now().timestamp_millis()
+}
+
+impl Gateway {
+    /// Builds the book from the store's latest sale of each configured POS.
+    pub async fn load(
+        pos: Vec<PosConfig>,
+        store: Arc<dyn Store>,
+        ctx: OrderContext,
+        collector_id: u64,
+        topics: Topics,
+        publish: mpsc::UnboundedSender<Publish>,
+        served: mpsc::UnboundedSender<(PosId, ExternalReference)>,
+    ) -> Result<Gateway, GatewayError> {
+        let latest = store.latest_sales().await?;
+        let mut by_pos: HashMap<PosId, Sale> =
+            latest.into_iter().map(|s| (s.pos.clone(), s)).collect();
+        let views = DashMap::with_capacity(pos.len());
+        let by_reference = DashMap::new();
+        for p in &pos {
+            let state = PosState {
+                presence: orders::Presence::Unknown,
+                current: by_pos.remove(&p.id),
+            };
+            if let Some(s) = &state.current {
+                by_reference.insert(s.external_reference.clone(), p.id.clone());
+            }
+            views.insert(p.id.clone(), Arc::new(view(p, state, &ctx)));
+        }
+        for (pos, sale) in by_pos {
+            tracing::warn!(pos = %pos, external_reference = %sale.external_reference, state = sale.state.as_str(),
+                "stored sale belongs to a POS that is no longer configured; ignored");
+        }
+        Ok(Gateway {
+            locks: pos.iter().map(|p| (p.id.clone(), Mutex::new(()))).collect(),
+            pos: pos.into_iter().map(|p| (p.id.clone(), p)).collect(),
+            views,
+            by_reference,
+            store,
+            ctx,
+            collector_id,
+            topics,
+            publish,
+            served,
+        })
+    }
+
+    pub fn pos_config(&self, id: &str) -> Option<&PosConfig> {
+        PosId::parse(id).ok().and_then(|id| self.pos.get(&id))
+    }
+
+    pub fn pos_ids(&self) -> Vec<PosId> {
+        self.pos.keys().cloned().collect()
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub fn view(&self, id: &PosId) -> Option<Arc<PosView>> {
+        self.views.get(id).map(|v| Arc::clone(v.value()))
+    }
+
+    /// The hot path: one map read. The first poll that serves a pending sale
+    /// also asks, off this path, for the sale to be marked served.
+    pub fn poll(&self, id: &str) -> PollAnswer {
+        let Some(view) = PosId::parse(id).ok().and_then(|id| self.view(&id)) else {
+            return answer::invalid();
+        };
+        if view.answer.status == 200 && !view.served_asked.swap(true, Ordering::Relaxed) {
+            if let Some(s) = view.state.busy_sale() {
+                let _ = self
+                    .served
+                    .send((s.pos.clone(), s.external_reference.clone()));
+            }
+        }
+        view.answer.clone()
+    }
+
+    /// Every POS's retained state, to republish after a (re)connection: the
+    /// broker may have forgotten them (rumqttd keeps nothing across restarts).
+    pub fn retained_states(&self) -> Vec<Publish> {
+        self.views
+            .iter()
+            .filter_map(|v| {
+                v.state.current.as_ref().map(|s| Publish {
+                    topic: self.topics.state(s.pos.as_str()),
+                    payload: outbound::state(s),
+                    retain: true,
+                })
+            })
+            .collect()
+    }
+
+    /// POS with a busy sale past its expiry.
+    pub fn expired(&self, now: UnixMillis) -> Vec<PosId> {
+        self.views
+            .iter()
+            .filter(|v| {
+                v.state
+                    .busy_sale()
+                    .and_then(|s| s.expires_at)
+                    .is_some_and(|at| at <= now)
+            })
+            .map(|v| v.key().clone())
+            .collect()
+    }
+
+    fn send(&self, p: Publish) {
+        // The receiver lives as long as the app; after shutdown there is
+        // nobody left to tell.
+        let _ = self.publish.send(p);
+    }
+
+    fn publish_state(&self, sale: &Sale) {
+        self.send(Publish {
+            topic: self.topics.state(sale.pos.as_str()),
+            payload: outbound::state(sale),
+            retain: true,
+        });
+    }
+
+    /// Tells a device its message was refused, without touching its
+    /// retained state.
+    pub fn publish_rejection(&self, pos: &str, sale_id: Option<&str>, code: &str, message: &str) {
+        self.send(Publish {
+            topic: self.topics.state(pos),
+            payload: outbound::rejected(sale_id, code, message),
+            retain: false,
+        });
+    }
+
+    /// Makes a stored change visible: the view, the reference index, and
+    /// the device's retained state.
+    fn commit(&self, cfg: &PosConfig, presence: orders::Presence, sale: Sale) {
+        if let Some(old) = self.view(&cfg.id).and_then(|v| v.state.current.clone()) {
+            if old.external_reference != sale.external_reference {
+                self.by_reference.remove(&old.external_reference);
+            }
+        }
+        self.by_reference
+            .insert(sale.external_reference.clone(), cfg.id.clone());
+        let state = PosState {
+            presence,
+            current: Some(sale),
+        };
+        let v = view(cfg, state, &self.ctx);
+        if let Some(s) = &v.state.current {
+            self.publish_state(s);
+        }
+        self.views.insert(cfg.id.clone(), Arc::new(v));
+    }
+
+    /// Applies a command to a POS: decide, store, show, tell.
+    pub async fn execute(&self, pos: &PosId, cmd: Command) -> Result<Outcome, GatewayError> {
+        let (Some(cfg), Some(lock)) = (self.pos.get(pos), self.locks.get(pos)) else {
+            return Err(GatewayError::UnknownPos(pos.to_string()));
+        };
+        let _guard = lock.lock().await;
+        let current = self
+            .view(pos)
+            .ok_or_else(|| GatewayError::UnknownPos(pos.to_string()))?;
+        let ctx = Ctx {
+            now: now_millis(),
+            random: rand::random(),
+        };
+        let outcome = orders::apply(cfg, &current.state, cmd, ctx);
+        match &outcome {
+            Outcome::Changed { sale, event } => {
+                self.store.record(sale, event).await?;
+                log_event(sale, event);
+                self.commit(cfg, current.state.presence, sale.clone());
+            }
+            Outcome::Republish => {
+                if let Some(s) = &current.state.current {
+                    tracing::info!(pos = %pos, sale_id = %s.sale_id, external_reference = %s.external_reference,
+                        state = s.state.as_str(), "same sale again: state republished");
+                    self.publish_state(s);
+                }
+            }
+            Outcome::Rejected { sale_id, why } => {
+                tracing::warn!(pos = %pos, sale_id = sale_id.as_ref().map(|s| s.as_str()), reason = why.code(),
+                    detail = %why, "device message rejected");
+                self.publish_rejection(
+                    pos.as_str(),
+                    sale_id.as_ref().map(|s| s.as_str()),
+                    why.code(),
+                    &why.to_string(),
+                );
+            }
+            Outcome::Presence(p) => {
+                tracing::info!(pos = %pos, online = !p.is_offline(), "device presence");
+                let state = PosState {
+                    presence: *p,
+                    current: current.state.current.clone(),
+                };
+                self.views
+                    .insert(pos.clone(), Arc::new(view(cfg, state, &self.ctx)));
+            }
+            Outcome::Nothing => {}
+        }
+        Ok(outcome)
+    }
+
+    /// Settles one merchant order, fetched from Mercado Pago by the caller.
+    pub async fn settle(
+        &self,
+        facts: &MerchantOrderFacts,
+        raw: String,
+        status: &str,
+    ) -> Result<Settlement, GatewayError> {
+        let reference_text = facts.external_reference.clone();
+        self.store
+            .record_merchant_order(MerchantOrderRecord {
+                id: facts.id,
+                external_reference: reference_text.clone(),
+                status: status.to_owned(),
+                body: raw,
+                seen_at: now_millis(),
+            })
+            .await?;
+        let refuse = |why: String| {
+            tracing::warn!(merchant_order = facts.id, external_reference = reference_text.as_deref(),
+                reason = %why, "merchant order closes nothing");
+            Ok(Settlement::Refused(why))
+        };
+        let Some(reference) = reference_text
+            .as_deref()
+            .and_then(|r| ExternalReference::parse(r).ok())
+        else {
+            return refuse("external_reference is not one of ours".into());
+        };
+        // The current sale of its POS, or an older one from the store.
+        let pos = match self.by_reference.get(&reference).map(|p| p.value().clone()) {
+            Some(p) => p,
+            None => match self.store.sale(&reference).await? {
+                Some(s) => s.pos,
+                None => return refuse("external_reference is not one of ours".into()),
+            },
+        };
+        let (Some(cfg), Some(lock)) = (self.pos.get(&pos), self.locks.get(&pos)) else {
+            return refuse(format!("sale belongs to POS {pos}, no longer configured"));
+        };
+        let _guard = lock.lock().await;
+        let view = self
+            .view(&pos)
+            .ok_or_else(|| GatewayError::UnknownPos(pos.to_string()))?;
+        let current = view
+            .state
+            .current
+            .as_ref()
+            .filter(|s| s.external_reference == reference);
+        let sale = match current {
+            Some(s) => s.clone(),
+            None => match self.store.sale(&reference).await? {
+                Some(s) => s,
+                None => return refuse("sale not found".into()),
+            },
+        };
+        let payment = match check_payment(&sale, facts, self.collector_id) {
+            Ok(p) => p,
+            Err(why) => {
+                tracing::info!(pos = %pos, sale_id = %sale.sale_id, external_reference = %reference,
+                    merchant_order = facts.id, reason = why.code(), detail = %why, "merchant order closes nothing");
+                return Ok(Settlement::Refused(why.code().to_owned()));
+            }
+        };
+        let outcome = orders::pay(&sale, &payment, now_millis());
+        let Outcome::Changed { sale: changed, event } = outcome else {
+            tracing::info!(pos = %pos, sale_id = %sale.sale_id, external_reference = %reference,
+                merchant_order = facts.id, payment = payment.payment_id, "payment already recorded");
+            return Ok(Settlement::Duplicate);
+        };
+        match self.store.record(&changed, &event).await {
+            Ok(()) => {}
+            Err(StoreError::AlreadyClosed(_) | StoreError::AlreadyDue(_)) => {
+                tracing::info!(pos = %pos, external_reference = %reference, merchant_order = facts.id,
+                    payment = payment.payment_id, "payment already recorded (store)");
+                return Ok(Settlement::Duplicate);
+            }
+            Err(e) => return Err(e.into()),
+        }
+        log_event(&changed, &event);
+        let is_current = current.is_some();
+        let settlement = match event {
+            SaleEvent::Paid { .. } => Settlement::Paid {
+                reference: reference.clone(),
+            },
+            _ => Settlement::RefundDue {
+                reference: reference.clone(),
+            },
+        };
+        if is_current {
+            self.commit(cfg, view.state.presence, changed);
+        }
+        Ok(settlement)
+    }
+}
+
+fn view(cfg: &PosConfig, state: PosState, ctx: &OrderContext) -> PosView {
+    let answer = answer::render(cfg, &state, ctx);
+    let served = state
+        .busy_sale()
+        .is_some_and(|s| s.served_at.is_some());
+    PosView {
+        state,
+        answer,
+        served_asked: AtomicBool::new(served),
+    }
+}
+
+/// One line per event that matters, with the fields operators search by.
+fn log_event(sale: &Sale, event: &SaleEvent) {
+    let pos = sale.pos.as_str();
+    let sale_id = sale.sale_id.as_str();
+    let reference = sale.external_reference.as_str();
+    let amount = sale.total().map(|a| a.to_string());
+    let currency = sale.currency.code();
+    match event {
+        SaleEvent::Accepted => tracing::info!(pos, sale_id, external_reference = reference,
+            state = sale.state.as_str(), amount, currency, "sale accepted"),
+        SaleEvent::Priced => tracing::info!(pos, sale_id, external_reference = reference,
+            amount, currency, "sale amount known: pending"),
+        SaleEvent::Served => tracing::info!(pos, sale_id, external_reference = reference,
+            amount, currency, "sale served to Mercado Pago"),
+        SaleEvent::Paid { overpaid } => {
+            let s = sale.settled.as_ref();
+            let merchant_order = s.map(|s| s.merchant_order);
+            let payment = s.map(|s| s.payment_id);
+            let paid = s.map(|s| s.paid.to_string());
+            if *overpaid {
+                tracing::warn!(pos, sale_id, external_reference = reference, merchant_order, payment,
+                    amount, paid, currency, "sale paid with an overpayment: refund the difference");
+            } else {
+                tracing::info!(pos, sale_id, external_reference = reference, merchant_order, payment,
+                    amount, currency, "sale paid");
+            }
+        }
+        SaleEvent::Cancelled => {
+            if sale.served_at.is_some() {
+                tracing::warn!(pos, sale_id, external_reference = reference,
+                    "sale cancelled after it was served to Mercado Pago: a payment may still arrive");
+            } else {
+                tracing::info!(pos, sale_id, external_reference = reference, "sale cancelled");
+            }
+        }
+        SaleEvent::Expired => tracing::info!(pos, sale_id, external_reference = reference, "sale expired"),
+        SaleEvent::Delivered { ok, reason } => {
+            if *ok {
+                tracing::info!(pos, sale_id, external_reference = reference, "device confirmed delivery");
+            } else {
+                tracing::error!(pos, sale_id, external_reference = reference, reason = reason.as_deref(),
+                    "device failed to deliver a paid sale");
+            }
+        }
+        SaleEvent::RefundDue => {
+            let r = sale.refund_due.as_ref();
+            tracing::error!(pos, sale_id, external_reference = reference,
+                merchant_order = r.map(|r| r.merchant_order), payment = r.map(|r| r.payment_id),
+                paid = r.map(|r| r.amount.to_string()), state = sale.state.as_str(),
+                "payment for a sale that was no longer payable: refund due");
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! `POST /mp/notifications`: both shapes Mercado Pago sends (IPN
+//! `?topic=merchant_order&id=…` and webhooks `?type=payment&data.id=…` with a
+//! JSON body). It answers at once; the work happens after, in `settlement`.
+//! Nothing in a notification is trusted beyond the id it names.
+
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde::Deserialize;
+
+use super::error;
+use crate::app::Shared;
+use crate::settlement::Resource;
+
+/// Mercado Pago's notifications are a few hundred bytes.
+pub const MAX_BODY: usize = 16 * 1024;
+
+#[derive(Deserialize, Default)]
+struct Body {
+    topic: Option<String>,
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    resource: Option<serde_json::Value>,
+    data: Option<BodyData>,
+}
+
+#[derive(Deserialize)]
+struct BodyData {
+    id: Option<serde_json::Value>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Parsed {
+    Work(Resource),
+    /// A topic we do not act on (chargebacks, point integrations...).
+    Ignored(String),
+}
+
+fn id_text(v: &serde_json::Value) -> Option<String> {
+    match v {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+fn parse_id(s: &str) -> Result<u64, String> {
+    s.trim()
+        .parse::<u64>()
+        .map_err(|_| format!("id {:?} is not a number", s.chars().take(32).collect::<String>()))
+}
+
+/// Reads what a notification names. Errors say what was missing.
+pub fn parse(query: &str, body: &[u8]) -> Result<Parsed, String> {
+    let mut q_topic = None;
+    let mut q_id = None;
+    for pair in query.split('&') {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = v.to_owned();
+        match k {
+            "topic" | "type" => q_topic = Some(v),
+            "id" | "data.id" => q_id = Some(v),
+            _ => {}
+        }
+    }
+    let body: Body = if body.iter().all(u8::is_ascii_whitespace) {
+        Body::default()
+    } else {
+        serde_json::from_slice(body).map_err(|e| format!("body is not JSON: {e}"))?
+    };
+    let topic = q_topic
+        .or(body.topic)
+        .or(body.kind)
+        .ok_or_else(|| "no topic or type".to_owned())?;
+    let from_resource = body
+        .resource
+        .as_ref()
+        .and_then(id_text)
+        .and_then(|r| r.rsplit('/').next().map(str::to_owned));
+    let id = q_id
+        .or_else(|| body.data.as_ref().and_then(|d| d.id.as_ref()).and_then(id_text))
+        .or(from_resource);
+    match topic.as_str() {
+        "merchant_order" | "topic_merchant_order_wh" => {
+            let id = id.ok_or("merchant_order notification without an id")?;
+            Ok(Parsed::Work(Resource::MerchantOrder(parse_id(&id)?)))
+        }
+        "payment" => {
+            let id = id.ok_or("payment notification without an id")?;
+            Ok(Parsed::Work(Resource::Payment(parse_id(&id)?)))
+        }
+        other => Ok(Parsed::Ignored(other.chars().take(64).collect())),
+    }
+}
+
+pub async fn receive(req: HttpRequest, body: web::Bytes, shared: web::Data<Shared>) -> HttpResponse {
+    match parse(req.query_string(), &body) {
+        Ok(Parsed::Work(resource)) => {
+            tracing::info!(?resource, "notification received");
+            shared.settler.enqueue(resource);
+            HttpResponse::Ok().json(serde_json::json!({ "status": "accepted" }))
+        }
+        Ok(Parsed::Ignored(topic)) => {
+            tracing::info!(topic = %topic, "notification of a topic qrgate does not act on; ignored");
+            HttpResponse::Ok().json(serde_json::json!({ "status": "ignored" }))
+        }
+        Err(why) => {
+            tracing::warn!(reason = %why, "unreadable notification refused");
+            error(StatusCode::BAD_REQUEST, "bad_notification", &why)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipn_and_webhook_shapes_name_their_resource() {
+        assert_eq!(
+            parse("topic=merchant_order&id=1234567890", b"").unwrap(),
+            Parsed::Work(Resource::MerchantOrder(1234567890))
+        );
+        assert_eq!(
+            parse(
+                "",
+                br#"{"resource":"https://api.mercadolibre.com/merchant_orders/55","topic":"merchant_order"}"#
+            )
+            .unwrap(),
+            Parsed::Work(Resource::MerchantOrder(55))
+        );
+        assert_eq!(
+            parse(
+                "type=payment&data.id=987654321",
+                br#"{"action":"payment.created","type":"payment","data":{"id":"987654321"},"live_mode":true}"#
+            )
+            .unwrap(),
+            Parsed::Work(Resource::Payment(987654321))
+        );
+        assert_eq!(
+            parse("", br#"{"type":"payment","data":{"id":12}}"#).unwrap(),
+            Parsed::Work(Resource::Payment(12))
+        );
+        assert_eq!(
+            parse("topic=chargebacks&id=1", b"").unwrap(),
+            Parsed::Ignored("chargebacks".into())
+        );
+    }
+
+    #[test]
+    fn notifications_without_a_usable_id_are_refused() {
+        assert!(parse("topic=merchant_order", b"").is_err());
+        assert!(parse("topic=merchant_order&id=abc", b"").is_err());
+        assert!(parse("", b"{not json").is_err());
+        assert!(parse("", b"").is_err());
+    }
+}

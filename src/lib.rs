@@ -1,0 +1,25 @@
+//! qrgate: Mercado Pago QR payments for fuel pumps and vending machines.
+//!
+//! One sale's path through the modules:
+//! 1. `mqtt::inbound`: a device publishes a sale; it becomes a `Command`.
+//! 2. `gateway` + `orders`: the order book decides (pure rules in `orders`),
+//!    writes the change to the `store`, then shows it to polls.
+//! 3. `http::poll`: Mercado Pago polls the POS URL; `http::answer` renders.
+//! 4. `http::notifications` → `settlement`: a notification names a merchant
+//!    order; it is fetched through `mercadopago::client` and settled.
+//! 5. `mqtt::outbound`: the device is told its sale's state.
+//!
+//! `app` wires them; `config` types the settings; `money` keeps amounts exact.
+
+pub mod app;
+pub mod config;
+pub mod demo;
+pub mod gateway;
+pub mod http;
+pub mod mercadopago;
+pub mod money;
+pub mod mqtt;
+pub mod orders;
+pub mod settlement;
+pub mod store;
+pub mod telemetry;

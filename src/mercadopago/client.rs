@@ -1,0 +1,189 @@
+//! Mercado Pago's API as qrgate calls it: bearer token, timeouts, and retries
+//! with backoff and jitter for what MP says to retry (timeouts, 5xx, 429);
+//! other 4xx are final (MP-API.md, "Errors").
+
+use std::time::Duration;
+
+use rand::Rng;
+use reqwest::StatusCode;
+
+use super::wire::{ApiError, MerchantOrder, Payment, SearchPage};
+use crate::config::{MercadoPagoConfig, Secret};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MpError {
+    #[error("no access token: set {}", crate::config::ACCESS_TOKEN_ENV)]
+    NoToken,
+    #[error("Mercado Pago did not answer in time")]
+    Timeout,
+    #[error("cannot reach Mercado Pago: {0}")]
+    Transport(String),
+    #[error("Mercado Pago answered {status}: {message}")]
+    Status { status: u16, message: String },
+    #[error("Mercado Pago is rate limiting us (429)")]
+    RateLimited { retry_after: Option<Duration> },
+    #[error("unexpected answer from Mercado Pago: {0}")]
+    Decode(String),
+}
+
+impl MpError {
+    /// What MP says to retry.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            MpError::Timeout | MpError::Transport(_) | MpError::RateLimited { .. } => true,
+            MpError::Status { status, .. } => *status >= 500,
+            MpError::NoToken | MpError::Decode(_) => false,
+        }
+    }
+
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, MpError::Status { status: 404, .. })
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    pub attempts: u32,
+    pub base: Duration,
+    pub max: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            attempts: 5,
+            base: Duration::from_millis(200),
+            max: Duration::from_secs(5),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// Full jitter: a random wait up to the exponential step, so many sales
+    /// failing together do not retry together.
+    fn delay(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
+        let exp = self.base.saturating_mul(1u32 << attempt.min(16)).min(self.max);
+        let jittered = Duration::from_millis(rand::thread_rng().gen_range(0..=exp.as_millis() as u64));
+        retry_after.map_or(jittered, |r| r.max(jittered).min(self.max.max(r)))
+    }
+}
+
+#[derive(Clone)]
+pub struct MpClient {
+    http: reqwest::Client,
+    base: String,
+    token: Option<Secret>,
+    retry: RetryPolicy,
+}
+
+impl MpClient {
+    pub fn new(cfg: &MercadoPagoConfig) -> Result<MpClient, MpError> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_millis(cfg.timeout_ms))
+            .connect_timeout(Duration::from_millis(cfg.timeout_ms.min(3000)))
+            .user_agent(concat!("qrgate/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| MpError::Transport(e.to_string()))?;
+        Ok(MpClient {
+            http,
+            base: cfg.api_base.clone(),
+            token: cfg.access_token.clone(),
+            retry: RetryPolicy::default(),
+        })
+    }
+
+    pub fn with_retry(mut self, retry: RetryPolicy) -> MpClient {
+        self.retry = retry;
+        self
+    }
+
+    async fn get_once<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, MpError> {
+        let token = self.token.as_ref().ok_or(MpError::NoToken)?;
+        let resp = self
+            .http
+            .get(format!("{}{}", self.base, path))
+            .bearer_auth(token.expose())
+            .send()
+            .await
+            .map_err(|e| {
+                if e.is_timeout() {
+                    MpError::Timeout
+                } else {
+                    // reqwest's text names the URL, never the token.
+                    MpError::Transport(e.without_url().to_string())
+                }
+            })?;
+        let status = resp.status();
+        let retry_after = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let body = resp.bytes().await.map_err(|e| {
+            if e.is_timeout() {
+                MpError::Timeout
+            } else {
+                MpError::Transport(e.without_url().to_string())
+            }
+        })?;
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            return Err(MpError::RateLimited { retry_after });
+        }
+        if !status.is_success() {
+            let message = serde_json::from_slice::<ApiError>(&body)
+                .ok()
+                .and_then(|e| e.message.or(e.error))
+                .unwrap_or_else(|| String::from_utf8_lossy(&body).chars().take(200).collect());
+            return Err(MpError::Status {
+                status: status.as_u16(),
+                message,
+            });
+        }
+        serde_json::from_slice(&body).map_err(|e| MpError::Decode(e.to_string()))
+    }
+
+    async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, MpError> {
+        let mut attempt = 0;
+        loop {
+            match self.get_once(path).await {
+                Err(e) if e.is_transient() && attempt + 1 < self.retry.attempts => {
+                    let retry_after = match &e {
+                        MpError::RateLimited { retry_after } => *retry_after,
+                        _ => None,
+                    };
+                    let wait = self.retry.delay(attempt, retry_after);
+                    tracing::warn!(path, error = %e, attempt = attempt + 1, wait_ms = wait.as_millis() as u64, "Mercado Pago call failed; retrying");
+                    tokio::time::sleep(wait).await;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    pub async fn merchant_order(&self, id: u64) -> Result<(MerchantOrder, String), MpError> {
+        let raw: Box<serde_json::value::RawValue> =
+            self.get(&format!("/merchant_orders/{id}")).await?;
+        let mo: MerchantOrder =
+            serde_json::from_str(raw.get()).map_err(|e| MpError::Decode(e.to_string()))?;
+        Ok((mo, raw.get().to_owned()))
+    }
+
+    pub async fn payment(&self, id: u64) -> Result<Payment, MpError> {
+        self.get(&format!("/v1/payments/{id}")).await
+    }
+
+    pub async fn search_merchant_orders(
+        &self,
+        external_reference: &str,
+    ) -> Result<Vec<MerchantOrder>, MpError> {
+        // External references are [A-Za-z0-9_-]: nothing to escape.
+        let page: SearchPage = self
+            .get(&format!(
+                "/merchant_orders/search?external_reference={external_reference}"
+            ))
+            .await?;
+        Ok(page.elements.unwrap_or_default())
+    }
+}

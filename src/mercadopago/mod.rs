@@ -1,0 +1,6 @@
+//! Mercado Pago: its API client, its wire formats, and the simulator that
+//! stands in for it in tests and `qrgate demo`.
+
+pub mod client;
+pub mod simulator;
+pub mod wire;

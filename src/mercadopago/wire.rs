@@ -1,0 +1,238 @@
+//! Mercado Pago's JSON, as it really arrives: ids as numbers or strings,
+//! amounts as numbers read without floats, `null` wherever a value is absent,
+//! and many fields we ignore. Everything becomes domain facts here, in one
+//! place; an unknown status closes nothing.
+
+use rust_decimal::Decimal;
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::money::parse_decimal;
+use crate::orders::settle::{MerchantOrderFacts, MerchantOrderStatus, PaymentFacts, PaymentStatus};
+
+/// An id that may come as a JSON number or a string ("captured real
+/// responses carry `order.id` as a string").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Id(pub u64);
+
+impl<'de> Deserialize<'de> for Id {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw: Box<RawValue> = Deserialize::deserialize(d)?;
+        let t = raw.get();
+        let t = t.strip_prefix('"').and_then(|s| s.strip_suffix('"')).unwrap_or(t);
+        t.trim()
+            .parse::<u64>()
+            .map(Id)
+            .map_err(|_| de::Error::custom(format!("not an id: {}", t.chars().take(32).collect::<String>())))
+    }
+}
+
+/// An amount that may be a number, a string, or `null`.
+fn opt_decimal<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Decimal>, D::Error> {
+    let raw: Option<Box<RawValue>> = Deserialize::deserialize(d)?;
+    match raw {
+        None => Ok(None),
+        Some(r) => {
+            let t = r.get();
+            if t == "null" {
+                return Ok(None);
+            }
+            let t = t.strip_prefix('"').and_then(|s| s.strip_suffix('"')).unwrap_or(t);
+            parse_decimal(t).map(Some).map_err(de::Error::custom)
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Collector {
+    pub id: Option<Id>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct MoPayment {
+    pub id: Id,
+    #[serde(default, deserialize_with = "opt_decimal")]
+    pub transaction_amount: Option<Decimal>,
+    #[serde(default, deserialize_with = "opt_decimal")]
+    pub total_paid_amount: Option<Decimal>,
+    #[serde(default)]
+    pub currency_id: Option<String>,
+    #[serde(default)]
+    pub status: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct MerchantOrder {
+    pub id: Id,
+    #[serde(default)]
+    pub status: Option<String>,
+    #[serde(default)]
+    pub external_reference: Option<String>,
+    #[serde(default)]
+    pub collector: Option<Collector>,
+    #[serde(default, deserialize_with = "opt_decimal")]
+    pub total_amount: Option<Decimal>,
+    #[serde(default, deserialize_with = "opt_decimal")]
+    pub paid_amount: Option<Decimal>,
+    #[serde(default)]
+    pub order_status: Option<String>,
+    #[serde(default)]
+    pub payments: Option<Vec<MoPayment>>,
+}
+
+impl MerchantOrder {
+    pub fn facts(&self) -> MerchantOrderFacts {
+        let status = match self.status.as_deref() {
+            Some("opened") => MerchantOrderStatus::Opened,
+            Some("closed") => MerchantOrderStatus::Closed,
+            Some("expired") => MerchantOrderStatus::Expired,
+            other => MerchantOrderStatus::Other(other.unwrap_or("missing").to_owned()),
+        };
+        let payments = self
+            .payments
+            .iter()
+            .flatten()
+            .map(|p| PaymentFacts {
+                id: p.id.0,
+                status: match p.status.as_deref() {
+                    Some("approved") => PaymentStatus::Approved,
+                    other => PaymentStatus::Other(other.unwrap_or("missing").to_owned()),
+                },
+                // What the customer paid for the order, without MP's fees
+                // or interest (those are in total_paid_amount).
+                amount: p
+                    .transaction_amount
+                    .or(p.total_paid_amount)
+                    .unwrap_or(Decimal::ZERO),
+                currency: p.currency_id.clone(),
+            })
+            .collect();
+        MerchantOrderFacts {
+            id: self.id.0,
+            status,
+            external_reference: self.external_reference.clone(),
+            collector_id: self.collector.as_ref().and_then(|c| c.id).map(|i| i.0),
+            payments,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct PaymentOrder {
+    pub id: Option<Id>,
+}
+
+/// `GET /v1/payments/{id}`: only what leads to the merchant order.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Payment {
+    pub id: Id,
+    #[serde(default)]
+    pub status: Option<String>,
+    #[serde(default)]
+    pub external_reference: Option<String>,
+    #[serde(default)]
+    pub order: Option<PaymentOrder>,
+}
+
+impl Payment {
+    pub fn merchant_order_id(&self) -> Option<u64> {
+        self.order.as_ref().and_then(|o| o.id).map(|i| i.0)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct SearchPage {
+    #[serde(default)]
+    pub elements: Option<Vec<MerchantOrder>>,
+    #[serde(default)]
+    pub total: Option<u64>,
+}
+
+/// MP's error body: `{"message": "...", "error": "...", "status": 400}`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ApiError {
+    #[serde(default)]
+    pub message: Option<String>,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A merchant order shaped like one seen in the wild: noise fields,
+    /// nulls, ids of both kinds.
+    const REAL_LOOKING: &str = r#"{
+      "id": 1234567890, "status": "closed", "external_reference": "pump-1-abc",
+      "preference_id": "178106235-5f2c", "payments": [
+        { "id": 987654321, "transaction_amount": 25615.80, "total_paid_amount": 25615.80,
+          "shipping_cost": 0, "currency_id": "ARS", "status": "approved",
+          "status_detail": "accredited", "operation_type": "regular_payment",
+          "date_approved": "2026-11-23T10:15:02.000-03:00", "date_created": "2026-11-23T10:15:00.000-03:00",
+          "last_modified": "2026-11-23T10:15:02.000-03:00", "amount_refunded": 0 },
+        { "id": "987654300", "transaction_amount": 25615.8, "currency_id": "ARS",
+          "status": "rejected", "status_detail": "cc_rejected_other_reason", "date_approved": null }
+      ],
+      "shipments": [], "payouts": [], "collector": { "id": 178106235, "email": "", "nickname": "TEST" },
+      "marketplace": "NONE", "notification_url": "https://x/mp/notifications", "date_created": "x",
+      "last_updated": "2026-11-23T10:15:03.000-03:00", "sponsor_id": null, "shipping_cost": 0,
+      "total_amount": 25615.80, "site_id": "MLA", "paid_amount": 25615.80, "refunded_amount": 0,
+      "payer": { "id": 1, "email": "" }, "items": [ { "id": "", "category_id": null, "currency_id": "ARS",
+      "description": null, "picture_url": null, "title": "Super 95", "quantity": 1, "unit_price": 25615.80 } ],
+      "cancelled": false, "additional_info": "", "application_id": null, "order_status": "paid",
+      "client_id": "1234"
+    }"#;
+
+    #[test]
+    fn a_real_looking_merchant_order_parses_to_exact_facts() {
+        let mo: MerchantOrder = serde_json::from_str(REAL_LOOKING).unwrap();
+        let f = mo.facts();
+        assert_eq!(f.id, 1234567890);
+        assert_eq!(f.status, MerchantOrderStatus::Closed);
+        assert_eq!(f.collector_id, Some(178106235));
+        assert_eq!(f.payments.len(), 2);
+        assert_eq!(f.payments[0].amount.to_string(), "25615.80");
+        assert_eq!(f.payments[1].id, 987654300);
+        assert_eq!(f.approved().count(), 1);
+    }
+
+    #[test]
+    fn a_merchant_order_before_any_payment_has_nulls_and_still_parses() {
+        let mo: MerchantOrder = serde_json::from_str(
+            r#"{"id":"55","status":"opened","external_reference":null,"collector":null,
+                "payments":null,"total_amount":null,"payer":null}"#,
+        )
+        .unwrap();
+        let f = mo.facts();
+        assert_eq!(f.id, 55);
+        assert_eq!(f.status, MerchantOrderStatus::Opened);
+        assert!(f.payments.is_empty());
+        assert_eq!(f.collector_id, None);
+    }
+
+    #[test]
+    fn unknown_statuses_close_nothing() {
+        let mo: MerchantOrder =
+            serde_json::from_str(r#"{"id":1,"status":"reverted_to_sender"}"#).unwrap();
+        assert!(matches!(mo.facts().status, MerchantOrderStatus::Other(_)));
+    }
+
+    #[test]
+    fn a_payment_names_its_merchant_order_as_a_string() {
+        let p: Payment = serde_json::from_str(
+            r#"{"id":987654321,"status":"approved","transaction_amount":10.5,
+                "external_reference":"pump-1-x","order":{"id":"3453449517","type":"mercadopago"}}"#,
+        )
+        .unwrap();
+        assert_eq!(p.merchant_order_id(), Some(3453449517));
+    }
+
+    #[test]
+    fn an_empty_search_has_null_elements() {
+        let s: SearchPage =
+            serde_json::from_str(r#"{"elements":null,"total":0,"next_offset":0}"#).unwrap();
+        assert!(s.elements.is_none());
+    }
+}

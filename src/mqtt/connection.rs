@@ -1,0 +1,248 @@
+//! qrgate's own MQTT client. One task owns rumqttc's `EventLoop`; it
+//! reconnects with backoff, re-subscribes on every CONNACK (rumqttc does not)
+//! and republishes every POS's retained state (the broker may have lost them).
+//! Device messages go to one worker per POS, so each POS's messages keep
+//! their order while POS proceed in parallel; a message is acknowledged only
+//! after its effect is stored (manual acks), so a crash before that makes the
+//! broker deliver it again.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::inbound;
+use super::topics::{DeviceTopic, Topics};
+use crate::config::MqttConfig;
+use crate::gateway::{Gateway, GatewayError, Publish};
+use crate::orders::PosId;
+
+/// Connection state for readiness.
+#[derive(Debug, Default)]
+pub struct LinkState {
+    pub connected: AtomicBool,
+    pub subscribed: AtomicBool,
+}
+
+impl LinkState {
+    pub fn ready(&self) -> bool {
+        self.connected.load(Ordering::Acquire) && self.subscribed.load(Ordering::Acquire)
+    }
+}
+
+/// Starts the client's tasks on `tracker`.
+pub fn spawn(
+    cfg: &MqttConfig,
+    host: String,
+    port: u16,
+    gateway: Arc<Gateway>,
+    mut outbox: mpsc::UnboundedReceiver<Publish>,
+    shutdown: CancellationToken,
+    tracker: &TaskTracker,
+) -> Arc<LinkState> {
+    let mut opts = MqttOptions::new(cfg.client_id.clone(), host, port);
+    opts.set_keep_alive(Duration::from_secs(10));
+    // A persistent session: what devices publish while qrgate is down waits
+    // for it at the broker (CONTRACT-NOTES, MQTT sessions).
+    opts.set_clean_session(false);
+    opts.set_manual_acks(true);
+    // Room for oversize device messages to arrive and be refused by name.
+    let max = (cfg.max_payload_bytes * 4).max(64 * 1024);
+    opts.set_max_packet_size(max, max);
+    opts.set_inflight(200);
+    let (client, mut eventloop) = AsyncClient::new(opts, 1024);
+    let link = Arc::new(LinkState::default());
+    let topics = Topics::new(&cfg.topic_prefix);
+
+    // Outgoing: state messages, in order.
+    {
+        let client = client.clone();
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
+            loop {
+                let p = tokio::select! {
+                    p = outbox.recv() => match p { Some(p) => p, None => break },
+                    _ = shutdown.cancelled() => break,
+                };
+                if let Err(e) = client
+                    .publish(p.topic.clone(), QoS::AtLeastOnce, p.retain, p.payload)
+                    .await
+                {
+                    tracing::warn!(topic = %p.topic, error = %e, "cannot queue a state message; it is republished at the next connection");
+                }
+            }
+        });
+    }
+
+    // Incoming: one worker per POS.
+    let mut workers: HashMap<String, mpsc::UnboundedSender<(DeviceTopic, rumqttc::Publish)>> =
+        HashMap::new();
+    for pos in gateway.pos_ids() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        workers.insert(pos.as_str().to_owned(), tx);
+        tracker.spawn(pos_worker(
+            pos,
+            rx,
+            Arc::clone(&gateway),
+            client.clone(),
+            cfg.max_payload_bytes,
+        ));
+    }
+
+    let state = Arc::clone(&link);
+    let subscriptions = topics.subscriptions();
+    tracker.spawn(async move {
+        let mut failures: u32 = 0;
+        loop {
+            let event = tokio::select! {
+                e = eventloop.poll() => e,
+                _ = shutdown.cancelled() => break,
+            };
+            match event {
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    failures = 0;
+                    state.connected.store(true, Ordering::Release);
+                    tracing::info!(session_present = ack.session_present, "connected to the MQTT broker");
+                    // Never await the client inside the event loop's task:
+                    // its requests need this loop to be polled.
+                    let client = client.clone();
+                    let subs = subscriptions.clone();
+                    let gateway = Arc::clone(&gateway);
+                    tokio::spawn(async move {
+                        let filters = subs
+                            .into_iter()
+                            .map(|f| rumqttc::SubscribeFilter::new(f, QoS::AtLeastOnce));
+                        if let Err(e) = client.subscribe_many(filters).await {
+                            tracing::warn!(error = %e, "cannot subscribe to device topics");
+                        }
+                        for p in gateway.retained_states() {
+                            let _ = client
+                                .publish(p.topic, QoS::AtLeastOnce, true, p.payload)
+                                .await;
+                        }
+                    });
+                }
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    state.subscribed.store(true, Ordering::Release);
+                    tracing::info!("subscribed to device topics");
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    route(&topics, &workers, &gateway, &client, p).await;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    state.connected.store(false, Ordering::Release);
+                    state.subscribed.store(false, Ordering::Release);
+                    failures = failures.saturating_add(1);
+                    let step = Duration::from_millis(100).saturating_mul(1 << failures.min(6));
+                    let wait = step.min(Duration::from_secs(5));
+                    let wait = wait.mul_f64(rand::thread_rng().gen_range(0.5..1.0));
+                    if failures == 1 || failures % 20 == 0 {
+                        tracing::warn!(error = %e, failures, "MQTT broker connection lost; reconnecting");
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = shutdown.cancelled() => break,
+                    }
+                }
+            }
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), client.disconnect()).await;
+    });
+    link
+}
+
+
+/// Sends a message to its POS's worker; anything else is answered here.
+async fn route(
+    topics: &Topics,
+    workers: &HashMap<String, mpsc::UnboundedSender<(DeviceTopic, rumqttc::Publish)>>,
+    gateway: &Gateway,
+    client: &AsyncClient,
+    p: rumqttc::Publish,
+) {
+    let Some((pos, kind)) = topics.parse(&p.topic) else {
+        tracing::warn!(topic = %p.topic, "message on a topic outside the device contract; ignored");
+        let _ = client.ack(&p).await;
+        return;
+    };
+    let Some(kind) = kind else {
+        tracing::warn!(topic = %p.topic, "unknown device topic; ignored");
+        let _ = client.ack(&p).await;
+        return;
+    };
+    match workers.get(pos) {
+        Some(w) => {
+            if let Err(e) = w.send((kind, p)) {
+                let (_, p) = e.0;
+                tracing::error!(topic = %p.topic, "POS worker stopped; message left for redelivery");
+            }
+        }
+        None => {
+            // No state topic to answer on for a POS we do not know.
+            tracing::warn!(pos = %truncate(pos), topic_kind = kind.as_str(), "message for an unknown POS; ignored");
+            let _ = gateway;
+            let _ = client.ack(&p).await;
+        }
+    }
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(64).collect()
+}
+
+async fn pos_worker(
+    pos: PosId,
+    mut rx: mpsc::UnboundedReceiver<(DeviceTopic, rumqttc::Publish)>,
+    gateway: Arc<Gateway>,
+    client: AsyncClient,
+    max_bytes: usize,
+) {
+    while let Some((kind, p)) = rx.recv().await {
+        match inbound::parse(kind, pos.as_str(), &p.payload, max_bytes) {
+            Err(r) => {
+                tracing::warn!(pos = %pos, sale_id = r.sale_id.as_ref().map(|s| s.as_str()), topic_kind = kind.as_str(),
+                    reason = r.code, detail = %r.message, "device message rejected");
+                if kind != DeviceTopic::Status {
+                    gateway.publish_rejection(
+                        pos.as_str(),
+                        r.sale_id.as_ref().map(|s| s.as_str()),
+                        r.code,
+                        &r.message,
+                    );
+                }
+            }
+            Ok(cmd) => {
+                let mut attempt = 0u32;
+                loop {
+                    match gateway.execute(&pos, cmd.clone()).await {
+                        Ok(_) => break,
+                        Err(GatewayError::Store(e)) if attempt < 5 => {
+                            attempt += 1;
+                            tracing::error!(pos = %pos, error = %e, attempt, "cannot store a device message; retrying");
+                            tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+                        }
+                        Err(e) => {
+                            // Not acknowledged: the broker delivers it again
+                            // after the next reconnection.
+                            tracing::error!(pos = %pos, error = %e, "device message not stored; left unacknowledged for redelivery");
+                            break;
+                        }
+                    }
+                }
+                if attempt >= 5 {
+                    continue;
+                }
+            }
+        }
+        if let Err(e) = client.ack(&p).await {
+            tracing::warn!(pos = %pos, error = %e, "cannot acknowledge a device message");
+        }
+    }
+}

@@ -1,0 +1,8 @@
+//! The device side: the embedded broker, qrgate's own client, and the
+//! device contract's topics and payloads (devices/README.md).
+
+pub mod broker;
+pub mod connection;
+pub mod inbound;
+pub mod outbound;
+pub mod topics;

@@ -1,0 +1,65 @@
+//! What qrgate tells a device on `{prefix}/pos/{pos}/state`: the state of its
+//! current or last sale (retained), or a refusal that leaves it unchanged
+//! (not retained, so a rebooting device still reads its sale).
+
+use serde::Serialize;
+
+use crate::orders::{Sale, SaleState};
+
+#[derive(Serialize)]
+struct StateJson<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sale_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    external_reference: Option<&'a str>,
+    state: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    amount: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    currency: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    payment_id: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    merchant_order: Option<u64>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    served: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<&'a str>,
+}
+
+/// The retained state of a sale.
+pub fn state(sale: &Sale) -> Vec<u8> {
+    let settled = sale.settled.as_ref().filter(|_| sale.state == SaleState::Paid);
+    let body = StateJson {
+        sale_id: Some(sale.sale_id.as_str()),
+        external_reference: Some(sale.external_reference.as_str()),
+        state: sale.state.as_str(),
+        amount: sale.total().map(|a| a.to_string()),
+        currency: Some(sale.currency.code()),
+        payment_id: settled.map(|s| s.payment_id),
+        merchant_order: settled.map(|s| s.merchant_order),
+        served: sale.state == SaleState::Pending && sale.served_at.is_some(),
+        reason: None,
+        message: None,
+    };
+    serde_json::to_vec(&body).unwrap_or_default()
+}
+
+/// A refusal: `reason` is the stable code, `message` says what to fix.
+pub fn rejected(sale_id: Option<&str>, reason: &str, message: &str) -> Vec<u8> {
+    let body = StateJson {
+        sale_id,
+        external_reference: None,
+        state: "rejected",
+        amount: None,
+        currency: None,
+        payment_id: None,
+        merchant_order: None,
+        served: false,
+        reason: Some(reason),
+        message: Some(message),
+    };
+    serde_json::to_vec(&body).unwrap_or_default()
+}

@@ -1,0 +1,697 @@
+//! The order book's rules: what each device message, each tick of the clock
+//! and each payment does to one POS. Pure functions of (POS, state, command,
+//! clock): the caller stores the outcome before it makes it visible.
+
+use rust_decimal::Decimal;
+
+use super::sale::*;
+use super::settle::{effect_of, Effect, Payment};
+use crate::money::{self, Amount, Currency, MoneyError};
+
+/// A POS as configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PosConfig {
+    pub id: PosId,
+    pub kind: PosKind,
+    pub currency: Currency,
+    /// Seconds a sale stays payable; `None` never expires.
+    pub ttl_secs: Option<u64>,
+    pub max_amount: Decimal,
+}
+
+/// Whether the device speaks, as far as its retained `status` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Presence {
+    /// Never published `status`: treated as online (CONTRACT-NOTES).
+    Unknown,
+    Online { since: UnixMillis },
+    Offline { since: UnixMillis },
+}
+
+impl Presence {
+    pub fn is_offline(self) -> bool {
+        matches!(self, Presence::Offline { .. })
+    }
+}
+
+/// One POS: its device's presence and its current (or last) sale.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PosState {
+    pub presence: Presence,
+    pub current: Option<Sale>,
+}
+
+impl PosState {
+    pub fn idle() -> PosState {
+        PosState {
+            presence: Presence::Unknown,
+            current: None,
+        }
+    }
+
+    pub fn busy_sale(&self) -> Option<&Sale> {
+        self.current.as_ref().filter(|s| s.state.is_busy())
+    }
+}
+
+/// A line as the device sent it, before the money rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LineRequest {
+    pub title: String,
+    pub description: Option<String>,
+    pub quantity: Decimal,
+    pub unit_price: Decimal,
+    pub unit_measure: Option<String>,
+    pub sku: Option<String>,
+    pub category: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SaleRequest {
+    pub sale_id: SaleId,
+    pub lines: Vec<LineRequest>,
+    pub amount: Option<Decimal>,
+}
+
+/// What happens at a POS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    Sale(SaleRequest),
+    Progress(SaleId),
+    Cancel(SaleId),
+    Presence { online: bool },
+    Delivered {
+        sale_id: SaleId,
+        ok: bool,
+        reason: Option<String>,
+    },
+    /// A poll handed this sale to Mercado Pago.
+    Served(ExternalReference),
+    Expire,
+}
+
+/// Why a device message changed nothing. `code` is the stable word devices
+/// and operators match on; `Display` says what to fix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rejection {
+    Busy { current: SaleId },
+    BadMessage(String),
+    BadAmount(MoneyError),
+    AmountMismatch { amount: Decimal, lines: Decimal },
+    OverMaxAmount { amount: Decimal, max: Decimal },
+    UnknownSale,
+    NotCancellable { state: SaleState },
+}
+
+impl Rejection {
+    pub fn code(&self) -> &'static str {
+        match self {
+            Rejection::Busy { .. } => "busy",
+            Rejection::BadMessage(_) => "bad_message",
+            Rejection::BadAmount(_) => "bad_amount",
+            Rejection::AmountMismatch { .. } => "amount_mismatch",
+            Rejection::OverMaxAmount { .. } => "over_max_amount",
+            Rejection::UnknownSale => "unknown_sale",
+            Rejection::NotCancellable { .. } => "not_cancellable",
+        }
+    }
+}
+
+impl std::fmt::Display for Rejection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Rejection::Busy { current } => {
+                write!(f, "sale {current} is still in flight on this POS")
+            }
+            Rejection::BadMessage(m) => f.write_str(m),
+            Rejection::BadAmount(e) => write!(f, "{e}"),
+            Rejection::AmountMismatch { amount, lines } => {
+                write!(f, "amount {amount} differs from the sum of the lines {lines}")
+            }
+            Rejection::OverMaxAmount { amount, max } => {
+                write!(f, "amount {amount} is over this POS's max_amount {max}")
+            }
+            Rejection::UnknownSale => f.write_str("no such sale on this POS"),
+            Rejection::NotCancellable { state } => {
+                write!(f, "the sale is {} and can no longer be cancelled", state.as_str())
+            }
+        }
+    }
+}
+
+/// A change to a sale that must be stored, then published.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SaleEvent {
+    Accepted,
+    Priced,
+    Served,
+    Paid { overpaid: bool },
+    Cancelled,
+    Expired,
+    Delivered { ok: bool, reason: Option<String> },
+    RefundDue,
+}
+
+impl SaleEvent {
+    pub fn name(&self) -> &'static str {
+        match self {
+            SaleEvent::Accepted => "accepted",
+            SaleEvent::Priced => "priced",
+            SaleEvent::Served => "served",
+            SaleEvent::Paid { .. } => "paid",
+            SaleEvent::Cancelled => "cancelled",
+            SaleEvent::Expired => "expired",
+            SaleEvent::Delivered { .. } => "delivered",
+            SaleEvent::RefundDue => "refund_due",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The sale changed: store it, then publish its state.
+    Changed { sale: Sale, event: SaleEvent },
+    /// A redelivery: republish the current state, store nothing.
+    Republish,
+    /// Refused; the current sale is untouched.
+    Rejected {
+        sale_id: Option<SaleId>,
+        why: Rejection,
+    },
+    /// Only presence changed.
+    Presence(Presence),
+    /// Nothing to do.
+    Nothing,
+}
+
+/// The clock and the randomness a command may need, passed in.
+#[derive(Debug, Clone, Copy)]
+pub struct Ctx {
+    pub now: UnixMillis,
+    pub random: u32,
+}
+
+fn expiry(pos: &PosConfig, now: UnixMillis) -> Option<UnixMillis> {
+    pos.ttl_secs
+        .filter(|&t| t > 0)
+        .map(|t| now.saturating_add((t as i64).saturating_mul(1000)))
+}
+
+/// Applies money rules to a sale request: per-line totals rounded half-up,
+/// the amount (when sent) equal to their sum, within the POS's bounds.
+pub fn price(pos: &PosConfig, req: &SaleRequest) -> Result<(Vec<Line>, Amount), Rejection> {
+    if req.lines.is_empty() {
+        return Err(Rejection::BadMessage("a sale needs at least one item".into()));
+    }
+    let mut total = Amount::zero(pos.currency);
+    let mut lines = Vec::with_capacity(req.lines.len());
+    for l in &req.lines {
+        let quantity = money::quantity(l.quantity).map_err(Rejection::BadAmount)?;
+        let unit_price =
+            money::unit_price(l.unit_price, pos.currency).map_err(Rejection::BadAmount)?;
+        let line_total = money::line_total(quantity, unit_price, pos.currency);
+        if line_total.value() <= Decimal::ZERO {
+            return Err(Rejection::BadAmount(MoneyError::NotPositive {
+                what: "line total",
+                value: line_total.value(),
+            }));
+        }
+        total = total
+            .checked_add(line_total)
+            .ok_or_else(|| Rejection::BadMessage("mixed currencies".into()))?;
+        lines.push(Line {
+            title: l.title.clone(),
+            description: l.description.clone(),
+            quantity,
+            unit_price,
+            unit_measure: l.unit_measure.clone(),
+            sku: l.sku.clone(),
+            category: l.category.clone(),
+            total: line_total.value(),
+        });
+    }
+    if let Some(sent) = req.amount {
+        let sent = money::amount(sent, pos.currency).map_err(Rejection::BadAmount)?;
+        if sent != total {
+            return Err(Rejection::AmountMismatch {
+                amount: sent.value(),
+                lines: total.value(),
+            });
+        }
+    }
+    if total.value() > pos.max_amount {
+        return Err(Rejection::OverMaxAmount {
+            amount: total.value(),
+            max: pos.max_amount,
+        });
+    }
+    Ok((lines, total))
+}
+
+fn new_sale(pos: &PosConfig, sale_id: SaleId, ctx: Ctx) -> Sale {
+    Sale {
+        external_reference: ExternalReference::generate(&pos.id, ctx.now, ctx.random),
+        pos: pos.id.clone(),
+        sale_id,
+        currency: pos.currency,
+        state: SaleState::InProcess,
+        lines: Vec::new(),
+        amount: None,
+        accepted_at: ctx.now,
+        expires_at: expiry(pos, ctx.now),
+        served_at: None,
+        settled: None,
+        delivered_at: None,
+        refund_due: None,
+        updated_at: ctx.now,
+    }
+}
+
+fn rejected(sale_id: &SaleId, why: Rejection) -> Outcome {
+    Outcome::Rejected {
+        sale_id: Some(sale_id.clone()),
+        why,
+    }
+}
+
+/// The order book's one rule set.
+pub fn apply(pos: &PosConfig, state: &PosState, cmd: Command, ctx: Ctx) -> Outcome {
+    let current = state.current.as_ref();
+    let is_current = |id: &SaleId| current.is_some_and(|s| &s.sale_id == id);
+    match cmd {
+        Command::Sale(req) => {
+            // The same sale_id as the latest sale is a redelivery, unless it
+            // prices the sale the device announced with `progress`.
+            let pricing = current
+                .filter(|s| s.sale_id == req.sale_id && s.state == SaleState::InProcess);
+            if pricing.is_none() && is_current(&req.sale_id) {
+                return Outcome::Republish;
+            }
+            if let Some(busy) = state.busy_sale().filter(|_| pricing.is_none()) {
+                return rejected(
+                    &req.sale_id,
+                    Rejection::Busy {
+                        current: busy.sale_id.clone(),
+                    },
+                );
+            }
+            let (lines, total) = match price(pos, &req) {
+                Ok(p) => p,
+                Err(why) => return rejected(&req.sale_id, why),
+            };
+            let (mut sale, event) = match pricing {
+                Some(s) => (s.clone(), SaleEvent::Priced),
+                None => (new_sale(pos, req.sale_id, ctx), SaleEvent::Accepted),
+            };
+            sale.state = SaleState::Pending;
+            sale.lines = lines;
+            sale.amount = Some(total.value());
+            sale.expires_at = expiry(pos, ctx.now);
+            sale.updated_at = ctx.now;
+            Outcome::Changed { sale, event }
+        }
+        Command::Progress(sale_id) => {
+            if is_current(&sale_id) {
+                return Outcome::Republish;
+            }
+            if let Some(busy) = state.busy_sale() {
+                return rejected(
+                    &sale_id,
+                    Rejection::Busy {
+                        current: busy.sale_id.clone(),
+                    },
+                );
+            }
+            Outcome::Changed {
+                sale: new_sale(pos, sale_id, ctx),
+                event: SaleEvent::Accepted,
+            }
+        }
+        Command::Cancel(sale_id) => match current.filter(|s| s.sale_id == sale_id) {
+            None => rejected(&sale_id, Rejection::UnknownSale),
+            Some(s) if s.state.is_busy() => {
+                let mut sale = s.clone();
+                sale.state = SaleState::Cancelled;
+                sale.updated_at = ctx.now;
+                Outcome::Changed {
+                    sale,
+                    event: SaleEvent::Cancelled,
+                }
+            }
+            // A repeated cancel of a cancelled sale is a redelivery.
+            Some(s) if s.state == SaleState::Cancelled => Outcome::Republish,
+            Some(s) => rejected(&sale_id, Rejection::NotCancellable { state: s.state }),
+        },
+        Command::Presence { online } => {
+            let presence = if online {
+                Presence::Online { since: ctx.now }
+            } else {
+                Presence::Offline { since: ctx.now }
+            };
+            if state.presence.is_offline() == !online && state.presence != Presence::Unknown {
+                return Outcome::Nothing;
+            }
+            Outcome::Presence(presence)
+        }
+        Command::Delivered {
+            sale_id,
+            ok,
+            reason,
+        } => match current.filter(|s| s.sale_id == sale_id) {
+            Some(s) if s.state == SaleState::Paid && s.delivered_at.is_none() => {
+                let mut sale = s.clone();
+                sale.delivered_at = Some(ctx.now);
+                sale.updated_at = ctx.now;
+                Outcome::Changed {
+                    sale,
+                    event: SaleEvent::Delivered { ok, reason },
+                }
+            }
+            Some(s) if s.state == SaleState::Paid => Outcome::Nothing,
+            Some(s) => rejected(
+                &sale_id,
+                Rejection::BadMessage(format!(
+                    "delivered for a sale that is {}, not paid",
+                    s.state.as_str()
+                )),
+            ),
+            None => rejected(&sale_id, Rejection::UnknownSale),
+        },
+        Command::Served(reference) => match current {
+            Some(s)
+                if s.external_reference == reference
+                    && s.state == SaleState::Pending
+                    && s.served_at.is_none() =>
+            {
+                let mut sale = s.clone();
+                sale.served_at = Some(ctx.now);
+                sale.updated_at = ctx.now;
+                Outcome::Changed {
+                    sale,
+                    event: SaleEvent::Served,
+                }
+            }
+            _ => Outcome::Nothing,
+        },
+        Command::Expire => match state.busy_sale() {
+            Some(s) if s.expires_at.is_some_and(|at| at <= ctx.now) => {
+                let mut sale = s.clone();
+                sale.state = SaleState::Expired;
+                sale.updated_at = ctx.now;
+                Outcome::Changed {
+                    sale,
+                    event: SaleEvent::Expired,
+                }
+            }
+            _ => Outcome::Nothing,
+        },
+    }
+}
+
+/// What a verified full payment does to a sale (current or not).
+pub fn pay(sale: &Sale, payment: &Payment, now: UnixMillis) -> Outcome {
+    match effect_of(sale, payment) {
+        Effect::AlreadyPaid => Outcome::Nothing,
+        Effect::Close => {
+            let mut s = sale.clone();
+            s.state = SaleState::Paid;
+            s.settled = Some(Settled {
+                payment_id: payment.payment_id,
+                merchant_order: payment.merchant_order,
+                paid: payment.paid,
+                at: now,
+            });
+            s.updated_at = now;
+            Outcome::Changed {
+                sale: s,
+                event: SaleEvent::Paid {
+                    overpaid: payment.overpaid,
+                },
+            }
+        }
+        Effect::RefundDue => {
+            let mut s = sale.clone();
+            s.refund_due = Some(RefundDue {
+                payment_id: payment.payment_id,
+                merchant_order: payment.merchant_order,
+                amount: payment.paid,
+                at: now,
+            });
+            s.updated_at = now;
+            Outcome::Changed {
+                sale: s,
+                event: SaleEvent::RefundDue,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::str::FromStr;
+
+    fn pos(kind: PosKind) -> PosConfig {
+        PosConfig {
+            id: PosId::parse("pump-1").unwrap(),
+            kind,
+            currency: Currency::Ars,
+            ttl_secs: Some(600),
+            max_amount: Decimal::from(1_000_000),
+        }
+    }
+
+    fn d(s: &str) -> Decimal {
+        Decimal::from_str(s).unwrap()
+    }
+
+    fn sid(s: &str) -> SaleId {
+        SaleId::parse(s).unwrap()
+    }
+
+    fn ctx(now: i64) -> Ctx {
+        Ctx { now, random: 7 }
+    }
+
+    fn sale_req(id: &str, qty: &str, price: &str, amount: Option<&str>) -> SaleRequest {
+        SaleRequest {
+            sale_id: sid(id),
+            lines: vec![LineRequest {
+                title: "Super 95".into(),
+                description: None,
+                quantity: d(qty),
+                unit_price: d(price),
+                unit_measure: Some("litre".into()),
+                sku: None,
+                category: None,
+            }],
+            amount: amount.map(d),
+        }
+    }
+
+    /// Applies and, when the sale changed, makes it current (as the caller
+    /// does after storing it).
+    fn step(p: &PosConfig, st: &mut PosState, cmd: Command, now: i64) -> Outcome {
+        let out = apply(p, st, cmd, ctx(now));
+        match &out {
+            Outcome::Changed { sale, .. } => st.current = Some(sale.clone()),
+            Outcome::Presence(pr) => st.presence = *pr,
+            _ => {}
+        }
+        out
+    }
+
+    #[test]
+    fn a_sale_on_an_idle_pos_is_pending_with_its_amount() {
+        let p = pos(PosKind::Fuel);
+        let mut st = PosState::idle();
+        let out = step(
+            &p,
+            &mut st,
+            Command::Sale(sale_req("42", "32.10", "798.00", Some("25615.80"))),
+            1000,
+        );
+        let Outcome::Changed { sale, event } = out else {
+            panic!("{out:?}")
+        };
+        assert_eq!(event, SaleEvent::Accepted);
+        assert_eq!(sale.state, SaleState::Pending);
+        assert_eq!(sale.amount, Some(d("25615.80")));
+        assert_eq!(sale.expires_at, Some(1000 + 600_000));
+    }
+
+    #[test]
+    fn a_second_sale_while_one_is_pending_is_busy_and_the_same_id_is_a_redelivery() {
+        let p = pos(PosKind::Fuel);
+        let mut st = PosState::idle();
+        step(&p, &mut st, Command::Sale(sale_req("1", "1", "10", None)), 0);
+        let before = st.clone();
+        let out = step(&p, &mut st, Command::Sale(sale_req("2", "1", "10", None)), 1);
+        assert!(matches!(out, Outcome::Rejected { why: Rejection::Busy { .. }, .. }));
+        assert_eq!(
+            step(&p, &mut st, Command::Sale(sale_req("1", "1", "10", None)), 2),
+            Outcome::Republish
+        );
+        assert_eq!(st, before);
+    }
+
+    #[test]
+    fn progress_then_sale_prices_the_same_sale_and_keeps_its_reference() {
+        let p = pos(PosKind::Fuel);
+        let mut st = PosState::idle();
+        let Outcome::Changed { sale: started, .. } =
+            step(&p, &mut st, Command::Progress(sid("9")), 0)
+        else {
+            panic!()
+        };
+        assert_eq!(started.state, SaleState::InProcess);
+        assert_eq!(
+            step(&p, &mut st, Command::Progress(sid("9")), 1),
+            Outcome::Republish
+        );
+        assert!(matches!(
+            step(&p, &mut st, Command::Progress(sid("10")), 1),
+            Outcome::Rejected { why: Rejection::Busy { .. }, .. }
+        ));
+        let Outcome::Changed { sale, event } =
+            step(&p, &mut st, Command::Sale(sale_req("9", "2", "5", None)), 2)
+        else {
+            panic!()
+        };
+        assert_eq!(event, SaleEvent::Priced);
+        assert_eq!(sale.external_reference, started.external_reference);
+        assert_eq!(sale.amount, Some(d("10.00")));
+    }
+
+    #[test]
+    fn money_errors_reject_without_touching_the_pending_sale() {
+        let p = pos(PosKind::Vending);
+        let mut st = PosState::idle();
+        for (req, code) in [
+            (sale_req("1", "0", "10", None), "bad_amount"),
+            (sale_req("1", "1", "-10", None), "bad_amount"),
+            (sale_req("1", "1", "10.001", None), "bad_amount"),
+            (sale_req("1", "1", "10", Some("10.001")), "bad_amount"),
+            (sale_req("1", "1", "10", Some("11")), "amount_mismatch"),
+            (sale_req("1", "1", "2000000", None), "over_max_amount"),
+        ] {
+            match step(&p, &mut st, Command::Sale(req), 0) {
+                Outcome::Rejected { why, .. } => assert_eq!(why.code(), code),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(st, PosState::idle());
+    }
+
+    #[test]
+    fn cancel_ends_a_pending_sale_and_frees_the_pos() {
+        let p = pos(PosKind::Vending);
+        let mut st = PosState::idle();
+        step(&p, &mut st, Command::Sale(sale_req("1", "1", "10", None)), 0);
+        assert!(matches!(
+            step(&p, &mut st, Command::Cancel(sid("2")), 1),
+            Outcome::Rejected { why: Rejection::UnknownSale, .. }
+        ));
+        assert!(matches!(
+            step(&p, &mut st, Command::Cancel(sid("1")), 1),
+            Outcome::Changed { event: SaleEvent::Cancelled, .. }
+        ));
+        assert_eq!(
+            step(&p, &mut st, Command::Cancel(sid("1")), 2),
+            Outcome::Republish
+        );
+        assert!(matches!(
+            step(&p, &mut st, Command::Sale(sale_req("2", "1", "10", None)), 3),
+            Outcome::Changed { event: SaleEvent::Accepted, .. }
+        ));
+    }
+
+    #[test]
+    fn sales_expire_after_their_ttl_and_never_with_ttl_zero() {
+        let p = pos(PosKind::Vending);
+        let mut st = PosState::idle();
+        step(&p, &mut st, Command::Sale(sale_req("1", "1", "10", None)), 0);
+        assert_eq!(step(&p, &mut st, Command::Expire, 599_999), Outcome::Nothing);
+        assert!(matches!(
+            step(&p, &mut st, Command::Expire, 600_000),
+            Outcome::Changed { event: SaleEvent::Expired, .. }
+        ));
+        let never = PosConfig {
+            ttl_secs: None,
+            ..pos(PosKind::Fuel)
+        };
+        let mut st = PosState::idle();
+        step(&never, &mut st, Command::Sale(sale_req("1", "1", "10", None)), 0);
+        assert_eq!(step(&never, &mut st, Command::Expire, i64::MAX), Outcome::Nothing);
+    }
+
+    #[test]
+    fn a_payment_closes_a_pending_sale_once_and_is_refund_due_after_cancel() {
+        let p = pos(PosKind::Fuel);
+        let mut st = PosState::idle();
+        step(&p, &mut st, Command::Sale(sale_req("1", "1", "10", None)), 0);
+        let payment = Payment {
+            merchant_order: 5,
+            payment_id: 6,
+            paid: d("10"),
+            overpaid: false,
+        };
+        let sale = st.current.clone().unwrap();
+        let Outcome::Changed { sale: paid, .. } = pay(&sale, &payment, 1) else {
+            panic!()
+        };
+        assert_eq!(paid.state, SaleState::Paid);
+        assert_eq!(pay(&paid, &payment, 2), Outcome::Nothing);
+
+        let mut cancelled = sale.clone();
+        cancelled.state = SaleState::Cancelled;
+        let Outcome::Changed { sale: due, event } = pay(&cancelled, &payment, 3) else {
+            panic!()
+        };
+        assert_eq!(event, SaleEvent::RefundDue);
+        assert_eq!(due.state, SaleState::Cancelled);
+        assert_eq!(pay(&due, &payment, 4), Outcome::Nothing);
+    }
+
+    #[test]
+    fn delivered_marks_a_paid_sale_once() {
+        let p = pos(PosKind::Vending);
+        let mut st = PosState::idle();
+        step(&p, &mut st, Command::Sale(sale_req("1", "1", "10", None)), 0);
+        let delivered = Command::Delivered {
+            sale_id: sid("1"),
+            ok: true,
+            reason: None,
+        };
+        assert!(matches!(
+            step(&p, &mut st, delivered.clone(), 1),
+            Outcome::Rejected { .. }
+        ));
+        let mut s = st.current.clone().unwrap();
+        s.state = SaleState::Paid;
+        st.current = Some(s);
+        assert!(matches!(
+            step(&p, &mut st, delivered.clone(), 2),
+            Outcome::Changed { event: SaleEvent::Delivered { ok: true, .. }, .. }
+        ));
+        assert_eq!(step(&p, &mut st, delivered, 3), Outcome::Nothing);
+    }
+
+    #[test]
+    fn presence_changes_are_reported_once() {
+        let p = pos(PosKind::Vending);
+        let mut st = PosState::idle();
+        assert!(matches!(
+            step(&p, &mut st, Command::Presence { online: true }, 1),
+            Outcome::Presence(Presence::Online { since: 1 })
+        ));
+        assert_eq!(
+            step(&p, &mut st, Command::Presence { online: true }, 2),
+            Outcome::Nothing
+        );
+        assert!(matches!(
+            step(&p, &mut st, Command::Presence { online: false }, 3),
+            Outcome::Presence(Presence::Offline { since: 3 })
+        ));
+    }
+}

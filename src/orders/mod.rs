@@ -1,0 +1,10 @@
+//! The order book's domain: sales, the rules that move them, and the rules
+//! that decide whether a merchant order pays one. No I/O, no async, the clock
+//! passed in.
+
+pub mod book;
+pub mod sale;
+pub mod settle;
+
+pub use book::{apply, pay, Command, Ctx, Outcome, PosConfig, PosState, Presence, Rejection, SaleEvent};
+pub use sale::{ExternalReference, PosId, PosKind, Sale, SaleId, SaleState, UnixMillis};

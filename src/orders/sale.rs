@@ -1,0 +1,336 @@
+//! A sale and the names it goes by: the POS it belongs to, the device's
+//! `sale_id`, and our `external_reference`, the one Mercado Pago sees.
+
+use std::fmt;
+
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+
+use crate::money::{Amount, Currency};
+
+/// Milliseconds since the Unix epoch. The domain takes the clock as input.
+pub type UnixMillis = i64;
+
+fn is_id_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || c == '-' || c == '_'
+}
+
+/// The external POS id: letters, digits, `-` and `_`, at most 40 characters.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct PosId(String);
+
+impl PosId {
+    pub const MAX_LEN: usize = 40;
+
+    pub fn parse(s: &str) -> Result<PosId, String> {
+        if s.is_empty() || s.len() > Self::MAX_LEN || !s.chars().all(is_id_char) {
+            return Err(format!(
+                "POS id {:?} must be 1 to {} letters, digits, '-' or '_'",
+                s.chars().take(64).collect::<String>(),
+                Self::MAX_LEN
+            ));
+        }
+        Ok(PosId(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for PosId {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        PosId::parse(&s)
+    }
+}
+
+impl From<PosId> for String {
+    fn from(p: PosId) -> String {
+        p.0
+    }
+}
+
+impl fmt::Display for PosId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The device's own id for a sale. Devices reuse them after a reset, so it
+/// identifies a sale only together with the POS and only for a while.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct SaleId(String);
+
+impl SaleId {
+    pub const MAX_LEN: usize = 64;
+
+    pub fn parse(s: &str) -> Result<SaleId, String> {
+        if s.is_empty()
+            || s.len() > Self::MAX_LEN
+            || !s.chars().all(|c| is_id_char(c) || c == '.')
+        {
+            return Err(format!(
+                "sale_id must be 1 to {} letters, digits, '-', '_' or '.'",
+                Self::MAX_LEN
+            ));
+        }
+        Ok(SaleId(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for SaleId {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        SaleId::parse(&s)
+    }
+}
+
+impl From<SaleId> for String {
+    fn from(p: SaleId) -> String {
+        p.0
+    }
+}
+
+impl fmt::Display for SaleId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Our id for a sale at Mercado Pago: unique forever, at most 64 characters of
+/// `[A-Za-z0-9_-]` (what MP's Orders API requires), and free of personal data:
+/// the POS id, the acceptance time and a random tail.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ExternalReference(String);
+
+impl ExternalReference {
+    pub const MAX_LEN: usize = 64;
+
+    /// `{pos}-{millis base 36}{random base 36}`; at most 40 + 1 + 9 + 6 chars.
+    pub fn generate(pos: &PosId, now: UnixMillis, random: u32) -> ExternalReference {
+        let mut s = String::with_capacity(56);
+        s.push_str(pos.as_str());
+        s.push('-');
+        push_base36(&mut s, now.max(0) as u64, 9);
+        push_base36(&mut s, u64::from(random) % 36u64.pow(6), 6);
+        ExternalReference(s)
+    }
+
+    pub fn parse(s: &str) -> Result<ExternalReference, String> {
+        if s.is_empty() || s.len() > Self::MAX_LEN || !s.chars().all(is_id_char) {
+            return Err("external_reference must be 1 to 64 of [A-Za-z0-9_-]".to_owned());
+        }
+        Ok(ExternalReference(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+fn push_base36(out: &mut String, mut n: u64, width: usize) {
+    const DIGITS: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut buf = [b'0'; 16];
+    for slot in buf.iter_mut().rev().take(width) {
+        *slot = DIGITS[(n % 36) as usize];
+        n /= 36;
+    }
+    out.extend(buf[16 - width..].iter().map(|&b| b as char));
+}
+
+impl TryFrom<String> for ExternalReference {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        ExternalReference::parse(&s)
+    }
+}
+
+impl From<ExternalReference> for String {
+    fn from(p: ExternalReference) -> String {
+        p.0
+    }
+}
+
+impl fmt::Display for ExternalReference {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What a POS sells, which decides how presence affects payment
+/// (CONTRACT-NOTES, Presence and polls).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PosKind {
+    /// Post-pay: the fuel is in the tank before the customer pays.
+    Fuel,
+    /// Pre-pay: the machine hands out goods after payment.
+    Vending,
+}
+
+impl PosKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PosKind::Fuel => "fuel",
+            PosKind::Vending => "vending",
+        }
+    }
+}
+
+/// One line of a sale, checked and totalled.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Line {
+    pub title: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    pub quantity: Decimal,
+    pub unit_price: Decimal,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit_measure: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sku: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub category: Option<String>,
+    /// `quantity × unit_price` rounded to the currency's decimals.
+    pub total: Decimal,
+}
+
+/// Where a sale is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SaleState {
+    /// The device said a sale started; the amount is not known yet.
+    InProcess,
+    /// The amount is known and Mercado Pago may collect it.
+    Pending,
+    Paid,
+    Cancelled,
+    Expired,
+}
+
+impl SaleState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SaleState::InProcess => "in_process",
+            SaleState::Pending => "pending",
+            SaleState::Paid => "paid",
+            SaleState::Cancelled => "cancelled",
+            SaleState::Expired => "expired",
+        }
+    }
+
+    /// Only these hold the POS: one sale in flight per POS.
+    pub fn is_busy(self) -> bool {
+        matches!(self, SaleState::InProcess | SaleState::Pending)
+    }
+}
+
+/// The payment that closed a sale.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Settled {
+    pub payment_id: u64,
+    pub merchant_order: u64,
+    /// The sum of the approved payments, which may exceed the total.
+    pub paid: Decimal,
+    pub at: UnixMillis,
+}
+
+/// A payment that arrived for a sale that was no longer payable: the money
+/// must go back to the customer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefundDue {
+    pub payment_id: u64,
+    pub merchant_order: u64,
+    pub amount: Decimal,
+    pub at: UnixMillis,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sale {
+    pub external_reference: ExternalReference,
+    pub pos: PosId,
+    pub sale_id: SaleId,
+    pub currency: Currency,
+    pub state: SaleState,
+    /// Empty while `InProcess`.
+    pub lines: Vec<Line>,
+    /// `None` while `InProcess`.
+    pub amount: Option<Decimal>,
+    pub accepted_at: UnixMillis,
+    /// When the sale expires if nobody pays; `None` never.
+    pub expires_at: Option<UnixMillis>,
+    /// First time a poll handed the order to Mercado Pago.
+    #[serde(default)]
+    pub served_at: Option<UnixMillis>,
+    #[serde(default)]
+    pub settled: Option<Settled>,
+    #[serde(default)]
+    pub delivered_at: Option<UnixMillis>,
+    #[serde(default)]
+    pub refund_due: Option<RefundDue>,
+    pub updated_at: UnixMillis,
+}
+
+impl Sale {
+    pub fn total(&self) -> Option<Amount> {
+        self.amount.map(|a| Amount::new(a, self.currency))
+    }
+}
+
+// serde for Currency lives here so the store can keep sales as JSON.
+impl Serialize for Currency {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.code())
+    }
+}
+
+impl<'de> Deserialize<'de> for Currency {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pos_ids_are_letters_digits_dash_underscore_up_to_40() {
+        assert!(PosId::parse("pump-1").is_ok());
+        assert!(PosId::parse("vending_07").is_ok());
+        assert!(PosId::parse("").is_err());
+        assert!(PosId::parse("pump 1").is_err());
+        assert!(PosId::parse("pump/1").is_err());
+        assert!(PosId::parse(&"a".repeat(41)).is_err());
+        assert!(PosId::parse(&"a".repeat(40)).is_ok());
+    }
+
+    #[test]
+    fn external_references_fit_mercado_pagos_rules_even_for_the_longest_pos_id() {
+        let pos = PosId::parse(&"p".repeat(40)).unwrap();
+        let r = ExternalReference::generate(&pos, 4_102_444_800_000, u32::MAX);
+        assert!(r.as_str().len() <= 64, "{}", r);
+        assert!(ExternalReference::parse(r.as_str()).is_ok());
+        let a = ExternalReference::generate(&pos, 1, 1);
+        let b = ExternalReference::generate(&pos, 1, 2);
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn sale_ids_are_bounded() {
+        assert!(SaleId::parse("000042").is_ok());
+        assert!(SaleId::parse("2026.11.26-7").is_ok());
+        assert!(SaleId::parse("").is_err());
+        assert!(SaleId::parse("a b").is_err());
+        assert!(SaleId::parse(&"1".repeat(65)).is_err());
+    }
+}

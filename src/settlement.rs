@@ -1,0 +1,137 @@
+//! Notification → fetch → settle. A notification only names a resource; the
+//! merchant order is always fetched with our token, and the order book
+//! decides. Work for the same resource never runs twice at once: a
+//! notification that arrives while its resource is being fetched makes that
+//! run fetch once more when it ends, so a late "closed" is never missed.
+
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::gateway::Gateway;
+use crate::mercadopago::client::{MpClient, MpError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Resource {
+    MerchantOrder(u64),
+    Payment(u64),
+}
+
+#[derive(Clone)]
+pub struct Settler {
+    tx: mpsc::UnboundedSender<Resource>,
+}
+
+impl Settler {
+    /// Never blocks and never drops: the queue is unbounded because each
+    /// entry is a few bytes and losing one could lose a payment.
+    pub fn enqueue(&self, r: Resource) {
+        if self.tx.send(r).is_err() {
+            tracing::error!(?r, "settlement has stopped; notification not processed");
+        }
+    }
+}
+
+/// Most fetches in flight at once: keeps a burst of notifications from
+/// looking like an attack to Mercado Pago's rate limiter.
+const CONCURRENCY: usize = 16;
+
+pub fn spawn(
+    client: MpClient,
+    gateway: Arc<Gateway>,
+    shutdown: CancellationToken,
+    tracker: &TaskTracker,
+) -> Settler {
+    let (tx, mut rx) = mpsc::unbounded_channel::<Resource>();
+    let inflight: Arc<DashMap<Resource, bool>> = Arc::new(DashMap::new());
+    let permits = Arc::new(Semaphore::new(CONCURRENCY));
+    let inner = tracker.clone();
+    tracker.spawn(async move {
+        loop {
+            let r = tokio::select! {
+                r = rx.recv() => match r { Some(r) => r, None => break },
+                _ = shutdown.cancelled() => break,
+            };
+            // Already being fetched: ask that run to fetch again.
+            if let Some(mut again) = inflight.get_mut(&r) {
+                *again = true;
+                continue;
+            }
+            inflight.insert(r, false);
+            let (client, gateway, inflight, permits) = (
+                client.clone(),
+                Arc::clone(&gateway),
+                Arc::clone(&inflight),
+                Arc::clone(&permits),
+            );
+            inner.spawn(async move {
+                let Ok(_permit) = permits.acquire().await else { return };
+                loop {
+                    if let Err(e) = process(&client, &gateway, r).await {
+                        tracing::error!(?r, error = %e, "notification could not be processed; Mercado Pago re-sends it, and reconciliation looks again");
+                    }
+                    // Fetch again if another notification came meanwhile.
+                    let again = inflight
+                        .remove_if(&r, |_, again| !*again)
+                        .is_none();
+                    if !again {
+                        break;
+                    }
+                    if let Some(mut a) = inflight.get_mut(&r) {
+                        *a = false;
+                    }
+                }
+            });
+        }
+    });
+    Settler { tx }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ProcessError {
+    #[error(transparent)]
+    Mp(#[from] MpError),
+    #[error(transparent)]
+    Gateway(#[from] crate::gateway::GatewayError),
+}
+
+async fn process(client: &MpClient, gateway: &Gateway, r: Resource) -> Result<(), ProcessError> {
+    let ids = match r {
+        Resource::MerchantOrder(id) => vec![id],
+        Resource::Payment(id) => {
+            let p = client.payment(id).await?;
+            match (p.merchant_order_id(), p.external_reference.as_deref()) {
+                (Some(mo), _) => vec![mo],
+                (None, Some(reference)) => {
+                    let found = client.search_merchant_orders(reference).await?;
+                    return settle_all(gateway, found).await;
+                }
+                (None, None) => {
+                    tracing::warn!(payment = id, "payment names no merchant order and no reference; nothing to settle");
+                    vec![]
+                }
+            }
+        }
+    };
+    for id in ids {
+        let (mo, raw) = client.merchant_order(id).await?;
+        let status = mo.status.clone().unwrap_or_default();
+        gateway.settle(&mo.facts(), raw, &status).await?;
+    }
+    Ok(())
+}
+
+async fn settle_all(
+    gateway: &Gateway,
+    found: Vec<crate::mercadopago::wire::MerchantOrder>,
+) -> Result<(), ProcessError> {
+    for mo in found {
+        let raw = serde_json::json!({ "id": mo.id.0, "status": mo.status, "external_reference": mo.external_reference }).to_string();
+        let status = mo.status.clone().unwrap_or_default();
+        gateway.settle(&mo.facts(), raw, &status).await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,63 @@
+//! The durable record. Every change to a sale is written here before it is
+//! acknowledged to a device or made visible to polls; the in-memory order
+//! book is rebuilt from it at start. Behind a trait because a second engine
+//! is planned; SQLite (WAL, fsync per commit) is the embedded default.
+
+mod sqlite;
+
+use async_trait::async_trait;
+
+use crate::orders::{ExternalReference, Sale, SaleEvent};
+
+pub use sqlite::SqliteStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The sale is already closed by a payment: the unique key that makes
+    /// `paid` happen once.
+    #[error("sale {0} is already closed")]
+    AlreadyClosed(String),
+    /// This payment is already recorded as due for refund.
+    #[error("payment {0} is already recorded as refund due")]
+    AlreadyDue(u64),
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("database error: {0}")]
+    Database(String),
+    #[error("corrupt record for {reference}: {reason}")]
+    Corrupt { reference: String, reason: String },
+}
+
+/// A merchant order as fetched, kept for the operator and for audits.
+#[derive(Debug, Clone)]
+pub struct MerchantOrderRecord {
+    pub id: u64,
+    pub external_reference: Option<String>,
+    pub status: String,
+    pub body: String,
+    pub seen_at: i64,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Durably writes the sale's new state and the event that produced it.
+    /// A `Paid` event whose sale is already closed is refused with
+    /// [`StoreError::AlreadyClosed`], whatever the caller believed.
+    async fn record(&self, sale: &Sale, event: &SaleEvent) -> Result<(), StoreError>;
+
+    async fn record_merchant_order(&self, mo: MerchantOrderRecord) -> Result<(), StoreError>;
+
+    /// Each POS's latest sale, to rebuild the order book at start.
+    async fn latest_sales(&self) -> Result<Vec<Sale>, StoreError>;
+
+    async fn sale(&self, reference: &ExternalReference) -> Result<Option<Sale>, StoreError>;
+
+    /// The events of a sale, oldest first: (unix millis, event name, detail).
+    async fn timeline(
+        &self,
+        reference: &ExternalReference,
+    ) -> Result<Vec<(i64, String, String)>, StoreError>;
+
+    /// A real write, for readiness.
+    async fn check_writable(&self) -> Result<(), StoreError>;
+}
