@@ -41,14 +41,20 @@ pub struct App {
 
 impl App {
     pub async fn build(config: Config) -> anyhow::Result<App> {
-        let store: Arc<dyn Store> = Arc::new(
-            SqliteStore::open(&config.store.path, config.store.fsync)
-                .with_context(|| format!("cannot open the store {}", config.store.path.display()))?,
-        );
         // Bind HTTP before anything starts in the background, so a taken
         // port fails the start cleanly.
         let listener = TcpListener::bind(config.http.listen)
             .with_context(|| format!("cannot listen for HTTP on {}", config.http.listen))?;
+        App::build_on(config, listener).await
+    }
+
+    /// Builds on a listener bound by the caller (tests bind port 0 first, to
+    /// put the real port in `public_url`).
+    pub async fn build_on(config: Config, listener: TcpListener) -> anyhow::Result<App> {
+        let store: Arc<dyn Store> = Arc::new(
+            SqliteStore::open(&config.store.path, config.store.fsync)
+                .with_context(|| format!("cannot open the store {}", config.store.path.display()))?,
+        );
         let http_addr = listener.local_addr()?;
 
         let (mqtt_host, mqtt_port, mqtt_addr) = match &config.mqtt.broker {

@@ -58,6 +58,8 @@ pub trait Store: Send + Sync + 'static {
         reference: &ExternalReference,
     ) -> Result<Vec<(i64, String, String)>, StoreError>;
 
+    async fn merchant_order(&self, id: u64) -> Result<Option<MerchantOrderRecord>, StoreError>;
+
     /// A real write, for readiness.
     async fn check_writable(&self) -> Result<(), StoreError>;
 }

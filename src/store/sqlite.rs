@@ -77,6 +77,10 @@ enum Op {
         reference: String,
         reply: oneshot::Sender<Result<Option<Sale>, StoreError>>,
     },
+    MerchantOrderGet {
+        id: u64,
+        reply: oneshot::Sender<Result<Option<MerchantOrderRecord>, StoreError>>,
+    },
     Timeline {
         reference: String,
         reply: oneshot::Sender<Result<Vec<(i64, String, String)>, StoreError>>,
@@ -319,6 +323,25 @@ fn run_batch(conn: &Connection, batch: Vec<Op>) {
                     .and_then(|b| b.map(|b| parse_sale(&reference, &b)).transpose());
                 let _ = reply.send(r);
             }
+            Op::MerchantOrderGet { id, reply } => {
+                let r = conn
+                    .query_row(
+                        "SELECT external_reference, status, body, seen_at FROM merchant_orders WHERE id = ?1",
+                        [id as i64],
+                        |row| {
+                            Ok(MerchantOrderRecord {
+                                id,
+                                external_reference: row.get(0)?,
+                                status: row.get(1)?,
+                                body: row.get(2)?,
+                                seen_at: row.get(3)?,
+                            })
+                        },
+                    )
+                    .optional()
+                    .map_err(db);
+                let _ = reply.send(r);
+            }
             Op::Timeline { reference, reply } => {
                 let r = (|| {
                     let mut st = conn
@@ -400,6 +423,10 @@ impl Store for SqliteStore {
     ) -> Result<Vec<(i64, String, String)>, StoreError> {
         let reference = reference.as_str().to_owned();
         self.call(|reply| Op::Timeline { reference, reply }).await
+    }
+
+    async fn merchant_order(&self, id: u64) -> Result<Option<MerchantOrderRecord>, StoreError> {
+        self.call(|reply| Op::MerchantOrderGet { id, reply }).await
     }
 
     async fn check_writable(&self) -> Result<(), StoreError> {

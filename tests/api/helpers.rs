@@ -1,0 +1,364 @@
+//! `TestApp::spawn()`: the real app on port 0, a temp SQLite file, the
+//! Mercado Pago simulator, and a real broker: one embedded rumqttd shared by
+//! the whole test binary (it cannot be shut down, so each test gets its own
+//! topic prefix and client id instead of its own broker), or a Mosquitto
+//! started by the test.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use qrgate::app::App;
+use qrgate::config::{Broker, Config, Secret};
+use qrgate::mercadopago::simulator::{Scan, ScannedOrder, Simulator, SimulatorConfig};
+use qrgate::orders::{ExternalReference, PosConfig, PosId, PosKind};
+use qrgate_devices::{Device, DeviceConfig, Item, StateMessage};
+use rust_decimal::Decimal;
+use tokio_util::sync::CancellationToken;
+
+pub const WAIT: Duration = Duration::from_secs(15);
+
+static NEXT: AtomicUsize = AtomicUsize::new(0);
+static SHARED_BROKER: OnceLock<u16> = OnceLock::new();
+
+/// The test binary's embedded broker, started on first use.
+pub fn shared_broker_port() -> u16 {
+    *SHARED_BROKER.get_or_init(|| {
+        qrgate::mqtt::broker::start("127.0.0.1:0".parse().unwrap(), 16 * 1024)
+            .expect("embedded broker starts")
+            .port()
+    })
+}
+
+/// A Mosquitto started for one test, killed when dropped.
+pub struct Mosquitto {
+    child: Child,
+    pub port: u16,
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Mosquitto {
+    /// `None` (and a note on stderr) when Mosquitto is not installed, unless
+    /// QRGATE_REQUIRE_MOSQUITTO=1 makes that a failure.
+    pub fn start() -> Option<Mosquitto> {
+        let found = Command::new("mosquitto")
+            .arg("-h")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok();
+        if !found {
+            if std::env::var("QRGATE_REQUIRE_MOSQUITTO").as_deref() == Ok("1") {
+                panic!("mosquitto is required (QRGATE_REQUIRE_MOSQUITTO=1) but not installed");
+            }
+            eprintln!("SKIPPED: mosquitto is not installed");
+            return None;
+        }
+        let port = free_port();
+        let child = Command::new("mosquitto")
+            .args(["-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto starts");
+        let deadline = std::time::Instant::now() + WAIT;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "mosquitto did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(Mosquitto { child, port })
+    }
+}
+
+/// A port the OS picked and released (for brokers that bind by number).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub struct TestApp {
+    pub base: String,
+    pub mqtt_port: u16,
+    pub prefix: String,
+    pub mp: Simulator,
+    pub config: Config,
+    pub app_gateway: Arc<qrgate::gateway::Gateway>,
+    stop: CancellationToken,
+    done: Option<tokio::task::JoinHandle<()>>,
+    pub dir: Arc<tempfile::TempDir>,
+    http: reqwest::Client,
+}
+
+pub fn pos(id: &str, kind: PosKind) -> PosConfig {
+    PosConfig {
+        id: PosId::parse(id).unwrap(),
+        kind,
+        currency: qrgate::money::Currency::Ars,
+        ttl_secs: Some(600),
+        max_amount: Decimal::from(1_000_000),
+    }
+}
+
+pub enum Where {
+    SharedEmbedded,
+    Port(u16),
+}
+
+impl TestApp {
+    pub async fn spawn() -> TestApp {
+        TestApp::spawn_with(|_| {}).await
+    }
+
+    pub async fn spawn_with(tweak: impl FnOnce(&mut Config)) -> TestApp {
+        TestApp::spawn_on(Where::SharedEmbedded, tweak).await
+    }
+
+    pub async fn spawn_on(broker: Where, tweak: impl FnOnce(&mut Config)) -> TestApp {
+        let mp = Simulator::start(SimulatorConfig::default()).await.unwrap();
+        let dir = Arc::new(tempfile::tempdir().unwrap());
+        TestApp::start(broker, mp, dir, None, tweak).await
+    }
+
+    async fn start(
+        broker: Where,
+        mp: Simulator,
+        dir: Arc<tempfile::TempDir>,
+        prefix: Option<String>,
+        tweak: impl FnOnce(&mut Config),
+    ) -> TestApp {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let prefix = prefix.unwrap_or_else(|| format!("t{}x{n}", std::process::id()));
+        let port = match broker {
+            Where::SharedEmbedded => shared_broker_port(),
+            Where::Port(p) => p,
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let mut config = Config::defaults();
+        config.http.listen = listener.local_addr().unwrap();
+        config.http.public_url = base.clone();
+        config.mercadopago.api_base = mp.base_url();
+        config.mercadopago.access_token = Some(Secret::new(SimulatorConfig::default().access_token));
+        config.mercadopago.collector_id = SimulatorConfig::default().collector_id;
+        config.mqtt.broker = Broker::External {
+            host: "127.0.0.1".into(),
+            port,
+        };
+        config.mqtt.topic_prefix = prefix.clone();
+        config.mqtt.client_id = format!("qrgate-{prefix}");
+        config.store.path = dir.path().join("qrgate.db");
+        config.store.fsync = false;
+        config.pos = vec![
+            pos("pump-1", PosKind::Fuel),
+            pos("vending-1", PosKind::Vending),
+        ];
+        tweak(&mut config);
+        let app = App::build_on(config.clone(), listener).await.expect("app builds");
+        let app_gateway = app.gateway();
+        let stop = app.shutdown_token();
+        let done = tokio::spawn(async move {
+            app.run_until_stopped().await.unwrap();
+        });
+        let t = TestApp {
+            base,
+            mqtt_port: port,
+            prefix,
+            mp,
+            config,
+            app_gateway,
+            stop,
+            done: Some(done),
+            dir,
+            http: reqwest::Client::new(),
+        };
+        t.wait_ready().await;
+        t
+    }
+
+    /// Stops this app gracefully and starts a new one on the same store,
+    /// broker, prefix and simulator (a restart).
+    pub async fn restart(mut self) -> TestApp {
+        self.stop.cancel();
+        if let Some(d) = self.done.take() {
+            d.await.unwrap();
+        }
+        let config = self.config.clone();
+        TestApp::start(
+            Where::Port(self.mqtt_port),
+            self.mp.clone(),
+            Arc::clone(&self.dir),
+            Some(self.prefix.clone()),
+            move |c| {
+                c.pos = config.pos;
+                c.orders = config.orders;
+            },
+        )
+        .await
+    }
+
+    /// Starts an app on an existing store, broker, prefix and simulator.
+    pub async fn resume(
+        port: u16,
+        mp: Simulator,
+        dir: Arc<tempfile::TempDir>,
+        prefix: String,
+        config: Config,
+    ) -> TestApp {
+        TestApp::start(Where::Port(port), mp, dir, Some(prefix), move |c| {
+            c.pos = config.pos;
+            c.orders = config.orders;
+        })
+        .await
+    }
+
+    pub async fn wait_ready(&self) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if let Ok(r) = self.http.get(format!("{}/readyz", self.base)).send().await {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            assert!(tokio::time::Instant::now() < deadline, "app never became ready");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn pos_url(&self, pos: &str) -> String {
+        format!("{}/mp/pos/{pos}", self.base)
+    }
+
+    pub fn device_config(&self, pos: &str) -> DeviceConfig {
+        DeviceConfig::new("127.0.0.1", self.mqtt_port, pos)
+            .topic_prefix(self.prefix.clone())
+            .client_id(format!("{}-{pos}-{}", self.prefix, NEXT.fetch_add(1, Ordering::Relaxed)))
+    }
+
+    /// A device that does not speak presence (treated as online).
+    pub async fn device(&self, pos: &str) -> Device {
+        Device::connect(self.device_config(pos).without_presence())
+            .await
+            .expect("device connects")
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        let r = self.http.get(format!("{}{}", self.base, path)).send().await.unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    }
+
+    /// One poll as Mercado Pago makes it: status and parsed body.
+    pub async fn poll(&self, pos: &str) -> (u16, serde_json::Value, String) {
+        let r = self.http.get(self.pos_url(pos)).send().await.unwrap();
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        let v = serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
+        (status, v, text)
+    }
+
+    /// The 400 error type of a poll, or "ok" for a 200.
+    pub async fn poll_kind(&self, pos: &str) -> String {
+        let (status, v, _) = self.poll(pos).await;
+        if status == 200 {
+            "ok".into()
+        } else {
+            v["error"]["type"].as_str().unwrap_or("?").to_owned()
+        }
+    }
+
+    /// Polls until the answer is `kind` (state reaches polls through the
+    /// store first, so a device's message shows after a moment).
+    pub async fn wait_poll(&self, pos: &str, kind: &str) -> (u16, serde_json::Value, String) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let (s, v, t) = self.poll(pos).await;
+            let k = if s == 200 { "ok" } else { v["error"]["type"].as_str().unwrap_or("?") };
+            if k == kind {
+                return (s, v, t);
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "poll of {pos} never answered {kind}; last: {s} {t}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// A customer scans the QR: the simulator polls and opens a merchant order.
+    pub async fn scan(&self, pos: &str) -> ScannedOrder {
+        match self.mp.scan(&self.pos_url(pos)).await.unwrap() {
+            Scan::Order(o) => o,
+            Scan::Waiting { kind, .. } => panic!("scan of {pos} got a wait screen: {kind}"),
+        }
+    }
+
+    /// The store's events of a sale, by name.
+    pub async fn timeline(&self, reference: &str) -> Vec<String> {
+        let r = ExternalReference::parse(reference).unwrap();
+        self.app_gateway
+            .store()
+            .timeline(&r)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.1)
+            .collect()
+    }
+
+    /// Waits until the store has seen merchant order `id` (a notification
+    /// was fully processed), and returns its recorded status.
+    pub async fn wait_merchant_order_seen(&self, id: u64) -> String {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if let Some(r) = self.app_gateway.store().merchant_order(id).await.unwrap() {
+                return r.status;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "merchant order {id} never processed");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    pub async fn stop(mut self) {
+        self.stop.cancel();
+        if let Some(d) = self.done.take() {
+            d.await.unwrap();
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+pub fn fuel(litres: &str, price: &str) -> Vec<Item> {
+    vec![Item::new("Super 95", litres, price).unit_measure("litre")]
+}
+
+pub fn snack(price: &str) -> Vec<Item> {
+    vec![Item::new("Chips", "1", price)]
+}
+
+/// Waits for the device's `state` of `sale_id`.
+pub async fn state_of(device: &Device, sale_id: &str, state: &str) -> StateMessage {
+    device.wait_for(sale_id, state, WAIT).await.unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Waits for a rejection on the device's state topic.
+pub async fn rejection(device: &Device) -> StateMessage {
+    device
+        .wait_state(WAIT, |m| m.state == "rejected")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}

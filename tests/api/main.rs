@@ -1,0 +1,9 @@
+//! End-to-end tests: the real app, a real broker, a real SQLite file, and the
+//! Mercado Pago simulator. One test binary, so the embedded broker is shared.
+
+mod flow;
+mod helpers;
+mod messages;
+mod mosquitto;
+mod notifications;
+mod polls;

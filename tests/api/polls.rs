@@ -1,0 +1,164 @@
+//! The POS URL: every answer of MP-API.md section 1, and the presence rules
+//! of CONTRACT-NOTES.
+
+use crate::helpers::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_pos_is_invalid_with_mercado_pagos_error_shape() {
+    let app = TestApp::spawn().await;
+    for pos in ["pump-9", "no%20such", "a-very-long-pos-id-that-is-over-forty-characters"] {
+        let (status, body, _) = app.poll(pos).await;
+        assert_eq!(status, 400, "{pos}");
+        assert_eq!(body["error"]["type"], "invalid", "{pos}");
+        assert!(body["error"]["message"].is_string());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polls_answer_get_and_post_with_json_and_ignore_unknown_query_parameters() {
+    let app = TestApp::spawn().await;
+    let http = reqwest::Client::new();
+    for req in [
+        http.get(format!("{}?storeid=6232&posid=1", app.pos_url("pump-1"))),
+        http.post(app.pos_url("pump-1")).body("{\"anything\":1}"),
+    ] {
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status(), 400);
+        assert_eq!(r.headers()["content-type"], "application/json");
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["type"], "unavailable");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_poll_of_a_sale_returns_the_same_bytes_even_after_it_is_served() {
+    let app = TestApp::spawn().await;
+    let vending = app.device("vending-1").await;
+    vending
+        .publish_sale(
+            "11",
+            &[
+                qrgate_devices::Item::new("Cola", "2", "1500.50"),
+                qrgate_devices::Item::new("Chips", "1", "800"),
+            ],
+            Some("3801.00"),
+        )
+        .await
+        .unwrap();
+    state_of(&vending, "11", "pending").await;
+    let (status, body, first) = app.wait_poll("vending-1", "ok").await;
+    assert_eq!(status, 200);
+    assert!(first.contains(r#""unit_price":1500.50"#), "{first}");
+    assert_eq!(body["collector_id"], 178106235);
+    assert_eq!(body["sponsor_id"], 334249281);
+    assert_eq!(body["items"].as_array().unwrap().len(), 2);
+    assert_eq!(body["items"][0]["quantity"], 2);
+    assert_eq!(body["items"][0]["currency_id"], "ARS");
+    assert_eq!(body["notification_url"], format!("{}/mp/notifications", app.base));
+    let reference = body["external_reference"].as_str().unwrap();
+    assert!(reference.len() <= 64);
+    assert!(reference.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
+
+    vending
+        .wait_state(WAIT, |m| m.served)
+        .await
+        .expect("served republished");
+    for _ in 0..5 {
+        let (_, _, again) = app.poll("vending-1").await;
+        assert_eq!(again, first);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offline_vending_machine_times_out_even_with_a_pending_sale() {
+    let app = TestApp::spawn().await;
+    let machine = qrgate_devices::Device::connect(app.device_config("vending-1"))
+        .await
+        .unwrap();
+    machine.publish_sale("1", &snack("100"), None).await.unwrap();
+    state_of(&machine, "1", "pending").await;
+    app.wait_poll("vending-1", "ok").await;
+    // The broker publishes its last will: offline, retained.
+    machine.crash();
+    app.wait_poll("vending-1", "timeout").await;
+
+    // Back online, the sale is payable again.
+    let back = qrgate_devices::Device::connect(app.device_config("vending-1"))
+        .await
+        .unwrap();
+    app.wait_poll("vending-1", "ok").await;
+    drop(back);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offline_pump_keeps_its_pending_sale_payable_but_times_out_when_idle() {
+    let app = TestApp::spawn().await;
+    let pump = qrgate_devices::Device::connect(app.device_config("pump-1"))
+        .await
+        .unwrap();
+    pump.set_status(false).await.unwrap();
+    app.wait_poll("pump-1", "timeout").await;
+    pump.set_status(true).await.unwrap();
+    app.wait_poll("pump-1", "unavailable").await;
+    pump.publish_sale("1", &fuel("1", "100"), None).await.unwrap();
+    app.wait_poll("pump-1", "ok").await;
+    pump.crash();
+    // Post-pay: the fuel is in the tank, the sale stays payable offline.
+    let observer = app.device("pump-1").await;
+    drop(observer);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let view = app
+            .app_gateway
+            .view(&qrgate::orders::PosId::parse("pump-1").unwrap())
+            .unwrap();
+        if view.state.presence.is_offline() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never saw the last will");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(app.poll_kind("pump-1").await, "ok");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_up_and_ready_means_store_and_broker() {
+    let app = TestApp::spawn().await;
+    let (status, body) = app.get("/healthz").await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = app.get("/readyz").await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = app.get("/nope").await;
+    assert_eq!(status, 404);
+    assert!(body.contains("\"code\":\"not_found\""), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_fails_with_a_reason_when_the_broker_is_unreachable() {
+    // A port where nothing listens.
+    let port = free_port();
+    let mp = qrgate::mercadopago::simulator::Simulator::start(Default::default())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let mut config = qrgate::config::Config::defaults();
+    config.mercadopago.api_base = mp.base_url();
+    config.mqtt.broker = qrgate::config::Broker::External {
+        host: "127.0.0.1".into(),
+        port,
+    };
+    config.store.path = dir.path().join("q.db");
+    let app = qrgate::app::App::build_on(config, listener).await.unwrap();
+    let stop = app.shutdown_token();
+    let done = tokio::spawn(app.run_until_stopped());
+    let r = reqwest::get(format!("{base}/readyz")).await.unwrap();
+    assert_eq!(r.status(), 503);
+    let body = r.text().await.unwrap();
+    assert!(body.contains("MQTT broker not connected"), "{body}");
+    let r = reqwest::get(format!("{base}/healthz")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    stop.cancel();
+    done.await.unwrap().unwrap();
+}
