@@ -287,6 +287,12 @@ pub fn apply(pos: &PosConfig, state: &PosState, cmd: Command, ctx: Ctx) -> Outco
             if pricing.is_none() && is_current(&req.sale_id) {
                 return Outcome::Republish;
             }
+            // A broken sale is refused for what is wrong with it, even on a
+            // busy POS: that is what the device must fix.
+            let (lines, total) = match price(pos, &req) {
+                Ok(p) => p,
+                Err(why) => return rejected(&req.sale_id, why),
+            };
             if let Some(busy) = state.busy_sale().filter(|_| pricing.is_none()) {
                 return rejected(
                     &req.sale_id,
@@ -295,10 +301,6 @@ pub fn apply(pos: &PosConfig, state: &PosState, cmd: Command, ctx: Ctx) -> Outco
                     },
                 );
             }
-            let (lines, total) = match price(pos, &req) {
-                Ok(p) => p,
-                Err(why) => return rejected(&req.sale_id, why),
-            };
             let (mut sale, event) = match pricing {
                 Some(s) => (s.clone(), SaleEvent::Priced),
                 None => (new_sale(pos, req.sale_id, ctx), SaleEvent::Accepted),

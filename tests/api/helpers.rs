@@ -127,7 +127,7 @@ impl TestApp {
     pub async fn spawn_on(broker: Where, tweak: impl FnOnce(&mut Config)) -> TestApp {
         let mp = Simulator::start(SimulatorConfig::default()).await.unwrap();
         let dir = Arc::new(tempfile::tempdir().unwrap());
-        TestApp::start(broker, mp, dir, None, tweak).await
+        TestApp::start(broker, mp, dir, None, None, tweak).await
     }
 
     async fn start(
@@ -135,6 +135,7 @@ impl TestApp {
         mp: Simulator,
         dir: Arc<tempfile::TempDir>,
         prefix: Option<String>,
+        http: Option<std::net::SocketAddr>,
         tweak: impl FnOnce(&mut Config),
     ) -> TestApp {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
@@ -143,7 +144,8 @@ impl TestApp {
             Where::SharedEmbedded => shared_broker_port(),
             Where::Port(p) => p,
         };
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        // A restart keeps its HTTP address: public_url is part of the body.
+        let listener = TcpListener::bind(http.unwrap_or_else(|| "127.0.0.1:0".parse().unwrap())).unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let mut config = Config::defaults();
         config.http.listen = listener.local_addr().unwrap();
@@ -199,6 +201,7 @@ impl TestApp {
             self.mp.clone(),
             Arc::clone(&self.dir),
             Some(self.prefix.clone()),
+            Some(config.http.listen),
             move |c| {
                 c.pos = config.pos;
                 c.orders = config.orders;
@@ -215,7 +218,7 @@ impl TestApp {
         prefix: String,
         config: Config,
     ) -> TestApp {
-        TestApp::start(Where::Port(port), mp, dir, Some(prefix), move |c| {
+        TestApp::start(Where::Port(port), mp, dir, Some(prefix), None, move |c| {
             c.pos = config.pos;
             c.orders = config.orders;
         })

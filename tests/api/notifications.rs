@@ -95,7 +95,8 @@ async fn an_opened_notification_after_the_close_changes_nothing_and_one_before_p
     // Out of order: a stale "opened" merchant order for the same sale.
     let stale = app.mp.insert_merchant_order(json!({
         "status": "opened", "external_reference": reference, "collector": {"id": 178106235},
-        "total_amount": 100, "paid_amount": 0, "payments": []
+        "total_amount": 100, "paid_amount": 0, "payments": [],
+        "notification_url": format!("{}/mp/notifications", app.base)
     }));
     app.mp.notify_merchant_order(stale).await.unwrap();
     app.wait_merchant_order_seen(stale).await;
@@ -107,7 +108,8 @@ async fn an_opened_notification_after_the_close_changes_nothing_and_one_before_p
 
 /// Inserts a merchant order, notifies it, waits until qrgate processed it,
 /// and checks the sale is still pending.
-async fn refused(app: &TestApp, vending: &qrgate_devices::Device, reference: &str, mo: serde_json::Value) {
+async fn refused(app: &TestApp, vending: &qrgate_devices::Device, reference: &str, mut mo: serde_json::Value) {
+    mo["notification_url"] = json!(format!("{}/mp/notifications", app.base));
     let id = app.mp.insert_merchant_order(mo);
     app.mp.notify_merchant_order(id).await.unwrap();
     app.wait_merchant_order_seen(id).await;
@@ -139,9 +141,9 @@ async fn short_amounts_foreign_references_foreign_collectors_and_other_currencie
     refused(&app, &vending, &reference, opened).await;
 
     // More than the total closes it (an overpayment, logged).
-    let id = app
-        .mp
-        .insert_merchant_order(closed(&reference, 178106235, "100.50", "ARS", "approved"));
+    let mut over = closed(&reference, 178106235, "100.50", "ARS", "approved");
+    over["notification_url"] = json!(format!("{}/mp/notifications", app.base));
+    let id = app.mp.insert_merchant_order(over);
     app.mp.notify_merchant_order(id).await.unwrap();
     let paid = state_of(&vending, "1", "paid").await;
     assert_eq!(paid.merchant_order, Some(id));
