@@ -1,6 +1,8 @@
 //! Logs for operators: one line per event, with the fields they search by
 //! (`pos`, `sale_id`, `external_reference`, `merchant_order`, `payment`),
-//! pretty or JSON. `RUST_LOG` overrides the configured filter.
+//! pretty or JSON. `RUST_LOG` overrides the configured filter. The embedded
+//! broker's own logs are off by default (it reports every device disconnect as
+//! an error); `RUST_LOG=info,rumqttd=warn` shows them.
 
 use tracing_subscriber::EnvFilter;
 
@@ -9,8 +11,8 @@ use crate::config::{LogConfig, LogFormat};
 /// Installs the global subscriber; a second call (tests) does nothing.
 pub fn init(cfg: &LogConfig) {
     let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(format!("{},rumqttd=warn", cfg.filter)))
-        .unwrap_or_else(|_| EnvFilter::new("info,rumqttd=warn"));
+        .or_else(|_| EnvFilter::try_new(format!("{},rumqttd=off", cfg.filter)))
+        .unwrap_or_else(|_| EnvFilter::new("info,rumqttd=off"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
     let _ = match cfg.format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),

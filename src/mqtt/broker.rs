@@ -24,6 +24,29 @@ pub enum BrokerError {
 
 /// Starts rumqttd on `listen` and waits until it accepts connections.
 /// Port 0 picks a free port; the address actually used is returned.
+/// A full MQTT handshake (CONNECT, CONNACK, DISCONNECT), so readiness is
+/// the broker answering, and the probe leaves no error in its log.
+fn speaks_mqtt(addr: SocketAddr) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    // MQTT 3.1.1 CONNECT, clean session, keep-alive 10 s, client id "qrgate-probe".
+    let mut connect = vec![0x10, 24, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 10, 0, 12];
+    connect.extend_from_slice(b"qrgate-probe");
+    let mut connack = [0u8; 4];
+    let ok = s.write_all(&connect).is_ok()
+        && s.read_exact(&mut connack).is_ok()
+        && connack[0] == 0x20
+        && connack[3] == 0;
+    let _ = s.write_all(&[0xE0, 0]);
+    // Let the broker close first, so it does not log our leaving as an error.
+    let mut rest = [0u8; 16];
+    while matches!(s.read(&mut rest), Ok(n) if n > 0) {}
+    ok
+}
+
 pub fn start(listen: SocketAddr, max_payload_bytes: usize) -> Result<SocketAddr, BrokerError> {
     // rumqttd binds inside its own thread and only logs a failure there, so
     // the port is checked here first, while it can still stop the start-up.
@@ -80,7 +103,7 @@ pub fn start(listen: SocketAddr, max_payload_bytes: usize) -> Result<SocketAddr,
 
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+        if speaks_mqtt(addr) {
             return Ok(addr);
         }
         if Instant::now() > deadline {

@@ -4,7 +4,8 @@
 //! Device messages go to one worker per POS, so each POS's messages keep
 //! their order while POS proceed in parallel; a message is acknowledged only
 //! after its effect is stored (manual acks), so a crash before that makes the
-//! broker deliver it again.
+//! broker deliver it again. Acknowledgements still leave in arrival order:
+//! rumqttd drops a client that acknowledges out of order.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,7 +14,7 @@ use std::time::Duration;
 
 use rand::Rng;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -80,9 +81,25 @@ pub fn spawn(
         });
     }
 
+    // Acknowledgements, in arrival order, each once its message is handled.
+    let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<(rumqttc::Publish, oneshot::Receiver<bool>)>();
+    {
+        let client = client.clone();
+        tracker.spawn(async move {
+            while let Some((p, handled)) = ack_rx.recv().await {
+                // `false` or a dropped sender: not stored, so not acknowledged;
+                // the broker delivers it again after the next reconnection.
+                if handled.await == Ok(true) {
+                    if let Err(e) = client.ack(&p).await {
+                        tracing::debug!(error = %e, "acknowledgement not sent; the broker will redeliver");
+                    }
+                }
+            }
+        });
+    }
+
     // Incoming: one worker per POS.
-    let mut workers: HashMap<String, mpsc::UnboundedSender<(DeviceTopic, rumqttc::Publish)>> =
-        HashMap::new();
+    let mut workers: HashMap<String, mpsc::UnboundedSender<Job>> = HashMap::new();
     for pos in gateway.pos_ids() {
         let (tx, rx) = mpsc::unbounded_channel();
         workers.insert(pos.as_str().to_owned(), tx);
@@ -90,7 +107,6 @@ pub fn spawn(
             pos,
             rx,
             Arc::clone(&gateway),
-            client.clone(),
             cfg.max_payload_bytes,
         ));
     }
@@ -133,7 +149,9 @@ pub fn spawn(
                     tracing::info!("subscribed to device topics");
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
-                    route(&topics, &workers, &gateway, &client, p).await;
+                    let (done, handled) = oneshot::channel();
+                    let _ = ack_tx.send((p.clone(), handled));
+                    route(&topics, &workers, p, done);
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -159,36 +177,37 @@ pub fn spawn(
 }
 
 
+/// A device message for a POS worker, and where to say it was handled.
+type Job = (DeviceTopic, rumqttc::Publish, oneshot::Sender<bool>);
+
 /// Sends a message to its POS's worker; anything else is answered here.
-async fn route(
+fn route(
     topics: &Topics,
-    workers: &HashMap<String, mpsc::UnboundedSender<(DeviceTopic, rumqttc::Publish)>>,
-    gateway: &Gateway,
-    client: &AsyncClient,
+    workers: &HashMap<String, mpsc::UnboundedSender<Job>>,
     p: rumqttc::Publish,
+    done: oneshot::Sender<bool>,
 ) {
     let Some((pos, kind)) = topics.parse(&p.topic) else {
         tracing::warn!(topic = %p.topic, "message on a topic outside the device contract; ignored");
-        let _ = client.ack(&p).await;
+        let _ = done.send(true);
         return;
     };
     let Some(kind) = kind else {
         tracing::warn!(topic = %p.topic, "unknown device topic; ignored");
-        let _ = client.ack(&p).await;
+        let _ = done.send(true);
         return;
     };
-    match workers.get(pos) {
+    let pos = pos.to_owned();
+    match workers.get(&pos) {
         Some(w) => {
-            if let Err(e) = w.send((kind, p)) {
-                let (_, p) = e.0;
-                tracing::error!(topic = %p.topic, "POS worker stopped; message left for redelivery");
+            if w.send((kind, p, done)).is_err() {
+                tracing::error!(pos, "POS worker stopped; message left for redelivery");
             }
         }
         None => {
             // No state topic to answer on for a POS we do not know.
-            tracing::warn!(pos = %truncate(pos), topic_kind = kind.as_str(), "message for an unknown POS; ignored");
-            let _ = gateway;
-            let _ = client.ack(&p).await;
+            tracing::warn!(pos = %truncate(&pos), topic_kind = kind.as_str(), "message for an unknown POS; ignored");
+            let _ = done.send(true);
         }
     }
 }
@@ -199,12 +218,11 @@ fn truncate(s: &str) -> String {
 
 async fn pos_worker(
     pos: PosId,
-    mut rx: mpsc::UnboundedReceiver<(DeviceTopic, rumqttc::Publish)>,
+    mut rx: mpsc::UnboundedReceiver<Job>,
     gateway: Arc<Gateway>,
-    client: AsyncClient,
     max_bytes: usize,
 ) {
-    while let Some((kind, p)) = rx.recv().await {
+    while let Some((kind, p, done)) = rx.recv().await {
         match inbound::parse(kind, pos.as_str(), &p.payload, max_bytes) {
             Err(r) => {
                 tracing::warn!(pos = %pos, sale_id = r.sale_id.as_ref().map(|s| s.as_str()), topic_kind = kind.as_str(),
@@ -237,12 +255,11 @@ async fn pos_worker(
                     }
                 }
                 if attempt >= 5 {
+                    let _ = done.send(false);
                     continue;
                 }
             }
         }
-        if let Err(e) = client.ack(&p).await {
-            tracing::warn!(pos = %pos, error = %e, "cannot acknowledge a device message");
-        }
+        let _ = done.send(true);
     }
 }
