@@ -52,14 +52,16 @@ impl App {
     /// put the real port in `public_url`).
     pub async fn build_on(config: Config, listener: TcpListener) -> anyhow::Result<App> {
         let store: Arc<dyn Store> = Arc::new(
-            SqliteStore::open(&config.store.path, config.store.fsync)
-                .with_context(|| format!("cannot open the store {}", config.store.path.display()))?,
+            SqliteStore::open(&config.store.path, config.store.fsync).with_context(|| {
+                format!("cannot open the store {}", config.store.path.display())
+            })?,
         );
         let http_addr = listener.local_addr()?;
 
         let (mqtt_host, mqtt_port, mqtt_addr) = match &config.mqtt.broker {
             Broker::Embedded => {
-                let addr = broker::start(config.mqtt.embedded_listen, config.mqtt.max_payload_bytes)?;
+                let addr =
+                    broker::start(config.mqtt.embedded_listen, config.mqtt.max_payload_bytes)?;
                 tracing::info!(listen = %addr, "embedded MQTT broker listening");
                 (addr.ip().to_string(), addr.port(), addr)
             }

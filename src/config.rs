@@ -288,11 +288,7 @@ impl Config {
                     .collect(),
             )
         })?;
-        if raw
-            .pos
-            .iter()
-            .any(|p| p.id.is_empty() && p.kind.is_empty())
-        {
+        if raw.pos.iter().any(|p| p.id.is_empty() && p.kind.is_empty()) {
             return Err(ConfigError(vec!["key `pos`: empty entry".into()]));
         }
         let token = std::env::var(ACCESS_TOKEN_ENV)
@@ -311,7 +307,15 @@ fn validate(raw: RawConfig, access_token: Option<Secret>) -> Result<Config, Conf
         .http
         .listen
         .parse::<SocketAddr>()
-        .map_err(|_| bad("http.listen", format!("{:?} is not an address like 127.0.0.1:8080", raw.http.listen)))
+        .map_err(|_| {
+            bad(
+                "http.listen",
+                format!(
+                    "{:?} is not an address like 127.0.0.1:8080",
+                    raw.http.listen
+                ),
+            )
+        })
         .ok();
     let public_url = raw.http.public_url.trim_end_matches('/').to_owned();
     if !(public_url.starts_with("http://") || public_url.starts_with("https://")) {
@@ -328,7 +332,10 @@ fn validate(raw: RawConfig, access_token: Option<Secret>) -> Result<Config, Conf
         );
     }
     if raw.mercadopago.collector_id == 0 {
-        bad("mercadopago.collector_id", "must be your Mercado Pago user id".into());
+        bad(
+            "mercadopago.collector_id",
+            "must be your Mercado Pago user id".into(),
+        );
     }
     if raw.mercadopago.timeout_ms == 0 {
         bad("mercadopago.timeout_ms", "must be greater than 0".into());
@@ -353,7 +360,10 @@ fn validate(raw: RawConfig, access_token: Option<Secret>) -> Result<Config, Conf
         .map_err(|_| {
             bad(
                 "mqtt.embedded_listen",
-                format!("{:?} is not an address like 127.0.0.1:1883", raw.mqtt.embedded_listen),
+                format!(
+                    "{:?} is not an address like 127.0.0.1:1883",
+                    raw.mqtt.embedded_listen
+                ),
             )
         })
         .ok();
@@ -377,7 +387,10 @@ fn validate(raw: RawConfig, access_token: Option<Secret>) -> Result<Config, Conf
         "pretty" => LogFormat::Pretty,
         "json" => LogFormat::Json,
         other => {
-            bad("log.format", format!("{other:?} must be \"pretty\" or \"json\""));
+            bad(
+                "log.format",
+                format!("{other:?} must be \"pretty\" or \"json\""),
+            );
             LogFormat::Pretty
         }
     };
@@ -396,21 +409,32 @@ fn validate(raw: RawConfig, access_token: Option<Secret>) -> Result<Config, Conf
             "fuel" => Some(PosKind::Fuel),
             "vending" => Some(PosKind::Vending),
             other => {
-                bad(&key("kind"), format!("{other:?} must be \"fuel\" or \"vending\""));
+                bad(
+                    &key("kind"),
+                    format!("{other:?} must be \"fuel\" or \"vending\""),
+                );
                 None
             }
         };
         let currency = p
             .currency
             .parse::<Currency>()
-            .map_err(|e| bad(&key("currency"), format!("{e}; one of ARS BRL CLP COP MXN PEN UYU")))
+            .map_err(|e| {
+                bad(
+                    &key("currency"),
+                    format!("{e}; one of ARS BRL CLP COP MXN PEN UYU"),
+                )
+            })
             .ok();
         let max_amount = match &p.max_amount {
             None => Some(Decimal::from(DEFAULT_MAX_AMOUNT)),
             Some(s) => match crate::money::parse_decimal(s) {
                 Ok(d) if d > Decimal::ZERO => Some(d),
                 _ => {
-                    bad(&key("max_amount"), format!("{s:?} must be a positive decimal"));
+                    bad(
+                        &key("max_amount"),
+                        format!("{s:?} must be a positive decimal"),
+                    );
                     None
                 }
             },
@@ -471,7 +495,9 @@ fn validate(raw: RawConfig, access_token: Option<Secret>) -> Result<Config, Conf
 }
 
 fn parse_mqtt_url(s: &str) -> Option<(String, u16)> {
-    let rest = s.strip_prefix("mqtt://").or_else(|| s.strip_prefix("tcp://"))?;
+    let rest = s
+        .strip_prefix("mqtt://")
+        .or_else(|| s.strip_prefix("tcp://"))?;
     let rest = rest.trim_end_matches('/');
     let (host, port) = match rest.rsplit_once(':') {
         Some((h, p)) => (h, p.parse().ok()?),

@@ -20,7 +20,9 @@ fn say(line: &str) {
 }
 
 async fn scan(mp: &Simulator, url: &str) -> anyhow::Result<Scan> {
-    mp.scan(url).await.context("the simulated app could not poll the POS URL")
+    mp.scan(url)
+        .await
+        .context("the simulated app could not poll the POS URL")
 }
 
 /// Polls like the Mercado Pago app until the POS serves an order.
@@ -42,9 +44,16 @@ async fn scan_until_order(
 
 fn waiting(s: &Scan) -> String {
     match s {
-        Scan::Waiting { http_status, kind, message } => format!(
+        Scan::Waiting {
+            http_status,
+            kind,
+            message,
+        } => format!(
             "HTTP {http_status} {kind}{}",
-            message.as_deref().map(|m| format!(" ({m})")).unwrap_or_default()
+            message
+                .as_deref()
+                .map(|m| format!(" ({m})"))
+                .unwrap_or_default()
         ),
         Scan::Order(o) => format!("an order of {} {}", o.total_amount, o.currency_id),
     }
@@ -71,7 +80,10 @@ pub async fn run() -> anyhow::Result<()> {
     let stop = app.shutdown_token();
     let running = tokio::spawn(app.run_until_stopped());
 
-    say(&format!("qrgate is up: HTTP {base}, embedded MQTT broker on {mqtt}, Mercado Pago simulator at {}", mp.base_url()));
+    say(&format!(
+        "qrgate is up: HTTP {base}, embedded MQTT broker on {mqtt}, Mercado Pago simulator at {}",
+        mp.base_url()
+    ));
     let device = |pos: &str| DeviceConfig::new(mqtt.ip().to_string(), mqtt.port(), pos);
     let pump = Pump::connect(device("pump-1")).await?;
     let machine = VendingMachine::connect(device("vending-1")).await?;
@@ -81,12 +93,16 @@ pub async fn run() -> anyhow::Result<()> {
     let pump_url = format!("{base}/mp/pos/pump-1");
     say("\n== Fuel: pump-1 ==");
     let s = scan(&mp, &pump_url).await?;
-    say(&format!("customer scans before any sale: {}  -> the app shows a waiting screen", waiting(&s)));
+    say(&format!(
+        "customer scans before any sale: {}  -> the app shows a waiting screen",
+        waiting(&s)
+    ));
     pump.start_fuelling("000001").await?;
     pump.device().wait_for("000001", "in_process", WAIT).await?;
     let s = scan(&mp, &pump_url).await?;
     say(&format!("customer scans while fuelling: {}", waiting(&s)));
-    pump.finish_fuelling("000001", "Super 95", "32.10", "798.00").await?;
+    pump.finish_fuelling("000001", "Super 95", "32.10", "798.00")
+        .await?;
     let pending = pump.device().wait_for("000001", "pending", WAIT).await?;
     say(&format!(
         "pump publishes the sale: 32.10 L x 798.00 -> qrgate says pending, {} {} (external_reference {})",
@@ -95,12 +111,21 @@ pub async fn run() -> anyhow::Result<()> {
         pending.external_reference.as_deref().unwrap_or("?")
     ));
     let order = scan_until_order(&mp, &pump_url).await?;
-    say(&format!("customer scans: HTTP 200, pays {} {} (merchant order {})", order.total_amount, order.currency_id, order.merchant_order_id));
-    mp.pay(order.merchant_order_id, PaymentOutcome::Rejected).await?;
+    say(&format!(
+        "customer scans: HTTP 200, pays {} {} (merchant order {})",
+        order.total_amount, order.currency_id, order.merchant_order_id
+    ));
+    mp.pay(order.merchant_order_id, PaymentOutcome::Rejected)
+        .await?;
     say("the card is rejected: the merchant order stays opened and the sale stays payable");
     let retry = scan_until_order(&mp, &pump_url).await?;
-    say(&format!("customer scans again (merchant order {}) and pays with another card", retry.merchant_order_id));
-    let payment = mp.pay(retry.merchant_order_id, PaymentOutcome::Approved).await?;
+    say(&format!(
+        "customer scans again (merchant order {}) and pays with another card",
+        retry.merchant_order_id
+    ));
+    let payment = mp
+        .pay(retry.merchant_order_id, PaymentOutcome::Approved)
+        .await?;
     say(&format!("Mercado Pago approves payment {payment} and notifies qrgate; qrgate fetches the merchant order and checks it"));
     let paid = pump.wait_paid_and_release("000001", WAIT).await?;
     say(&format!(
@@ -115,7 +140,13 @@ pub async fn run() -> anyhow::Result<()> {
     let machine_url = format!("{base}/mp/pos/vending-1");
     say("\n== Vending: vending-1 ==");
     machine
-        .select("A-17", &[Item::new("Cola 500 ml", "2", "1500.50"), Item::new("Chips", "1", "800")])
+        .select(
+            "A-17",
+            &[
+                Item::new("Cola 500 ml", "2", "1500.50"),
+                Item::new("Chips", "1", "800"),
+            ],
+        )
         .await?;
     let pending = machine.device().wait_for("A-17", "pending", WAIT).await?;
     say(&format!(
@@ -124,8 +155,13 @@ pub async fn run() -> anyhow::Result<()> {
         pending.currency.as_deref().unwrap_or("?")
     ));
     let order = scan_until_order(&mp, &machine_url).await?;
-    say(&format!("customer scans: HTTP 200, {} {} (merchant order {})", order.total_amount, order.currency_id, order.merchant_order_id));
-    let payment = mp.pay(order.merchant_order_id, PaymentOutcome::Approved).await?;
+    say(&format!(
+        "customer scans: HTTP 200, {} {} (merchant order {})",
+        order.total_amount, order.currency_id, order.merchant_order_id
+    ));
+    let payment = mp
+        .pay(order.merchant_order_id, PaymentOutcome::Approved)
+        .await?;
     say(&format!("payment {payment} approved"));
     let paid = machine.wait_paid_and_dispense("A-17", WAIT).await?;
     say(&format!(

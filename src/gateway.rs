@@ -343,7 +343,11 @@ impl Gateway {
             }
         };
         let outcome = orders::pay(&sale, &payment, now_millis());
-        let Outcome::Changed { sale: changed, event } = outcome else {
+        let Outcome::Changed {
+            sale: changed,
+            event,
+        } = outcome
+        else {
             tracing::info!(pos = %pos, sale_id = %sale.sale_id, external_reference = %reference,
                 merchant_order = facts.id, payment = payment.payment_id, "payment already recorded");
             return Ok(Settlement::Duplicate);
@@ -376,9 +380,7 @@ impl Gateway {
 
 fn view(cfg: &PosConfig, state: PosState, ctx: &OrderContext) -> PosView {
     let answer = answer::render(cfg, &state, ctx);
-    let served = state
-        .busy_sale()
-        .is_some_and(|s| s.served_at.is_some());
+    let served = state.busy_sale().is_some_and(|s| s.served_at.is_some());
     PosView {
         state,
         answer,
@@ -394,23 +396,59 @@ fn log_event(sale: &Sale, event: &SaleEvent) {
     let amount = sale.total().map(|a| a.to_string());
     let currency = sale.currency.code();
     match event {
-        SaleEvent::Accepted => tracing::info!(pos, sale_id, external_reference = reference,
-            state = sale.state.as_str(), amount, currency, "sale accepted"),
-        SaleEvent::Priced => tracing::info!(pos, sale_id, external_reference = reference,
-            amount, currency, "sale amount known: pending"),
-        SaleEvent::Served => tracing::info!(pos, sale_id, external_reference = reference,
-            amount, currency, "sale served to Mercado Pago"),
+        SaleEvent::Accepted => tracing::info!(
+            pos,
+            sale_id,
+            external_reference = reference,
+            state = sale.state.as_str(),
+            amount,
+            currency,
+            "sale accepted"
+        ),
+        SaleEvent::Priced => tracing::info!(
+            pos,
+            sale_id,
+            external_reference = reference,
+            amount,
+            currency,
+            "sale amount known: pending"
+        ),
+        SaleEvent::Served => tracing::info!(
+            pos,
+            sale_id,
+            external_reference = reference,
+            amount,
+            currency,
+            "sale served to Mercado Pago"
+        ),
         SaleEvent::Paid { overpaid } => {
             let s = sale.settled.as_ref();
             let merchant_order = s.map(|s| s.merchant_order);
             let payment = s.map(|s| s.payment_id);
             let paid = s.map(|s| s.paid.to_string());
             if *overpaid {
-                tracing::warn!(pos, sale_id, external_reference = reference, merchant_order, payment,
-                    amount, paid, currency, "sale paid with an overpayment: refund the difference");
+                tracing::warn!(
+                    pos,
+                    sale_id,
+                    external_reference = reference,
+                    merchant_order,
+                    payment,
+                    amount,
+                    paid,
+                    currency,
+                    "sale paid with an overpayment: refund the difference"
+                );
             } else {
-                tracing::info!(pos, sale_id, external_reference = reference, merchant_order, payment,
-                    amount, currency, "sale paid");
+                tracing::info!(
+                    pos,
+                    sale_id,
+                    external_reference = reference,
+                    merchant_order,
+                    payment,
+                    amount,
+                    currency,
+                    "sale paid"
+                );
             }
         }
         SaleEvent::Cancelled => {
@@ -418,24 +456,47 @@ fn log_event(sale: &Sale, event: &SaleEvent) {
                 tracing::warn!(pos, sale_id, external_reference = reference,
                     "sale cancelled after it was served to Mercado Pago: a payment may still arrive");
             } else {
-                tracing::info!(pos, sale_id, external_reference = reference, "sale cancelled");
+                tracing::info!(
+                    pos,
+                    sale_id,
+                    external_reference = reference,
+                    "sale cancelled"
+                );
             }
         }
-        SaleEvent::Expired => tracing::info!(pos, sale_id, external_reference = reference, "sale expired"),
+        SaleEvent::Expired => {
+            tracing::info!(pos, sale_id, external_reference = reference, "sale expired")
+        }
         SaleEvent::Delivered { ok, reason } => {
             if *ok {
-                tracing::info!(pos, sale_id, external_reference = reference, "device confirmed delivery");
+                tracing::info!(
+                    pos,
+                    sale_id,
+                    external_reference = reference,
+                    "device confirmed delivery"
+                );
             } else {
-                tracing::error!(pos, sale_id, external_reference = reference, reason = reason.as_deref(),
-                    "device failed to deliver a paid sale");
+                tracing::error!(
+                    pos,
+                    sale_id,
+                    external_reference = reference,
+                    reason = reason.as_deref(),
+                    "device failed to deliver a paid sale"
+                );
             }
         }
         SaleEvent::RefundDue => {
             let r = sale.refund_due.as_ref();
-            tracing::error!(pos, sale_id, external_reference = reference,
-                merchant_order = r.map(|r| r.merchant_order), payment = r.map(|r| r.payment_id),
-                paid = r.map(|r| r.amount.to_string()), state = sale.state.as_str(),
-                "payment for a sale that was no longer payable: refund due");
+            tracing::error!(
+                pos,
+                sale_id,
+                external_reference = reference,
+                merchant_order = r.map(|r| r.merchant_order),
+                payment = r.map(|r| r.payment_id),
+                paid = r.map(|r| r.amount.to_string()),
+                state = sale.state.as_str(),
+                "payment for a sale that was no longer payable: refund due"
+            );
         }
     }
 }

@@ -10,7 +10,11 @@ use qrgate::app::App;
 use qrgate::config::Config;
 
 #[derive(Parser)]
-#[command(name = "qrgate", version, about = "Mercado Pago QR payments for fuel pumps and vending machines")]
+#[command(
+    name = "qrgate",
+    version,
+    about = "Mercado Pago QR payments for fuel pumps and vending machines"
+)]
 struct Cli {
     /// A TOML configuration file; without one, built-in defaults run.
     #[arg(long, global = true, env = "QRGATE_CONFIG")]
@@ -30,7 +34,10 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("qrgate: cannot start the runtime: {e}");

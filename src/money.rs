@@ -192,10 +192,8 @@ impl Amount {
     /// `value` is rescaled to the currency's decimals; callers have checked it
     /// carries no more than those.
     pub fn new(value: Decimal, currency: Currency) -> Amount {
-        let mut value = value.round_dp_with_strategy(
-            currency.decimals(),
-            RoundingStrategy::MidpointAwayFromZero,
-        );
+        let mut value = value
+            .round_dp_with_strategy(currency.decimals(), RoundingStrategy::MidpointAwayFromZero);
         value.rescale(currency.decimals());
         Amount { value, currency }
     }
@@ -214,7 +212,8 @@ impl Amount {
 
     /// Sum of amounts of the same currency; `None` when currencies differ.
     pub fn checked_add(self, other: Amount) -> Option<Amount> {
-        (self.currency == other.currency).then(|| Amount::new(self.value + other.value, self.currency))
+        (self.currency == other.currency)
+            .then(|| Amount::new(self.value + other.value, self.currency))
     }
 
     /// The amount as a JSON number with its exact decimal text (Mercado Pago

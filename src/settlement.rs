@@ -110,7 +110,10 @@ async fn process(client: &MpClient, gateway: &Gateway, r: Resource) -> Result<()
                     return settle_all(gateway, found).await;
                 }
                 (None, None) => {
-                    tracing::warn!(payment = id, "payment names no merchant order and no reference; nothing to settle");
+                    tracing::warn!(
+                        payment = id,
+                        "payment names no merchant order and no reference; nothing to settle"
+                    );
                     vec![]
                 }
             }

@@ -36,7 +36,9 @@ currency = "ARS"
 /// Runs the binary to its end and returns (success, stdout, stderr).
 fn run(args: &[&str], envs: &[(&str, &str)]) -> (bool, String, String) {
     let mut cmd = Command::new(BIN);
-    cmd.args(args).env_remove("QRGATE_CONFIG").env_remove("RUST_LOG");
+    cmd.args(args)
+        .env_remove("QRGATE_CONFIG")
+        .env_remove("RUST_LOG");
     for (k, v) in envs {
         cmd.env(k, v);
     }
@@ -65,17 +67,25 @@ fn serve_logs_where_it_listens_answers_polls_and_exits_0_on_sigterm() {
     let mut seen = Vec::new();
     for line in lines.by_ref() {
         let line = line.unwrap();
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON: {line}: {e}"));
+        let v: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON: {line}: {e}"));
         seen.push(v["message"].as_str().unwrap_or("").to_owned());
         if v["message"] == "HTTP listening" {
             http = v["listen"].as_str().map(str::to_owned);
         }
-        if v["message"].as_str().unwrap_or("").contains("no Mercado Pago access token") {
+        if v["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("no Mercado Pago access token")
+        {
             break;
         }
     }
     let http = http.unwrap_or_else(|| panic!("no HTTP line in {seen:?}"));
-    assert!(seen.iter().any(|m| m == "embedded MQTT broker listening"), "{seen:?}");
+    assert!(
+        seen.iter().any(|m| m == "embedded MQTT broker listening"),
+        "{seen:?}"
+    );
     // Drain the rest of the log in the background so the child never blocks.
     let drain = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>());
 
@@ -90,7 +100,9 @@ fn serve_logs_where_it_listens_answers_polls_and_exits_0_on_sigterm() {
             assert!(tokio::time::Instant::now() < deadline, "never ready");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let r = reqwest::get(format!("http://{http}/mp/pos/pump-7")).await.unwrap();
+        let r = reqwest::get(format!("http://{http}/mp/pos/pump-7"))
+            .await
+            .unwrap();
         assert_eq!(r.status(), 400);
         let v: serde_json::Value = r.json().await.unwrap();
         assert_eq!(v["error"]["type"], "unavailable");
@@ -118,7 +130,10 @@ fn a_bad_config_stops_the_start_naming_every_bad_key() {
     let config = write_config(dir.path(), "");
     let (ok, _, err) = run(
         &["--config", config.to_str().unwrap()],
-        &[("QRGATE_HTTP__LISTEN", "not-an-address"), ("QRGATE_MQTT__BROKER", "amqp://x")],
+        &[
+            ("QRGATE_HTTP__LISTEN", "not-an-address"),
+            ("QRGATE_MQTT__BROKER", "amqp://x"),
+        ],
     );
     assert!(!ok);
     assert!(err.contains("http.listen"), "{err}");
@@ -132,7 +147,10 @@ fn a_bad_config_stops_the_start_naming_every_bad_key() {
 #[test]
 fn the_access_token_never_comes_from_the_file_and_never_shows_in_errors() {
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), "[mercadopago]\naccess_token = \"APP_USR-secret-in-file\"\n");
+    let config = write_config(
+        dir.path(),
+        "[mercadopago]\naccess_token = \"APP_USR-secret-in-file\"\n",
+    );
     let (ok, out, err) = run(&["--config", config.to_str().unwrap()], &[]);
     assert!(!ok);
     assert!(err.contains("access_token"), "{err}");
@@ -150,7 +168,10 @@ fn a_taken_broker_port_stops_the_start_and_shows_how_to_use_that_broker() {
         &[("QRGATE_MQTT__EMBEDDED_LISTEN", &format!("127.0.0.1:{port}"))],
     );
     assert!(!ok);
-    assert!(err.contains(&format!("QRGATE_MQTT__BROKER=mqtt://127.0.0.1:{port}")), "{err}");
+    assert!(
+        err.contains(&format!("QRGATE_MQTT__BROKER=mqtt://127.0.0.1:{port}")),
+        "{err}"
+    );
     drop(taken);
 }
 
@@ -164,7 +185,11 @@ fn the_demo_tells_both_stories_to_paid_and_exits_0_leaving_no_files() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("pump-1 is told: paid"), "{stdout}");
     assert!(stdout.contains("vending-1 is told: paid"), "{stdout}");
     assert!(stdout.contains("HTTP 400 unavailable"), "{stdout}");

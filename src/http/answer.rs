@@ -140,9 +140,7 @@ pub fn render(pos: &PosConfig, state: &PosState, ctx: &OrderContext) -> PollAnsw
     let offline = state.presence.is_offline();
     match busy {
         // Vending is pre-pay: no money for goods the machine cannot hand out.
-        _ if offline && pos.kind == PosKind::Vending => {
-            error("timeout", "the machine is offline")
-        }
+        _ if offline && pos.kind == PosKind::Vending => error("timeout", "the machine is offline"),
         // A fuel sale stays payable offline: the fuel is already in the tank.
         Some(s) if s.state == SaleState::Pending => order_v1(s, ctx),
         Some(_) => error("in_process", "fuelling in progress: pay when it ends"),
@@ -195,9 +193,12 @@ mod tests {
                 .collect(),
             amount: None,
         };
-        let Outcome::Changed { sale, .. } =
-            apply(p, &PosState::idle(), Command::Sale(req), Ctx { now: 0, random: 1 })
-        else {
+        let Outcome::Changed { sale, .. } = apply(
+            p,
+            &PosState::idle(),
+            Command::Sale(req),
+            Ctx { now: 0, random: 1 },
+        ) else {
             panic!()
         };
         PosState {
@@ -234,8 +235,7 @@ mod tests {
     fn whole_quantities_stay_quantities() {
         let p = pos(PosKind::Vending);
         let st = pending(&p, &[("Cola", "2", "1500.50"), ("Chips", "1.000", "800")]);
-        let v: serde_json::Value =
-            serde_json::from_slice(&render(&p, &st, &ctx()).body).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&render(&p, &st, &ctx()).body).unwrap();
         assert_eq!(v["items"][0]["quantity"], 2);
         assert_eq!(v["items"][0]["title"], "Cola");
         assert_eq!(v["items"][1]["quantity"], 1);
@@ -258,9 +258,6 @@ mod tests {
             current: None,
         };
         assert_eq!(render(&fuel, &idle, &ctx()).kind, "timeout");
-        assert_eq!(
-            render(&fuel, &PosState::idle(), &ctx()).kind,
-            "unavailable"
-        );
+        assert_eq!(render(&fuel, &PosState::idle(), &ctx()).kind, "unavailable");
     }
 }

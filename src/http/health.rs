@@ -15,7 +15,11 @@ pub async fn readyz(shared: web::Data<Shared>) -> HttpResponse {
     if let Err(e) = shared.gateway.store().check_writable().await {
         reasons.push(format!("store not writable: {e}"));
     }
-    if !shared.link.connected.load(std::sync::atomic::Ordering::Acquire) {
+    if !shared
+        .link
+        .connected
+        .load(std::sync::atomic::Ordering::Acquire)
+    {
         reasons.push("MQTT broker not connected".to_owned());
     } else if !shared.link.ready() {
         reasons.push("not yet subscribed to device topics".to_owned());

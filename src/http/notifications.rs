@@ -44,9 +44,12 @@ fn id_text(v: &serde_json::Value) -> Option<String> {
 }
 
 fn parse_id(s: &str) -> Result<u64, String> {
-    s.trim()
-        .parse::<u64>()
-        .map_err(|_| format!("id {:?} is not a number", s.chars().take(32).collect::<String>()))
+    s.trim().parse::<u64>().map_err(|_| {
+        format!(
+            "id {:?} is not a number",
+            s.chars().take(32).collect::<String>()
+        )
+    })
 }
 
 /// Reads what a notification names. Errors say what was missing.
@@ -77,7 +80,12 @@ pub fn parse(query: &str, body: &[u8]) -> Result<Parsed, String> {
         .and_then(id_text)
         .and_then(|r| r.rsplit('/').next().map(str::to_owned));
     let id = q_id
-        .or_else(|| body.data.as_ref().and_then(|d| d.id.as_ref()).and_then(id_text))
+        .or_else(|| {
+            body.data
+                .as_ref()
+                .and_then(|d| d.id.as_ref())
+                .and_then(id_text)
+        })
         .or(from_resource);
     match topic.as_str() {
         "merchant_order" | "topic_merchant_order_wh" => {
@@ -92,7 +100,11 @@ pub fn parse(query: &str, body: &[u8]) -> Result<Parsed, String> {
     }
 }
 
-pub async fn receive(req: HttpRequest, body: web::Bytes, shared: web::Data<Shared>) -> HttpResponse {
+pub async fn receive(
+    req: HttpRequest,
+    body: web::Bytes,
+    shared: web::Data<Shared>,
+) -> HttpResponse {
     match parse(req.query_string(), &body) {
         Ok(Parsed::Work(resource)) => {
             tracing::info!(?resource, "notification received");

@@ -7,7 +7,11 @@ use actix_web::{web, HttpRequest, HttpResponse};
 
 use crate::app::Shared;
 
-pub async fn poll(req: HttpRequest, path: web::Path<String>, shared: web::Data<Shared>) -> HttpResponse {
+pub async fn poll(
+    req: HttpRequest,
+    path: web::Path<String>,
+    shared: web::Data<Shared>,
+) -> HttpResponse {
     let pos = path.into_inner();
     let answer = shared.gateway.poll(&pos);
     if answer.kind == "invalid" {
@@ -21,7 +25,8 @@ pub async fn poll(req: HttpRequest, path: web::Path<String>, shared: web::Data<S
     } else {
         tracing::debug!(pos = %pos, answer = answer.kind, "poll");
     }
-    let mut resp = HttpResponse::new(StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_REQUEST));
+    let mut resp =
+        HttpResponse::new(StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_REQUEST));
     resp.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp.set_body(actix_web::body::BoxBody::new(answer.body))

@@ -62,8 +62,12 @@ impl RetryPolicy {
     /// Full jitter: a random wait up to the exponential step, so many sales
     /// failing together do not retry together.
     fn delay(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
-        let exp = self.base.saturating_mul(1u32 << attempt.min(16)).min(self.max);
-        let jittered = Duration::from_millis(rand::thread_rng().gen_range(0..=exp.as_millis() as u64));
+        let exp = self
+            .base
+            .saturating_mul(1u32 << attempt.min(16))
+            .min(self.max);
+        let jittered =
+            Duration::from_millis(rand::thread_rng().gen_range(0..=exp.as_millis() as u64));
         retry_after.map_or(jittered, |r| r.max(jittered).min(self.max.max(r)))
     }
 }

@@ -20,11 +20,16 @@ impl<'de> Deserialize<'de> for Id {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let raw: Box<RawValue> = Deserialize::deserialize(d)?;
         let t = raw.get();
-        let t = t.strip_prefix('"').and_then(|s| s.strip_suffix('"')).unwrap_or(t);
-        t.trim()
-            .parse::<u64>()
-            .map(Id)
-            .map_err(|_| de::Error::custom(format!("not an id: {}", t.chars().take(32).collect::<String>())))
+        let t = t
+            .strip_prefix('"')
+            .and_then(|s| s.strip_suffix('"'))
+            .unwrap_or(t);
+        t.trim().parse::<u64>().map(Id).map_err(|_| {
+            de::Error::custom(format!(
+                "not an id: {}",
+                t.chars().take(32).collect::<String>()
+            ))
+        })
     }
 }
 
@@ -38,7 +43,10 @@ fn opt_decimal<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Decimal>, D::Er
             if t == "null" {
                 return Ok(None);
             }
-            let t = t.strip_prefix('"').and_then(|s| s.strip_suffix('"')).unwrap_or(t);
+            let t = t
+                .strip_prefix('"')
+                .and_then(|s| s.strip_suffix('"'))
+                .unwrap_or(t);
             parse_decimal(t).map(Some).map_err(de::Error::custom)
         }
     }

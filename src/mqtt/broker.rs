@@ -33,7 +33,9 @@ fn speaks_mqtt(addr: SocketAddr) -> bool {
     };
     let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
     // MQTT 3.1.1 CONNECT, clean session, keep-alive 10 s, client id "qrgate-probe".
-    let mut connect = vec![0x10, 24, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 10, 0, 12];
+    let mut connect = vec![
+        0x10, 24, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 10, 0, 12,
+    ];
     connect.extend_from_slice(b"qrgate-probe");
     let mut connack = [0u8; 4];
     let ok = s.write_all(&connect).is_ok()
@@ -107,7 +109,9 @@ pub fn start(listen: SocketAddr, max_payload_bytes: usize) -> Result<SocketAddr,
             return Ok(addr);
         }
         if Instant::now() > deadline {
-            return Err(BrokerError::Start(format!("nothing listens on {addr} after 10 s")));
+            return Err(BrokerError::Start(format!(
+                "nothing listens on {addr} after 10 s"
+            )));
         }
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -82,7 +82,8 @@ pub fn spawn(
     }
 
     // Acknowledgements, in arrival order, each once its message is handled.
-    let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<(rumqttc::Publish, oneshot::Receiver<bool>)>();
+    let (ack_tx, mut ack_rx) =
+        mpsc::unbounded_channel::<(rumqttc::Publish, oneshot::Receiver<bool>)>();
     {
         let client = client.clone();
         tracker.spawn(async move {
@@ -176,7 +177,6 @@ pub fn spawn(
     link
 }
 
-
 /// A device message for a POS worker, and where to say it was handled.
 type Job = (DeviceTopic, rumqttc::Publish, oneshot::Sender<bool>);
 
@@ -244,7 +244,8 @@ async fn pos_worker(
                         Err(GatewayError::Store(e)) if attempt < 5 => {
                             attempt += 1;
                             tracing::error!(pos = %pos, error = %e, attempt, "cannot store a device message; retrying");
-                            tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+                            tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt)))
+                                .await;
                         }
                         Err(e) => {
                             // Not acknowledged: the broker delivers it again

@@ -114,7 +114,10 @@ pub fn parse(
     if payload.len() > max_bytes {
         return Err(refused(
             "payload_too_large",
-            format!("message of {} bytes is over the {max_bytes}-byte cap", payload.len()),
+            format!(
+                "message of {} bytes is over the {max_bytes}-byte cap",
+                payload.len()
+            ),
             None,
         ));
     }
@@ -132,7 +135,8 @@ pub fn parse(
             }
         }
         DeviceTopic::Progress | DeviceTopic::Cancel => {
-            let v: SaleRefJson = serde_json::from_slice(payload).map_err(|e| bad_json(e, payload))?;
+            let v: SaleRefJson =
+                serde_json::from_slice(payload).map_err(|e| bad_json(e, payload))?;
             let id = sale_id(v.sale_id)?;
             Ok(if kind == DeviceTopic::Progress {
                 Command::Progress(id)
@@ -145,7 +149,11 @@ pub fn parse(
                 serde_json::from_slice(payload).map_err(|e| bad_json(e, payload))?;
             let id = sale_id(v.sale_id)?;
             let ok = v.ok.ok_or_else(|| {
-                refused("bad_message", "delivered needs \"ok\": true or false", Some(id.clone()))
+                refused(
+                    "bad_message",
+                    "delivered needs \"ok\": true or false",
+                    Some(id.clone()),
+                )
             })?;
             let reason = bounded("reason", v.reason, MAX_DESCRIPTION, &id)?;
             Ok(Command::Delivered {
@@ -168,7 +176,11 @@ pub fn parse(
             }
             let items = v.items.unwrap_or_default();
             if items.is_empty() {
-                return Err(refused("bad_message", "a sale needs at least one item", Some(id)));
+                return Err(refused(
+                    "bad_message",
+                    "a sale needs at least one item",
+                    Some(id),
+                ));
             }
             if items.len() > MAX_ITEMS {
                 return Err(refused(
@@ -181,13 +193,25 @@ pub fn parse(
             for (n, it) in items.into_iter().enumerate() {
                 let n = n + 1;
                 let title = bounded("title", it.title, MAX_TITLE, &id)?.ok_or_else(|| {
-                    refused("bad_message", format!("item {n} has no title"), Some(id.clone()))
+                    refused(
+                        "bad_message",
+                        format!("item {n} has no title"),
+                        Some(id.clone()),
+                    )
                 })?;
                 let quantity = it.quantity.ok_or_else(|| {
-                    refused("bad_message", format!("item {n} has no quantity"), Some(id.clone()))
+                    refused(
+                        "bad_message",
+                        format!("item {n} has no quantity"),
+                        Some(id.clone()),
+                    )
                 })?;
                 let unit_price = it.unit_price.ok_or_else(|| {
-                    refused("bad_message", format!("item {n} has no unit_price"), Some(id.clone()))
+                    refused(
+                        "bad_message",
+                        format!("item {n} has no unit_price"),
+                        Some(id.clone()),
+                    )
                 })?;
                 lines.push(LineRequest {
                     title,
@@ -237,10 +261,22 @@ mod tests {
             ("not json", "bad_json"),
             (r#"{"items":[]}"#, "bad_message"),
             (r#"{"sale_id":"1","items":[]}"#, "bad_message"),
-            (r#"{"sale_id":"1","items":[{"title":"x","quantity":"abc","unit_price":1}]}"#, "bad_json"),
-            (r#"{"sale_id":"1","items":[{"quantity":1,"unit_price":1}]}"#, "bad_message"),
-            (r#"{"sale_id":"1","pos_id":"pump-2","items":[{"title":"x","quantity":1,"unit_price":1}]}"#, "pos_mismatch"),
-            (r#"{"sale_id":"a b","items":[{"title":"x","quantity":1,"unit_price":1}]}"#, "bad_message"),
+            (
+                r#"{"sale_id":"1","items":[{"title":"x","quantity":"abc","unit_price":1}]}"#,
+                "bad_json",
+            ),
+            (
+                r#"{"sale_id":"1","items":[{"quantity":1,"unit_price":1}]}"#,
+                "bad_message",
+            ),
+            (
+                r#"{"sale_id":"1","pos_id":"pump-2","items":[{"title":"x","quantity":1,"unit_price":1}]}"#,
+                "pos_mismatch",
+            ),
+            (
+                r#"{"sale_id":"a b","items":[{"title":"x","quantity":1,"unit_price":1}]}"#,
+                "bad_message",
+            ),
         ];
         for (payload, code) in cases {
             let e = sale(payload).unwrap_err();

@@ -31,7 +31,10 @@ struct StateJson<'a> {
 
 /// The retained state of a sale.
 pub fn state(sale: &Sale) -> Vec<u8> {
-    let settled = sale.settled.as_ref().filter(|_| sale.state == SaleState::Paid);
+    let settled = sale
+        .settled
+        .as_ref()
+        .filter(|_| sale.state == SaleState::Paid);
     let body = StateJson {
         sale_id: Some(sale.sale_id.as_str()),
         external_reference: Some(sale.external_reference.as_str()),

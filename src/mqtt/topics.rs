@@ -56,7 +56,9 @@ impl Topics {
 
     /// Splits `{prefix}/pos/{pos}/{kind}`; `None` for anything else.
     pub fn parse<'a>(&self, topic: &'a str) -> Option<(&'a str, Option<DeviceTopic>)> {
-        let rest = topic.strip_prefix(self.prefix.as_str())?.strip_prefix("/pos/")?;
+        let rest = topic
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix("/pos/")?;
         let (pos, kind) = rest.split_once('/')?;
         let kind = DeviceTopic::ALL.into_iter().find(|t| t.as_str() == kind);
         Some((pos, kind))

@@ -24,8 +24,12 @@ pub struct PosConfig {
 pub enum Presence {
     /// Never published `status`: treated as online (CONTRACT-NOTES).
     Unknown,
-    Online { since: UnixMillis },
-    Offline { since: UnixMillis },
+    Online {
+        since: UnixMillis,
+    },
+    Offline {
+        since: UnixMillis,
+    },
 }
 
 impl Presence {
@@ -79,7 +83,9 @@ pub enum Command {
     Sale(SaleRequest),
     Progress(SaleId),
     Cancel(SaleId),
-    Presence { online: bool },
+    Presence {
+        online: bool,
+    },
     Delivered {
         sale_id: SaleId,
         ok: bool,
@@ -126,14 +132,21 @@ impl std::fmt::Display for Rejection {
             Rejection::BadMessage(m) => f.write_str(m),
             Rejection::BadAmount(e) => write!(f, "{e}"),
             Rejection::AmountMismatch { amount, lines } => {
-                write!(f, "amount {amount} differs from the sum of the lines {lines}")
+                write!(
+                    f,
+                    "amount {amount} differs from the sum of the lines {lines}"
+                )
             }
             Rejection::OverMaxAmount { amount, max } => {
                 write!(f, "amount {amount} is over this POS's max_amount {max}")
             }
             Rejection::UnknownSale => f.write_str("no such sale on this POS"),
             Rejection::NotCancellable { state } => {
-                write!(f, "the sale is {} and can no longer be cancelled", state.as_str())
+                write!(
+                    f,
+                    "the sale is {} and can no longer be cancelled",
+                    state.as_str()
+                )
             }
         }
     }
@@ -167,6 +180,9 @@ impl SaleEvent {
     }
 }
 
+// An outcome lives for one command and is moved once: boxing the sale would
+// only add an allocation per device message.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// The sale changed: store it, then publish its state.
@@ -201,7 +217,9 @@ fn expiry(pos: &PosConfig, now: UnixMillis) -> Option<UnixMillis> {
 /// the amount (when sent) equal to their sum, within the POS's bounds.
 pub fn price(pos: &PosConfig, req: &SaleRequest) -> Result<(Vec<Line>, Amount), Rejection> {
     if req.lines.is_empty() {
-        return Err(Rejection::BadMessage("a sale needs at least one item".into()));
+        return Err(Rejection::BadMessage(
+            "a sale needs at least one item".into(),
+        ));
     }
     let mut total = Amount::zero(pos.currency);
     let mut lines = Vec::with_capacity(req.lines.len());
@@ -282,8 +300,8 @@ pub fn apply(pos: &PosConfig, state: &PosState, cmd: Command, ctx: Ctx) -> Outco
         Command::Sale(req) => {
             // The same sale_id as the latest sale is a redelivery, unless it
             // prices the sale the device announced with `progress`.
-            let pricing = current
-                .filter(|s| s.sale_id == req.sale_id && s.state == SaleState::InProcess);
+            let pricing =
+                current.filter(|s| s.sale_id == req.sale_id && s.state == SaleState::InProcess);
             if pricing.is_none() && is_current(&req.sale_id) {
                 return Outcome::Republish;
             }
@@ -350,7 +368,7 @@ pub fn apply(pos: &PosConfig, state: &PosState, cmd: Command, ctx: Ctx) -> Outco
             } else {
                 Presence::Offline { since: ctx.now }
             };
-            if state.presence.is_offline() == !online && state.presence != Presence::Unknown {
+            if state.presence.is_offline() != online && state.presence != Presence::Unknown {
                 return Outcome::Nothing;
             }
             Outcome::Presence(presence)
@@ -526,12 +544,33 @@ mod tests {
     fn a_second_sale_while_one_is_pending_is_busy_and_the_same_id_is_a_redelivery() {
         let p = pos(PosKind::Fuel);
         let mut st = PosState::idle();
-        step(&p, &mut st, Command::Sale(sale_req("1", "1", "10", None)), 0);
+        step(
+            &p,
+            &mut st,
+            Command::Sale(sale_req("1", "1", "10", None)),
+            0,
+        );
         let before = st.clone();
-        let out = step(&p, &mut st, Command::Sale(sale_req("2", "1", "10", None)), 1);
-        assert!(matches!(out, Outcome::Rejected { why: Rejection::Busy { .. }, .. }));
+        let out = step(
+            &p,
+            &mut st,
+            Command::Sale(sale_req("2", "1", "10", None)),
+            1,
+        );
+        assert!(matches!(
+            out,
+            Outcome::Rejected {
+                why: Rejection::Busy { .. },
+                ..
+            }
+        ));
         assert_eq!(
-            step(&p, &mut st, Command::Sale(sale_req("1", "1", "10", None)), 2),
+            step(
+                &p,
+                &mut st,
+                Command::Sale(sale_req("1", "1", "10", None)),
+                2
+            ),
             Outcome::Republish
         );
         assert_eq!(st, before);
@@ -553,7 +592,10 @@ mod tests {
         );
         assert!(matches!(
             step(&p, &mut st, Command::Progress(sid("10")), 1),
-            Outcome::Rejected { why: Rejection::Busy { .. }, .. }
+            Outcome::Rejected {
+                why: Rejection::Busy { .. },
+                ..
+            }
         ));
         let Outcome::Changed { sale, event } =
             step(&p, &mut st, Command::Sale(sale_req("9", "2", "5", None)), 2)
@@ -589,22 +631,41 @@ mod tests {
     fn cancel_ends_a_pending_sale_and_frees_the_pos() {
         let p = pos(PosKind::Vending);
         let mut st = PosState::idle();
-        step(&p, &mut st, Command::Sale(sale_req("1", "1", "10", None)), 0);
+        step(
+            &p,
+            &mut st,
+            Command::Sale(sale_req("1", "1", "10", None)),
+            0,
+        );
         assert!(matches!(
             step(&p, &mut st, Command::Cancel(sid("2")), 1),
-            Outcome::Rejected { why: Rejection::UnknownSale, .. }
+            Outcome::Rejected {
+                why: Rejection::UnknownSale,
+                ..
+            }
         ));
         assert!(matches!(
             step(&p, &mut st, Command::Cancel(sid("1")), 1),
-            Outcome::Changed { event: SaleEvent::Cancelled, .. }
+            Outcome::Changed {
+                event: SaleEvent::Cancelled,
+                ..
+            }
         ));
         assert_eq!(
             step(&p, &mut st, Command::Cancel(sid("1")), 2),
             Outcome::Republish
         );
         assert!(matches!(
-            step(&p, &mut st, Command::Sale(sale_req("2", "1", "10", None)), 3),
-            Outcome::Changed { event: SaleEvent::Accepted, .. }
+            step(
+                &p,
+                &mut st,
+                Command::Sale(sale_req("2", "1", "10", None)),
+                3
+            ),
+            Outcome::Changed {
+                event: SaleEvent::Accepted,
+                ..
+            }
         ));
     }
 
@@ -612,26 +673,50 @@ mod tests {
     fn sales_expire_after_their_ttl_and_never_with_ttl_zero() {
         let p = pos(PosKind::Vending);
         let mut st = PosState::idle();
-        step(&p, &mut st, Command::Sale(sale_req("1", "1", "10", None)), 0);
-        assert_eq!(step(&p, &mut st, Command::Expire, 599_999), Outcome::Nothing);
+        step(
+            &p,
+            &mut st,
+            Command::Sale(sale_req("1", "1", "10", None)),
+            0,
+        );
+        assert_eq!(
+            step(&p, &mut st, Command::Expire, 599_999),
+            Outcome::Nothing
+        );
         assert!(matches!(
             step(&p, &mut st, Command::Expire, 600_000),
-            Outcome::Changed { event: SaleEvent::Expired, .. }
+            Outcome::Changed {
+                event: SaleEvent::Expired,
+                ..
+            }
         ));
         let never = PosConfig {
             ttl_secs: None,
             ..pos(PosKind::Fuel)
         };
         let mut st = PosState::idle();
-        step(&never, &mut st, Command::Sale(sale_req("1", "1", "10", None)), 0);
-        assert_eq!(step(&never, &mut st, Command::Expire, i64::MAX), Outcome::Nothing);
+        step(
+            &never,
+            &mut st,
+            Command::Sale(sale_req("1", "1", "10", None)),
+            0,
+        );
+        assert_eq!(
+            step(&never, &mut st, Command::Expire, i64::MAX),
+            Outcome::Nothing
+        );
     }
 
     #[test]
     fn a_payment_closes_a_pending_sale_once_and_is_refund_due_after_cancel() {
         let p = pos(PosKind::Fuel);
         let mut st = PosState::idle();
-        step(&p, &mut st, Command::Sale(sale_req("1", "1", "10", None)), 0);
+        step(
+            &p,
+            &mut st,
+            Command::Sale(sale_req("1", "1", "10", None)),
+            0,
+        );
         let payment = Payment {
             merchant_order: 5,
             payment_id: 6,
@@ -659,7 +744,12 @@ mod tests {
     fn delivered_marks_a_paid_sale_once() {
         let p = pos(PosKind::Vending);
         let mut st = PosState::idle();
-        step(&p, &mut st, Command::Sale(sale_req("1", "1", "10", None)), 0);
+        step(
+            &p,
+            &mut st,
+            Command::Sale(sale_req("1", "1", "10", None)),
+            0,
+        );
         let delivered = Command::Delivered {
             sale_id: sid("1"),
             ok: true,
@@ -674,7 +764,10 @@ mod tests {
         st.current = Some(s);
         assert!(matches!(
             step(&p, &mut st, delivered.clone(), 2),
-            Outcome::Changed { event: SaleEvent::Delivered { ok: true, .. }, .. }
+            Outcome::Changed {
+                event: SaleEvent::Delivered { ok: true, .. },
+                ..
+            }
         ));
         assert_eq!(step(&p, &mut st, delivered, 3), Outcome::Nothing);
     }

@@ -6,5 +6,7 @@ pub mod book;
 pub mod sale;
 pub mod settle;
 
-pub use book::{apply, pay, Command, Ctx, Outcome, PosConfig, PosState, Presence, Rejection, SaleEvent};
+pub use book::{
+    apply, pay, Command, Ctx, Outcome, PosConfig, PosState, Presence, Rejection, SaleEvent,
+};
 pub use sale::{ExternalReference, PosId, PosKind, Sale, SaleId, SaleState, UnixMillis};

@@ -68,9 +68,7 @@ impl SaleId {
     pub const MAX_LEN: usize = 64;
 
     pub fn parse(s: &str) -> Result<SaleId, String> {
-        if s.is_empty()
-            || s.len() > Self::MAX_LEN
-            || !s.chars().all(|c| is_id_char(c) || c == '.')
+        if s.is_empty() || s.len() > Self::MAX_LEN || !s.chars().all(|c| is_id_char(c) || c == '.')
         {
             return Err(format!(
                 "sale_id must be 1 to {} letters, digits, '-', '_' or '.'",

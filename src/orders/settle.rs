@@ -50,12 +50,24 @@ impl MerchantOrderFacts {
 /// Why a merchant order pays nothing. Each one is logged for the operator.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
-    ForeignCollector { collector: Option<u64> },
-    ForeignReference { external_reference: Option<String> },
-    NotClosed { status: String },
+    ForeignCollector {
+        collector: Option<u64>,
+    },
+    ForeignReference {
+        external_reference: Option<String>,
+    },
+    NotClosed {
+        status: String,
+    },
     NoApprovedPayment,
-    CurrencyMismatch { expected: String, got: String },
-    ShortAmount { paid: Decimal, total: Decimal },
+    CurrencyMismatch {
+        expected: String,
+        got: String,
+    },
+    ShortAmount {
+        paid: Decimal,
+        total: Decimal,
+    },
     /// The sale was never given an amount, so nothing can have paid it.
     NoAmount,
 }
@@ -64,21 +76,30 @@ impl std::fmt::Display for Refusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Refusal::ForeignCollector { collector } => {
-                write!(f, "merchant order belongs to another collector ({collector:?})")
+                write!(
+                    f,
+                    "merchant order belongs to another collector ({collector:?})"
+                )
             }
             Refusal::ForeignReference { external_reference } => write!(
                 f,
                 "merchant order's external_reference {external_reference:?} is not this sale's"
             ),
             Refusal::NotClosed { status } => {
-                write!(f, "merchant order is {status}, not closed: it proves nothing")
+                write!(
+                    f,
+                    "merchant order is {status}, not closed: it proves nothing"
+                )
             }
             Refusal::NoApprovedPayment => f.write_str("merchant order has no approved payment"),
             Refusal::CurrencyMismatch { expected, got } => {
                 write!(f, "payment currency {got} is not the sale's {expected}")
             }
             Refusal::ShortAmount { paid, total } => {
-                write!(f, "approved payments add up to {paid}, short of the total {total}")
+                write!(
+                    f,
+                    "approved payments add up to {paid}, short of the total {total}"
+                )
             }
             Refusal::NoAmount => f.write_str("sale has no amount yet"),
         }
@@ -338,7 +359,10 @@ mod tests {
         let m = mo(MerchantOrderStatus::Closed, vec![(1, true, "100")]);
         let p = check_payment(&sale(SaleState::Pending), &m, 178).unwrap();
         assert_eq!(effect_of(&sale(SaleState::Pending), &p), Effect::Close);
-        assert_eq!(effect_of(&sale(SaleState::Cancelled), &p), Effect::RefundDue);
+        assert_eq!(
+            effect_of(&sale(SaleState::Cancelled), &p),
+            Effect::RefundDue
+        );
         assert_eq!(effect_of(&sale(SaleState::Expired), &p), Effect::RefundDue);
         let mut paid = sale(SaleState::Paid);
         paid.settled = Some(Settled {

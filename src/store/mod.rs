@@ -38,6 +38,9 @@ pub struct MerchantOrderRecord {
     pub seen_at: i64,
 }
 
+/// One event of a sale: (unix millis, event name, JSON detail).
+pub type TimelineEntry = (i64, String, String);
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Durably writes the sale's new state and the event that produced it.
@@ -56,7 +59,7 @@ pub trait Store: Send + Sync + 'static {
     async fn timeline(
         &self,
         reference: &ExternalReference,
-    ) -> Result<Vec<(i64, String, String)>, StoreError>;
+    ) -> Result<Vec<TimelineEntry>, StoreError>;
 
     async fn merchant_order(&self, id: u64) -> Result<Option<MerchantOrderRecord>, StoreError>;
 

@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::oneshot;
 
-use super::{MerchantOrderRecord, Store, StoreError};
+use super::{MerchantOrderRecord, Store, StoreError, TimelineEntry};
 use crate::orders::{ExternalReference, Sale, SaleEvent};
 
 const SCHEMA: &str = r#"
@@ -83,7 +83,7 @@ enum Op {
     },
     Timeline {
         reference: String,
-        reply: oneshot::Sender<Result<Vec<(i64, String, String)>, StoreError>>,
+        reply: oneshot::Sender<Result<Vec<TimelineEntry>, StoreError>>,
     },
 }
 
@@ -98,10 +98,10 @@ fn db(e: rusqlite::Error) -> StoreError {
 impl SqliteStore {
     /// Opens (creating if needed) the database file and starts its writer.
     pub fn open(path: &Path, fsync: bool) -> Result<SqliteStore, StoreError> {
-        let conn = Connection::open(path).map_err(|e| {
-            StoreError::Unavailable(format!("cannot open {}: {e}", path.display()))
-        })?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(db)?;
+        let conn = Connection::open(path)
+            .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(db)?;
         conn.pragma_update(None, "synchronous", if fsync { "FULL" } else { "OFF" })
             .map_err(db)?;
         conn.pragma_update(None, "foreign_keys", "ON").map_err(db)?;
@@ -164,7 +164,12 @@ fn write_sale(conn: &Connection, sale: &Sale, event: &SaleEvent) -> Result<(), S
                 .execute(
                     "INSERT INTO closings (external_reference, payment_id, merchant_order, at)
                      VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
-                    params![reference, s.payment_id as i64, s.merchant_order as i64, s.at],
+                    params![
+                        reference,
+                        s.payment_id as i64,
+                        s.merchant_order as i64,
+                        s.at
+                    ],
                 )
                 .map_err(db)?;
             if inserted == 0 {
@@ -214,7 +219,12 @@ fn write_sale(conn: &Connection, sale: &Sale, event: &SaleEvent) -> Result<(), S
     .map_err(db)?;
     conn.execute(
         "INSERT INTO sale_events (external_reference, at, event, detail) VALUES (?1, ?2, ?3, ?4)",
-        params![reference, sale.updated_at, event.name(), event_detail(sale, event)],
+        params![
+            reference,
+            sale.updated_at,
+            event.name(),
+            event_detail(sale, event)
+        ],
     )
     .map_err(db)?;
     Ok(())
@@ -420,7 +430,7 @@ impl Store for SqliteStore {
     async fn timeline(
         &self,
         reference: &ExternalReference,
-    ) -> Result<Vec<(i64, String, String)>, StoreError> {
+    ) -> Result<Vec<TimelineEntry>, StoreError> {
         let reference = reference.as_str().to_owned();
         self.call(|reply| Op::Timeline { reference, reply }).await
     }
@@ -468,11 +478,17 @@ mod tests {
         let mut s = sale("pump-1", "pump-1-a", SaleState::Pending);
         store.record(&s, &SaleEvent::Accepted).await.unwrap();
         store
-            .record(&sale("pump-1", "pump-1-b", SaleState::Pending), &SaleEvent::Accepted)
+            .record(
+                &sale("pump-1", "pump-1-b", SaleState::Pending),
+                &SaleEvent::Accepted,
+            )
             .await
             .unwrap();
         store
-            .record(&sale("pump-2", "pump-2-a", SaleState::Pending), &SaleEvent::Accepted)
+            .record(
+                &sale("pump-2", "pump-2-a", SaleState::Pending),
+                &SaleEvent::Accepted,
+            )
             .await
             .unwrap();
         s.state = SaleState::Paid;

@@ -26,7 +26,10 @@ async fn a_scan_before_the_sale_waits_then_pays_the_exact_amount_and_the_pump_is
         Some(order.external_reference.clone()),
         pending.external_reference
     );
-    assert_eq!(order.notification_url, format!("{}/mp/notifications", app.base));
+    assert_eq!(
+        order.notification_url,
+        format!("{}/mp/notifications", app.base)
+    );
 
     // 3. Approved payment: the sale closes and the device is told.
     app.mp.set_notify_mode(NotifyMode::Ipn);
@@ -39,7 +42,11 @@ async fn a_scan_before_the_sale_waits_then_pays_the_exact_amount_and_the_pump_is
     assert_eq!(paid.payment_id, Some(payment));
     assert_eq!(paid.merchant_order, Some(order.merchant_order_id));
     assert_eq!(paid.amount.as_deref(), Some("25615.80"));
-    assert!(paid.raw["payment_id"].is_u64(), "ids are JSON numbers: {}", paid.raw);
+    assert!(
+        paid.raw["payment_id"].is_u64(),
+        "ids are JSON numbers: {}",
+        paid.raw
+    );
 
     // The sale is final: later scans wait again.
     assert_eq!(app.poll_kind("pump-1").await, "unavailable");
@@ -49,7 +56,10 @@ async fn a_scan_before_the_sale_waits_then_pays_the_exact_amount_and_the_pump_is
 async fn a_rejected_payment_leaves_the_sale_payable_and_a_second_attempt_succeeds() {
     let app = TestApp::spawn().await;
     let vending = app.device("vending-1").await;
-    vending.publish_sale("7", &snack("1500.00"), None).await.unwrap();
+    vending
+        .publish_sale("7", &snack("1500.00"), None)
+        .await
+        .unwrap();
     state_of(&vending, "7", "pending").await;
     let (_, _, before) = app.wait_poll("vending-1", "ok").await;
 
@@ -83,7 +93,9 @@ async fn a_rejected_payment_leaves_the_sale_payable_and_a_second_attempt_succeed
 async fn a_cancelled_sale_makes_later_scans_wait_again() {
     let app = TestApp::spawn().await;
     let pump = app.device("pump-1").await;
-    pump.publish_sale("9", &fuel("10", "100"), None).await.unwrap();
+    pump.publish_sale("9", &fuel("10", "100"), None)
+        .await
+        .unwrap();
     state_of(&pump, "9", "pending").await;
     app.wait_poll("pump-1", "ok").await;
 
@@ -94,7 +106,9 @@ async fn a_cancelled_sale_makes_later_scans_wait_again() {
     app.wait_poll("pump-1", "unavailable").await;
 
     // The POS is free for the next sale.
-    pump.publish_sale("10", &fuel("5", "100"), None).await.unwrap();
+    pump.publish_sale("10", &fuel("5", "100"), None)
+        .await
+        .unwrap();
     state_of(&pump, "10", "pending").await;
 }
 
@@ -105,7 +119,10 @@ async fn a_sale_nobody_pays_expires_and_polls_answer_unavailable() {
     })
     .await;
     let vending = app.device("vending-1").await;
-    vending.publish_sale("1", &snack("100"), None).await.unwrap();
+    vending
+        .publish_sale("1", &snack("100"), None)
+        .await
+        .unwrap();
     state_of(&vending, "1", "pending").await;
     let expired = state_of(&vending, "1", "expired").await;
     assert!(expired.external_reference.is_some());
@@ -120,7 +137,9 @@ async fn a_pump_announces_fuelling_then_prices_the_same_sale() {
     let started = state_of(&pump, "55", "in_process").await;
     assert_eq!(app.poll_kind("pump-1").await, "in_process");
 
-    pump.publish_sale("55", &fuel("20.5", "1000"), None).await.unwrap();
+    pump.publish_sale("55", &fuel("20.5", "1000"), None)
+        .await
+        .unwrap();
     let pending = state_of(&pump, "55", "pending").await;
     assert_eq!(pending.external_reference, started.external_reference);
     assert_eq!(pending.amount.as_deref(), Some("20500.00"));
@@ -133,7 +152,9 @@ async fn a_pump_announces_fuelling_then_prices_the_same_sale() {
 async fn the_first_scan_republishes_the_sale_as_served_so_the_station_stops_taking_cash() {
     let app = TestApp::spawn().await;
     let pump = app.device("pump-1").await;
-    pump.publish_sale("3", &fuel("1", "100"), None).await.unwrap();
+    pump.publish_sale("3", &fuel("1", "100"), None)
+        .await
+        .unwrap();
     let pending = state_of(&pump, "3", "pending").await;
     assert!(!pending.served);
     app.scan("pump-1").await;
@@ -150,7 +171,9 @@ async fn the_first_scan_republishes_the_sale_as_served_so_the_station_stops_taki
 async fn a_device_that_reboots_reads_its_pending_and_its_paid_sale_from_the_retained_state() {
     let app = TestApp::spawn().await;
     let pump = app.device("pump-1").await;
-    pump.publish_sale("77", &fuel("2", "100"), None).await.unwrap();
+    pump.publish_sale("77", &fuel("2", "100"), None)
+        .await
+        .unwrap();
     state_of(&pump, "77", "pending").await;
     pump.crash();
 
@@ -175,7 +198,9 @@ async fn a_device_that_reboots_reads_its_pending_and_its_paid_sale_from_the_reta
 async fn sales_survive_a_restart_and_polls_answer_the_same_body() {
     let app = TestApp::spawn().await;
     let pump = app.device("pump-1").await;
-    pump.publish_sale("5", &fuel("3.333", "99.99"), None).await.unwrap();
+    pump.publish_sale("5", &fuel("3.333", "99.99"), None)
+        .await
+        .unwrap();
     state_of(&pump, "5", "pending").await;
     let (_, _, before) = app.wait_poll("pump-1", "ok").await;
 
@@ -217,7 +242,10 @@ async fn the_app_runs_its_own_embedded_broker() {
     )
     .await
     .unwrap();
-    vending.publish_sale("1", &snack("250"), None).await.unwrap();
+    vending
+        .publish_sale("1", &snack("250"), None)
+        .await
+        .unwrap();
     state_of(&vending, "1", "pending").await;
     let order = match mp.scan(&format!("{base}/mp/pos/vending-1")).await.unwrap() {
         qrgate::mercadopago::simulator::Scan::Order(o) => o,

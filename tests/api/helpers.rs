@@ -71,7 +71,10 @@ impl Mosquitto {
             .expect("mosquitto starts");
         let deadline = std::time::Instant::now() + WAIT;
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(std::time::Instant::now() < deadline, "mosquitto did not listen");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "mosquitto did not listen"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         Some(Mosquitto { child, port })
@@ -145,13 +148,15 @@ impl TestApp {
             Where::Port(p) => p,
         };
         // A restart keeps its HTTP address: public_url is part of the body.
-        let listener = TcpListener::bind(http.unwrap_or_else(|| "127.0.0.1:0".parse().unwrap())).unwrap();
+        let listener =
+            TcpListener::bind(http.unwrap_or_else(|| "127.0.0.1:0".parse().unwrap())).unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let mut config = Config::defaults();
         config.http.listen = listener.local_addr().unwrap();
         config.http.public_url = base.clone();
         config.mercadopago.api_base = mp.base_url();
-        config.mercadopago.access_token = Some(Secret::new(SimulatorConfig::default().access_token));
+        config.mercadopago.access_token =
+            Some(Secret::new(SimulatorConfig::default().access_token));
         config.mercadopago.collector_id = SimulatorConfig::default().collector_id;
         config.mqtt.broker = Broker::External {
             host: "127.0.0.1".into(),
@@ -166,7 +171,9 @@ impl TestApp {
             pos("vending-1", PosKind::Vending),
         ];
         tweak(&mut config);
-        let app = App::build_on(config.clone(), listener).await.expect("app builds");
+        let app = App::build_on(config.clone(), listener)
+            .await
+            .expect("app builds");
         let app_gateway = app.gateway();
         let stop = app.shutdown_token();
         let done = tokio::spawn(async move {
@@ -233,7 +240,10 @@ impl TestApp {
                     return;
                 }
             }
-            assert!(tokio::time::Instant::now() < deadline, "app never became ready");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "app never became ready"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -245,7 +255,11 @@ impl TestApp {
     pub fn device_config(&self, pos: &str) -> DeviceConfig {
         DeviceConfig::new("127.0.0.1", self.mqtt_port, pos)
             .topic_prefix(self.prefix.clone())
-            .client_id(format!("{}-{pos}-{}", self.prefix, NEXT.fetch_add(1, Ordering::Relaxed)))
+            .client_id(format!(
+                "{}-{pos}-{}",
+                self.prefix,
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            ))
     }
 
     /// A device that does not speak presence (treated as online).
@@ -256,7 +270,12 @@ impl TestApp {
     }
 
     pub async fn get(&self, path: &str) -> (u16, String) {
-        let r = self.http.get(format!("{}{}", self.base, path)).send().await.unwrap();
+        let r = self
+            .http
+            .get(format!("{}{}", self.base, path))
+            .send()
+            .await
+            .unwrap();
         (r.status().as_u16(), r.text().await.unwrap())
     }
 
@@ -285,7 +304,11 @@ impl TestApp {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
             let (s, v, t) = self.poll(pos).await;
-            let k = if s == 200 { "ok" } else { v["error"]["type"].as_str().unwrap_or("?") };
+            let k = if s == 200 {
+                "ok"
+            } else {
+                v["error"]["type"].as_str().unwrap_or("?")
+            };
             if k == kind {
                 return (s, v, t);
             }
@@ -326,7 +349,10 @@ impl TestApp {
             if let Some(r) = self.app_gateway.store().merchant_order(id).await.unwrap() {
                 return r.status;
             }
-            assert!(tokio::time::Instant::now() < deadline, "merchant order {id} never processed");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "merchant order {id} never processed"
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
@@ -355,7 +381,10 @@ pub fn snack(price: &str) -> Vec<Item> {
 
 /// Waits for the device's `state` of `sale_id`.
 pub async fn state_of(device: &Device, sale_id: &str, state: &str) -> StateMessage {
-    device.wait_for(sale_id, state, WAIT).await.unwrap_or_else(|e| panic!("{e}"))
+    device
+        .wait_for(sale_id, state, WAIT)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Waits for a rejection on the device's state topic.

@@ -7,11 +7,15 @@ use crate::helpers::*;
 async fn a_second_sale_on_a_busy_pos_is_rejected_busy_and_the_first_stays() {
     let app = TestApp::spawn().await;
     let pump = app.device("pump-1").await;
-    pump.publish_sale("1", &fuel("1", "100"), None).await.unwrap();
+    pump.publish_sale("1", &fuel("1", "100"), None)
+        .await
+        .unwrap();
     state_of(&pump, "1", "pending").await;
     let (_, _, before) = app.wait_poll("pump-1", "ok").await;
 
-    pump.publish_sale("2", &fuel("2", "100"), None).await.unwrap();
+    pump.publish_sale("2", &fuel("2", "100"), None)
+        .await
+        .unwrap();
     let r = rejection(&pump).await;
     assert_eq!(r.reason.as_deref(), Some("busy"));
     assert_eq!(r.sale_id.as_deref(), Some("2"));
@@ -34,9 +38,13 @@ async fn a_second_sale_on_a_busy_pos_is_rejected_busy_and_the_first_stays() {
 async fn the_same_sale_again_republishes_its_state_and_creates_nothing() {
     let app = TestApp::spawn().await;
     let pump = app.device("pump-1").await;
-    pump.publish_sale("1", &fuel("1", "100"), None).await.unwrap();
+    pump.publish_sale("1", &fuel("1", "100"), None)
+        .await
+        .unwrap();
     let first = state_of(&pump, "1", "pending").await;
-    pump.publish_sale("1", &fuel("1", "100"), None).await.unwrap();
+    pump.publish_sale("1", &fuel("1", "100"), None)
+        .await
+        .unwrap();
     let again = state_of(&pump, "1", "pending").await;
     assert_eq!(again.external_reference, first.external_reference);
     let reference = first.external_reference.unwrap();
@@ -47,7 +55,9 @@ async fn the_same_sale_again_republishes_its_state_and_creates_nothing() {
 async fn each_bad_message_kind_is_rejected_with_its_reason_and_changes_nothing() {
     let app = TestApp::spawn_with(|c| c.mqtt.max_payload_bytes = 1024).await;
     let pump = app.device("pump-1").await;
-    pump.publish_sale("1", &fuel("1", "100"), None).await.unwrap();
+    pump.publish_sale("1", &fuel("1", "100"), None)
+        .await
+        .unwrap();
     state_of(&pump, "1", "pending").await;
     let (_, _, before) = app.wait_poll("pump-1", "ok").await;
     let big = format!(
@@ -74,7 +84,10 @@ async fn each_bad_message_kind_is_rejected_with_its_reason_and_changes_nothing()
         let r = rejection(&pump).await;
         assert_eq!(r.reason.as_deref(), Some(reason), "{topic} {payload}");
         assert!(!r.retained);
-        assert!(r.message().is_some_and(|m| !m.is_empty()), "a reason an operator can act on");
+        assert!(
+            r.message().is_some_and(|m| !m.is_empty()),
+            "a reason an operator can act on"
+        );
     }
     let (_, _, after) = app.poll("pump-1").await;
     assert_eq!(after, before);
@@ -88,7 +101,10 @@ async fn a_bad_sale_on_an_idle_pos_creates_nothing() {
         .publish_raw("sale", r#"{"sale_id":"1","items":[{"title":"x","quantity":"1","unit_price":"10"}],"amount":"11"}"#)
         .await
         .unwrap();
-    assert_eq!(rejection(&vending).await.reason.as_deref(), Some("amount_mismatch"));
+    assert_eq!(
+        rejection(&vending).await.reason.as_deref(),
+        Some("amount_mismatch")
+    );
     assert_eq!(app.poll_kind("vending-1").await, "unavailable");
 }
 
@@ -96,9 +112,14 @@ async fn a_bad_sale_on_an_idle_pos_creates_nothing() {
 async fn a_sale_for_an_unknown_pos_creates_nothing_and_known_pos_go_on() {
     let app = TestApp::spawn().await;
     let ghost = app.device("pump-99").await;
-    ghost.publish_sale("1", &fuel("1", "100"), None).await.unwrap();
+    ghost
+        .publish_sale("1", &fuel("1", "100"), None)
+        .await
+        .unwrap();
     let pump = app.device("pump-1").await;
-    pump.publish_sale("1", &fuel("1", "100"), None).await.unwrap();
+    pump.publish_sale("1", &fuel("1", "100"), None)
+        .await
+        .unwrap();
     state_of(&pump, "1", "pending").await;
     assert_eq!(app.poll_kind("pump-99").await, "invalid");
     // No state is ever published for a POS qrgate does not know.
@@ -112,10 +133,14 @@ async fn clp_sales_are_whole_pesos() {
     })
     .await;
     let pump = app.device("pump-1").await;
-    pump.publish_sale("1", &fuel("10.5", "999.5"), None).await.unwrap();
+    pump.publish_sale("1", &fuel("10.5", "999.5"), None)
+        .await
+        .unwrap();
     assert_eq!(rejection(&pump).await.reason.as_deref(), Some("bad_amount"));
     // 10.5 L × 999 = 10489.5 → 10490 (half-up).
-    pump.publish_sale("2", &fuel("10.5", "999"), None).await.unwrap();
+    pump.publish_sale("2", &fuel("10.5", "999"), None)
+        .await
+        .unwrap();
     let pending = state_of(&pump, "2", "pending").await;
     assert_eq!(pending.amount.as_deref(), Some("10490"));
     let (_, _, text) = app.wait_poll("pump-1", "ok").await;

@@ -7,9 +7,16 @@ use serde_json::json;
 use crate::helpers::*;
 
 /// A pending sale on vending-1 and its external reference.
-async fn pending_sale(app: &TestApp, sale_id: &str, price: &str) -> (qrgate_devices::Device, String) {
+async fn pending_sale(
+    app: &TestApp,
+    sale_id: &str,
+    price: &str,
+) -> (qrgate_devices::Device, String) {
     let vending = app.device("vending-1").await;
-    vending.publish_sale(sale_id, &snack(price), None).await.unwrap();
+    vending
+        .publish_sale(sale_id, &snack(price), None)
+        .await
+        .unwrap();
     let s = state_of(&vending, sale_id, "pending").await;
     (vending, s.external_reference.unwrap())
 }
@@ -29,7 +36,12 @@ async fn a_payment_webhook_alone_closes_the_sale() {
     assert_eq!(paid.payment_id, Some(payment));
     assert_eq!(app.timeline(&reference).await.last().unwrap(), "paid");
     let fetched: Vec<_> = app.mp.api_calls().into_iter().map(|c| c.path).collect();
-    assert!(fetched.iter().any(|p| p == &format!("/v1/payments/{payment}")), "{fetched:?}");
+    assert!(
+        fetched
+            .iter()
+            .any(|p| p == &format!("/v1/payments/{payment}")),
+        "{fetched:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -45,7 +57,13 @@ async fn dozens_of_concurrent_duplicates_give_one_paid() {
     state_of(&vending, "1", "paid").await;
     // Late re-sends, hours later as far as qrgate can tell.
     for _ in 0..5 {
-        assert_eq!(app.mp.notify_merchant_order(order.merchant_order_id).await.unwrap(), 200);
+        assert_eq!(
+            app.mp
+                .notify_merchant_order(order.merchant_order_id)
+                .await
+                .unwrap(),
+            200
+        );
     }
     let payment = app.mp.merchant_order(order.merchant_order_id).unwrap()["payments"][0]["id"]
         .as_u64()
@@ -84,7 +102,10 @@ async fn an_opened_notification_after_the_close_changes_nothing_and_one_before_p
     let (vending, reference) = pending_sale(&app, "1", "100").await;
     let order = app.scan("vending-1").await;
     // The "opened" notification sent on scan is processed and refused.
-    assert_eq!(app.wait_merchant_order_seen(order.merchant_order_id).await, "opened");
+    assert_eq!(
+        app.wait_merchant_order_seen(order.merchant_order_id).await,
+        "opened"
+    );
     assert_eq!(app.poll_kind("vending-1").await, "ok");
     app.mp.set_notify_mode(NotifyMode::Ipn);
     app.mp
@@ -108,7 +129,12 @@ async fn an_opened_notification_after_the_close_changes_nothing_and_one_before_p
 
 /// Inserts a merchant order, notifies it, waits until qrgate processed it,
 /// and checks the sale is still pending.
-async fn refused(app: &TestApp, vending: &qrgate_devices::Device, reference: &str, mut mo: serde_json::Value) {
+async fn refused(
+    app: &TestApp,
+    vending: &qrgate_devices::Device,
+    reference: &str,
+    mut mo: serde_json::Value,
+) {
     mo["notification_url"] = json!(format!("{}/mp/notifications", app.base));
     let id = app.mp.insert_merchant_order(mo);
     app.mp.notify_merchant_order(id).await.unwrap();
@@ -118,7 +144,13 @@ async fn refused(app: &TestApp, vending: &qrgate_devices::Device, reference: &st
     assert!(vending.drain().iter().all(|m| m.state != "paid"));
 }
 
-fn closed(reference: &str, collector: u64, amount: &str, currency: &str, status: &str) -> serde_json::Value {
+fn closed(
+    reference: &str,
+    collector: u64,
+    amount: &str,
+    currency: &str,
+    status: &str,
+) -> serde_json::Value {
     json!({
         "status": "closed", "external_reference": reference, "collector": {"id": collector},
         "total_amount": amount.parse::<f64>().unwrap(), "order_status": "paid",
@@ -131,11 +163,41 @@ fn closed(reference: &str, collector: u64, amount: &str, currency: &str, status:
 async fn short_amounts_foreign_references_foreign_collectors_and_other_currencies_close_nothing() {
     let app = TestApp::spawn().await;
     let (vending, reference) = pending_sale(&app, "1", "100").await;
-    refused(&app, &vending, &reference, closed(&reference, 178106235, "99.99", "ARS", "approved")).await;
-    refused(&app, &vending, &reference, closed("someone-elses-sale", 178106235, "100", "ARS", "approved")).await;
-    refused(&app, &vending, &reference, closed(&reference, 999, "100", "ARS", "approved")).await;
-    refused(&app, &vending, &reference, closed(&reference, 178106235, "100", "BRL", "approved")).await;
-    refused(&app, &vending, &reference, closed(&reference, 178106235, "100", "ARS", "rejected")).await;
+    refused(
+        &app,
+        &vending,
+        &reference,
+        closed(&reference, 178106235, "99.99", "ARS", "approved"),
+    )
+    .await;
+    refused(
+        &app,
+        &vending,
+        &reference,
+        closed("someone-elses-sale", 178106235, "100", "ARS", "approved"),
+    )
+    .await;
+    refused(
+        &app,
+        &vending,
+        &reference,
+        closed(&reference, 999, "100", "ARS", "approved"),
+    )
+    .await;
+    refused(
+        &app,
+        &vending,
+        &reference,
+        closed(&reference, 178106235, "100", "BRL", "approved"),
+    )
+    .await;
+    refused(
+        &app,
+        &vending,
+        &reference,
+        closed(&reference, 178106235, "100", "ARS", "rejected"),
+    )
+    .await;
     let mut opened = closed(&reference, 178106235, "100", "ARS", "approved");
     opened["status"] = json!("opened");
     refused(&app, &vending, &reference, opened).await;
@@ -163,8 +225,16 @@ async fn a_payment_after_cancel_is_refund_due_and_the_device_is_not_told_to_disp
         .unwrap();
     app.wait_merchant_order_seen(order.merchant_order_id).await;
     let deadline = tokio::time::Instant::now() + WAIT;
-    while !app.timeline(&reference).await.contains(&"refund_due".to_owned()) {
-        assert!(tokio::time::Instant::now() < deadline, "{:?}", app.timeline(&reference).await);
+    while !app
+        .timeline(&reference)
+        .await
+        .contains(&"refund_due".to_owned())
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            app.timeline(&reference).await
+        );
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     assert!(vending.drain().iter().all(|m| m.state != "paid"));
@@ -177,10 +247,37 @@ async fn the_endpoint_answers_at_once_refuses_garbage_and_caps_bodies() {
     let url = format!("{}/mp/notifications", app.base);
     // An id Mercado Pago does not know: answered 200 at once, the failed
     // fetch is logged after.
-    assert_eq!(app.mp.post_notification(&url, "topic=merchant_order&id=123", "").await.unwrap(), 200);
-    assert_eq!(app.mp.post_notification(&url, "topic=chargebacks&id=1", "").await.unwrap(), 200);
-    assert_eq!(app.mp.post_notification(&url, "topic=merchant_order&id=abc", "").await.unwrap(), 400);
-    assert_eq!(app.mp.post_notification(&url, "", "{broken").await.unwrap(), 400);
+    assert_eq!(
+        app.mp
+            .post_notification(&url, "topic=merchant_order&id=123", "")
+            .await
+            .unwrap(),
+        200
+    );
+    assert_eq!(
+        app.mp
+            .post_notification(&url, "topic=chargebacks&id=1", "")
+            .await
+            .unwrap(),
+        200
+    );
+    assert_eq!(
+        app.mp
+            .post_notification(&url, "topic=merchant_order&id=abc", "")
+            .await
+            .unwrap(),
+        400
+    );
+    assert_eq!(
+        app.mp.post_notification(&url, "", "{broken").await.unwrap(),
+        400
+    );
     let big = format!("{{\"pad\":\"{}\"}}", "x".repeat(64 * 1024));
-    assert_eq!(app.mp.post_notification(&url, "topic=merchant_order&id=1", &big).await.unwrap(), 413);
+    assert_eq!(
+        app.mp
+            .post_notification(&url, "topic=merchant_order&id=1", &big)
+            .await
+            .unwrap(),
+        413
+    );
 }

@@ -6,7 +6,11 @@ use crate::helpers::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unknown_pos_is_invalid_with_mercado_pagos_error_shape() {
     let app = TestApp::spawn().await;
-    for pos in ["pump-9", "no%20such", "a-very-long-pos-id-that-is-over-forty-characters"] {
+    for pos in [
+        "pump-9",
+        "no%20such",
+        "a-very-long-pos-id-that-is-over-forty-characters",
+    ] {
         let (status, body, _) = app.poll(pos).await;
         assert_eq!(status, 400, "{pos}");
         assert_eq!(body["error"]["type"], "invalid", "{pos}");
@@ -54,10 +58,15 @@ async fn every_poll_of_a_sale_returns_the_same_bytes_even_after_it_is_served() {
     assert_eq!(body["items"].as_array().unwrap().len(), 2);
     assert_eq!(body["items"][0]["quantity"], 2);
     assert_eq!(body["items"][0]["currency_id"], "ARS");
-    assert_eq!(body["notification_url"], format!("{}/mp/notifications", app.base));
+    assert_eq!(
+        body["notification_url"],
+        format!("{}/mp/notifications", app.base)
+    );
     let reference = body["external_reference"].as_str().unwrap();
     assert!(reference.len() <= 64);
-    assert!(reference.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
+    assert!(reference
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
 
     vending
         .wait_state(WAIT, |m| m.served)
@@ -75,7 +84,10 @@ async fn an_offline_vending_machine_times_out_even_with_a_pending_sale() {
     let machine = qrgate_devices::Device::connect(app.device_config("vending-1"))
         .await
         .unwrap();
-    machine.publish_sale("1", &snack("100"), None).await.unwrap();
+    machine
+        .publish_sale("1", &snack("100"), None)
+        .await
+        .unwrap();
     state_of(&machine, "1", "pending").await;
     app.wait_poll("vending-1", "ok").await;
     // The broker publishes its last will: offline, retained.
@@ -100,7 +112,9 @@ async fn an_offline_pump_keeps_its_pending_sale_payable_but_times_out_when_idle(
     app.wait_poll("pump-1", "timeout").await;
     pump.set_status(true).await.unwrap();
     app.wait_poll("pump-1", "unavailable").await;
-    pump.publish_sale("1", &fuel("1", "100"), None).await.unwrap();
+    pump.publish_sale("1", &fuel("1", "100"), None)
+        .await
+        .unwrap();
     app.wait_poll("pump-1", "ok").await;
     pump.crash();
     // Post-pay: the fuel is in the tank, the sale stays payable offline.
@@ -115,7 +129,10 @@ async fn an_offline_pump_keeps_its_pending_sale_payable_but_times_out_when_idle(
         if view.state.presence.is_offline() {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "never saw the last will");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never saw the last will"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     assert_eq!(app.poll_kind("pump-1").await, "ok");
