@@ -18,6 +18,9 @@ use crate::orders::{PosConfig, PosId, PosKind};
 /// The environment variable that holds Mercado Pago's access token.
 pub const ACCESS_TOKEN_ENV: &str = "QRGATE_MP_ACCESS_TOKEN";
 
+/// The environment variable that holds qrgate's own MQTT password.
+pub const MQTT_PASSWORD_ENV: &str = "QRGATE_MQTT_PASSWORD";
+
 /// A value that must never reach a log, an error or a response.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -80,6 +83,10 @@ pub struct MqttConfig {
     pub topic_prefix: String,
     pub client_id: String,
     pub max_payload_bytes: usize,
+    /// qrgate's own login at an external broker (Mosquitto with
+    /// `allow_anonymous false`); the password comes from the environment.
+    pub username: Option<String>,
+    pub password: Option<Secret>,
 }
 
 #[derive(Debug, Clone)]
@@ -157,6 +164,8 @@ struct RawMqtt {
     topic_prefix: String,
     client_id: String,
     max_payload_bytes: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    username: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -189,7 +198,16 @@ struct RawPos {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     ttl_secs: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    max_amount: Option<String>,
+    max_amount: Option<NumberOrText>,
+}
+
+/// A TOML value written as an integer or as a decimal string (`50000` or
+/// `"49999.99"`); TOML floats would pass through `f64`, so they are refused.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+enum NumberOrText {
+    Integer(i64),
+    Text(String),
 }
 
 fn default_currency() -> String {
@@ -215,6 +233,7 @@ fn defaults() -> RawConfig {
             topic_prefix: "qrgate".into(),
             client_id: "qrgate".into(),
             max_payload_bytes: 16 * 1024,
+            username: None,
         },
         orders: RawOrders { ttl_secs: 600 },
         store: RawStore {
@@ -291,11 +310,20 @@ impl Config {
         if raw.pos.iter().any(|p| p.id.is_empty() && p.kind.is_empty()) {
             return Err(ConfigError(vec!["key `pos`: empty entry".into()]));
         }
-        let token = std::env::var(ACCESS_TOKEN_ENV)
-            .ok()
-            .filter(|t| !t.trim().is_empty())
-            .map(Secret::new);
-        validate(raw, token)
+        let secret = |name| {
+            std::env::var(name)
+                .ok()
+                .filter(|t: &String| !t.trim().is_empty())
+                .map(Secret::new)
+        };
+        let mut config = validate(raw, secret(ACCESS_TOKEN_ENV))?;
+        config.mqtt.password = secret(MQTT_PASSWORD_ENV);
+        if config.mqtt.password.is_some() && config.mqtt.username.is_none() {
+            return Err(ConfigError(vec![format!(
+                "key `mqtt.username`: {MQTT_PASSWORD_ENV} is set but no username is configured"
+            )]));
+        }
+        Ok(config)
     }
 }
 
@@ -403,7 +431,7 @@ fn validate(raw: RawConfig, access_token: Option<Secret>) -> Result<Config, Conf
         bad("pos", "configure at least one [[pos]]".into());
     }
     for (i, p) in raw.pos.iter().enumerate() {
-        let key = |k: &str| format!("pos[{i}].{k}");
+        let key = |k: &str| format!("pos.{i}.{k}");
         let id = PosId::parse(&p.id).map_err(|e| bad(&key("id"), e)).ok();
         let kind = match p.kind.as_str() {
             "fuel" => Some(PosKind::Fuel),
@@ -428,7 +456,12 @@ fn validate(raw: RawConfig, access_token: Option<Secret>) -> Result<Config, Conf
             .ok();
         let max_amount = match &p.max_amount {
             None => Some(Decimal::from(DEFAULT_MAX_AMOUNT)),
-            Some(s) => match crate::money::parse_decimal(s) {
+            Some(NumberOrText::Integer(n)) if *n > 0 => Some(Decimal::from(*n)),
+            Some(NumberOrText::Integer(n)) => {
+                bad(&key("max_amount"), format!("{n} must be positive"));
+                None
+            }
+            Some(NumberOrText::Text(s)) => match crate::money::parse_decimal(s) {
                 Ok(d) if d > Decimal::ZERO => Some(d),
                 _ => {
                     bad(
@@ -478,6 +511,8 @@ fn validate(raw: RawConfig, access_token: Option<Secret>) -> Result<Config, Conf
             topic_prefix: prefix,
             client_id: raw.mqtt.client_id,
             max_payload_bytes: raw.mqtt.max_payload_bytes,
+            username: raw.mqtt.username.filter(|u| !u.is_empty()),
+            password: None,
         },
         orders: OrdersConfig {
             ttl_secs: raw.orders.ttl_secs,
@@ -568,9 +603,9 @@ mod tests {
         let e = load_toml("[http]\nlistn = \"x\"\n").unwrap_err();
         assert!(e.to_string().contains("listn"), "{e}");
         let e = load_toml("[[pos]]\nid = \"pump 1\"\nkind = \"fuel\"\n").unwrap_err();
-        assert!(e.to_string().contains("pos[0].id"), "{e}");
+        assert!(e.to_string().contains("pos.0.id"), "{e}");
         let e = load_toml("[[pos]]\nid = \"p\"\nkind = \"diesel\"\n").unwrap_err();
-        assert!(e.to_string().contains("pos[0].kind"), "{e}");
+        assert!(e.to_string().contains("pos.0.kind"), "{e}");
         let e = load_toml("[mqtt]\nbroker = \"amqp://x\"\n").unwrap_err();
         assert!(e.to_string().contains("mqtt.broker"), "{e}");
         let e = load_toml("[mercadopago]\naccess_token = \"APP_USR-1\"\n").unwrap_err();

@@ -57,6 +57,11 @@ pub fn spawn(
     let max = (cfg.max_payload_bytes * 4).max(64 * 1024);
     opts.set_max_packet_size(max, max);
     opts.set_inflight(200);
+    if let (Some(user), Some(password)) = (&cfg.username, &cfg.password) {
+        opts.set_credentials(user.clone(), password.expose().to_owned());
+    } else if let Some(user) = &cfg.username {
+        opts.set_credentials(user.clone(), String::new());
+    }
     let (client, mut eventloop) = AsyncClient::new(opts, 1024);
     let link = Arc::new(LinkState::default());
     let topics = Topics::new(&cfg.topic_prefix);

@@ -49,6 +49,12 @@ impl Mosquitto {
     /// `None` (and a note on stderr) when Mosquitto is not installed, unless
     /// QRGATE_REQUIRE_MOSQUITTO=1 makes that a failure.
     pub fn start() -> Option<Mosquitto> {
+        Mosquitto::start_with(|_| None)
+    }
+
+    /// Starts Mosquitto with the config `conf(port)` returns (or `-p PORT`
+    /// when it returns `None`).
+    pub fn start_with(conf: impl FnOnce(u16) -> Option<std::path::PathBuf>) -> Option<Mosquitto> {
         let found = Command::new("mosquitto")
             .arg("-h")
             .stdout(Stdio::null())
@@ -63,8 +69,12 @@ impl Mosquitto {
             return None;
         }
         let port = free_port();
+        let args = match conf(port) {
+            Some(path) => vec!["-c".to_owned(), path.display().to_string()],
+            None => vec!["-p".to_owned(), port.to_string()],
+        };
         let child = Command::new("mosquitto")
-            .args(["-p", &port.to_string()])
+            .args(&args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -171,6 +181,7 @@ impl TestApp {
             pos("vending-1", PosKind::Vending),
         ];
         tweak(&mut config);
+        let prefix = config.mqtt.topic_prefix.clone();
         let app = App::build_on(config.clone(), listener)
             .await
             .expect("app builds");
