@@ -8,7 +8,7 @@
 //! rumqttd drops a client that acknowledges out of order.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +29,8 @@ use crate::orders::PosId;
 pub struct LinkState {
     pub connected: AtomicBool,
     pub subscribed: AtomicBool,
+    /// CONNACKs received: more than one means the connection was lost.
+    pub connections: AtomicU64,
 }
 
 impl LinkState {
@@ -130,6 +132,7 @@ pub fn spawn(
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     failures = 0;
                     state.connected.store(true, Ordering::Release);
+                    state.connections.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(session_present = ack.session_present, "connected to the MQTT broker");
                     // Never await the client inside the event loop's task:
                     // its requests need this loop to be polled.

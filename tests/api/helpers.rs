@@ -107,6 +107,7 @@ pub struct TestApp {
     pub mp: Simulator,
     pub config: Config,
     pub app_gateway: Arc<qrgate::gateway::Gateway>,
+    pub link: Arc<qrgate::mqtt::connection::LinkState>,
     stop: CancellationToken,
     done: Option<tokio::task::JoinHandle<()>>,
     pub dir: Arc<tempfile::TempDir>,
@@ -186,6 +187,7 @@ impl TestApp {
             .await
             .expect("app builds");
         let app_gateway = app.gateway();
+        let link = app.link();
         let stop = app.shutdown_token();
         let done = tokio::spawn(async move {
             app.run_until_stopped().await.unwrap();
@@ -197,6 +199,7 @@ impl TestApp {
             mp,
             config,
             app_gateway,
+            link,
             stop,
             done: Some(done),
             dir,

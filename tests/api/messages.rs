@@ -147,3 +147,30 @@ async fn clp_sales_are_whole_pesos() {
     assert!(text.contains(r#""unit_price":10490"#), "{text}");
     assert!(text.contains(r#""currency_id":"CLP""#), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_across_pos_is_handled_without_losing_the_broker_connection() {
+    // rumqttd drops a client that acknowledges out of order; POS are handled
+    // in parallel, so acknowledgements must still leave in arrival order.
+    let app = TestApp::spawn().await;
+    let pump = app.device("pump-1").await;
+    let vending = app.device("vending-1").await;
+    for i in 0..20 {
+        let id = i.to_string();
+        pump.publish_sale(&id, &fuel("1", "10"), None)
+            .await
+            .unwrap();
+        vending.publish_sale(&id, &snack("10"), None).await.unwrap();
+        pump.cancel(&id).await.unwrap();
+        vending.cancel(&id).await.unwrap();
+    }
+    state_of(&pump, "19", "cancelled").await;
+    state_of(&vending, "19", "cancelled").await;
+    assert_eq!(
+        app.link
+            .connections
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "qrgate's broker connection dropped during the burst"
+    );
+}
