@@ -220,22 +220,8 @@ async fn sales_survive_a_restart_and_polls_answer_the_same_body() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_app_runs_its_own_embedded_broker() {
-    let mp = qrgate::mercadopago::simulator::Simulator::start(Default::default())
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let mut config = qrgate::config::Config::defaults();
-    config.http.public_url = base.clone();
-    config.mercadopago.api_base = mp.base_url();
-    config.mercadopago.access_token = Some(qrgate::config::Secret::new("TEST-sim-token"));
-    config.mqtt.embedded_listen = "127.0.0.1:0".parse().unwrap();
-    config.store.path = dir.path().join("q.db");
-    let app = qrgate::app::App::build_on(config, listener).await.unwrap();
-    let port = app.mqtt_addr().port();
-    let stop = app.shutdown_token();
-    let done = tokio::spawn(app.run_until_stopped());
+    let app = BareApp::start(|_| {}).await;
+    let (mp, base, port) = (&app.mp, &app.base, app.mqtt_port);
 
     let vending = qrgate_devices::Device::connect(
         qrgate_devices::DeviceConfig::new("127.0.0.1", port, "vending-1").without_presence(),
@@ -255,6 +241,5 @@ async fn the_app_runs_its_own_embedded_broker() {
         .await
         .unwrap();
     state_of(&vending, "1", "paid").await;
-    stop.cancel();
-    done.await.unwrap().unwrap();
+    app.stop().await;
 }

@@ -408,3 +408,50 @@ pub async fn rejection(device: &Device) -> StateMessage {
         .await
         .unwrap_or_else(|e| panic!("{e}"))
 }
+
+/// The app built from `Config::defaults()` as the first run has it (its own
+/// embedded broker, on port 0 here), with the simulator and a temp store;
+/// `tweak` changes the rest. Not waited on: readiness is the caller's to test.
+pub struct BareApp {
+    pub base: String,
+    pub mp: Simulator,
+    pub mqtt_port: u16,
+    stop: CancellationToken,
+    done: tokio::task::JoinHandle<anyhow::Result<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl BareApp {
+    pub async fn start(tweak: impl FnOnce(&mut Config)) -> BareApp {
+        let mp = Simulator::start(SimulatorConfig::default()).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let mut config = Config::defaults();
+        config.http.public_url = base.clone();
+        config.mercadopago.api_base = mp.base_url();
+        config.mercadopago.access_token =
+            Some(Secret::new(SimulatorConfig::default().access_token));
+        config.mqtt.embedded_listen = "127.0.0.1:0".parse().unwrap();
+        config.store.path = dir.path().join("q.db");
+        tweak(&mut config);
+        let app = App::build_on(config, listener).await.unwrap();
+        let mqtt_port = app.mqtt_addr().port();
+        let stop = app.shutdown_token();
+        let done = tokio::spawn(app.run_until_stopped());
+        BareApp {
+            base,
+            mp,
+            mqtt_port,
+            stop,
+            done,
+            _dir: dir,
+        }
+    }
+
+    /// Stops gracefully; the app must end without error.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        self.done.await.unwrap().unwrap();
+    }
+}

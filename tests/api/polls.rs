@@ -154,28 +154,19 @@ async fn health_is_up_and_ready_means_store_and_broker() {
 async fn readiness_fails_with_a_reason_when_the_broker_is_unreachable() {
     // A port where nothing listens.
     let port = free_port();
-    let mp = qrgate::mercadopago::simulator::Simulator::start(Default::default())
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let mut config = qrgate::config::Config::defaults();
-    config.mercadopago.api_base = mp.base_url();
-    config.mqtt.broker = qrgate::config::Broker::External {
-        host: "127.0.0.1".into(),
-        port,
-    };
-    config.store.path = dir.path().join("q.db");
-    let app = qrgate::app::App::build_on(config, listener).await.unwrap();
-    let stop = app.shutdown_token();
-    let done = tokio::spawn(app.run_until_stopped());
+    let app = BareApp::start(|c| {
+        c.mqtt.broker = qrgate::config::Broker::External {
+            host: "127.0.0.1".into(),
+            port,
+        };
+    })
+    .await;
+    let base = &app.base;
     let r = reqwest::get(format!("{base}/readyz")).await.unwrap();
     assert_eq!(r.status(), 503);
     let body = r.text().await.unwrap();
     assert!(body.contains("MQTT broker not connected"), "{body}");
     let r = reqwest::get(format!("{base}/healthz")).await.unwrap();
     assert_eq!(r.status(), 200);
-    stop.cancel();
-    done.await.unwrap().unwrap();
+    app.stop().await;
 }
