@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Broker, Config};
-use crate::gateway::{now_millis, Gateway};
+use crate::gateway::{now_millis, BookSettings, Gateway};
 use crate::http::answer::OrderContext;
 use crate::mercadopago::client::MpClient;
 use crate::mqtt::connection::{self, LinkState};
@@ -90,8 +90,11 @@ impl App {
                 config.pos.clone(),
                 Arc::clone(&store),
                 ctx,
-                config.mercadopago.collector_id,
-                Topics::new(&config.mqtt.topic_prefix),
+                BookSettings {
+                    collector_id: config.mercadopago.collector_id,
+                    auto_refund: config.orders.auto_refund,
+                    topics: Topics::new(&config.mqtt.topic_prefix),
+                },
                 publish_tx,
                 served_tx,
             )
@@ -108,7 +111,44 @@ impl App {
             &tracker,
         );
         let client = MpClient::new(&config.mercadopago)?;
-        let settler = settlement::spawn(client, Arc::clone(&gateway), shutdown.clone(), &tracker);
+        let settler = settlement::spawn(
+            client.clone(),
+            Arc::clone(&gateway),
+            shutdown.clone(),
+            &tracker,
+        );
+        tracker.spawn(crate::reconcile::run(
+            client.clone(),
+            Arc::clone(&gateway),
+            config.orders.clone(),
+            shutdown.clone(),
+        ));
+        tracker.spawn(crate::refunds::run(
+            client,
+            Arc::clone(&gateway),
+            shutdown.clone(),
+        ));
+        // Repeats `paid` until the device confirms it acted on it.
+        {
+            let gateway = Arc::clone(&gateway);
+            let shutdown = shutdown.clone();
+            let every = Duration::from_secs(config.orders.paid_republish_secs);
+            tracker.spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                tick.tick().await;
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        _ = shutdown.cancelled() => break,
+                    }
+                    for (p, reference) in gateway.undelivered() {
+                        tracing::debug!(external_reference = %reference, "paid_undelivered: paid republished");
+                        gateway.republish(p);
+                    }
+                }
+            });
+        }
 
         // Marks served sales off the poll path.
         {
@@ -224,6 +264,11 @@ impl App {
             .is_err()
         {
             tracing::warn!("background tasks did not finish within 10 s");
+        }
+        // A write queued behind every other: when it commits, all before it
+        // are on disk.
+        if let Err(e) = self.gateway.store().check_writable().await {
+            tracing::error!(error = %e, "store could not be flushed at shutdown");
         }
         tracing::info!("stopped");
         Ok(())

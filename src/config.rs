@@ -92,6 +92,16 @@ pub struct MqttConfig {
 #[derive(Debug, Clone)]
 pub struct OrdersConfig {
     pub ttl_secs: u64,
+    /// Seconds after a sale is first served before reconciliation searches
+    /// for its merchant orders (MP's contingency for lost notifications).
+    pub reconcile_after_secs: u64,
+    /// How long reconciliation keeps looking at a served sale that did not
+    /// close (a late payment for it must still become `refund_due`).
+    pub reconcile_window_secs: u64,
+    /// `paid` is republished this often until the device confirms delivery.
+    pub paid_republish_secs: u64,
+    /// Refund late payments and failed deliveries through the API.
+    pub auto_refund: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -172,6 +182,10 @@ struct RawMqtt {
 #[serde(deny_unknown_fields)]
 struct RawOrders {
     ttl_secs: u64,
+    reconcile_after_secs: u64,
+    reconcile_window_secs: u64,
+    paid_republish_secs: u64,
+    auto_refund: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -235,7 +249,13 @@ fn defaults() -> RawConfig {
             max_payload_bytes: 16 * 1024,
             username: None,
         },
-        orders: RawOrders { ttl_secs: 600 },
+        orders: RawOrders {
+            ttl_secs: 600,
+            reconcile_after_secs: 10,
+            reconcile_window_secs: 86_400,
+            paid_republish_secs: 10,
+            auto_refund: false,
+        },
         store: RawStore {
             path: "qrgate.db".into(),
             fsync: true,
@@ -422,6 +442,15 @@ fn validate(raw: RawConfig, access_token: Option<Secret>) -> Result<Config, Conf
             LogFormat::Pretty
         }
     };
+    if raw.orders.paid_republish_secs == 0 {
+        bad("orders.paid_republish_secs", "must be at least 1".into());
+    }
+    if raw.orders.reconcile_window_secs < raw.orders.reconcile_after_secs {
+        bad(
+            "orders.reconcile_window_secs",
+            "must not be shorter than orders.reconcile_after_secs".into(),
+        );
+    }
     if raw.store.path.trim().is_empty() {
         bad("store.path", "must name a database file".into());
     }
@@ -516,6 +545,10 @@ fn validate(raw: RawConfig, access_token: Option<Secret>) -> Result<Config, Conf
         },
         orders: OrdersConfig {
             ttl_secs: raw.orders.ttl_secs,
+            reconcile_after_secs: raw.orders.reconcile_after_secs,
+            reconcile_window_secs: raw.orders.reconcile_window_secs,
+            paid_republish_secs: raw.orders.paid_republish_secs,
+            auto_refund: raw.orders.auto_refund,
         },
         store: StoreConfig {
             path: PathBuf::from(raw.store.path),

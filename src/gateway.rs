@@ -13,17 +13,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use dashmap::DashMap;
-use tokio::sync::{mpsc, Mutex};
+use tokio::sync::{mpsc, Mutex, Notify};
 
 use crate::http::answer::{self, OrderContext, PollAnswer};
 use crate::mqtt::outbound;
 use crate::mqtt::topics::Topics;
-use crate::orders::settle::{check_payment, MerchantOrderFacts};
+use crate::orders::settle::{check_payment, MerchantOrderFacts, PaymentStatus};
 use crate::orders::{
     self, Command, Ctx, ExternalReference, Outcome, PosConfig, PosId, PosState, Sale, SaleEvent,
     UnixMillis,
 };
-use crate::store::{MerchantOrderRecord, Store, StoreError};
+use crate::store::{MerchantOrderRecord, PaymentRecord, Store, StoreError};
 
 /// A POS as polls see it: its state and the answer rendered from it.
 #[derive(Debug)]
@@ -69,9 +69,18 @@ pub struct Gateway {
     store: Arc<dyn Store>,
     ctx: OrderContext,
     collector_id: u64,
+    auto_refund: bool,
     topics: Topics,
     publish: mpsc::UnboundedSender<Publish>,
     served: mpsc::UnboundedSender<(PosId, ExternalReference)>,
+    refunds_due: Arc<Notify>,
+}
+
+/// What the book needs from the configuration besides the POS.
+pub struct BookSettings {
+    pub collector_id: u64,
+    pub auto_refund: bool,
+    pub topics: Topics,
 }
 
 pub fn now_millis() -> UnixMillis {
@@ -84,11 +93,15 @@ impl Gateway {
         pos: Vec<PosConfig>,
         store: Arc<dyn Store>,
         ctx: OrderContext,
-        collector_id: u64,
-        topics: Topics,
+        settings: BookSettings,
         publish: mpsc::UnboundedSender<Publish>,
         served: mpsc::UnboundedSender<(PosId, ExternalReference)>,
     ) -> Result<Gateway, GatewayError> {
+        let BookSettings {
+            collector_id,
+            auto_refund,
+            topics,
+        } = settings;
         let latest = store.latest_sales().await?;
         let mut by_pos: HashMap<PosId, Sale> =
             latest.into_iter().map(|s| (s.pos.clone(), s)).collect();
@@ -116,9 +129,11 @@ impl Gateway {
             store,
             ctx,
             collector_id,
+            auto_refund,
             topics,
             publish,
             served,
+            refunds_due: Arc::new(Notify::new()),
         })
     }
 
@@ -209,7 +224,7 @@ impl Gateway {
 
     /// Makes a stored change visible: the view, the reference index, and
     /// the device's retained state.
-    fn commit(&self, cfg: &PosConfig, presence: orders::Presence, sale: Sale) {
+    fn commit(&self, cfg: &PosConfig, presence: orders::Presence, sale: Sale, publish: bool) {
         if let Some(old) = self.view(&cfg.id).and_then(|v| v.state.current.clone()) {
             if old.external_reference != sale.external_reference {
                 self.by_reference.remove(&old.external_reference);
@@ -222,10 +237,18 @@ impl Gateway {
             current: Some(sale),
         };
         let v = view(cfg, state, &self.ctx);
-        if let Some(s) = &v.state.current {
+        if let Some(s) = v.state.current.as_ref().filter(|_| publish) {
             self.publish_state(s);
         }
         self.views.insert(cfg.id.clone(), Arc::new(v));
+    }
+
+    fn now(&self) -> Ctx {
+        Ctx {
+            now: now_millis(),
+            random: rand::random(),
+            auto_refund: self.auto_refund,
+        }
     }
 
     /// Applies a command to a POS: decide, store, show, tell.
@@ -237,16 +260,15 @@ impl Gateway {
         let current = self
             .view(pos)
             .ok_or_else(|| GatewayError::UnknownPos(pos.to_string()))?;
-        let ctx = Ctx {
-            now: now_millis(),
-            random: rand::random(),
-        };
-        let outcome = orders::apply(cfg, &current.state, cmd, ctx);
+        let outcome = orders::apply(cfg, &current.state, cmd, self.now());
         match &outcome {
             Outcome::Changed { sale, event } => {
                 self.store.record(sale, event).await?;
                 log_event(sale, event);
-                self.commit(cfg, current.state.presence, sale.clone());
+                self.wake_refunds(sale);
+                // A failed delivery changes nothing the device must hear.
+                let publish = !matches!(event, SaleEvent::Delivered { .. });
+                self.commit(cfg, current.state.presence, sale.clone(), publish);
             }
             Outcome::Republish => {
                 if let Some(s) = &current.state.current {
@@ -294,6 +316,19 @@ impl Gateway {
                 status: status.to_owned(),
                 body: raw,
                 seen_at: now_millis(),
+                payments: facts
+                    .payments
+                    .iter()
+                    .map(|p| PaymentRecord {
+                        id: p.id,
+                        status: match &p.status {
+                            PaymentStatus::Approved => "approved".to_owned(),
+                            PaymentStatus::Other(s) => s.clone(),
+                        },
+                        amount: p.amount.to_string(),
+                        currency: p.currency.clone(),
+                    })
+                    .collect(),
             })
             .await?;
         let refuse = |why: String| {
@@ -307,34 +342,11 @@ impl Gateway {
         else {
             return refuse("external_reference is not one of ours".into());
         };
-        // The current sale of its POS, or an older one from the store.
-        let pos = match self.by_reference.get(&reference).map(|p| p.value().clone()) {
-            Some(p) => p,
-            None => match self.store.sale(&reference).await? {
-                Some(s) => s.pos,
-                None => return refuse("external_reference is not one of ours".into()),
-            },
+        let Some(locked) = self.lock_sale(&reference).await? else {
+            return refuse("external_reference is not one of ours".into());
         };
-        let (Some(cfg), Some(lock)) = (self.pos.get(&pos), self.locks.get(&pos)) else {
-            return refuse(format!("sale belongs to POS {pos}, no longer configured"));
-        };
-        let _guard = lock.lock().await;
-        let view = self
-            .view(&pos)
-            .ok_or_else(|| GatewayError::UnknownPos(pos.to_string()))?;
-        let current = view
-            .state
-            .current
-            .as_ref()
-            .filter(|s| s.external_reference == reference);
-        let sale = match current {
-            Some(s) => s.clone(),
-            None => match self.store.sale(&reference).await? {
-                Some(s) => s,
-                None => return refuse("sale not found".into()),
-            },
-        };
-        let payment = match check_payment(&sale, facts, self.collector_id) {
+        let (pos, sale) = (locked.cfg.id.clone(), &locked.sale);
+        let payment = match check_payment(sale, facts, self.collector_id) {
             Ok(p) => p,
             Err(why) => {
                 tracing::info!(pos = %pos, sale_id = %sale.sale_id, external_reference = %reference,
@@ -342,7 +354,7 @@ impl Gateway {
                 return Ok(Settlement::Refused(why.code().to_owned()));
             }
         };
-        let outcome = orders::pay(&sale, &payment, now_millis());
+        let outcome = orders::pay(sale, &payment, self.now());
         let Outcome::Changed {
             sale: changed,
             event,
@@ -362,19 +374,148 @@ impl Gateway {
             Err(e) => return Err(e.into()),
         }
         log_event(&changed, &event);
-        let is_current = current.is_some();
         let settlement = match event {
             SaleEvent::Paid { .. } => Settlement::Paid {
                 reference: reference.clone(),
             },
-            _ => Settlement::RefundDue {
-                reference: reference.clone(),
+            _ => {
+                self.wake_refunds(&changed);
+                Settlement::RefundDue {
+                    reference: reference.clone(),
+                }
+            }
+        };
+        // Money for a sale that is no longer payable tells the device nothing.
+        let publish = matches!(settlement, Settlement::Paid { .. });
+        locked.show(self, changed, publish);
+        Ok(settlement)
+    }
+
+    /// Finds a sale by reference and locks its POS: the current sale of
+    /// its POS, or an older one from the store. `None` when it is not ours.
+    async fn lock_sale(
+        &self,
+        reference: &ExternalReference,
+    ) -> Result<Option<Locked<'_>>, GatewayError> {
+        let pos = match self.by_reference.get(reference).map(|p| p.value().clone()) {
+            Some(p) => p,
+            None => match self.store.sale(reference).await? {
+                Some(s) => s.pos,
+                None => return Ok(None),
             },
         };
-        if is_current {
-            self.commit(cfg, view.state.presence, changed);
+        let (Some(cfg), Some(lock)) = (self.pos.get(&pos), self.locks.get(&pos)) else {
+            tracing::warn!(pos = %pos, external_reference = %reference, "sale belongs to a POS no longer configured");
+            return Ok(None);
+        };
+        let guard = lock.lock().await;
+        let view = self
+            .view(&pos)
+            .ok_or_else(|| GatewayError::UnknownPos(pos.to_string()))?;
+        let current = view
+            .state
+            .current
+            .as_ref()
+            .filter(|s| &s.external_reference == reference)
+            .cloned();
+        let is_current = current.is_some();
+        let sale = match current {
+            Some(s) => s,
+            None => match self.store.sale(reference).await? {
+                Some(s) => s,
+                None => return Ok(None),
+            },
+        };
+        Ok(Some(Locked {
+            cfg,
+            _guard: guard,
+            view,
+            sale,
+            is_current,
+        }))
+    }
+
+    /// Wakes the refunder when `sale` has a refund to make itself.
+    fn wake_refunds(&self, sale: &Sale) {
+        if sale.refunds.iter().any(|r| r.auto && r.refunded.is_none()) {
+            self.refunds_due.notify_one();
         }
-        Ok(settlement)
+    }
+
+    /// Signalled whenever a refund qrgate must make comes due.
+    pub fn refunds_due(&self) -> Arc<Notify> {
+        Arc::clone(&self.refunds_due)
+    }
+
+    /// The `paid` state of every current sale whose device has not
+    /// confirmed delivery: republished until it does (CONTRACT-NOTES).
+    pub fn undelivered(&self) -> Vec<(Publish, ExternalReference)> {
+        self.views
+            .iter()
+            .filter_map(|v| {
+                v.state
+                    .current
+                    .as_ref()
+                    .filter(|s| s.is_paid_undelivered())
+                    .map(|s| {
+                        (
+                            Publish {
+                                topic: self.topics.state(s.pos.as_str()),
+                                payload: outbound::state(s),
+                                retain: true,
+                            },
+                            s.external_reference.clone(),
+                        )
+                    })
+            })
+            .collect()
+    }
+
+    pub fn republish(&self, p: Publish) {
+        self.send(p);
+    }
+
+    /// Records that Mercado Pago refunded `payment_id` of a sale.
+    pub async fn record_refund(
+        &self,
+        reference: &ExternalReference,
+        payment_id: u64,
+        refund_id: u64,
+    ) -> Result<bool, GatewayError> {
+        let Some(locked) = self.lock_sale(reference).await? else {
+            return Ok(false);
+        };
+        let Some(Outcome::Changed { sale, event }) =
+            orders::book::refunded(&locked.sale, payment_id, refund_id, now_millis())
+        else {
+            return Ok(false);
+        };
+        match self.store.record(&sale, &event).await {
+            Ok(()) => {}
+            Err(StoreError::AlreadyDue(_)) => return Ok(false),
+            Err(e) => return Err(e.into()),
+        }
+        log_event(&sale, &event);
+        locked.show(self, sale, false);
+        Ok(true)
+    }
+}
+
+/// A sale found by reference, with its POS locked.
+struct Locked<'a> {
+    cfg: &'a PosConfig,
+    _guard: tokio::sync::MutexGuard<'a, ()>,
+    view: Arc<PosView>,
+    sale: Sale,
+    is_current: bool,
+}
+
+impl Locked<'_> {
+    /// Makes a stored change visible when the sale is its POS's current one.
+    fn show(self, gateway: &Gateway, sale: Sale, publish: bool) {
+        if self.is_current {
+            gateway.commit(self.cfg, self.view.state.presence, sale, publish);
+        }
     }
 }
 
@@ -481,12 +622,14 @@ fn log_event(sale: &Sale, event: &SaleEvent) {
                     sale_id,
                     external_reference = reference,
                     reason = reason.as_deref(),
-                    "device failed to deliver a paid sale"
+                    payment = sale.settled.as_ref().map(|p| p.payment_id),
+                    auto_refund = sale.refunds.last().map(|r| r.auto),
+                    "device failed to deliver a paid sale: refund due"
                 );
             }
         }
         SaleEvent::RefundDue => {
-            let r = sale.refund_due.as_ref();
+            let r = sale.refunds.last();
             tracing::error!(
                 pos,
                 sale_id,
@@ -495,7 +638,22 @@ fn log_event(sale: &Sale, event: &SaleEvent) {
                 payment = r.map(|r| r.payment_id),
                 paid = r.map(|r| r.amount.to_string()),
                 state = sale.state.as_str(),
+                reason = r.map(|r| r.reason.as_str()),
+                auto_refund = r.map(|r| r.auto),
                 "payment for a sale that was no longer payable: refund due"
+            );
+        }
+        SaleEvent::Refunded { payment_id } => {
+            let r = sale.refunds.iter().find(|r| r.payment_id == *payment_id);
+            tracing::info!(
+                pos,
+                sale_id,
+                external_reference = reference,
+                payment = payment_id,
+                merchant_order = r.map(|r| r.merchant_order),
+                refund = r.and_then(|r| r.refunded.as_ref()).map(|d| d.refund_id),
+                amount = r.map(|r| r.amount.to_string()),
+                "payment refunded"
             );
         }
     }

@@ -9,6 +9,9 @@
 //!    order; it is fetched through `mercadopago::client` and settled.
 //! 5. `mqtt::outbound`: the device is told its sale's state.
 //!
+//! Beside them, `reconcile` searches for payments whose notifications never
+//! came, and `refunds` returns money for sales that could not take it.
+//!
 //! `app` wires them; `config` types the settings; `money` keeps amounts exact.
 
 pub mod app;
@@ -20,6 +23,8 @@ pub mod mercadopago;
 pub mod money;
 pub mod mqtt;
 pub mod orders;
+pub mod reconcile;
+pub mod refunds;
 pub mod settlement;
 pub mod store;
 pub mod telemetry;

@@ -129,10 +129,9 @@ async fn process(client: &MpClient, gateway: &Gateway, r: Resource) -> Result<()
 
 async fn settle_all(
     gateway: &Gateway,
-    found: Vec<crate::mercadopago::wire::MerchantOrder>,
+    found: Vec<(crate::mercadopago::wire::MerchantOrder, String)>,
 ) -> Result<(), ProcessError> {
-    for mo in found {
-        let raw = serde_json::json!({ "id": mo.id.0, "status": mo.status, "external_reference": mo.external_reference }).to_string();
+    for (mo, raw) in found {
         let status = mo.status.clone().unwrap_or_default();
         gateway.settle(&mo.facts(), raw, &status).await?;
     }

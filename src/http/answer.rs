@@ -197,7 +197,11 @@ mod tests {
             p,
             &PosState::idle(),
             Command::Sale(req),
-            Ctx { now: 0, random: 1 },
+            Ctx {
+                now: 0,
+                random: 1,
+                auto_refund: false,
+            },
         ) else {
             panic!()
         };

@@ -72,6 +72,17 @@ impl RetryPolicy {
     }
 }
 
+/// One API call: a GET, or a POST with an idempotency key.
+struct Request<'a> {
+    path: &'a str,
+    idempotency_key: Option<&'a str>,
+}
+
+#[derive(serde::Deserialize)]
+struct RefundAnswer {
+    id: super::wire::Id,
+}
+
 #[derive(Clone)]
 pub struct MpClient {
     http: reqwest::Client,
@@ -101,22 +112,30 @@ impl MpClient {
         self
     }
 
-    async fn get_once<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, MpError> {
+    async fn call_once<T: serde::de::DeserializeOwned>(
+        &self,
+        req: &Request<'_>,
+    ) -> Result<T, MpError> {
         let token = self.token.as_ref().ok_or(MpError::NoToken)?;
-        let resp = self
-            .http
-            .get(format!("{}{}", self.base, path))
-            .bearer_auth(token.expose())
-            .send()
-            .await
-            .map_err(|e| {
-                if e.is_timeout() {
-                    MpError::Timeout
-                } else {
-                    // reqwest's text names the URL, never the token.
-                    MpError::Transport(e.without_url().to_string())
-                }
-            })?;
+        let url = format!("{}{}", self.base, req.path);
+        let mut builder = match req.idempotency_key {
+            None => self.http.get(url),
+            // A POST with an empty body: a full refund.
+            Some(key) => self
+                .http
+                .post(url)
+                .header("X-Idempotency-Key", key)
+                .header(reqwest::header::CONTENT_LENGTH, 0),
+        };
+        builder = builder.bearer_auth(token.expose());
+        let resp = builder.send().await.map_err(|e| {
+            if e.is_timeout() {
+                MpError::Timeout
+            } else {
+                // reqwest's text names the URL, never the token.
+                MpError::Transport(e.without_url().to_string())
+            }
+        })?;
         let status = resp.status();
         let retry_after = resp
             .headers()
@@ -148,9 +167,18 @@ impl MpClient {
     }
 
     async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, MpError> {
+        self.call(&Request {
+            path,
+            idempotency_key: None,
+        })
+        .await
+    }
+
+    async fn call<T: serde::de::DeserializeOwned>(&self, req: &Request<'_>) -> Result<T, MpError> {
+        let path = req.path;
         let mut attempt = 0;
         loop {
-            match self.get_once(path).await {
+            match self.call_once(req).await {
                 Err(e) if e.is_transient() && attempt + 1 < self.retry.attempts => {
                     let retry_after = match &e {
                         MpError::RateLimited { retry_after } => *retry_after,
@@ -178,16 +206,37 @@ impl MpClient {
         self.get(&format!("/v1/payments/{id}")).await
     }
 
+    /// Every merchant order of a sale (one per scan), each with its body.
     pub async fn search_merchant_orders(
         &self,
         external_reference: &str,
-    ) -> Result<Vec<MerchantOrder>, MpError> {
+    ) -> Result<Vec<(MerchantOrder, String)>, MpError> {
         // External references are [A-Za-z0-9_-]: nothing to escape.
         let page: SearchPage = self
             .get(&format!(
                 "/merchant_orders/search?external_reference={external_reference}"
             ))
             .await?;
-        Ok(page.elements.unwrap_or_default())
+        page.elements
+            .unwrap_or_default()
+            .into_iter()
+            .map(|raw| {
+                serde_json::from_str::<MerchantOrder>(raw.get())
+                    .map(|mo| (mo, raw.get().to_owned()))
+                    .map_err(|e| MpError::Decode(e.to_string()))
+            })
+            .collect()
+    }
+
+    /// Refunds a payment in full (an empty body). The idempotency key makes
+    /// a retry, or a second process, refund it once.
+    pub async fn refund(&self, payment_id: u64, idempotency_key: &str) -> Result<u64, MpError> {
+        let r: RefundAnswer = self
+            .call(&Request {
+                path: &format!("/v1/payments/{payment_id}/refunds"),
+                idempotency_key: Some(idempotency_key),
+            })
+            .await?;
+        Ok(r.id.0)
     }
 }

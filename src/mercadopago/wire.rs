@@ -151,8 +151,9 @@ impl Payment {
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct SearchPage {
+    /// Kept raw so each merchant order is stored as Mercado Pago sent it.
     #[serde(default)]
-    pub elements: Option<Vec<MerchantOrder>>,
+    pub elements: Option<Vec<Box<serde_json::value::RawValue>>>,
     #[serde(default)]
     pub total: Option<u64>,
 }
@@ -242,5 +243,8 @@ mod tests {
         let s: SearchPage =
             serde_json::from_str(r#"{"elements":null,"total":0,"next_offset":0}"#).unwrap();
         assert!(s.elements.is_none());
+        let s: SearchPage =
+            serde_json::from_str(r#"{"elements":[{"id":1,"status":"opened"}],"total":1}"#).unwrap();
+        assert_eq!(s.elements.unwrap().len(), 1);
     }
 }

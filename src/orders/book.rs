@@ -158,11 +158,20 @@ pub enum SaleEvent {
     Accepted,
     Priced,
     Served,
-    Paid { overpaid: bool },
+    Paid {
+        overpaid: bool,
+    },
     Cancelled,
     Expired,
-    Delivered { ok: bool, reason: Option<String> },
+    Delivered {
+        ok: bool,
+        reason: Option<String>,
+    },
     RefundDue,
+    /// Mercado Pago refunded `payment_id`.
+    Refunded {
+        payment_id: u64,
+    },
 }
 
 impl SaleEvent {
@@ -176,6 +185,7 @@ impl SaleEvent {
             SaleEvent::Expired => "expired",
             SaleEvent::Delivered { .. } => "delivered",
             SaleEvent::RefundDue => "refund_due",
+            SaleEvent::Refunded { .. } => "refunded",
         }
     }
 }
@@ -205,6 +215,8 @@ pub enum Outcome {
 pub struct Ctx {
     pub now: UnixMillis,
     pub random: u32,
+    /// `[orders] auto_refund`, fixed on each refund as it comes due.
+    pub auto_refund: bool,
 }
 
 fn expiry(pos: &PosConfig, now: UnixMillis) -> Option<UnixMillis> {
@@ -280,7 +292,7 @@ fn new_sale(pos: &PosConfig, sale_id: SaleId, ctx: Ctx) -> Sale {
         served_at: None,
         settled: None,
         delivered_at: None,
-        refund_due: None,
+        refunds: Vec::new(),
         updated_at: ctx.now,
     }
 }
@@ -382,6 +394,18 @@ pub fn apply(pos: &PosConfig, state: &PosState, cmd: Command, ctx: Ctx) -> Outco
                 let mut sale = s.clone();
                 sale.delivered_at = Some(ctx.now);
                 sale.updated_at = ctx.now;
+                // The customer paid and got nothing: the payment is owed back.
+                if let (false, Some(paid)) = (ok, &s.settled) {
+                    sale.refunds.push(RefundDue {
+                        payment_id: paid.payment_id,
+                        merchant_order: paid.merchant_order,
+                        amount: paid.paid,
+                        at: ctx.now,
+                        reason: RefundReason::DeliveryFailed,
+                        auto: ctx.auto_refund,
+                        refunded: None,
+                    });
+                }
                 Outcome::Changed {
                     sale,
                     event: SaleEvent::Delivered { ok, reason },
@@ -428,8 +452,25 @@ pub fn apply(pos: &PosConfig, state: &PosState, cmd: Command, ctx: Ctx) -> Outco
     }
 }
 
+/// Records that Mercado Pago refunded `payment_id` of `sale`; `None` when
+/// it is not owed or already refunded.
+pub fn refunded(sale: &Sale, payment_id: u64, refund_id: u64, now: UnixMillis) -> Option<Outcome> {
+    let mut s = sale.clone();
+    let r = s
+        .refunds
+        .iter_mut()
+        .find(|r| r.payment_id == payment_id && r.refunded.is_none())?;
+    r.refunded = Some(Refunded { refund_id, at: now });
+    s.updated_at = now;
+    Some(Outcome::Changed {
+        sale: s,
+        event: SaleEvent::Refunded { payment_id },
+    })
+}
+
 /// What a verified full payment does to a sale (current or not).
-pub fn pay(sale: &Sale, payment: &Payment, now: UnixMillis) -> Outcome {
+pub fn pay(sale: &Sale, payment: &Payment, ctx: Ctx) -> Outcome {
+    let now = ctx.now;
     match effect_of(sale, payment) {
         Effect::AlreadyPaid => Outcome::Nothing,
         Effect::Close => {
@@ -451,11 +492,18 @@ pub fn pay(sale: &Sale, payment: &Payment, now: UnixMillis) -> Outcome {
         }
         Effect::RefundDue => {
             let mut s = sale.clone();
-            s.refund_due = Some(RefundDue {
+            s.refunds.push(RefundDue {
                 payment_id: payment.payment_id,
                 merchant_order: payment.merchant_order,
                 amount: payment.paid,
                 at: now,
+                reason: if sale.state == SaleState::Paid {
+                    RefundReason::DoublePayment
+                } else {
+                    RefundReason::LatePayment
+                },
+                auto: ctx.auto_refund,
+                refunded: None,
             });
             s.updated_at = now;
             Outcome::Changed {
@@ -490,7 +538,11 @@ mod tests {
     }
 
     fn ctx(now: i64) -> Ctx {
-        Ctx { now, random: 7 }
+        Ctx {
+            now,
+            random: 7,
+            auto_refund: false,
+        }
     }
 
     fn sale_req(id: &str, qty: &str, price: &str, amount: Option<&str>) -> SaleRequest {
@@ -724,20 +776,20 @@ mod tests {
             overpaid: false,
         };
         let sale = st.current.clone().unwrap();
-        let Outcome::Changed { sale: paid, .. } = pay(&sale, &payment, 1) else {
+        let Outcome::Changed { sale: paid, .. } = pay(&sale, &payment, ctx(1)) else {
             panic!()
         };
         assert_eq!(paid.state, SaleState::Paid);
-        assert_eq!(pay(&paid, &payment, 2), Outcome::Nothing);
+        assert_eq!(pay(&paid, &payment, ctx(2)), Outcome::Nothing);
 
         let mut cancelled = sale.clone();
         cancelled.state = SaleState::Cancelled;
-        let Outcome::Changed { sale: due, event } = pay(&cancelled, &payment, 3) else {
+        let Outcome::Changed { sale: due, event } = pay(&cancelled, &payment, ctx(3)) else {
             panic!()
         };
         assert_eq!(event, SaleEvent::RefundDue);
         assert_eq!(due.state, SaleState::Cancelled);
-        assert_eq!(pay(&due, &payment, 4), Outcome::Nothing);
+        assert_eq!(pay(&due, &payment, ctx(4)), Outcome::Nothing);
     }
 
     #[test]

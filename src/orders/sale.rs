@@ -241,14 +241,48 @@ pub struct Settled {
     pub at: UnixMillis,
 }
 
-/// A payment that arrived for a sale that was no longer payable: the money
-/// must go back to the customer.
+/// Why money must go back to the customer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefundReason {
+    /// Paid after the sale was cancelled or expired.
+    LatePayment,
+    /// A second merchant order paid a sale already paid.
+    DoublePayment,
+    /// The device reported it could not deliver a paid sale.
+    DeliveryFailed,
+}
+
+impl RefundReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefundReason::LatePayment => "late_payment",
+            RefundReason::DoublePayment => "double_payment",
+            RefundReason::DeliveryFailed => "delivery_failed",
+        }
+    }
+}
+
+/// A refund Mercado Pago made for us.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refunded {
+    pub refund_id: u64,
+    pub at: UnixMillis,
+}
+
+/// A payment that must go back to the customer. Whether qrgate refunds it
+/// itself is decided when it comes due (`[orders] auto_refund` then), so
+/// turning the setting on later refunds nothing by surprise.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RefundDue {
     pub payment_id: u64,
     pub merchant_order: u64,
     pub amount: Decimal,
     pub at: UnixMillis,
+    pub reason: RefundReason,
+    pub auto: bool,
+    #[serde(default)]
+    pub refunded: Option<Refunded>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -272,14 +306,28 @@ pub struct Sale {
     pub settled: Option<Settled>,
     #[serde(default)]
     pub delivered_at: Option<UnixMillis>,
+    /// Payments owed back, oldest first.
     #[serde(default)]
-    pub refund_due: Option<RefundDue>,
+    pub refunds: Vec<RefundDue>,
     pub updated_at: UnixMillis,
 }
 
 impl Sale {
     pub fn total(&self) -> Option<Amount> {
         self.amount.map(|a| Amount::new(a, self.currency))
+    }
+
+    /// Paid, and the device has not confirmed it acted on it yet.
+    pub fn is_paid_undelivered(&self) -> bool {
+        self.state == SaleState::Paid && self.delivered_at.is_none()
+    }
+
+    /// A merchant order already accounted for by this sale.
+    pub fn knows_merchant_order(&self, id: u64) -> bool {
+        self.settled
+            .as_ref()
+            .is_some_and(|s| s.merchant_order == id)
+            || self.refunds.iter().any(|r| r.merchant_order == id)
     }
 }
 

@@ -204,34 +204,12 @@ pub enum Effect {
 }
 
 pub fn effect_of(sale: &Sale, payment: &Payment) -> Effect {
+    if sale.knows_merchant_order(payment.merchant_order) {
+        return Effect::AlreadyPaid;
+    }
     match sale.state {
         SaleState::Pending | SaleState::InProcess => Effect::Close,
-        SaleState::Paid => {
-            let same = sale
-                .settled
-                .as_ref()
-                .is_some_and(|s| s.merchant_order == payment.merchant_order);
-            let known_due = sale
-                .refund_due
-                .as_ref()
-                .is_some_and(|r| r.merchant_order == payment.merchant_order);
-            if same || known_due {
-                Effect::AlreadyPaid
-            } else {
-                Effect::RefundDue
-            }
-        }
-        SaleState::Cancelled | SaleState::Expired => {
-            if sale
-                .refund_due
-                .as_ref()
-                .is_some_and(|r| r.merchant_order == payment.merchant_order)
-            {
-                Effect::AlreadyPaid
-            } else {
-                Effect::RefundDue
-            }
-        }
+        SaleState::Paid | SaleState::Cancelled | SaleState::Expired => Effect::RefundDue,
     }
 }
 
@@ -256,7 +234,7 @@ mod tests {
             served_at: None,
             settled: None,
             delivered_at: None,
-            refund_due: None,
+            refunds: vec![],
             updated_at: 0,
         }
     }

@@ -36,6 +36,16 @@ pub struct MerchantOrderRecord {
     pub status: String,
     pub body: String,
     pub seen_at: i64,
+    pub payments: Vec<PaymentRecord>,
+}
+
+/// A payment as the merchant order that carries it says.
+#[derive(Debug, Clone)]
+pub struct PaymentRecord {
+    pub id: u64,
+    pub status: String,
+    pub amount: String,
+    pub currency: Option<String>,
 }
 
 /// One event of a sale: (unix millis, event name, JSON detail).
@@ -60,6 +70,13 @@ pub trait Store: Send + Sync + 'static {
         &self,
         reference: &ExternalReference,
     ) -> Result<Vec<TimelineEntry>, StoreError>;
+
+    /// Sales served to Mercado Pago since `since` (unix millis) that no
+    /// payment has settled yet: what reconciliation searches for.
+    async fn unsettled_served(&self, since: i64) -> Result<Vec<Sale>, StoreError>;
+
+    /// Sales with a refund qrgate must make itself and has not made yet.
+    async fn pending_auto_refunds(&self) -> Result<Vec<Sale>, StoreError>;
 
     async fn merchant_order(&self, id: u64) -> Result<Option<MerchantOrderRecord>, StoreError>;
 

@@ -22,9 +22,13 @@ CREATE TABLE IF NOT EXISTS sales (
     state              TEXT NOT NULL,
     accepted_at        INTEGER NOT NULL,
     updated_at         INTEGER NOT NULL,
+    served_at          INTEGER,
+    -- 1 while the sale was served to MP and no payment is accounted for.
+    unsettled          INTEGER NOT NULL DEFAULT 0,
     body               TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS sales_by_pos ON sales (pos, accepted_at);
+CREATE INDEX IF NOT EXISTS sales_unsettled ON sales (unsettled, served_at);
 CREATE TABLE IF NOT EXISTS sale_events (
     seq                INTEGER PRIMARY KEY AUTOINCREMENT,
     external_reference TEXT NOT NULL,
@@ -45,7 +49,21 @@ CREATE TABLE IF NOT EXISTS refunds_due (
     external_reference TEXT NOT NULL,
     merchant_order     INTEGER NOT NULL,
     amount             TEXT NOT NULL,
-    at                 INTEGER NOT NULL
+    at                 INTEGER NOT NULL,
+    reason             TEXT NOT NULL,
+    auto               INTEGER NOT NULL,
+    refund_id          INTEGER,
+    refunded_at        INTEGER
+);
+CREATE INDEX IF NOT EXISTS refunds_pending ON refunds_due (auto, refund_id);
+CREATE TABLE IF NOT EXISTS payments (
+    id                 INTEGER PRIMARY KEY,
+    merchant_order     INTEGER NOT NULL,
+    external_reference TEXT,
+    status             TEXT NOT NULL,
+    amount             TEXT NOT NULL,
+    currency           TEXT,
+    seen_at            INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS merchant_orders (
     id                 INTEGER PRIMARY KEY,
@@ -80,6 +98,13 @@ enum Op {
     MerchantOrderGet {
         id: u64,
         reply: oneshot::Sender<Result<Option<MerchantOrderRecord>, StoreError>>,
+    },
+    Unsettled {
+        since: i64,
+        reply: oneshot::Sender<Result<Vec<Sale>, StoreError>>,
+    },
+    AutoRefunds {
+        reply: oneshot::Sender<Result<Vec<Sale>, StoreError>>,
     },
     Timeline {
         reference: String,
@@ -143,9 +168,16 @@ fn event_detail(sale: &Sale, event: &SaleEvent) -> String {
         }),
         SaleEvent::Delivered { ok, reason } => serde_json::json!({ "ok": ok, "reason": reason }),
         SaleEvent::RefundDue => serde_json::json!({
-            "payment_id": sale.refund_due.as_ref().map(|r| r.payment_id),
-            "merchant_order": sale.refund_due.as_ref().map(|r| r.merchant_order),
-            "amount": sale.refund_due.as_ref().map(|r| r.amount.to_string()),
+            "payment_id": sale.refunds.last().map(|r| r.payment_id),
+            "merchant_order": sale.refunds.last().map(|r| r.merchant_order),
+            "amount": sale.refunds.last().map(|r| r.amount.to_string()),
+            "reason": sale.refunds.last().map(|r| r.reason.as_str()),
+            "auto": sale.refunds.last().map(|r| r.auto),
+        }),
+        SaleEvent::Refunded { payment_id } => serde_json::json!({
+            "payment_id": payment_id,
+            "refund_id": sale.refunds.iter().find(|r| r.payment_id == *payment_id)
+                .and_then(|r| r.refunded.as_ref()).map(|r| r.refund_id),
         }),
         SaleEvent::Served | SaleEvent::Cancelled | SaleEvent::Expired => serde_json::json!({}),
     };
@@ -176,36 +208,57 @@ fn write_sale(conn: &Connection, sale: &Sale, event: &SaleEvent) -> Result<(), S
                 return Err(StoreError::AlreadyClosed(reference.to_owned()));
             }
         }
-        SaleEvent::RefundDue => {
-            let r = sale
-                .refund_due
-                .as_ref()
-                .ok_or_else(|| StoreError::Database("refund due without payment".into()))?;
+        SaleEvent::RefundDue | SaleEvent::Delivered { ok: false, .. } => {
+            let Some(r) = sale.refunds.last() else {
+                return Err(StoreError::Database("refund due without payment".into()));
+            };
             let inserted = conn
                 .execute(
-                    "INSERT INTO refunds_due (payment_id, external_reference, merchant_order, amount, at)
-                     VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
+                    "INSERT INTO refunds_due (payment_id, external_reference, merchant_order, amount, at, reason, auto)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT DO NOTHING",
                     params![
                         r.payment_id as i64,
                         reference,
                         r.merchant_order as i64,
                         r.amount.to_string(),
-                        r.at
+                        r.at,
+                        r.reason.as_str(),
+                        r.auto
                     ],
                 )
                 .map_err(db)?;
+            // One refund per payment, whatever the number of reports.
             if inserted == 0 {
                 return Err(StoreError::AlreadyDue(r.payment_id));
+            }
+        }
+        SaleEvent::Refunded { payment_id } => {
+            let r = sale
+                .refunds
+                .iter()
+                .find(|r| r.payment_id == *payment_id)
+                .and_then(|r| r.refunded.as_ref())
+                .ok_or_else(|| StoreError::Database("refunded without a refund".into()))?;
+            let updated = conn
+                .execute(
+                    "UPDATE refunds_due SET refund_id = ?2, refunded_at = ?3
+                     WHERE payment_id = ?1 AND refund_id IS NULL",
+                    params![*payment_id as i64, r.refund_id as i64, r.at],
+                )
+                .map_err(db)?;
+            if updated == 0 {
+                return Err(StoreError::AlreadyDue(*payment_id));
             }
         }
         _ => {}
     }
     let body = serde_json::to_string(sale).map_err(|e| StoreError::Database(e.to_string()))?;
     conn.execute(
-        "INSERT INTO sales (external_reference, pos, sale_id, state, accepted_at, updated_at, body)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+        "INSERT INTO sales (external_reference, pos, sale_id, state, accepted_at, updated_at, served_at, unsettled, body)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
          ON CONFLICT (external_reference) DO UPDATE SET
-           state = excluded.state, updated_at = excluded.updated_at, body = excluded.body",
+           state = excluded.state, updated_at = excluded.updated_at, served_at = excluded.served_at,
+           unsettled = excluded.unsettled, body = excluded.body",
         params![
             reference,
             sale.pos.as_str(),
@@ -213,6 +266,8 @@ fn write_sale(conn: &Connection, sale: &Sale, event: &SaleEvent) -> Result<(), S
             sale.state.as_str(),
             sale.accepted_at,
             sale.updated_at,
+            sale.served_at,
+            sale.served_at.is_some() && sale.settled.is_none() && sale.refunds.is_empty(),
             body
         ],
     )
@@ -295,8 +350,18 @@ fn run_batch(conn: &Connection, batch: Vec<Op>) {
                                    body = excluded.body, seen_at = excluded.seen_at",
                                 params![mo.id as i64, mo.external_reference, mo.status, mo.body, mo.seen_at],
                             )
-                            .map(|_| ())
-                            .map_err(db)
+                            .map_err(db)?;
+                            for p in &mo.payments {
+                                c.execute(
+                                    "INSERT INTO payments (id, merchant_order, external_reference, status, amount, currency, seen_at)
+                                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                                     ON CONFLICT (id) DO UPDATE SET status = excluded.status,
+                                       amount = excluded.amount, seen_at = excluded.seen_at",
+                                    params![p.id as i64, mo.id as i64, mo.external_reference, p.status, p.amount, p.currency, mo.seen_at],
+                                )
+                                .map_err(db)?;
+                            }
+                            Ok(())
                         })
                     });
                 pending.push((Box::new(move |r| drop(reply.send(r))), r));
@@ -333,6 +398,22 @@ fn run_batch(conn: &Connection, batch: Vec<Op>) {
                     .and_then(|b| b.map(|b| parse_sale(&reference, &b)).transpose());
                 let _ = reply.send(r);
             }
+            Op::Unsettled { since, reply } => {
+                let _ = reply.send(bodies(
+                    conn,
+                    "SELECT external_reference, body FROM sales
+                     WHERE unsettled = 1 AND served_at >= ?1",
+                    params![since],
+                ));
+            }
+            Op::AutoRefunds { reply } => {
+                let _ = reply.send(bodies(
+                    conn,
+                    "SELECT external_reference, body FROM sales WHERE external_reference IN
+                     (SELECT external_reference FROM refunds_due WHERE auto = 1 AND refund_id IS NULL)",
+                    [],
+                ));
+            }
             Op::MerchantOrderGet { id, reply } => {
                 let r = conn
                     .query_row(
@@ -345,6 +426,7 @@ fn run_batch(conn: &Connection, batch: Vec<Op>) {
                                 status: row.get(1)?,
                                 body: row.get(2)?,
                                 seen_at: row.get(3)?,
+                                payments: Vec::new(),
                             })
                         },
                     )
@@ -389,14 +471,25 @@ fn run_batch(conn: &Connection, batch: Vec<Op>) {
 fn latest(conn: &Connection) -> Result<Vec<Sale>, StoreError> {
     // rowid grows with each new sale, and an update keeps it: the highest
     // rowid of a POS is its latest sale.
-    let mut st = conn
-        .prepare(
-            "SELECT external_reference, body FROM sales
-             WHERE rowid IN (SELECT max(rowid) FROM sales GROUP BY pos)",
-        )
-        .map_err(db)?;
+    bodies(
+        conn,
+        "SELECT external_reference, body FROM sales
+         WHERE rowid IN (SELECT max(rowid) FROM sales GROUP BY pos)",
+        [],
+    )
+}
+
+/// Sales from a query selecting (external_reference, body).
+fn bodies(
+    conn: &Connection,
+    sql: &str,
+    args: impl rusqlite::Params,
+) -> Result<Vec<Sale>, StoreError> {
+    let mut st = conn.prepare_cached(sql).map_err(db)?;
     let rows = st
-        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+        .query_map(args, |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+        })
         .map_err(db)?;
     let mut out = Vec::new();
     for row in rows {
@@ -435,6 +528,14 @@ impl Store for SqliteStore {
         self.call(|reply| Op::Timeline { reference, reply }).await
     }
 
+    async fn unsettled_served(&self, since: i64) -> Result<Vec<Sale>, StoreError> {
+        self.call(|reply| Op::Unsettled { since, reply }).await
+    }
+
+    async fn pending_auto_refunds(&self) -> Result<Vec<Sale>, StoreError> {
+        self.call(|reply| Op::AutoRefunds { reply }).await
+    }
+
     async fn merchant_order(&self, id: u64) -> Result<Option<MerchantOrderRecord>, StoreError> {
         self.call(|reply| Op::MerchantOrderGet { id, reply }).await
     }
@@ -465,7 +566,7 @@ mod tests {
             served_at: None,
             settled: None,
             delivered_at: None,
-            refund_due: None,
+            refunds: vec![],
             updated_at: 1,
         }
     }
