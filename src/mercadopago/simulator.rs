@@ -927,8 +927,7 @@ impl State {
         self.merchant_orders
             .iter()
             .filter(|(_, stored)| {
-                external_reference
-                    .map_or(true, |wanted| stored.external_reference() == Some(wanted))
+                external_reference.is_none_or(|wanted| stored.external_reference() == Some(wanted))
             })
             .map(|(id, _)| *id)
             .collect()
