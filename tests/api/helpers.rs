@@ -36,6 +36,7 @@ pub fn shared_broker_port() -> u16 {
 pub struct Mosquitto {
     child: Child,
     pub port: u16,
+    args: Vec<String>,
 }
 
 impl Drop for Mosquitto {
@@ -73,8 +74,13 @@ impl Mosquitto {
             Some(path) => vec!["-c".to_owned(), path.display().to_string()],
             None => vec!["-p".to_owned(), port.to_string()],
         };
+        let child = Mosquitto::spawn(&args, port);
+        Some(Mosquitto { child, port, args })
+    }
+
+    fn spawn(args: &[String], port: u16) -> Child {
         let child = Command::new("mosquitto")
-            .args(&args)
+            .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -87,7 +93,38 @@ impl Mosquitto {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        Some(Mosquitto { child, port })
+        child
+    }
+
+    /// Stops the broker as a service restart does (SIGTERM: a persistent
+    /// one saves its sessions) and starts it again on the same port.
+    pub fn restart(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+        self.child = Mosquitto::spawn(&self.args, self.port);
+    }
+
+    /// Mosquitto with persistence, as deploy/mosquitto.conf runs it: sessions,
+    /// queued messages and retained states survive its restarts.
+    pub fn start_persistent(dir: &std::path::Path) -> Option<Mosquitto> {
+        // Started as root, Mosquitto drops to its own user: let it write.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let dir = dir.to_owned();
+        Mosquitto::start_with(move |port| {
+            let conf = dir.join("mosquitto.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\n",
+                    dir.display()
+                ),
+            )
+            .unwrap();
+            Some(conf)
+        })
     }
 }
 
