@@ -1,0 +1,376 @@
+//! kill -9 of the real binary at each point of a sale's flow, then a restart
+//! on the same store: every accepted sale is still there, polls answer the
+//! same body, and every paid sale ends `paid` exactly once.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use qrgate::mercadopago::simulator::{
+    NotifyMode, PaymentOutcome, Scan, Simulator, SimulatorConfig,
+};
+use qrgate::orders::ExternalReference;
+use qrgate::store::{SqliteStore, Store};
+use qrgate_devices::{Device, DeviceConfig};
+
+use crate::helpers::*;
+
+/// qrgate as a child process on a fixed store, broker and HTTP address.
+struct Gate {
+    child: Option<Child>,
+    config: std::path::PathBuf,
+    dir: Arc<tempfile::TempDir>,
+    base: String,
+    runs: usize,
+}
+
+impl Gate {
+    /// `broker`: an external broker's port, or `None` for the embedded one
+    /// (then on `embedded_port`).
+    fn new(mp: &Simulator, broker: Option<u16>, embedded_port: u16) -> Gate {
+        let dir = Arc::new(tempfile::tempdir().unwrap());
+        let port = free_port();
+        let base = format!("http://127.0.0.1:{port}");
+        let broker = broker.map_or("embedded".to_owned(), |p| format!("mqtt://127.0.0.1:{p}"));
+        let config = dir.path().join("qrgate.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"
+[http]
+listen = "127.0.0.1:{port}"
+public_url = "{base}"
+[mercadopago]
+api_base = "{api}"
+timeout_ms = 5000
+[mqtt]
+broker = "{broker}"
+embedded_listen = "127.0.0.1:{embedded_port}"
+[orders]
+reconcile_after_secs = 0
+paid_republish_secs = 1
+[store]
+path = "{db}"
+[log]
+format = "json"
+filter = "info"
+"#,
+                api = mp.base_url(),
+                db = dir.path().join("qrgate.db").display()
+            ),
+        )
+        .unwrap();
+        let mut g = Gate {
+            child: None,
+            config,
+            dir,
+            base,
+            runs: 0,
+        };
+        g.start();
+        g
+    }
+
+    fn start(&mut self) {
+        self.runs += 1;
+        let log =
+            std::fs::File::create(self.dir.path().join(format!("run{}.log", self.runs))).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_qrgate"))
+            .args(["--config", self.config.to_str().unwrap(), "serve"])
+            .env(
+                qrgate::config::ACCESS_TOKEN_ENV,
+                SimulatorConfig::default().access_token,
+            )
+            .env_remove("RUST_LOG")
+            .stdout(log)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    async fn ready(&self) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if let Ok(r) = reqwest::get(format!("{}/readyz", self.base)).await {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "qrgate never became ready"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    async fn restart(&mut self) {
+        self.kill9();
+        self.start();
+        self.ready().await;
+    }
+
+    fn pos_url(&self, pos: &str) -> String {
+        format!("{}/mp/pos/{pos}", self.base)
+    }
+
+    async fn poll(&self, pos: &str) -> (u16, String) {
+        let r = reqwest::get(self.pos_url(pos)).await.unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    }
+
+    /// The stored events of a sale (read beside the running process).
+    async fn timeline(&self, reference: &str) -> Vec<String> {
+        let store = SqliteStore::open(&self.dir.path().join("qrgate.db"), false).unwrap();
+        store
+            .timeline(&ExternalReference::parse(reference).unwrap())
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.1)
+            .collect()
+    }
+
+    async fn count(&self, reference: &str, event: &str) -> usize {
+        self.timeline(reference)
+            .await
+            .iter()
+            .filter(|e| *e == event)
+            .count()
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+struct Scene {
+    _broker: Option<Mosquitto>,
+    mp: Simulator,
+    gate: Gate,
+    pump: Device,
+}
+
+/// qrgate (the binary) on a Mosquitto, the simulator, and pump-1.
+async fn scene() -> Option<Scene> {
+    let broker = Mosquitto::start()?;
+    let mp = Simulator::start(SimulatorConfig::default()).await.unwrap();
+    let gate = Gate::new(&mp, Some(broker.port), 0);
+    gate.ready().await;
+    let pump =
+        Device::connect(DeviceConfig::new("127.0.0.1", broker.port, "pump-1").without_presence())
+            .await
+            .unwrap();
+    Some(Scene {
+        _broker: Some(broker),
+        mp,
+        gate,
+        pump,
+    })
+}
+
+async fn scan(mp: &Simulator, url: &str) -> qrgate::mercadopago::simulator::ScannedOrder {
+    match mp.scan(url).await.unwrap() {
+        Scan::Order(o) => o,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// The device ends with `paid` and the store with exactly one close.
+async fn paid_exactly_once(s: &Scene, sale_id: &str, reference: &str) {
+    state_of(&s.pump, sale_id, "paid").await;
+    assert_eq!(
+        s.gate.count(reference, "paid").await,
+        1,
+        "{:?}",
+        s.gate.timeline(reference).await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_after_a_sale_is_stored_it_polls_the_same_body_and_still_closes() {
+    let Some(mut s) = scene().await else { return };
+    s.pump
+        .publish_sale("1", &fuel("12.345", "999.99"), None)
+        .await
+        .unwrap();
+    let reference = state_of(&s.pump, "1", "pending")
+        .await
+        .external_reference
+        .unwrap();
+    let (_, before) = s.gate.poll("pump-1").await;
+    s.gate.restart().await;
+    assert_eq!(s.gate.poll("pump-1").await, (200, before));
+    let order = scan(&s.mp, &s.gate.pos_url("pump-1")).await;
+    s.mp.pay(order.merchant_order_id, PaymentOutcome::Approved)
+        .await
+        .unwrap();
+    paid_exactly_once(&s, "1", &reference).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_right_after_the_device_published_the_sale_is_taken_once_after_restart() {
+    let Some(mut s) = scene().await else { return };
+    // The broker has it (PUBACK); qrgate may or may not have stored it.
+    s.pump
+        .publish_sale("1", &fuel("1", "100"), None)
+        .await
+        .unwrap();
+    s.gate.kill9();
+    s.gate.start();
+    s.gate.ready().await;
+    let reference = state_of(&s.pump, "1", "pending")
+        .await
+        .external_reference
+        .unwrap();
+    assert_eq!(s.gate.timeline(&reference).await, ["accepted"]);
+    assert_eq!(s.gate.poll("pump-1").await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_after_the_sale_was_served_it_remembers_it_and_closes_once() {
+    let Some(mut s) = scene().await else { return };
+    s.pump
+        .publish_sale("1", &fuel("1", "100"), None)
+        .await
+        .unwrap();
+    let reference = state_of(&s.pump, "1", "pending")
+        .await
+        .external_reference
+        .unwrap();
+    let order = scan(&s.mp, &s.gate.pos_url("pump-1")).await;
+    s.pump.wait_state(WAIT, |m| m.served).await.unwrap();
+    let (_, before) = s.gate.poll("pump-1").await;
+    s.gate.restart().await;
+    assert_eq!(s.gate.poll("pump-1").await, (200, before));
+    assert_eq!(s.gate.count(&reference, "served").await, 1);
+    s.mp.pay(order.merchant_order_id, PaymentOutcome::Approved)
+        .await
+        .unwrap();
+    paid_exactly_once(&s, "1", &reference).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_while_fetching_a_notified_merchant_order_the_payment_is_found_after_restart() {
+    let Some(mut s) = scene().await else { return };
+    s.pump
+        .publish_sale("1", &fuel("1", "100"), None)
+        .await
+        .unwrap();
+    let reference = state_of(&s.pump, "1", "pending")
+        .await
+        .external_reference
+        .unwrap();
+    let order = scan(&s.mp, &s.gate.pos_url("pump-1")).await;
+    let path = format!("/merchant_orders/{}", order.merchant_order_id);
+    s.mp.set_latency(&path, Duration::from_secs(30));
+    s.mp.set_notify_mode(NotifyMode::Ipn);
+    // The notification was answered 200: Mercado Pago will not resend it soon.
+    s.mp.pay(order.merchant_order_id, PaymentOutcome::Approved)
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !s.mp.api_calls().iter().any(|c| c.path == path) {
+        assert!(tokio::time::Instant::now() < deadline, "no fetch started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    s.gate.kill9();
+    s.mp.set_latency(&path, Duration::ZERO);
+    s.gate.start();
+    s.gate.ready().await;
+    // Found by reconciliation: the notification itself is gone.
+    paid_exactly_once(&s, "1", &reference).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_between_fetch_and_close_the_sale_ends_paid_once_whatever_was_stored() {
+    let Some(mut s) = scene().await else { return };
+    s.pump
+        .publish_sale("1", &fuel("1", "100"), None)
+        .await
+        .unwrap();
+    let reference = state_of(&s.pump, "1", "pending")
+        .await
+        .external_reference
+        .unwrap();
+    let order = scan(&s.mp, &s.gate.pos_url("pump-1")).await;
+    let path = format!("/merchant_orders/{}", order.merchant_order_id);
+    s.mp.set_notify_mode(NotifyMode::Ipn);
+    s.mp.pay(order.merchant_order_id, PaymentOutcome::Approved)
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !s
+        .mp
+        .api_calls()
+        .iter()
+        .any(|c| c.path == path && c.status == 200)
+    {
+        assert!(tokio::time::Instant::now() < deadline, "no fetch answered");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    s.gate.kill9();
+    s.gate.start();
+    s.gate.ready().await;
+    // Late duplicates after the restart change nothing.
+    s.mp.notify_merchant_order(order.merchant_order_id)
+        .await
+        .unwrap();
+    s.mp.notify_merchant_order(order.merchant_order_id)
+        .await
+        .unwrap();
+    paid_exactly_once(&s, "1", &reference).await;
+    s.pump.delivered("1", true, None).await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while s.gate.count(&reference, "delivered").await == 0 {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(s.gate.count(&reference, "paid").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarting_qrgate_restarts_its_embedded_broker_and_devices_read_their_state_again() {
+    let mp = Simulator::start(SimulatorConfig::default()).await.unwrap();
+    let mqtt = free_port();
+    let mut gate = Gate::new(&mp, None, mqtt);
+    gate.ready().await;
+    let pump = Device::connect(DeviceConfig::new("127.0.0.1", mqtt, "pump-1").without_presence())
+        .await
+        .unwrap();
+    pump.publish_sale("1", &fuel("1", "100"), None)
+        .await
+        .unwrap();
+    let reference = state_of(&pump, "1", "pending")
+        .await
+        .external_reference
+        .unwrap();
+    gate.restart().await;
+    // The embedded broker came back empty; qrgate republished the state
+    // and the device's client reconnected and resubscribed.
+    let back = Device::connect(
+        DeviceConfig::new("127.0.0.1", mqtt, "pump-1")
+            .client_id("pump-1-b")
+            .without_presence(),
+    )
+    .await
+    .unwrap();
+    assert!(state_of(&back, "1", "pending").await.retained);
+    let order = scan(&mp, &gate.pos_url("pump-1")).await;
+    mp.pay(order.merchant_order_id, PaymentOutcome::Approved)
+        .await
+        .unwrap();
+    state_of(&pump, "1", "paid").await;
+    assert_eq!(gate.count(&reference, "paid").await, 1);
+}
