@@ -6,6 +6,9 @@ pub mod book;
 pub mod sale;
 pub mod settle;
 
+#[cfg(test)]
+mod invariants;
+
 pub use book::{
     apply, pay, Command, Ctx, Outcome, PosConfig, PosState, Presence, Rejection, SaleEvent,
 };
