@@ -23,7 +23,7 @@ use crate::orders::{
     self, Command, Ctx, ExternalReference, Outcome, PosConfig, PosId, PosState, Sale, SaleEvent,
     UnixMillis,
 };
-use crate::store::{MerchantOrderRecord, PaymentRecord, Store, StoreError};
+use crate::store::{MerchantOrderRecord, PaymentRecord, RejectionRecord, Store, StoreError};
 
 /// A POS as polls see it: its state and the answer rendered from it.
 #[derive(Debug)]
@@ -212,14 +212,34 @@ impl Gateway {
         });
     }
 
-    /// Tells a device its message was refused, without touching its
-    /// retained state.
-    pub fn publish_rejection(&self, pos: &str, sale_id: Option<&str>, code: &str, message: &str) {
-        self.send(Publish {
-            topic: self.topics.state(pos),
-            payload: outbound::rejected(sale_id, code, message),
-            retain: false,
-        });
+    /// A refused device message: logged, stored for the operator, and (when
+    /// `tell`) told to the device without touching its retained state.
+    pub async fn reject(
+        &self,
+        pos: &PosId,
+        sale_id: Option<&str>,
+        code: &str,
+        message: &str,
+        tell: bool,
+    ) {
+        tracing::warn!(pos = %pos, sale_id, reason = code, detail = message, "device message rejected");
+        let record = RejectionRecord {
+            pos: pos.as_str().to_owned(),
+            sale_id: sale_id.map(str::to_owned),
+            code: code.to_owned(),
+            message: message.to_owned(),
+            at: now_millis(),
+        };
+        if let Err(e) = self.store.record_rejection(record).await {
+            tracing::error!(pos = %pos, error = %e, "cannot store a rejection");
+        }
+        if tell {
+            self.send(Publish {
+                topic: self.topics.state(pos.as_str()),
+                payload: outbound::rejected(sale_id, code, message),
+                retain: false,
+            });
+        }
     }
 
     /// Makes a stored change visible: the view, the reference index, and
@@ -278,14 +298,14 @@ impl Gateway {
                 }
             }
             Outcome::Rejected { sale_id, why } => {
-                tracing::warn!(pos = %pos, sale_id = sale_id.as_ref().map(|s| s.as_str()), reason = why.code(),
-                    detail = %why, "device message rejected");
-                self.publish_rejection(
-                    pos.as_str(),
+                self.reject(
+                    pos,
                     sale_id.as_ref().map(|s| s.as_str()),
                     why.code(),
                     &why.to_string(),
-                );
+                    true,
+                )
+                .await;
             }
             Outcome::Presence(p) => {
                 tracing::info!(pos = %pos, online = !p.is_offline(), "device presence");

@@ -233,16 +233,18 @@ async fn pos_worker(
     while let Some((kind, p, done)) = rx.recv().await {
         match inbound::parse(kind, pos.as_str(), &p.payload, max_bytes) {
             Err(r) => {
-                tracing::warn!(pos = %pos, sale_id = r.sale_id.as_ref().map(|s| s.as_str()), topic_kind = kind.as_str(),
-                    reason = r.code, detail = %r.message, "device message rejected");
-                if kind != DeviceTopic::Status {
-                    gateway.publish_rejection(
-                        pos.as_str(),
+                // A broken presence message has no state to answer on.
+                let tell = kind != DeviceTopic::Status;
+                let message = format!("{}: {}", kind.as_str(), r.message);
+                gateway
+                    .reject(
+                        &pos,
                         r.sale_id.as_ref().map(|s| s.as_str()),
                         r.code,
-                        &r.message,
-                    );
-                }
+                        &message,
+                        tell,
+                    )
+                    .await;
             }
             Ok(cmd) => {
                 let mut attempt = 0u32;

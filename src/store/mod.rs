@@ -39,6 +39,16 @@ pub struct MerchantOrderRecord {
     pub payments: Vec<PaymentRecord>,
 }
 
+/// A device message refused, kept for the operator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RejectionRecord {
+    pub pos: String,
+    pub sale_id: Option<String>,
+    pub code: String,
+    pub message: String,
+    pub at: i64,
+}
+
 /// A payment as the merchant order that carries it says.
 #[derive(Debug, Clone)]
 pub struct PaymentRecord {
@@ -59,6 +69,12 @@ pub trait Store: Send + Sync + 'static {
     async fn record(&self, sale: &Sale, event: &SaleEvent) -> Result<(), StoreError>;
 
     async fn record_merchant_order(&self, mo: MerchantOrderRecord) -> Result<(), StoreError>;
+
+    async fn record_rejection(&self, r: RejectionRecord) -> Result<(), StoreError>;
+
+    /// A POS's refused device messages, newest first.
+    async fn rejections(&self, pos: &str, limit: usize)
+        -> Result<Vec<RejectionRecord>, StoreError>;
 
     /// Each POS's latest sale, to rebuild the order book at start.
     async fn latest_sales(&self) -> Result<Vec<Sale>, StoreError>;

@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::oneshot;
 
-use super::{MerchantOrderRecord, Store, StoreError, TimelineEntry};
+use super::{MerchantOrderRecord, RejectionRecord, Store, StoreError, TimelineEntry};
 use crate::orders::{ExternalReference, Sale, SaleEvent};
 
 const SCHEMA: &str = r#"
@@ -72,6 +72,15 @@ CREATE TABLE IF NOT EXISTS merchant_orders (
     body               TEXT NOT NULL,
     seen_at            INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS device_rejections (
+    seq                INTEGER PRIMARY KEY AUTOINCREMENT,
+    pos                TEXT NOT NULL,
+    sale_id            TEXT,
+    code               TEXT NOT NULL,
+    message            TEXT NOT NULL,
+    at                 INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS device_rejections_by_pos ON device_rejections (pos, seq);
 CREATE TABLE IF NOT EXISTS health (id INTEGER PRIMARY KEY CHECK (id = 1), at INTEGER NOT NULL);
 "#;
 
@@ -87,6 +96,15 @@ enum Op {
     },
     Health {
         reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    Rejection {
+        r: RejectionRecord,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    Rejections {
+        pos: String,
+        limit: usize,
+        reply: oneshot::Sender<Result<Vec<RejectionRecord>, StoreError>>,
     },
     Latest {
         reply: oneshot::Sender<Result<Vec<Sale>, StoreError>>,
@@ -383,6 +401,46 @@ fn run_batch(conn: &Connection, batch: Vec<Op>) {
                     });
                 pending.push((Box::new(move |r| drop(reply.send(r))), r));
             }
+            Op::Rejection { r, reply } => {
+                let res = began
+                    .as_ref()
+                    .map_err(|e| StoreError::Database(e.to_string()))
+                    .and_then(|_| {
+                        in_savepoint(conn, |c| {
+                            c.execute(
+                                "INSERT INTO device_rejections (pos, sale_id, code, message, at)
+                                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                                params![r.pos, r.sale_id, r.code, r.message, r.at],
+                            )
+                            .map(|_| ())
+                            .map_err(db)
+                        })
+                    });
+                pending.push((Box::new(move |r| drop(reply.send(r))), res));
+            }
+            Op::Rejections { pos, limit, reply } => {
+                let r = (|| {
+                    let mut st = conn
+                        .prepare_cached(
+                            "SELECT pos, sale_id, code, message, at FROM device_rejections
+                             WHERE pos = ?1 ORDER BY seq DESC LIMIT ?2",
+                        )
+                        .map_err(db)?;
+                    let rows = st
+                        .query_map(params![pos, limit as i64], |r| {
+                            Ok(RejectionRecord {
+                                pos: r.get(0)?,
+                                sale_id: r.get(1)?,
+                                code: r.get(2)?,
+                                message: r.get(3)?,
+                                at: r.get(4)?,
+                            })
+                        })
+                        .map_err(db)?;
+                    rows.collect::<Result<Vec<_>, _>>().map_err(db)
+                })();
+                let _ = reply.send(r);
+            }
             Op::Latest { reply } => {
                 let _ = reply.send(latest(conn));
             }
@@ -509,6 +567,20 @@ impl Store for SqliteStore {
 
     async fn record_merchant_order(&self, mo: MerchantOrderRecord) -> Result<(), StoreError> {
         self.call(|reply| Op::MerchantOrder { mo, reply }).await
+    }
+
+    async fn record_rejection(&self, r: RejectionRecord) -> Result<(), StoreError> {
+        self.call(|reply| Op::Rejection { r, reply }).await
+    }
+
+    async fn rejections(
+        &self,
+        pos: &str,
+        limit: usize,
+    ) -> Result<Vec<RejectionRecord>, StoreError> {
+        let pos = pos.to_owned();
+        self.call(|reply| Op::Rejections { pos, limit, reply })
+            .await
     }
 
     async fn latest_sales(&self) -> Result<Vec<Sale>, StoreError> {

@@ -91,6 +91,16 @@ async fn each_bad_message_kind_is_rejected_with_its_reason_and_changes_nothing()
     }
     let (_, _, after) = app.poll("pump-1").await;
     assert_eq!(after, before);
+    // Each refusal is kept for the operator.
+    let stored = app
+        .app_gateway
+        .store()
+        .rejections("pump-1", 100)
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 13, "{stored:?}");
+    assert_eq!(stored[0].code, "bad_message");
+    assert_eq!(stored[12].code, "bad_json");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
