@@ -12,11 +12,12 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::config::Secret;
 use crate::config::{Broker, Config};
 use crate::gateway::{now_millis, BookSettings, Gateway};
 use crate::http::answer::OrderContext;
 use crate::mercadopago::client::MpClient;
-use crate::mqtt::connection::{self, LinkState};
+use crate::mqtt::connection::{self, Endpoint, LinkState};
 use crate::mqtt::{broker, topics::Topics};
 use crate::orders::Command;
 use crate::settlement::{self, Settler};
@@ -32,6 +33,7 @@ pub struct Shared {
 pub struct App {
     http_addr: SocketAddr,
     mqtt_addr: SocketAddr,
+    mqtt_tls_addr: Option<SocketAddr>,
     server: actix_web::dev::Server,
     gateway: Arc<Gateway>,
     link: Arc<LinkState>,
@@ -58,21 +60,82 @@ impl App {
         );
         let http_addr = listener.local_addr()?;
 
-        let (mqtt_host, mqtt_port, mqtt_addr) = match &config.mqtt.broker {
+        let (endpoint, mqtt_addr, mqtt_tls_addr) = match &config.mqtt.broker {
             Broker::Embedded => {
-                let addr =
-                    broker::start(config.mqtt.embedded_listen, config.mqtt.max_payload_bytes)?;
-                tracing::info!(listen = %addr, "embedded MQTT broker listening");
-                (addr.ip().to_string(), addr.port(), addr)
+                let m = &config.mqtt;
+                // qrgate's own login, new at every start, known only here.
+                let internal = (
+                    "qrgate.internal".to_owned(),
+                    Secret::new(hex::encode(rand::random::<[u8; 24]>())),
+                );
+                let access = if m.allow_anonymous {
+                    broker::Access::Anonymous
+                } else {
+                    let mut users = m.users.clone();
+                    users.push(internal.clone());
+                    broker::Access::Users(users)
+                };
+                let tls = match (m.embedded_tls_listen, &m.tls_cert, &m.tls_key) {
+                    (Some(listen), Some(cert), Some(key)) => Some(broker::Tls {
+                        listen,
+                        cert: cert.clone(),
+                        key: key.clone(),
+                    }),
+                    _ => None,
+                };
+                let login = (!m.allow_anonymous).then_some(internal);
+                let at = broker::start(
+                    m.embedded_listen,
+                    m.max_payload_bytes,
+                    access,
+                    tls,
+                    login.clone(),
+                )?;
+                tracing::info!(listen = %at.addr, tls_listen = at.tls_addr.map(|a| a.to_string()),
+                    devices = m.users.len(), "embedded MQTT broker listening");
+                if m.allow_anonymous {
+                    tracing::warn!("the embedded MQTT broker accepts anonymous clients: for development only; \
+                        give each [[pos]] a device_password_env in production");
+                }
+                if m.embedded_unconfined {
+                    tracing::warn!("the embedded MQTT broker listens beyond loopback and cannot confine a device to \
+                        its own topics: a device can publish for another POS. Confinement needs Mosquitto with \
+                        deploy/mosquitto.acl");
+                }
+                let endpoint = Endpoint {
+                    host: at.addr.ip().to_string(),
+                    port: at.addr.port(),
+                    login,
+                    tls_ca: None,
+                };
+                (endpoint, at.addr, at.tls_addr)
             }
-            Broker::External { host, port } => {
+            Broker::External { host, port, tls } => {
                 let addr = tokio::net::lookup_host((host.as_str(), *port))
                     .await
                     .ok()
                     .and_then(|mut a| a.next())
                     .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], *port)));
-                tracing::info!(broker = %format!("{host}:{port}"), "using an external MQTT broker");
-                (host.clone(), *port, addr)
+                tracing::info!(broker = %format!("{host}:{port}"), tls, "using an external MQTT broker");
+                let tls_ca = match (&config.mqtt.tls_ca, tls) {
+                    (Some(ca), true) => Some(
+                        std::fs::read(ca)
+                            .with_context(|| format!("cannot read mqtt.tls_ca {}", ca.display()))?,
+                    ),
+                    _ => None,
+                };
+                let login = match (&config.mqtt.username, &config.mqtt.password) {
+                    (Some(u), Some(p)) => Some((u.clone(), p.clone())),
+                    (Some(u), None) => Some((u.clone(), Secret::new(""))),
+                    _ => None,
+                };
+                let endpoint = Endpoint {
+                    host: host.clone(),
+                    port: *port,
+                    login,
+                    tls_ca,
+                };
+                (endpoint, addr, None)
             }
         };
 
@@ -103,8 +166,7 @@ impl App {
 
         let link = connection::spawn(
             &config.mqtt,
-            mqtt_host,
-            mqtt_port,
+            endpoint,
             Arc::clone(&gateway),
             publish_rx,
             shutdown.clone(),
@@ -219,6 +281,7 @@ impl App {
         Ok(App {
             http_addr,
             mqtt_addr,
+            mqtt_tls_addr,
             server,
             gateway,
             link,
@@ -234,6 +297,11 @@ impl App {
     /// The broker qrgate talks to (the embedded one's real port).
     pub fn mqtt_addr(&self) -> SocketAddr {
         self.mqtt_addr
+    }
+
+    /// The embedded broker's TLS listener, when configured.
+    pub fn mqtt_tls_addr(&self) -> Option<SocketAddr> {
+        self.mqtt_tls_addr
     }
 
     pub fn gateway(&self) -> Arc<Gateway> {

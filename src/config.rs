@@ -21,6 +21,9 @@ pub const ACCESS_TOKEN_ENV: &str = "QRGATE_MP_ACCESS_TOKEN";
 /// The environment variable that holds qrgate's own MQTT password.
 pub const MQTT_PASSWORD_ENV: &str = "QRGATE_MQTT_PASSWORD";
 
+/// The environment variable that holds the webhook signing secret.
+pub const WEBHOOK_SECRET_ENV: &str = "QRGATE_MP_WEBHOOK_SECRET";
+
 /// A value that must never reach a log, an error or a response.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -45,7 +48,7 @@ pub enum Broker {
     /// rumqttd inside the process, listening on `embedded_listen`.
     Embedded,
     /// A broker already running (Mosquitto on the station server).
-    External { host: String, port: u16 },
+    External { host: String, port: u16, tls: bool },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +62,24 @@ pub struct HttpConfig {
     pub listen: SocketAddr,
     /// Base of the URLs we hand to Mercado Pago, without a trailing `/`.
     pub public_url: String,
+    /// The `key` a poll must carry, per POS (its own, or the global one).
+    pub poll_keys: PollKeys,
+    pub notification_rate_per_sec: u32,
+    pub notification_burst: u32,
+}
+
+/// Secrets in the POS URLs registered with Mercado Pago, so the URL of a
+/// POS cannot be guessed from its id.
+#[derive(Debug, Clone, Default)]
+pub struct PollKeys {
+    pub global: Option<Secret>,
+    pub per_pos: std::collections::HashMap<PosId, Secret>,
+}
+
+impl PollKeys {
+    pub fn for_pos(&self, pos: &PosId) -> Option<&Secret> {
+        self.per_pos.get(pos).or(self.global.as_ref())
+    }
 }
 
 impl HttpConfig {
@@ -74,6 +95,10 @@ pub struct MercadoPagoConfig {
     pub sponsor_id: Option<u64>,
     pub access_token: Option<Secret>,
     pub timeout_ms: u64,
+    /// The secret of panel-configured webhooks; when set, a notification
+    /// that carries `x-signature` must verify.
+    pub webhook_secret: Option<Secret>,
+    pub signature_tolerance_secs: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -87,6 +112,20 @@ pub struct MqttConfig {
     /// `allow_anonymous false`); the password comes from the environment.
     pub username: Option<String>,
     pub password: Option<Secret>,
+    /// The embedded broker lets anyone in (development only).
+    pub allow_anonymous: bool,
+    /// The embedded broker may listen beyond loopback although it cannot
+    /// confine a device to its own topics.
+    pub embedded_unconfined: bool,
+    /// Who may log in to the embedded broker: each POS's device (username =
+    /// POS id) and `[[mqtt.users]]`.
+    pub users: Vec<(String, Secret)>,
+    /// A TLS listener of the embedded broker.
+    pub embedded_tls_listen: Option<SocketAddr>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// CA that signs an external broker's certificate (`mqtts://`).
+    pub tls_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -154,6 +193,10 @@ struct RawConfig {
 struct RawHttp {
     listen: String,
     public_url: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    poll_key: Option<String>,
+    notification_rate_per_sec: u32,
+    notification_burst: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -164,6 +207,7 @@ struct RawMp {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     sponsor_id: Option<u64>,
     timeout_ms: u64,
+    signature_tolerance_secs: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -176,6 +220,26 @@ struct RawMqtt {
     max_payload_bytes: usize,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     username: Option<String>,
+    allow_anonymous: bool,
+    embedded_unconfined: bool,
+    #[serde(default)]
+    users: Vec<RawUser>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    embedded_tls_listen: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tls_cert: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tls_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tls_ca: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUser {
+    username: String,
+    /// The environment variable holding the password.
+    password_env: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -213,6 +277,11 @@ struct RawPos {
     ttl_secs: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     max_amount: Option<NumberOrText>,
+    /// The environment variable holding this POS's device password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    device_password_env: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    poll_key: Option<String>,
 }
 
 /// A TOML value written as an integer or as a decimal string (`50000` or
@@ -234,12 +303,16 @@ fn defaults() -> RawConfig {
         http: RawHttp {
             listen: "127.0.0.1:8080".into(),
             public_url: "http://127.0.0.1:8080".into(),
+            poll_key: None,
+            notification_rate_per_sec: 100,
+            notification_burst: 200,
         },
         mercadopago: RawMp {
             api_base: "https://api.mercadopago.com".into(),
             collector_id: 178106235,
             sponsor_id: Some(334249281),
             timeout_ms: 5000,
+            signature_tolerance_secs: 300,
         },
         mqtt: RawMqtt {
             broker: "embedded".into(),
@@ -248,6 +321,13 @@ fn defaults() -> RawConfig {
             client_id: "qrgate".into(),
             max_payload_bytes: 16 * 1024,
             username: None,
+            allow_anonymous: false,
+            embedded_unconfined: false,
+            users: Vec::new(),
+            embedded_tls_listen: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_ca: None,
         },
         orders: RawOrders {
             ttl_secs: 600,
@@ -271,6 +351,8 @@ fn defaults() -> RawConfig {
                 currency: "ARS".into(),
                 ttl_secs: None,
                 max_amount: None,
+                device_password_env: None,
+                poll_key: None,
             },
             RawPos {
                 id: "vending-1".into(),
@@ -278,6 +360,8 @@ fn defaults() -> RawConfig {
                 currency: "ARS".into(),
                 ttl_secs: None,
                 max_amount: None,
+                device_password_env: None,
+                poll_key: None,
             },
         ],
     }
@@ -290,13 +374,25 @@ const DEFAULT_MAX_AMOUNT: i64 = 10_000_000;
 impl Config {
     /// The first-run configuration, with nothing from file or environment.
     pub fn defaults() -> Config {
-        validate(defaults(), None).expect("built-in defaults are valid")
+        validate(first_run(defaults()), &|_| None).expect("built-in defaults are valid")
     }
 
     /// Loads `path` (if any) over the defaults, then the `QRGATE_*__*`
     /// environment, then the access token from its own variable.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
-        let mut figment = Figment::from(Serialized::defaults(defaults()));
+        Config::load_with(path, &|name| std::env::var(name).ok())
+    }
+
+    /// `load`, reading secrets through `env` (tests pass their own).
+    pub fn load_with(
+        path: Option<&Path>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let base = match path {
+            None => first_run(defaults()),
+            Some(_) => defaults(),
+        };
+        let mut figment = Figment::from(Serialized::defaults(base));
         if let Some(p) = path {
             if !p.exists() {
                 return Err(ConfigError(vec![format!(
@@ -330,26 +426,29 @@ impl Config {
         if raw.pos.iter().any(|p| p.id.is_empty() && p.kind.is_empty()) {
             return Err(ConfigError(vec!["key `pos`: empty entry".into()]));
         }
-        let secret = |name| {
-            std::env::var(name)
-                .ok()
-                .filter(|t: &String| !t.trim().is_empty())
-                .map(Secret::new)
-        };
-        let mut config = validate(raw, secret(ACCESS_TOKEN_ENV))?;
-        config.mqtt.password = secret(MQTT_PASSWORD_ENV);
-        if config.mqtt.password.is_some() && config.mqtt.username.is_none() {
-            return Err(ConfigError(vec![format!(
-                "key `mqtt.username`: {MQTT_PASSWORD_ENV} is set but no username is configured"
-            )]));
-        }
-        Ok(config)
+        validate(raw, env)
     }
 }
 
-fn validate(raw: RawConfig, access_token: Option<Secret>) -> Result<Config, ConfigError> {
+/// With no configuration file at all, the embedded broker takes anonymous
+/// clients (on loopback): the first run must work with no setup.
+fn first_run(mut raw: RawConfig) -> RawConfig {
+    raw.mqtt.allow_anonymous = true;
+    raw
+}
+
+fn is_loopback(addr: &SocketAddr) -> bool {
+    addr.ip().is_loopback()
+}
+
+fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
     let mut errors = Vec::new();
     let mut bad = |key: &str, msg: String| errors.push(format!("key `{key}`: {msg}"));
+    let secret = |name: &str| env(name).filter(|t| !t.trim().is_empty()).map(Secret::new);
+    let access_token = secret(ACCESS_TOKEN_ENV);
+    let mqtt_password = secret(MQTT_PASSWORD_ENV);
+    let webhook_secret = secret(WEBHOOK_SECRET_ENV);
+    let nonempty_key = |k: &Option<String>| k.as_deref().filter(|k| !k.is_empty()).map(Secret::new);
 
     let listen = raw
         .http
@@ -391,11 +490,11 @@ fn validate(raw: RawConfig, access_token: Option<Secret>) -> Result<Config, Conf
     let broker = match raw.mqtt.broker.as_str() {
         "embedded" => Some(Broker::Embedded),
         other => match parse_mqtt_url(other) {
-            Some((host, port)) => Some(Broker::External { host, port }),
+            Some((host, port, tls)) => Some(Broker::External { host, port, tls }),
             None => {
                 bad(
                     "mqtt.broker",
-                    format!("{other:?} must be \"embedded\" or like \"mqtt://127.0.0.1:1883\""),
+                    format!("{other:?} must be \"embedded\" or like \"mqtt://127.0.0.1:1883\" or \"mqtts://broker:8883\""),
                 );
                 None
             }
@@ -456,6 +555,21 @@ fn validate(raw: RawConfig, access_token: Option<Secret>) -> Result<Config, Conf
     }
 
     let mut pos = Vec::new();
+    let mut users: Vec<(String, Secret)> = Vec::new();
+    let mut per_pos_keys = std::collections::HashMap::new();
+    for (i, u) in raw.mqtt.users.iter().enumerate() {
+        match secret(&u.password_env) {
+            Some(pw) if !u.username.is_empty() => users.push((u.username.clone(), pw)),
+            Some(_) => bad(
+                &format!("mqtt.users.{i}.username"),
+                "must not be empty".into(),
+            ),
+            None => bad(
+                &format!("mqtt.users.{i}.password_env"),
+                format!("environment variable {} is not set", u.password_env),
+            ),
+        }
+    }
     if raw.pos.is_empty() {
         bad("pos", "configure at least one [[pos]]".into());
     }
@@ -507,6 +621,18 @@ fn validate(raw: RawConfig, access_token: Option<Secret>) -> Result<Config, Conf
             if pos.iter().any(|q: &PosConfig| q.id == id) {
                 bad(&key("id"), format!("{id} is configured twice"));
             }
+            if let Some(var) = &p.device_password_env {
+                match secret(var) {
+                    Some(pw) => users.push((id.as_str().to_owned(), pw)),
+                    None => bad(
+                        &key("device_password_env"),
+                        format!("environment variable {var} is not set"),
+                    ),
+                }
+            }
+            if let Some(k) = nonempty_key(&p.poll_key) {
+                per_pos_keys.insert(id.clone(), k);
+            }
             let ttl = p.ttl_secs.unwrap_or(raw.orders.ttl_secs);
             pos.push(PosConfig {
                 id,
@@ -518,6 +644,73 @@ fn validate(raw: RawConfig, access_token: Option<Secret>) -> Result<Config, Conf
         }
     }
 
+    if mqtt_password.is_some() && raw.mqtt.username.as_deref().is_none_or(str::is_empty) {
+        bad(
+            "mqtt.username",
+            format!("{MQTT_PASSWORD_ENV} is set but no username is configured"),
+        );
+    }
+    let path_of = |key: &str, v: &Option<String>, bad: &mut dyn FnMut(&str, String)| {
+        v.as_ref().map(PathBuf::from).filter(|p| {
+            let ok = p.is_file();
+            if !ok {
+                bad(key, format!("{} is not a readable file", p.display()));
+            }
+            ok
+        })
+    };
+    let tls_cert = path_of("mqtt.tls_cert", &raw.mqtt.tls_cert, &mut bad);
+    let tls_key = path_of("mqtt.tls_key", &raw.mqtt.tls_key, &mut bad);
+    let tls_ca = path_of("mqtt.tls_ca", &raw.mqtt.tls_ca, &mut bad);
+    let embedded_tls_listen = raw.mqtt.embedded_tls_listen.as_ref().and_then(|a| {
+        a.parse::<SocketAddr>()
+            .map_err(|_| {
+                bad(
+                    "mqtt.embedded_tls_listen",
+                    format!("{a:?} is not an address like 127.0.0.1:8883"),
+                )
+            })
+            .ok()
+    });
+    if matches!(broker, Some(Broker::Embedded)) {
+        // rumqttd cannot confine a device to its own topics (CONTRACT-NOTES):
+        // off loopback it takes an explicit choice.
+        for (key, addr) in [
+            ("mqtt.embedded_listen", embedded_listen),
+            ("mqtt.embedded_tls_listen", embedded_tls_listen),
+        ] {
+            if let Some(a) = addr.filter(|a| !is_loopback(a) && !raw.mqtt.embedded_unconfined) {
+                bad(key, format!(
+                    "the embedded broker cannot confine a device to its own POS's topics, so it listens \
+                     only on loopback; {a} needs `[mqtt] embedded_unconfined = true` (or use Mosquitto with \
+                     deploy/mosquitto.acl)"
+                ));
+            }
+        }
+        if embedded_tls_listen.is_some() && (tls_cert.is_none() || tls_key.is_none()) {
+            bad(
+                "mqtt.embedded_tls_listen",
+                "needs mqtt.tls_cert and mqtt.tls_key".into(),
+            );
+        }
+        if !raw.mqtt.allow_anonymous && users.is_empty() {
+            bad("mqtt.allow_anonymous", "the embedded broker needs device credentials \
+                ([[pos]] device_password_env or [[mqtt.users]]), or allow_anonymous = true for development".into());
+        }
+    }
+    if matches!(broker, Some(Broker::External { tls: true, .. })) && tls_ca.is_none() {
+        bad(
+            "mqtt.tls_ca",
+            "an mqtts:// broker needs the CA that signed its certificate".into(),
+        );
+    }
+    if raw.http.notification_rate_per_sec == 0 || raw.http.notification_burst == 0 {
+        bad(
+            "http.notification_rate_per_sec",
+            "rate and burst must be at least 1".into(),
+        );
+    }
+
     if !errors.is_empty() {
         return Err(ConfigError(errors));
     }
@@ -526,13 +719,24 @@ fn validate(raw: RawConfig, access_token: Option<Secret>) -> Result<Config, Conf
         return Err(ConfigError(vec!["invalid configuration".into()]));
     };
     Ok(Config {
-        http: HttpConfig { listen, public_url },
+        http: HttpConfig {
+            listen,
+            public_url,
+            poll_keys: PollKeys {
+                global: nonempty_key(&raw.http.poll_key),
+                per_pos: per_pos_keys,
+            },
+            notification_rate_per_sec: raw.http.notification_rate_per_sec,
+            notification_burst: raw.http.notification_burst,
+        },
         mercadopago: MercadoPagoConfig {
             api_base,
             collector_id: raw.mercadopago.collector_id,
             sponsor_id: raw.mercadopago.sponsor_id,
             access_token,
             timeout_ms: raw.mercadopago.timeout_ms,
+            webhook_secret,
+            signature_tolerance_secs: raw.mercadopago.signature_tolerance_secs,
         },
         mqtt: MqttConfig {
             broker,
@@ -541,7 +745,14 @@ fn validate(raw: RawConfig, access_token: Option<Secret>) -> Result<Config, Conf
             client_id: raw.mqtt.client_id,
             max_payload_bytes: raw.mqtt.max_payload_bytes,
             username: raw.mqtt.username.filter(|u| !u.is_empty()),
-            password: None,
+            password: mqtt_password,
+            allow_anonymous: raw.mqtt.allow_anonymous,
+            embedded_unconfined: raw.mqtt.embedded_unconfined,
+            users,
+            embedded_tls_listen,
+            tls_cert,
+            tls_key,
+            tls_ca,
         },
         orders: OrdersConfig {
             ttl_secs: raw.orders.ttl_secs,
@@ -562,17 +773,23 @@ fn validate(raw: RawConfig, access_token: Option<Secret>) -> Result<Config, Conf
     })
 }
 
-fn parse_mqtt_url(s: &str) -> Option<(String, u16)> {
-    let rest = s
-        .strip_prefix("mqtt://")
-        .or_else(|| s.strip_prefix("tcp://"))?;
+fn parse_mqtt_url(s: &str) -> Option<(String, u16, bool)> {
+    let (rest, tls) = if let Some(r) = s.strip_prefix("mqtts://") {
+        (r, true)
+    } else {
+        (
+            s.strip_prefix("mqtt://")
+                .or_else(|| s.strip_prefix("tcp://"))?,
+            false,
+        )
+    };
     let rest = rest.trim_end_matches('/');
     let (host, port) = match rest.rsplit_once(':') {
         Some((h, p)) => (h, p.parse().ok()?),
-        None => (rest, 1883),
+        None => (rest, if tls { 8883 } else { 1883 }),
     };
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    (!host.is_empty()).then(|| (host.to_owned(), port))
+    (!host.is_empty()).then(|| (host.to_owned(), port, tls))
 }
 
 #[cfg(test)]
@@ -621,7 +838,8 @@ mod tests {
             c.mqtt.broker,
             Broker::External {
                 host: "10.0.0.2".into(),
-                port: 1884
+                port: 1884,
+                tls: false
             }
         );
         assert_eq!(c.pos.len(), 1);
@@ -644,6 +862,101 @@ mod tests {
         let e = load_toml("[mercadopago]\naccess_token = \"APP_USR-1\"\n").unwrap_err();
         assert!(e.to_string().contains("access_token"), "{e}");
         assert!(!e.to_string().contains("APP_USR-1"), "{e}");
+    }
+
+    fn load_env(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::load_with(Some(f.path()), &move |name| {
+            env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+        })
+    }
+
+    const PUMP: &str = "[[pos]]\nid = \"pump-1\"\nkind = \"fuel\"\n";
+
+    #[test]
+    fn a_config_file_with_the_embedded_broker_needs_device_credentials_or_says_anonymous() {
+        let e = load_env(PUMP, &[]).unwrap_err();
+        assert!(e.to_string().contains("mqtt.allow_anonymous"), "{e}");
+        let c = load_env(&format!("[mqtt]\nallow_anonymous = true\n{PUMP}"), &[]).unwrap();
+        assert!(c.mqtt.allow_anonymous);
+        let with_device = format!("{PUMP}device_password_env = \"PUMP1_PW\"\n");
+        let e = load_env(&with_device, &[]).unwrap_err();
+        assert!(e.to_string().contains("pos.0.device_password_env"), "{e}");
+        assert!(e.to_string().contains("PUMP1_PW"), "{e}");
+        let c = load_env(&with_device, &[("PUMP1_PW", "s3cret")]).unwrap();
+        assert!(!c.mqtt.allow_anonymous);
+        assert_eq!(c.mqtt.users.len(), 1);
+        assert_eq!(c.mqtt.users[0].0, "pump-1");
+        assert_eq!(c.mqtt.users[0].1.expose(), "s3cret");
+        let users =
+            format!("[[mqtt.users]]\nusername = \"monitor\"\npassword_env = \"MON_PW\"\n{PUMP}");
+        let c = load_env(&users, &[("MON_PW", "x")]).unwrap();
+        assert_eq!(c.mqtt.users[0].0, "monitor");
+        // No file at all: the first run takes anonymous clients on loopback.
+        assert!(Config::defaults().mqtt.allow_anonymous);
+    }
+
+    #[test]
+    fn the_embedded_broker_stays_on_loopback_unless_told_it_is_unconfined() {
+        let open =
+            format!("[mqtt]\nallow_anonymous = true\nembedded_listen = \"0.0.0.0:1883\"\n{PUMP}");
+        let e = load_env(&open, &[]).unwrap_err();
+        assert!(e.to_string().contains("mqtt.embedded_listen"), "{e}");
+        assert!(e.to_string().contains("embedded_unconfined"), "{e}");
+        let c = load_env(&format!("{open}\n[mqtt]\n"), &[]);
+        assert!(c.is_err(), "a repeated table is a TOML error");
+        let ok = format!("[mqtt]\nallow_anonymous = true\nembedded_unconfined = true\nembedded_listen = \"0.0.0.0:1883\"\n{PUMP}");
+        assert!(load_env(&ok, &[]).is_ok());
+    }
+
+    #[test]
+    fn tls_brokers_and_listeners_need_their_files() {
+        let e = load_env(
+            &format!("[mqtt]\nbroker = \"mqtts://broker.example:8883\"\n{PUMP}"),
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("mqtt.tls_ca"), "{e}");
+        let e = load_env(
+            &format!(
+                "[mqtt]\nallow_anonymous = true\nembedded_tls_listen = \"127.0.0.1:8883\"\n{PUMP}"
+            ),
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("tls_cert"), "{e}");
+        let e = load_env(
+            &format!("[mqtt]\nbroker = \"mqtt://b\"\ntls_ca = \"/nonexistent.pem\"\n{PUMP}"),
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("mqtt.tls_ca"), "{e}");
+    }
+
+    #[test]
+    fn a_pos_poll_key_overrides_the_global_one() {
+        let text = "[http]\npoll_key = \"global-key\"\n[mqtt]\nallow_anonymous = true\n[[pos]]\nid = \"a\"\nkind = \"fuel\"\n[[pos]]\nid = \"b\"\nkind = \"fuel\"\npoll_key = \"b-key\"\n";
+        let c = load_env(text, &[]).unwrap();
+        let a = PosId::parse("a").unwrap();
+        let b = PosId::parse("b").unwrap();
+        assert_eq!(c.http.poll_keys.for_pos(&a).unwrap().expose(), "global-key");
+        assert_eq!(c.http.poll_keys.for_pos(&b).unwrap().expose(), "b-key");
+    }
+
+    #[test]
+    fn the_shipped_example_config_is_valid() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/qrgate.example.toml");
+        let c = Config::load_with(Some(Path::new(path)), &|name| {
+            (name == MQTT_PASSWORD_ENV).then(|| "pw".to_owned())
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(c.mqtt.broker, Broker::External { .. }));
+        assert!(c.pos.len() >= 2);
     }
 
     #[test]

@@ -17,6 +17,7 @@ public_url = "http://127.0.0.1:9"
 [mqtt]
 embedded_listen = "127.0.0.1:0"
 client_id = "qrgate-bin"
+allow_anonymous = true
 [store]
 path = "{}"
 [log]

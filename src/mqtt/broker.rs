@@ -7,7 +7,13 @@ use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings, TlsConfig};
+use subtle::ConstantTimeEq;
+
+use crate::config::Secret;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -22,45 +28,89 @@ pub enum BrokerError {
     Start(String),
 }
 
-/// Starts rumqttd on `listen` and waits until it accepts connections.
-/// Port 0 picks a free port; the address actually used is returned.
-/// A full MQTT handshake (CONNECT, CONNACK, DISCONNECT), so readiness is
-/// the broker answering, and the probe leaves no error in its log.
-fn speaks_mqtt(addr: SocketAddr) -> bool {
-    use std::io::{Read, Write};
-    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
-    // MQTT 3.1.1 CONNECT, clean session, keep-alive 10 s, client id "qrgate-probe".
-    let mut connect = vec![
-        0x10, 24, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 10, 0, 12,
-    ];
-    connect.extend_from_slice(b"qrgate-probe");
-    let mut connack = [0u8; 4];
-    let ok = s.write_all(&connect).is_ok()
-        && s.read_exact(&mut connack).is_ok()
-        && connack[0] == 0x20
-        && connack[3] == 0;
-    let _ = s.write_all(&[0xE0, 0]);
-    // Let the broker close first, so it does not log our leaving as an error.
-    let mut rest = [0u8; 16];
-    while matches!(s.read(&mut rest), Ok(n) if n > 0) {}
-    ok
+/// Who may connect to the embedded broker.
+#[derive(Clone)]
+pub enum Access {
+    /// Anyone: development only (rumqttd refuses clients without a login as
+    /// soon as any authentication is configured, so this turns it off).
+    Anonymous,
+    /// Only these username/password pairs.
+    Users(Vec<(String, Secret)>),
 }
 
-pub fn start(listen: SocketAddr, max_payload_bytes: usize) -> Result<SocketAddr, BrokerError> {
-    // rumqttd binds inside its own thread and only logs a failure there, so
-    // the port is checked here first, while it can still stop the start-up.
+/// The embedded broker's TLS listener.
+#[derive(Clone, Debug)]
+pub struct Tls {
+    pub listen: SocketAddr,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Where the started broker listens.
+#[derive(Clone, Copy, Debug)]
+pub struct Listening {
+    pub addr: SocketAddr,
+    pub tls_addr: Option<SocketAddr>,
+}
+
+/// Takes a port (0 picks one) and releases it for rumqttd, which binds
+/// inside its own thread and only logs a failure there: a taken port must
+/// stop the start-up here, while it still can.
+fn claim(listen: SocketAddr) -> Result<SocketAddr, BrokerError> {
     let probe = TcpListener::bind(listen).map_err(|e| BrokerError::PortTaken {
         addr: listen,
         reason: e.to_string(),
     })?;
-    let addr = probe
+    probe
         .local_addr()
-        .map_err(|e| BrokerError::Start(e.to_string()))?;
-    drop(probe);
+        .map_err(|e| BrokerError::Start(e.to_string()))
+}
 
+fn connections(max_payload_bytes: usize, access: &Access) -> ConnectionSettings {
+    let mut c = ConnectionSettings {
+        connection_timeout_ms: 10_000,
+        // Above qrgate's own cap, so that an oversize message still
+        // reaches qrgate and is refused with a reason the device sees.
+        max_payload_size: (max_payload_bytes * 4).max(64 * 1024),
+        max_inflight_count: 500,
+        auth: None,
+        external_auth: None,
+        dynamic_filters: true,
+    };
+    if let Access::Users(users) = access {
+        let users = Arc::new(users.clone());
+        c.set_auth_handler(move |client_id: String, user: String, pass: String| {
+            let users = Arc::clone(&users);
+            async move {
+                // Every entry is compared, in constant time, whatever matches.
+                let ok = users.iter().fold(false, |ok, (u, p)| {
+                    let same = u.as_bytes().ct_eq(user.as_bytes())
+                        & p.expose().as_bytes().ct_eq(pass.as_bytes());
+                    ok | bool::from(same)
+                });
+                if !ok {
+                    tracing::warn!(username = %user.chars().take(64).collect::<String>(),
+                        client_id = %client_id.chars().take(64).collect::<String>(),
+                        "MQTT login refused by the embedded broker");
+                }
+                ok
+            }
+        });
+    }
+    c
+}
+
+/// Starts rumqttd on `listen` (and `tls`) and waits until it accepts
+/// connections. Port 0 picks a free port; the addresses used are returned.
+pub fn start(
+    listen: SocketAddr,
+    max_payload_bytes: usize,
+    access: Access,
+    tls: Option<Tls>,
+    probe_login: Option<(String, Secret)>,
+) -> Result<Listening, BrokerError> {
+    let addr = claim(listen)?;
+    let tls_addr = tls.as_ref().map(|t| claim(t.listen)).transpose()?;
     let mut v4 = HashMap::new();
     v4.insert(
         "qrgate".to_owned(),
@@ -69,18 +119,25 @@ pub fn start(listen: SocketAddr, max_payload_bytes: usize) -> Result<SocketAddr,
             listen: addr,
             tls: None,
             next_connection_delay_ms: 1,
-            connections: ConnectionSettings {
-                connection_timeout_ms: 10_000,
-                // Above qrgate's own cap, so that an oversize message still
-                // reaches qrgate and is refused with a reason the device sees.
-                max_payload_size: (max_payload_bytes * 4).max(64 * 1024),
-                max_inflight_count: 500,
-                auth: None,
-                external_auth: None,
-                dynamic_filters: true,
-            },
+            connections: connections(max_payload_bytes, &access),
         },
     );
+    if let (Some(t), Some(tls_addr)) = (&tls, tls_addr) {
+        v4.insert(
+            "qrgate-tls".to_owned(),
+            ServerSettings {
+                name: "qrgate-mqtts".to_owned(),
+                listen: tls_addr,
+                tls: Some(TlsConfig::Rustls {
+                    capath: None,
+                    certpath: t.cert.display().to_string(),
+                    keypath: t.key.display().to_string(),
+                }),
+                next_connection_delay_ms: 1,
+                connections: connections(max_payload_bytes, &access),
+            },
+        );
+    }
     let config = Config {
         id: 0,
         router: RouterConfig {
@@ -105,8 +162,8 @@ pub fn start(listen: SocketAddr, max_payload_bytes: usize) -> Result<SocketAddr,
 
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        if speaks_mqtt(addr) {
-            return Ok(addr);
+        if speaks_mqtt(addr, probe_login.as_ref()) {
+            return Ok(Listening { addr, tls_addr });
         }
         if Instant::now() > deadline {
             return Err(BrokerError::Start(format!(
@@ -115,4 +172,50 @@ pub fn start(listen: SocketAddr, max_payload_bytes: usize) -> Result<SocketAddr,
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// A full MQTT handshake (CONNECT, CONNACK, DISCONNECT), so readiness is
+/// the broker answering, and the probe leaves no error in its log.
+fn speaks_mqtt(addr: SocketAddr, login: Option<&(String, Secret)>) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    // MQTT 3.1.1 CONNECT, clean session, keep-alive 10 s, client id
+    // "qrgate-probe", with a login when the broker wants one.
+    let field = |out: &mut Vec<u8>, b: &[u8]| {
+        out.extend_from_slice(&(b.len() as u16).to_be_bytes());
+        out.extend_from_slice(b);
+    };
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4];
+    body.push(if login.is_some() { 0xC2 } else { 0x02 });
+    body.extend_from_slice(&[0, 10]);
+    field(&mut body, b"qrgate-probe");
+    if let Some((user, pass)) = login {
+        field(&mut body, user.as_bytes());
+        field(&mut body, pass.expose().as_bytes());
+    }
+    // MQTT's variable-length "remaining length".
+    let mut connect = vec![0x10];
+    let mut n = body.len();
+    loop {
+        let byte = (n % 128) as u8;
+        n /= 128;
+        connect.push(if n > 0 { byte | 0x80 } else { byte });
+        if n == 0 {
+            break;
+        }
+    }
+    connect.extend_from_slice(&body);
+    let mut connack = [0u8; 4];
+    let ok = s.write_all(&connect).is_ok()
+        && s.read_exact(&mut connack).is_ok()
+        && connack[0] == 0x20
+        && connack[3] == 0;
+    let _ = s.write_all(&[0xE0, 0]);
+    // Let the broker close first, so it does not log our leaving as an error.
+    let mut rest = [0u8; 16];
+    while matches!(s.read(&mut rest), Ok(n) if n > 0) {}
+    ok
 }

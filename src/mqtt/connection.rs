@@ -20,7 +20,7 @@ use tokio_util::task::TaskTracker;
 
 use super::inbound;
 use super::topics::{DeviceTopic, Topics};
-use crate::config::MqttConfig;
+use crate::config::{MqttConfig, Secret};
 use crate::gateway::{Gateway, GatewayError, Publish};
 use crate::orders::PosId;
 
@@ -40,16 +40,27 @@ impl LinkState {
 }
 
 /// Starts the client's tasks on `tracker`.
+/// Where qrgate's client connects, and how it proves who it is.
+pub struct Endpoint {
+    pub host: String,
+    pub port: u16,
+    pub login: Option<(String, Secret)>,
+    /// The CA certificate (PEM) of a TLS broker.
+    pub tls_ca: Option<Vec<u8>>,
+}
+
 pub fn spawn(
     cfg: &MqttConfig,
-    host: String,
-    port: u16,
+    endpoint: Endpoint,
     gateway: Arc<Gateway>,
     mut outbox: mpsc::UnboundedReceiver<Publish>,
     shutdown: CancellationToken,
     tracker: &TaskTracker,
 ) -> Arc<LinkState> {
-    let mut opts = MqttOptions::new(cfg.client_id.clone(), host, port);
+    let mut opts = MqttOptions::new(cfg.client_id.clone(), endpoint.host, endpoint.port);
+    if let Some(ca) = endpoint.tls_ca {
+        opts.set_transport(rumqttc::Transport::tls(ca, None, None));
+    }
     opts.set_keep_alive(Duration::from_secs(10));
     // A persistent session: what devices publish while qrgate is down waits
     // for it at the broker (CONTRACT-NOTES, MQTT sessions).
@@ -59,10 +70,8 @@ pub fn spawn(
     let max = (cfg.max_payload_bytes * 4).max(64 * 1024);
     opts.set_max_packet_size(max, max);
     opts.set_inflight(200);
-    if let (Some(user), Some(password)) = (&cfg.username, &cfg.password) {
-        opts.set_credentials(user.clone(), password.expose().to_owned());
-    } else if let Some(user) = &cfg.username {
-        opts.set_credentials(user.clone(), String::new());
+    if let Some((user, password)) = endpoint.login {
+        opts.set_credentials(user, password.expose().to_owned());
     }
     let (client, mut eventloop) = AsyncClient::new(opts, 1024);
     let link = Arc::new(LinkState::default());

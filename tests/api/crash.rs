@@ -46,6 +46,7 @@ timeout_ms = 5000
 [mqtt]
 broker = "{broker}"
 embedded_listen = "127.0.0.1:{embedded_port}"
+allow_anonymous = true
 [orders]
 reconcile_after_secs = 0
 paid_republish_secs = 1

@@ -26,9 +26,16 @@ static SHARED_BROKER: OnceLock<u16> = OnceLock::new();
 /// The test binary's embedded broker, started on first use.
 pub fn shared_broker_port() -> u16 {
     *SHARED_BROKER.get_or_init(|| {
-        qrgate::mqtt::broker::start("127.0.0.1:0".parse().unwrap(), 16 * 1024)
-            .expect("embedded broker starts")
-            .port()
+        qrgate::mqtt::broker::start(
+            "127.0.0.1:0".parse().unwrap(),
+            16 * 1024,
+            qrgate::mqtt::broker::Access::Anonymous,
+            None,
+            None,
+        )
+        .expect("embedded broker starts")
+        .addr
+        .port()
     })
 }
 
@@ -209,6 +216,7 @@ impl TestApp {
         config.mqtt.broker = Broker::External {
             host: "127.0.0.1".into(),
             port,
+            tls: false,
         };
         config.mqtt.topic_prefix = prefix.clone();
         config.mqtt.client_id = format!("qrgate-{prefix}");

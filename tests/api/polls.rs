@@ -158,6 +158,7 @@ async fn readiness_fails_with_a_reason_when_the_broker_is_unreachable() {
         c.mqtt.broker = qrgate::config::Broker::External {
             host: "127.0.0.1".into(),
             port,
+            tls: false,
         };
     })
     .await;
