@@ -23,11 +23,21 @@ use crate::orders::Command;
 use crate::settlement::{self, Settler};
 use crate::store::{SqliteStore, Store};
 
+/// Two TLS stacks are linked (reqwest's and rumqttc's), so rustls cannot pick
+/// its crypto provider by itself: choose one for the process, once.
+pub fn install_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// What HTTP handlers share.
 pub struct Shared {
     pub gateway: Arc<Gateway>,
     pub settler: Settler,
     pub link: Arc<LinkState>,
+    pub poll_keys: crate::config::PollKeys,
+    pub limiter: crate::http::ratelimit::RateLimiter,
+    pub webhook_secret: Option<Secret>,
+    pub signature_tolerance_secs: u64,
 }
 
 pub struct App {
@@ -53,6 +63,7 @@ impl App {
     /// Builds on a listener bound by the caller (tests bind port 0 first, to
     /// put the real port in `public_url`).
     pub async fn build_on(config: Config, listener: TcpListener) -> anyhow::Result<App> {
+        install_crypto();
         let store: Arc<dyn Store> = Arc::new(
             SqliteStore::open(&config.store.path, config.store.fsync).with_context(|| {
                 format!("cannot open the store {}", config.store.path.display())
@@ -253,10 +264,21 @@ impl App {
             gateway: Arc::clone(&gateway),
             settler,
             link: Arc::clone(&link),
+            poll_keys: config.http.poll_keys.clone(),
+            limiter: crate::http::ratelimit::RateLimiter::new(
+                config.http.notification_rate_per_sec,
+                config.http.notification_burst,
+            ),
+            webhook_secret: config.mercadopago.webhook_secret.clone(),
+            signature_tolerance_secs: config.mercadopago.signature_tolerance_secs,
         });
         let workers = std::thread::available_parallelism().map_or(2, |n| n.get().min(4));
         let server = HttpServer::new(move || {
             actix_web::App::new()
+                .wrap(
+                    actix_web::middleware::ErrorHandlers::new()
+                        .default_handler(crate::http::json_errors),
+                )
                 .app_data(shared.clone())
                 .configure(crate::http::routes)
         })

@@ -5,9 +5,18 @@ pub mod answer;
 pub mod health;
 pub mod notifications;
 pub mod poll;
+pub mod ratelimit;
+pub mod signature;
 
+use actix_web::body::MessageBody;
+use actix_web::dev::ServiceResponse;
+use actix_web::http::header::CONTENT_TYPE;
+use actix_web::middleware::ErrorHandlerResponse;
 use actix_web::{web, HttpResponse};
 use serde::Serialize;
+
+/// Largest request body any endpoint reads.
+pub const MAX_BODY: usize = 16 * 1024;
 
 /// Our own endpoints' error body: a stable `code` and a `message`.
 #[derive(Serialize)]
@@ -20,9 +29,43 @@ pub fn error(status: actix_web::http::StatusCode, code: &str, message: &str) -> 
     HttpResponse::build(status).json(ApiError { code, message })
 }
 
+/// Errors actix-web produces itself (405, 413, 408...) become the same JSON
+/// as ours, with a stable code and nothing internal.
+pub fn json_errors<B: MessageBody + 'static>(
+    res: ServiceResponse<B>,
+) -> actix_web::Result<ErrorHandlerResponse<B>> {
+    let is_json = res
+        .headers()
+        .get(CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if is_json {
+        return Ok(ErrorHandlerResponse::Response(res.map_into_left_body()));
+    }
+    let status = res.status();
+    let (code, message) = match status.as_u16() {
+        400 => ("bad_request", "the request could not be read"),
+        404 => ("not_found", "no such endpoint"),
+        405 => ("method_not_allowed", "method not allowed here"),
+        408 => ("request_timeout", "the request took too long"),
+        413 => ("payload_too_large", "the request body is too large"),
+        429 => ("rate_limited", "too many requests"),
+        500..=599 => ("internal_error", "internal error"),
+        _ => ("error", "the request failed"),
+    };
+    let (req, _) = res.into_parts();
+    let resp = error(status, code, message);
+    Ok(ErrorHandlerResponse::Response(
+        ServiceResponse::new(req, resp).map_into_right_body(),
+    ))
+}
+
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/mp/pos/{pos_id}", web::get().to(poll::poll))
-        .route("/mp/pos/{pos_id}", web::post().to(poll::poll))
+    cfg.app_data(web::PayloadConfig::new(MAX_BODY))
+        .service(
+            web::resource("/mp/pos/{pos_id}")
+                .route(web::get().to(poll::poll))
+                .route(web::post().to(poll::poll)),
+        )
         .service(
             web::resource("/mp/notifications")
                 .app_data(web::PayloadConfig::new(notifications::MAX_BODY))

@@ -8,6 +8,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 
 use super::error;
+use super::signature::{self, SignatureError};
 use crate::app::Shared;
 use crate::settlement::Resource;
 
@@ -100,11 +101,58 @@ pub fn parse(query: &str, body: &[u8]) -> Result<Parsed, String> {
     }
 }
 
+/// `data.id` of the query string, which is what Mercado Pago signs.
+fn query_data_id(query: &str) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Q {
+        #[serde(rename = "data.id")]
+        data_id: Option<String>,
+    }
+    web::Query::<Q>::from_query(query)
+        .ok()
+        .and_then(|q| q.into_inner().data_id)
+}
+
 pub async fn receive(
     req: HttpRequest,
     body: web::Bytes,
     shared: web::Data<Shared>,
 ) -> HttpResponse {
+    let peer = req.peer_addr().map(|a| a.ip());
+    if let Some(ip) = peer {
+        if !shared.limiter.allow(ip, std::time::Instant::now()) {
+            tracing::warn!(peer = %ip, "notification rate limit exceeded; answered 429");
+            return error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "too many requests",
+            );
+        }
+    }
+    if let (Some(secret), Some(header)) = (&shared.webhook_secret, req.headers().get("x-signature"))
+    {
+        let request_id = req
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok());
+        let verified = header
+            .to_str()
+            .map_err(|_| SignatureError::Malformed)
+            .and_then(|h| {
+                signature::verify(
+                    h,
+                    query_data_id(req.query_string()).as_deref(),
+                    request_id,
+                    secret.expose(),
+                    chrono::Utc::now().timestamp(),
+                    shared.signature_tolerance_secs,
+                )
+            });
+        if let Err(why) = verified {
+            tracing::warn!(peer = peer.map(|p| p.to_string()), reason = %why, "notification with a bad x-signature refused");
+            return error(StatusCode::UNAUTHORIZED, "unauthorized", "unauthorized");
+        }
+    }
     match parse(req.query_string(), &body) {
         Ok(Parsed::Work(resource)) => {
             tracing::info!(?resource, "notification received");

@@ -1,11 +1,38 @@
 //! `GET|POST /mp/pos/{pos_id}`: the URL Mercado Pago calls while a customer
 //! waits. It only reads the order book; unknown query parameters are ignored.
+//! When the POS has a poll key, a poll without it is answered 404, as if the
+//! URL did not exist, so a registered URL cannot be guessed from a POS id.
 
-use actix_web::http::header::{HeaderValue, CONTENT_TYPE};
+use actix_web::http::header::{HeaderValue, CONTENT_TYPE, USER_AGENT};
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
+use serde::Deserialize;
+use subtle::ConstantTimeEq;
 
+use super::error;
 use crate::app::Shared;
+use crate::orders::PosId;
+
+#[derive(Deserialize)]
+struct PollQuery {
+    key: Option<String>,
+}
+
+/// Whether the poll carries the key its POS requires (constant time).
+fn key_ok(shared: &Shared, pos: &str, query: &str) -> bool {
+    let required = match PosId::parse(pos) {
+        Ok(id) => shared.poll_keys.for_pos(&id),
+        Err(_) => shared.poll_keys.global.as_ref(),
+    };
+    let Some(required) = required else {
+        return true;
+    };
+    let given = web::Query::<PollQuery>::from_query(query)
+        .ok()
+        .and_then(|q| q.into_inner().key)
+        .unwrap_or_default();
+    bool::from(given.as_bytes().ct_eq(required.expose().as_bytes()))
+}
 
 pub async fn poll(
     req: HttpRequest,
@@ -13,15 +40,20 @@ pub async fn poll(
     shared: web::Data<Shared>,
 ) -> HttpResponse {
     let pos = path.into_inner();
+    let shown: String = pos.chars().take(64).collect();
+    let agent = req
+        .headers()
+        .get(USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !key_ok(&shared, &pos, req.query_string()) {
+        let peer = req.peer_addr().map(|a| a.ip().to_string());
+        tracing::warn!(pos = %shown, user_agent = agent, peer, "poll without the right key answered 404");
+        return error(StatusCode::NOT_FOUND, "not_found", "no such endpoint");
+    }
     let answer = shared.gateway.poll(&pos);
     if answer.kind == "invalid" {
-        let agent = req
-            .headers()
-            .get(actix_web::http::header::USER_AGENT)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        tracing::warn!(pos = %pos.chars().take(64).collect::<String>(), user_agent = agent,
-            "poll for an unknown POS answered invalid");
+        tracing::warn!(pos = %shown, user_agent = agent, "poll for an unknown POS answered invalid");
     } else {
         tracing::debug!(pos = %pos, answer = answer.kind, "poll");
     }

@@ -461,6 +461,7 @@ pub struct BareApp {
     pub base: String,
     pub mp: Simulator,
     pub mqtt_port: u16,
+    pub mqtt_tls_port: Option<u16>,
     stop: CancellationToken,
     done: tokio::task::JoinHandle<anyhow::Result<()>>,
     _dir: tempfile::TempDir,
@@ -482,15 +483,33 @@ impl BareApp {
         tweak(&mut config);
         let app = App::build_on(config, listener).await.unwrap();
         let mqtt_port = app.mqtt_addr().port();
+        let mqtt_tls_port = app.mqtt_tls_addr().map(|a| a.port());
         let stop = app.shutdown_token();
         let done = tokio::spawn(app.run_until_stopped());
         BareApp {
             base,
             mp,
             mqtt_port,
+            mqtt_tls_port,
             stop,
             done,
             _dir: dir,
+        }
+    }
+
+    pub async fn wait_ready(&self) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if let Ok(r) = reqwest::get(format!("{}/readyz", self.base)).await {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "app never became ready"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 

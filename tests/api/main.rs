@@ -9,3 +9,4 @@ mod messages;
 mod mosquitto;
 mod notifications;
 mod polls;
+mod security;
