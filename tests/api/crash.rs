@@ -16,18 +16,32 @@ use qrgate_devices::{Device, DeviceConfig};
 use crate::helpers::*;
 
 /// qrgate as a child process on a fixed store, broker and HTTP address.
-struct Gate {
+pub struct Gate {
     child: Option<Child>,
     config: std::path::PathBuf,
-    dir: Arc<tempfile::TempDir>,
-    base: String,
+    pub dir: Arc<tempfile::TempDir>,
+    pub base: String,
     runs: usize,
+    /// Extra environment (secrets, overrides).
+    env: Vec<(String, String)>,
 }
 
 impl Gate {
     /// `broker`: an external broker's port, or `None` for the embedded one
     /// (then on `embedded_port`).
     fn new(mp: &Simulator, broker: Option<u16>, embedded_port: u16) -> Gate {
+        Gate::with(mp, broker, embedded_port, "", Vec::new())
+    }
+
+    /// `extra` is appended to the config file; `env` is added to the
+    /// process's environment.
+    pub fn with(
+        mp: &Simulator,
+        broker: Option<u16>,
+        embedded_port: u16,
+        extra: &str,
+        env: Vec<(String, String)>,
+    ) -> Gate {
         let dir = Arc::new(tempfile::tempdir().unwrap());
         let port = free_port();
         let base = format!("http://127.0.0.1:{port}");
@@ -55,6 +69,7 @@ path = "{db}"
 [log]
 format = "json"
 filter = "info"
+{extra}
 "#,
                 api = mp.base_url(),
                 db = dir.path().join("qrgate.db").display()
@@ -67,12 +82,13 @@ filter = "info"
             dir,
             base,
             runs: 0,
+            env,
         };
         g.start();
         g
     }
 
-    fn start(&mut self) {
+    pub fn start(&mut self) {
         self.runs += 1;
         let log =
             std::fs::File::create(self.dir.path().join(format!("run{}.log", self.runs))).unwrap();
@@ -83,6 +99,7 @@ filter = "info"
                 SimulatorConfig::default().access_token,
             )
             .env_remove("RUST_LOG")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(log)
             .stderr(Stdio::null())
             .spawn()
@@ -90,7 +107,7 @@ filter = "info"
         self.child = Some(child);
     }
 
-    async fn ready(&self) {
+    pub async fn ready(&self) {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
             if let Ok(r) = reqwest::get(format!("{}/readyz", self.base)).await {
@@ -107,7 +124,7 @@ filter = "info"
     }
 
     /// SIGKILL: no shutdown code runs.
-    fn kill9(&mut self) {
+    pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             c.kill().unwrap();
             c.wait().unwrap();
@@ -120,7 +137,7 @@ filter = "info"
         self.ready().await;
     }
 
-    fn pos_url(&self, pos: &str) -> String {
+    pub fn pos_url(&self, pos: &str) -> String {
         format!("{}/mp/pos/{pos}", self.base)
     }
 

@@ -363,3 +363,101 @@ async fn every_error_of_ours_is_json_with_a_stable_code_and_nothing_internal() {
         );
     }
 }
+
+/// A whole run of the real binary, logging at `debug`, with every kind of
+/// secret in use (and some wrong ones tried): none of them may appear in
+/// the log or in the health answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_reaches_the_logs_or_the_health_answers() {
+    use crate::crash::Gate;
+    use qrgate::mercadopago::simulator::{Simulator, SimulatorConfig};
+    const TOKEN: &str = "APP_USR-canary-token-7731";
+    const POLL_KEY: &str = "pollkey-canary-8842";
+    const DEVICE_PW: &str = "devpw-canary-9953";
+    const WRONG_PW: &str = "wrongpw-canary-1064";
+    const WEBHOOK: &str = "whsec-canary-2175";
+    let mp = Simulator::start(SimulatorConfig {
+        access_token: TOKEN.into(),
+        ..SimulatorConfig::default()
+    })
+    .await
+    .unwrap();
+    let mqtt = free_port();
+    let env = |k: &str, v: &str| (k.to_owned(), v.to_owned());
+    let gate = Gate::with(
+        &mp,
+        None,
+        mqtt,
+        "[[pos]]\nid = \"pump-1\"\nkind = \"fuel\"\ndevice_password_env = \"PUMP1_PW\"\n",
+        vec![
+            env(qrgate::config::ACCESS_TOKEN_ENV, TOKEN),
+            env("PUMP1_PW", DEVICE_PW),
+            env("QRGATE_HTTP__POLL_KEY", POLL_KEY),
+            env("QRGATE_MQTT__ALLOW_ANONYMOUS", "false"),
+            env("QRGATE_LOG__FILTER", "debug"),
+            env(qrgate::config::WEBHOOK_SECRET_ENV, WEBHOOK),
+        ],
+    );
+    gate.ready().await;
+    let device = |pw: &str| {
+        DeviceConfig::new("127.0.0.1", mqtt, "pump-1")
+            .credentials("pump-1", pw)
+            .without_presence()
+    };
+    assert!(Device::connect(device(WRONG_PW)).await.is_err());
+    let pump = Device::connect(device(DEVICE_PW)).await.unwrap();
+    pump.publish_sale("1", &fuel("1", "100"), None)
+        .await
+        .unwrap();
+    state_of(&pump, "1", "pending").await;
+    assert_eq!(
+        reqwest::get(gate.pos_url("pump-1")).await.unwrap().status(),
+        404
+    );
+    let bad_key = format!("{}?key=not-{POLL_KEY}", gate.pos_url("pump-1"));
+    assert_eq!(reqwest::get(bad_key).await.unwrap().status(), 404);
+    let order = match mp
+        .scan(&format!("{}?key={POLL_KEY}", gate.pos_url("pump-1")))
+        .await
+        .unwrap()
+    {
+        Scan::Order(o) => o,
+        other => panic!("{other:?}"),
+    };
+    // A forged signature, then the real payment.
+    let forged = reqwest::Client::new()
+        .post(format!(
+            "{}/mp/notifications?type=payment&data.id=1",
+            gate.base
+        ))
+        .header("x-signature", format!("ts=1,v1={}", hex::encode(WEBHOOK)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), 401);
+    mp.pay(order.merchant_order_id, PaymentOutcome::Approved)
+        .await
+        .unwrap();
+    state_of(&pump, "1", "paid").await;
+    let mut answers = String::new();
+    for path in ["/healthz", "/readyz"] {
+        answers.push_str(
+            &reqwest::get(format!("{}{path}", gate.base))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap(),
+        );
+    }
+    let log = std::fs::read_to_string(gate.dir.path().join("run1.log")).unwrap();
+    assert!(log.contains("sale paid"), "the run was logged");
+    assert!(log.contains("\"level\":\"DEBUG\""), "logged at debug");
+    for secret in [TOKEN, POLL_KEY, DEVICE_PW, WRONG_PW, WEBHOOK] {
+        assert!(!log.contains(secret), "{secret} leaked into the log");
+        assert!(
+            !answers.contains(secret),
+            "{secret} leaked into a health answer"
+        );
+    }
+}
