@@ -177,6 +177,19 @@ fn a_taken_broker_port_stops_the_start_and_shows_how_to_use_that_broker() {
 }
 
 #[test]
+fn the_embedded_broker_refuses_to_listen_beyond_loopback_unless_told_it_is_unconfined() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "");
+    let (ok, _, err) = run(
+        &["--config", config.to_str().unwrap()],
+        &[("QRGATE_MQTT__EMBEDDED_LISTEN", "0.0.0.0:0")],
+    );
+    assert!(!ok);
+    assert!(err.contains("mqtt.embedded_listen"), "{err}");
+    assert!(err.contains("embedded_unconfined"), "{err}");
+}
+
+#[test]
 fn the_demo_tells_both_stories_to_paid_and_exits_0_leaving_no_files() {
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(BIN)

@@ -206,6 +206,42 @@ mod tests {
         );
     }
 
+    use proptest::prelude::*;
+
+    fn id_of(r: &Resource) -> u64 {
+        match r {
+            Resource::MerchantOrder(id) | Resource::Payment(id) => *id,
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+        /// Whatever arrives, nothing panics, and work is only ever taken
+        /// for an id that the notification itself spelled out.
+        #[test]
+        fn no_notification_panics_or_invents_work(
+            query in "[a-z_.=&0-9%]{0,40}",
+            body in proptest::collection::vec(any::<u8>(), 0..200),
+        ) {
+            if let Ok(Parsed::Work(r)) = parse(&query, &body) {
+                let id = id_of(&r).to_string();
+                let text = format!("{query}{}", String::from_utf8_lossy(&body));
+                prop_assert!(text.contains(&id), "{id} not in {text}");
+            }
+        }
+
+        #[test]
+        fn json_shaped_notifications_never_panic(
+            topic in "(merchant_order|payment|x)?",
+            id in "[0-9a-z\"-]{0,24}",
+        ) {
+            let body = format!(r#"{{"type":"{topic}","data":{{"id":{id}}},"resource":"{id}"}}"#);
+            if let Ok(Parsed::Work(r)) = parse("", body.as_bytes()) {
+                prop_assert!(body.contains(&id_of(&r).to_string()));
+            }
+        }
+    }
+
     #[test]
     fn notifications_without_a_usable_id_are_refused() {
         assert!(parse("topic=merchant_order", b"").is_err());
