@@ -1,0 +1,775 @@
+//! qrgate's benchmark suite. It starts the *release* `qrgate` binary (and the
+//! `floor` binary) as child processes, drives them from this process (real
+//! MQTT clients, the Mercado Pago simulator) and from `wrk` (HTTP load), and
+//! prints one table, also written as JSON.
+//!
+//! `benches/run [all|quick] [--out FILE] [--mix-secs N]` builds, installs
+//! `wrk` and `mosquitto` when missing, and runs this.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use hdrhistogram::Histogram;
+use qrgate::mercadopago::simulator::{
+    NotifyMode, PaymentOutcome, Scan, Simulator, SimulatorConfig,
+};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
+}
+
+/// The release binaries, next to this one.
+fn bin(name: &str) -> Result<PathBuf> {
+    let dir = std::env::current_exe()?
+        .parent()
+        .context("no executable directory")?
+        .to_path_buf();
+    let p = dir.join(name);
+    if !p.exists() {
+        bail!(
+            "{} is missing: run through benches/run, which builds it",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+enum BrokerChoice {
+    Embedded,
+    External(u16),
+}
+
+/// The release qrgate as a child process.
+struct Qrgate {
+    child: Child,
+    base: String,
+    mqtt_port: u16,
+    config: PathBuf,
+    dir: PathBuf,
+}
+
+impl Qrgate {
+    fn start(pos: usize, broker: &BrokerChoice, api_base: &str, dir: &Path) -> Result<Qrgate> {
+        let http = free_port();
+        let mqtt = match broker {
+            BrokerChoice::Embedded => free_port(),
+            BrokerChoice::External(p) => *p,
+        };
+        let broker_line = match broker {
+            BrokerChoice::Embedded => "embedded".to_owned(),
+            BrokerChoice::External(p) => format!("mqtt://127.0.0.1:{p}"),
+        };
+        let mut text = format!(
+            r#"[http]
+listen = "127.0.0.1:{http}"
+public_url = "http://127.0.0.1:{http}"
+notification_rate_per_sec = 100000
+notification_burst = 100000
+[mercadopago]
+api_base = "{api_base}"
+[mqtt]
+broker = "{broker_line}"
+embedded_listen = "127.0.0.1:{mqtt}"
+allow_anonymous = true
+client_id = "qrgate-bench"
+[orders]
+ttl_secs = 0
+reconcile_after_secs = 600
+[store]
+path = "{db}"
+[log]
+format = "json"
+filter = "info"
+"#,
+            db = dir.join("qrgate.db").display()
+        );
+        for i in 0..pos {
+            let kind = if i % 2 == 0 { "fuel" } else { "vending" };
+            text.push_str(&format!("[[pos]]\nid = \"p{i}\"\nkind = \"{kind}\"\n"));
+        }
+        let config = dir.join("qrgate.toml");
+        std::fs::write(&config, text)?;
+        let q = Qrgate {
+            child: Qrgate::spawn(&config, dir)?,
+            base: format!("http://127.0.0.1:{http}"),
+            mqtt_port: mqtt,
+            config,
+            dir: dir.to_path_buf(),
+        };
+        Ok(q)
+    }
+
+    fn spawn(config: &Path, dir: &Path) -> Result<Child> {
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(dir.join("qrgate.log"))?;
+        Ok(Command::new(bin("qrgate")?)
+            .args(["--config", config.to_str().unwrap_or_default(), "serve"])
+            .env(
+                qrgate::config::ACCESS_TOKEN_ENV,
+                SimulatorConfig::default().access_token,
+            )
+            .env_remove("RUST_LOG")
+            .stdout(log)
+            .stderr(Stdio::null())
+            .spawn()?)
+    }
+
+    async fn ready(&self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Ok(r) = reqwest::get(format!("{}/readyz", self.base)).await {
+                if r.status() == 200 {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("qrgate never became ready");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    }
+
+    /// SIGTERM and wait: a graceful stop.
+    fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Qrgate {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Many devices over one MQTT connection: publishes for any POS and
+/// wakes whoever waits for a (pos, sale, state).
+#[derive(Clone)]
+struct Fleet {
+    client: AsyncClient,
+    waiters: Arc<Mutex<HashMap<(String, String, String), oneshot::Sender<Instant>>>>,
+}
+
+impl Fleet {
+    async fn connect(port: u16, id: &str) -> Result<Fleet> {
+        let mut opts = MqttOptions::new(id, "127.0.0.1", port);
+        opts.set_keep_alive(Duration::from_secs(30));
+        opts.set_inflight(1000);
+        opts.set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut events) = AsyncClient::new(opts, 100_000);
+        let waiters: Arc<Mutex<HashMap<(String, String, String), oneshot::Sender<Instant>>>> =
+            Arc::new(Mutex::new(HashMap::new()));
+        let (sub_tx, sub_rx) = oneshot::channel();
+        let mut sub_tx = Some(sub_tx);
+        let w = Arc::clone(&waiters);
+        tokio::spawn(async move {
+            loop {
+                match events.poll().await {
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let at = Instant::now();
+                        let Some(pos) = p.topic.split('/').nth(2) else {
+                            continue;
+                        };
+                        let Ok(v) = serde_json::from_slice::<Value>(&p.payload) else {
+                            continue;
+                        };
+                        let key = (
+                            pos.to_owned(),
+                            v["sale_id"].as_str().unwrap_or("").to_owned(),
+                            v["state"].as_str().unwrap_or("").to_owned(),
+                        );
+                        if let Some(tx) = w.lock().map(|mut m| m.remove(&key)).ok().flatten() {
+                            let _ = tx.send(at);
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        if let Some(tx) = sub_tx.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        client
+            .subscribe("qrgate/pos/+/state", QoS::AtLeastOnce)
+            .await?;
+        tokio::time::timeout(WAIT, sub_rx).await??;
+        Ok(Fleet { client, waiters })
+    }
+
+    /// Registers interest before the action that causes the message.
+    fn expect(&self, pos: &str, sale: &str, state: &str) -> oneshot::Receiver<Instant> {
+        let (tx, rx) = oneshot::channel();
+        if let Ok(mut m) = self.waiters.lock() {
+            m.insert((pos.to_owned(), sale.to_owned(), state.to_owned()), tx);
+        }
+        rx
+    }
+
+    async fn sale(&self, pos: &str, sale: &str) -> Result<()> {
+        let body = format!(
+            r#"{{"sale_id":"{sale}","items":[{{"title":"Super 95","quantity":"10.5","unit_price":"798.00","unit_measure":"litre"}}]}}"#
+        );
+        self.client
+            .publish(
+                format!("qrgate/pos/{pos}/sale"),
+                QoS::AtLeastOnce,
+                false,
+                body,
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn send(&self, pos: &str, kind: &str, body: String) -> Result<()> {
+        self.client
+            .publish(
+                format!("qrgate/pos/{pos}/{kind}"),
+                QoS::AtLeastOnce,
+                false,
+                body,
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+async fn arrived(rx: oneshot::Receiver<Instant>, what: &str) -> Result<Instant> {
+    tokio::time::timeout(WAIT, rx)
+        .await
+        .with_context(|| format!("timed out waiting for {what}"))?
+        .with_context(|| format!("lost the wait for {what}"))
+}
+
+fn hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid bounds")
+}
+
+fn us(h: &Histogram<u64>, q: f64) -> f64 {
+    h.value_at_quantile(q) as f64 / 1000.0
+}
+
+// ---------------------------------------------------------------------------
+// 1. Polls, against the floor, with wrk.
+
+const LUA: &str = r#"
+local n = tonumber(os.getenv("QRGATE_BENCH_POS"))
+request = function()
+  return wrk.format("GET", "/mp/pos/p" .. math.random(0, n - 1))
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("JSON {\"requests\":%d,\"duration_us\":%d,\"socket_errors\":%d,\"p50_us\":%d,\"p99_us\":%d}\n",
+    summary.requests, summary.duration, e.connect + e.read + e.write + e.timeout,
+    latency:percentile(50), latency:percentile(99)))
+end
+"#;
+
+fn wrk(base: &str, pos: usize, connections: usize, secs: u64, dir: &Path) -> Result<Value> {
+    let script = dir.join("poll.lua");
+    std::fs::write(&script, LUA)?;
+    let threads = connections.min(2);
+    let out = Command::new("wrk")
+        .args([
+            "-t",
+            &threads.to_string(),
+            "-c",
+            &connections.to_string(),
+            "-d",
+            &format!("{secs}s"),
+            "-s",
+            script.to_str().unwrap_or_default(),
+            base,
+        ])
+        .env("QRGATE_BENCH_POS", pos.to_string())
+        .output()
+        .context("wrk did not run (is it installed?)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("JSON "))
+        .with_context(|| format!("no result from wrk: {text}"))?;
+    let v: Value = serde_json::from_str(line)?;
+    let rps =
+        v["requests"].as_f64().unwrap_or(0.0) / (v["duration_us"].as_f64().unwrap_or(1.0) / 1e6);
+    Ok(json!({
+        "connections": connections,
+        "rps": rps.round(),
+        "p50_ms": v["p50_us"].as_f64().unwrap_or(0.0) / 1000.0,
+        "p99_ms": v["p99_us"].as_f64().unwrap_or(0.0) / 1000.0,
+        "socket_errors": v["socket_errors"],
+    }))
+}
+
+fn start_floor() -> Result<(Child, String)> {
+    let mut child = Command::new(bin("floor")?).stdout(Stdio::piped()).spawn()?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().context("floor stdout")?).read_line(&mut line)?;
+    Ok((child, format!("http://127.0.0.1:{}", line.trim())))
+}
+
+/// Publishes a sale on each of `pos` and waits until each is pending.
+async fn pending_sales(fleet: &Fleet, pos: impl Iterator<Item = usize>, tag: &str) -> Result<()> {
+    let mut waits = Vec::new();
+    for i in pos {
+        let p = format!("p{i}");
+        let sale = format!("{tag}{i}");
+        waits.push(fleet.expect(&p, &sale, "pending"));
+        fleet.sale(&p, &sale).await?;
+    }
+    for w in waits {
+        arrived(w, "a pending sale").await?;
+    }
+    Ok(())
+}
+
+async fn polls(sim: &Simulator, quick: bool) -> Result<Value> {
+    let dir = tempfile::tempdir()?;
+    let q = Qrgate::start(1000, &BrokerChoice::Embedded, &sim.base_url(), dir.path())?;
+    q.ready().await?;
+    let fleet = Fleet::connect(q.mqtt_port, "bench-polls").await?;
+    // Half the POS have a pending sale.
+    pending_sales(&fleet, (0..1000).step_by(2), "poll-").await?;
+    let (mut floor, floor_base) = start_floor()?;
+    let secs = if quick { 3 } else { 8 };
+    let mut rows = Vec::new();
+    for c in [1, 16, 64, 256] {
+        let ours = wrk(&q.base, 1000, c, secs, dir.path())?;
+        let base = wrk(&floor_base, 1000, c, secs, dir.path())?;
+        let ratio =
+            ours["rps"].as_f64().unwrap_or(0.0) / base["rps"].as_f64().unwrap_or(1.0).max(1.0);
+        let p99_ratio = ours["p99_ms"].as_f64().unwrap_or(0.0)
+            / base["p99_ms"].as_f64().unwrap_or(1.0).max(0.001);
+        rows.push(json!({ "connections": c, "qrgate": ours, "floor": base,
+            "throughput_ratio": (ratio * 100.0).round() / 100.0, "p99_ratio": (p99_ratio * 100.0).round() / 100.0 }));
+    }
+    let _ = floor.kill();
+    let _ = floor.wait();
+    Ok(Value::Array(rows))
+}
+
+// ---------------------------------------------------------------------------
+// 2. Sale to servable, through the embedded broker and through Mosquitto.
+
+async fn servable(sim: &Simulator, broker: BrokerChoice, sales: usize) -> Result<Value> {
+    let dir = tempfile::tempdir()?;
+    let q = Qrgate::start(200, &broker, &sim.base_url(), dir.path())?;
+    q.ready().await?;
+    let fleet = Fleet::connect(q.mqtt_port, "bench-servable").await?;
+    let http = reqwest::Client::new();
+    let mut h = hist();
+    for k in 0..sales {
+        let pos = format!("p{}", k % 200);
+        let sale = format!("s{k}");
+        let t0 = Instant::now();
+        fleet.sale(&pos, &sale).await?;
+        loop {
+            let r = http.get(format!("{}/mp/pos/{pos}", q.base)).send().await?;
+            if r.status() == 200 {
+                h.record(t0.elapsed().as_nanos() as u64)?;
+                break;
+            }
+            if t0.elapsed() > WAIT {
+                bail!("sale {sale} never became servable");
+            }
+        }
+        fleet
+            .send(&pos, "cancel", format!(r#"{{"sale_id":"{sale}"}}"#))
+            .await?;
+        // The cancel must land before the POS is used again.
+        if k % 200 == 199 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    Ok(json!({ "sales": sales, "p50_us": us(&h, 0.5), "p99_us": us(&h, 0.99) }))
+}
+
+// ---------------------------------------------------------------------------
+// 3. Notification to device.
+
+async fn notify_to_device(sim: &Simulator, sales: usize) -> Result<Value> {
+    let dir = tempfile::tempdir()?;
+    let q = Qrgate::start(200, &BrokerChoice::Embedded, &sim.base_url(), dir.path())?;
+    q.ready().await?;
+    let fleet = Fleet::connect(q.mqtt_port, "bench-notify").await?;
+    let http = reqwest::Client::new();
+    sim.set_notify_mode(NotifyMode::None);
+    let mut h = hist();
+    for k in 0..sales {
+        let pos = format!("p{}", k % 200);
+        let sale = format!("n{k}");
+        let pending = fleet.expect(&pos, &sale, "pending");
+        fleet.sale(&pos, &sale).await?;
+        arrived(pending, "pending").await?;
+        let Scan::Order(order) = sim.scan(&format!("{}/mp/pos/{pos}", q.base)).await? else {
+            bail!("{pos} served no order");
+        };
+        sim.pay(order.merchant_order_id, PaymentOutcome::Approved)
+            .await?;
+        let paid = fleet.expect(&pos, &sale, "paid");
+        let t0 = Instant::now();
+        let r = http
+            .post(format!(
+                "{}/mp/notifications?topic=merchant_order&id={}",
+                q.base, order.merchant_order_id
+            ))
+            .send()
+            .await?;
+        if r.status() != 200 {
+            bail!("notification answered {}", r.status());
+        }
+        let at = arrived(paid, "paid").await?;
+        h.record(at.duration_since(t0).as_nanos() as u64)?;
+        fleet
+            .send(
+                &pos,
+                "delivered",
+                format!(r#"{{"sale_id":"{sale}","ok":true}}"#),
+            )
+            .await?;
+    }
+    Ok(json!({ "sales": sales, "p50_us": us(&h, 0.5), "p99_us": us(&h, 0.99) }))
+}
+
+// ---------------------------------------------------------------------------
+// 4. Scale: memory per pending sale, polls at 100,000, restart.
+
+async fn scale(sim: &Simulator, quick: bool) -> Result<Value> {
+    let n = 100_000;
+    let dir = tempfile::tempdir()?;
+    let mut q = Qrgate::start(n, &BrokerChoice::Embedded, &sim.base_url(), dir.path())?;
+    q.ready().await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss0 = q.rss_bytes();
+    let fleet = Fleet::connect(q.mqtt_port, "bench-scale").await?;
+    pending_sales(&fleet, 0..10_000, "m").await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss10 = q.rss_bytes();
+    pending_sales(&fleet, 10_000..n, "m").await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss100 = q.rss_bytes();
+    let polls = wrk(&q.base, n, 64, if quick { 3 } else { 8 }, dir.path())?;
+    q.stop();
+    let t0 = Instant::now();
+    q.child = Qrgate::spawn(&q.config, &q.dir)?;
+    q.ready().await?;
+    let restart = t0.elapsed().as_secs_f64();
+    let r = reqwest::get(format!("{}/mp/pos/p{}", q.base, n - 1)).await?;
+    if r.status() != 200 {
+        bail!("after the restart the last sale is not servable");
+    }
+    Ok(json!({
+        "rss_bytes": { "0": rss0, "10000": rss10, "100000": rss100 },
+        "bytes_per_pending_sale": (rss100.saturating_sub(rss0)) / n as u64,
+        "polls_at_100000": polls,
+        "restart_secs_100000": (restart * 100.0).round() / 100.0,
+    }))
+}
+
+// ---------------------------------------------------------------------------
+// 5. Sustained mix.
+
+async fn mix(sim: &Simulator, secs: u64) -> Result<Value> {
+    let pos_count = 1000;
+    let dir = tempfile::tempdir()?;
+    let q = Qrgate::start(
+        pos_count,
+        &BrokerChoice::Embedded,
+        &sim.base_url(),
+        dir.path(),
+    )?;
+    q.ready().await?;
+    let fleet = Fleet::connect(q.mqtt_port, "bench-mix").await?;
+    sim.set_notify_mode(NotifyMode::Ipn);
+    let start = Instant::now();
+    let end = start + Duration::from_secs(secs);
+    let window = Duration::from_secs(if secs >= 120 { 60 } else { 10 });
+    let windows: Arc<Mutex<Vec<Histogram<u64>>>> = Arc::new(Mutex::new(Vec::new()));
+    let errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let started = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let paid = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for i in 0..pos_count {
+        let (fleet, sim, base) = (fleet.clone(), sim.clone(), q.base.clone());
+        let (windows, errors, started, paid) = (
+            Arc::clone(&windows),
+            Arc::clone(&errors),
+            Arc::clone(&started),
+            Arc::clone(&paid),
+        );
+        tasks.push(tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let pos = format!("p{i}");
+            let mut k = 0u64;
+            while Instant::now() < end {
+                k += 1;
+                let sale = format!("x{i}-{k}");
+                let t0 = Instant::now();
+                started.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let cycle = async {
+                    let pending = fleet.expect(&pos, &sale, "pending");
+                    fleet.sale(&pos, &sale).await?;
+                    arrived(pending, "pending").await?;
+                    let url = format!("{base}/mp/pos/{pos}");
+                    if http.get(&url).send().await?.status() != 200 {
+                        bail!("not servable");
+                    }
+                    let Scan::Order(order) = sim.scan(&url).await? else {
+                        bail!("no order");
+                    };
+                    let done = fleet.expect(&pos, &sale, "paid");
+                    sim.pay(order.merchant_order_id, PaymentOutcome::Approved)
+                        .await?;
+                    arrived(done, "paid").await?;
+                    fleet
+                        .send(
+                            &pos,
+                            "delivered",
+                            format!(r#"{{"sale_id":"{sale}","ok":true}}"#),
+                        )
+                        .await?;
+                    Ok::<_, anyhow::Error>(())
+                };
+                match cycle.await {
+                    Ok(()) => {
+                        paid.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let w = (t0.duration_since(start).as_secs() / window.as_secs()) as usize;
+                        if let Ok(mut ws) = windows.lock() {
+                            while ws.len() <= w {
+                                ws.push(hist());
+                            }
+                            let _ = ws[w].record(t0.elapsed().as_nanos() as u64);
+                        }
+                    }
+                    Err(_) => {
+                        errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let started = started.load(std::sync::atomic::Ordering::Relaxed);
+    let paid = paid.load(std::sync::atomic::Ordering::Relaxed);
+    let ws = windows.lock().map(|w| w.clone()).unwrap_or_default();
+    let over_time: Vec<Value> = ws
+        .iter()
+        .enumerate()
+        .map(|(n, h)| {
+            json!({ "from_s": n as u64 * window.as_secs(), "cycles": h.len(),
+            "p50_ms": us(h, 0.5) / 1000.0, "p99_ms": us(h, 0.99) / 1000.0 })
+        })
+        .collect();
+    Ok(json!({
+        "seconds": secs, "pos": pos_count, "cycles_paid": paid, "cycles_per_sec": (paid as f64 / elapsed).round(),
+        "errors": errors.load(std::sync::atomic::Ordering::Relaxed),
+        "lost_sales": started - paid,
+        "sale_to_paid_over_time": over_time,
+    }))
+}
+
+// ---------------------------------------------------------------------------
+
+fn start_mosquitto() -> Result<(Child, u16)> {
+    let port = free_port();
+    let child = Command::new("mosquitto")
+        .args(["-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("mosquitto is not installed")?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            bail!("mosquitto did not listen");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok((child, port))
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+            })
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{cores} cores, {cpu}")
+}
+
+fn print_table(r: &Value) {
+    println!(
+        "\nqrgate benchmark — {}\n",
+        r["machine"].as_str().unwrap_or("")
+    );
+    println!("| measure | qrgate | floor | qrgate/floor |");
+    println!("|---|---|---|---|");
+    for row in r["polls"].as_array().into_iter().flatten() {
+        let c = &row["connections"];
+        println!(
+            "| polls/s, {c} conn | {} | {} | {} |",
+            row["qrgate"]["rps"], row["floor"]["rps"], row["throughput_ratio"]
+        );
+        println!(
+            "| poll p50 / p99 ms, {c} conn | {:.2} / {:.2} | {:.2} / {:.2} | p99 {} |",
+            row["qrgate"]["p50_ms"].as_f64().unwrap_or(0.0),
+            row["qrgate"]["p99_ms"].as_f64().unwrap_or(0.0),
+            row["floor"]["p50_ms"].as_f64().unwrap_or(0.0),
+            row["floor"]["p99_ms"].as_f64().unwrap_or(0.0),
+            row["p99_ratio"]
+        );
+    }
+    for (name, key) in [
+        ("sale → servable, embedded broker", "servable_embedded"),
+        ("sale → servable, Mosquitto", "servable_mosquitto"),
+        ("notification → device paid", "notify_to_device"),
+    ] {
+        if let Some(v) = r.get(key).filter(|v| !v.is_null()) {
+            println!(
+                "| {name}, p50 / p99 ms ({} sales) | {:.2} / {:.2} | | |",
+                v["sales"],
+                v["p50_us"].as_f64().unwrap_or(0.0) / 1000.0,
+                v["p99_us"].as_f64().unwrap_or(0.0) / 1000.0
+            );
+        }
+    }
+    if let Some(s) = r.get("scale").filter(|v| !v.is_null()) {
+        let mib = |v: &Value| v.as_f64().unwrap_or(0.0) / 1_048_576.0;
+        println!(
+            "| RSS with 0 / 10,000 / 100,000 pending sales, MiB | {:.1} / {:.1} / {:.1} | | |",
+            mib(&s["rss_bytes"]["0"]),
+            mib(&s["rss_bytes"]["10000"]),
+            mib(&s["rss_bytes"]["100000"])
+        );
+        println!(
+            "| memory per pending sale, bytes | {} | | |",
+            s["bytes_per_pending_sale"]
+        );
+        let p = &s["polls_at_100000"];
+        println!(
+            "| polls at 100,000 pending, 64 conn: req/s, p50 / p99 ms | {} , {:.2} / {:.2} | | |",
+            p["rps"],
+            p["p50_ms"].as_f64().unwrap_or(0.0),
+            p["p99_ms"].as_f64().unwrap_or(0.0)
+        );
+        println!(
+            "| restart with 100,000 stored sales, s | {} | | |",
+            s["restart_secs_100000"]
+        );
+    }
+    if let Some(m) = r.get("mix").filter(|v| !v.is_null()) {
+        println!(
+            "| sustained mix {} s, 1000 POS: cycles/s, errors, lost | {} , {} , {} | | |",
+            m["seconds"], m["cycles_per_sec"], m["errors"], m["lost_sales"]
+        );
+        for w in m["sale_to_paid_over_time"].as_array().into_iter().flatten() {
+            println!(
+                "| mix from {} s: sale → paid p50 / p99 ms ({} cycles) | {:.1} / {:.1} | | |",
+                w["from_s"],
+                w["cycles"],
+                w["p50_ms"].as_f64().unwrap_or(0.0),
+                w["p99_ms"].as_f64().unwrap_or(0.0)
+            );
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    qrgate::app::install_crypto();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mode = args.first().map(String::as_str).unwrap_or("all");
+    let quick = mode == "quick";
+    if !matches!(mode, "all" | "quick") {
+        bail!("usage: qrgate-bench [all|quick] [--out FILE] [--mix-secs N]");
+    }
+    let flag = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let out =
+        flag("--out").map_or_else(|| PathBuf::from("target/bench/results.json"), PathBuf::from);
+    let mix_secs: u64 = flag("--mix-secs")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(if quick { 30 } else { 600 });
+    let sales = if quick { 300 } else { 1000 };
+
+    let sim = Simulator::start(SimulatorConfig::default()).await?;
+    let mut r = json!({ "machine": machine(), "mode": mode });
+    eprintln!("polls vs floor...");
+    r["polls"] = polls(&sim, quick).await?;
+    eprintln!("sale to servable (embedded)...");
+    r["servable_embedded"] = servable(&sim, BrokerChoice::Embedded, sales).await?;
+    eprintln!("sale to servable (Mosquitto)...");
+    r["servable_mosquitto"] = match start_mosquitto() {
+        Ok((mut m, port)) => {
+            let v = servable(&sim, BrokerChoice::External(port), sales).await?;
+            let _ = m.kill();
+            let _ = m.wait();
+            v
+        }
+        Err(e) => {
+            eprintln!("skipped: {e}");
+            Value::Null
+        }
+    };
+    eprintln!("notification to device...");
+    r["notify_to_device"] = notify_to_device(&sim, sales).await?;
+    eprintln!("scale (100,000 POS)...");
+    r["scale"] = scale(&sim, quick).await?;
+    eprintln!("sustained mix ({mix_secs} s)...");
+    r["mix"] = mix(&sim, mix_secs).await?;
+
+    print_table(&r);
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&out, serde_json::to_string_pretty(&r)?)?;
+    println!("\nJSON: {}", out.display());
+    let failed =
+        r["mix"]["errors"].as_u64() != Some(0) || r["mix"]["lost_sales"].as_u64() != Some(0);
+    if failed {
+        bail!("the sustained mix had errors or lost sales");
+    }
+    Ok(())
+}
