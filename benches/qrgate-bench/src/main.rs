@@ -170,12 +170,15 @@ impl Drop for Qrgate {
     }
 }
 
+/// Who waits for which (pos, sale, state) message.
+type Waiters = Arc<Mutex<HashMap<(String, String, String), oneshot::Sender<Instant>>>>;
+
 /// Many devices over one MQTT connection: publishes for any POS and
 /// wakes whoever waits for a (pos, sale, state).
 #[derive(Clone)]
 struct Fleet {
     client: AsyncClient,
-    waiters: Arc<Mutex<HashMap<(String, String, String), oneshot::Sender<Instant>>>>,
+    waiters: Waiters,
 }
 
 impl Fleet {
@@ -185,8 +188,7 @@ impl Fleet {
         opts.set_inflight(1000);
         opts.set_max_packet_size(1 << 20, 1 << 20);
         let (client, mut events) = AsyncClient::new(opts, 100_000);
-        let waiters: Arc<Mutex<HashMap<(String, String, String), oneshot::Sender<Instant>>>> =
-            Arc::new(Mutex::new(HashMap::new()));
+        let waiters: Waiters = Arc::new(Mutex::new(HashMap::new()));
         let (sub_tx, sub_rx) = oneshot::channel();
         let mut sub_tx = Some(sub_tx);
         let w = Arc::clone(&waiters);
