@@ -557,6 +557,7 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
     let mut pos = Vec::new();
     let mut users: Vec<(String, Secret)> = Vec::new();
     let mut per_pos_keys = std::collections::HashMap::new();
+    let mut seen = std::collections::HashSet::new();
     for (i, u) in raw.mqtt.users.iter().enumerate() {
         match secret(&u.password_env) {
             Some(pw) if !u.username.is_empty() => users.push((u.username.clone(), pw)),
@@ -618,7 +619,8 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
         if let (Some(id), Some(kind), Some(currency), Some(max_amount)) =
             (id, kind, currency, max_amount)
         {
-            if pos.iter().any(|q: &PosConfig| q.id == id) {
+            // A set, not a scan: a chain may configure 100,000 POS.
+            if !seen.insert(id.clone()) {
                 bad(&key("id"), format!("{id} is configured twice"));
             }
             if let Some(var) = &p.device_password_env {

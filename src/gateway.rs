@@ -64,8 +64,6 @@ pub struct Gateway {
     pos: HashMap<PosId, PosConfig>,
     locks: HashMap<PosId, Mutex<()>>,
     views: DashMap<PosId, Arc<PosView>>,
-    /// The current sale of each POS by reference, for notifications.
-    by_reference: DashMap<ExternalReference, PosId>,
     store: Arc<dyn Store>,
     ctx: OrderContext,
     collector_id: u64,
@@ -106,15 +104,11 @@ impl Gateway {
         let mut by_pos: HashMap<PosId, Sale> =
             latest.into_iter().map(|s| (s.pos.clone(), s)).collect();
         let views = DashMap::with_capacity(pos.len());
-        let by_reference = DashMap::new();
         for p in &pos {
             let state = PosState {
                 presence: orders::Presence::Unknown,
                 current: by_pos.remove(&p.id),
             };
-            if let Some(s) = &state.current {
-                by_reference.insert(s.external_reference.clone(), p.id.clone());
-            }
             views.insert(p.id.clone(), Arc::new(view(p, state, &ctx)));
         }
         for (pos, sale) in by_pos {
@@ -125,7 +119,6 @@ impl Gateway {
             locks: pos.iter().map(|p| (p.id.clone(), Mutex::new(()))).collect(),
             pos: pos.into_iter().map(|p| (p.id.clone(), p)).collect(),
             views,
-            by_reference,
             store,
             ctx,
             collector_id,
@@ -242,16 +235,9 @@ impl Gateway {
         }
     }
 
-    /// Makes a stored change visible: the view, the reference index, and
-    /// the device's retained state.
+    /// Makes a stored change visible: the view and the device's retained
+    /// state.
     fn commit(&self, cfg: &PosConfig, presence: orders::Presence, sale: Sale, publish: bool) {
-        if let Some(old) = self.view(&cfg.id).and_then(|v| v.state.current.clone()) {
-            if old.external_reference != sale.external_reference {
-                self.by_reference.remove(&old.external_reference);
-            }
-        }
-        self.by_reference
-            .insert(sale.external_reference.clone(), cfg.id.clone());
         let state = PosState {
             presence,
             current: Some(sale),
@@ -417,15 +403,12 @@ impl Gateway {
         &self,
         reference: &ExternalReference,
     ) -> Result<Option<Locked<'_>>, GatewayError> {
-        let pos = match self.by_reference.get(reference).map(|p| p.value().clone()) {
-            Some(p) => p,
-            None => match self.store.sale(reference).await? {
-                Some(s) => s.pos,
-                None => return Ok(None),
-            },
+        // Our references start with their POS id; anything else, or a POS
+        // that is not configured, is not ours to settle.
+        let Some(pos) = reference.pos_id() else {
+            return Ok(None);
         };
         let (Some(cfg), Some(lock)) = (self.pos.get(&pos), self.locks.get(&pos)) else {
-            tracing::warn!(pos = %pos, external_reference = %reference, "sale belongs to a POS no longer configured");
             return Ok(None);
         };
         let guard = lock.lock().await;

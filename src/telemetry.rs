@@ -11,8 +11,8 @@ use crate::config::{LogConfig, LogFormat};
 /// Installs the global subscriber; a second call (tests) does nothing.
 pub fn init(cfg: &LogConfig) {
     let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(format!("{},rumqttd=off", cfg.filter)))
-        .unwrap_or_else(|_| EnvFilter::new("info,rumqttd=off"));
+        .or_else(|_| EnvFilter::try_new(format!("{},rumqttd=off,actix_server=warn", cfg.filter)))
+        .unwrap_or_else(|_| EnvFilter::new("info,rumqttd=off,actix_server=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false);

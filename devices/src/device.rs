@@ -423,7 +423,12 @@ impl Device {
                 true,
             ));
         }
-        let (client, eventloop) = AsyncClient::new(opts, 64);
+        let (client, mut eventloop) = AsyncClient::new(opts, 64);
+        // Small request/answer packets: Nagle plus delayed ACKs would add
+        // tens of milliseconds to each step of a sale.
+        let mut net = rumqttc::NetworkOptions::new();
+        net.set_tcp_nodelay(true);
+        eventloop.set_network_options(net);
         let (link, _) = watch::channel(Link::default());
         let shared = Arc::new(Shared {
             client,

@@ -132,6 +132,14 @@ impl ExternalReference {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The POS a reference of ours was made for: everything before its
+    /// last `-` (the tail is base 36, without dashes). `None` for a
+    /// reference that cannot be ours.
+    pub fn pos_id(&self) -> Option<PosId> {
+        let (pos, tail) = self.0.rsplit_once('-')?;
+        (tail.len() == 15).then(|| PosId::parse(pos).ok()).flatten()
+    }
 }
 
 fn push_base36(out: &mut String, mut n: u64, width: usize) {
@@ -369,6 +377,11 @@ mod tests {
         let a = ExternalReference::generate(&pos, 1, 1);
         let b = ExternalReference::generate(&pos, 1, 2);
         assert_ne!(a, b);
+        assert_eq!(r.pos_id(), Some(pos));
+        let dashed = PosId::parse("st-01-pump-3").unwrap();
+        let r = ExternalReference::generate(&dashed, 1_795_000_000_000, 77);
+        assert_eq!(r.pos_id(), Some(dashed));
+        assert_eq!(ExternalReference::parse("someone-elses-sale").unwrap().pos_id(), None);
     }
 
     #[test]

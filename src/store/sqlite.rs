@@ -5,6 +5,8 @@
 
 use std::path::Path;
 use std::sync::mpsc as std_mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::thread;
 
 use async_trait::async_trait;
@@ -151,11 +153,28 @@ impl SqliteStore {
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(db)?;
         conn.execute_batch(SCHEMA).map_err(db)?;
+        // Checkpoints copy the WAL into the database and fsync it: tens of
+        // milliseconds. Run inside a commit, they stall whichever sale comes
+        // next, so a thread of their own does them instead.
+        conn.pragma_update(None, "wal_autocheckpoint", 0).map_err(db)?;
+        let checkpointer = Connection::open(path).map_err(db)?;
+        checkpointer
+            .busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(db)?;
+        let alive = Arc::new(AtomicBool::new(true));
         let (tx, rx) = std_mpsc::channel();
+        let writer_alive = Arc::clone(&alive);
         thread::Builder::new()
             .name("qrgate-store".into())
-            .spawn(move || writer(conn, rx))
+            .spawn(move || {
+                writer(conn, rx);
+                writer_alive.store(false, Ordering::Release);
+            })
             .map_err(|e| StoreError::Unavailable(format!("cannot start the store thread: {e}")))?;
+        thread::Builder::new()
+            .name("qrgate-checkpoint".into())
+            .spawn(move || checkpoints(checkpointer, alive))
+            .map_err(|e| StoreError::Unavailable(format!("cannot start the checkpoint thread: {e}")))?;
         Ok(SqliteStore { tx })
     }
 
@@ -324,6 +343,21 @@ fn in_savepoint<T>(
     };
     conn.execute_batch(end).map_err(db)?;
     r
+}
+
+/// Copies the WAL into the database while the writer goes on (PASSIVE never
+/// blocks it), and once more when the writer stops.
+fn checkpoints(conn: Connection, alive: Arc<AtomicBool>) {
+    loop {
+        let running = alive.load(Ordering::Acquire);
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(error = %e, "WAL checkpoint failed; retried");
+        }
+        if !running {
+            return;
+        }
+        thread::sleep(std::time::Duration::from_millis(500));
+    }
 }
 
 fn writer(conn: Connection, rx: std_mpsc::Receiver<Op>) {

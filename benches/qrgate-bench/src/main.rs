@@ -188,6 +188,9 @@ impl Fleet {
         opts.set_inflight(1000);
         opts.set_max_packet_size(1 << 20, 1 << 20);
         let (client, mut events) = AsyncClient::new(opts, 100_000);
+        let mut net = rumqttc::NetworkOptions::new();
+        net.set_tcp_nodelay(true);
+        events.set_network_options(net);
         let waiters: Waiters = Arc::new(Mutex::new(HashMap::new()));
         let (sub_tx, sub_rx) = oneshot::channel();
         let mut sub_tx = Some(sub_tx);
