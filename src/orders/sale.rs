@@ -381,7 +381,12 @@ mod tests {
         let dashed = PosId::parse("st-01-pump-3").unwrap();
         let r = ExternalReference::generate(&dashed, 1_795_000_000_000, 77);
         assert_eq!(r.pos_id(), Some(dashed));
-        assert_eq!(ExternalReference::parse("someone-elses-sale").unwrap().pos_id(), None);
+        assert_eq!(
+            ExternalReference::parse("someone-elses-sale")
+                .unwrap()
+                .pos_id(),
+            None
+        );
     }
 
     #[test]

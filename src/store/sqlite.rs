@@ -4,8 +4,8 @@
 //! so one refused write (a duplicate close) never undoes its neighbours.
 
 use std::path::Path;
-use std::sync::mpsc as std_mpsc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 use std::thread;
 
@@ -156,7 +156,8 @@ impl SqliteStore {
         // Checkpoints copy the WAL into the database and fsync it: tens of
         // milliseconds. Run inside a commit, they stall whichever sale comes
         // next, so a thread of their own does them instead.
-        conn.pragma_update(None, "wal_autocheckpoint", 0).map_err(db)?;
+        conn.pragma_update(None, "wal_autocheckpoint", 0)
+            .map_err(db)?;
         let checkpointer = Connection::open(path).map_err(db)?;
         checkpointer
             .busy_timeout(std::time::Duration::from_secs(5))
@@ -174,7 +175,9 @@ impl SqliteStore {
         thread::Builder::new()
             .name("qrgate-checkpoint".into())
             .spawn(move || checkpoints(checkpointer, alive))
-            .map_err(|e| StoreError::Unavailable(format!("cannot start the checkpoint thread: {e}")))?;
+            .map_err(|e| {
+                StoreError::Unavailable(format!("cannot start the checkpoint thread: {e}"))
+            })?;
         Ok(SqliteStore { tx })
     }
 

@@ -501,6 +501,30 @@ async fn scale(sim: &Simulator, quick: bool) -> Result<Value> {
     }))
 }
 
+/// The same memory measure with Mosquitto as the broker: qrgate's own
+/// share, without the embedded broker's retained and buffered messages.
+async fn memory_without_broker(sim: &Simulator, port: u16) -> Result<Value> {
+    let n = 100_000;
+    let dir = tempfile::tempdir()?;
+    let q = Qrgate::start(
+        n,
+        &BrokerChoice::External(port),
+        &sim.base_url(),
+        dir.path(),
+    )?;
+    q.ready().await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss0 = q.rss_bytes();
+    let fleet = Fleet::connect(q.mqtt_port, "bench-scale-mosquitto").await?;
+    pending_sales(&fleet, 0..n, "w").await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss100 = q.rss_bytes();
+    Ok(json!({
+        "rss_bytes": { "0": rss0, "100000": rss100 },
+        "bytes_per_pending_sale": (rss100.saturating_sub(rss0)) / n as u64,
+    }))
+}
+
 // ---------------------------------------------------------------------------
 // 5. Sustained mix.
 
@@ -749,6 +773,19 @@ async fn main() -> Result<()> {
     r["servable_mosquitto"] = match start_mosquitto() {
         Ok((mut m, port)) => {
             let v = servable(&sim, BrokerChoice::External(port), sales).await?;
+            let _ = m.kill();
+            let _ = m.wait();
+            v
+        }
+        Err(e) => {
+            eprintln!("skipped: {e}");
+            Value::Null
+        }
+    };
+    eprintln!("memory with Mosquitto (100,000 POS)...");
+    r["memory_mosquitto"] = match start_mosquitto() {
+        Ok((mut m, port)) => {
+            let v = memory_without_broker(&sim, port).await?;
             let _ = m.kill();
             let _ = m.wait();
             v
