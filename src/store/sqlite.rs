@@ -155,7 +155,8 @@ impl SqliteStore {
         conn.execute_batch(SCHEMA).map_err(db)?;
         // Checkpoints copy the WAL into the database and fsync it: tens of
         // milliseconds. Run inside a commit, they stall whichever sale comes
-        // next, so a thread of their own does them instead.
+        // next (measured: sale-to-servable p99 43 ms against 2 ms), so a
+        // thread of their own does them (see `checkpoints`).
         conn.pragma_update(None, "wal_autocheckpoint", 0)
             .map_err(db)?;
         let checkpointer = Connection::open(path).map_err(db)?;
@@ -348,23 +349,36 @@ fn in_savepoint<T>(
     r
 }
 
-/// Copies the WAL into the database while the writer goes on (PASSIVE never
-/// blocks it), and once more when the writer stops.
+/// Copies the WAL into the database beside the writer. PASSIVE never blocks
+/// the writer; it is repeated at once until it has caught up. (Paced at one
+/// pass every 500 ms it never caught up under continuous writes, and the WAL
+/// grew by gigabytes: measured.)
 fn checkpoints(conn: Connection, alive: Arc<AtomicBool>) {
     loop {
         let running = alive.load(Ordering::Acquire);
-        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-            tracing::warn!(error = %e, "WAL checkpoint failed; retried");
+        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+            Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+        }) {
+            Ok((log, done)) if done < log => continue,
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed; retried"),
         }
         if !running {
             return;
         }
-        thread::sleep(std::time::Duration::from_millis(500));
+        thread::sleep(std::time::Duration::from_millis(100));
     }
 }
 
+/// Writes after which the writer checkpoints itself: with no other writer,
+/// its checkpoint completes and the next write starts the WAL over, so the
+/// WAL stays bounded however busy the store is. Most frames are already
+/// copied by then, so it is short.
+const WRITER_CHECKPOINT_EVERY: usize = 2000;
+
 fn writer(conn: Connection, rx: std_mpsc::Receiver<Op>) {
     const MAX_BATCH: usize = 512;
+    let mut since_checkpoint = 0;
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -373,7 +387,14 @@ fn writer(conn: Connection, rx: std_mpsc::Receiver<Op>) {
                 Err(_) => break,
             }
         }
+        since_checkpoint += batch.len();
         run_batch(&conn, batch);
+        if since_checkpoint >= WRITER_CHECKPOINT_EVERY {
+            since_checkpoint = 0;
+            if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                tracing::warn!(error = %e, "WAL checkpoint failed; retried later");
+            }
+        }
     }
 }
 
