@@ -266,6 +266,48 @@ impl Gateway {
         let current = self
             .view(pos)
             .ok_or_else(|| GatewayError::UnknownPos(pos.to_string()))?;
+        // A `delivered` may arrive after the device's next sale (MQTT does
+        // not order topics): it is for an older sale, found in the store.
+        if let Command::Delivered {
+            sale_id,
+            ok,
+            reason,
+        } = &cmd
+        {
+            if current
+                .state
+                .current
+                .as_ref()
+                .is_none_or(|s| &s.sale_id != sale_id)
+            {
+                if let Some(older) = self
+                    .store
+                    .sale_by_device_id(pos.as_str(), sale_id.as_str())
+                    .await?
+                {
+                    let outcome = orders::book::deliver(&older, *ok, reason.clone(), self.now());
+                    match &outcome {
+                        Outcome::Changed { sale, event } => {
+                            self.store.record(sale, event).await?;
+                            log_event(sale, event);
+                            self.wake_refunds(sale);
+                        }
+                        Outcome::Rejected { sale_id, why } => {
+                            self.reject(
+                                pos,
+                                sale_id.as_ref().map(|s| s.as_str()),
+                                why.code(),
+                                &why.to_string(),
+                                true,
+                            )
+                            .await;
+                        }
+                        _ => {}
+                    }
+                    return Ok(outcome);
+                }
+            }
+        }
         let outcome = orders::apply(cfg, &current.state, cmd, self.now());
         match &outcome {
             Outcome::Changed { sale, event } => {

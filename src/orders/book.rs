@@ -390,35 +390,7 @@ pub fn apply(pos: &PosConfig, state: &PosState, cmd: Command, ctx: Ctx) -> Outco
             ok,
             reason,
         } => match current.filter(|s| s.sale_id == sale_id) {
-            Some(s) if s.state == SaleState::Paid && s.delivered_at.is_none() => {
-                let mut sale = s.clone();
-                sale.delivered_at = Some(ctx.now);
-                sale.updated_at = ctx.now;
-                // The customer paid and got nothing: the payment is owed back.
-                if let (false, Some(paid)) = (ok, &s.settled) {
-                    sale.refunds.push(RefundDue {
-                        payment_id: paid.payment_id,
-                        merchant_order: paid.merchant_order,
-                        amount: paid.paid,
-                        at: ctx.now,
-                        reason: RefundReason::DeliveryFailed,
-                        auto: ctx.auto_refund,
-                        refunded: None,
-                    });
-                }
-                Outcome::Changed {
-                    sale,
-                    event: SaleEvent::Delivered { ok, reason },
-                }
-            }
-            Some(s) if s.state == SaleState::Paid => Outcome::Nothing,
-            Some(s) => rejected(
-                &sale_id,
-                Rejection::BadMessage(format!(
-                    "delivered for a sale that is {}, not paid",
-                    s.state.as_str()
-                )),
-            ),
+            Some(s) => deliver(s, ok, reason, ctx),
             None => rejected(&sale_id, Rejection::UnknownSale),
         },
         Command::Served(reference) => match current {
@@ -449,6 +421,42 @@ pub fn apply(pos: &PosConfig, state: &PosState, cmd: Command, ctx: Ctx) -> Outco
             }
             _ => Outcome::Nothing,
         },
+    }
+}
+
+/// The device says it acted (or failed to act) on a paid sale, current or
+/// not: MQTT does not order `delivered` against the device's next `sale`.
+pub fn deliver(s: &Sale, ok: bool, reason: Option<String>, ctx: Ctx) -> Outcome {
+    match s.state {
+        SaleState::Paid if s.delivered_at.is_none() => {
+            let mut sale = s.clone();
+            sale.delivered_at = Some(ctx.now);
+            sale.updated_at = ctx.now;
+            // The customer paid and got nothing: the payment is owed back.
+            if let (false, Some(paid)) = (ok, &s.settled) {
+                sale.refunds.push(RefundDue {
+                    payment_id: paid.payment_id,
+                    merchant_order: paid.merchant_order,
+                    amount: paid.paid,
+                    at: ctx.now,
+                    reason: RefundReason::DeliveryFailed,
+                    auto: ctx.auto_refund,
+                    refunded: None,
+                });
+            }
+            Outcome::Changed {
+                sale,
+                event: SaleEvent::Delivered { ok, reason },
+            }
+        }
+        SaleState::Paid => Outcome::Nothing,
+        state => rejected(
+            &s.sale_id,
+            Rejection::BadMessage(format!(
+                "delivered for a sale that is {}, not paid",
+                state.as_str()
+            )),
+        ),
     }
 }
 

@@ -81,6 +81,10 @@ pub trait Store: Send + Sync + 'static {
 
     async fn sale(&self, reference: &ExternalReference) -> Result<Option<Sale>, StoreError>;
 
+    /// A POS's latest sale with the device's `sale_id`.
+    async fn sale_by_device_id(&self, pos: &str, sale_id: &str)
+        -> Result<Option<Sale>, StoreError>;
+
     /// The events of a sale, oldest first: (unix millis, event name, detail).
     async fn timeline(
         &self,

@@ -119,6 +119,11 @@ enum Op {
         id: u64,
         reply: oneshot::Sender<Result<Option<MerchantOrderRecord>, StoreError>>,
     },
+    ByDeviceId {
+        pos: String,
+        sale_id: String,
+        reply: oneshot::Sender<Result<Vec<Sale>, StoreError>>,
+    },
     Unsettled {
         since: i64,
         reply: oneshot::Sender<Result<Vec<Sale>, StoreError>>,
@@ -514,6 +519,18 @@ fn run_batch(conn: &Connection, batch: Vec<Op>) {
                     .and_then(|b| b.map(|b| parse_sale(&reference, &b)).transpose());
                 let _ = reply.send(r);
             }
+            Op::ByDeviceId {
+                pos,
+                sale_id,
+                reply,
+            } => {
+                let _ = reply.send(bodies(
+                    conn,
+                    "SELECT external_reference, body FROM sales
+                     WHERE pos = ?1 AND sale_id = ?2 ORDER BY rowid DESC LIMIT 1",
+                    params![pos, sale_id],
+                ));
+            }
             Op::Unsettled { since, reply } => {
                 let _ = reply.send(bodies(
                     conn,
@@ -656,6 +673,21 @@ impl Store for SqliteStore {
     ) -> Result<Vec<TimelineEntry>, StoreError> {
         let reference = reference.as_str().to_owned();
         self.call(|reply| Op::Timeline { reference, reply }).await
+    }
+
+    async fn sale_by_device_id(
+        &self,
+        pos: &str,
+        sale_id: &str,
+    ) -> Result<Option<Sale>, StoreError> {
+        let (pos, sale_id) = (pos.to_owned(), sale_id.to_owned());
+        self.call(|reply| Op::ByDeviceId {
+            pos,
+            sale_id,
+            reply,
+        })
+        .await
+        .map(|mut v| v.pop())
     }
 
     async fn unsettled_served(&self, since: i64) -> Result<Vec<Sale>, StoreError> {

@@ -380,3 +380,46 @@ async fn after_a_broker_that_forgot_everything_returns_qrgate_resubscribes_and_r
     rebooted.cancel("1").await.unwrap();
     state_of(&rebooted, "1", "cancelled").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivered_that_arrives_after_the_next_sale_still_confirms_its_own_sale() {
+    let app = TestApp::spawn().await;
+    let pump = app.device("pump-1").await;
+    pump.publish_sale("1", &fuel("1", "100"), None)
+        .await
+        .unwrap();
+    let reference = state_of(&pump, "1", "pending")
+        .await
+        .external_reference
+        .unwrap();
+    let order = app.scan("pump-1").await;
+    app.mp
+        .pay(order.merchant_order_id, PaymentOutcome::Approved)
+        .await
+        .unwrap();
+    state_of(&pump, "1", "paid").await;
+    // The next sale overtakes the confirmation of the previous one.
+    pump.publish_sale("2", &fuel("1", "100"), None)
+        .await
+        .unwrap();
+    state_of(&pump, "2", "pending").await;
+    pump.delivered("1", true, None).await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while app.timeline(&reference).await.last().map(String::as_str) != Some("delivered") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            app.timeline(&reference).await
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Sale 2 is untouched, and nothing was refused.
+    assert_eq!(app.poll_kind("pump-1").await, "ok");
+    assert!(app
+        .app_gateway
+        .store()
+        .rejections("pump-1", 10)
+        .await
+        .unwrap()
+        .is_empty());
+}
