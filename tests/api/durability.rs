@@ -157,19 +157,7 @@ async fn with_auto_refund_a_late_payment_is_refunded_once_with_an_idempotency_ke
         .pay(order.merchant_order_id, PaymentOutcome::Approved)
         .await
         .unwrap();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !app
-        .timeline(&reference)
-        .await
-        .contains(&"refunded".to_owned())
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{:?}",
-            app.timeline(&reference).await
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    app.wait_event(&reference, "refunded").await;
     let refunds = app.mp.refunds();
     assert_eq!(refunds.len(), 1, "{refunds:?}");
     assert_eq!(refunds[0].payment_id, payment);
@@ -206,15 +194,7 @@ async fn without_auto_refund_a_late_payment_stays_refund_due_for_the_operator() 
         .pay(order.merchant_order_id, PaymentOutcome::Approved)
         .await
         .unwrap();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !app
-        .timeline(&reference)
-        .await
-        .contains(&"refund_due".to_owned())
-    {
-        assert!(tokio::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    app.wait_event(&reference, "refund_due").await;
     let pending = app
         .app_gateway
         .store()
@@ -314,14 +294,7 @@ async fn a_failed_delivery_with_auto_refund_refunds_the_payment() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(app.mp.refunds()[0].payment_id, payment);
-    while !app
-        .timeline(&reference)
-        .await
-        .contains(&"refunded".to_owned())
-    {
-        assert!(tokio::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    app.wait_event(&reference, "refunded").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

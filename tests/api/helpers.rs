@@ -400,6 +400,22 @@ impl TestApp {
             .collect()
     }
 
+    /// Waits until the store has recorded `event` for the sale.
+    pub async fn wait_event(&self, reference: &str, event: &str) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let events = self.timeline(reference).await;
+            if events.iter().any(|e| e == event) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "sale {reference} never recorded {event}: {events:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Waits until the store has seen merchant order `id` (a notification
     /// was fully processed), and returns its recorded status.
     pub async fn wait_merchant_order_seen(&self, id: u64) -> String {

@@ -224,19 +224,7 @@ async fn a_payment_after_cancel_is_refund_due_and_the_device_is_not_told_to_disp
         .await
         .unwrap();
     app.wait_merchant_order_seen(order.merchant_order_id).await;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !app
-        .timeline(&reference)
-        .await
-        .contains(&"refund_due".to_owned())
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{:?}",
-            app.timeline(&reference).await
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    app.wait_event(&reference, "refund_due").await;
     assert!(vending.drain().iter().all(|m| m.state != "paid"));
     assert_eq!(app.poll_kind("vending-1").await, "unavailable");
 }
