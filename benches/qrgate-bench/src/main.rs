@@ -179,6 +179,8 @@ type Waiters = Arc<Mutex<HashMap<(String, String, String), oneshot::Sender<Insta
 struct Fleet {
     client: AsyncClient,
     waiters: Waiters,
+    /// CONNACKs: more than one means the bench's own connection dropped.
+    connects: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Fleet {
@@ -195,6 +197,8 @@ impl Fleet {
         let (sub_tx, sub_rx) = oneshot::channel();
         let mut sub_tx = Some(sub_tx);
         let w = Arc::clone(&waiters);
+        let connects = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (c, resub) = (Arc::clone(&connects), client.clone());
         tokio::spawn(async move {
             loop {
                 match events.poll().await {
@@ -215,6 +219,17 @@ impl Fleet {
                             let _ = tx.send(at);
                         }
                     }
+                    // A clean session forgets the subscription: subscribe on
+                    // every connection, or a reconnect silences the bench.
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let resub = resub.clone();
+                        tokio::spawn(async move {
+                            let _ = resub
+                                .subscribe("qrgate/pos/+/state", QoS::AtLeastOnce)
+                                .await;
+                        });
+                    }
                     Ok(Event::Incoming(Packet::SubAck(_))) => {
                         if let Some(tx) = sub_tx.take() {
                             let _ = tx.send(());
@@ -225,11 +240,12 @@ impl Fleet {
                 }
             }
         });
-        client
-            .subscribe("qrgate/pos/+/state", QoS::AtLeastOnce)
-            .await?;
         tokio::time::timeout(WAIT, sub_rx).await??;
-        Ok(Fleet { client, waiters })
+        Ok(Fleet {
+            client,
+            waiters,
+            connects,
+        })
     }
 
     /// Registers interest before the action that causes the message.
@@ -633,6 +649,10 @@ async fn mix(sim: &Simulator, secs: u64) -> Result<Value> {
     Ok(json!({
         "seconds": secs, "pos": pos_count, "cycles_paid": paid, "cycles_per_sec": (paid as f64 / elapsed).round(),
         "errors": errors.load(std::sync::atomic::Ordering::Relaxed),
+        "bench_mqtt_connects": fleet.connects.load(std::sync::atomic::Ordering::Relaxed),
+        "qrgate_mqtt_connects": std::fs::read_to_string(q.dir.join("qrgate.log"))
+            .map(|l| l.matches("connected to the MQTT broker").count())
+            .unwrap_or(0),
         "lost_sales": started - paid,
         "sale_to_paid_over_time": over_time,
     }))
@@ -750,6 +770,10 @@ fn print_table(r: &Value) {
         println!(
             "| sustained mix {} s, 1000 POS: cycles/s, errors, lost | {} , {} , {} | | |",
             m["seconds"], m["cycles_per_sec"], m["errors"], m["lost_sales"]
+        );
+        println!(
+            "| sustained mix: MQTT connections of qrgate / of the bench (1 = never dropped) | {} / {} | | |",
+            m["qrgate_mqtt_connects"], m["bench_mqtt_connects"]
         );
         for w in m["sale_to_paid_over_time"].as_array().into_iter().flatten() {
             println!(
