@@ -167,9 +167,32 @@ pub fn start(
         .map_err(|e| BrokerError::Start(e.to_string()))?;
 
     let deadline = Instant::now() + Duration::from_secs(10);
+    let mut untuned: Vec<SocketAddr> = std::iter::once(addr).chain(tls_addr).collect();
+    let mut spoke_at: Option<Instant> = None;
     loop {
-        if speaks_mqtt(addr, probe_login.as_ref()) {
-            return Ok(Listening { addr, tls_addr });
+        // Before any device connects, when we can: see `nodelay_on_listener`.
+        untuned.retain(|a| match nodelay_on_listener(*a) {
+            Ok(set) => !set,
+            Err(e) => {
+                tracing::warn!(listener = %a, error = %e, "cannot set TCP_NODELAY on the \
+                    embedded broker's listener: its messages may wait up to 40 ms (Nagle)");
+                false
+            }
+        });
+        if spoke_at.is_none() && speaks_mqtt(addr, probe_login.as_ref()) {
+            spoke_at = Some(Instant::now());
+        }
+        if let Some(at) = spoke_at {
+            if untuned.is_empty() {
+                return Ok(Listening { addr, tls_addr });
+            }
+            // A listener that never came up (a TLS one with a bad key) is
+            // rumqttd's to report; it does not hold up the start.
+            if at.elapsed() > Duration::from_secs(1) {
+                tracing::warn!(listeners = ?untuned, "embedded broker listener not found: \
+                    TCP_NODELAY not set on it");
+                return Ok(Listening { addr, tls_addr });
+            }
         }
         if Instant::now() > deadline {
             return Err(BrokerError::Start(format!(
@@ -178,6 +201,53 @@ pub fn start(
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// rumqttd never sets TCP_NODELAY on the connections it accepts, so what it
+/// writes to qrgate's own client and to devices waits on Nagle's algorithm
+/// and the peer's delayed ACK (a p99 of some 40 ms from a device's sale to a
+/// servable poll, measured). It offers no setting for it and no way to hand
+/// it a listener, but on Linux an accepted socket inherits TCP_NODELAY from
+/// its listening socket, and rumqttd runs in this process: this finds its
+/// listening socket among the process's file descriptors (a TCP listener
+/// bound to `addr`) and sets TCP_NODELAY on it. Connections accepted before
+/// this ran keep Nagle. `Ok(true)` when set, `Ok(false)` when no such socket
+/// is open (yet).
+#[cfg(target_os = "linux")]
+pub fn nodelay_on_listener(addr: SocketAddr) -> std::io::Result<bool> {
+    use std::os::fd::{BorrowedFd, RawFd};
+    for entry in std::fs::read_dir("/proc/self/fd")? {
+        let Some(fd) = entry?
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<RawFd>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: the descriptor is only borrowed for the calls below and
+        // never closed here. Another thread may close it, or reuse its number,
+        // in between: then these calls fail, or see another socket, which is
+        // only changed if it too listens on `addr`, and only one can.
+        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+        let sock = socket2::SockRef::from(&fd);
+        let is_it = sock.r#type().is_ok_and(|t| t == socket2::Type::STREAM)
+            && sock
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_socket())
+                .is_some_and(|a| a == addr)
+            && sock.is_listener().unwrap_or(false);
+        if is_it {
+            sock.set_tcp_nodelay(true)?;
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn nodelay_on_listener(_addr: SocketAddr) -> std::io::Result<bool> {
+    Err(std::io::ErrorKind::Unsupported.into())
 }
 
 /// A full MQTT handshake (CONNECT, CONNACK, DISCONNECT), so readiness is
@@ -224,4 +294,30 @@ fn speaks_mqtt(addr: SocketAddr, login: Option<&(String, Secret)>) -> bool {
     let mut rest = [0u8; 16];
     while matches!(s.read(&mut rest), Ok(n) if n > 0) {}
     ok
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+    use std::net::{TcpListener, TcpStream};
+
+    /// The listener is found by its address among the process's descriptors,
+    /// and the connections it accepts afterwards have TCP_NODELAY.
+    #[test]
+    fn accepted_sockets_inherit_nodelay_from_the_tuned_listener() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _before = TcpStream::connect(addr).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        assert!(!accepted.nodelay().unwrap(), "Linux's default is Nagle on");
+
+        assert!(nodelay_on_listener(addr).unwrap());
+        let _after = TcpStream::connect(addr).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        assert!(accepted.nodelay().unwrap());
+
+        // The accepted sockets share its address but are not listeners.
+        drop(listener);
+        assert!(!nodelay_on_listener(addr).unwrap());
+    }
 }
