@@ -147,10 +147,13 @@ pub fn start(
             // up to size × count, and a subscriber that falls further behind
             // than that loses messages, QoS 1 or not. 100 MiB × 10 let one
             // busy filter (all sales) grow to 1 GiB; 1 MiB × 4 lost sales in a
-            // burst of 90,000 (measured). 8 MiB × 8 holds some 350,000 device
-            // messages and bounds the filter at 64 MiB.
-            max_segment_size: 8 * 1024 * 1024,
-            max_segment_count: 8,
+            // burst of 90,000 (measured). 64 MiB holds some 350,000 device
+            // messages. In segments of 1 MiB rather than 8: a segment is a Vec
+            // of 232-byte entries grown by doubling, so smaller ones leave
+            // less spare capacity and freed copies behind (about 170 bytes
+            // less RSS per pending sale at 100,000, measured).
+            max_segment_size: 1024 * 1024,
+            max_segment_count: 64,
             ..RouterConfig::default()
         },
         v4: Some(v4),
