@@ -20,9 +20,12 @@ struct PollQuery {
 
 /// Whether the poll carries the key its POS requires (constant time).
 fn key_ok(shared: &Shared, pos: &str, query: &str) -> bool {
-    let required = match PosId::parse(pos) {
-        Ok(id) => shared.poll_keys.for_pos(&id),
-        Err(_) => shared.poll_keys.global.as_ref(),
+    let keys = &shared.poll_keys;
+    // Without per-POS keys there is no id to parse (one allocation less).
+    let required = if keys.per_pos.is_empty() {
+        keys.global.as_ref()
+    } else {
+        PosId::parse(pos).map_or(keys.global.as_ref(), |id| keys.for_pos(&id))
     };
     let Some(required) = required else {
         return true;
@@ -40,7 +43,8 @@ pub async fn poll(
     shared: web::Data<Shared>,
 ) -> HttpResponse {
     let pos = path.into_inner();
-    let shown: String = pos.chars().take(64).collect();
+    // Only for the warnings: not built on the hot path.
+    let shown = || pos.chars().take(64).collect::<String>();
     let agent = req
         .headers()
         .get(USER_AGENT)
@@ -48,12 +52,12 @@ pub async fn poll(
         .unwrap_or("");
     if !key_ok(&shared, &pos, req.query_string()) {
         let peer = req.peer_addr().map(|a| a.ip().to_string());
-        tracing::warn!(pos = %shown, user_agent = agent, peer, "poll without the right key answered 404");
+        tracing::warn!(pos = %shown(), user_agent = agent, peer, "poll without the right key answered 404");
         return error(StatusCode::NOT_FOUND, "not_found", "no such endpoint");
     }
     let answer = shared.gateway.poll(&pos);
     if answer.kind == "invalid" {
-        tracing::warn!(pos = %shown, user_agent = agent, "poll for an unknown POS answered invalid");
+        tracing::warn!(pos = %shown(), user_agent = agent, "poll for an unknown POS answered invalid");
     } else {
         tracing::debug!(pos = %pos, answer = answer.kind, "poll");
     }
