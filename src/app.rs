@@ -168,6 +168,7 @@ impl App {
                     collector_id: config.mercadopago.collector_id,
                     auto_refund: config.orders.auto_refund,
                     topics: Topics::new(&config.mqtt.topic_prefix),
+                    poll_protocol: config.mercadopago.poll_protocol,
                 },
                 publish_tx,
                 served_tx,

@@ -66,6 +66,8 @@ pub struct Gateway {
     views: DashMap<PosId, Arc<PosView>>,
     store: Arc<dyn Store>,
     ctx: OrderContext,
+    /// The answer for an unknown POS, in the account's default protocol.
+    invalid: PollAnswer,
     collector_id: u64,
     auto_refund: bool,
     topics: Topics,
@@ -79,6 +81,8 @@ pub struct BookSettings {
     pub collector_id: u64,
     pub auto_refund: bool,
     pub topics: Topics,
+    /// The account's default poll protocol, for POS we do not know.
+    pub poll_protocol: orders::PollProtocol,
 }
 
 pub fn now_millis() -> UnixMillis {
@@ -99,6 +103,7 @@ impl Gateway {
             collector_id,
             auto_refund,
             topics,
+            poll_protocol,
         } = settings;
         let latest = store.latest_sales().await?;
         let mut by_pos: HashMap<PosId, Sale> =
@@ -121,6 +126,7 @@ impl Gateway {
             views,
             store,
             ctx,
+            invalid: answer::invalid(poll_protocol),
             collector_id,
             auto_refund,
             topics,
@@ -150,7 +156,7 @@ impl Gateway {
     /// also asks, off this path, for the sale to be marked served.
     pub fn poll(&self, id: &str) -> PollAnswer {
         let Some(view) = PosId::parse(id).ok().and_then(|id| self.view(&id)) else {
-            return answer::invalid();
+            return self.invalid.clone();
         };
         if view.answer.status == 200 && !view.served_asked.swap(true, Ordering::Relaxed) {
             if let Some(s) = view.state.busy_sale() {

@@ -3,7 +3,7 @@
 //! When the POS has a poll key, a poll without it is answered 404, as if the
 //! URL did not exist, so a registered URL cannot be guessed from a POS id.
 
-use actix_web::http::header::{HeaderValue, CONTENT_TYPE, USER_AGENT};
+use actix_web::http::header::{HeaderName, HeaderValue, CONTENT_TYPE, USER_AGENT};
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
@@ -52,14 +52,31 @@ pub async fn poll(
         return error(StatusCode::NOT_FOUND, "not_found", "no such endpoint");
     }
     let answer = shared.gateway.poll(&pos);
-    if answer.kind == "invalid" {
-        tracing::warn!(pos = %shown, user_agent = agent, "poll for an unknown POS answered invalid");
-    } else {
-        tracing::debug!(pos = %pos, answer = answer.kind, "poll");
+    match answer.kind {
+        "invalid" => {
+            let why = if shared.gateway.pos_config(&pos).is_some() {
+                "the POS is attended: Mercado Pago does not poll it, check its registered url"
+            } else {
+                "no such POS is configured"
+            };
+            tracing::warn!(pos = %shown, user_agent = agent, status = answer.status, reason = why,
+                "poll answered invalid");
+        }
+        // v2 has no code for these: the customer sees Waiting_for_order.
+        "timeout" if answer.status == 202 => {
+            tracing::info!(pos = %pos, reason = "device offline", "v2 poll answered Waiting_for_order");
+        }
+        kind => tracing::debug!(pos = %pos, answer = kind, "poll"),
     }
     let mut resp =
         HttpResponse::new(StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_REQUEST));
     resp.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if answer.v2 {
+        resp.headers_mut().insert(
+            HeaderName::from_static("order-version"),
+            HeaderValue::from_static("2"),
+        );
+    }
     resp.set_body(actix_web::body::BoxBody::new(answer.body))
 }

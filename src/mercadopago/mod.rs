@@ -2,5 +2,6 @@
 //! stands in for it in tests and `qrgate demo`.
 
 pub mod client;
+pub mod order_body;
 pub mod simulator;
 pub mod wire;

@@ -17,6 +17,53 @@ pub struct PosConfig {
     /// Seconds a sale stays payable; `None` never expires.
     pub ttl_secs: Option<u64>,
     pub max_amount: Decimal,
+    /// How Mercado Pago learns of this POS's sales.
+    pub mode: PosMode,
+    /// This POS's `external_id` at Mercado Pago: letters and digits only.
+    pub mp_external_id: String,
+    /// The external id of the store it belongs to at Mercado Pago.
+    pub store: Option<String>,
+}
+
+impl PosConfig {
+    /// An unattended v1 POS with the default limits; the rest is set by
+    /// the caller.
+    pub fn new(id: PosId, kind: PosKind, currency: Currency) -> PosConfig {
+        PosConfig {
+            mp_external_id: mp_external_id(&id),
+            id,
+            kind,
+            currency,
+            ttl_secs: Some(600),
+            max_amount: Decimal::from(10_000_000),
+            mode: PosMode::Unattended(PollProtocol::V1),
+            store: None,
+        }
+    }
+}
+
+/// Mercado Pago's POS `external_id` allows letters and digits only: the
+/// default is the POS id without its other characters.
+pub fn mp_external_id(id: &PosId) -> String {
+    id.as_str()
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .collect()
+}
+
+/// Which poll answer an unattended POS's account is set up for (MP-API.md §1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PollProtocol {
+    V1,
+    V2,
+}
+
+/// Unattended: Mercado Pago polls the POS's URL. Attended: qrgate places the
+/// order on the POS through the API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PosMode {
+    Unattended(PollProtocol),
+    Attended,
 }
 
 /// Whether the device speaks, as far as its retained `status` says.
@@ -68,6 +115,7 @@ pub struct LineRequest {
     pub unit_measure: Option<String>,
     pub sku: Option<String>,
     pub category: Option<String>,
+    pub taxes: Vec<Tax>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -257,6 +305,7 @@ pub fn price(pos: &PosConfig, req: &SaleRequest) -> Result<(Vec<Line>, Amount), 
             unit_measure: l.unit_measure.clone(),
             sku: l.sku.clone(),
             category: l.category.clone(),
+            taxes: l.taxes.clone(),
             total: line_total.value(),
         });
     }
@@ -529,11 +578,8 @@ mod tests {
 
     fn pos(kind: PosKind) -> PosConfig {
         PosConfig {
-            id: PosId::parse("pump-1").unwrap(),
-            kind,
-            currency: Currency::Ars,
-            ttl_secs: Some(600),
             max_amount: Decimal::from(1_000_000),
+            ..PosConfig::new(PosId::parse("pump-1").unwrap(), kind, Currency::Ars)
         }
     }
 
@@ -564,6 +610,7 @@ mod tests {
                 unit_measure: Some("litre".into()),
                 sku: None,
                 category: None,
+                taxes: Vec::new(),
             }],
             amount: amount.map(d),
         }

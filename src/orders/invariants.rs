@@ -78,11 +78,13 @@ fn sid(id: u8) -> SaleId {
 
 fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     let pos = PosConfig {
-        id: PosId::parse("pump-1").unwrap(),
-        kind: PosKind::Fuel,
-        currency: Currency::Ars,
         ttl_secs: Some(60),
         max_amount: Decimal::from(1_000_000),
+        ..PosConfig::new(
+            PosId::parse("pump-1").unwrap(),
+            PosKind::Fuel,
+            Currency::Ars,
+        )
     };
     let mut state = PosState::idle();
     let mut store: HashMap<ExternalReference, Sale> = HashMap::new();
@@ -112,6 +114,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                         unit_measure: None,
                         sku: None,
                         category: None,
+                        taxes: Vec::new(),
                     }],
                     amount: None,
                 }),

@@ -205,8 +205,19 @@ pub struct Line {
     pub sku: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub category: Option<String>,
+    /// Taxes Mercado Pago shows per item (Colombia's IVA), passed on as sent.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub taxes: Vec<Tax>,
     /// `quantity × unit_price` rounded to the currency's decimals.
     pub total: Decimal,
+}
+
+/// A tax on an item, as Mercado Pago spells it: `{"type": "IVA", "value": 19}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tax {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub value: Decimal,
 }
 
 /// Where a sale is in its life.

@@ -160,11 +160,12 @@ pub struct TestApp {
 
 pub fn pos(id: &str, kind: PosKind) -> PosConfig {
     PosConfig {
-        id: PosId::parse(id).unwrap(),
-        kind,
-        currency: qrgate::money::Currency::Ars,
-        ttl_secs: Some(600),
         max_amount: Decimal::from(1_000_000),
+        ..PosConfig::new(
+            PosId::parse(id).unwrap(),
+            kind,
+            qrgate::money::Currency::Ars,
+        )
     }
 }
 
