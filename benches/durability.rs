@@ -52,6 +52,7 @@ async fn gateway(store: Arc<dyn Store>, pos: Vec<PosConfig>) -> Arc<Gateway> {
                 auto_refund: false,
                 topics: Topics::new("qrgate"),
                 poll_protocol: qrgate::orders::PollProtocol::V1,
+                attended: None,
             },
             publish,
             served,

@@ -51,6 +51,18 @@ pub enum GatewayError {
     Store(#[from] StoreError),
 }
 
+/// Work for the attended model's order desk (`attended.rs`): Mercado Pago
+/// calls that must follow a stored change, made off the POS's lock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttendedJob {
+    /// Place the order for this pending sale on its POS.
+    Place(Sale),
+    /// Take the order of this cancelled or expired sale off its POS.
+    Remove(Sale),
+    /// A payment was rejected: make sure the order is still on the POS.
+    Check(Sale),
+}
+
 /// What became of a merchant order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Settlement {
@@ -73,6 +85,7 @@ pub struct Gateway {
     topics: Topics,
     publish: mpsc::UnboundedSender<Publish>,
     served: mpsc::UnboundedSender<(PosId, ExternalReference)>,
+    attended: Option<mpsc::UnboundedSender<AttendedJob>>,
     refunds_due: Arc<Notify>,
 }
 
@@ -83,6 +96,9 @@ pub struct BookSettings {
     pub topics: Topics,
     /// The account's default poll protocol, for POS we do not know.
     pub poll_protocol: orders::PollProtocol,
+    /// Where attended POS's orders are placed and removed; `None` when no
+    /// POS is attended.
+    pub attended: Option<mpsc::UnboundedSender<AttendedJob>>,
 }
 
 pub fn now_millis() -> UnixMillis {
@@ -104,6 +120,7 @@ impl Gateway {
             auto_refund,
             topics,
             poll_protocol,
+            attended,
         } = settings;
         let latest = store.latest_sales().await?;
         let mut by_pos: HashMap<PosId, Sale> =
@@ -132,6 +149,7 @@ impl Gateway {
             topics,
             publish,
             served,
+            attended,
             refunds_due: Arc::new(Notify::new()),
         })
     }
@@ -174,13 +192,86 @@ impl Gateway {
         self.views
             .iter()
             .filter_map(|v| {
-                v.state.current.as_ref().map(|s| Publish {
-                    topic: self.topics.state(s.pos.as_str()),
-                    payload: outbound::state(s),
-                    retain: true,
-                })
+                v.state
+                    .current
+                    .as_ref()
+                    .filter(|s| self.shown_to_device(s))
+                    .map(|s| Publish {
+                        topic: self.topics.state(s.pos.as_str()),
+                        payload: outbound::state(s),
+                        retain: true,
+                    })
             })
             .collect()
+    }
+
+    /// An attended sale is `pending` for its device only once its order is
+    /// on the POS at Mercado Pago (CONTRACT-NOTES).
+    fn shown_to_device(&self, sale: &Sale) -> bool {
+        let attended = self
+            .pos
+            .get(&sale.pos)
+            .is_some_and(|c| c.mode == orders::PosMode::Attended);
+        !(attended && sale.state == orders::SaleState::Pending && sale.placed_at.is_none())
+    }
+
+    /// The attended desk's follow-up of a stored change.
+    fn follow_up(&self, cfg: &PosConfig, sale: &Sale, event: &SaleEvent) {
+        let Some(desk) = self.attended.as_ref() else {
+            return;
+        };
+        if cfg.mode != orders::PosMode::Attended {
+            return;
+        }
+        let job = match event {
+            SaleEvent::Accepted | SaleEvent::Priced
+                if sale.state == orders::SaleState::Pending && sale.placed_at.is_none() =>
+            {
+                AttendedJob::Place(sale.clone())
+            }
+            // Also when the order may not be there yet: a placement still
+            // under way finds the sale gone and removes what it placed.
+            SaleEvent::Cancelled | SaleEvent::Expired if !sale.lines.is_empty() => {
+                AttendedJob::Remove(sale.clone())
+            }
+            _ => return,
+        };
+        let _ = desk.send(job);
+    }
+
+    /// Pending attended sales whose order is not known to be placed: after a
+    /// restart, placed again (placing replaces, so twice is harmless).
+    pub fn unplaced(&self) -> Vec<Sale> {
+        self.views
+            .iter()
+            .filter_map(|v| v.state.current.clone())
+            .filter(|s| {
+                s.state == orders::SaleState::Pending
+                    && s.placed_at.is_none()
+                    && self
+                        .pos
+                        .get(&s.pos)
+                        .is_some_and(|c| c.mode == orders::PosMode::Attended)
+            })
+            .collect()
+    }
+
+    /// Whether another sale than `reference` is in flight on the POS.
+    pub fn has_newer_sale(&self, pos: &PosId, reference: &ExternalReference) -> bool {
+        self.view(pos).is_some_and(|v| {
+            v.state
+                .busy_sale()
+                .is_some_and(|s| &s.external_reference != reference)
+        })
+    }
+
+    /// Whether `reference` is still its POS's pending sale.
+    pub fn is_pending(&self, pos: &PosId, reference: &ExternalReference) -> bool {
+        self.view(pos).is_some_and(|v| {
+            v.state.busy_sale().is_some_and(|s| {
+                &s.external_reference == reference && s.state == orders::SaleState::Pending
+            })
+        })
     }
 
     /// POS with a busy sale past its expiry.
@@ -321,11 +412,18 @@ impl Gateway {
                 log_event(sale, event);
                 self.wake_refunds(sale);
                 // A failed delivery changes nothing the device must hear.
-                let publish = !matches!(event, SaleEvent::Delivered { .. });
+                let publish =
+                    !matches!(event, SaleEvent::Delivered { .. }) && self.shown_to_device(sale);
                 self.commit(cfg, current.state.presence, sale.clone(), publish);
+                self.follow_up(cfg, sale, event);
             }
             Outcome::Republish => {
-                if let Some(s) = &current.state.current {
+                if let Some(s) = current
+                    .state
+                    .current
+                    .as_ref()
+                    .filter(|s| self.shown_to_device(s))
+                {
                     tracing::info!(pos = %pos, sale_id = %s.sale_id, external_reference = %s.external_reference,
                         state = s.state.as_str(), "same sale again: state republished");
                     self.publish_state(s);
@@ -405,6 +503,16 @@ impl Gateway {
             Err(why) => {
                 tracing::info!(pos = %pos, sale_id = %sale.sale_id, external_reference = %reference,
                     merchant_order = facts.id, reason = why.code(), detail = %why, "merchant order closes nothing");
+                // A rejected payment leaves the attended order for a retry,
+                // unless Mercado Pago dropped it: check.
+                if locked.is_current
+                    && sale.state == orders::SaleState::Pending
+                    && locked.cfg.mode == orders::PosMode::Attended
+                {
+                    if let Some(desk) = &self.attended {
+                        let _ = desk.send(AttendedJob::Check(sale.clone()));
+                    }
+                }
                 return Ok(Settlement::Refused(why.code().to_owned()));
             }
         };
@@ -612,6 +720,23 @@ fn log_event(sale: &Sale, event: &SaleEvent) {
             amount,
             currency,
             "sale served to Mercado Pago"
+        ),
+        SaleEvent::Placed => tracing::info!(
+            pos,
+            sale_id,
+            external_reference = reference,
+            amount,
+            currency,
+            "attended order placed at Mercado Pago: pending"
+        ),
+        SaleEvent::Refused { reason } => tracing::error!(
+            pos,
+            sale_id,
+            external_reference = reference,
+            amount,
+            currency,
+            reason = reason.as_str(),
+            "Mercado Pago refused the attended order: sale rejected"
         ),
         SaleEvent::Paid { overpaid } => {
             let s = sale.settled.as_ref();

@@ -15,6 +15,7 @@
 //! `app` wires them; `config` types the settings; `money` keeps amounts exact.
 
 pub mod app;
+pub mod attended;
 pub mod config;
 pub mod demo;
 pub mod gateway;

@@ -228,10 +228,10 @@ pub fn instore(
     sale: &Sale,
     kind: PosKind,
     ctx: &OrderContext,
-    expires: DateTime<FixedOffset>,
+    expires: Option<DateTime<FixedOffset>>,
 ) -> Vec<u8> {
-    let expiration = expires.to_rfc3339_opts(chrono::SecondsFormat::Millis, false);
-    serde_json::to_vec(&v2_order(sale, kind, ctx, Some(expiration))).unwrap_or_default()
+    let expiration = expires.map(|e| e.to_rfc3339_opts(chrono::SecondsFormat::Millis, false));
+    serde_json::to_vec(&v2_order(sale, kind, ctx, expiration)).unwrap_or_default()
 }
 
 // ---- the legacy attended API ------------------------------------------------

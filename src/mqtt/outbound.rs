@@ -44,8 +44,9 @@ pub fn state(sale: &Sale) -> Vec<u8> {
         payment_id: settled.map(|s| s.payment_id),
         merchant_order: settled.map(|s| s.merchant_order),
         served: sale.state == SaleState::Pending && sale.served_at.is_some(),
-        reason: None,
-        message: None,
+        // The only retained `rejected`: Mercado Pago refused the attended order.
+        reason: (sale.state == SaleState::Rejected).then_some("mp_refused"),
+        message: sale.rejection.as_deref(),
     };
     serde_json::to_vec(&body).unwrap_or_default()
 }

@@ -141,6 +141,13 @@ pub enum Command {
     },
     /// A poll handed this sale to Mercado Pago.
     Served(ExternalReference),
+    /// Mercado Pago accepted the attended order for this sale.
+    Placed(ExternalReference),
+    /// Mercado Pago refused the attended order for this sale, for good.
+    Refused {
+        reference: ExternalReference,
+        reason: String,
+    },
     Expire,
 }
 
@@ -220,6 +227,12 @@ pub enum SaleEvent {
     Refunded {
         payment_id: u64,
     },
+    /// The attended order is on the POS at Mercado Pago.
+    Placed,
+    /// Mercado Pago refused the attended order.
+    Refused {
+        reason: String,
+    },
 }
 
 impl SaleEvent {
@@ -234,6 +247,8 @@ impl SaleEvent {
             SaleEvent::Delivered { .. } => "delivered",
             SaleEvent::RefundDue => "refund_due",
             SaleEvent::Refunded { .. } => "refunded",
+            SaleEvent::Placed => "placed",
+            SaleEvent::Refused { .. } => "refused",
         }
     }
 }
@@ -341,6 +356,8 @@ fn new_sale(pos: &PosConfig, sale_id: SaleId, ctx: Ctx) -> Sale {
         served_at: None,
         settled: None,
         delivered_at: None,
+        placed_at: None,
+        rejection: None,
         refunds: Vec::new(),
         updated_at: ctx.now,
     }
@@ -454,6 +471,38 @@ pub fn apply(pos: &PosConfig, state: &PosState, cmd: Command, ctx: Ctx) -> Outco
                 Outcome::Changed {
                     sale,
                     event: SaleEvent::Served,
+                }
+            }
+            _ => Outcome::Nothing,
+        },
+        Command::Placed(reference) => match current {
+            Some(s)
+                if s.external_reference == reference
+                    && s.state == SaleState::Pending
+                    && s.placed_at.is_none() =>
+            {
+                let mut sale = s.clone();
+                sale.placed_at = Some(ctx.now);
+                // Handed to Mercado Pago, as a poll serves it: from now on
+                // reconciliation looks for its payment.
+                sale.served_at.get_or_insert(ctx.now);
+                sale.updated_at = ctx.now;
+                Outcome::Changed {
+                    sale,
+                    event: SaleEvent::Placed,
+                }
+            }
+            _ => Outcome::Nothing,
+        },
+        Command::Refused { reference, reason } => match state.busy_sale() {
+            Some(s) if s.external_reference == reference => {
+                let mut sale = s.clone();
+                sale.state = SaleState::Rejected;
+                sale.rejection = Some(reason.clone());
+                sale.updated_at = ctx.now;
+                Outcome::Changed {
+                    sale,
+                    event: SaleEvent::Refused { reason },
                 }
             }
             _ => Outcome::Nothing,

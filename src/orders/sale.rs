@@ -231,6 +231,8 @@ pub enum SaleState {
     Paid,
     Cancelled,
     Expired,
+    /// Mercado Pago refused the attended order for it: final.
+    Rejected,
 }
 
 impl SaleState {
@@ -241,6 +243,7 @@ impl SaleState {
             SaleState::Paid => "paid",
             SaleState::Cancelled => "cancelled",
             SaleState::Expired => "expired",
+            SaleState::Rejected => "rejected",
         }
     }
 
@@ -325,6 +328,12 @@ pub struct Sale {
     pub settled: Option<Settled>,
     #[serde(default)]
     pub delivered_at: Option<UnixMillis>,
+    /// When Mercado Pago accepted the attended order placed for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placed_at: Option<UnixMillis>,
+    /// Why Mercado Pago refused it, in its own words (state `rejected`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejection: Option<String>,
     /// Payments owed back, oldest first.
     #[serde(default)]
     pub refunds: Vec<RefundDue>,

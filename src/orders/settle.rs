@@ -209,7 +209,9 @@ pub fn effect_of(sale: &Sale, payment: &Payment) -> Effect {
     }
     match sale.state {
         SaleState::Pending | SaleState::InProcess => Effect::Close,
-        SaleState::Paid | SaleState::Cancelled | SaleState::Expired => Effect::RefundDue,
+        SaleState::Paid | SaleState::Cancelled | SaleState::Expired | SaleState::Rejected => {
+            Effect::RefundDue
+        }
     }
 }
 
@@ -234,6 +236,8 @@ mod tests {
             served_at: None,
             settled: None,
             delivered_at: None,
+            placed_at: None,
+            rejection: None,
             refunds: vec![],
             updated_at: 0,
         }

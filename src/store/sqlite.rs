@@ -225,7 +225,10 @@ fn event_detail(sale: &Sale, event: &SaleEvent) -> String {
             "refund_id": sale.refunds.iter().find(|r| r.payment_id == *payment_id)
                 .and_then(|r| r.refunded.as_ref()).map(|r| r.refund_id),
         }),
-        SaleEvent::Served | SaleEvent::Cancelled | SaleEvent::Expired => serde_json::json!({}),
+        SaleEvent::Refused { reason } => serde_json::json!({ "reason": reason }),
+        SaleEvent::Served | SaleEvent::Cancelled | SaleEvent::Expired | SaleEvent::Placed => {
+            serde_json::json!({})
+        }
     };
     v.to_string()
 }
@@ -728,6 +731,8 @@ mod tests {
             served_at: None,
             settled: None,
             delivered_at: None,
+            placed_at: None,
+            rejection: None,
             refunds: vec![],
             updated_at: 1,
         }
