@@ -24,6 +24,8 @@ use crate::orders::{Command, Outcome, PosConfig, Sale};
 /// takes the order off later anyway.
 const REMOVE_FOR: Duration = Duration::from_secs(15 * 60);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// An Orders API order for a sale that never expires: MP's own default.
+const DEFAULT_ORDER_TTL_SECS: u64 = 600;
 
 pub struct Desk {
     client: MpClient,
@@ -86,7 +88,7 @@ impl Desk {
     async fn work(&self, job: AttendedJob) {
         match job {
             AttendedJob::Place(sale) => self.place(sale).await,
-            AttendedJob::Remove(sale) => self.remove(&sale).await,
+            AttendedJob::Remove(sale) => self.remove(&sale, None).await,
             AttendedJob::Check(sale) => self.check(sale).await,
         }
     }
@@ -95,7 +97,8 @@ impl Desk {
         self.gateway.pos_config(sale.pos.as_str())
     }
 
-    async fn place_once(&self, cfg: &PosConfig, sale: &Sale) -> Result<(), MpError> {
+    /// Places the order; the Orders API's id for it, when that API is used.
+    async fn place_once(&self, cfg: &PosConfig, sale: &Sale) -> Result<Option<String>, MpError> {
         let pos = &cfg.mp_external_id;
         match self.api {
             AttendedApi::Instore => {
@@ -104,33 +107,59 @@ impl Desk {
                 self.client
                     .place_instore_order(self.collector_id, store, pos, &body)
                     .await
+                    .map(|()| None)
             }
             AttendedApi::Legacy => {
                 let body = order_body::legacy(sale, &self.ctx);
                 self.client
                     .place_legacy_order(self.collector_id, pos, &body)
                     .await
+                    .map(|()| None)
             }
-            // Refused at start (config): never reached.
-            AttendedApi::Orders => Err(MpError::Status {
-                status: 501,
-                message: "the Orders API is not supported yet".into(),
-            }),
+            AttendedApi::Orders => {
+                let ttl = sale
+                    .expires_at
+                    .map(|at| ((at - now_millis()).max(0) / 1000) as u64)
+                    .unwrap_or(DEFAULT_ORDER_TTL_SECS);
+                let body = order_body::orders_api(sale, pos, ttl);
+                let order = self.client.create_order(&body, &create_key(sale)).await?;
+                Ok(Some(order.id))
+            }
         }
     }
 
-    async fn remove_once(&self, cfg: &PosConfig) -> Result<bool, MpError> {
+    /// Takes the order off; `false` when it was not there any more.
+    async fn remove_once(
+        &self,
+        cfg: &PosConfig,
+        sale: &Sale,
+        order: Option<&str>,
+    ) -> Result<bool, MpError> {
         let pos = &cfg.mp_external_id;
         match self.api {
+            AttendedApi::Instore => {
+                self.client
+                    .remove_instore_order(self.collector_id, pos)
+                    .await
+            }
             AttendedApi::Legacy => {
                 self.client
                     .remove_legacy_order(self.collector_id, pos)
                     .await
             }
-            _ => {
-                self.client
-                    .remove_instore_order(self.collector_id, pos)
-                    .await
+            AttendedApi::Orders => {
+                let Some(id) = order.or(sale.mp_order.as_deref()) else {
+                    return Ok(false);
+                };
+                let key = format!("qrgate-cancel-{}", sale.external_reference);
+                match self.client.cancel_order(id, &key).await {
+                    Ok(()) => Ok(true),
+                    // Already paid, expired or cancelled: nothing to take off.
+                    Err(MpError::Status {
+                        status: 404 | 409, ..
+                    }) => Ok(false),
+                    Err(e) => Err(e),
+                }
             }
         }
     }
@@ -138,14 +167,14 @@ impl Desk {
     async fn place(&self, sale: Sale) {
         let Some(cfg) = self.pos(&sale) else { return };
         let mut attempt = 0u32;
-        loop {
+        let order = loop {
             if !self.gateway.is_pending(&sale.pos, &sale.external_reference) {
                 // Cancelled or expired before the order was placed: whatever
                 // an earlier attempt may have left is taken off.
-                return self.remove(&sale).await;
+                return self.remove(&sale, None).await;
             }
             match self.place_once(cfg, &sale).await {
-                Ok(()) => break,
+                Ok(order) => break order,
                 Err(e) if e.is_transient() => {
                     let wait = backoff(attempt);
                     tracing::warn!(pos = %sale.pos, sale_id = %sale.sale_id, external_reference = %sale.external_reference,
@@ -170,8 +199,11 @@ impl Desk {
                     return;
                 }
             }
-        }
-        let placed = Command::Placed(sale.external_reference.clone());
+        };
+        let placed = Command::Placed {
+            reference: sale.external_reference.clone(),
+            order: order.clone(),
+        };
         match self.gateway.execute(&sale.pos, placed).await {
             Ok(Outcome::Changed { .. }) => {}
             Ok(_) => {
@@ -179,7 +211,7 @@ impl Desk {
                 // already, after a restart): an order nobody can pay for
                 // must not stay on the POS.
                 if !self.gateway.is_pending(&sale.pos, &sale.external_reference) {
-                    self.remove(&sale).await;
+                    self.remove(&sale, order.as_deref()).await;
                 }
             }
             Err(e) => {
@@ -189,7 +221,7 @@ impl Desk {
         }
     }
 
-    async fn remove(&self, sale: &Sale) {
+    async fn remove(&self, sale: &Sale, order: Option<&str>) {
         let Some(cfg) = self.pos(sale) else { return };
         let until = tokio::time::Instant::now() + REMOVE_FOR;
         let mut attempt = 0u32;
@@ -204,7 +236,7 @@ impl Desk {
                     "a newer sale is on the POS: its order stays");
                 return;
             }
-            match self.remove_once(cfg).await {
+            match self.remove_once(cfg, sale, order).await {
                 Ok(found) => {
                     tracing::info!(pos = %sale.pos, sale_id = %sale.sale_id, external_reference = %sale.external_reference,
                         found, "attended order removed from the POS");
@@ -231,9 +263,13 @@ impl Desk {
     /// the customer's retry; if Mercado Pago dropped it, place it again.
     async fn check(&self, sale: Sale) {
         let Some(cfg) = self.pos(&sale) else { return };
-        if self.api != AttendedApi::Instore {
+        match self.api {
+            AttendedApi::Instore => {}
             // The legacy API has no way to ask: place it again (it replaces).
-            return self.place_again(sale).await;
+            AttendedApi::Legacy => return self.place_again(sale).await,
+            // An Orders API order stays `created` through a rejected payment
+            // and is never dropped before its expiry.
+            AttendedApi::Orders => return,
         }
         match self
             .client
@@ -260,7 +296,12 @@ impl Desk {
             "the attended order is gone from the POS while the sale is pending: placing it again");
         let Some(cfg) = self.pos(&sale) else { return };
         match self.place_once(cfg, &sale).await {
-            Ok(()) => {
+            // Paid, cancelled or expired while the call ran: the order just
+            // placed must not outlive the sale.
+            Ok(order) if !self.gateway.is_pending(&sale.pos, &sale.external_reference) => {
+                self.remove(&sale, order.as_deref()).await;
+            }
+            Ok(_) => {
                 tracing::info!(pos = %sale.pos, external_reference = %sale.external_reference,
                 at = now_millis(), "attended order placed again")
             }
@@ -270,6 +311,12 @@ impl Desk {
             }
         }
     }
+}
+
+/// The Orders API's idempotency key for a sale's order: a retry, or a
+/// restart, finds the order already created instead of creating another.
+fn create_key(sale: &Sale) -> String {
+    format!("qrgate-order-{}", sale.external_reference)
 }
 
 /// The order expires with the sale (CONTRACT-NOTES); a sale that never

@@ -584,14 +584,7 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
     let attended_api = match raw.mercadopago.attended_api.as_str() {
         "instore" => AttendedApi::Instore,
         "legacy" => AttendedApi::Legacy,
-        "orders" => {
-            bad(
-                "mercadopago.attended_api",
-                "Mercado Pago's Orders API is not supported yet: use \"instore\" or \"legacy\""
-                    .into(),
-            );
-            AttendedApi::Orders
-        }
+        "orders" => AttendedApi::Orders,
         other => {
             bad(
                 "mercadopago.attended_api",

@@ -158,6 +158,11 @@ impl Gateway {
         PosId::parse(id).ok().and_then(|id| self.pos.get(&id))
     }
 
+    /// The seller's Mercado Pago user id.
+    pub fn collector_id(&self) -> u64 {
+        self.collector_id
+    }
+
     pub fn pos_ids(&self) -> Vec<PosId> {
         self.pos.keys().cloned().collect()
     }
@@ -463,7 +468,7 @@ impl Gateway {
         let reference_text = facts.external_reference.clone();
         self.store
             .record_merchant_order(MerchantOrderRecord {
-                id: facts.id,
+                id: facts.id.clone(),
                 external_reference: reference_text.clone(),
                 status: status.to_owned(),
                 body: raw,
@@ -472,7 +477,7 @@ impl Gateway {
                     .payments
                     .iter()
                     .map(|p| PaymentRecord {
-                        id: p.id,
+                        id: p.id.clone(),
                         status: match &p.status {
                             PaymentStatus::Approved => "approved".to_owned(),
                             PaymentStatus::Other(s) => s.clone(),
@@ -484,7 +489,7 @@ impl Gateway {
             })
             .await?;
         let refuse = |why: String| {
-            tracing::warn!(merchant_order = facts.id, external_reference = reference_text.as_deref(),
+            tracing::warn!(merchant_order = %facts.id, external_reference = reference_text.as_deref(),
                 reason = %why, "merchant order closes nothing");
             Ok(Settlement::Refused(why))
         };
@@ -502,7 +507,7 @@ impl Gateway {
             Ok(p) => p,
             Err(why) => {
                 tracing::info!(pos = %pos, sale_id = %sale.sale_id, external_reference = %reference,
-                    merchant_order = facts.id, reason = why.code(), detail = %why, "merchant order closes nothing");
+                    merchant_order = %facts.id, reason = why.code(), detail = %why, "merchant order closes nothing");
                 // A rejected payment leaves the attended order for a retry,
                 // unless Mercado Pago dropped it: check.
                 if locked.is_current
@@ -523,14 +528,14 @@ impl Gateway {
         } = outcome
         else {
             tracing::info!(pos = %pos, sale_id = %sale.sale_id, external_reference = %reference,
-                merchant_order = facts.id, payment = payment.payment_id, "payment already recorded");
+                merchant_order = %facts.id, payment = %payment.payment_id, "payment already recorded");
             return Ok(Settlement::Duplicate);
         };
         match self.store.record(&changed, &event).await {
             Ok(()) => {}
             Err(StoreError::AlreadyClosed(_) | StoreError::AlreadyDue(_)) => {
-                tracing::info!(pos = %pos, external_reference = %reference, merchant_order = facts.id,
-                    payment = payment.payment_id, "payment already recorded (store)");
+                tracing::info!(pos = %pos, external_reference = %reference, merchant_order = %facts.id,
+                    payment = %payment.payment_id, "payment already recorded (store)");
                 return Ok(Settlement::Duplicate);
             }
             Err(e) => return Err(e.into()),
@@ -638,8 +643,8 @@ impl Gateway {
     pub async fn record_refund(
         &self,
         reference: &ExternalReference,
-        payment_id: u64,
-        refund_id: u64,
+        payment_id: &orders::MpId,
+        refund_id: orders::MpId,
     ) -> Result<bool, GatewayError> {
         let Some(locked) = self.lock_sale(reference).await? else {
             return Ok(false);
@@ -740,8 +745,10 @@ fn log_event(sale: &Sale, event: &SaleEvent) {
         ),
         SaleEvent::Paid { overpaid } => {
             let s = sale.settled.as_ref();
-            let merchant_order = s.map(|s| s.merchant_order);
-            let payment = s.map(|s| s.payment_id);
+            let merchant_order = s.map(|s| s.merchant_order.to_string());
+            let merchant_order = merchant_order.as_deref();
+            let payment = s.map(|s| s.payment_id.to_string());
+            let payment = payment.as_deref();
             let paid = s.map(|s| s.paid.to_string());
             if *overpaid {
                 tracing::warn!(
@@ -798,7 +805,7 @@ fn log_event(sale: &Sale, event: &SaleEvent) {
                     sale_id,
                     external_reference = reference,
                     reason = reason.as_deref(),
-                    payment = sale.settled.as_ref().map(|p| p.payment_id),
+                    payment = sale.settled.as_ref().map(|p| p.payment_id.to_string()),
                     auto_refund = sale.refunds.last().map(|r| r.auto),
                     "device failed to deliver a paid sale: refund due"
                 );
@@ -810,8 +817,8 @@ fn log_event(sale: &Sale, event: &SaleEvent) {
                 pos,
                 sale_id,
                 external_reference = reference,
-                merchant_order = r.map(|r| r.merchant_order),
-                payment = r.map(|r| r.payment_id),
+                merchant_order = r.map(|r| r.merchant_order.to_string()),
+                payment = r.map(|r| r.payment_id.to_string()),
                 paid = r.map(|r| r.amount.to_string()),
                 state = sale.state.as_str(),
                 reason = r.map(|r| r.reason.as_str()),
@@ -820,14 +827,14 @@ fn log_event(sale: &Sale, event: &SaleEvent) {
             );
         }
         SaleEvent::Refunded { payment_id } => {
-            let r = sale.refunds.iter().find(|r| r.payment_id == *payment_id);
+            let r = sale.refunds.iter().find(|r| &r.payment_id == payment_id);
             tracing::info!(
                 pos,
                 sale_id,
                 external_reference = reference,
-                payment = payment_id,
-                merchant_order = r.map(|r| r.merchant_order),
-                refund = r.and_then(|r| r.refunded.as_ref()).map(|d| d.refund_id),
+                payment = %payment_id,
+                merchant_order = r.map(|r| r.merchant_order.to_string()),
+                refund = r.and_then(|r| r.refunded.as_ref()).map(|d| d.refund_id.to_string()),
                 amount = r.map(|r| r.amount.to_string()),
                 "payment refunded"
             );

@@ -7,8 +7,9 @@ use std::time::Duration;
 use rand::Rng;
 use reqwest::StatusCode;
 
-use super::wire::{ApiError, MerchantOrder, Payment, SearchPage};
+use super::wire::{ApiError, ApiOrder, MerchantOrder, Payment, SearchPage};
 use crate::config::{MercadoPagoConfig, Secret};
+use crate::orders::MpId;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MpError {
@@ -256,6 +257,59 @@ impl MpClient {
             })
             .await?;
         Ok(r.id.0)
+    }
+
+    /// Creates an order with MP's Orders API. The idempotency key is derived
+    /// from the sale, so a retry (or a restart) never creates a second one.
+    pub async fn create_order(
+        &self,
+        body: &[u8],
+        idempotency_key: &str,
+    ) -> Result<ApiOrder, MpError> {
+        self.call(&Request {
+            method: reqwest::Method::POST,
+            path: "/v1/orders",
+            idempotency_key: Some(idempotency_key),
+            body: Some(body),
+        })
+        .await
+    }
+
+    /// An Orders API order, with its body as fetched.
+    pub async fn order(&self, id: &str) -> Result<(ApiOrder, String), MpError> {
+        let raw: Box<serde_json::value::RawValue> = self
+            .get(&format!("/v1/orders/{}", path_segment(id)))
+            .await?;
+        let order: ApiOrder =
+            serde_json::from_str(raw.get()).map_err(|e| MpError::Decode(e.to_string()))?;
+        Ok((order, raw.get().to_owned()))
+    }
+
+    /// Cancels an Orders API order that nobody paid.
+    pub async fn cancel_order(&self, id: &str, idempotency_key: &str) -> Result<(), MpError> {
+        self.call_raw(&Request {
+            method: reqwest::Method::POST,
+            path: &format!("/v1/orders/{}/cancel", path_segment(id)),
+            idempotency_key: Some(idempotency_key),
+            body: None,
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Refunds an Orders API order in full; the refund's id.
+    pub async fn refund_order(&self, id: &str, idempotency_key: &str) -> Result<MpId, MpError> {
+        let order: ApiOrder = self
+            .call(&Request {
+                method: reqwest::Method::POST,
+                path: &format!("/v1/orders/{}/refund", path_segment(id)),
+                idempotency_key: Some(idempotency_key),
+                body: None,
+            })
+            .await?;
+        order
+            .last_refund()
+            .ok_or_else(|| MpError::Decode(format!("order {id} refunded without a refund id")))
     }
 
     /// Places an attended order on a POS (instore API); it replaces any

@@ -141,8 +141,12 @@ pub enum Command {
     },
     /// A poll handed this sale to Mercado Pago.
     Served(ExternalReference),
-    /// Mercado Pago accepted the attended order for this sale.
-    Placed(ExternalReference),
+    /// Mercado Pago accepted the attended order for this sale; `order` is
+    /// the Orders API's id for it.
+    Placed {
+        reference: ExternalReference,
+        order: Option<String>,
+    },
     /// Mercado Pago refused the attended order for this sale, for good.
     Refused {
         reference: ExternalReference,
@@ -225,7 +229,7 @@ pub enum SaleEvent {
     RefundDue,
     /// Mercado Pago refunded `payment_id`.
     Refunded {
-        payment_id: u64,
+        payment_id: MpId,
     },
     /// The attended order is on the POS at Mercado Pago.
     Placed,
@@ -357,6 +361,7 @@ fn new_sale(pos: &PosConfig, sale_id: SaleId, ctx: Ctx) -> Sale {
         settled: None,
         delivered_at: None,
         placed_at: None,
+        mp_order: None,
         rejection: None,
         refunds: Vec::new(),
         updated_at: ctx.now,
@@ -475,7 +480,7 @@ pub fn apply(pos: &PosConfig, state: &PosState, cmd: Command, ctx: Ctx) -> Outco
             }
             _ => Outcome::Nothing,
         },
-        Command::Placed(reference) => match current {
+        Command::Placed { reference, order } => match current {
             Some(s)
                 if s.external_reference == reference
                     && s.state == SaleState::Pending
@@ -483,6 +488,7 @@ pub fn apply(pos: &PosConfig, state: &PosState, cmd: Command, ctx: Ctx) -> Outco
             {
                 let mut sale = s.clone();
                 sale.placed_at = Some(ctx.now);
+                sale.mp_order = order;
                 // Handed to Mercado Pago, as a poll serves it: from now on
                 // reconciliation looks for its payment.
                 sale.served_at.get_or_insert(ctx.now);
@@ -533,8 +539,8 @@ pub fn deliver(s: &Sale, ok: bool, reason: Option<String>, ctx: Ctx) -> Outcome 
             // The customer paid and got nothing: the payment is owed back.
             if let (false, Some(paid)) = (ok, &s.settled) {
                 sale.refunds.push(RefundDue {
-                    payment_id: paid.payment_id,
-                    merchant_order: paid.merchant_order,
+                    payment_id: paid.payment_id.clone(),
+                    merchant_order: paid.merchant_order.clone(),
                     amount: paid.paid,
                     at: ctx.now,
                     reason: RefundReason::DeliveryFailed,
@@ -560,17 +566,24 @@ pub fn deliver(s: &Sale, ok: bool, reason: Option<String>, ctx: Ctx) -> Outcome 
 
 /// Records that Mercado Pago refunded `payment_id` of `sale`; `None` when
 /// it is not owed or already refunded.
-pub fn refunded(sale: &Sale, payment_id: u64, refund_id: u64, now: UnixMillis) -> Option<Outcome> {
+pub fn refunded(
+    sale: &Sale,
+    payment_id: &MpId,
+    refund_id: MpId,
+    now: UnixMillis,
+) -> Option<Outcome> {
     let mut s = sale.clone();
     let r = s
         .refunds
         .iter_mut()
-        .find(|r| r.payment_id == payment_id && r.refunded.is_none())?;
+        .find(|r| &r.payment_id == payment_id && r.refunded.is_none())?;
     r.refunded = Some(Refunded { refund_id, at: now });
     s.updated_at = now;
     Some(Outcome::Changed {
         sale: s,
-        event: SaleEvent::Refunded { payment_id },
+        event: SaleEvent::Refunded {
+            payment_id: payment_id.clone(),
+        },
     })
 }
 
@@ -583,8 +596,8 @@ pub fn pay(sale: &Sale, payment: &Payment, ctx: Ctx) -> Outcome {
             let mut s = sale.clone();
             s.state = SaleState::Paid;
             s.settled = Some(Settled {
-                payment_id: payment.payment_id,
-                merchant_order: payment.merchant_order,
+                payment_id: payment.payment_id.clone(),
+                merchant_order: payment.merchant_order.clone(),
                 paid: payment.paid,
                 at: now,
             });
@@ -599,8 +612,8 @@ pub fn pay(sale: &Sale, payment: &Payment, ctx: Ctx) -> Outcome {
         Effect::RefundDue => {
             let mut s = sale.clone();
             s.refunds.push(RefundDue {
-                payment_id: payment.payment_id,
-                merchant_order: payment.merchant_order,
+                payment_id: payment.payment_id.clone(),
+                merchant_order: payment.merchant_order.clone(),
                 amount: payment.paid,
                 at: now,
                 reason: if sale.state == SaleState::Paid {
@@ -874,8 +887,8 @@ mod tests {
             0,
         );
         let payment = Payment {
-            merchant_order: 5,
-            payment_id: 6,
+            merchant_order: MpId::Num(5),
+            payment_id: MpId::Num(6),
             paid: d("10"),
             overpaid: false,
         };

@@ -12,7 +12,7 @@ use rust_decimal::Decimal;
 use super::book::{
     apply, pay, Command, Ctx, LineRequest, Outcome, PosConfig, PosState, SaleEvent, SaleRequest,
 };
-use super::sale::{ExternalReference, PosId, PosKind, Sale, SaleId, SaleState};
+use super::sale::{ExternalReference, MpId, PosId, PosKind, Sale, SaleId, SaleState};
 use super::settle::{
     check_payment, MerchantOrderFacts, MerchantOrderStatus, PaymentFacts, PaymentStatus,
 };
@@ -152,7 +152,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 if let Some(s) = state.busy_sale().filter(|s| s.state == SaleState::Pending) {
                     mos.push(Mo {
                         facts: MerchantOrderFacts {
-                            id: next_id,
+                            id: MpId::Num(next_id),
                             status: MerchantOrderStatus::Opened,
                             external_reference: Some(s.external_reference.as_str().to_owned()),
                             collector_id: Some(COLLECTOR),
@@ -178,7 +178,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     };
                     if amount > Decimal::ZERO {
                         m.facts.payments.push(PaymentFacts {
-                            id: next_id,
+                            id: MpId::Num(next_id),
                             status,
                             amount,
                             currency: Some("ARS".into()),

@@ -13,4 +13,4 @@ pub use book::{
     apply, mp_external_id, pay, Command, Ctx, Outcome, PollProtocol, PosConfig, PosMode, PosState,
     Presence, Rejection, SaleEvent,
 };
-pub use sale::{ExternalReference, PosId, PosKind, Sale, SaleId, SaleState, UnixMillis};
+pub use sale::{ExternalReference, MpId, PosId, PosKind, Sale, SaleId, SaleState, UnixMillis};

@@ -7,7 +7,7 @@ mod sqlite;
 
 use async_trait::async_trait;
 
-use crate::orders::{ExternalReference, Sale, SaleEvent};
+use crate::orders::{ExternalReference, MpId, Sale, SaleEvent};
 
 pub use sqlite::SqliteStore;
 
@@ -19,7 +19,7 @@ pub enum StoreError {
     AlreadyClosed(String),
     /// This payment is already recorded as due for refund.
     #[error("payment {0} is already recorded as refund due")]
-    AlreadyDue(u64),
+    AlreadyDue(String),
     #[error("store unavailable: {0}")]
     Unavailable(String),
     #[error("database error: {0}")]
@@ -31,7 +31,7 @@ pub enum StoreError {
 /// A merchant order as fetched, kept for the operator and for audits.
 #[derive(Debug, Clone)]
 pub struct MerchantOrderRecord {
-    pub id: u64,
+    pub id: MpId,
     pub external_reference: Option<String>,
     pub status: String,
     pub body: String,
@@ -52,7 +52,7 @@ pub struct RejectionRecord {
 /// A payment as the merchant order that carries it says.
 #[derive(Debug, Clone)]
 pub struct PaymentRecord {
-    pub id: u64,
+    pub id: MpId,
     pub status: String,
     pub amount: String,
     pub currency: Option<String>,
@@ -98,7 +98,7 @@ pub trait Store: Send + Sync + 'static {
     /// Sales with a refund qrgate must make itself and has not made yet.
     async fn pending_auto_refunds(&self) -> Result<Vec<Sale>, StoreError>;
 
-    async fn merchant_order(&self, id: u64) -> Result<Option<MerchantOrderRecord>, StoreError>;
+    async fn merchant_order(&self, id: &MpId) -> Result<Option<MerchantOrderRecord>, StoreError>;
 
     /// A real write, for readiness.
     async fn check_writable(&self) -> Result<(), StoreError>;

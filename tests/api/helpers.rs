@@ -422,7 +422,13 @@ impl TestApp {
     pub async fn wait_merchant_order_seen(&self, id: u64) -> String {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            if let Some(r) = self.app_gateway.store().merchant_order(id).await.unwrap() {
+            if let Some(r) = self
+                .app_gateway
+                .store()
+                .merchant_order(&qrgate::orders::MpId::Num(id))
+                .await
+                .unwrap()
+            {
                 return r.status;
             }
             assert!(
