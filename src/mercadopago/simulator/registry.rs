@@ -99,6 +99,12 @@ impl Registry {
             .map(|(id, _)| *id)
     }
 
+    /// Whether a POS with this external_id is registered: `Some(its external_store_id)`.
+    pub(super) fn pos_fields(&self, external_id: &str) -> Option<Option<String>> {
+        let id = self.pos_by_external_id(external_id)?;
+        Some(PosFields::of(self.pos.get(&id)?).external_store_id)
+    }
+
     fn pos_by_external_id(&self, external_id: &str) -> Option<u64> {
         self.pos
             .iter()
