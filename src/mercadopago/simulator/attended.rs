@@ -602,4 +602,148 @@ mod tests {
             204
         );
     }
+
+    async fn post_legacy(sim: &Simulator, body: &serde_json::Value) -> (u16, serde_json::Value) {
+        send(sim, Method::POST, LEGACY, &body.to_string()).await
+    }
+
+    #[tokio::test]
+    async fn a_legacy_order_is_placed_scanned_and_paid_like_the_instore_one() {
+        let (sim, pos) = start().await;
+        let body = legacy_body(&pos);
+        let (status, answer) = post_legacy(&sim, &body).await;
+        assert_eq!((status, answer), (200, serde_json::json!({})));
+        let (status, shown) = send(&sim, Method::GET, ORDERS, "").await;
+        assert_eq!((status, shown), (200, serde_json::json!([body])));
+        let order = order_of(&sim).await;
+        assert_eq!(order.total_amount, dec("25615.80"));
+        assert_eq!(order.external_reference, "st01-p03-000043");
+        assert_eq!(order.notification_url, pos.notify_url);
+        sim.set_notify_mode(NotifyMode::Ipn);
+        sim.pay(order.merchant_order_id, PaymentOutcome::Approved)
+            .await
+            .unwrap();
+        assert_eq!(pos.received().len(), 1);
+        assert_eq!(send(&sim, Method::DELETE, LEGACY, "").await.0, 404);
+    }
+
+    #[tokio::test]
+    async fn a_legacy_order_is_deleted_once_and_either_api_replaces_the_other() {
+        let (sim, pos) = start().await;
+        assert_eq!(post_legacy(&sim, &legacy_body(&pos)).await.0, 200);
+        assert_eq!(send(&sim, Method::DELETE, LEGACY, "").await.0, 204);
+        let (status, answer) = send(&sim, Method::DELETE, LEGACY, "").await;
+        assert_eq!(
+            (status, answer["error"].as_str()),
+            (404, Some("point_of_sale_in_store_order_not_found"))
+        );
+
+        assert_eq!(put(&sim, &instore_body(&pos)).await.0, 204);
+        assert_eq!(post_legacy(&sim, &legacy_body(&pos)).await.0, 200);
+        assert_eq!(order_of(&sim).await.external_reference, "st01-p03-000043");
+        assert_eq!(send(&sim, Method::DELETE, ORDERS, "").await.0, 204);
+        assert_eq!(send(&sim, Method::DELETE, LEGACY, "").await.0, 404);
+
+        let foreign = "/mpmobile/instore/qr/1/st01p03";
+        let body = legacy_body(&pos).to_string();
+        assert_eq!(send(&sim, Method::POST, foreign, &body).await.0, 403);
+        assert_eq!(send(&sim, Method::DELETE, foreign, "").await.0, 403);
+    }
+
+    #[tokio::test]
+    async fn the_legacy_body_is_checked_like_the_v1_answer() {
+        let (sim, pos) = start().await;
+        let valid = legacy_body(&pos);
+        let with = |pointer: &str, value: serde_json::Value| {
+            let mut body = valid.clone();
+            if value.is_null() {
+                let (parent, key) = pointer.rsplit_once('/').unwrap();
+                let parent = if parent.is_empty() {
+                    &mut body
+                } else {
+                    body.pointer_mut(parent).unwrap()
+                };
+                parent.as_object_mut().unwrap().remove(key);
+            } else if body.pointer(pointer).is_some() {
+                *body.pointer_mut(pointer).unwrap() = value;
+            } else {
+                let key = pointer.trim_start_matches('/');
+                body[key] = value;
+            }
+            body
+        };
+        let cases = [
+            (
+                with("/items/0/currency_id", "BRL".into()),
+                "invalid_items.currency_id",
+            ),
+            (
+                with("/items/0/unit_price", 10.123.into()),
+                "invalid_items.unit_price",
+            ),
+            (
+                with("/items/0/unit_price", 0.into()),
+                "invalid_items.unit_price",
+            ),
+            (
+                with("/items/0/quantity", 1.5.into()),
+                "invalid_items.quantity",
+            ),
+            (
+                with("/items/0/title", serde_json::Value::Null),
+                "invalid_items.title",
+            ),
+            (with("/items/0/taxes", "IVA".into()), "invalid_items.taxes"),
+            (with("/items", serde_json::json!([])), "invalid_items"),
+            (
+                with("/external_reference", serde_json::Value::Null),
+                "invalid_external_reference",
+            ),
+            (
+                with("/notification_url", "mp/notifications".into()),
+                "invalid_notification_url",
+            ),
+            (with("/sponsor_id", "abc".into()), "invalid_sponsor_id"),
+            (with("/collector_id", 999.into()), "invalid_collector_id"),
+        ];
+        for (body, error) in cases {
+            let (status, answer) = post_legacy(&sim, &body).await;
+            assert_eq!(
+                (status, answer["error"].as_str()),
+                (400, Some(error)),
+                "{body}"
+            );
+        }
+        assert!(sim.attended_order("st01p03").is_none());
+        // The path names the collector; the body may too.
+        let named = with("/collector_id", 178_106_235.into());
+        assert_eq!(post_legacy(&sim, &named).await.0, 200);
+    }
+
+    #[tokio::test]
+    async fn colombian_pesos_are_whole_in_the_legacy_body() {
+        let sim = Simulator::start(SimulatorConfig {
+            site_currency: "COP".to_owned(),
+            ..SimulatorConfig::default()
+        })
+        .await
+        .unwrap();
+        let pos = Pos::spawn().await;
+        let mut body = legacy_body(&pos);
+        body["items"][0]["currency_id"] = "COP".into();
+        body["items"][0]["unit_price"] = 12000.5.into();
+        let (status, answer) = post_legacy(&sim, &body).await;
+        assert_eq!(
+            (status, answer["error"].as_str()),
+            (400, Some("invalid_items.unit_price"))
+        );
+        body["items"][0]["unit_price"] = 12000.into();
+        body["items"][0]["taxes"] = serde_json::json!([{"type": "IVA", "value": 19}]);
+        assert_eq!(post_legacy(&sim, &body).await.0, 200);
+        assert_eq!(
+            sim.attended_order("st01p03").unwrap()["items"][0]["taxes"][0]["type"],
+            "IVA"
+        );
+        assert_eq!(order_of(&sim).await.currency_id, "COP");
+    }
 }
