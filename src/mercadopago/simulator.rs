@@ -36,9 +36,18 @@
 //! the v1 answer without `collector_id`), refusals answering 400 with MP-style codes
 //! (`invalid_items.unit_price`, `invalid_total_amount`, `invalid_sponsor.id`, `invalid_expiration_date`…).
 //!
+//! MP's Orders API (`orders_api`): `POST /v1/orders` (201, `type: "qr"`, amounts as two-decimal
+//! strings, `X-Idempotency-Key` required: the same key answers the first answer again),
+//! `GET /v1/orders/{id}` (200/404), `POST /v1/orders/{id}/cancel` (200; 409 unless `created`) and
+//! `POST /v1/orders/{id}/refund` (200; empty body = all that is left, or `{"transactions": [{"id":
+//! payment id, "amount": "10.00"}]}`; 409 unless `processed`). [`Simulator::pay_order`] pays it and
+//! sends the `order` webhook to [`Simulator::set_orders_webhook_url`]; the order sits on its POS's
+//! attended slot, so [`Simulator::scan_attended`] shows it (with `merchant_order_id` 0 and `order_id`).
+//!
 //! Test levers ([`Simulator::fail_next`], [`Simulator::set_latency`], [`Simulator::insert_merchant_order`],
 //! [`NotifyMode`], [`Simulator::set_allowed_url_hosts`], [`Simulator::set_known_categories`],
-//! [`Simulator::set_pos_field`]) break it on purpose: outages, 429s, slow answers, lost, duplicated and
+//! [`Simulator::set_pos_field`], [`Simulator::drop_attended_order`], [`Simulator::expire_attended_order`],
+//! [`Simulator::expire_order`]) break it on purpose: outages, 429s, slow answers, lost, duplicated and
 //! forged notifications, foreign merchant orders, hosts MP has not enabled, drift at MP.
 //!
 //! Choices where MP documents nothing (each one the simulator's own):
@@ -62,6 +71,20 @@
 //!   instore GET shows the order of either API, and either API's DELETE removes it. The POS need not
 //!   be registered unless [`Simulator::set_require_registered_pos`] says so. `taxes` (`[{"type":
 //!   string, "value": number}]`) are checked and kept as sent; they change no total.
+//! - Orders API: statuses `created`, `action_required`, `processed`, `canceled`, `refunded`, and
+//!   `expired` (read from `expiration_time`, an ISO 8601 duration, default `PT10M`). A rejected payment
+//!   leaves the order `created` on its POS with its payment `failed`; `ApprovedAmount(x)` processes it
+//!   with `total_paid_amount` x (short or over: the case a client must not close on); `InProcess` makes
+//!   it `action_required` (still payable, not cancelable). A partial refund leaves it `processed` /
+//!   `partially_refunded`. The webhook (`POST {url}?data.id={id}&type=order`) carries `action`
+//!   `order.{status}` (`order.action_required` for a `created` order after a failed attempt), `type`
+//!   `order`, `data: {id, status, status_detail, total_paid_amount?, version}`; one per payment
+//!   attempt (`NotifyMode::None` none, `Duplicated(n)` n), none for cancel, refund or expiry; with no
+//!   webhook url set nothing is sent and [`Simulator::unsent_order_notifications`] says so. Items are
+//!   optional; when sent, Σ unit_price × quantity (whole quantities) must be `total_amount`, as must the
+//!   one payment's `amount`. Unknown properties are `unsupported_properties`. The same key with a
+//!   different body answers the first order. A new order of any API on the POS replaces an Orders API
+//!   order there: it stays `created` until it expires, off the POS.
 //! - The v2 answer's amounts must be JSON numbers, `unit_measure` is required, `sponsor.id` must be a
 //!   number; the v1 answer and legacy body keep v1's looseness (numbers or decimal strings).
 //!
@@ -87,11 +110,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 mod attended;
+mod orders_api;
 mod registry;
 mod validate;
 
 use validate::{validate_v1, validate_v2, waiting_v1, waiting_v2};
 
+pub use orders_api::OrderRefundRecord;
 pub use registry::{gas_station_mcc, GAS_STATION_MCC, GENERIC_MCC_CATEGORIES};
 
 // Distinct ranges, so that a merchant order id used as a payment id (or the reverse) finds nothing.
@@ -178,7 +203,10 @@ pub enum Scan {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ScannedOrder {
+    /// 0 for an Orders API order, which opens no merchant order.
     pub merchant_order_id: u64,
+    /// The Orders API order scanned (`None` for merchant orders).
+    pub order_id: Option<String>,
     pub external_reference: String,
     pub total_amount: Decimal,
     pub currency_id: String,
@@ -229,6 +257,8 @@ pub enum SimError {
     PosWithoutUrl(String),
     #[error("no store with external_id {0}")]
     UnknownStore(String),
+    #[error("unknown Orders API order {0}")]
+    UnknownOrder(String),
 }
 
 /// A running simulator; clones share it. Dropping the last clone stops its HTTP server.
@@ -397,6 +427,9 @@ impl Simulator {
                 message: Some(format!("the order on POS {external_pos_id} expired")),
             });
         }
+        if let attended::AttendedApi::Orders(order_id) = &placed.api {
+            return Ok(self.scan_orders_api(order_id, external_pos_id));
+        }
         let pos = Some(external_pos_id.to_owned());
         Ok(Scan::Order(
             self.open_order(placed.request, placed.body, pos).await,
@@ -465,6 +498,7 @@ impl Simulator {
         }
         ScannedOrder {
             merchant_order_id: id,
+            order_id: None,
             external_reference: request.external_reference,
             total_amount: request.total,
             currency_id: request.currency_id,
@@ -713,6 +747,7 @@ struct State {
     notify_on_open: bool,
     registry: registry::Registry,
     require_registered_pos: bool,
+    orders_api: orders_api::OrdersApi,
 }
 
 enum Stored {
@@ -835,6 +870,7 @@ impl State {
             notify_on_open: false,
             registry: registry::Registry::new(),
             require_registered_pos: false,
+            orders_api: orders_api::OrdersApi::default(),
         }
     }
 
@@ -1282,6 +1318,9 @@ fn answer(shared: &Shared, req: &HttpRequest, path: &str, body: &[u8]) -> HttpRe
         return response;
     }
     if let Some(response) = attended::route(shared, method, &segments, body) {
+        return response;
+    }
+    if let Some(response) = orders_api::route(shared, req, method, &segments, body) {
         return response;
     }
     match (method, segments.as_slice()) {

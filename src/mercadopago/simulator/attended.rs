@@ -19,6 +19,8 @@ use super::*;
 pub(super) enum AttendedApi {
     Instore,
     Legacy,
+    /// MP's Orders API, with the order's id.
+    Orders(String),
 }
 
 /// Routes the attended calls; `None` when the path is not one of them.
@@ -188,6 +190,7 @@ fn current(state: &mut State, pos: &str) -> Option<AttendedOrder> {
         return None;
     }
     match placed.api {
+        AttendedApi::Orders(_) => None,
         AttendedApi::Instore | AttendedApi::Legacy => Some(placed),
     }
 }
@@ -219,6 +222,26 @@ impl Simulator {
             .attended
             .remove(external_pos_id)
             .is_some()
+    }
+
+    /// Time passes: the order on this POS (of any API) reaches its expiration now; true when there
+    /// was one.
+    pub fn expire_attended_order(&self, external_pos_id: &str) -> bool {
+        let order_id = {
+            let mut state = self.inner.shared.lock();
+            let Some(placed) = state.attended.get_mut(external_pos_id) else {
+                return false;
+            };
+            placed.expires = Utc::now();
+            match &placed.api {
+                AttendedApi::Orders(id) => Some(id.clone()),
+                AttendedApi::Instore | AttendedApi::Legacy => None,
+            }
+        };
+        if let Some(id) = order_id {
+            let _ = self.expire_order(&id);
+        }
+        true
     }
 
     /// When true, placing an attended order (any API) on a POS that is not registered answers 404
@@ -381,19 +404,14 @@ mod tests {
             "{left}"
         );
         // Time passes.
-        sim.inner
-            .shared
-            .lock()
-            .attended
-            .get_mut("st01p03")
-            .unwrap()
-            .expires = Utc::now() - chrono::Duration::seconds(1);
+        assert!(sim.expire_attended_order("st01p03"));
         assert!(matches!(
             sim.scan_attended("st01p03").await.unwrap(),
             Scan::Waiting { kind, .. } if kind == "expired"
         ));
         assert_eq!(send(&sim, Method::GET, ORDERS, "").await.0, 404);
         assert_eq!(send(&sim, Method::DELETE, ORDERS, "").await.0, 404);
+        assert!(!sim.expire_attended_order("st01p03"));
 
         for date in [
             serde_json::json!(mp_time(Utc::now() - chrono::Duration::seconds(5))),
