@@ -85,6 +85,10 @@
 //!   one payment's `amount`. Unknown properties are `unsupported_properties`. The same key with a
 //!   different body answers the first order. A new order of any API on the POS replaces an Orders API
 //!   order there: it stays `created` until it expires, off the POS.
+//! - v2 poll answers (`validate`): a 202's `status.status_detail` must be one of MP's spellings
+//!   (`Waiting_for_order`, `in_process`, `notihing_to_pay`), anything else is
+//!   [`SimError::InvalidOrder`] (v1's undocumented `error.type`s are only logged); a 200 is v2 only
+//!   with `order-version: 2`, and a v2 body without the header is refused saying so.
 //! - The v2 answer's amounts must be JSON numbers, `unit_measure` is required, `sponsor.id` must be a
 //!   number; the v1 answer and legacy body keep v1's looseness (numbers or decimal strings).
 //!
@@ -335,7 +339,8 @@ impl Simulator {
         self.inner.handle.stop(true).await;
     }
 
-    /// One poll of `pos_url` as the MP app does it; an order answer opens a new merchant order.
+    /// One poll of `pos_url` as the MP app does it; an order answer opens a new merchant order. A 400
+    /// is a v1 wait, a 202 a v2 wait, a 200 an order (v2 with the header `order-version: 2`).
     pub async fn scan(&self, pos_url: &str) -> Result<Scan, SimError> {
         let response = self
             .inner

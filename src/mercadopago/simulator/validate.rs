@@ -446,3 +446,232 @@ fn taxes(item: &RawObject, n: usize) -> Result<(), Refusal> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{dec, start, Pos};
+    use super::*;
+    use serde_json::{json, Value};
+
+    fn v2_body(pos: &Pos) -> Value {
+        json!({
+            "external_reference": "st01-p03-000042",
+            "total_amount": 25615.80,
+            "items": [{"sku_number": "SUPER95", "category": "fuel", "title": "Super 95",
+                       "description": "Pump 3", "quantity": 32.10, "unit_measure": "litre",
+                       "unit_price": 798.00, "total_amount": 25615.80}],
+            "title": "Super 95",
+            "description": "Pump 3",
+            "notification_url": pos.notify_url,
+            "sponsor": {"id": 334249281}
+        })
+    }
+
+    async fn scan_v2(sim: &Simulator, pos: &Pos, body: &Value) -> Result<Scan, SimError> {
+        pos.answer_v2(body.to_string());
+        sim.scan(&pos.url).await
+    }
+
+    fn refused(scan: Result<Scan, SimError>, why: &str) {
+        match scan {
+            Err(SimError::InvalidOrder(message)) => {
+                assert!(message.contains(why), "{message} should say {why}")
+            }
+            other => panic!("expected a refusal saying {why}, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn each_of_mps_three_v2_waits_is_a_wait() {
+        let (sim, pos) = start().await;
+        for detail in V2_WAITING {
+            let body = json!({"status": {"status_detail": detail, "message": "wait"}});
+            pos.answer(202, body.to_string());
+            assert_eq!(
+                sim.scan(&pos.url).await.unwrap(),
+                Scan::Waiting {
+                    http_status: 202,
+                    kind: (*detail).to_owned(),
+                    message: Some("wait".to_owned()),
+                }
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_v2_wait_spelled_otherwise_than_mp_is_refused() {
+        let (sim, pos) = start().await;
+        for detail in [
+            "waiting_for_order",
+            "nothing_to_pay",
+            "In_process",
+            "unavailable",
+        ] {
+            let body = json!({"status": {"status_detail": detail}});
+            pos.answer(202, body.to_string());
+            refused(sim.scan(&pos.url).await, "spelled exactly");
+        }
+        pos.answer(202, json!({"status_detail": "in_process"}).to_string());
+        assert!(matches!(
+            sim.scan(&pos.url).await,
+            Err(SimError::BadAnswer { status: 202, .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_v2_order_needs_the_order_version_header() {
+        let (sim, pos) = start().await;
+        let body = v2_body(&pos);
+        pos.answer(200, body.to_string());
+        refused(sim.scan(&pos.url).await, "order-version: 2");
+        let Scan::Order(order) = scan_v2(&sim, &pos, &body).await.unwrap() else {
+            panic!("expected an order");
+        };
+        assert_eq!(order.total_amount, dec("25615.80"));
+        assert_eq!(order.currency_id, "ARS", "the site's currency");
+        // A v1 body under the v2 header is read as v2: its items lack v2's fields.
+        let v1 = pos.v1_body("r", "100");
+        pos.answer_v2(v1);
+        refused(
+            sim.scan(&pos.url).await,
+            "items[0].unit_measure must be present",
+        );
+    }
+
+    #[tokio::test]
+    async fn a_v2_order_total_is_the_sum_of_its_items_totals() {
+        let (sim, pos) = start().await;
+        let mut body = v2_body(&pos);
+        body["total_amount"] = json!(25615.81);
+        refused(scan_v2(&sim, &pos, &body).await, "sum of the items");
+        body["total_amount"] = json!("25615.80");
+        refused(scan_v2(&sim, &pos, &body).await, "must be number");
+
+        // Two items add up; a litre quantity rounds to the cent.
+        let mut two = v2_body(&pos);
+        two["items"] = json!([
+            {"title": "Snack", "quantity": 1.333, "unit_measure": "kg", "unit_price": 10, "total_amount": 13.33},
+            {"title": "Water", "quantity": 2, "unit_measure": "unit", "unit_price": 1.5, "total_amount": 3}
+        ]);
+        two["total_amount"] = json!(16.33);
+        assert!(matches!(
+            scan_v2(&sim, &pos, &two).await,
+            Ok(Scan::Order(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn each_v2_item_total_is_its_quantity_times_its_price() {
+        let (sim, pos) = start().await;
+        let mut body = v2_body(&pos);
+        body["items"][0]["total_amount"] = json!(25615.79);
+        body["total_amount"] = json!(25615.79);
+        refused(scan_v2(&sim, &pos, &body).await, "quantity × unit_price");
+        let mut body = v2_body(&pos);
+        body["items"][0]["unit_price"] = json!("798.00");
+        refused(scan_v2(&sim, &pos, &body).await, "must be number");
+        let mut body = v2_body(&pos);
+        body["items"][0]["quantity"] = json!(32.1001);
+        refused(scan_v2(&sim, &pos, &body).await, "at most 3 decimals");
+        let mut body = v2_body(&pos);
+        body["items"][0]
+            .as_object_mut()
+            .unwrap()
+            .remove("unit_measure");
+        refused(scan_v2(&sim, &pos, &body).await, "unit_measure");
+    }
+
+    #[tokio::test]
+    async fn a_v2_order_needs_no_collector_nor_currency() {
+        let (sim, pos) = start().await;
+        let body = v2_body(&pos);
+        assert!(
+            body.get("collector_id").is_none() && body["items"][0].get("currency_id").is_none()
+        );
+        assert!(matches!(
+            scan_v2(&sim, &pos, &body).await,
+            Ok(Scan::Order(_))
+        ));
+        // Sent anyway, they are ignored (MP reads only the v2 fields).
+        let mut extra = body.clone();
+        extra["collector_id"] = json!(1);
+        extra["items"][0]["currency_id"] = json!("BRL");
+        assert!(matches!(
+            scan_v2(&sim, &pos, &extra).await,
+            Ok(Scan::Order(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_v2_sponsor_is_an_object_with_a_numeric_id() {
+        let (sim, pos) = start().await;
+        let mut body = v2_body(&pos);
+        body["sponsor"] = json!({"id": "334249281"});
+        refused(
+            scan_v2(&sim, &pos, &body).await,
+            "sponsor.id must be number",
+        );
+        body["sponsor"] = json!({});
+        refused(
+            scan_v2(&sim, &pos, &body).await,
+            "sponsor.id must be present",
+        );
+        body.as_object_mut().unwrap().remove("sponsor");
+        assert!(
+            matches!(scan_v2(&sim, &pos, &body).await, Ok(Scan::Order(_))),
+            "sponsor is optional"
+        );
+    }
+
+    #[tokio::test]
+    async fn v2_items_may_carry_colombian_taxes() {
+        let sim = Simulator::start(SimulatorConfig {
+            site_currency: "COP".to_owned(),
+            ..SimulatorConfig::default()
+        })
+        .await
+        .unwrap();
+        let pos = Pos::spawn().await;
+        let mut body = v2_body(&pos);
+        body["items"] = json!([{"title": "Corriente", "quantity": 10, "unit_measure": "gal",
+            "unit_price": 15000, "total_amount": 150000, "taxes": [{"type": "IVA", "value": 19}]}]);
+        body["total_amount"] = json!(150000);
+        let Scan::Order(order) = scan_v2(&sim, &pos, &body).await.unwrap() else {
+            panic!("expected an order");
+        };
+        assert!(order
+            .raw_body
+            .contains(r#""taxes":[{"type":"IVA","value":19}]"#));
+        assert_eq!(order.currency_id, "COP");
+        for taxes in [
+            json!({"type": "IVA", "value": 19}),
+            json!([{"value": 19}]),
+            json!([{"type": "IVA", "value": "19"}]),
+        ] {
+            body["items"][0]["taxes"] = taxes;
+            refused(scan_v2(&sim, &pos, &body).await, "taxes");
+        }
+        body["items"][0]["taxes"] = json!([]);
+        body["items"][0]["unit_price"] = json!(15000.5);
+        body["items"][0]["total_amount"] = json!(150005);
+        body["total_amount"] = json!(150005);
+        refused(scan_v2(&sim, &pos, &body).await, "decimals");
+    }
+
+    #[tokio::test]
+    async fn a_v2_order_needs_its_reference_and_notification_url() {
+        let (sim, pos) = start().await;
+        for (key, why) in [
+            ("external_reference", "external_reference"),
+            ("notification_url", "notification_url"),
+            ("items", "items"),
+        ] {
+            let mut body = v2_body(&pos);
+            body.as_object_mut().unwrap().remove(key);
+            refused(scan_v2(&sim, &pos, &body).await, why);
+        }
+        let mut body = v2_body(&pos);
+        body["notification_url"] = json!("/mp/notifications");
+        refused(scan_v2(&sim, &pos, &body).await, "http(s)");
+    }
+}
