@@ -18,7 +18,7 @@ use crate::config::AttendedApi;
 use crate::gateway::{now_millis, AttendedJob, Gateway};
 use crate::mercadopago::client::{MpClient, MpError};
 use crate::mercadopago::order_body::{self, OrderContext};
-use crate::orders::{Command, Outcome, PosConfig, Sale};
+use crate::orders::{Command, ExternalReference, Outcome, PosConfig, Sale};
 
 /// How long a removal is retried when Mercado Pago is down: its own expiry
 /// takes the order off later anyway.
@@ -28,6 +28,10 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const DEFAULT_ORDER_TTL_SECS: u64 = 600;
 
 pub struct Desk {
+    /// Sales whose order the desk placed again after a rejected payment:
+    /// that order may land after the customer paid, so it is taken off
+    /// once the sale is paid.
+    replaced: std::sync::Mutex<std::collections::HashSet<ExternalReference>>,
     client: MpClient,
     gateway: Arc<Gateway>,
     api: AttendedApi,
@@ -69,6 +73,7 @@ impl Desk {
         ctx: OrderContext,
     ) -> Desk {
         Desk {
+            replaced: Default::default(),
             client,
             gateway,
             api,
@@ -90,6 +95,16 @@ impl Desk {
             AttendedJob::Place(sale) => self.place(sale).await,
             AttendedJob::Remove(sale) => self.remove(&sale, None).await,
             AttendedJob::Check(sale) => self.check(sale).await,
+            AttendedJob::Paid(sale) => {
+                let replaced = self
+                    .replaced
+                    .lock()
+                    .map(|mut r| r.remove(&sale.external_reference))
+                    .unwrap_or(false);
+                if replaced {
+                    self.remove(&sale, None).await;
+                }
+            }
         }
     }
 
@@ -302,6 +317,9 @@ impl Desk {
                 self.remove(&sale, order.as_deref()).await;
             }
             Ok(_) => {
+                if let Ok(mut r) = self.replaced.lock() {
+                    r.insert(sale.external_reference.clone());
+                }
                 tracing::info!(pos = %sale.pos, external_reference = %sale.external_reference,
                 at = now_millis(), "attended order placed again")
             }

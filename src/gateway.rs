@@ -61,6 +61,9 @@ pub enum AttendedJob {
     Remove(Sale),
     /// A payment was rejected: make sure the order is still on the POS.
     Check(Sale),
+    /// The sale was paid: an order the desk placed again may have raced
+    /// the payment and must not stay on the POS.
+    Paid(Sale),
 }
 
 /// What became of a merchant order.
@@ -239,6 +242,7 @@ impl Gateway {
             SaleEvent::Cancelled | SaleEvent::Expired if !sale.lines.is_empty() => {
                 AttendedJob::Remove(sale.clone())
             }
+            SaleEvent::Paid { .. } => AttendedJob::Paid(sale.clone()),
             _ => return,
         };
         let _ = desk.send(job);
@@ -554,6 +558,9 @@ impl Gateway {
         };
         // Money for a sale that is no longer payable tells the device nothing.
         let publish = matches!(settlement, Settlement::Paid { .. });
+        if publish {
+            self.follow_up(locked.cfg, &changed, &event);
+        }
         locked.show(self, changed, publish);
         Ok(settlement)
     }

@@ -331,8 +331,13 @@ struct OrdersApiOrder<'a> {
 /// The order for `POST /v1/orders` (type `qr`, static mode): amounts are
 /// decimal strings there. `ttl_secs` is how long it stays payable.
 pub fn orders_api(sale: &Sale, mp_external_id: &str, ttl_secs: u64) -> Vec<u8> {
-    let currency = sale.currency;
-    let text = |d: Decimal| Amount::new(d, currency).json_number().get().to_owned();
+    // The Orders API writes every amount as a string with two decimals,
+    // whole currencies included.
+    let text = |d: Decimal| {
+        let mut d = d;
+        d.rescale(2);
+        d.to_string()
+    };
     let total = text(sale.lines.iter().map(|l| l.total).sum());
     let body = OrdersApiOrder {
         kind: "qr",
@@ -355,9 +360,14 @@ pub fn orders_api(sale: &Sale, mp_external_id: &str, ttl_secs: u64) -> Vec<u8> {
             .enumerate()
             .map(|(n, l)| {
                 let w = whole_line(l, sale);
+                let unit_price = if l.quantity.fract().is_zero() {
+                    l.unit_price
+                } else {
+                    l.total
+                };
                 OrdersApiItem {
                     title: w.title,
-                    unit_price: w.unit_price.get().to_owned(),
+                    unit_price: text(unit_price),
                     quantity: w.quantity,
                     unit_measure: if l.quantity.fract().is_zero() {
                         l.unit_measure.as_deref().unwrap_or("unit")

@@ -8,7 +8,7 @@
 
 use qrgate::config::{AttendedApi, Config};
 use qrgate::mercadopago::simulator::{NotifyMode, PaymentOutcome, Scan, ScannedOrder};
-use qrgate::orders::{PollProtocol, PosMode};
+use qrgate::orders::{MpId, PollProtocol, PosMode};
 use qrgate_devices::Device;
 
 use crate::helpers::*;
@@ -19,6 +19,9 @@ enum Dialect {
     V2,
     Instore,
     Legacy,
+    /// MP's Orders API: its orders, payments and notifications, no merchant
+    /// orders.
+    Orders,
 }
 
 const POS: &str = "vending-1";
@@ -30,18 +33,57 @@ fn configure(c: &mut Config, d: Dialect) {
     match d {
         Dialect::V1 => {}
         Dialect::V2 => p.mode = PosMode::Unattended(PollProtocol::V2),
-        Dialect::Instore | Dialect::Legacy => {
+        Dialect::Instore | Dialect::Legacy | Dialect::Orders => {
             p.mode = PosMode::Attended;
             p.store = Some(STORE.into());
         }
     }
-    if d == Dialect::Legacy {
-        c.mercadopago.attended_api = AttendedApi::Legacy;
+    match d {
+        Dialect::Legacy => c.mercadopago.attended_api = AttendedApi::Legacy,
+        Dialect::Orders => c.mercadopago.attended_api = AttendedApi::Orders,
+        _ => {}
     }
 }
 
 fn attended(d: Dialect) -> bool {
-    matches!(d, Dialect::Instore | Dialect::Legacy)
+    matches!(d, Dialect::Instore | Dialect::Legacy | Dialect::Orders)
+}
+
+/// The customer pays what the scan showed them.
+async fn pay(app: &TestApp, d: Dialect, order: &ScannedOrder, outcome: PaymentOutcome) -> String {
+    if d == Dialect::Orders {
+        let id = order.order_id.as_deref().expect("an Orders API order");
+        app.mp.pay_order(id, outcome).await.unwrap()
+    } else {
+        app.mp
+            .pay(order.merchant_order_id, outcome)
+            .await
+            .unwrap()
+            .to_string()
+    }
+}
+
+/// qrgate fetched and stored what was paid (merchant order or order).
+async fn wait_seen(app: &TestApp, d: Dialect, order: &ScannedOrder) {
+    let id = match (d, &order.order_id) {
+        (Dialect::Orders, Some(id)) => MpId::Text(id.clone()),
+        _ => MpId::Num(order.merchant_order_id),
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while app
+        .app_gateway
+        .store()
+        .merchant_order(&id)
+        .await
+        .unwrap()
+        .is_none()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{d:?}: {id} never fetched"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 /// One scan as the customer's app makes it in this dialect.
@@ -99,6 +141,9 @@ async fn wait_until_waits(app: &TestApp, d: Dialect) {
 async fn checklist(d: Dialect) {
     let app = TestApp::spawn_with(|c| configure(c, d)).await;
     app.mp.set_notify_mode(NotifyMode::Both);
+    // The Orders API notifies the application's webhook, not the order's.
+    app.mp
+        .set_orders_webhook_url(format!("{}/mp/notifications", app.base));
     let device: Device = app.device(POS).await;
 
     // 1. Scan before the sale exists: the app waits.
@@ -133,17 +178,16 @@ async fn checklist(d: Dialect) {
         pending.external_reference,
         "{d:?}"
     );
-    assert_eq!(
-        order.notification_url,
-        format!("{}/mp/notifications", app.base)
-    );
+    if d != Dialect::Orders {
+        assert_eq!(
+            order.notification_url,
+            format!("{}/mp/notifications", app.base)
+        );
+    }
 
     // 4. A rejected payment: nothing closes, the sale stays payable.
-    app.mp
-        .pay(order.merchant_order_id, PaymentOutcome::Rejected)
-        .await
-        .unwrap();
-    app.wait_merchant_order_seen(order.merchant_order_id).await;
+    pay(&app, d, &order, PaymentOutcome::Rejected).await;
+    wait_seen(&app, d, &order).await;
     let reference = order.external_reference.clone();
     assert!(
         !app.timeline(&reference).await.iter().any(|e| e == "paid"),
@@ -153,15 +197,22 @@ async fn checklist(d: Dialect) {
     // 5. A second attempt succeeds on the same sale.
     let retry = scan_order(&app, d).await;
     assert_eq!(retry.external_reference, reference, "{d:?}");
-    assert_ne!(retry.merchant_order_id, order.merchant_order_id);
+    if d == Dialect::Orders {
+        // The same order, still `created`, takes the second attempt.
+        assert_eq!(retry.order_id, order.order_id);
+    } else {
+        assert_ne!(retry.merchant_order_id, order.merchant_order_id);
+    }
     // 3. Approved: the sale closes and the device is told.
-    let payment = app
-        .mp
-        .pay(retry.merchant_order_id, PaymentOutcome::Approved)
-        .await
-        .unwrap();
+    let payment = pay(&app, d, &retry, PaymentOutcome::Approved).await;
     let paid = state_of(&device, "1", "paid").await;
-    assert_eq!(paid.payment_id, Some(payment), "{d:?}");
+    assert_eq!(paid.payment.as_deref(), Some(payment.as_str()), "{d:?}");
+    if d == Dialect::Orders {
+        assert_eq!(paid.order_id, retry.order_id, "{d:?}");
+        assert_eq!(paid.merchant_order, None);
+    } else {
+        assert_eq!(paid.merchant_order, Some(retry.merchant_order_id));
+    }
     assert_eq!(paid.amount.as_deref(), Some("3801.00"));
     device.delivered("1", true, None).await.unwrap();
     app.wait_event(&reference, "delivered").await;
@@ -208,4 +259,14 @@ async fn go_live_checklist_v2() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn go_live_checklist_attended_instore() {
     checklist(Dialect::Instore).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn go_live_checklist_attended_legacy() {
+    checklist(Dialect::Legacy).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn go_live_checklist_attended_orders_api() {
+    checklist(Dialect::Orders).await;
 }
