@@ -11,16 +11,48 @@
 //!   `PUT`/`DELETE .../pos/{pos}/orders`, with bodies shaped like captured real ones (noise fields,
 //!   `null`s, `order.id` as a string in payments, amounts as exact JSON numbers).
 //!
-//! Test levers ([`Simulator::fail_next`], [`Simulator::set_latency`], [`Simulator::insert_merchant_order`],
-//! [`NotifyMode`]) break it on purpose: outages, 429s, slow answers, lost, duplicated and forged
-//! notifications, foreign merchant orders.
+//! Stores and POS registration (`registry`): `GET /users/{collector}/stores/search?external_id=`,
+//! `POST /users/{collector}/stores` (201), `PUT /users/{collector}/stores/{id}` (200), `GET /stores/{id}`,
+//! `GET /pos?external_id=&external_store_id=&store_id=&category=&offset=&limit=`, `POST /pos` (201),
+//! `GET /pos/{id}`, `PUT /pos/{id}` (200), `DELETE /pos/{id}` (204). Searches answer
+//! `{"paging":{"total","offset","limit"},"results":[…]}` (limit 50 by default). Errors carry MP's codes
+//! from its API reference in `error`: `FIXED_AMOUNT_FALSE`, `INVALID_EXTERNAL_ID`, `EXTERNAL_ID_TOO_LONG`
+//! (40 or more), `INVALID_URL`, `URL_TOO_LONG` (300 or more: MP says "less than 300"), `UNKNOWN_MCC`
+//! (`POS_UNKNOWN_MCC` on PUT), `INVALID_CATEGORY` (not a number), `INEXISTENT_EXTERNAL_STORE_ID`,
+//! `EXTERNAL_STORE_ID_NOT_MATCH`, `NAME_TOO_LONG` (45 or more), `UNKNOWN_FIELD_EXCEPTION` (a field
+//! MP does not know), `MISSING_BODY`; a url whose host is not enabled is 403 `forbidden`; an
+//! `external_id` already used by another POS is 409 `pos_already_exists`. Stores: `UNKNOWN_FIELD`,
+//! `INVALID_NAME`, `INVALID_LOCATION`, `INVALID_STREET_NAME`/`_NUMBER`, `INVALID_CITY_NAME`,
+//! `INVALID_STATE_NAME` (strings, required), `INVALID_LATITUDE`/`LONGITUDE` (numbers, required),
+//! `EXTERNAL_ID_TOO_LONG` (over 60) and 400 `External_id-already-used`. A collector in the path that is
+//! not the token's is 403 `forbidden`.
 //!
-//! Not simulated: OAuth and `client-id`; `x-signature` on webhooks; POS and store registration
-//! (`POST /pos`, stores) and the legacy `mpmobile` API; MP's own retries of failed notifications (a
-//! failed delivery is recorded, and a test re-sends with `notify_*`); notifications after refunds;
-//! merchant order expiry (`expired`), chargebacks, `pending` payment flows beyond
-//! [`PaymentOutcome::InProcess`]; taxes, `marketplace_fee` and `loyalty`; MP's poll cadence (each
-//! [`Simulator::scan`] is one poll, the test decides how many).
+//! Test levers ([`Simulator::fail_next`], [`Simulator::set_latency`], [`Simulator::insert_merchant_order`],
+//! [`NotifyMode`], [`Simulator::set_allowed_url_hosts`], [`Simulator::set_known_categories`],
+//! [`Simulator::set_pos_field`]) break it on purpose: outages, 429s, slow answers, lost, duplicated and
+//! forged notifications, foreign merchant orders, hosts MP has not enabled, drift at MP.
+//!
+//! Choices where MP documents nothing (each one the simulator's own):
+//! - Store and POS ids are JSON numbers; a POS's `store_id` is the store's number. MP's reference calls
+//!   some of them strings: a client should accept both.
+//! - A store needs `name` and a `location` with the four text fields and both coordinates; `reference`,
+//!   `zip_code` and `business_hours` are optional and echoed. A PUT merges: the fields given replace,
+//!   location fields one by one; `address_line` is "street_name street_number, city_name, state_name".
+//! - A POS needs `name`, `external_id` and a store (`external_store_id` or `store_id`); `category` is
+//!   optional (served as `null`). The known categories are the site's gas-station MCC
+//!   ([`GAS_STATION_MCC`], the site taken from `site_currency`) and [`GENERIC_MCC_CATEGORIES`]. A
+//!   missing store is 400 `INEXISTENT_EXTERNAL_STORE_ID`, as MP's reference says (not 404).
+//! - A POS PUT may change any field of the POST, `url: null` removes the url; only the fields it sends
+//!   are checked against the category list and the enabled hosts, so earlier drift does not fail it.
+//! - POS checks run in this order: unknown fields, each field's type and shape, name, external_id,
+//!   store, `FIXED_AMOUNT_FALSE`, category, host (403), uniqueness (409).
+//!
+//! Not simulated: OAuth and `client-id`; `x-signature` on webhooks; the legacy `mpmobile` API; MP's
+//! own retries of failed notifications (a failed delivery is recorded, and a test re-sends with
+//! `notify_*`); notifications after refunds; merchant order expiry (`expired`), chargebacks, `pending`
+//! payment flows beyond [`PaymentOutcome::InProcess`]; taxes, `marketplace_fee` and `loyalty`; MP's
+//! poll cadence (each [`Simulator::scan`] is one poll, the test decides how many); store deletion and
+//! business-hours validation.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::str::FromStr;
@@ -35,6 +67,10 @@ use rand::Rng;
 use rust_decimal::{Decimal, RoundingStrategy};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+
+mod registry;
+
+pub use registry::{gas_station_mcc, GAS_STATION_MCC, GENERIC_MCC_CATEGORIES};
 
 // Distinct ranges, so that a merchant order id used as a payment id (or the reverse) finds nothing.
 const FIRST_MERCHANT_ORDER_ID: u64 = 30_000_000_001;
@@ -166,6 +202,12 @@ pub enum SimError {
     UnknownPayment(u64),
     #[error("unexpected answer: HTTP {status}: {body}")]
     BadAnswer { status: u16, body: String },
+    #[error("no POS with external_id {0}")]
+    UnknownPos(String),
+    #[error("POS {0} has no url registered")]
+    PosWithoutUrl(String),
+    #[error("no store with external_id {0}")]
+    UnknownStore(String),
 }
 
 /// A running simulator; clones share it. Dropping the last clone stops its HTTP server.
@@ -634,6 +676,7 @@ struct State {
     latencies: Vec<(String, Duration)>,
     notify_mode: NotifyMode,
     notify_on_open: bool,
+    registry: registry::Registry,
 }
 
 enum Stored {
@@ -751,6 +794,7 @@ impl State {
             latencies: Vec::new(),
             notify_mode: NotifyMode::default(),
             notify_on_open: false,
+            registry: registry::Registry::new(),
         }
     }
 
@@ -1193,7 +1237,11 @@ fn answer(shared: &Shared, req: &HttpRequest, path: &str, body: &[u8]) -> HttpRe
         return mp_error(401, "invalid access token", "unauthorized");
     }
     let segments: Vec<&str> = req.path().trim_start_matches('/').split('/').collect();
-    match (req.method().as_str(), segments.as_slice()) {
+    let method = req.method().as_str();
+    if let Some(response) = registry::route(shared, method, &segments, req.query_string(), body) {
+        return response;
+    }
+    match (method, segments.as_slice()) {
         ("GET", ["merchant_orders", "search"]) => search(shared, req.query_string()),
         ("GET", ["merchant_orders", id]) => {
             let state = shared.lock();
@@ -1443,6 +1491,28 @@ fn injected_failure(status: u16) -> HttpResponse {
         );
     }
     response
+}
+
+/// An MP error answer before it is rendered: its status, `message` and `error` together.
+#[derive(Debug)]
+struct MpError {
+    status: u16,
+    message: String,
+    error: String,
+}
+
+impl MpError {
+    fn new(status: u16, message: &str, error: &str) -> MpError {
+        MpError {
+            status,
+            message: message.to_owned(),
+            error: error.to_owned(),
+        }
+    }
+
+    fn response(&self) -> HttpResponse {
+        mp_error(self.status, &self.message, &self.error)
+    }
 }
 
 fn mp_error(status: u16, message: &str, error: &str) -> HttpResponse {
@@ -2136,9 +2206,9 @@ struct RefundSourceJson<'a> {
 mod tests {
     use super::*;
 
-    const REFERENCE: &str = "st01-p03-20261123-000042";
+    pub(super) const REFERENCE: &str = "st01-p03-20261123-000042";
 
-    fn dec(text: &str) -> Decimal {
+    pub(super) fn dec(text: &str) -> Decimal {
         Decimal::from_str(text).unwrap()
     }
 
@@ -2156,15 +2226,15 @@ mod tests {
     }
 
     /// A POS URL and a notification endpoint, as qrgate would serve them.
-    struct Pos {
-        url: String,
-        notify_url: String,
+    pub(super) struct Pos {
+        pub(super) url: String,
+        pub(super) notify_url: String,
         answer: Arc<Mutex<PosAnswer>>,
         received: Arc<Mutex<Vec<Received>>>,
     }
 
     impl Pos {
-        async fn spawn() -> Pos {
+        pub(super) async fn spawn() -> Pos {
             let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             let base = format!("http://127.0.0.1:{}", listener.local_addr().unwrap().port());
             let answer = Arc::new(Mutex::new(PosAnswer {
@@ -2199,7 +2269,7 @@ mod tests {
             }
         }
 
-        fn answer(&self, status: u16, body: String) {
+        pub(super) fn answer(&self, status: u16, body: String) {
             *self.answer.lock().unwrap() = PosAnswer {
                 status,
                 order_version: false,
@@ -2208,16 +2278,16 @@ mod tests {
             };
         }
 
-        fn answer_v2(&self, body: String) {
+        pub(super) fn answer_v2(&self, body: String) {
             self.answer(200, body);
             self.answer.lock().unwrap().order_version = true;
         }
 
-        fn order(&self, unit_price: &str) {
+        pub(super) fn order(&self, unit_price: &str) {
             self.answer(200, self.v1_body(REFERENCE, unit_price));
         }
 
-        fn v1_body(&self, reference: &str, unit_price: &str) -> String {
+        pub(super) fn v1_body(&self, reference: &str, unit_price: &str) -> String {
             format!(
                 r#"{{"collector_id":178106235,"sponsor_id":334249281,
                 "items":[{{"title":"Super 95 — 32.10 L","description":"Pump 3","currency_id":"ARS",
@@ -2227,7 +2297,7 @@ mod tests {
             )
         }
 
-        fn received(&self) -> Vec<(String, String)> {
+        pub(super) fn received(&self) -> Vec<(String, String)> {
             let received = self.received.lock().unwrap();
             received
                 .iter()
@@ -2258,12 +2328,12 @@ mod tests {
         HttpResponse::Ok().finish()
     }
 
-    async fn start() -> (Simulator, Pos) {
+    pub(super) async fn start() -> (Simulator, Pos) {
         let sim = Simulator::start(SimulatorConfig::default()).await.unwrap();
         (sim, Pos::spawn().await)
     }
 
-    async fn call(
+    pub(super) async fn call(
         sim: &Simulator,
         method: reqwest::Method,
         path: &str,
@@ -2286,7 +2356,29 @@ mod tests {
         (status, headers, response.text().await.unwrap())
     }
 
-    async fn get(sim: &Simulator, path: &str) -> (u16, String) {
+    /// An authorized call with a JSON body; the answer parsed (`Null` when empty or not JSON).
+    pub(super) async fn send(
+        sim: &Simulator,
+        method: reqwest::Method,
+        path: &str,
+        body: &str,
+    ) -> (u16, serde_json::Value) {
+        let (status, _, text) = call(
+            sim,
+            method,
+            path,
+            Some("TEST-sim-token"),
+            &[("content-type", "application/json")],
+            body,
+        )
+        .await;
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    pub(super) async fn get(sim: &Simulator, path: &str) -> (u16, String) {
         let (status, _, body) = call(
             sim,
             reqwest::Method::GET,
@@ -2315,14 +2407,14 @@ mod tests {
         (status, body)
     }
 
-    async fn scanned(sim: &Simulator, pos: &Pos) -> ScannedOrder {
+    pub(super) async fn scanned(sim: &Simulator, pos: &Pos) -> ScannedOrder {
         match sim.scan(&pos.url).await.unwrap() {
             Scan::Order(order) => order,
             other => panic!("expected an order, got {other:?}"),
         }
     }
 
-    fn json(text: &str) -> serde_json::Value {
+    pub(super) fn json(text: &str) -> serde_json::Value {
         serde_json::from_str(text).unwrap()
     }
 
