@@ -384,6 +384,7 @@ pub struct PosOutcome {
     pub mp_id: Option<u64>,
     /// The configured url, masked.
     pub url: Option<String>,
+    pub attended: bool,
     pub qr: Option<QrLinks>,
     pub action: Action,
     /// MP had it although its create said otherwise (409).
@@ -491,19 +492,47 @@ impl Report {
             out.push_str(&table(&rows));
         }
         out.push_str(&self.error_lines());
-        let failures = self.failures();
-        let _ = writeln!(
-            out,
-            "\n{} POS, {} store(s): {}",
-            self.pos.len(),
-            self.stores.len(),
-            if failures == 0 {
-                "all done".to_owned()
-            } else {
-                format!("{failures} failed")
-            }
-        );
+        let _ = writeln!(out, "\n{}", self.summary());
         out
+    }
+
+    /// One line: how many of each action, stores and POS together.
+    fn summary(&self) -> String {
+        let actions = self
+            .stores
+            .iter()
+            .map(|s| &s.action)
+            .chain(self.pos.iter().map(|p| &p.action));
+        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+        for a in actions {
+            let key = match a {
+                Action::Created => "created",
+                Action::Updated(_) => "updated",
+                Action::Unchanged | Action::Found => "unchanged",
+                Action::WouldCreate => "to create",
+                Action::WouldUpdate(_) => "to update",
+                Action::Failed(_) => "failed",
+            };
+            *counts.entry(key).or_default() += 1;
+        }
+        let order = [
+            "created",
+            "updated",
+            "to create",
+            "to update",
+            "unchanged",
+            "failed",
+        ];
+        let parts: Vec<String> = order
+            .iter()
+            .filter_map(|k| counts.get(k).map(|n| format!("{n} {k}")))
+            .collect();
+        format!(
+            "{} store(s), {} POS: {}",
+            self.stores.len(),
+            self.pos.len(),
+            parts.join(", ")
+        )
     }
 
     /// `qrgate pos list`'s output: each configured POS beside MP's.
@@ -575,7 +604,12 @@ impl Report {
         }
         for p in &self.pos {
             if let Action::Failed(why) = &p.action {
-                let _ = writeln!(out, "  POS {}: {why}", p.pos);
+                // Messages about the configuration name the POS already.
+                if why.starts_with(&format!("POS {} ", p.pos)) {
+                    let _ = writeln!(out, "  {why}");
+                } else {
+                    let _ = writeln!(out, "  POS {}: {why}", p.pos);
+                }
             }
         }
         if out.is_empty() {
@@ -591,9 +625,11 @@ fn id_text(id: Option<u64>) -> String {
 }
 
 fn url_text(p: &PosOutcome) -> String {
-    p.url
-        .clone()
-        .unwrap_or_else(|| "(none: attended)".to_owned())
+    match (&p.url, p.attended) {
+        (Some(url), _) => url.clone(),
+        (None, true) => "(none: attended)".to_owned(),
+        (None, false) => "-".to_owned(),
+    }
 }
 
 fn with_note(label: String, note: Option<&str>) -> String {
@@ -836,6 +872,7 @@ pub async fn reconcile(config: &Config, api: &PosApi, dry_run: bool) -> Report {
             store: p.store.clone(),
             mp_id: None,
             url: None,
+            attended: p.mode == PosMode::Attended,
             qr: None,
             action: Action::Failed(why),
             note: None,
@@ -881,6 +918,7 @@ pub async fn reconcile(config: &Config, api: &PosApi, dry_run: bool) -> Report {
                 store: p.store.clone(),
                 mp_id: None,
                 url: None,
+                attended: p.mode == PosMode::Attended,
                 qr: None,
                 action: Action::Failed("internal error: the registration task stopped".into()),
                 note: None,
@@ -976,6 +1014,7 @@ async fn ensure_pos(api: &PosApi, t: PosTarget, dry_run: bool, collector: u64) -
         store: Some(t.store.clone()),
         mp_id: None,
         url: t.url.as_deref().map(mask_url),
+        attended: t.url.is_none(),
         qr: None,
         action: Action::Unchanged,
         note: None,
