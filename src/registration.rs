@@ -671,11 +671,31 @@ fn table(rows: &[Vec<String>]) -> String {
     out
 }
 
-/// Replaces each secret (the access token, every poll key) in `text` by `***`:
-/// MP's error messages may echo a url back.
+/// Secrets shorter than this are not searched for in the output (a one-letter
+/// test token would blank every such letter); `key=` values are masked
+/// whatever their length.
+const MIN_REDACTED: usize = 6;
+
+/// Masks every `key=` value in `text`, then replaces each secret (the access
+/// token, every poll key) by `***`: MP's error messages may echo a url back.
 pub fn redact(text: &str, secrets: &[String]) -> String {
-    let mut out = text.to_owned();
-    for s in secrets.iter().filter(|s| !s.is_empty()) {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("key=") {
+        let value = &rest[i + 4..];
+        let end = value
+            .find(|c: char| c.is_whitespace() || matches!(c, '&' | '"' | '\'' | ')' | ']' | ','))
+            .unwrap_or(value.len());
+        out.push_str(&rest[..i + 4]);
+        if end > 0 && !value.starts_with("***") {
+            out.push_str("***");
+        } else {
+            out.push_str(&value[..end]);
+        }
+        rest = &value[end..];
+    }
+    out.push_str(rest);
+    for s in secrets.iter().filter(|s| s.len() >= MIN_REDACTED) {
         out = out.replace(s.as_str(), "***");
         let encoded = percent_encode(s);
         if encoded != *s {
@@ -1245,8 +1265,15 @@ mod tests {
             "https://x/y?a=1&key=***&b=2"
         );
         assert_eq!(
-            redact("echo https://x?key=a%20b%26c and a b&c", &["a b&c".into()]),
+            redact(
+                "echo https://x?key=a%20b%26c and a b&cdef",
+                &["a b&cdef".into()]
+            ),
             "echo https://x?key=*** and ***"
+        );
+        assert_eq!(
+            redact("url \"https://x/p?a=1&key=k&b=2\" key=*** x", &["x".into()]),
+            "url \"https://x/p?a=1&key=***&b=2\" key=*** x"
         );
     }
 

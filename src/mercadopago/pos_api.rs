@@ -231,9 +231,17 @@ impl PosApi {
             if e.is_timeout() {
                 PosApiError::Timeout
             } else {
-                // Without the URL: a query may carry an external id, never a secret,
-                // but the rule stays simple.
-                PosApiError::Transport(e.without_url().to_string())
+                // Without the URL (the rule everywhere), with the causes
+                // ("connection refused" is in them).
+                let e = e.without_url();
+                let mut text = e.to_string();
+                let mut source = std::error::Error::source(&e);
+                while let Some(s) = source {
+                    text.push_str(": ");
+                    text.push_str(&s.to_string());
+                    source = s.source();
+                }
+                PosApiError::Transport(text)
             }
         };
         let resp = builder.send().await.map_err(transport)?;
