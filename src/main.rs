@@ -109,6 +109,15 @@ async fn pos(path: Option<PathBuf>, command: PosCmd) -> ExitCode {
             return error;
         }
     };
+    // Warnings (retried calls) go to stderr, apart from the table.
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_target(false)
+        .try_init();
     let secrets = registration::secrets(&config);
     let say = |text: &str| print!("{}", registration::redact(text, &secrets));
     let api = match PosApi::new(&config.mercadopago) {

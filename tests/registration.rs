@@ -237,6 +237,9 @@ async fn drift_at_mercado_pago_is_listed_then_put_back() {
     st.sim
         .set_store_field("st01", "name", json!("Otro nombre"))
         .unwrap();
+    st.sim
+        .set_pos_field("pump2", "fixed_amount", json!(false))
+        .unwrap();
 
     let list = st.run(&["pos", "list"]).await;
     assert_eq!(list.code, 1, "{list:#?}");
@@ -248,6 +251,12 @@ async fn drift_at_mercado_pago_is_listed_then_put_back() {
         list.out
     );
     assert!(list.out.contains("POS shop-1 name"), "{}", list.out);
+    assert!(
+        list.out
+            .contains("POS pump-2 fixed_amount: Mercado Pago has false"),
+        "{}",
+        list.out
+    );
     assert!(list.out.contains("store st01 name"), "{}", list.out);
 
     let dry = st.run(&["pos", "register", "--dry-run"]).await;
@@ -258,7 +267,8 @@ async fn drift_at_mercado_pago_is_listed_then_put_back() {
     let run = st.run(&["pos", "register"]).await;
     assert_eq!(run.code, 0, "{run:#?}");
     let puts: Vec<&str> = run.writes().iter().map(|c| c.method.as_str()).collect();
-    assert_eq!(puts, ["PUT", "PUT", "PUT"], "{:#?}", run.calls);
+    assert_eq!(puts, ["PUT", "PUT", "PUT", "PUT"], "{:#?}", run.calls);
+    assert_eq!(st.pos("pump2")["fixed_amount"], true);
     assert_eq!(
         st.pos("pump1")["url"],
         format!("https://station.example.com/mp/pos/pump-1?key={POLL_KEY}")
@@ -467,7 +477,11 @@ async fn two_pos_with_the_same_mp_external_id_stop_the_command_naming_both() {
          [[pos]]\nid = \"pump_1\"\nkind = \"fuel\"\nstore = \"st01\"\n"
     ))
     .await;
-    for args in [&["pos", "register"][..], &["pos", "list"][..]] {
+    for args in [
+        &["pos", "register"][..],
+        &["pos", "list"][..],
+        &["serve"][..],
+    ] {
         let run = st.run(args).await;
         assert_ne!(run.code, 0, "{run:#?}");
         assert!(
