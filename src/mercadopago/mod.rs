@@ -3,5 +3,6 @@
 
 pub mod client;
 pub mod order_body;
+pub mod pos_api;
 pub mod simulator;
 pub mod wire;

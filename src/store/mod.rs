@@ -102,4 +102,32 @@ pub trait Store: Send + Sync + 'static {
 
     /// A real write, for readiness.
     async fn check_writable(&self) -> Result<(), StoreError>;
+
+    // ---- POS registration at Mercado Pago (`qrgate pos register`) ----
+
+    /// Keeps what Mercado Pago answered for one POS, replacing the POS's
+    /// previous record.
+    async fn record_registration(&self, r: RegistrationRecord) -> Result<(), StoreError>;
+
+    /// Every POS's latest registration, by POS id.
+    async fn registrations(&self) -> Result<Vec<RegistrationRecord>, StoreError>;
+}
+
+/// What `qrgate pos register` last did for one POS and what Mercado Pago
+/// answered, for the console. The url is kept with its poll key masked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegistrationRecord {
+    pub pos: String,
+    pub mp_external_id: String,
+    /// The store's external id.
+    pub store: String,
+    pub mp_pos_id: u64,
+    pub url: Option<String>,
+    pub qr_image: Option<String>,
+    pub qr_template_document: Option<String>,
+    pub qr_template_image: Option<String>,
+    /// `created`, `updated` or `unchanged`.
+    pub action: String,
+    /// Unix millis.
+    pub at: i64,
 }

@@ -13,7 +13,9 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::oneshot;
 
-use super::{MerchantOrderRecord, RejectionRecord, Store, StoreError, TimelineEntry};
+use super::{
+    MerchantOrderRecord, RegistrationRecord, RejectionRecord, Store, StoreError, TimelineEntry,
+};
 use crate::orders::{ExternalReference, MpId, Sale, SaleEvent};
 
 const SCHEMA: &str = r#"
@@ -86,6 +88,19 @@ CREATE TABLE IF NOT EXISTS device_rejections (
 );
 CREATE INDEX IF NOT EXISTS device_rejections_by_pos ON device_rejections (pos, seq);
 CREATE TABLE IF NOT EXISTS health (id INTEGER PRIMARY KEY CHECK (id = 1), at INTEGER NOT NULL);
+-- POS registration at Mercado Pago (`qrgate pos register`): one row per POS.
+CREATE TABLE IF NOT EXISTS mp_registrations (
+    pos                  TEXT PRIMARY KEY,
+    mp_external_id       TEXT NOT NULL,
+    store                TEXT NOT NULL,
+    mp_pos_id            INTEGER NOT NULL,
+    url                  TEXT,
+    qr_image             TEXT,
+    qr_template_document TEXT,
+    qr_template_image    TEXT,
+    action               TEXT NOT NULL,
+    at                   INTEGER NOT NULL
+);
 "#;
 
 enum Op {
@@ -136,6 +151,14 @@ enum Op {
     Timeline {
         reference: String,
         reply: oneshot::Sender<Result<Vec<TimelineEntry>, StoreError>>,
+    },
+    // ---- POS registration ----
+    Registration {
+        r: Box<RegistrationRecord>,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    Registrations {
+        reply: oneshot::Sender<Result<Vec<RegistrationRecord>, StoreError>>,
     },
 }
 
@@ -652,6 +675,17 @@ fn run_batch(conn: &Connection, batch: Vec<Op>) {
                 })();
                 let _ = reply.send(r);
             }
+            // ---- POS registration ----
+            Op::Registration { r, reply } => {
+                let res = began
+                    .as_ref()
+                    .map_err(|e| StoreError::Database(e.to_string()))
+                    .and_then(|_| in_savepoint(conn, |c| write_registration(c, &r)));
+                pending.push((Box::new(move |r| drop(reply.send(r))), res));
+            }
+            Op::Registrations { reply } => {
+                let _ = reply.send(read_registrations(conn));
+            }
         }
     }
     let committed = match began {
@@ -779,6 +813,73 @@ impl Store for SqliteStore {
     async fn check_writable(&self) -> Result<(), StoreError> {
         self.call(|reply| Op::Health { reply }).await
     }
+
+    // ---- POS registration ----
+
+    async fn record_registration(&self, r: RegistrationRecord) -> Result<(), StoreError> {
+        let r = Box::new(r);
+        self.call(|reply| Op::Registration { r, reply }).await
+    }
+
+    async fn registrations(&self) -> Result<Vec<RegistrationRecord>, StoreError> {
+        self.call(|reply| Op::Registrations { reply }).await
+    }
+}
+
+// ---- POS registration -------------------------------------------------------
+
+fn write_registration(conn: &Connection, r: &RegistrationRecord) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT INTO mp_registrations (pos, mp_external_id, store, mp_pos_id, url, qr_image,
+           qr_template_document, qr_template_image, action, at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+         ON CONFLICT (pos) DO UPDATE SET mp_external_id = excluded.mp_external_id,
+           store = excluded.store, mp_pos_id = excluded.mp_pos_id, url = excluded.url,
+           qr_image = excluded.qr_image, qr_template_document = excluded.qr_template_document,
+           qr_template_image = excluded.qr_template_image, action = excluded.action,
+           at = excluded.at",
+        params![
+            r.pos,
+            r.mp_external_id,
+            r.store,
+            r.mp_pos_id as i64,
+            r.url,
+            r.qr_image,
+            r.qr_template_document,
+            r.qr_template_image,
+            r.action,
+            r.at
+        ],
+    )
+    .map(|_| ())
+    .map_err(db)
+}
+
+fn read_registrations(conn: &Connection) -> Result<Vec<RegistrationRecord>, StoreError> {
+    let mut st = conn
+        .prepare_cached(
+            "SELECT pos, mp_external_id, store, mp_pos_id, url, qr_image, qr_template_document,
+                    qr_template_image, action, at
+             FROM mp_registrations ORDER BY pos",
+        )
+        .map_err(db)?;
+    let rows = st
+        .query_map([], |r| {
+            Ok(RegistrationRecord {
+                pos: r.get(0)?,
+                mp_external_id: r.get(1)?,
+                store: r.get(2)?,
+                mp_pos_id: r.get::<_, i64>(3)? as u64,
+                url: r.get(4)?,
+                qr_image: r.get(5)?,
+                qr_template_document: r.get(6)?,
+                qr_template_image: r.get(7)?,
+                action: r.get(8)?,
+                at: r.get(9)?,
+            })
+        })
+        .map_err(db)?;
+    rows.collect::<Result<Vec<_>, _>>().map_err(db)
 }
 
 #[cfg(test)]
@@ -867,5 +968,33 @@ mod tests {
             .collect();
         assert_eq!(events, ["accepted", "paid"]);
         store.check_writable().await.unwrap();
+    }
+
+    // ---- POS registration ----
+
+    #[tokio::test]
+    async fn a_pos_registration_replaces_the_previous_one_and_survives_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.db");
+        let store = SqliteStore::open(&path, true).unwrap();
+        let mut r = RegistrationRecord {
+            pos: "pump-1".into(),
+            mp_external_id: "pump1".into(),
+            store: "st01".into(),
+            mp_pos_id: 3_000_001,
+            url: Some("https://s.example/mp/pos/pump-1?key=***".into()),
+            qr_image: Some("https://qr/1.png".into()),
+            qr_template_document: None,
+            qr_template_image: None,
+            action: "created".into(),
+            at: 1,
+        };
+        store.record_registration(r.clone()).await.unwrap();
+        r.action = "unchanged".into();
+        r.at = 2;
+        store.record_registration(r.clone()).await.unwrap();
+        drop(store);
+        let store = SqliteStore::open(&path, true).unwrap();
+        assert_eq!(store.registrations().await.unwrap(), vec![r]);
     }
 }
