@@ -21,11 +21,13 @@ use rust_decimal::Decimal;
 fn pos_list(n: usize) -> Vec<PosConfig> {
     (0..n)
         .map(|i| PosConfig {
-            id: PosId::parse(&format!("pump-{i}")).unwrap(),
-            kind: PosKind::Fuel,
-            currency: Currency::Ars,
             ttl_secs: None,
             max_amount: Decimal::from(1_000_000),
+            ..PosConfig::new(
+                PosId::parse(&format!("pump-{i}")).unwrap(),
+                PosKind::Fuel,
+                Currency::Ars,
+            )
         })
         .collect()
 }
@@ -49,6 +51,8 @@ async fn gateway(store: Arc<dyn Store>, pos: Vec<PosConfig>) -> Arc<Gateway> {
                 collector_id: 1,
                 auto_refund: false,
                 topics: Topics::new("qrgate"),
+                poll_protocol: qrgate::orders::PollProtocol::V1,
+                attended: None,
             },
             publish,
             served,
@@ -69,6 +73,7 @@ fn sale(id: usize) -> Command {
             unit_measure: Some("litre".into()),
             sku: None,
             category: None,
+            taxes: Vec::new(),
         }],
         amount: None,
     })

@@ -154,6 +154,11 @@ impl App {
         let tracker = TaskTracker::new();
         let (publish_tx, publish_rx) = mpsc::unbounded_channel();
         let (served_tx, mut served_rx) = mpsc::unbounded_channel();
+        let any_attended = config
+            .pos
+            .iter()
+            .any(|p| p.mode == crate::orders::PosMode::Attended);
+        let (attended_tx, attended_rx) = mpsc::unbounded_channel();
         let ctx = OrderContext {
             collector_id: config.mercadopago.collector_id,
             sponsor_id: config.mercadopago.sponsor_id,
@@ -163,11 +168,13 @@ impl App {
             Gateway::load(
                 config.pos.clone(),
                 Arc::clone(&store),
-                ctx,
+                ctx.clone(),
                 BookSettings {
                     collector_id: config.mercadopago.collector_id,
                     auto_refund: config.orders.auto_refund,
                     topics: Topics::new(&config.mqtt.topic_prefix),
+                    poll_protocol: config.mercadopago.poll_protocol,
+                    attended: any_attended.then_some(attended_tx),
                 },
                 publish_tx,
                 served_tx,
@@ -196,6 +203,20 @@ impl App {
             config.orders.clone(),
             shutdown.clone(),
         ));
+        if any_attended {
+            crate::attended::spawn(
+                crate::attended::Desk::new(
+                    client.clone(),
+                    Arc::clone(&gateway),
+                    config.mercadopago.attended_api,
+                    config.mercadopago.collector_id,
+                    ctx.clone(),
+                ),
+                attended_rx,
+                shutdown.clone(),
+                &tracker,
+            );
+        }
         tracker.spawn(crate::refunds::run(
             client,
             Arc::clone(&gateway),

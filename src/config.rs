@@ -12,8 +12,8 @@ use figment::Figment;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
-use crate::money::Currency;
-use crate::orders::{PosConfig, PosId, PosKind};
+use crate::money::{Currency, Site};
+use crate::orders::{mp_external_id, PollProtocol, PosConfig, PosId, PosKind, PosMode};
 
 /// The environment variable that holds Mercado Pago's access token.
 pub const ACCESS_TOKEN_ENV: &str = "QRGATE_MP_ACCESS_TOKEN";
@@ -99,6 +99,55 @@ pub struct MercadoPagoConfig {
     /// that carries `x-signature` must verify.
     pub webhook_secret: Option<Secret>,
     pub signature_tolerance_secs: u64,
+    /// The default for unattended POS; `[[pos]] poll_protocol` overrides it.
+    pub poll_protocol: PollProtocol,
+    pub attended_api: AttendedApi,
+    /// The account's site; `None` when not configured (then each POS's
+    /// currency names it).
+    pub site: Option<Site>,
+}
+
+/// Which Mercado Pago API places orders on attended POS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttendedApi {
+    /// `PUT /instore/qr/seller/collectors/…/orders` (MP's QR attended guide).
+    Instore,
+    /// `POST /mpmobile/instore/qr/…` (older accounts).
+    Legacy,
+    /// `POST /v1/orders` (MP's Orders API).
+    Orders,
+}
+
+/// A store as `[[stores]]` describes it, for `qrgate pos register`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MpStore {
+    /// The store's external id at Mercado Pago.
+    pub id: String,
+    pub name: String,
+    pub location: StoreLocation,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreLocation {
+    pub street_name: String,
+    pub street_number: String,
+    pub city_name: String,
+    pub state_name: String,
+    // Coordinates are not money: MP takes them as JSON numbers.
+    pub latitude: f64,
+    pub longitude: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
+}
+
+/// What `qrgate pos register` needs of a POS beyond what the book needs.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PosRegistration {
+    pub name: Option<String>,
+    /// The merchant category code (MCC); fuel POS default to the site's
+    /// gas-station code.
+    pub category: Option<u32>,
 }
 
 #[derive(Debug, Clone)]
@@ -167,6 +216,8 @@ pub struct Config {
     pub store: StoreConfig,
     pub log: LogConfig,
     pub pos: Vec<PosConfig>,
+    pub stores: Vec<MpStore>,
+    pub registration: std::collections::HashMap<PosId, PosRegistration>,
 }
 
 /// Start-up configuration errors, each naming its key.
@@ -186,6 +237,16 @@ struct RawConfig {
     store: RawStore,
     log: RawLog,
     pos: Vec<RawPos>,
+    #[serde(default)]
+    stores: Vec<RawMpStore>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMpStore {
+    id: String,
+    name: String,
+    location: StoreLocation,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -208,6 +269,20 @@ struct RawMp {
     sponsor_id: Option<u64>,
     timeout_ms: u64,
     signature_tolerance_secs: u64,
+    #[serde(default = "default_poll_protocol")]
+    poll_protocol: String,
+    #[serde(default = "default_attended_api")]
+    attended_api: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    site: Option<String>,
+}
+
+fn default_poll_protocol() -> String {
+    "v1".into()
+}
+
+fn default_attended_api() -> String {
+    "instore".into()
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -266,13 +341,14 @@ struct RawLog {
     filter: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPos {
     id: String,
     kind: String,
-    #[serde(default = "default_currency")]
-    currency: String,
+    /// Defaults to the site's currency, or ARS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    currency: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     ttl_secs: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -282,6 +358,18 @@ struct RawPos {
     device_password_env: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     poll_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    poll_protocol: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    mode: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    store: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    category: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    mp_external_id: Option<String>,
 }
 
 /// A TOML value written as an integer or as a decimal string (`50000` or
@@ -291,10 +379,6 @@ struct RawPos {
 enum NumberOrText {
     Integer(i64),
     Text(String),
-}
-
-fn default_currency() -> String {
-    "ARS".into()
 }
 
 /// The first-run defaults: they run as they are, with two demo POS.
@@ -313,6 +397,9 @@ fn defaults() -> RawConfig {
             sponsor_id: Some(334249281),
             timeout_ms: 5000,
             signature_tolerance_secs: 300,
+            poll_protocol: default_poll_protocol(),
+            attended_api: default_attended_api(),
+            site: None,
         },
         mqtt: RawMqtt {
             broker: "embedded".into(),
@@ -348,22 +435,15 @@ fn defaults() -> RawConfig {
             RawPos {
                 id: "pump-1".into(),
                 kind: "fuel".into(),
-                currency: "ARS".into(),
-                ttl_secs: None,
-                max_amount: None,
-                device_password_env: None,
-                poll_key: None,
+                ..RawPos::default()
             },
             RawPos {
                 id: "vending-1".into(),
                 kind: "vending".into(),
-                currency: "ARS".into(),
-                ttl_secs: None,
-                max_amount: None,
-                device_password_env: None,
-                poll_key: None,
+                ..RawPos::default()
             },
         ],
+        stores: Vec::new(),
     }
 }
 
@@ -487,6 +567,81 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
     if raw.mercadopago.timeout_ms == 0 {
         bad("mercadopago.timeout_ms", "must be greater than 0".into());
     }
+    let poll_protocol_of = |key: &str, v: &str, bad: &mut dyn FnMut(&str, String)| match v {
+        "v1" => Some(PollProtocol::V1),
+        "v2" => Some(PollProtocol::V2),
+        other => {
+            bad(key, format!("{other:?} must be \"v1\" or \"v2\""));
+            None
+        }
+    };
+    let poll_protocol = poll_protocol_of(
+        "mercadopago.poll_protocol",
+        &raw.mercadopago.poll_protocol,
+        &mut bad,
+    )
+    .unwrap_or(PollProtocol::V1);
+    let attended_api = match raw.mercadopago.attended_api.as_str() {
+        "instore" => AttendedApi::Instore,
+        "legacy" => AttendedApi::Legacy,
+        "orders" => AttendedApi::Orders,
+        other => {
+            bad(
+                "mercadopago.attended_api",
+                format!("{other:?} must be \"instore\", \"legacy\" or \"orders\""),
+            );
+            AttendedApi::Instore
+        }
+    };
+    let site = raw.mercadopago.site.as_deref().and_then(|s| {
+        s.parse::<Site>()
+            .map_err(|e| bad("mercadopago.site", e))
+            .ok()
+    });
+    let mut stores = Vec::new();
+    let mut store_ids = std::collections::HashSet::new();
+    for (i, s) in raw.stores.iter().enumerate() {
+        let key = |k: &str| format!("stores.{i}.{k}");
+        if s.id.trim().is_empty() || s.id.chars().count() > 60 {
+            bad(
+                &key("id"),
+                "must be 1 to 60 characters (the store's external id at Mercado Pago)".into(),
+            );
+        } else if !store_ids.insert(s.id.clone()) {
+            bad(&key("id"), format!("{:?} is configured twice", s.id));
+        }
+        if s.name.trim().is_empty() {
+            bad(&key("name"), "must not be empty".into());
+        }
+        let l = &s.location;
+        for (field, value) in [
+            ("street_name", &l.street_name),
+            ("street_number", &l.street_number),
+            ("city_name", &l.city_name),
+            ("state_name", &l.state_name),
+        ] {
+            if value.trim().is_empty() {
+                bad(
+                    &key(&format!("location.{field}")),
+                    "must not be empty".into(),
+                );
+            }
+        }
+        if !(-90.0..=90.0).contains(&l.latitude) || !(-180.0..=180.0).contains(&l.longitude) {
+            bad(
+                &key("location"),
+                "latitude must be within ±90 and longitude within ±180".into(),
+            );
+        }
+        stores.push(MpStore {
+            id: s.id.clone(),
+            name: s.name.clone(),
+            location: l.clone(),
+        });
+    }
+    let mut registration = std::collections::HashMap::new();
+    // Mercado Pago's external id -> the POS that derived it.
+    let mut mp_ids: std::collections::HashMap<String, PosId> = std::collections::HashMap::new();
     let broker = match raw.mqtt.broker.as_str() {
         "embedded" => Some(Broker::Embedded),
         other => match parse_mqtt_url(other) {
@@ -588,16 +743,67 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
                 None
             }
         };
-        let currency = p
-            .currency
-            .parse::<Currency>()
-            .map_err(|e| {
+        let currency = match &p.currency {
+            None => Some(site.map_or(Currency::Ars, Site::currency)),
+            Some(c) => c
+                .parse::<Currency>()
+                .map_err(|e| {
+                    bad(
+                        &key("currency"),
+                        format!("{e}; one of ARS BRL CLP COP MXN PEN UYU"),
+                    )
+                })
+                .ok(),
+        };
+        if let (Some(site), Some(currency)) = (site, currency) {
+            if site.currency() != currency {
                 bad(
                     &key("currency"),
-                    format!("{e}; one of ARS BRL CLP COP MXN PEN UYU"),
-                )
-            })
-            .ok();
+                    format!(
+                        "{currency} is not the currency of site {site} ({}): one account, one currency",
+                        site.currency()
+                    ),
+                );
+            }
+        }
+        let mode = match (p.mode.as_deref(), p.poll_protocol.as_deref()) {
+            (None | Some("unattended"), None) => Some(PosMode::Unattended(poll_protocol)),
+            (None | Some("unattended"), Some(v)) => {
+                poll_protocol_of(&key("poll_protocol"), v, &mut bad).map(PosMode::Unattended)
+            }
+            (Some("attended"), None) => Some(PosMode::Attended),
+            (Some("attended"), Some(_)) => {
+                bad(
+                    &key("poll_protocol"),
+                    "an attended POS is never polled: remove poll_protocol".into(),
+                );
+                None
+            }
+            (Some(other), _) => {
+                bad(
+                    &key("mode"),
+                    format!("{other:?} must be \"unattended\" or \"attended\""),
+                );
+                None
+            }
+        };
+        let store = p.store.clone().filter(|s| !s.trim().is_empty());
+        if let Some(s) = &store {
+            if s.chars().count() > 60 {
+                bad(&key("store"), format!("{s:?} is longer than 60 characters"));
+            }
+        }
+        if mode == Some(PosMode::Attended) && store.is_none() {
+            bad(
+                &key("store"),
+                "an attended POS needs the external id of its store at Mercado Pago".into(),
+            );
+        }
+        if let Some(n) = &p.name {
+            if n.trim().is_empty() || n.chars().count() > 100 {
+                bad(&key("name"), "must be 1 to 100 characters".into());
+            }
+        }
         let max_amount = match &p.max_amount {
             None => Some(Decimal::from(DEFAULT_MAX_AMOUNT)),
             Some(NumberOrText::Integer(n)) if *n > 0 => Some(Decimal::from(*n)),
@@ -616,9 +822,44 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
                 }
             },
         };
-        if let (Some(id), Some(kind), Some(currency), Some(max_amount)) =
-            (id, kind, currency, max_amount)
+        if let (Some(id), Some(kind), Some(currency), Some(max_amount), Some(mode)) =
+            (id, kind, currency, max_amount, mode)
         {
+            let mp_id = p
+                .mp_external_id
+                .clone()
+                .unwrap_or_else(|| mp_external_id(&id));
+            if mp_id.is_empty()
+                || mp_id.len() >= 40
+                || !mp_id.chars().all(|c| c.is_ascii_alphanumeric())
+            {
+                bad(
+                    &key("mp_external_id"),
+                    format!(
+                        "{mp_id:?} (for POS {id}) must be 1 to 39 letters and digits, as Mercado Pago's \
+                         POS external_id; set [[pos]] mp_external_id"
+                    ),
+                );
+            } else if let Some(other) = mp_ids.get(&mp_id) {
+                if other != &id {
+                    bad(
+                        &key("mp_external_id"),
+                        format!(
+                            "POS {id} and POS {other} both have Mercado Pago external id {mp_id:?}; \
+                             set [[pos]] mp_external_id on one of them"
+                        ),
+                    );
+                }
+            } else {
+                mp_ids.insert(mp_id.clone(), id.clone());
+            }
+            registration.insert(
+                id.clone(),
+                PosRegistration {
+                    name: p.name.clone(),
+                    category: p.category,
+                },
+            );
             // A set, not a scan: a chain may configure 100,000 POS.
             if !seen.insert(id.clone()) {
                 bad(&key("id"), format!("{id} is configured twice"));
@@ -642,6 +883,9 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
                 currency,
                 ttl_secs: (ttl > 0).then_some(ttl),
                 max_amount,
+                mode,
+                mp_external_id: mp_id,
+                store,
             });
         }
     }
@@ -739,6 +983,9 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
             timeout_ms: raw.mercadopago.timeout_ms,
             webhook_secret,
             signature_tolerance_secs: raw.mercadopago.signature_tolerance_secs,
+            poll_protocol,
+            attended_api,
+            site,
         },
         mqtt: MqttConfig {
             broker,
@@ -772,6 +1019,8 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
             filter: raw.log.filter,
         },
         pos,
+        stores,
+        registration,
     })
 }
 
@@ -948,6 +1197,96 @@ mod tests {
         let b = PosId::parse("b").unwrap();
         assert_eq!(c.http.poll_keys.for_pos(&a).unwrap().expose(), "global-key");
         assert_eq!(c.http.poll_keys.for_pos(&b).unwrap().expose(), "b-key");
+    }
+
+    #[test]
+    fn dialects_are_chosen_per_account_and_per_pos() {
+        let text = "[mercadopago]\npoll_protocol = \"v2\"\nattended_api = \"legacy\"\n[mqtt]\nallow_anonymous = true\n\
+            [[pos]]\nid = \"p-1\"\nkind = \"fuel\"\n\
+            [[pos]]\nid = \"p-2\"\nkind = \"fuel\"\npoll_protocol = \"v1\"\n\
+            [[pos]]\nid = \"shop_3\"\nkind = \"vending\"\nmode = \"attended\"\nstore = \"st01\"\nname = \"Shop till\"\ncategory = 621102\n";
+        let c = load_env(text, &[]).unwrap();
+        assert_eq!(c.mercadopago.attended_api, AttendedApi::Legacy);
+        assert_eq!(c.pos[0].mode, PosMode::Unattended(PollProtocol::V2));
+        assert_eq!(c.pos[1].mode, PosMode::Unattended(PollProtocol::V1));
+        assert_eq!(c.pos[2].mode, PosMode::Attended);
+        assert_eq!(c.pos[2].store.as_deref(), Some("st01"));
+        // Mercado Pago's POS external_id: letters and digits only.
+        assert_eq!(c.pos[0].mp_external_id, "p1");
+        assert_eq!(c.pos[2].mp_external_id, "shop3");
+        let reg = &c.registration[&c.pos[2].id];
+        assert_eq!(reg.name.as_deref(), Some("Shop till"));
+        assert_eq!(reg.category, Some(621102));
+    }
+
+    #[test]
+    fn two_pos_deriving_the_same_mp_external_id_are_refused_naming_both() {
+        let text = "[mqtt]\nallow_anonymous = true\n[[pos]]\nid = \"pump-1\"\nkind = \"fuel\"\n[[pos]]\nid = \"pump_1\"\nkind = \"fuel\"\n";
+        let e = load_env(text, &[]).unwrap_err().to_string();
+        assert!(e.contains("pos.1.mp_external_id"), "{e}");
+        assert!(
+            e.contains("pump_1") && e.contains("pump-1") && e.contains("\"pump1\""),
+            "{e}"
+        );
+        let fixed = format!("{text}mp_external_id = \"pump1b\"\n");
+        assert_eq!(
+            load_env(&fixed, &[]).unwrap().pos[1].mp_external_id,
+            "pump1b"
+        );
+        let bad = format!("{text}mp_external_id = \"pump-1b\"\n");
+        let e = load_env(&bad, &[]).unwrap_err().to_string();
+        assert!(e.contains("letters and digits"), "{e}");
+    }
+
+    #[test]
+    fn bad_dialect_settings_are_named() {
+        let text = "[mercadopago]\npoll_protocol = \"v3\"\nattended_api = \"fax\"\nsite = \"XXX\"\n[mqtt]\nallow_anonymous = true\n\
+            [[pos]]\nid = \"a\"\nkind = \"fuel\"\nmode = \"attended\"\n\
+            [[pos]]\nid = \"b\"\nkind = \"fuel\"\nmode = \"self-service\"\n\
+            [[pos]]\nid = \"c\"\nkind = \"fuel\"\nmode = \"attended\"\nstore = \"s\"\npoll_protocol = \"v2\"\n";
+        let e = load_env(text, &[]).unwrap_err().to_string();
+        for key in [
+            "mercadopago.poll_protocol",
+            "mercadopago.attended_api",
+            "mercadopago.site",
+            "pos.0.store",
+            "pos.1.mode",
+            "pos.2.poll_protocol",
+        ] {
+            assert!(e.contains(key), "{key} missing in: {e}");
+        }
+    }
+
+    #[test]
+    fn the_site_sets_the_currency_and_refuses_another() {
+        let text = "[mercadopago]\nsite = \"MCO\"\n[mqtt]\nallow_anonymous = true\n[[pos]]\nid = \"a\"\nkind = \"fuel\"\n";
+        let c = load_env(text, &[]).unwrap();
+        assert_eq!(c.pos[0].currency, Currency::Cop);
+        assert_eq!(c.mercadopago.site, Some(Site::Mco));
+        let e = load_env(&format!("{text}currency = \"ARS\"\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("pos.0.currency") && e.contains("MCO"), "{e}");
+    }
+
+    #[test]
+    fn stores_need_a_name_and_an_address() {
+        let text = "[mqtt]\nallow_anonymous = true\n[[pos]]\nid = \"a\"\nkind = \"fuel\"\nstore = \"st01\"\n\
+            [[stores]]\nid = \"st01\"\nname = \"Ruta 8\"\n[stores.location]\nstreet_name = \"Av. Siempre Viva\"\nstreet_number = \"742\"\n\
+            city_name = \"Pilar\"\nstate_name = \"Buenos Aires\"\nlatitude = -34.45\nlongitude = -58.91\n";
+        let c = load_env(text, &[]).unwrap();
+        assert_eq!(c.stores[0].id, "st01");
+        assert_eq!(c.stores[0].location.city_name, "Pilar");
+        let e = load_env(
+            &text.replace("Ruta 8", "").replace("\"Pilar\"", "\"\""),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("stores.0.name") && e.contains("stores.0.location.city_name"),
+            "{e}"
+        );
     }
 
     #[test]

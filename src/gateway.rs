@@ -51,6 +51,21 @@ pub enum GatewayError {
     Store(#[from] StoreError),
 }
 
+/// Work for the attended model's order desk (`attended.rs`): Mercado Pago
+/// calls that must follow a stored change, made off the POS's lock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttendedJob {
+    /// Place the order for this pending sale on its POS.
+    Place(Sale),
+    /// Take the order of this cancelled or expired sale off its POS.
+    Remove(Sale),
+    /// A payment was rejected: make sure the order is still on the POS.
+    Check(Sale),
+    /// The sale was paid: an order the desk placed again may have raced
+    /// the payment and must not stay on the POS.
+    Paid(Sale),
+}
+
 /// What became of a merchant order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Settlement {
@@ -66,11 +81,14 @@ pub struct Gateway {
     views: DashMap<PosId, Arc<PosView>>,
     store: Arc<dyn Store>,
     ctx: OrderContext,
+    /// The answer for an unknown POS, in the account's default protocol.
+    invalid: PollAnswer,
     collector_id: u64,
     auto_refund: bool,
     topics: Topics,
     publish: mpsc::UnboundedSender<Publish>,
     served: mpsc::UnboundedSender<(PosId, ExternalReference)>,
+    attended: Option<mpsc::UnboundedSender<AttendedJob>>,
     refunds_due: Arc<Notify>,
 }
 
@@ -79,6 +97,11 @@ pub struct BookSettings {
     pub collector_id: u64,
     pub auto_refund: bool,
     pub topics: Topics,
+    /// The account's default poll protocol, for POS we do not know.
+    pub poll_protocol: orders::PollProtocol,
+    /// Where attended POS's orders are placed and removed; `None` when no
+    /// POS is attended.
+    pub attended: Option<mpsc::UnboundedSender<AttendedJob>>,
 }
 
 pub fn now_millis() -> UnixMillis {
@@ -99,6 +122,8 @@ impl Gateway {
             collector_id,
             auto_refund,
             topics,
+            poll_protocol,
+            attended,
         } = settings;
         let latest = store.latest_sales().await?;
         let mut by_pos: HashMap<PosId, Sale> =
@@ -121,17 +146,24 @@ impl Gateway {
             views,
             store,
             ctx,
+            invalid: answer::invalid(poll_protocol),
             collector_id,
             auto_refund,
             topics,
             publish,
             served,
+            attended,
             refunds_due: Arc::new(Notify::new()),
         })
     }
 
     pub fn pos_config(&self, id: &str) -> Option<&PosConfig> {
         PosId::parse(id).ok().and_then(|id| self.pos.get(&id))
+    }
+
+    /// The seller's Mercado Pago user id.
+    pub fn collector_id(&self) -> u64 {
+        self.collector_id
     }
 
     pub fn pos_ids(&self) -> Vec<PosId> {
@@ -150,7 +182,7 @@ impl Gateway {
     /// also asks, off this path, for the sale to be marked served.
     pub fn poll(&self, id: &str) -> PollAnswer {
         let Some(view) = PosId::parse(id).ok().and_then(|id| self.view(&id)) else {
-            return answer::invalid();
+            return self.invalid.clone();
         };
         if view.answer.status == 200 && !view.served_asked.swap(true, Ordering::Relaxed) {
             if let Some(s) = view.state.busy_sale() {
@@ -168,13 +200,87 @@ impl Gateway {
         self.views
             .iter()
             .filter_map(|v| {
-                v.state.current.as_ref().map(|s| Publish {
-                    topic: self.topics.state(s.pos.as_str()),
-                    payload: outbound::state(s),
-                    retain: true,
-                })
+                v.state
+                    .current
+                    .as_ref()
+                    .filter(|s| self.shown_to_device(s))
+                    .map(|s| Publish {
+                        topic: self.topics.state(s.pos.as_str()),
+                        payload: outbound::state(s),
+                        retain: true,
+                    })
             })
             .collect()
+    }
+
+    /// An attended sale is `pending` for its device only once its order is
+    /// on the POS at Mercado Pago (CONTRACT-NOTES).
+    fn shown_to_device(&self, sale: &Sale) -> bool {
+        let attended = self
+            .pos
+            .get(&sale.pos)
+            .is_some_and(|c| c.mode == orders::PosMode::Attended);
+        !(attended && sale.state == orders::SaleState::Pending && sale.placed_at.is_none())
+    }
+
+    /// The attended desk's follow-up of a stored change.
+    fn follow_up(&self, cfg: &PosConfig, sale: &Sale, event: &SaleEvent) {
+        let Some(desk) = self.attended.as_ref() else {
+            return;
+        };
+        if cfg.mode != orders::PosMode::Attended {
+            return;
+        }
+        let job = match event {
+            SaleEvent::Accepted | SaleEvent::Priced
+                if sale.state == orders::SaleState::Pending && sale.placed_at.is_none() =>
+            {
+                AttendedJob::Place(sale.clone())
+            }
+            // Also when the order may not be there yet: a placement still
+            // under way finds the sale gone and removes what it placed.
+            SaleEvent::Cancelled | SaleEvent::Expired if !sale.lines.is_empty() => {
+                AttendedJob::Remove(sale.clone())
+            }
+            SaleEvent::Paid { .. } => AttendedJob::Paid(sale.clone()),
+            _ => return,
+        };
+        let _ = desk.send(job);
+    }
+
+    /// Pending attended sales whose order is not known to be placed: after a
+    /// restart, placed again (placing replaces, so twice is harmless).
+    pub fn unplaced(&self) -> Vec<Sale> {
+        self.views
+            .iter()
+            .filter_map(|v| v.state.current.clone())
+            .filter(|s| {
+                s.state == orders::SaleState::Pending
+                    && s.placed_at.is_none()
+                    && self
+                        .pos
+                        .get(&s.pos)
+                        .is_some_and(|c| c.mode == orders::PosMode::Attended)
+            })
+            .collect()
+    }
+
+    /// Whether another sale than `reference` is in flight on the POS.
+    pub fn has_newer_sale(&self, pos: &PosId, reference: &ExternalReference) -> bool {
+        self.view(pos).is_some_and(|v| {
+            v.state
+                .busy_sale()
+                .is_some_and(|s| &s.external_reference != reference)
+        })
+    }
+
+    /// Whether `reference` is still its POS's pending sale.
+    pub fn is_pending(&self, pos: &PosId, reference: &ExternalReference) -> bool {
+        self.view(pos).is_some_and(|v| {
+            v.state.busy_sale().is_some_and(|s| {
+                &s.external_reference == reference && s.state == orders::SaleState::Pending
+            })
+        })
     }
 
     /// POS with a busy sale past its expiry.
@@ -315,11 +421,18 @@ impl Gateway {
                 log_event(sale, event);
                 self.wake_refunds(sale);
                 // A failed delivery changes nothing the device must hear.
-                let publish = !matches!(event, SaleEvent::Delivered { .. });
+                let publish =
+                    !matches!(event, SaleEvent::Delivered { .. }) && self.shown_to_device(sale);
                 self.commit(cfg, current.state.presence, sale.clone(), publish);
+                self.follow_up(cfg, sale, event);
             }
             Outcome::Republish => {
-                if let Some(s) = &current.state.current {
+                if let Some(s) = current
+                    .state
+                    .current
+                    .as_ref()
+                    .filter(|s| self.shown_to_device(s))
+                {
                     tracing::info!(pos = %pos, sale_id = %s.sale_id, external_reference = %s.external_reference,
                         state = s.state.as_str(), "same sale again: state republished");
                     self.publish_state(s);
@@ -359,7 +472,7 @@ impl Gateway {
         let reference_text = facts.external_reference.clone();
         self.store
             .record_merchant_order(MerchantOrderRecord {
-                id: facts.id,
+                id: facts.id.clone(),
                 external_reference: reference_text.clone(),
                 status: status.to_owned(),
                 body: raw,
@@ -368,7 +481,7 @@ impl Gateway {
                     .payments
                     .iter()
                     .map(|p| PaymentRecord {
-                        id: p.id,
+                        id: p.id.clone(),
                         status: match &p.status {
                             PaymentStatus::Approved => "approved".to_owned(),
                             PaymentStatus::Other(s) => s.clone(),
@@ -380,7 +493,7 @@ impl Gateway {
             })
             .await?;
         let refuse = |why: String| {
-            tracing::warn!(merchant_order = facts.id, external_reference = reference_text.as_deref(),
+            tracing::warn!(merchant_order = %facts.id, external_reference = reference_text.as_deref(),
                 reason = %why, "merchant order closes nothing");
             Ok(Settlement::Refused(why))
         };
@@ -398,7 +511,17 @@ impl Gateway {
             Ok(p) => p,
             Err(why) => {
                 tracing::info!(pos = %pos, sale_id = %sale.sale_id, external_reference = %reference,
-                    merchant_order = facts.id, reason = why.code(), detail = %why, "merchant order closes nothing");
+                    merchant_order = %facts.id, reason = why.code(), detail = %why, "merchant order closes nothing");
+                // A rejected payment leaves the attended order for a retry,
+                // unless Mercado Pago dropped it: check.
+                if locked.is_current
+                    && sale.state == orders::SaleState::Pending
+                    && locked.cfg.mode == orders::PosMode::Attended
+                {
+                    if let Some(desk) = &self.attended {
+                        let _ = desk.send(AttendedJob::Check(sale.clone()));
+                    }
+                }
                 return Ok(Settlement::Refused(why.code().to_owned()));
             }
         };
@@ -409,14 +532,14 @@ impl Gateway {
         } = outcome
         else {
             tracing::info!(pos = %pos, sale_id = %sale.sale_id, external_reference = %reference,
-                merchant_order = facts.id, payment = payment.payment_id, "payment already recorded");
+                merchant_order = %facts.id, payment = %payment.payment_id, "payment already recorded");
             return Ok(Settlement::Duplicate);
         };
         match self.store.record(&changed, &event).await {
             Ok(()) => {}
             Err(StoreError::AlreadyClosed(_) | StoreError::AlreadyDue(_)) => {
-                tracing::info!(pos = %pos, external_reference = %reference, merchant_order = facts.id,
-                    payment = payment.payment_id, "payment already recorded (store)");
+                tracing::info!(pos = %pos, external_reference = %reference, merchant_order = %facts.id,
+                    payment = %payment.payment_id, "payment already recorded (store)");
                 return Ok(Settlement::Duplicate);
             }
             Err(e) => return Err(e.into()),
@@ -435,6 +558,9 @@ impl Gateway {
         };
         // Money for a sale that is no longer payable tells the device nothing.
         let publish = matches!(settlement, Settlement::Paid { .. });
+        if publish {
+            self.follow_up(locked.cfg, &changed, &event);
+        }
         locked.show(self, changed, publish);
         Ok(settlement)
     }
@@ -524,8 +650,8 @@ impl Gateway {
     pub async fn record_refund(
         &self,
         reference: &ExternalReference,
-        payment_id: u64,
-        refund_id: u64,
+        payment_id: &orders::MpId,
+        refund_id: orders::MpId,
     ) -> Result<bool, GatewayError> {
         let Some(locked) = self.lock_sale(reference).await? else {
             return Ok(false);
@@ -607,10 +733,29 @@ fn log_event(sale: &Sale, event: &SaleEvent) {
             currency,
             "sale served to Mercado Pago"
         ),
+        SaleEvent::Placed => tracing::info!(
+            pos,
+            sale_id,
+            external_reference = reference,
+            amount,
+            currency,
+            "attended order placed at Mercado Pago: pending"
+        ),
+        SaleEvent::Refused { reason } => tracing::error!(
+            pos,
+            sale_id,
+            external_reference = reference,
+            amount,
+            currency,
+            reason = reason.as_str(),
+            "Mercado Pago refused the attended order: sale rejected"
+        ),
         SaleEvent::Paid { overpaid } => {
             let s = sale.settled.as_ref();
-            let merchant_order = s.map(|s| s.merchant_order);
-            let payment = s.map(|s| s.payment_id);
+            let merchant_order = s.map(|s| s.merchant_order.to_string());
+            let merchant_order = merchant_order.as_deref();
+            let payment = s.map(|s| s.payment_id.to_string());
+            let payment = payment.as_deref();
             let paid = s.map(|s| s.paid.to_string());
             if *overpaid {
                 tracing::warn!(
@@ -667,7 +812,7 @@ fn log_event(sale: &Sale, event: &SaleEvent) {
                     sale_id,
                     external_reference = reference,
                     reason = reason.as_deref(),
-                    payment = sale.settled.as_ref().map(|p| p.payment_id),
+                    payment = sale.settled.as_ref().map(|p| p.payment_id.to_string()),
                     auto_refund = sale.refunds.last().map(|r| r.auto),
                     "device failed to deliver a paid sale: refund due"
                 );
@@ -679,8 +824,8 @@ fn log_event(sale: &Sale, event: &SaleEvent) {
                 pos,
                 sale_id,
                 external_reference = reference,
-                merchant_order = r.map(|r| r.merchant_order),
-                payment = r.map(|r| r.payment_id),
+                merchant_order = r.map(|r| r.merchant_order.to_string()),
+                payment = r.map(|r| r.payment_id.to_string()),
                 paid = r.map(|r| r.amount.to_string()),
                 state = sale.state.as_str(),
                 reason = r.map(|r| r.reason.as_str()),
@@ -689,14 +834,14 @@ fn log_event(sale: &Sale, event: &SaleEvent) {
             );
         }
         SaleEvent::Refunded { payment_id } => {
-            let r = sale.refunds.iter().find(|r| r.payment_id == *payment_id);
+            let r = sale.refunds.iter().find(|r| &r.payment_id == payment_id);
             tracing::info!(
                 pos,
                 sale_id,
                 external_reference = reference,
-                payment = payment_id,
-                merchant_order = r.map(|r| r.merchant_order),
-                refund = r.and_then(|r| r.refunded.as_ref()).map(|d| d.refund_id),
+                payment = %payment_id,
+                merchant_order = r.map(|r| r.merchant_order.to_string()),
+                refund = r.and_then(|r| r.refunded.as_ref()).map(|d| d.refund_id.to_string()),
                 amount = r.map(|r| r.amount.to_string()),
                 "payment refunded"
             );

@@ -13,8 +13,11 @@
 //! came, and `refunds` returns money for sales that could not take it.
 //!
 //! `app` wires them; `config` types the settings; `money` keeps amounts exact.
+//! `registration` (`qrgate pos register`, `qrgate pos list`) makes the
+//! configured stores and POS exist at Mercado Pago.
 
 pub mod app;
+pub mod attended;
 pub mod config;
 pub mod demo;
 pub mod gateway;
@@ -25,6 +28,7 @@ pub mod mqtt;
 pub mod orders;
 pub mod reconcile;
 pub mod refunds;
+pub mod registration;
 pub mod settlement;
 pub mod store;
 pub mod telemetry;

@@ -1,4 +1,5 @@
-//! The `qrgate` command: `serve` (the default) and `demo`.
+//! The `qrgate` command: `serve` (the default), `demo`, and `pos register` /
+//! `pos list` (stores and POS at Mercado Pago).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -30,6 +31,25 @@ enum Cmd {
     /// Run qrgate, the Mercado Pago simulator and two devices in one process,
     /// and tell the story of one fuel sale and one vending sale.
     Demo,
+    /// The configured stores and POS at Mercado Pago.
+    Pos {
+        #[command(subcommand)]
+        command: PosCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum PosCmd {
+    /// Create the stores and POS the configuration names at Mercado Pago and
+    /// fix what differs there (url, name, category, store). Safe to re-run.
+    Register {
+        /// Only look and say what would be created or changed.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Show each configured POS beside what Mercado Pago has. Exit status: 0
+    /// when everything matches, 1 when something differs, 2 on an error.
+    List,
 }
 
 fn main() -> ExitCode {
@@ -47,6 +67,7 @@ fn main() -> ExitCode {
     let result = match cli.command.unwrap_or(Cmd::Serve) {
         Cmd::Serve => runtime.block_on(serve(cli.config)),
         Cmd::Demo => runtime.block_on(qrgate::demo::run()),
+        Cmd::Pos { command } => return runtime.block_on(pos(cli.config, command)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -69,6 +90,86 @@ async fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
     let token = app.shutdown_token();
     tokio::spawn(stop_on_signal(token));
     app.run_until_stopped().await
+}
+
+/// `pos register` exits 1 when anything failed; `pos list` exits 1 when
+/// something differs and 2 on an error.
+async fn pos(path: Option<PathBuf>, command: PosCmd) -> ExitCode {
+    use qrgate::mercadopago::pos_api::PosApi;
+    use qrgate::registration;
+
+    let error = ExitCode::from(match command {
+        PosCmd::List => 2,
+        PosCmd::Register { .. } => 1,
+    });
+    let config = match Config::load(path.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("qrgate: {e}");
+            return error;
+        }
+    };
+    // Warnings (retried calls) go to stderr, apart from the table.
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_target(false)
+        .try_init();
+    let secrets = registration::secrets(&config);
+    let say = |text: &str| print!("{}", registration::redact(text, &secrets));
+    let api = match PosApi::new(&config.mercadopago) {
+        Ok(api) => api,
+        Err(e) => {
+            eprintln!("qrgate: {e}");
+            return error;
+        }
+    };
+    match command {
+        PosCmd::List => {
+            let report = registration::reconcile(&config, &api, true).await;
+            say(&report.render_list());
+            ExitCode::from(if report.failures() > 0 {
+                2
+            } else if report.differs() {
+                1
+            } else {
+                0
+            })
+        }
+        PosCmd::Register { dry_run } => {
+            // Opened first: a store that cannot keep the QR links stops the
+            // run before anything changes at Mercado Pago.
+            let store = if dry_run {
+                None
+            } else {
+                match qrgate::store::SqliteStore::open(&config.store.path, config.store.fsync) {
+                    Ok(s) => Some(s),
+                    Err(e) => {
+                        eprintln!("qrgate: {e}");
+                        return error;
+                    }
+                }
+            };
+            let report = registration::reconcile(&config, &api, dry_run).await;
+            say(&report.render_register());
+            let mut ok = report.failures() == 0;
+            if let Some(store) = store {
+                let now = chrono::Utc::now().timestamp_millis();
+                if let Err(e) = registration::record(&store, &report, now).await {
+                    eprintln!("qrgate: Mercado Pago is up to date, but the QR links could not be kept in {}: {e}", config.store.path.display());
+                    ok = false;
+                }
+            }
+            if ok {
+                ExitCode::SUCCESS
+            } else {
+                error
+            }
+        }
+    }
 }
 
 /// SIGTERM or Ctrl-C: stop taking work, finish what is in flight, exit 0.

@@ -61,6 +61,92 @@ impl Currency {
     }
 }
 
+/// A Mercado Pago site (country): one account, one site, one currency.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Site {
+    Mla,
+    Mlb,
+    Mlc,
+    Mco,
+    Mlm,
+    Mpe,
+    Mlu,
+}
+
+impl Site {
+    pub const ALL: [Site; 7] = [
+        Site::Mla,
+        Site::Mlb,
+        Site::Mlc,
+        Site::Mco,
+        Site::Mlm,
+        Site::Mpe,
+        Site::Mlu,
+    ];
+
+    pub fn code(self) -> &'static str {
+        match self {
+            Site::Mla => "MLA",
+            Site::Mlb => "MLB",
+            Site::Mlc => "MLC",
+            Site::Mco => "MCO",
+            Site::Mlm => "MLM",
+            Site::Mpe => "MPE",
+            Site::Mlu => "MLU",
+        }
+    }
+
+    pub fn currency(self) -> Currency {
+        match self {
+            Site::Mla => Currency::Ars,
+            Site::Mlb => Currency::Brl,
+            Site::Mlc => Currency::Clp,
+            Site::Mco => Currency::Cop,
+            Site::Mlm => Currency::Mxn,
+            Site::Mpe => Currency::Pen,
+            Site::Mlu => Currency::Uyu,
+        }
+    }
+
+    pub fn of(currency: Currency) -> Site {
+        Site::ALL
+            .into_iter()
+            .find(|s| s.currency() == currency)
+            .unwrap_or(Site::Mla)
+    }
+
+    /// The merchant category code of a gas station at this site (the
+    /// `category` of a fuel POS).
+    pub fn gas_station_mcc(self) -> u32 {
+        match self {
+            Site::Mla => 473000,
+            Site::Mlb => 4731300,
+            Site::Mlc => 473001,
+            Site::Mco => 4731,
+            Site::Mlm => 468419,
+            Site::Mpe => 5050,
+            Site::Mlu => 47300,
+        }
+    }
+}
+
+impl FromStr for Site {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Site::ALL
+            .into_iter()
+            .find(|c| c.code().eq_ignore_ascii_case(s))
+            .ok_or_else(|| format!("{s:?} is not a site: one of MLA MLB MLC MCO MLM MPE MLU"))
+    }
+}
+
+impl fmt::Display for Site {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.code())
+    }
+}
+
 impl FromStr for Currency {
     type Err = MoneyError;
 

@@ -84,16 +84,33 @@ pub async fn run(
                 return;
             }
             last.insert(reference.clone(), now);
-            match client.search_merchant_orders(reference.as_str()).await {
+            // An Orders API sale has its own order to look at; any other,
+            // the merchant orders of its reference.
+            let found = match &sale.mp_order {
+                Some(id) => client.order(id).await.map(|(order, raw)| {
+                    let status = order.status.clone().unwrap_or_default();
+                    let facts = order.facts(gateway.collector_id(), sale.currency.code());
+                    vec![(facts, raw, status)]
+                }),
+                None => client
+                    .search_merchant_orders(reference.as_str())
+                    .await
+                    .map(|found| {
+                        found
+                            .into_iter()
+                            .map(|(mo, raw)| (mo.facts(), raw, mo.status.unwrap_or_default()))
+                            .collect()
+                    }),
+            };
+            match found {
                 Ok(found) => {
                     let count = found.len();
                     let mut outcomes = Vec::new();
-                    for (mo, raw) in found {
-                        let status = mo.status.clone().unwrap_or_default();
-                        match gateway.settle(&mo.facts(), raw, &status).await {
+                    for (facts, raw, status) in found {
+                        match gateway.settle(&facts, raw, &status).await {
                             Ok(s) => outcomes.push(s),
                             Err(e) => {
-                                tracing::error!(external_reference = %reference, merchant_order = mo.id.0,
+                                tracing::error!(external_reference = %reference, merchant_order = %facts.id,
                                 error = %e, "reconciliation could not settle a merchant order")
                             }
                         }

@@ -10,18 +10,33 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::gateway::Gateway;
-use crate::mercadopago::client::MpClient;
+use crate::mercadopago::client::{MpClient, MpError};
+use crate::orders::sale::RefundDue;
+use crate::orders::MpId;
 
 /// The key Mercado Pago deduplicates a refund by.
-pub fn idempotency_key(payment_id: u64) -> String {
+pub fn idempotency_key(payment_id: &MpId) -> String {
     format!("qrgate-refund-{payment_id}")
+}
+
+/// A full refund: of the payment (classic API), or of the order that the
+/// Orders API's text payment id belongs to.
+async fn refund(client: &MpClient, r: &RefundDue) -> Result<MpId, MpError> {
+    let key = idempotency_key(&r.payment_id);
+    match (&r.payment_id, &r.merchant_order) {
+        (MpId::Num(payment), _) => client.refund(*payment, &key).await.map(MpId::Num),
+        (MpId::Text(_), MpId::Text(order)) => client.refund_order(order, &key).await,
+        (MpId::Text(p), MpId::Num(mo)) => Err(MpError::Decode(format!(
+            "payment {p} of merchant order {mo} is not a refundable id"
+        ))),
+    }
 }
 
 pub async fn run(client: MpClient, gateway: Arc<Gateway>, shutdown: CancellationToken) {
     let wake = gateway.refunds_due();
     // Payments MP refused to refund (a final 4xx): left to the operator,
     // not retried every round.
-    let mut refused: HashSet<u64> = HashSet::new();
+    let mut refused: HashSet<MpId> = HashSet::new();
     loop {
         // Pending refunds are also looked at now and then, so one whose call
         // failed (or was cut by a crash) is retried.
@@ -44,27 +59,28 @@ pub async fn run(client: MpClient, gateway: Arc<Gateway>, shutdown: Cancellation
                 .filter(|r| r.auto && r.refunded.is_none() && !refused.contains(&r.payment_id))
                 .collect();
             for r in owed {
-                match client
-                    .refund(r.payment_id, &idempotency_key(r.payment_id))
-                    .await
-                {
+                match refund(&client, r).await {
                     Ok(refund_id) => {
                         if let Err(e) = gateway
-                            .record_refund(&sale.external_reference, r.payment_id, refund_id)
+                            .record_refund(
+                                &sale.external_reference,
+                                &r.payment_id,
+                                refund_id.clone(),
+                            )
                             .await
                         {
-                            tracing::error!(external_reference = %sale.external_reference, payment = r.payment_id,
-                                refund = refund_id, error = %e, "refund made but not recorded; retried (idempotent)");
+                            tracing::error!(external_reference = %sale.external_reference, payment = %r.payment_id,
+                                refund = %refund_id, error = %e, "refund made but not recorded; retried (idempotent)");
                         }
                     }
                     Err(e) if e.is_transient() => {
-                        tracing::warn!(external_reference = %sale.external_reference, payment = r.payment_id,
+                        tracing::warn!(external_reference = %sale.external_reference, payment = %r.payment_id,
                             error = %e, "refund failed; retried later");
                     }
                     Err(e) => {
                         tracing::error!(pos = %sale.pos, sale_id = %sale.sale_id, external_reference = %sale.external_reference,
-                            payment = r.payment_id, error = %e, "Mercado Pago refused the refund: refund it by hand");
-                        refused.insert(r.payment_id);
+                            payment = %r.payment_id, error = %e, "Mercado Pago refused the refund: refund it by hand");
+                        refused.insert(r.payment_id.clone());
                     }
                 }
             }

@@ -14,10 +14,12 @@ use tokio_util::task::TaskTracker;
 use crate::gateway::Gateway;
 use crate::mercadopago::client::{MpClient, MpError};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Resource {
     MerchantOrder(u64),
     Payment(u64),
+    /// An order of MP's Orders API (`order` notifications).
+    Order(String),
 }
 
 #[derive(Clone)]
@@ -29,8 +31,8 @@ impl Settler {
     /// Never blocks and never drops: the queue is unbounded because each
     /// entry is a few bytes and losing one could lose a payment.
     pub fn enqueue(&self, r: Resource) {
-        if self.tx.send(r).is_err() {
-            tracing::error!(?r, "settlement has stopped; notification not processed");
+        if let Err(e) = self.tx.send(r) {
+            tracing::error!(r = ?e.0, "settlement has stopped; notification not processed");
         }
     }
 }
@@ -60,7 +62,7 @@ pub fn spawn(
                 *again = true;
                 continue;
             }
-            inflight.insert(r, false);
+            inflight.insert(r.clone(), false);
             let (client, gateway, inflight, permits) = (
                 client.clone(),
                 Arc::clone(&gateway),
@@ -70,7 +72,7 @@ pub fn spawn(
             inner.spawn(async move {
                 let Ok(_permit) = permits.acquire().await else { return };
                 loop {
-                    if let Err(e) = process(&client, &gateway, r).await {
+                    if let Err(e) = process(&client, &gateway, r.clone()).await {
                         tracing::error!(?r, error = %e, "notification could not be processed; Mercado Pago re-sends it, and reconciliation looks again");
                     }
                     // Fetch again if another notification came meanwhile.
@@ -100,6 +102,21 @@ enum ProcessError {
 
 async fn process(client: &MpClient, gateway: &Gateway, r: Resource) -> Result<(), ProcessError> {
     let ids = match r {
+        Resource::Order(id) => {
+            let (order, raw) = client.order(&id).await?;
+            let status = order.status.clone().unwrap_or_default();
+            // The sale's POS names the currency (one account, one currency).
+            let currency = order
+                .external_reference
+                .as_deref()
+                .and_then(|r| crate::orders::ExternalReference::parse(r).ok())
+                .and_then(|r| r.pos_id())
+                .and_then(|p| gateway.pos_config(p.as_str()).map(|c| c.currency.code()))
+                .unwrap_or("");
+            let facts = order.facts(gateway.collector_id(), currency);
+            gateway.settle(&facts, raw, &status).await?;
+            return Ok(());
+        }
         Resource::MerchantOrder(id) => vec![id],
         Resource::Payment(id) => {
             let p = client.payment(id).await?;

@@ -35,6 +35,12 @@ pub struct StateMessage {
     pub payment_id: Option<u64>,
     /// Mercado Pago merchant order id (on `paid`).
     pub merchant_order: Option<u64>,
+    /// The payment id as text, whatever its form: Mercado Pago's Orders API
+    /// (attended POS set up with `attended_api = "orders"`) gives text ids
+    /// (`PAY01…`), which `payment_id` cannot hold.
+    pub payment: Option<String>,
+    /// The Orders API's order id (`ORD01…`), in place of `merchant_order`.
+    pub order_id: Option<String>,
     /// `true` when a customer scanned the QR and is paying (on `pending`).
     pub served: bool,
     /// The whole payload, for fields this struct does not know yet.
@@ -93,6 +99,8 @@ impl StateMessage {
             reason: text_field("reason"),
             payment_id: id_field("payment_id"),
             merchant_order: id_field("merchant_order"),
+            payment: text_field("payment_id"),
+            order_id: text_field("order_id"),
             served,
             raw,
         })

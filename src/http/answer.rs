@@ -1,32 +1,26 @@
 //! Every answer to Mercado Pago's poll, rendered in one place (MP-API.md
-//! section 1). A POS's answer is rendered once per change of its state and
-//! kept as bytes, so every poll of the same sale returns the same body and a
-//! poll costs a map read.
+//! section 1), in the protocol each POS's account speaks. A POS's answer is
+//! rendered once per change of its state and kept as bytes, so every poll of
+//! the same sale returns the same body and a poll costs a map read.
 
 use bytes::Bytes;
-use rust_decimal::prelude::ToPrimitive;
 use serde::Serialize;
-use serde_json::value::RawValue;
 
-use crate::money::{decimal_json_number, Amount};
-use crate::orders::sale::Line;
-use crate::orders::{PosConfig, PosKind, PosState, Sale, SaleState};
+use crate::mercadopago::order_body;
+pub use crate::mercadopago::order_body::OrderContext;
+use crate::orders::{PollProtocol, PosConfig, PosKind, PosMode, PosState, SaleState};
 
 /// What a poll answers, ready to send.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PollAnswer {
     pub status: u16,
-    /// `ok` or the 400 error type; for logs and metrics.
+    /// Why: `ok`, or the v1 error type (`unavailable`, `in_process`,
+    /// `invalid`, `timeout`), or `nothing_to_pay`; for logs and metrics,
+    /// whatever the protocol.
     pub kind: &'static str,
+    /// A v2 order answer, sent with `order-version: 2`.
+    pub v2: bool,
     pub body: Bytes,
-}
-
-/// What every order body carries besides the sale.
-#[derive(Debug, Clone)]
-pub struct OrderContext {
-    pub collector_id: u64,
-    pub sponsor_id: Option<u64>,
-    pub notification_url: String,
 }
 
 #[derive(Serialize)]
@@ -49,103 +43,110 @@ fn error(kind: &'static str, message: &str) -> PollAnswer {
     PollAnswer {
         status: 400,
         kind,
+        v2: false,
         body: Bytes::from(body),
     }
 }
 
-/// The answer for a POS id we do not know.
-pub fn invalid() -> PollAnswer {
-    error("invalid", "unknown point of sale")
+#[derive(Serialize)]
+struct V2Waiting<'a> {
+    status: V2Status<'a>,
 }
 
 #[derive(Serialize)]
-struct V1Item<'a> {
-    title: String,
-    currency_id: &'static str,
-    description: &'a str,
-    quantity: u64,
-    unit_price: Box<RawValue>,
+struct V2Status<'a> {
+    status_detail: &'a str,
+    message: &'a str,
 }
 
-#[derive(Serialize)]
-struct V1Order<'a> {
-    collector_id: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    sponsor_id: Option<u64>,
-    items: Vec<V1Item<'a>>,
-    external_reference: &'a str,
-    notification_url: &'a str,
-}
-
-fn measure(unit: Option<&str>) -> &str {
-    match unit {
-        Some("litre" | "liter" | "litres" | "liters" | "l" | "L") => "L",
-        Some(other) => other,
-        None => "",
-    }
-}
-
-/// MP items carry whole quantities: a fractional line becomes one item whose
-/// title carries the quantity and whose price is the line's total.
-fn v1_item<'a>(line: &'a Line, sale: &Sale) -> V1Item<'a> {
-    let whole = line.quantity.fract().is_zero();
-    let description = line.description.as_deref().unwrap_or(&line.title);
-    if whole {
-        V1Item {
-            title: line.title.clone(),
-            currency_id: sale.currency.code(),
-            description,
-            quantity: line.quantity.trunc().to_u64().unwrap_or(1),
-            unit_price: Amount::new(line.unit_price, sale.currency).json_number(),
-        }
-    } else {
-        let unit = measure(line.unit_measure.as_deref());
-        let title = if unit.is_empty() {
-            format!("{} — {}", line.title, line.quantity)
-        } else {
-            format!("{} — {} {}", line.title, line.quantity, unit)
-        };
-        V1Item {
-            title,
-            currency_id: sale.currency.code(),
-            description,
-            quantity: 1,
-            unit_price: decimal_json_number(Amount::new(line.total, sale.currency).value()),
-        }
-    }
-}
-
-fn order_v1(sale: &Sale, ctx: &OrderContext) -> PollAnswer {
-    let body = V1Order {
-        collector_id: ctx.collector_id,
-        sponsor_id: ctx.sponsor_id,
-        items: sale.lines.iter().map(|l| v1_item(l, sale)).collect(),
-        external_reference: sale.external_reference.as_str(),
-        notification_url: &ctx.notification_url,
+/// A v2 "nothing to pay yet" answer (HTTP 202), in MP's own spellings.
+/// `kind` keeps the v1 reason, since v2 has no code for an unknown POS or
+/// an offline device (CONTRACT-NOTES).
+fn waiting_v2(kind: &'static str, message: &str) -> PollAnswer {
+    let detail = match kind {
+        "in_process" => "in_process",
+        "nothing_to_pay" => "notihing_to_pay",
+        _ => "Waiting_for_order",
     };
+    let body = serde_json::to_vec(&V2Waiting {
+        status: V2Status {
+            status_detail: detail,
+            message,
+        },
+    })
+    .unwrap_or_default();
     PollAnswer {
-        status: 200,
-        kind: "ok",
-        body: Bytes::from(serde_json::to_vec(&body).unwrap_or_default()),
+        status: 202,
+        kind,
+        v2: false,
+        body: Bytes::from(body),
     }
+}
+
+fn waiting(protocol: PollProtocol, kind: &'static str, message: &str) -> PollAnswer {
+    match protocol {
+        PollProtocol::V1 => error(kind, message),
+        PollProtocol::V2 => waiting_v2(kind, message),
+    }
+}
+
+/// The answer for a POS id we do not know, in the account's default protocol.
+pub fn invalid(protocol: PollProtocol) -> PollAnswer {
+    waiting(protocol, "invalid", "unknown point of sale")
+}
+
+/// The answer for the URL of an attended POS: Mercado Pago never polls it,
+/// so whoever does has the wrong URL.
+fn attended() -> PollAnswer {
+    error(
+        "invalid",
+        "this point of sale is attended: its orders are placed through the API",
+    )
 }
 
 /// The answer for a known POS in `state` (CONTRACT-NOTES, Presence and polls).
 pub fn render(pos: &PosConfig, state: &PosState, ctx: &OrderContext) -> PollAnswer {
+    let protocol = match pos.mode {
+        PosMode::Unattended(p) => p,
+        PosMode::Attended => return attended(),
+    };
     let what = match pos.kind {
         PosKind::Fuel => "pump",
         PosKind::Vending => "machine",
     };
     let busy = state.busy_sale();
     let offline = state.presence.is_offline();
+    let wait = |kind, message: &str| waiting(protocol, kind, message);
     match busy {
         // Vending is pre-pay: no money for goods the machine cannot hand out.
-        _ if offline && pos.kind == PosKind::Vending => error("timeout", "the machine is offline"),
+        _ if offline && pos.kind == PosKind::Vending => wait("timeout", "the machine is offline"),
         // A fuel sale stays payable offline: the fuel is already in the tank.
-        Some(s) if s.state == SaleState::Pending => order_v1(s, ctx),
-        Some(_) => error("in_process", "fuelling in progress: pay when it ends"),
-        None if offline => error("timeout", &format!("the {what} is offline")),
-        None => error("unavailable", &format!("no pending sale on this {what}")),
+        Some(s) if s.state == SaleState::Pending => match protocol {
+            PollProtocol::V1 => PollAnswer {
+                status: 200,
+                kind: "ok",
+                v2: false,
+                body: Bytes::from(order_body::v1(s, ctx)),
+            },
+            PollProtocol::V2 => PollAnswer {
+                status: 200,
+                kind: "ok",
+                v2: true,
+                body: Bytes::from(order_body::v2(s, pos.kind, ctx)),
+            },
+        },
+        Some(_) => wait("in_process", "fuelling in progress: pay when it ends"),
+        None if offline => wait("timeout", &format!("the {what} is offline")),
+        // v2 tells a paid sale apart until the POS's next sale (CONTRACT-NOTES).
+        None if protocol == PollProtocol::V2
+            && state
+                .current
+                .as_ref()
+                .is_some_and(|s| s.state == SaleState::Paid) =>
+        {
+            waiting_v2("nothing_to_pay", "this sale is paid")
+        }
+        None => wait("unavailable", &format!("no pending sale on this {what}")),
     }
 }
 
@@ -168,11 +169,9 @@ mod tests {
 
     fn pos(kind: PosKind) -> PosConfig {
         PosConfig {
-            id: PosId::parse("pump-3").unwrap(),
-            kind,
-            currency: Currency::Ars,
             ttl_secs: None,
             max_amount: Decimal::from(1_000_000),
+            ..PosConfig::new(PosId::parse("pump-3").unwrap(), kind, Currency::Ars)
         }
     }
 
@@ -189,6 +188,7 @@ mod tests {
                     unit_measure: Some("litre".into()),
                     sku: None,
                     category: None,
+                    taxes: Vec::new(),
                 })
                 .collect(),
             amount: None,
@@ -263,5 +263,113 @@ mod tests {
         };
         assert_eq!(render(&fuel, &idle, &ctx()).kind, "timeout");
         assert_eq!(render(&fuel, &PosState::idle(), &ctx()).kind, "unavailable");
+    }
+
+    fn v2(kind: PosKind) -> PosConfig {
+        PosConfig {
+            mode: PosMode::Unattended(PollProtocol::V2),
+            ..pos(kind)
+        }
+    }
+
+    fn json(a: &PollAnswer) -> serde_json::Value {
+        serde_json::from_slice(&a.body).unwrap()
+    }
+
+    #[test]
+    fn a_v2_order_is_the_v2_body_with_line_totals_that_add_up() {
+        let p = v2(PosKind::Fuel);
+        let mut st = pending(
+            &p,
+            &[("Super 95", "32.10", "798.00"), ("Wash", "2", "1000")],
+        );
+        if let Some(s) = st.current.as_mut() {
+            s.lines[1].sku = Some("WASH".into());
+            s.lines[1].category = Some("services".into());
+            s.lines[1].unit_measure = None;
+            s.lines[1].taxes = vec![crate::orders::sale::Tax {
+                kind: "IVA".into(),
+                value: Decimal::from(19),
+            }];
+        }
+        let a = render(&p, &st, &ctx());
+        assert_eq!((a.status, a.kind, a.v2), (200, "ok", true));
+        let text = std::str::from_utf8(&a.body).unwrap();
+        // Exact decimals, never through f64.
+        assert!(text.contains(r#""total_amount":27615.80"#), "{text}");
+        assert!(text.contains(r#""quantity":32.1,"#), "{text}");
+        let v = json(&a);
+        assert!(v.get("collector_id").is_none() && v.get("currency_id").is_none());
+        assert_eq!(v["sponsor"]["id"], 334249281);
+        assert_eq!(v["notification_url"], ctx().notification_url);
+        let items = v["items"].as_array().unwrap();
+        assert_eq!(items[0]["sku_number"], "1");
+        assert_eq!(items[0]["category"], "fuel");
+        assert_eq!(items[0]["unit_measure"], "litre");
+        assert!(text.contains(r#""total_amount":25615.80"#), "{text}");
+        assert_eq!(items[1]["sku_number"], "WASH");
+        assert_eq!(items[1]["category"], "services");
+        assert_eq!(items[1]["unit_measure"], "unit");
+        assert_eq!(items[1]["taxes"][0]["type"], "IVA");
+        assert_eq!(items[1]["taxes"][0]["value"], 19);
+        assert!(items[0].get("taxes").is_none());
+        // The same sale renders the same bytes every time.
+        assert_eq!(render(&p, &st, &ctx()).body, a.body);
+    }
+
+    #[test]
+    fn v2_waits_with_202_in_mps_spellings() {
+        let p = v2(PosKind::Fuel);
+        let detail = |a: &PollAnswer| {
+            assert_eq!(a.status, 202);
+            assert!(!a.v2);
+            json(a)["status"]["status_detail"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        };
+        assert_eq!(
+            detail(&render(&p, &PosState::idle(), &ctx())),
+            "Waiting_for_order"
+        );
+        let mut st = pending(&p, &[("Super", "1", "10")]);
+        let sale = st.current.as_mut().unwrap();
+        sale.state = SaleState::InProcess;
+        assert_eq!(detail(&render(&p, &st, &ctx())), "in_process");
+        st.current.as_mut().unwrap().state = SaleState::Paid;
+        assert_eq!(detail(&render(&p, &st, &ctx())), "notihing_to_pay");
+        st.current.as_mut().unwrap().state = SaleState::Cancelled;
+        assert_eq!(detail(&render(&p, &st, &ctx())), "Waiting_for_order");
+        st.current.as_mut().unwrap().state = SaleState::Expired;
+        assert_eq!(detail(&render(&p, &st, &ctx())), "Waiting_for_order");
+        // No v2 code for an offline device or an unknown POS: wait, and keep why.
+        let offline = PosState {
+            presence: Presence::Offline { since: 1 },
+            current: None,
+        };
+        let a = render(&v2(PosKind::Vending), &offline, &ctx());
+        assert_eq!(
+            (detail(&a).as_str(), a.kind),
+            ("Waiting_for_order", "timeout")
+        );
+        let a = invalid(PollProtocol::V2);
+        assert_eq!(
+            (detail(&a).as_str(), a.kind),
+            ("Waiting_for_order", "invalid")
+        );
+        assert_eq!(invalid(PollProtocol::V1).status, 400);
+    }
+
+    #[test]
+    fn an_attended_pos_url_answers_invalid_whatever_its_sale() {
+        let p = PosConfig {
+            mode: PosMode::Attended,
+            store: Some("st01".into()),
+            ..pos(PosKind::Vending)
+        };
+        let st = pending(&p, &[("Cola", "1", "10")]);
+        let a = render(&p, &st, &ctx());
+        assert_eq!((a.status, a.kind), (400, "invalid"));
+        assert_eq!(json(&a)["error"]["type"], "invalid");
     }
 }

@@ -97,6 +97,18 @@ pub fn parse(query: &str, body: &[u8]) -> Result<Parsed, String> {
             let id = id.ok_or("payment notification without an id")?;
             Ok(Parsed::Work(Resource::Payment(parse_id(&id)?)))
         }
+        // MP's Orders API: the body's shape is not in MP's reference, so only
+        // the id is read, and the order is always fetched.
+        "order" => {
+            let id = id.ok_or("order notification without an id")?;
+            match crate::orders::MpId::parse(&id) {
+                Some(id) => Ok(Parsed::Work(Resource::Order(id.to_string()))),
+                None => Err(format!(
+                    "order id {:?} is not an id",
+                    id.chars().take(32).collect::<String>()
+                )),
+            }
+        }
         other => Ok(Parsed::Ignored(other.chars().take(64).collect())),
     }
 }
@@ -211,6 +223,7 @@ mod tests {
     fn id_of(r: &Resource) -> u64 {
         match r {
             Resource::MerchantOrder(id) | Resource::Payment(id) => *id,
+            Resource::Order(_) => 0,
         }
     }
 

@@ -3,7 +3,7 @@
 //! When the POS has a poll key, a poll without it is answered 404, as if the
 //! URL did not exist, so a registered URL cannot be guessed from a POS id.
 
-use actix_web::http::header::{HeaderValue, CONTENT_TYPE, USER_AGENT};
+use actix_web::http::header::{HeaderName, HeaderValue, CONTENT_TYPE, USER_AGENT};
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
@@ -43,8 +43,7 @@ pub async fn poll(
     shared: web::Data<Shared>,
 ) -> HttpResponse {
     let pos = path.into_inner();
-    // Only for the warnings: not built on the hot path.
-    let shown = || pos.chars().take(64).collect::<String>();
+    let shown: String = pos.chars().take(64).collect();
     let agent = req
         .headers()
         .get(USER_AGENT)
@@ -52,18 +51,35 @@ pub async fn poll(
         .unwrap_or("");
     if !key_ok(&shared, &pos, req.query_string()) {
         let peer = req.peer_addr().map(|a| a.ip().to_string());
-        tracing::warn!(pos = %shown(), user_agent = agent, peer, "poll without the right key answered 404");
+        tracing::warn!(pos = %shown, user_agent = agent, peer, "poll without the right key answered 404");
         return error(StatusCode::NOT_FOUND, "not_found", "no such endpoint");
     }
     let answer = shared.gateway.poll(&pos);
-    if answer.kind == "invalid" {
-        tracing::warn!(pos = %shown(), user_agent = agent, "poll for an unknown POS answered invalid");
-    } else {
-        tracing::debug!(pos = %pos, answer = answer.kind, "poll");
+    match answer.kind {
+        "invalid" => {
+            let why = if shared.gateway.pos_config(&pos).is_some() {
+                "the POS is attended: Mercado Pago does not poll it, check its registered url"
+            } else {
+                "no such POS is configured"
+            };
+            tracing::warn!(pos = %shown, user_agent = agent, status = answer.status, reason = why,
+                "poll answered invalid");
+        }
+        // v2 has no code for these: the customer sees Waiting_for_order.
+        "timeout" if answer.status == 202 => {
+            tracing::info!(pos = %pos, reason = "device offline", "v2 poll answered Waiting_for_order");
+        }
+        kind => tracing::debug!(pos = %pos, answer = kind, "poll"),
     }
     let mut resp =
         HttpResponse::new(StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_REQUEST));
     resp.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if answer.v2 {
+        resp.headers_mut().insert(
+            HeaderName::from_static("order-version"),
+            HeaderValue::from_static("2"),
+        );
+    }
     resp.set_body(actix_web::body::BoxBody::new(answer.body))
 }

@@ -7,8 +7,9 @@ use std::time::Duration;
 use rand::Rng;
 use reqwest::StatusCode;
 
-use super::wire::{ApiError, MerchantOrder, Payment, SearchPage};
+use super::wire::{ApiError, ApiOrder, MerchantOrder, Payment, SearchPage};
 use crate::config::{MercadoPagoConfig, Secret};
+use crate::orders::MpId;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MpError {
@@ -72,10 +73,24 @@ impl RetryPolicy {
     }
 }
 
-/// One API call: a GET, or a POST with an idempotency key.
+/// One API call.
 struct Request<'a> {
+    method: reqwest::Method,
     path: &'a str,
     idempotency_key: Option<&'a str>,
+    /// A JSON body; `None` sends an empty one (a full refund, a delete).
+    body: Option<&'a [u8]>,
+}
+
+impl<'a> Request<'a> {
+    fn get(path: &'a str) -> Request<'a> {
+        Request {
+            method: reqwest::Method::GET,
+            path,
+            idempotency_key: None,
+            body: None,
+        }
+    }
 }
 
 #[derive(serde::Deserialize)]
@@ -112,20 +127,21 @@ impl MpClient {
         self
     }
 
-    async fn call_once<T: serde::de::DeserializeOwned>(
-        &self,
-        req: &Request<'_>,
-    ) -> Result<T, MpError> {
+    async fn call_once(&self, req: &Request<'_>) -> Result<bytes::Bytes, MpError> {
         let token = self.token.as_ref().ok_or(MpError::NoToken)?;
         let url = format!("{}{}", self.base, req.path);
-        let mut builder = match req.idempotency_key {
-            None => self.http.get(url),
-            // A POST with an empty body: a full refund.
-            Some(key) => self
-                .http
-                .post(url)
-                .header("X-Idempotency-Key", key)
-                .header(reqwest::header::CONTENT_LENGTH, 0),
+        let mut builder = self.http.request(req.method.clone(), url);
+        if let Some(key) = req.idempotency_key {
+            builder = builder.header("X-Idempotency-Key", key);
+        }
+        builder = match req.body {
+            Some(body) => builder
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body.to_vec()),
+            None if req.method != reqwest::Method::GET => {
+                builder.header(reqwest::header::CONTENT_LENGTH, 0)
+            }
+            None => builder,
         };
         builder = builder.bearer_auth(token.expose());
         let resp = builder.send().await.map_err(|e| {
@@ -163,18 +179,19 @@ impl MpClient {
                 message,
             });
         }
-        serde_json::from_slice(&body).map_err(|e| MpError::Decode(e.to_string()))
+        Ok(body)
     }
 
     async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, MpError> {
-        self.call(&Request {
-            path,
-            idempotency_key: None,
-        })
-        .await
+        self.call(&Request::get(path)).await
     }
 
     async fn call<T: serde::de::DeserializeOwned>(&self, req: &Request<'_>) -> Result<T, MpError> {
+        let body = self.call_raw(req).await?;
+        serde_json::from_slice(&body).map_err(|e| MpError::Decode(e.to_string()))
+    }
+
+    async fn call_raw(&self, req: &Request<'_>) -> Result<bytes::Bytes, MpError> {
         let path = req.path;
         let mut attempt = 0;
         loop {
@@ -233,10 +250,174 @@ impl MpClient {
     pub async fn refund(&self, payment_id: u64, idempotency_key: &str) -> Result<u64, MpError> {
         let r: RefundAnswer = self
             .call(&Request {
+                method: reqwest::Method::POST,
                 path: &format!("/v1/payments/{payment_id}/refunds"),
                 idempotency_key: Some(idempotency_key),
+                body: None,
             })
             .await?;
         Ok(r.id.0)
     }
+
+    /// Creates an order with MP's Orders API. The idempotency key is derived
+    /// from the sale, so a retry (or a restart) never creates a second one.
+    pub async fn create_order(
+        &self,
+        body: &[u8],
+        idempotency_key: &str,
+    ) -> Result<ApiOrder, MpError> {
+        self.call(&Request {
+            method: reqwest::Method::POST,
+            path: "/v1/orders",
+            idempotency_key: Some(idempotency_key),
+            body: Some(body),
+        })
+        .await
+    }
+
+    /// An Orders API order, with its body as fetched.
+    pub async fn order(&self, id: &str) -> Result<(ApiOrder, String), MpError> {
+        let raw: Box<serde_json::value::RawValue> = self
+            .get(&format!("/v1/orders/{}", path_segment(id)))
+            .await?;
+        let order: ApiOrder =
+            serde_json::from_str(raw.get()).map_err(|e| MpError::Decode(e.to_string()))?;
+        Ok((order, raw.get().to_owned()))
+    }
+
+    /// Cancels an Orders API order that nobody paid.
+    pub async fn cancel_order(&self, id: &str, idempotency_key: &str) -> Result<(), MpError> {
+        self.call_raw(&Request {
+            method: reqwest::Method::POST,
+            path: &format!("/v1/orders/{}/cancel", path_segment(id)),
+            idempotency_key: Some(idempotency_key),
+            body: None,
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Refunds an Orders API order in full; the refund's id.
+    pub async fn refund_order(&self, id: &str, idempotency_key: &str) -> Result<MpId, MpError> {
+        let order: ApiOrder = self
+            .call(&Request {
+                method: reqwest::Method::POST,
+                path: &format!("/v1/orders/{}/refund", path_segment(id)),
+                idempotency_key: Some(idempotency_key),
+                body: None,
+            })
+            .await?;
+        order
+            .last_refund()
+            .ok_or_else(|| MpError::Decode(format!("order {id} refunded without a refund id")))
+    }
+
+    /// Places an attended order on a POS (instore API); it replaces any
+    /// order already there, so placing the same sale twice is harmless.
+    pub async fn place_instore_order(
+        &self,
+        collector_id: u64,
+        store: &str,
+        pos: &str,
+        body: &[u8],
+    ) -> Result<(), MpError> {
+        let path = format!(
+            "/instore/qr/seller/collectors/{collector_id}/stores/{}/pos/{}/orders",
+            path_segment(store),
+            path_segment(pos)
+        );
+        self.call_raw(&Request {
+            method: reqwest::Method::PUT,
+            path: &path,
+            idempotency_key: None,
+            body: Some(body),
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Removes the attended order from a POS (instore API). `false` when
+    /// there was none (404): already paid, expired or removed.
+    pub async fn remove_instore_order(
+        &self,
+        collector_id: u64,
+        pos: &str,
+    ) -> Result<bool, MpError> {
+        let path = format!(
+            "/instore/qr/seller/collectors/{collector_id}/pos/{}/orders",
+            path_segment(pos)
+        );
+        self.delete(&path).await
+    }
+
+    /// Whether an attended order is on the POS (instore API).
+    pub async fn instore_order_present(
+        &self,
+        collector_id: u64,
+        pos: &str,
+    ) -> Result<bool, MpError> {
+        let path = format!(
+            "/instore/qr/seller/collectors/{collector_id}/pos/{}/orders",
+            path_segment(pos)
+        );
+        match self.call_raw(&Request::get(&path)).await {
+            Ok(body) => Ok(serde_json::from_slice::<Vec<serde_json::Value>>(&body)
+                .map(|orders| !orders.is_empty())
+                // An answer that is not an array still says 200: something is there.
+                .unwrap_or(true)),
+            Err(e) if e.is_not_found() => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Places an attended order with the legacy API (any 2xx is success).
+    pub async fn place_legacy_order(
+        &self,
+        collector_id: u64,
+        pos: &str,
+        body: &[u8],
+    ) -> Result<(), MpError> {
+        let path = format!("/mpmobile/instore/qr/{collector_id}/{}", path_segment(pos));
+        self.call_raw(&Request {
+            method: reqwest::Method::POST,
+            path: &path,
+            idempotency_key: None,
+            body: Some(body),
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Removes a legacy attended order; `false` when there was none.
+    pub async fn remove_legacy_order(&self, collector_id: u64, pos: &str) -> Result<bool, MpError> {
+        let path = format!("/mpmobile/instore/qr/{collector_id}/{}", path_segment(pos));
+        self.delete(&path).await
+    }
+
+    async fn delete(&self, path: &str) -> Result<bool, MpError> {
+        match self
+            .call_raw(&Request {
+                method: reqwest::Method::DELETE,
+                path,
+                idempotency_key: None,
+                body: None,
+            })
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if e.is_not_found() => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Store and POS external ids are checked at start, but a path segment is
+/// escaped anyway: nothing in configuration may rewrite a URL's path.
+fn path_segment(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }

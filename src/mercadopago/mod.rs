@@ -2,5 +2,7 @@
 //! stands in for it in tests and `qrgate demo`.
 
 pub mod client;
+pub mod order_body;
+pub mod pos_api;
 pub mod simulator;
 pub mod wire;

@@ -11,16 +11,93 @@
 //!   `PUT`/`DELETE .../pos/{pos}/orders`, with bodies shaped like captured real ones (noise fields,
 //!   `null`s, `order.id` as a string in payments, amounts as exact JSON numbers).
 //!
-//! Test levers ([`Simulator::fail_next`], [`Simulator::set_latency`], [`Simulator::insert_merchant_order`],
-//! [`NotifyMode`]) break it on purpose: outages, 429s, slow answers, lost, duplicated and forged
-//! notifications, foreign merchant orders.
+//! Stores and POS registration (`registry`): `GET /users/{collector}/stores/search?external_id=`,
+//! `POST /users/{collector}/stores` (201), `PUT /users/{collector}/stores/{id}` (200), `GET /stores/{id}`,
+//! `GET /pos?external_id=&external_store_id=&store_id=&category=&offset=&limit=`, `POST /pos` (201),
+//! `GET /pos/{id}`, `PUT /pos/{id}` (200), `DELETE /pos/{id}` (204). Searches answer
+//! `{"paging":{"total","offset","limit"},"results":[…]}` (limit 50 by default). Errors carry MP's codes
+//! from its API reference in `error`: `FIXED_AMOUNT_FALSE`, `INVALID_EXTERNAL_ID`, `EXTERNAL_ID_TOO_LONG`
+//! (40 or more), `INVALID_URL`, `URL_TOO_LONG` (300 or more: MP says "less than 300"), `UNKNOWN_MCC`
+//! (`POS_UNKNOWN_MCC` on PUT), `INVALID_CATEGORY` (not a number), `INEXISTENT_EXTERNAL_STORE_ID`,
+//! `EXTERNAL_STORE_ID_NOT_MATCH`, `NAME_TOO_LONG` (45 or more), `UNKNOWN_FIELD_EXCEPTION` (a field
+//! MP does not know), `MISSING_BODY`; a url whose host is not enabled is 403 `forbidden`; an
+//! `external_id` already used by another POS is 409 `pos_already_exists`. Stores: `UNKNOWN_FIELD`,
+//! `INVALID_NAME`, `INVALID_LOCATION`, `INVALID_STREET_NAME`/`_NUMBER`, `INVALID_CITY_NAME`,
+//! `INVALID_STATE_NAME` (strings, required), `INVALID_LATITUDE`/`LONGITUDE` (numbers, required),
+//! `EXTERNAL_ID_TOO_LONG` (over 60) and 400 `External_id-already-used`. A collector in the path that is
+//! not the token's is 403 `forbidden`.
 //!
-//! Not simulated: OAuth and `client-id`; `x-signature` on webhooks; POS and store registration
-//! (`POST /pos`, stores) and the legacy `mpmobile` API; MP's own retries of failed notifications (a
-//! failed delivery is recorded, and a test re-sends with `notify_*`); notifications after refunds;
-//! merchant order expiry (`expired`), chargebacks, `pending` payment flows beyond
-//! [`PaymentOutcome::InProcess`]; taxes, `marketplace_fee` and `loyalty`; MP's poll cadence (each
-//! [`Simulator::scan`] is one poll, the test decides how many).
+//! The attended model (`attended`): the instore API's `PUT …/stores/{store}/pos/{pos}/orders` (204),
+//! `GET …/pos/{pos}/orders` (200 `[order as placed]`, or 404 `point_of_sale_in_store_order_not_found`)
+//! and `DELETE …/pos/{pos}/orders` (204, or that 404 when there is none), and the legacy
+//! `POST /mpmobile/instore/qr/{user}/{pos}` (200 `{}`) and `DELETE` on that path (204 or 404). One
+//! order per POS, whichever API placed it; [`Simulator::scan_attended`] turns it into a merchant order.
+//! Bodies are checked as `validate` reads POS answers (the PUT as the v2 answer, the legacy POST as
+//! the v1 answer without `collector_id`), refusals answering 400 with MP-style codes
+//! (`invalid_items.unit_price`, `invalid_total_amount`, `invalid_sponsor.id`, `invalid_expiration_date`…).
+//!
+//! MP's Orders API (`orders_api`): `POST /v1/orders` (201, `type: "qr"`, amounts as two-decimal
+//! strings, `X-Idempotency-Key` required: the same key answers the first answer again),
+//! `GET /v1/orders/{id}` (200/404), `POST /v1/orders/{id}/cancel` (200; 409 unless `created`) and
+//! `POST /v1/orders/{id}/refund` (200; empty body = all that is left, or `{"transactions": [{"id":
+//! payment id, "amount": "10.00"}]}`; 409 unless `processed`). [`Simulator::pay_order`] pays it and
+//! sends the `order` webhook to [`Simulator::set_orders_webhook_url`]; the order sits on its POS's
+//! attended slot, so [`Simulator::scan_attended`] shows it (with `merchant_order_id` 0 and `order_id`).
+//!
+//! Test levers ([`Simulator::fail_next`], [`Simulator::set_latency`], [`Simulator::insert_merchant_order`],
+//! [`NotifyMode`], [`Simulator::set_allowed_url_hosts`], [`Simulator::set_known_categories`],
+//! [`Simulator::set_pos_field`], [`Simulator::drop_attended_order`], [`Simulator::expire_attended_order`],
+//! [`Simulator::expire_order`]) break it on purpose: outages, 429s, slow answers, lost, duplicated and
+//! forged notifications, foreign merchant orders, hosts MP has not enabled, drift at MP.
+//!
+//! Choices where MP documents nothing (each one the simulator's own):
+//! - Store and POS ids are JSON numbers; a POS's `store_id` is the store's number. MP's reference calls
+//!   some of them strings: a client should accept both.
+//! - A store needs `name` and a `location` with the four text fields and both coordinates; `reference`,
+//!   `zip_code` and `business_hours` are optional and echoed. A PUT merges: the fields given replace,
+//!   location fields one by one; `address_line` is "street_name street_number, city_name, state_name".
+//! - A POS needs `name`, `external_id` and a store (`external_store_id` or `store_id`); `category` is
+//!   optional (served as `null`). The known categories are the site's gas-station MCC
+//!   ([`GAS_STATION_MCC`], the site taken from `site_currency`) and [`GENERIC_MCC_CATEGORIES`]. A
+//!   missing store is 400 `INEXISTENT_EXTERNAL_STORE_ID`, as MP's reference says (not 404).
+//! - A POS PUT may change any field of the POST, `url: null` removes the url; only the fields it sends
+//!   are checked against the category list and the enabled hosts, so earlier drift does not fail it.
+//! - POS checks run in this order: unknown fields, each field's type and shape, name, external_id,
+//!   store, `FIXED_AMOUNT_FALSE`, category, host (403), uniqueness (409).
+//!
+//! - Attended orders: a missing `expiration_date` is MP's 10 minutes, a past or malformed one is 400;
+//!   the legacy body has none (10 minutes). An expired order reads as none (GET and DELETE 404). A
+//!   fully paid order leaves the POS (MP closes it), a rejected or partial payment leaves it there. The
+//!   instore GET shows the order of either API, and either API's DELETE removes it. The POS need not
+//!   be registered unless [`Simulator::set_require_registered_pos`] says so. `taxes` (`[{"type":
+//!   string, "value": number}]`) are checked and kept as sent; they change no total.
+//! - Orders API: statuses `created`, `action_required`, `processed`, `canceled`, `refunded`, and
+//!   `expired` (read from `expiration_time`, an ISO 8601 duration, default `PT10M`). A rejected payment
+//!   leaves the order `created` on its POS with its payment `failed`; `ApprovedAmount(x)` processes it
+//!   with `total_paid_amount` x (short or over: the case a client must not close on); `InProcess` makes
+//!   it `action_required` (still payable, not cancelable). A partial refund leaves it `processed` /
+//!   `partially_refunded`. The webhook (`POST {url}?data.id={id}&type=order`) carries `action`
+//!   `order.{status}` (`order.action_required` for a `created` order after a failed attempt), `type`
+//!   `order`, `data: {id, status, status_detail, total_paid_amount?, version}`; one per payment
+//!   attempt (`NotifyMode::None` none, `Duplicated(n)` n), none for cancel, refund or expiry; with no
+//!   webhook url set nothing is sent and [`Simulator::unsent_order_notifications`] says so. Items are
+//!   optional; when sent, Σ unit_price × quantity (whole quantities) must be `total_amount`, as must the
+//!   one payment's `amount`. Unknown properties are `unsupported_properties`. The same key with a
+//!   different body answers the first order. A new order of any API on the POS replaces an Orders API
+//!   order there: it stays `created` until it expires, off the POS.
+//! - v2 poll answers (`validate`): a 202's `status.status_detail` must be one of MP's spellings
+//!   (`Waiting_for_order`, `in_process`, `notihing_to_pay`), anything else is
+//!   [`SimError::InvalidOrder`] (v1's undocumented `error.type`s are only logged); a 200 is v2 only
+//!   with `order-version: 2`, and a v2 body without the header is refused saying so.
+//! - The v2 answer's amounts must be JSON numbers, `unit_measure` is required, `sponsor.id` must be a
+//!   number; the v1 answer and legacy body keep v1's looseness (numbers or decimal strings).
+//!
+//! Not simulated: OAuth and `client-id`; `x-signature` on webhooks; MP's
+//! own retries of failed notifications (a failed delivery is recorded, and a test re-sends with
+//! `notify_*`); notifications after refunds; merchant order expiry (`expired`), chargebacks, `pending`
+//! payment flows beyond [`PaymentOutcome::InProcess`]; `marketplace_fee` and `loyalty`; MP's
+//! poll cadence (each [`Simulator::scan`] is one poll, the test decides how many); store deletion and
+//! business-hours validation.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::str::FromStr;
@@ -35,6 +112,16 @@ use rand::Rng;
 use rust_decimal::{Decimal, RoundingStrategy};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+
+mod attended;
+mod orders_api;
+mod registry;
+mod validate;
+
+use validate::{validate_v1, validate_v2, waiting_v1, waiting_v2};
+
+pub use orders_api::OrderRefundRecord;
+pub use registry::{gas_station_mcc, GAS_STATION_MCC, GENERIC_MCC_CATEGORIES};
 
 // Distinct ranges, so that a merchant order id used as a payment id (or the reverse) finds nothing.
 const FIRST_MERCHANT_ORDER_ID: u64 = 30_000_000_001;
@@ -53,7 +140,6 @@ const NOTIFY_TIMEOUT: Duration = Duration::from_secs(22);
 // Attended orders expire after 10 minutes unless `expiration_date` says otherwise.
 const ATTENDED_TTL_MINUTES: i64 = 10;
 const SEARCH_DEFAULT_LIMIT: usize = 30;
-const MAX_EXTERNAL_REFERENCE: usize = 256;
 // `qrgate demo` may run for hours: the call and notification logs keep only the latest entries.
 const LOG_CAP: usize = 100_000;
 
@@ -121,7 +207,10 @@ pub enum Scan {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ScannedOrder {
+    /// 0 for an Orders API order, which opens no merchant order.
     pub merchant_order_id: u64,
+    /// The Orders API order scanned (`None` for merchant orders).
+    pub order_id: Option<String>,
     pub external_reference: String,
     pub total_amount: Decimal,
     pub currency_id: String,
@@ -166,6 +255,14 @@ pub enum SimError {
     UnknownPayment(u64),
     #[error("unexpected answer: HTTP {status}: {body}")]
     BadAnswer { status: u16, body: String },
+    #[error("no POS with external_id {0}")]
+    UnknownPos(String),
+    #[error("POS {0} has no url registered")]
+    PosWithoutUrl(String),
+    #[error("no store with external_id {0}")]
+    UnknownStore(String),
+    #[error("unknown Orders API order {0}")]
+    UnknownOrder(String),
 }
 
 /// A running simulator; clones share it. Dropping the last clone stops its HTTP server.
@@ -242,7 +339,8 @@ impl Simulator {
         self.inner.handle.stop(true).await;
     }
 
-    /// One poll of `pos_url` as the MP app does it; an order answer opens a new merchant order.
+    /// One poll of `pos_url` as the MP app does it; an order answer opens a new merchant order. A 400
+    /// is a v1 wait, a 202 a v2 wait, a 200 an order (v2 with the header `order-version: 2`).
     pub async fn scan(&self, pos_url: &str) -> Result<Scan, SimError> {
         let response = self
             .inner
@@ -280,15 +378,29 @@ impl Simulator {
         }
         match status {
             400 => waiting_v1(&body).ok_or(SimError::BadAnswer { status, body }),
-            202 => waiting_v2(&body).ok_or(SimError::BadAnswer { status, body }),
+            202 => match waiting_v2(&body) {
+                None => Err(SimError::BadAnswer { status, body }),
+                Some(scan) => scan.map_err(|refusal| SimError::InvalidOrder(refusal.message)),
+            },
             _ => {
                 let config = &self.inner.shared.config;
                 let request = if v2 {
                     validate_v2(&body, config)
                 } else {
-                    validate_v1(&body, config)
+                    validate_v1(&body, config).map_err(|refusal| {
+                        // MP reads a 200 without `order-version: 2` as v1, whatever the body.
+                        if validate_v2(&body, config).is_ok() {
+                            validate::Refusal {
+                                code: "invalid_order_version".to_owned(),
+                                message: "a v2 order body needs the header order-version: 2"
+                                    .to_owned(),
+                            }
+                        } else {
+                            refusal
+                        }
+                    })
                 }
-                .map_err(SimError::InvalidOrder)?;
+                .map_err(|refusal| SimError::InvalidOrder(refusal.message))?;
                 Ok(Scan::Order(self.open_order(request, body, None).await))
             }
         }
@@ -319,6 +431,9 @@ impl Simulator {
                 kind: "expired".to_owned(),
                 message: Some(format!("the order on POS {external_pos_id} expired")),
             });
+        }
+        if let attended::AttendedApi::Orders(order_id) = &placed.api {
+            return Ok(self.scan_orders_api(order_id, external_pos_id));
         }
         let pos = Some(external_pos_id.to_owned());
         Ok(Scan::Order(
@@ -388,6 +503,7 @@ impl Simulator {
         }
         ScannedOrder {
             merchant_order_id: id,
+            order_id: None,
             external_reference: request.external_reference,
             total_amount: request.total,
             currency_id: request.currency_id,
@@ -634,6 +750,9 @@ struct State {
     latencies: Vec<(String, Duration)>,
     notify_mode: NotifyMode,
     notify_on_open: bool,
+    registry: registry::Registry,
+    require_registered_pos: bool,
+    orders_api: orders_api::OrdersApi,
 }
 
 enum Stored {
@@ -704,11 +823,14 @@ struct StoredRefund {
     date_created: String,
 }
 
+/// The order on an attended POS (one per POS; a new one replaces it).
 #[derive(Clone)]
 struct AttendedOrder {
     request: OrderRequest,
+    /// The body as received.
     body: String,
     expires: DateTime<Utc>,
+    api: attended::AttendedApi,
 }
 
 struct FailRule {
@@ -751,6 +873,9 @@ impl State {
             latencies: Vec::new(),
             notify_mode: NotifyMode::default(),
             notify_on_open: false,
+            registry: registry::Registry::new(),
+            require_registered_pos: false,
+            orders_api: orders_api::OrdersApi::default(),
         }
     }
 
@@ -1193,7 +1318,17 @@ fn answer(shared: &Shared, req: &HttpRequest, path: &str, body: &[u8]) -> HttpRe
         return mp_error(401, "invalid access token", "unauthorized");
     }
     let segments: Vec<&str> = req.path().trim_start_matches('/').split('/').collect();
-    match (req.method().as_str(), segments.as_slice()) {
+    let method = req.method().as_str();
+    if let Some(response) = registry::route(shared, method, &segments, req.query_string(), body) {
+        return response;
+    }
+    if let Some(response) = attended::route(shared, method, &segments, body) {
+        return response;
+    }
+    if let Some(response) = orders_api::route(shared, req, method, &segments, body) {
+        return response;
+    }
+    match (method, segments.as_slice()) {
         ("GET", ["merchant_orders", "search"]) => search(shared, req.query_string()),
         ("GET", ["merchant_orders", id]) => {
             let state = shared.lock();
@@ -1235,17 +1370,6 @@ fn answer(shared: &Shared, req: &HttpRequest, path: &str, body: &[u8]) -> HttpRe
                 }
                 None => mp_error(404, "Payment not found", "not_found"),
             }
-        }
-        (
-            "PUT",
-            ["instore", "qr", "seller", "collectors", user_id, "stores", _store, "pos", pos, "orders"],
-        ) => place_attended(shared, user_id, pos, body),
-        ("DELETE", ["instore", "qr", "seller", "collectors", user_id, "pos", pos, "orders"]) => {
-            if !is_collector(shared, user_id) {
-                return collector_mismatch();
-            }
-            shared.lock().attended.remove(*pos);
-            HttpResponse::NoContent().finish()
         }
         _ => mp_error(404, "resource not found", "not_found"),
     }
@@ -1381,39 +1505,6 @@ fn refund(shared: &Shared, req: &HttpRequest, payment_id: u64, body: &[u8]) -> H
     json_response(StatusCode::CREATED, answer)
 }
 
-fn place_attended(shared: &Shared, user_id: &str, pos: &str, body: &[u8]) -> HttpResponse {
-    if !is_collector(shared, user_id) {
-        return collector_mismatch();
-    }
-    let Ok(text) = std::str::from_utf8(body) else {
-        return mp_error(400, "invalid body", "bad_request");
-    };
-    let request = match validate_v2(text, &shared.config) {
-        Ok(request) => request,
-        Err(reason) => return mp_error(400, &reason, "bad_request"),
-    };
-    let expiration = serde_json::from_str::<serde_json::Value>(text)
-        .ok()
-        .and_then(|v| Some(v.get("expiration_date")?.as_str()?.to_owned()));
-    let expires = match expiration {
-        None => Utc::now() + chrono::Duration::minutes(ATTENDED_TTL_MINUTES),
-        Some(date) => match DateTime::parse_from_rfc3339(&date) {
-            Ok(date) => date.with_timezone(&Utc),
-            Err(_) => return mp_error(400, "invalid expiration_date", "bad_request"),
-        },
-    };
-    // A new order replaces whatever was on the POS.
-    shared.lock().attended.insert(
-        pos.to_owned(),
-        AttendedOrder {
-            request,
-            body: text.to_owned(),
-            expires,
-        },
-    );
-    HttpResponse::NoContent().finish()
-}
-
 fn is_collector(shared: &Shared, user_id: &str) -> bool {
     user_id.parse::<u64>().ok() == Some(shared.config.collector_id)
 }
@@ -1443,6 +1534,28 @@ fn injected_failure(status: u16) -> HttpResponse {
         );
     }
     response
+}
+
+/// An MP error answer before it is rendered: its status, `message` and `error` together.
+#[derive(Debug)]
+struct MpError {
+    status: u16,
+    message: String,
+    error: String,
+}
+
+impl MpError {
+    fn new(status: u16, message: &str, error: &str) -> MpError {
+        MpError {
+            status,
+            message: message.to_owned(),
+            error: error.to_owned(),
+        }
+    }
+
+    fn response(&self) -> HttpResponse {
+        mp_error(self.status, &self.message, &self.error)
+    }
 }
 
 fn mp_error(status: u16, message: &str, error: &str) -> HttpResponse {
@@ -1546,271 +1659,6 @@ async fn deliver(
         }
         (Ok(_), None) => Err(SimError::Http(format!("POST {}", notification.url))),
     }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Reading POS answers as MP does.
-
-#[derive(Deserialize)]
-struct V1Waiting {
-    error: V1WaitingError,
-}
-
-#[derive(Deserialize)]
-struct V1WaitingError {
-    #[serde(rename = "type")]
-    kind: String,
-    message: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct V2Waiting {
-    status: V2WaitingStatus,
-}
-
-#[derive(Deserialize)]
-struct V2WaitingStatus {
-    status_detail: String,
-    message: Option<String>,
-}
-
-fn waiting_v1(body: &str) -> Option<Scan> {
-    let answer: V1Waiting = serde_json::from_str(body).ok()?;
-    if !matches!(
-        answer.error.kind.as_str(),
-        "in_process" | "unavailable" | "invalid" | "timeout"
-    ) {
-        tracing::warn!(kind = %answer.error.kind, "POS answered an undocumented v1 error.type");
-    }
-    Some(Scan::Waiting {
-        http_status: 400,
-        kind: answer.error.kind,
-        message: answer.error.message,
-    })
-}
-
-fn waiting_v2(body: &str) -> Option<Scan> {
-    let answer: V2Waiting = serde_json::from_str(body).ok()?;
-    if !matches!(
-        answer.status.status_detail.as_str(),
-        "in_process" | "notihing_to_pay" | "Waiting_for_order"
-    ) {
-        tracing::warn!(kind = %answer.status.status_detail, "POS answered an undocumented v2 status_detail");
-    }
-    Some(Scan::Waiting {
-        http_status: 202,
-        kind: answer.status.status_detail,
-        message: answer.status.message,
-    })
-}
-
-#[derive(Deserialize)]
-struct V1Order {
-    collector_id: Option<Box<RawValue>>,
-    sponsor_id: Option<Box<RawValue>>,
-    items: Option<Vec<V1Item>>,
-    external_reference: Option<String>,
-    notification_url: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct V1Item {
-    title: Option<String>,
-    description: Option<String>,
-    currency_id: Option<String>,
-    quantity: Option<Box<RawValue>>,
-    unit_price: Option<Box<RawValue>>,
-}
-
-#[derive(Deserialize)]
-struct V2Order {
-    external_reference: Option<String>,
-    total_amount: Option<Box<RawValue>>,
-    items: Option<Vec<V2Item>>,
-    notification_url: Option<String>,
-    sponsor: Option<V2Sponsor>,
-}
-
-#[derive(Deserialize)]
-struct V2Item {
-    title: Option<String>,
-    description: Option<String>,
-    quantity: Option<Box<RawValue>>,
-    unit_price: Option<Box<RawValue>>,
-    total_amount: Option<Box<RawValue>>,
-}
-
-#[derive(Deserialize)]
-struct V2Sponsor {
-    id: Option<Box<RawValue>>,
-}
-
-fn validate_v1(body: &str, config: &SimulatorConfig) -> Result<OrderRequest, String> {
-    let order: V1Order =
-        serde_json::from_str(body).map_err(|e| format!("not a v1 order body: {e}"))?;
-    let collector = order
-        .collector_id
-        .as_deref()
-        .ok_or("collector_id is missing")?;
-    let collector = raw_id(collector)
-        .ok_or_else(|| format!("collector_id {} is not an id", collector.get()))?;
-    if collector != config.collector_id {
-        return Err(format!(
-            "collector_id {collector} is not the seller's ({})",
-            config.collector_id
-        ));
-    }
-    if let Some(sponsor) = order.sponsor_id.as_deref() {
-        if raw_id(sponsor).is_none() && sponsor.get() != "null" {
-            return Err(format!("sponsor_id {} is not an id", sponsor.get()));
-        }
-    }
-    let external_reference = check_reference(order.external_reference)?;
-    let notification_url = check_url(order.notification_url)?;
-    let lines = order
-        .items
-        .filter(|items| !items.is_empty())
-        .ok_or("items is missing or empty")?;
-    let decimals = currency_decimals(&config.site_currency);
-    let mut items = Vec::with_capacity(lines.len());
-    let mut total = Decimal::ZERO;
-    for (n, line) in lines.into_iter().enumerate() {
-        let title = required(line.title, &format!("items[{n}].title"))?;
-        if let Some(currency) = &line.currency_id {
-            if currency != &config.site_currency {
-                return Err(format!(
-                    "items[{n}].currency_id {currency} is not the site's currency {}",
-                    config.site_currency
-                ));
-            }
-        }
-        let quantity = decimal_field(line.quantity.as_deref(), &format!("items[{n}].quantity"))?;
-        if quantity <= Decimal::ZERO || !quantity.fract().is_zero() {
-            return Err(format!(
-                "items[{n}].quantity {quantity} is not a positive whole number"
-            ));
-        }
-        let unit_price = price_field(line.unit_price.as_deref(), n, decimals)?;
-        total += quantity * unit_price;
-        items.push(OrderItem {
-            title,
-            description: line.description.unwrap_or_default(),
-            quantity,
-            unit_price,
-        });
-    }
-    Ok(OrderRequest {
-        external_reference,
-        notification_url,
-        currency_id: config.site_currency.clone(),
-        items,
-        total,
-    })
-}
-
-/// The v2 answer, also the attended model's order. Quantities may have decimals here (`unit_measure`
-/// can be litres); each item's `total_amount` must be its quantity × unit_price rounded to the
-/// currency, and the order's the sum of the items'. MP documents no finer rule.
-fn validate_v2(body: &str, config: &SimulatorConfig) -> Result<OrderRequest, String> {
-    let order: V2Order =
-        serde_json::from_str(body).map_err(|e| format!("not a v2 order body: {e}"))?;
-    let external_reference = check_reference(order.external_reference)?;
-    let notification_url = check_url(order.notification_url)?;
-    if let Some(sponsor) = order.sponsor.as_ref().and_then(|s| s.id.as_deref()) {
-        if raw_id(sponsor).is_none() {
-            return Err(format!("sponsor.id {} is not an id", sponsor.get()));
-        }
-    }
-    let lines = order
-        .items
-        .filter(|items| !items.is_empty())
-        .ok_or("items is missing or empty")?;
-    let decimals = currency_decimals(&config.site_currency);
-    let mut items = Vec::with_capacity(lines.len());
-    let mut sum = Decimal::ZERO;
-    for (n, line) in lines.into_iter().enumerate() {
-        let title = required(line.title, &format!("items[{n}].title"))?;
-        let quantity = decimal_field(line.quantity.as_deref(), &format!("items[{n}].quantity"))?;
-        if quantity <= Decimal::ZERO || quantity.normalize().scale() > 3 {
-            return Err(format!(
-                "items[{n}].quantity {quantity} is not positive with at most 3 decimals"
-            ));
-        }
-        let unit_price = price_field(line.unit_price.as_deref(), n, decimals)?;
-        let line_total = decimal_field(
-            line.total_amount.as_deref(),
-            &format!("items[{n}].total_amount"),
-        )?;
-        let expected = (quantity * unit_price)
-            .round_dp_with_strategy(decimals, RoundingStrategy::MidpointAwayFromZero);
-        if line_total != expected {
-            return Err(format!(
-                "items[{n}].total_amount {line_total} is not quantity × unit_price ({expected})"
-            ));
-        }
-        sum += line_total;
-        items.push(OrderItem {
-            title,
-            description: line.description.unwrap_or_default(),
-            quantity,
-            unit_price,
-        });
-    }
-    let total = decimal_field(order.total_amount.as_deref(), "total_amount")?;
-    if total != sum {
-        return Err(format!(
-            "total_amount {total} is not the sum of the items' total_amount ({sum})"
-        ));
-    }
-    Ok(OrderRequest {
-        external_reference,
-        notification_url,
-        currency_id: config.site_currency.clone(),
-        items,
-        total,
-    })
-}
-
-fn required(value: Option<String>, name: &str) -> Result<String, String> {
-    value
-        .filter(|v| !v.trim().is_empty())
-        .ok_or_else(|| format!("{name} is missing or empty"))
-}
-
-fn check_reference(value: Option<String>) -> Result<String, String> {
-    let reference = required(value, "external_reference")?;
-    if reference.chars().count() > MAX_EXTERNAL_REFERENCE {
-        return Err(format!(
-            "external_reference is longer than {MAX_EXTERNAL_REFERENCE} characters"
-        ));
-    }
-    Ok(reference)
-}
-
-fn check_url(value: Option<String>) -> Result<String, String> {
-    let url = required(value, "notification_url")?;
-    if !(url.starts_with("http://") || url.starts_with("https://")) {
-        return Err(format!("notification_url {url} is not an http(s) URL"));
-    }
-    Ok(url)
-}
-
-fn decimal_field(raw: Option<&RawValue>, name: &str) -> Result<Decimal, String> {
-    let raw = raw.ok_or_else(|| format!("{name} is missing"))?;
-    raw_decimal(raw).ok_or_else(|| format!("{name} {} is not a number", raw.get()))
-}
-
-fn price_field(raw: Option<&RawValue>, n: usize, decimals: u32) -> Result<Decimal, String> {
-    let price = decimal_field(raw, &format!("items[{n}].unit_price"))?;
-    if price <= Decimal::ZERO {
-        return Err(format!("items[{n}].unit_price {price} is not positive"));
-    }
-    if price.normalize().scale() > decimals {
-        return Err(format!(
-            "items[{n}].unit_price {price} has more than {decimals} decimals"
-        ));
-    }
-    Ok(price)
 }
 
 /// A JSON number (or decimal string) as an exact decimal.
@@ -2136,9 +1984,9 @@ struct RefundSourceJson<'a> {
 mod tests {
     use super::*;
 
-    const REFERENCE: &str = "st01-p03-20261123-000042";
+    pub(super) const REFERENCE: &str = "st01-p03-20261123-000042";
 
-    fn dec(text: &str) -> Decimal {
+    pub(super) fn dec(text: &str) -> Decimal {
         Decimal::from_str(text).unwrap()
     }
 
@@ -2156,15 +2004,15 @@ mod tests {
     }
 
     /// A POS URL and a notification endpoint, as qrgate would serve them.
-    struct Pos {
-        url: String,
-        notify_url: String,
+    pub(super) struct Pos {
+        pub(super) url: String,
+        pub(super) notify_url: String,
         answer: Arc<Mutex<PosAnswer>>,
         received: Arc<Mutex<Vec<Received>>>,
     }
 
     impl Pos {
-        async fn spawn() -> Pos {
+        pub(super) async fn spawn() -> Pos {
             let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             let base = format!("http://127.0.0.1:{}", listener.local_addr().unwrap().port());
             let answer = Arc::new(Mutex::new(PosAnswer {
@@ -2199,7 +2047,7 @@ mod tests {
             }
         }
 
-        fn answer(&self, status: u16, body: String) {
+        pub(super) fn answer(&self, status: u16, body: String) {
             *self.answer.lock().unwrap() = PosAnswer {
                 status,
                 order_version: false,
@@ -2208,16 +2056,16 @@ mod tests {
             };
         }
 
-        fn answer_v2(&self, body: String) {
+        pub(super) fn answer_v2(&self, body: String) {
             self.answer(200, body);
             self.answer.lock().unwrap().order_version = true;
         }
 
-        fn order(&self, unit_price: &str) {
+        pub(super) fn order(&self, unit_price: &str) {
             self.answer(200, self.v1_body(REFERENCE, unit_price));
         }
 
-        fn v1_body(&self, reference: &str, unit_price: &str) -> String {
+        pub(super) fn v1_body(&self, reference: &str, unit_price: &str) -> String {
             format!(
                 r#"{{"collector_id":178106235,"sponsor_id":334249281,
                 "items":[{{"title":"Super 95 — 32.10 L","description":"Pump 3","currency_id":"ARS",
@@ -2227,7 +2075,7 @@ mod tests {
             )
         }
 
-        fn received(&self) -> Vec<(String, String)> {
+        pub(super) fn received(&self) -> Vec<(String, String)> {
             let received = self.received.lock().unwrap();
             received
                 .iter()
@@ -2258,12 +2106,12 @@ mod tests {
         HttpResponse::Ok().finish()
     }
 
-    async fn start() -> (Simulator, Pos) {
+    pub(super) async fn start() -> (Simulator, Pos) {
         let sim = Simulator::start(SimulatorConfig::default()).await.unwrap();
         (sim, Pos::spawn().await)
     }
 
-    async fn call(
+    pub(super) async fn call(
         sim: &Simulator,
         method: reqwest::Method,
         path: &str,
@@ -2286,7 +2134,29 @@ mod tests {
         (status, headers, response.text().await.unwrap())
     }
 
-    async fn get(sim: &Simulator, path: &str) -> (u16, String) {
+    /// An authorized call with a JSON body; the answer parsed (`Null` when empty or not JSON).
+    pub(super) async fn send(
+        sim: &Simulator,
+        method: reqwest::Method,
+        path: &str,
+        body: &str,
+    ) -> (u16, serde_json::Value) {
+        let (status, _, text) = call(
+            sim,
+            method,
+            path,
+            Some("TEST-sim-token"),
+            &[("content-type", "application/json")],
+            body,
+        )
+        .await;
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    pub(super) async fn get(sim: &Simulator, path: &str) -> (u16, String) {
         let (status, _, body) = call(
             sim,
             reqwest::Method::GET,
@@ -2315,14 +2185,14 @@ mod tests {
         (status, body)
     }
 
-    async fn scanned(sim: &Simulator, pos: &Pos) -> ScannedOrder {
+    pub(super) async fn scanned(sim: &Simulator, pos: &Pos) -> ScannedOrder {
         match sim.scan(&pos.url).await.unwrap() {
             Scan::Order(order) => order,
             other => panic!("expected an order, got {other:?}"),
         }
     }
 
-    fn json(text: &str) -> serde_json::Value {
+    pub(super) fn json(text: &str) -> serde_json::Value {
         serde_json::from_str(text).unwrap()
     }
 
@@ -2986,7 +2856,10 @@ mod tests {
             "",
         )
         .await;
-        assert_eq!(status, 204);
+        assert_eq!(
+            status, 404,
+            "MP closed the paid order: nothing left to delete"
+        );
     }
 
     #[tokio::test]

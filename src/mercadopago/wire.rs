@@ -10,6 +10,7 @@ use serde_json::value::RawValue;
 
 use crate::money::parse_decimal;
 use crate::orders::settle::{MerchantOrderFacts, MerchantOrderStatus, PaymentFacts, PaymentStatus};
+use crate::orders::MpId;
 
 /// An id that may come as a JSON number or a string ("captured real
 /// responses carry `order.id` as a string").
@@ -89,6 +90,100 @@ pub struct MerchantOrder {
     pub payments: Option<Vec<MoPayment>>,
 }
 
+/// An order of Mercado Pago's Orders API (`GET /v1/orders/{id}`). Its ids
+/// are text and its amounts decimal strings; fields we do not use may be
+/// anything.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ApiOrder {
+    pub id: String,
+    #[serde(default)]
+    pub status: Option<String>,
+    #[serde(default)]
+    pub status_detail: Option<String>,
+    #[serde(default)]
+    pub external_reference: Option<String>,
+    #[serde(default, deserialize_with = "opt_decimal")]
+    pub total_amount: Option<Decimal>,
+    #[serde(default)]
+    pub currency: Option<String>,
+    #[serde(default)]
+    pub transactions: Option<ApiTransactions>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ApiTransactions {
+    #[serde(default)]
+    pub payments: Option<Vec<ApiPayment>>,
+    #[serde(default)]
+    pub refunds: Option<Vec<ApiRefund>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ApiPayment {
+    pub id: String,
+    #[serde(default)]
+    pub status: Option<String>,
+    #[serde(default, deserialize_with = "opt_decimal")]
+    pub amount: Option<Decimal>,
+    #[serde(default, deserialize_with = "opt_decimal")]
+    pub paid_amount: Option<Decimal>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ApiRefund {
+    pub id: String,
+}
+
+impl ApiOrder {
+    /// The same facts a merchant order gives, so one rule settles both:
+    /// `processed` is the Orders API's `closed`, a `processed` payment its
+    /// `approved`. The order was fetched with our own token, so it is the
+    /// collector's; an order without a currency is in the account's
+    /// (`currency`, one account, one currency).
+    pub fn facts(&self, collector_id: u64, currency: &str) -> MerchantOrderFacts {
+        let status = match self.status.as_deref() {
+            Some("processed") => MerchantOrderStatus::Closed,
+            Some("created" | "action_required") => MerchantOrderStatus::Opened,
+            Some("expired") => MerchantOrderStatus::Expired,
+            other => MerchantOrderStatus::Other(other.unwrap_or("missing").to_owned()),
+        };
+        let currency = self.currency.clone().unwrap_or_else(|| currency.to_owned());
+        let payments = self
+            .transactions
+            .iter()
+            .flat_map(|t| t.payments.iter().flatten())
+            .filter_map(|p| {
+                Some(PaymentFacts {
+                    id: MpId::parse(&p.id)?,
+                    status: match p.status.as_deref() {
+                        Some("processed") => PaymentStatus::Approved,
+                        other => PaymentStatus::Other(other.unwrap_or("missing").to_owned()),
+                    },
+                    amount: p.paid_amount.or(p.amount).unwrap_or(Decimal::ZERO),
+                    currency: Some(currency.clone()),
+                })
+            })
+            .collect();
+        MerchantOrderFacts {
+            id: MpId::parse(&self.id).unwrap_or_else(|| MpId::Text(String::new())),
+            status,
+            external_reference: self.external_reference.clone(),
+            collector_id: Some(collector_id),
+            payments,
+        }
+    }
+
+    /// The newest refund's id, after `POST /v1/orders/{id}/refund`.
+    pub fn last_refund(&self) -> Option<MpId> {
+        self.transactions
+            .as_ref()?
+            .refunds
+            .as_ref()?
+            .last()
+            .and_then(|r| MpId::parse(&r.id))
+    }
+}
+
 impl MerchantOrder {
     pub fn facts(&self) -> MerchantOrderFacts {
         let status = match self.status.as_deref() {
@@ -102,7 +197,7 @@ impl MerchantOrder {
             .iter()
             .flatten()
             .map(|p| PaymentFacts {
-                id: p.id.0,
+                id: MpId::Num(p.id.0),
                 status: match p.status.as_deref() {
                     Some("approved") => PaymentStatus::Approved,
                     other => PaymentStatus::Other(other.unwrap_or("missing").to_owned()),
@@ -117,7 +212,7 @@ impl MerchantOrder {
             })
             .collect();
         MerchantOrderFacts {
-            id: self.id.0,
+            id: MpId::Num(self.id.0),
             status,
             external_reference: self.external_reference.clone(),
             collector_id: self.collector.as_ref().and_then(|c| c.id).map(|i| i.0),

@@ -7,12 +7,15 @@ use serde::Deserialize;
 use super::topics::DeviceTopic;
 use crate::money::JsonDecimal;
 use crate::orders::book::{LineRequest, SaleRequest};
+use crate::orders::sale::Tax;
 use crate::orders::{Command, SaleId};
+use rust_decimal::Decimal;
 
 pub const MAX_ITEMS: usize = 100;
 pub const MAX_TITLE: usize = 120;
 pub const MAX_DESCRIPTION: usize = 256;
 pub const MAX_SHORT: usize = 64;
+pub const MAX_TAXES: usize = 4;
 
 /// Why a device message was refused before reaching the order book.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +43,14 @@ struct ItemJson {
     unit_measure: Option<String>,
     sku: Option<String>,
     category: Option<String>,
+    taxes: Option<Vec<TaxJson>>,
+}
+
+#[derive(Deserialize)]
+struct TaxJson {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    value: Option<JsonDecimal>,
 }
 
 #[derive(Deserialize)]
@@ -72,6 +83,38 @@ fn sniff_sale_id(payload: &[u8]) -> Option<SaleId> {
 fn sale_id(raw: Option<String>) -> Result<SaleId, Refused> {
     let raw = raw.ok_or_else(|| refused("bad_message", "sale_id is missing", None))?;
     SaleId::parse(&raw).map_err(|e| refused("bad_message", e, None))
+}
+
+/// An item's taxes (Colombia's IVA): a few, each a short name and a
+/// percentage between 0 and 100.
+fn taxes(n: usize, raw: Option<Vec<TaxJson>>, id: &SaleId) -> Result<Vec<Tax>, Refused> {
+    let raw = raw.unwrap_or_default();
+    if raw.len() > MAX_TAXES {
+        return Err(refused(
+            "bad_message",
+            format!("item {n} has more than {MAX_TAXES} taxes"),
+            Some(id.clone()),
+        ));
+    }
+    raw.into_iter()
+        .map(|t| {
+            let kind = t
+                .kind
+                .filter(|k| !k.trim().is_empty() && k.len() <= MAX_SHORT);
+            let value = t
+                .value
+                .map(|v| v.0)
+                .filter(|v| *v >= Decimal::ZERO && *v <= Decimal::ONE_HUNDRED);
+            match (kind, value) {
+                (Some(kind), Some(value)) => Ok(Tax { kind, value }),
+                _ => Err(refused(
+                    "bad_message",
+                    format!("item {n} has a tax without a short type or a value from 0 to 100"),
+                    Some(id.clone()),
+                )),
+            }
+        })
+        .collect()
 }
 
 fn bounded(
@@ -213,6 +256,7 @@ pub fn parse(
                         Some(id.clone()),
                     )
                 })?;
+                let taxes = taxes(n, it.taxes, &id)?;
                 lines.push(LineRequest {
                     title,
                     description: bounded("description", it.description, MAX_DESCRIPTION, &id)?,
@@ -221,6 +265,7 @@ pub fn parse(
                     unit_measure: bounded("unit_measure", it.unit_measure, MAX_SHORT, &id)?,
                     sku: bounded("sku", it.sku, MAX_SHORT, &id)?,
                     category: bounded("category", it.category, MAX_SHORT, &id)?,
+                    taxes,
                 });
             }
             Ok(Command::Sale(SaleRequest {
@@ -253,6 +298,34 @@ mod tests {
         assert_eq!(s.lines[0].quantity.to_string(), "32.10");
         assert_eq!(s.lines[0].unit_price.to_string(), "798.00");
         assert_eq!(s.amount.unwrap().to_string(), "25615.80");
+    }
+
+    #[test]
+    fn items_may_carry_sku_category_and_taxes() {
+        let Command::Sale(s) = sale(
+            r#"{"sale_id":"9","items":[{"title":"Cola","quantity":1,"unit_price":3000,"sku":"COLA-05","category":"drinks","taxes":[{"type":"IVA","value":19}]}]}"#,
+        )
+        .unwrap() else {
+            panic!()
+        };
+        let line = &s.lines[0];
+        assert_eq!(line.sku.as_deref(), Some("COLA-05"));
+        assert_eq!(line.category.as_deref(), Some("drinks"));
+        assert_eq!(line.taxes.len(), 1);
+        assert_eq!(line.taxes[0].kind, "IVA");
+        assert_eq!(line.taxes[0].value, Decimal::from(19));
+        for bad in [
+            r#"[{"type":"IVA"}]"#,
+            r#"[{"type":"","value":19}]"#,
+            r#"[{"type":"IVA","value":101}]"#,
+            r#"[{"type":"A","value":1},{"type":"B","value":1},{"type":"C","value":1},{"type":"D","value":1},{"type":"E","value":1}]"#,
+        ] {
+            let payload = format!(
+                r#"{{"sale_id":"9","items":[{{"title":"x","quantity":1,"unit_price":1,"taxes":{bad}}}]}}"#
+            );
+            let e = sale(&payload).unwrap_err();
+            assert_eq!(e.code, "bad_message", "{bad}");
+        }
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use serde::Serialize;
 
-use crate::orders::{Sale, SaleState};
+use crate::orders::{MpId, Sale, SaleState};
 
 #[derive(Serialize)]
 struct StateJson<'a> {
@@ -17,10 +17,14 @@ struct StateJson<'a> {
     amount: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     currency: Option<&'a str>,
+    /// A number, or text for a payment of MP's Orders API.
     #[serde(skip_serializing_if = "Option::is_none")]
-    payment_id: Option<u64>,
+    payment_id: Option<&'a MpId>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    merchant_order: Option<u64>,
+    merchant_order: Option<&'a MpId>,
+    /// The Orders API's order, in place of a merchant order.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    order_id: Option<&'a MpId>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     served: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -41,11 +45,17 @@ pub fn state(sale: &Sale) -> Vec<u8> {
         state: sale.state.as_str(),
         amount: sale.total().map(|a| a.to_string()),
         currency: Some(sale.currency.code()),
-        payment_id: settled.map(|s| s.payment_id),
-        merchant_order: settled.map(|s| s.merchant_order),
+        payment_id: settled.map(|s| &s.payment_id),
+        merchant_order: settled
+            .map(|s| &s.merchant_order)
+            .filter(|id| matches!(id, MpId::Num(_))),
+        order_id: settled
+            .map(|s| &s.merchant_order)
+            .filter(|id| matches!(id, MpId::Text(_))),
         served: sale.state == SaleState::Pending && sale.served_at.is_some(),
-        reason: None,
-        message: None,
+        // The only retained `rejected`: Mercado Pago refused the attended order.
+        reason: (sale.state == SaleState::Rejected).then_some("mp_refused"),
+        message: sale.rejection.as_deref(),
     };
     serde_json::to_vec(&body).unwrap_or_default()
 }
@@ -60,6 +70,7 @@ pub fn rejected(sale_id: Option<&str>, reason: &str, message: &str) -> Vec<u8> {
         currency: None,
         payment_id: None,
         merchant_order: None,
+        order_id: None,
         served: false,
         reason: Some(reason),
         message: Some(message),

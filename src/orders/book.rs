@@ -17,6 +17,53 @@ pub struct PosConfig {
     /// Seconds a sale stays payable; `None` never expires.
     pub ttl_secs: Option<u64>,
     pub max_amount: Decimal,
+    /// How Mercado Pago learns of this POS's sales.
+    pub mode: PosMode,
+    /// This POS's `external_id` at Mercado Pago: letters and digits only.
+    pub mp_external_id: String,
+    /// The external id of the store it belongs to at Mercado Pago.
+    pub store: Option<String>,
+}
+
+impl PosConfig {
+    /// An unattended v1 POS with the default limits; the rest is set by
+    /// the caller.
+    pub fn new(id: PosId, kind: PosKind, currency: Currency) -> PosConfig {
+        PosConfig {
+            mp_external_id: mp_external_id(&id),
+            id,
+            kind,
+            currency,
+            ttl_secs: Some(600),
+            max_amount: Decimal::from(10_000_000),
+            mode: PosMode::Unattended(PollProtocol::V1),
+            store: None,
+        }
+    }
+}
+
+/// Mercado Pago's POS `external_id` allows letters and digits only: the
+/// default is the POS id without its other characters.
+pub fn mp_external_id(id: &PosId) -> String {
+    id.as_str()
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .collect()
+}
+
+/// Which poll answer an unattended POS's account is set up for (MP-API.md §1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PollProtocol {
+    V1,
+    V2,
+}
+
+/// Unattended: Mercado Pago polls the POS's URL. Attended: qrgate places the
+/// order on the POS through the API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PosMode {
+    Unattended(PollProtocol),
+    Attended,
 }
 
 /// Whether the device speaks, as far as its retained `status` says.
@@ -68,6 +115,7 @@ pub struct LineRequest {
     pub unit_measure: Option<String>,
     pub sku: Option<String>,
     pub category: Option<String>,
+    pub taxes: Vec<Tax>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,6 +141,17 @@ pub enum Command {
     },
     /// A poll handed this sale to Mercado Pago.
     Served(ExternalReference),
+    /// Mercado Pago accepted the attended order for this sale; `order` is
+    /// the Orders API's id for it.
+    Placed {
+        reference: ExternalReference,
+        order: Option<String>,
+    },
+    /// Mercado Pago refused the attended order for this sale, for good.
+    Refused {
+        reference: ExternalReference,
+        reason: String,
+    },
     Expire,
 }
 
@@ -170,7 +229,13 @@ pub enum SaleEvent {
     RefundDue,
     /// Mercado Pago refunded `payment_id`.
     Refunded {
-        payment_id: u64,
+        payment_id: MpId,
+    },
+    /// The attended order is on the POS at Mercado Pago.
+    Placed,
+    /// Mercado Pago refused the attended order.
+    Refused {
+        reason: String,
     },
 }
 
@@ -186,6 +251,8 @@ impl SaleEvent {
             SaleEvent::Delivered { .. } => "delivered",
             SaleEvent::RefundDue => "refund_due",
             SaleEvent::Refunded { .. } => "refunded",
+            SaleEvent::Placed => "placed",
+            SaleEvent::Refused { .. } => "refused",
         }
     }
 }
@@ -257,6 +324,7 @@ pub fn price(pos: &PosConfig, req: &SaleRequest) -> Result<(Vec<Line>, Amount), 
             unit_measure: l.unit_measure.clone(),
             sku: l.sku.clone(),
             category: l.category.clone(),
+            taxes: l.taxes.clone(),
             total: line_total.value(),
         });
     }
@@ -292,6 +360,9 @@ fn new_sale(pos: &PosConfig, sale_id: SaleId, ctx: Ctx) -> Sale {
         served_at: None,
         settled: None,
         delivered_at: None,
+        placed_at: None,
+        mp_order: None,
+        rejection: None,
         refunds: Vec::new(),
         updated_at: ctx.now,
     }
@@ -409,6 +480,39 @@ pub fn apply(pos: &PosConfig, state: &PosState, cmd: Command, ctx: Ctx) -> Outco
             }
             _ => Outcome::Nothing,
         },
+        Command::Placed { reference, order } => match current {
+            Some(s)
+                if s.external_reference == reference
+                    && s.state == SaleState::Pending
+                    && s.placed_at.is_none() =>
+            {
+                let mut sale = s.clone();
+                sale.placed_at = Some(ctx.now);
+                sale.mp_order = order;
+                // Handed to Mercado Pago, as a poll serves it: from now on
+                // reconciliation looks for its payment.
+                sale.served_at.get_or_insert(ctx.now);
+                sale.updated_at = ctx.now;
+                Outcome::Changed {
+                    sale,
+                    event: SaleEvent::Placed,
+                }
+            }
+            _ => Outcome::Nothing,
+        },
+        Command::Refused { reference, reason } => match state.busy_sale() {
+            Some(s) if s.external_reference == reference => {
+                let mut sale = s.clone();
+                sale.state = SaleState::Rejected;
+                sale.rejection = Some(reason.clone());
+                sale.updated_at = ctx.now;
+                Outcome::Changed {
+                    sale,
+                    event: SaleEvent::Refused { reason },
+                }
+            }
+            _ => Outcome::Nothing,
+        },
         Command::Expire => match state.busy_sale() {
             Some(s) if s.expires_at.is_some_and(|at| at <= ctx.now) => {
                 let mut sale = s.clone();
@@ -435,8 +539,8 @@ pub fn deliver(s: &Sale, ok: bool, reason: Option<String>, ctx: Ctx) -> Outcome 
             // The customer paid and got nothing: the payment is owed back.
             if let (false, Some(paid)) = (ok, &s.settled) {
                 sale.refunds.push(RefundDue {
-                    payment_id: paid.payment_id,
-                    merchant_order: paid.merchant_order,
+                    payment_id: paid.payment_id.clone(),
+                    merchant_order: paid.merchant_order.clone(),
                     amount: paid.paid,
                     at: ctx.now,
                     reason: RefundReason::DeliveryFailed,
@@ -462,17 +566,24 @@ pub fn deliver(s: &Sale, ok: bool, reason: Option<String>, ctx: Ctx) -> Outcome 
 
 /// Records that Mercado Pago refunded `payment_id` of `sale`; `None` when
 /// it is not owed or already refunded.
-pub fn refunded(sale: &Sale, payment_id: u64, refund_id: u64, now: UnixMillis) -> Option<Outcome> {
+pub fn refunded(
+    sale: &Sale,
+    payment_id: &MpId,
+    refund_id: MpId,
+    now: UnixMillis,
+) -> Option<Outcome> {
     let mut s = sale.clone();
     let r = s
         .refunds
         .iter_mut()
-        .find(|r| r.payment_id == payment_id && r.refunded.is_none())?;
+        .find(|r| &r.payment_id == payment_id && r.refunded.is_none())?;
     r.refunded = Some(Refunded { refund_id, at: now });
     s.updated_at = now;
     Some(Outcome::Changed {
         sale: s,
-        event: SaleEvent::Refunded { payment_id },
+        event: SaleEvent::Refunded {
+            payment_id: payment_id.clone(),
+        },
     })
 }
 
@@ -485,8 +596,8 @@ pub fn pay(sale: &Sale, payment: &Payment, ctx: Ctx) -> Outcome {
             let mut s = sale.clone();
             s.state = SaleState::Paid;
             s.settled = Some(Settled {
-                payment_id: payment.payment_id,
-                merchant_order: payment.merchant_order,
+                payment_id: payment.payment_id.clone(),
+                merchant_order: payment.merchant_order.clone(),
                 paid: payment.paid,
                 at: now,
             });
@@ -501,8 +612,8 @@ pub fn pay(sale: &Sale, payment: &Payment, ctx: Ctx) -> Outcome {
         Effect::RefundDue => {
             let mut s = sale.clone();
             s.refunds.push(RefundDue {
-                payment_id: payment.payment_id,
-                merchant_order: payment.merchant_order,
+                payment_id: payment.payment_id.clone(),
+                merchant_order: payment.merchant_order.clone(),
                 amount: payment.paid,
                 at: now,
                 reason: if sale.state == SaleState::Paid {
@@ -529,11 +640,8 @@ mod tests {
 
     fn pos(kind: PosKind) -> PosConfig {
         PosConfig {
-            id: PosId::parse("pump-1").unwrap(),
-            kind,
-            currency: Currency::Ars,
-            ttl_secs: Some(600),
             max_amount: Decimal::from(1_000_000),
+            ..PosConfig::new(PosId::parse("pump-1").unwrap(), kind, Currency::Ars)
         }
     }
 
@@ -564,6 +672,7 @@ mod tests {
                 unit_measure: Some("litre".into()),
                 sku: None,
                 category: None,
+                taxes: Vec::new(),
             }],
             amount: amount.map(d),
         }
@@ -778,8 +887,8 @@ mod tests {
             0,
         );
         let payment = Payment {
-            merchant_order: 5,
-            payment_id: 6,
+            merchant_order: MpId::Num(5),
+            payment_id: MpId::Num(6),
             paid: d("10"),
             overpaid: false,
         };

@@ -12,7 +12,7 @@ use rust_decimal::Decimal;
 use super::book::{
     apply, pay, Command, Ctx, LineRequest, Outcome, PosConfig, PosState, SaleEvent, SaleRequest,
 };
-use super::sale::{ExternalReference, PosId, PosKind, Sale, SaleId, SaleState};
+use super::sale::{ExternalReference, MpId, PosId, PosKind, Sale, SaleId, SaleState};
 use super::settle::{
     check_payment, MerchantOrderFacts, MerchantOrderStatus, PaymentFacts, PaymentStatus,
 };
@@ -78,11 +78,13 @@ fn sid(id: u8) -> SaleId {
 
 fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     let pos = PosConfig {
-        id: PosId::parse("pump-1").unwrap(),
-        kind: PosKind::Fuel,
-        currency: Currency::Ars,
         ttl_secs: Some(60),
         max_amount: Decimal::from(1_000_000),
+        ..PosConfig::new(
+            PosId::parse("pump-1").unwrap(),
+            PosKind::Fuel,
+            Currency::Ars,
+        )
     };
     let mut state = PosState::idle();
     let mut store: HashMap<ExternalReference, Sale> = HashMap::new();
@@ -112,6 +114,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                         unit_measure: None,
                         sku: None,
                         category: None,
+                        taxes: Vec::new(),
                     }],
                     amount: None,
                 }),
@@ -149,7 +152,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 if let Some(s) = state.busy_sale().filter(|s| s.state == SaleState::Pending) {
                     mos.push(Mo {
                         facts: MerchantOrderFacts {
-                            id: next_id,
+                            id: MpId::Num(next_id),
                             status: MerchantOrderStatus::Opened,
                             external_reference: Some(s.external_reference.as_str().to_owned()),
                             collector_id: Some(COLLECTOR),
@@ -175,7 +178,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     };
                     if amount > Decimal::ZERO {
                         m.facts.payments.push(PaymentFacts {
-                            id: next_id,
+                            id: MpId::Num(next_id),
                             status,
                             amount,
                             currency: Some("ARS".into()),

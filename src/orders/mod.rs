@@ -10,6 +10,7 @@ pub mod settle;
 mod invariants;
 
 pub use book::{
-    apply, pay, Command, Ctx, Outcome, PosConfig, PosState, Presence, Rejection, SaleEvent,
+    apply, mp_external_id, pay, Command, Ctx, Outcome, PollProtocol, PosConfig, PosMode, PosState,
+    Presence, Rejection, SaleEvent,
 };
-pub use sale::{ExternalReference, PosId, PosKind, Sale, SaleId, SaleState, UnixMillis};
+pub use sale::{ExternalReference, MpId, PosId, PosKind, Sale, SaleId, SaleState, UnixMillis};

@@ -205,8 +205,19 @@ pub struct Line {
     pub sku: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub category: Option<String>,
+    /// Taxes Mercado Pago shows per item (Colombia's IVA), passed on as sent.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub taxes: Vec<Tax>,
     /// `quantity × unit_price` rounded to the currency's decimals.
     pub total: Decimal,
+}
+
+/// A tax on an item, as Mercado Pago spells it: `{"type": "IVA", "value": 19}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tax {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub value: Decimal,
 }
 
 /// Where a sale is in its life.
@@ -220,6 +231,8 @@ pub enum SaleState {
     Paid,
     Cancelled,
     Expired,
+    /// Mercado Pago refused the attended order for it: final.
+    Rejected,
 }
 
 impl SaleState {
@@ -230,6 +243,7 @@ impl SaleState {
             SaleState::Paid => "paid",
             SaleState::Cancelled => "cancelled",
             SaleState::Expired => "expired",
+            SaleState::Rejected => "rejected",
         }
     }
 
@@ -239,11 +253,93 @@ impl SaleState {
     }
 }
 
+/// An id Mercado Pago gives a merchant order, a payment, a refund or an
+/// order: a number in the classic APIs (sent as a JSON number, sometimes as
+/// a string of digits), text in the Orders API (`ORD01…`, `PAY01…`). Kept
+/// exactly, written back the way it came.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum MpId {
+    Num(u64),
+    Text(String),
+}
+
+impl MpId {
+    /// Digits become a number; letters, digits, `-` and `_` stay text.
+    pub fn parse(s: &str) -> Option<MpId> {
+        let s = s.trim();
+        let ok = !s.is_empty()
+            && s.len() <= 64
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !ok {
+            return None;
+        }
+        Some(
+            s.parse::<u64>()
+                .map_or_else(|_| MpId::Text(s.to_owned()), MpId::Num),
+        )
+    }
+
+    pub fn as_u64(&self) -> Option<u64> {
+        match self {
+            MpId::Num(n) => Some(*n),
+            MpId::Text(_) => None,
+        }
+    }
+}
+
+impl From<u64> for MpId {
+    fn from(n: u64) -> MpId {
+        MpId::Num(n)
+    }
+}
+
+impl PartialEq<u64> for MpId {
+    fn eq(&self, other: &u64) -> bool {
+        self.as_u64() == Some(*other)
+    }
+}
+
+impl fmt::Display for MpId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MpId::Num(n) => write!(f, "{n}"),
+            MpId::Text(s) => f.write_str(s),
+        }
+    }
+}
+
+impl Serialize for MpId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            MpId::Num(n) => s.serialize_u64(*n),
+            MpId::Text(t) => s.serialize_str(t),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for MpId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<MpId, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Num(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Num(n) => Ok(MpId::Num(n)),
+            Raw::Text(t) => MpId::parse(&t)
+                .ok_or_else(|| serde::de::Error::custom(format!("not an id: {t:.32}"))),
+        }
+    }
+}
+
 /// The payment that closed a sale.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Settled {
-    pub payment_id: u64,
-    pub merchant_order: u64,
+    pub payment_id: MpId,
+    /// The merchant order, or the Orders API's order, that was paid.
+    pub merchant_order: MpId,
     /// The sum of the approved payments, which may exceed the total.
     pub paid: Decimal,
     pub at: UnixMillis,
@@ -274,7 +370,7 @@ impl RefundReason {
 /// A refund Mercado Pago made for us.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Refunded {
-    pub refund_id: u64,
+    pub refund_id: MpId,
     pub at: UnixMillis,
 }
 
@@ -283,8 +379,8 @@ pub struct Refunded {
 /// turning the setting on later refunds nothing by surprise.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RefundDue {
-    pub payment_id: u64,
-    pub merchant_order: u64,
+    pub payment_id: MpId,
+    pub merchant_order: MpId,
     pub amount: Decimal,
     pub at: UnixMillis,
     pub reason: RefundReason,
@@ -314,6 +410,15 @@ pub struct Sale {
     pub settled: Option<Settled>,
     #[serde(default)]
     pub delivered_at: Option<UnixMillis>,
+    /// When Mercado Pago accepted the attended order placed for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placed_at: Option<UnixMillis>,
+    /// The Orders API's order placed for it (attended POS on that API).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mp_order: Option<String>,
+    /// Why Mercado Pago refused it, in its own words (state `rejected`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejection: Option<String>,
     /// Payments owed back, oldest first.
     #[serde(default)]
     pub refunds: Vec<RefundDue>,
@@ -331,11 +436,11 @@ impl Sale {
     }
 
     /// A merchant order already accounted for by this sale.
-    pub fn knows_merchant_order(&self, id: u64) -> bool {
+    pub fn knows_merchant_order(&self, id: &MpId) -> bool {
         self.settled
             .as_ref()
-            .is_some_and(|s| s.merchant_order == id)
-            || self.refunds.iter().any(|r| r.merchant_order == id)
+            .is_some_and(|s| &s.merchant_order == id)
+            || self.refunds.iter().any(|r| &r.merchant_order == id)
     }
 }
 

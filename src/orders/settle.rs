@@ -4,7 +4,7 @@
 
 use rust_decimal::Decimal;
 
-use super::sale::{Sale, SaleState};
+use super::sale::{MpId, Sale, SaleState};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MerchantOrderStatus {
@@ -24,7 +24,7 @@ pub enum PaymentStatus {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PaymentFacts {
-    pub id: u64,
+    pub id: MpId,
     pub status: PaymentStatus,
     pub amount: Decimal,
     pub currency: Option<String>,
@@ -32,7 +32,7 @@ pub struct PaymentFacts {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MerchantOrderFacts {
-    pub id: u64,
+    pub id: MpId,
     pub status: MerchantOrderStatus,
     pub external_reference: Option<String>,
     pub collector_id: Option<u64>,
@@ -123,10 +123,10 @@ impl Refusal {
 /// A merchant order that pays a sale in full.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Payment {
-    pub merchant_order: u64,
+    pub merchant_order: MpId,
     /// The approved payment reported to the device (the latest, when several
     /// add up to the total).
-    pub payment_id: u64,
+    pub payment_id: MpId,
     pub paid: Decimal,
     pub overpaid: bool,
 }
@@ -165,7 +165,7 @@ pub fn check_payment(
     let total = sale.amount.ok_or(Refusal::NoAmount)?;
     let expected = sale.currency.code();
     let mut paid = Decimal::ZERO;
-    let mut latest: Option<u64> = None;
+    let mut latest: Option<&MpId> = None;
     for p in mo.approved() {
         match p.currency.as_deref() {
             Some(c) if c == expected => {}
@@ -177,14 +177,14 @@ pub fn check_payment(
             }
         }
         paid += p.amount;
-        latest = Some(latest.map_or(p.id, |l| l.max(p.id)));
+        latest = Some(latest.map_or(&p.id, |l| l.max(&p.id)));
     }
-    let payment_id = latest.ok_or(Refusal::NoApprovedPayment)?;
+    let payment_id = latest.cloned().ok_or(Refusal::NoApprovedPayment)?;
     if paid < total {
         return Err(Refusal::ShortAmount { paid, total });
     }
     Ok(Payment {
-        merchant_order: mo.id,
+        merchant_order: mo.id.clone(),
         payment_id,
         paid,
         overpaid: paid > total,
@@ -204,12 +204,14 @@ pub enum Effect {
 }
 
 pub fn effect_of(sale: &Sale, payment: &Payment) -> Effect {
-    if sale.knows_merchant_order(payment.merchant_order) {
+    if sale.knows_merchant_order(&payment.merchant_order) {
         return Effect::AlreadyPaid;
     }
     match sale.state {
         SaleState::Pending | SaleState::InProcess => Effect::Close,
-        SaleState::Paid | SaleState::Cancelled | SaleState::Expired => Effect::RefundDue,
+        SaleState::Paid | SaleState::Cancelled | SaleState::Expired | SaleState::Rejected => {
+            Effect::RefundDue
+        }
     }
 }
 
@@ -234,6 +236,9 @@ mod tests {
             served_at: None,
             settled: None,
             delivered_at: None,
+            placed_at: None,
+            mp_order: None,
+            rejection: None,
             refunds: vec![],
             updated_at: 0,
         }
@@ -241,14 +246,14 @@ mod tests {
 
     fn mo(status: MerchantOrderStatus, payments: Vec<(u64, bool, &str)>) -> MerchantOrderFacts {
         MerchantOrderFacts {
-            id: 7,
+            id: MpId::Num(7),
             status,
             external_reference: Some("pump-1-abc".into()),
             collector_id: Some(178),
             payments: payments
                 .into_iter()
                 .map(|(id, ok, amount)| PaymentFacts {
-                    id,
+                    id: MpId::Num(id),
                     status: if ok {
                         PaymentStatus::Approved
                     } else {
@@ -344,14 +349,14 @@ mod tests {
         assert_eq!(effect_of(&sale(SaleState::Expired), &p), Effect::RefundDue);
         let mut paid = sale(SaleState::Paid);
         paid.settled = Some(Settled {
-            payment_id: 1,
-            merchant_order: 7,
+            payment_id: MpId::Num(1),
+            merchant_order: MpId::Num(7),
             paid: Decimal::from(100),
             at: 0,
         });
         assert_eq!(effect_of(&paid, &p), Effect::AlreadyPaid);
         let other = Payment {
-            merchant_order: 8,
+            merchant_order: MpId::Num(8),
             ..p
         };
         assert_eq!(effect_of(&paid, &other), Effect::RefundDue);

@@ -7,7 +7,7 @@ mod sqlite;
 
 use async_trait::async_trait;
 
-use crate::orders::{ExternalReference, Sale, SaleEvent};
+use crate::orders::{ExternalReference, MpId, Sale, SaleEvent};
 
 pub use sqlite::SqliteStore;
 
@@ -19,7 +19,7 @@ pub enum StoreError {
     AlreadyClosed(String),
     /// This payment is already recorded as due for refund.
     #[error("payment {0} is already recorded as refund due")]
-    AlreadyDue(u64),
+    AlreadyDue(String),
     #[error("store unavailable: {0}")]
     Unavailable(String),
     #[error("database error: {0}")]
@@ -31,7 +31,7 @@ pub enum StoreError {
 /// A merchant order as fetched, kept for the operator and for audits.
 #[derive(Debug, Clone)]
 pub struct MerchantOrderRecord {
-    pub id: u64,
+    pub id: MpId,
     pub external_reference: Option<String>,
     pub status: String,
     pub body: String,
@@ -52,7 +52,7 @@ pub struct RejectionRecord {
 /// A payment as the merchant order that carries it says.
 #[derive(Debug, Clone)]
 pub struct PaymentRecord {
-    pub id: u64,
+    pub id: MpId,
     pub status: String,
     pub amount: String,
     pub currency: Option<String>,
@@ -98,8 +98,36 @@ pub trait Store: Send + Sync + 'static {
     /// Sales with a refund qrgate must make itself and has not made yet.
     async fn pending_auto_refunds(&self) -> Result<Vec<Sale>, StoreError>;
 
-    async fn merchant_order(&self, id: u64) -> Result<Option<MerchantOrderRecord>, StoreError>;
+    async fn merchant_order(&self, id: &MpId) -> Result<Option<MerchantOrderRecord>, StoreError>;
 
     /// A real write, for readiness.
     async fn check_writable(&self) -> Result<(), StoreError>;
+
+    // ---- POS registration at Mercado Pago (`qrgate pos register`) ----
+
+    /// Keeps what Mercado Pago answered for one POS, replacing the POS's
+    /// previous record.
+    async fn record_registration(&self, r: RegistrationRecord) -> Result<(), StoreError>;
+
+    /// Every POS's latest registration, by POS id.
+    async fn registrations(&self) -> Result<Vec<RegistrationRecord>, StoreError>;
+}
+
+/// What `qrgate pos register` last did for one POS and what Mercado Pago
+/// answered, for the console. The url is kept with its poll key masked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegistrationRecord {
+    pub pos: String,
+    pub mp_external_id: String,
+    /// The store's external id.
+    pub store: String,
+    pub mp_pos_id: u64,
+    pub url: Option<String>,
+    pub qr_image: Option<String>,
+    pub qr_template_document: Option<String>,
+    pub qr_template_image: Option<String>,
+    /// `created`, `updated` or `unchanged`.
+    pub action: String,
+    /// Unix millis.
+    pub at: i64,
 }

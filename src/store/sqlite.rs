@@ -13,8 +13,10 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::oneshot;
 
-use super::{MerchantOrderRecord, RejectionRecord, Store, StoreError, TimelineEntry};
-use crate::orders::{ExternalReference, Sale, SaleEvent};
+use super::{
+    MerchantOrderRecord, RegistrationRecord, RejectionRecord, Store, StoreError, TimelineEntry,
+};
+use crate::orders::{ExternalReference, MpId, Sale, SaleEvent};
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS sales (
@@ -42,25 +44,27 @@ CREATE INDEX IF NOT EXISTS sale_events_by_sale ON sale_events (external_referenc
 -- One row per closed sale: the unique key behind "paid exactly once".
 CREATE TABLE IF NOT EXISTS closings (
     external_reference TEXT PRIMARY KEY,
-    payment_id         INTEGER NOT NULL,
-    merchant_order     INTEGER NOT NULL,
+    payment_id         NOT NULL,
+    merchant_order     NOT NULL,
     at                 INTEGER NOT NULL
 );
+-- Mercado Pago ids are numbers, or text in its Orders API: id columns have
+-- no type, so each value keeps its own (SQLite's flexible typing).
 CREATE TABLE IF NOT EXISTS refunds_due (
-    payment_id         INTEGER PRIMARY KEY,
+    payment_id         PRIMARY KEY NOT NULL,
     external_reference TEXT NOT NULL,
-    merchant_order     INTEGER NOT NULL,
+    merchant_order     NOT NULL,
     amount             TEXT NOT NULL,
     at                 INTEGER NOT NULL,
     reason             TEXT NOT NULL,
     auto               INTEGER NOT NULL,
-    refund_id          INTEGER,
+    refund_id,
     refunded_at        INTEGER
 );
 CREATE INDEX IF NOT EXISTS refunds_pending ON refunds_due (auto, refund_id);
 CREATE TABLE IF NOT EXISTS payments (
-    id                 INTEGER PRIMARY KEY,
-    merchant_order     INTEGER NOT NULL,
+    id                 PRIMARY KEY NOT NULL,
+    merchant_order     NOT NULL,
     external_reference TEXT,
     status             TEXT NOT NULL,
     amount             TEXT NOT NULL,
@@ -68,7 +72,7 @@ CREATE TABLE IF NOT EXISTS payments (
     seen_at            INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS merchant_orders (
-    id                 INTEGER PRIMARY KEY,
+    id                 PRIMARY KEY NOT NULL,
     external_reference TEXT,
     status             TEXT NOT NULL,
     body               TEXT NOT NULL,
@@ -84,6 +88,19 @@ CREATE TABLE IF NOT EXISTS device_rejections (
 );
 CREATE INDEX IF NOT EXISTS device_rejections_by_pos ON device_rejections (pos, seq);
 CREATE TABLE IF NOT EXISTS health (id INTEGER PRIMARY KEY CHECK (id = 1), at INTEGER NOT NULL);
+-- POS registration at Mercado Pago (`qrgate pos register`): one row per POS.
+CREATE TABLE IF NOT EXISTS mp_registrations (
+    pos                  TEXT PRIMARY KEY,
+    mp_external_id       TEXT NOT NULL,
+    store                TEXT NOT NULL,
+    mp_pos_id            INTEGER NOT NULL,
+    url                  TEXT,
+    qr_image             TEXT,
+    qr_template_document TEXT,
+    qr_template_image    TEXT,
+    action               TEXT NOT NULL,
+    at                   INTEGER NOT NULL
+);
 "#;
 
 enum Op {
@@ -116,7 +133,7 @@ enum Op {
         reply: oneshot::Sender<Result<Option<Sale>, StoreError>>,
     },
     MerchantOrderGet {
-        id: u64,
+        id: MpId,
         reply: oneshot::Sender<Result<Option<MerchantOrderRecord>, StoreError>>,
     },
     ByDeviceId {
@@ -135,6 +152,14 @@ enum Op {
         reference: String,
         reply: oneshot::Sender<Result<Vec<TimelineEntry>, StoreError>>,
     },
+    // ---- POS registration ----
+    Registration {
+        r: Box<RegistrationRecord>,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    Registrations {
+        reply: oneshot::Sender<Result<Vec<RegistrationRecord>, StoreError>>,
+    },
 }
 
 pub struct SqliteStore {
@@ -143,6 +168,71 @@ pub struct SqliteStore {
 
 fn db(e: rusqlite::Error) -> StoreError {
     StoreError::Database(e.to_string())
+}
+
+/// The schema's version in `PRAGMA user_version`.
+const VERSION: i64 = 1;
+
+/// Creates the schema, or brings a file from an older qrgate up to it in
+/// one transaction. Version 1: id columns lose their INTEGER type, so the
+/// Orders API's text ids fit beside the classic numeric ones.
+fn migrate(conn: &Connection) -> Result<(), StoreError> {
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(db)?;
+    if version >= VERSION {
+        return conn.execute_batch(SCHEMA).map_err(db);
+    }
+    let old: Vec<String> = {
+        let mut st = conn
+            .prepare(
+                "SELECT name FROM sqlite_master WHERE type = 'table'
+                 AND name IN ('refunds_due', 'payments', 'merchant_orders', 'closings')",
+            )
+            .map_err(db)?;
+        let names = st
+            .query_map([], |r| r.get::<_, String>(0))
+            .map_err(db)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db)?;
+        names
+    };
+    let mut script = String::from("BEGIN IMMEDIATE;\n");
+    for t in &old {
+        script.push_str(&format!("ALTER TABLE {t} RENAME TO {t}_v0;\n"));
+        // Indexes move with the renamed table; the schema makes new ones.
+        if t == "refunds_due" {
+            script.push_str("DROP INDEX IF EXISTS refunds_pending;\n");
+        }
+    }
+    script.push_str(SCHEMA);
+    for t in &old {
+        script.push_str(&format!(
+            "INSERT INTO {t} SELECT * FROM {t}_v0;\nDROP TABLE {t}_v0;\n"
+        ));
+    }
+    script.push_str(&format!("PRAGMA user_version = {VERSION};\nCOMMIT;\n"));
+    if let Err(e) = conn.execute_batch(&script) {
+        let _ = conn.execute_batch("ROLLBACK");
+        return Err(StoreError::Database(format!(
+            "cannot upgrade the database: {e}"
+        )));
+    }
+    if !old.is_empty() {
+        tracing::info!(tables = old.len(), version = VERSION, "database upgraded");
+    }
+    Ok(())
+}
+
+/// An id as SQLite keeps it: numbers as integers, text as text.
+fn sql_id(id: &MpId) -> rusqlite::types::Value {
+    match id {
+        // MP's ids fit in i63; a larger one would still be kept exactly as text.
+        MpId::Num(n) => i64::try_from(*n)
+            .map(rusqlite::types::Value::Integer)
+            .unwrap_or_else(|_| rusqlite::types::Value::Text(n.to_string())),
+        MpId::Text(t) => rusqlite::types::Value::Text(t.clone()),
+    }
 }
 
 impl SqliteStore {
@@ -157,7 +247,7 @@ impl SqliteStore {
         conn.pragma_update(None, "foreign_keys", "ON").map_err(db)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(db)?;
-        conn.execute_batch(SCHEMA).map_err(db)?;
+        migrate(&conn)?;
         // Checkpoints copy the WAL into the database and fsync it: tens of
         // milliseconds. Run inside a commit, they stall whichever sale comes
         // next (measured: sale-to-servable p99 43 ms against 2 ms), so a
@@ -207,25 +297,28 @@ fn event_detail(sale: &Sale, event: &SaleEvent) -> String {
             "amount": sale.amount.map(|a| a.to_string()),
         }),
         SaleEvent::Paid { overpaid } => serde_json::json!({
-            "payment_id": sale.settled.as_ref().map(|s| s.payment_id),
-            "merchant_order": sale.settled.as_ref().map(|s| s.merchant_order),
+            "payment_id": sale.settled.as_ref().map(|s| &s.payment_id),
+            "merchant_order": sale.settled.as_ref().map(|s| &s.merchant_order),
             "paid": sale.settled.as_ref().map(|s| s.paid.to_string()),
             "overpaid": overpaid,
         }),
         SaleEvent::Delivered { ok, reason } => serde_json::json!({ "ok": ok, "reason": reason }),
         SaleEvent::RefundDue => serde_json::json!({
-            "payment_id": sale.refunds.last().map(|r| r.payment_id),
-            "merchant_order": sale.refunds.last().map(|r| r.merchant_order),
+            "payment_id": sale.refunds.last().map(|r| &r.payment_id),
+            "merchant_order": sale.refunds.last().map(|r| &r.merchant_order),
             "amount": sale.refunds.last().map(|r| r.amount.to_string()),
             "reason": sale.refunds.last().map(|r| r.reason.as_str()),
             "auto": sale.refunds.last().map(|r| r.auto),
         }),
         SaleEvent::Refunded { payment_id } => serde_json::json!({
             "payment_id": payment_id,
-            "refund_id": sale.refunds.iter().find(|r| r.payment_id == *payment_id)
-                .and_then(|r| r.refunded.as_ref()).map(|r| r.refund_id),
+            "refund_id": sale.refunds.iter().find(|r| &r.payment_id == payment_id)
+                .and_then(|r| r.refunded.as_ref()).map(|r| &r.refund_id),
         }),
-        SaleEvent::Served | SaleEvent::Cancelled | SaleEvent::Expired => serde_json::json!({}),
+        SaleEvent::Refused { reason } => serde_json::json!({ "reason": reason }),
+        SaleEvent::Served | SaleEvent::Cancelled | SaleEvent::Expired | SaleEvent::Placed => {
+            serde_json::json!({})
+        }
     };
     v.to_string()
 }
@@ -244,8 +337,8 @@ fn write_sale(conn: &Connection, sale: &Sale, event: &SaleEvent) -> Result<(), S
                      VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
                     params![
                         reference,
-                        s.payment_id as i64,
-                        s.merchant_order as i64,
+                        sql_id(&s.payment_id),
+                        sql_id(&s.merchant_order),
                         s.at
                     ],
                 )
@@ -263,9 +356,9 @@ fn write_sale(conn: &Connection, sale: &Sale, event: &SaleEvent) -> Result<(), S
                     "INSERT INTO refunds_due (payment_id, external_reference, merchant_order, amount, at, reason, auto)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT DO NOTHING",
                     params![
-                        r.payment_id as i64,
+                        sql_id(&r.payment_id),
                         reference,
-                        r.merchant_order as i64,
+                        sql_id(&r.merchant_order),
                         r.amount.to_string(),
                         r.at,
                         r.reason.as_str(),
@@ -275,25 +368,25 @@ fn write_sale(conn: &Connection, sale: &Sale, event: &SaleEvent) -> Result<(), S
                 .map_err(db)?;
             // One refund per payment, whatever the number of reports.
             if inserted == 0 {
-                return Err(StoreError::AlreadyDue(r.payment_id));
+                return Err(StoreError::AlreadyDue(r.payment_id.to_string()));
             }
         }
         SaleEvent::Refunded { payment_id } => {
             let r = sale
                 .refunds
                 .iter()
-                .find(|r| r.payment_id == *payment_id)
+                .find(|r| &r.payment_id == payment_id)
                 .and_then(|r| r.refunded.as_ref())
                 .ok_or_else(|| StoreError::Database("refunded without a refund".into()))?;
             let updated = conn
                 .execute(
                     "UPDATE refunds_due SET refund_id = ?2, refunded_at = ?3
                      WHERE payment_id = ?1 AND refund_id IS NULL",
-                    params![*payment_id as i64, r.refund_id as i64, r.at],
+                    params![sql_id(payment_id), sql_id(&r.refund_id), r.at],
                 )
                 .map_err(db)?;
             if updated == 0 {
-                return Err(StoreError::AlreadyDue(*payment_id));
+                return Err(StoreError::AlreadyDue(payment_id.to_string()));
             }
         }
         _ => {}
@@ -429,7 +522,7 @@ fn run_batch(conn: &Connection, batch: Vec<Op>) {
                                  VALUES (?1, ?2, ?3, ?4, ?5)
                                  ON CONFLICT (id) DO UPDATE SET status = excluded.status,
                                    body = excluded.body, seen_at = excluded.seen_at",
-                                params![mo.id as i64, mo.external_reference, mo.status, mo.body, mo.seen_at],
+                                params![sql_id(&mo.id), mo.external_reference, mo.status, mo.body, mo.seen_at],
                             )
                             .map_err(db)?;
                             for p in &mo.payments {
@@ -438,7 +531,7 @@ fn run_batch(conn: &Connection, batch: Vec<Op>) {
                                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
                                      ON CONFLICT (id) DO UPDATE SET status = excluded.status,
                                        amount = excluded.amount, seen_at = excluded.seen_at",
-                                    params![p.id as i64, mo.id as i64, mo.external_reference, p.status, p.amount, p.currency, mo.seen_at],
+                                    params![sql_id(&p.id), sql_id(&mo.id), mo.external_reference, p.status, p.amount, p.currency, mo.seen_at],
                                 )
                                 .map_err(db)?;
                             }
@@ -551,10 +644,10 @@ fn run_batch(conn: &Connection, batch: Vec<Op>) {
                 let r = conn
                     .query_row(
                         "SELECT external_reference, status, body, seen_at FROM merchant_orders WHERE id = ?1",
-                        [id as i64],
+                        [sql_id(&id)],
                         |row| {
                             Ok(MerchantOrderRecord {
-                                id,
+                                id: id.clone(),
                                 external_reference: row.get(0)?,
                                 status: row.get(1)?,
                                 body: row.get(2)?,
@@ -581,6 +674,17 @@ fn run_batch(conn: &Connection, batch: Vec<Op>) {
                     rows.collect::<Result<Vec<_>, _>>().map_err(db)
                 })();
                 let _ = reply.send(r);
+            }
+            // ---- POS registration ----
+            Op::Registration { r, reply } => {
+                let res = began
+                    .as_ref()
+                    .map_err(|e| StoreError::Database(e.to_string()))
+                    .and_then(|_| in_savepoint(conn, |c| write_registration(c, &r)));
+                pending.push((Box::new(move |r| drop(reply.send(r))), res));
+            }
+            Op::Registrations { reply } => {
+                let _ = reply.send(read_registrations(conn));
             }
         }
     }
@@ -698,13 +802,84 @@ impl Store for SqliteStore {
         self.call(|reply| Op::AutoRefunds { reply }).await
     }
 
-    async fn merchant_order(&self, id: u64) -> Result<Option<MerchantOrderRecord>, StoreError> {
-        self.call(|reply| Op::MerchantOrderGet { id, reply }).await
+    async fn merchant_order(&self, id: &MpId) -> Result<Option<MerchantOrderRecord>, StoreError> {
+        self.call(|reply| Op::MerchantOrderGet {
+            id: id.clone(),
+            reply,
+        })
+        .await
     }
 
     async fn check_writable(&self) -> Result<(), StoreError> {
         self.call(|reply| Op::Health { reply }).await
     }
+
+    // ---- POS registration ----
+
+    async fn record_registration(&self, r: RegistrationRecord) -> Result<(), StoreError> {
+        let r = Box::new(r);
+        self.call(|reply| Op::Registration { r, reply }).await
+    }
+
+    async fn registrations(&self) -> Result<Vec<RegistrationRecord>, StoreError> {
+        self.call(|reply| Op::Registrations { reply }).await
+    }
+}
+
+// ---- POS registration -------------------------------------------------------
+
+fn write_registration(conn: &Connection, r: &RegistrationRecord) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT INTO mp_registrations (pos, mp_external_id, store, mp_pos_id, url, qr_image,
+           qr_template_document, qr_template_image, action, at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+         ON CONFLICT (pos) DO UPDATE SET mp_external_id = excluded.mp_external_id,
+           store = excluded.store, mp_pos_id = excluded.mp_pos_id, url = excluded.url,
+           qr_image = excluded.qr_image, qr_template_document = excluded.qr_template_document,
+           qr_template_image = excluded.qr_template_image, action = excluded.action,
+           at = excluded.at",
+        params![
+            r.pos,
+            r.mp_external_id,
+            r.store,
+            r.mp_pos_id as i64,
+            r.url,
+            r.qr_image,
+            r.qr_template_document,
+            r.qr_template_image,
+            r.action,
+            r.at
+        ],
+    )
+    .map(|_| ())
+    .map_err(db)
+}
+
+fn read_registrations(conn: &Connection) -> Result<Vec<RegistrationRecord>, StoreError> {
+    let mut st = conn
+        .prepare_cached(
+            "SELECT pos, mp_external_id, store, mp_pos_id, url, qr_image, qr_template_document,
+                    qr_template_image, action, at
+             FROM mp_registrations ORDER BY pos",
+        )
+        .map_err(db)?;
+    let rows = st
+        .query_map([], |r| {
+            Ok(RegistrationRecord {
+                pos: r.get(0)?,
+                mp_external_id: r.get(1)?,
+                store: r.get(2)?,
+                mp_pos_id: r.get::<_, i64>(3)? as u64,
+                url: r.get(4)?,
+                qr_image: r.get(5)?,
+                qr_template_document: r.get(6)?,
+                qr_template_image: r.get(7)?,
+                action: r.get(8)?,
+                at: r.get(9)?,
+            })
+        })
+        .map_err(db)?;
+    rows.collect::<Result<Vec<_>, _>>().map_err(db)
 }
 
 #[cfg(test)]
@@ -728,6 +903,9 @@ mod tests {
             served_at: None,
             settled: None,
             delivered_at: None,
+            placed_at: None,
+            mp_order: None,
+            rejection: None,
             refunds: vec![],
             updated_at: 1,
         }
@@ -756,8 +934,8 @@ mod tests {
             .unwrap();
         s.state = SaleState::Paid;
         s.settled = Some(Settled {
-            payment_id: 9,
-            merchant_order: 8,
+            payment_id: MpId::Num(9),
+            merchant_order: MpId::Num(8),
             paid: Decimal::from(10),
             at: 2,
         });
@@ -790,5 +968,33 @@ mod tests {
             .collect();
         assert_eq!(events, ["accepted", "paid"]);
         store.check_writable().await.unwrap();
+    }
+
+    // ---- POS registration ----
+
+    #[tokio::test]
+    async fn a_pos_registration_replaces_the_previous_one_and_survives_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.db");
+        let store = SqliteStore::open(&path, true).unwrap();
+        let mut r = RegistrationRecord {
+            pos: "pump-1".into(),
+            mp_external_id: "pump1".into(),
+            store: "st01".into(),
+            mp_pos_id: 3_000_001,
+            url: Some("https://s.example/mp/pos/pump-1?key=***".into()),
+            qr_image: Some("https://qr/1.png".into()),
+            qr_template_document: None,
+            qr_template_image: None,
+            action: "created".into(),
+            at: 1,
+        };
+        store.record_registration(r.clone()).await.unwrap();
+        r.action = "unchanged".into();
+        r.at = 2;
+        store.record_registration(r.clone()).await.unwrap();
+        drop(store);
+        let store = SqliteStore::open(&path, true).unwrap();
+        assert_eq!(store.registrations().await.unwrap(), vec![r]);
     }
 }

@@ -160,11 +160,12 @@ pub struct TestApp {
 
 pub fn pos(id: &str, kind: PosKind) -> PosConfig {
     PosConfig {
-        id: PosId::parse(id).unwrap(),
-        kind,
-        currency: qrgate::money::Currency::Ars,
-        ttl_secs: Some(600),
         max_amount: Decimal::from(1_000_000),
+        ..PosConfig::new(
+            PosId::parse(id).unwrap(),
+            kind,
+            qrgate::money::Currency::Ars,
+        )
     }
 }
 
@@ -421,7 +422,13 @@ impl TestApp {
     pub async fn wait_merchant_order_seen(&self, id: u64) -> String {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            if let Some(r) = self.app_gateway.store().merchant_order(id).await.unwrap() {
+            if let Some(r) = self
+                .app_gateway
+                .store()
+                .merchant_order(&qrgate::orders::MpId::Num(id))
+                .await
+                .unwrap()
+            {
                 return r.status;
             }
             assert!(

@@ -1,6 +1,8 @@
 //! End-to-end tests: the real app, a real broker, a real SQLite file, and the
 //! Mercado Pago simulator. One test binary, so the embedded broker is shared.
 
+mod attended;
+mod checklist;
 pub mod crash;
 mod durability;
 mod flow;

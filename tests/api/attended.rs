@@ -1,0 +1,220 @@
+//! The attended model's order desk against the Mercado Pago simulator: what
+//! happens when Mercado Pago refuses, fails, drops or outlives an order.
+
+use std::time::Duration;
+
+use qrgate::mercadopago::simulator::{PaymentOutcome, Scan, SimulatorConfig};
+use qrgate::orders::PosMode;
+
+use crate::helpers::*;
+
+const POS: &str = "vending-1";
+const MP_POS: &str = "vending1";
+const ORDERS: &str = "/instore/qr/seller/collectors/";
+
+fn attended(c: &mut qrgate::config::Config) {
+    let p = c.pos.iter_mut().find(|p| p.id.as_str() == POS).unwrap();
+    p.mode = PosMode::Attended;
+    p.store = Some("st01".into());
+}
+
+fn puts(app: &TestApp) -> Vec<u16> {
+    app.mp
+        .api_calls()
+        .into_iter()
+        .filter(|c| c.method == "PUT" && c.path.starts_with(ORDERS))
+        .map(|c| c.status)
+        .collect()
+}
+
+async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_final_4xx_rejects_the_sale_with_mercado_pagos_message_and_frees_the_pos() {
+    let app = TestApp::spawn_with(attended).await;
+    let device = app.device(POS).await;
+    app.mp.fail_next(ORDERS, 400, 1);
+    device
+        .publish_sale("1", &snack("1000"), None)
+        .await
+        .unwrap();
+    let rejected = state_of(&device, "1", "rejected").await;
+    assert_eq!(rejected.reason.as_deref(), Some("mp_refused"));
+    assert!(
+        rejected.message().is_some_and(|m| !m.is_empty()),
+        "{:?}",
+        rejected.raw
+    );
+    let reference = rejected.external_reference.clone().unwrap();
+    let timeline = app.timeline(&reference).await;
+    assert!(timeline.iter().any(|e| e == "refused"), "{timeline:?}");
+    assert!(!timeline.iter().any(|e| e == "placed"), "{timeline:?}");
+    // Nothing to pay on the POS, and the POS takes the next sale.
+    assert!(app.mp.attended_order(MP_POS).is_none());
+    device
+        .publish_sale("2", &snack("1000"), None)
+        .await
+        .unwrap();
+    state_of(&device, "2", "pending").await;
+    assert!(app.mp.attended_order(MP_POS).is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outages_and_429s_are_retried_and_the_device_hears_pending_only_once_placed() {
+    let app = TestApp::spawn_with(attended).await;
+    let device = app.device(POS).await;
+    app.mp.fail_next(ORDERS, 503, 2);
+    app.mp.fail_next(ORDERS, 429, 1);
+    device
+        .publish_sale("1", &snack("1000"), None)
+        .await
+        .unwrap();
+    let pending = state_of(&device, "1", "pending").await;
+    assert!(app.mp.attended_order(MP_POS).is_some());
+    let statuses = puts(&app);
+    assert_eq!(
+        statuses.iter().filter(|s| **s >= 429).count(),
+        3,
+        "{statuses:?}"
+    );
+    assert_eq!(statuses.last(), Some(&204), "{statuses:?}");
+    let reference = pending.external_reference.unwrap();
+    let timeline = app.timeline(&reference).await;
+    assert_eq!(
+        timeline.iter().filter(|e| *e == "placed").count(),
+        1,
+        "{timeline:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_order_expires_with_the_sale_and_is_removed() {
+    let app = TestApp::spawn_with(|c| {
+        attended(c);
+        c.pos[1].ttl_secs = Some(1);
+    })
+    .await;
+    let device = app.device(POS).await;
+    device
+        .publish_sale("1", &snack("1000"), None)
+        .await
+        .unwrap();
+    let pending = state_of(&device, "1", "pending").await;
+    let body = app.mp.attended_order(MP_POS).expect("placed");
+    // MP drops the order when the sale expires.
+    let expiration = body["expiration_date"].as_str().unwrap().to_owned();
+    let at = chrono::DateTime::parse_from_rfc3339(&expiration).unwrap();
+    let accepted = chrono::Utc::now() - chrono::Duration::seconds(5);
+    assert!(
+        at > accepted && at < chrono::Utc::now() + chrono::Duration::seconds(2),
+        "{expiration}"
+    );
+    state_of(&device, "1", "expired").await;
+    wait_for("the expired sale's order removed", || {
+        app.mp.attended_order(MP_POS).is_none()
+    })
+    .await;
+    let deletes = app
+        .mp
+        .api_calls()
+        .into_iter()
+        .filter(|c| c.method == "DELETE" && c.path.contains(&format!("/pos/{MP_POS}/orders")))
+        .count();
+    assert_eq!(deletes, 1);
+    assert!(pending.external_reference.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payment_for_a_removed_order_is_a_late_payment_owed_back() {
+    let app = TestApp::spawn_with(attended).await;
+    let device = app.device(POS).await;
+    device
+        .publish_sale("1", &snack("1000"), None)
+        .await
+        .unwrap();
+    state_of(&device, "1", "pending").await;
+    let Scan::Order(order) = app.mp.scan_attended(MP_POS).await.unwrap() else {
+        panic!("no order on the POS")
+    };
+    device.cancel("1").await.unwrap();
+    state_of(&device, "1", "cancelled").await;
+    wait_for("the order removed", || {
+        app.mp.attended_order(MP_POS).is_none()
+    })
+    .await;
+    // The customer's app still had it open and pays anyway.
+    app.mp
+        .pay(order.merchant_order_id, PaymentOutcome::Approved)
+        .await
+        .unwrap();
+    app.wait_event(&order.external_reference, "refund_due")
+        .await;
+    let timeline = app.timeline(&order.external_reference).await;
+    assert!(!timeline.iter().any(|e| e == "paid"), "{timeline:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_mercado_pago_dropped_is_placed_again_after_a_rejected_payment() {
+    let app = TestApp::spawn_with(attended).await;
+    let device = app.device(POS).await;
+    device
+        .publish_sale("1", &snack("1000"), None)
+        .await
+        .unwrap();
+    state_of(&device, "1", "pending").await;
+    let Scan::Order(order) = app.mp.scan_attended(MP_POS).await.unwrap() else {
+        panic!("no order on the POS")
+    };
+    // Mercado Pago loses the order on its side.
+    let sim = SimulatorConfig::default();
+    let r = reqwest::Client::new()
+        .delete(format!(
+            "{}{ORDERS}{}/pos/{MP_POS}/orders",
+            app.mp.base_url(),
+            sim.collector_id
+        ))
+        .bearer_auth(&sim.access_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    assert!(app.mp.attended_order(MP_POS).is_none());
+    // The customer's payment is rejected; the retry needs the order back.
+    app.mp
+        .pay(order.merchant_order_id, PaymentOutcome::Rejected)
+        .await
+        .unwrap();
+    wait_for("the order placed again", || {
+        app.mp.attended_order(MP_POS).is_some()
+    })
+    .await;
+    let Scan::Order(retry) = app.mp.scan_attended(MP_POS).await.unwrap() else {
+        panic!("the order is not back")
+    };
+    assert_eq!(retry.external_reference, order.external_reference);
+    app.mp
+        .pay(retry.merchant_order_id, PaymentOutcome::Approved)
+        .await
+        .unwrap();
+    state_of(&device, "1", "paid").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attended_pos_url_answers_invalid() {
+    let app = TestApp::spawn_with(attended).await;
+    let device = app.device(POS).await;
+    device
+        .publish_sale("1", &snack("1000"), None)
+        .await
+        .unwrap();
+    state_of(&device, "1", "pending").await;
+    let (status, body, _) = app.poll(POS).await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"]["type"], "invalid");
+}
