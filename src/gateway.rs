@@ -348,11 +348,12 @@ impl Gateway {
             presence,
             current: Some(sale),
         };
-        let v = view(cfg, state, &self.ctx);
+        let v = Arc::new(view(cfg, state, &self.ctx));
+        // Shown before told: a device may poll the moment it hears its state.
+        self.views.insert(cfg.id.clone(), Arc::clone(&v));
         if let Some(s) = v.state.current.as_ref().filter(|_| publish) {
             self.publish_state(s);
         }
-        self.views.insert(cfg.id.clone(), Arc::new(v));
     }
 
     fn now(&self) -> Ctx {

@@ -171,3 +171,99 @@ async fn readiness_fails_with_a_reason_when_the_broker_is_unreachable() {
     assert_eq!(r.status(), 200);
     app.stop().await;
 }
+
+/// A device that polls the moment it hears `pending` must be served: the
+/// book shows a change to polls before it tells the device. (Found by the
+/// sustained mix: rarely, a device heard `pending` and its poll still
+/// answered the previous state.) A thread reads the book's outgoing MQTT
+/// messages as they are queued and polls at once, as the fastest device
+/// would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poll_right_after_the_device_hears_pending_is_served() {
+    use qrgate::gateway::{BookSettings, Gateway};
+    use qrgate::mercadopago::order_body::OrderContext;
+    use qrgate::mqtt::inbound::parse;
+    use qrgate::mqtt::topics::{DeviceTopic, Topics};
+    use qrgate::orders::PollProtocol;
+    use qrgate::orders::{PosId, PosKind};
+    use qrgate::store::SqliteStore;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(&dir.path().join("q.db"), false).unwrap());
+    let (publish_tx, mut publish_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (served_tx, _served_rx) = tokio::sync::mpsc::unbounded_channel();
+    let gateway = Arc::new(
+        Gateway::load(
+            vec![pos("pump-1", PosKind::Fuel)],
+            store,
+            OrderContext {
+                collector_id: 1,
+                sponsor_id: None,
+                notification_url: "http://127.0.0.1:9/mp/notifications".into(),
+            },
+            BookSettings {
+                collector_id: 1,
+                auto_refund: false,
+                topics: Topics::new("qrgate"),
+                poll_protocol: PollProtocol::V1,
+                attended: None,
+            },
+            publish_tx,
+            served_tx,
+        )
+        .await
+        .unwrap(),
+    );
+    let (heard, unserved, done) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let device = {
+        let (gateway, heard, unserved, done) = (
+            Arc::clone(&gateway),
+            Arc::clone(&heard),
+            Arc::clone(&unserved),
+            Arc::clone(&done),
+        );
+        std::thread::spawn(move || {
+            while !done.load(Ordering::Acquire) {
+                match publish_rx.try_recv() {
+                    Ok(p)
+                        if String::from_utf8_lossy(&p.payload).contains(r#""state":"pending""#) =>
+                    {
+                        if gateway.poll("pump-1").status != 200 {
+                            unserved.fetch_add(1, Ordering::Relaxed);
+                        }
+                        heard.fetch_add(1, Ordering::Release);
+                    }
+                    _ => std::hint::spin_loop(),
+                }
+            }
+        })
+    };
+    let id = PosId::parse("pump-1").unwrap();
+    let sales = 300;
+    for k in 0..sales {
+        let sale = format!(
+            r#"{{"sale_id":"s{k}","items":[{{"title":"Super 95","quantity":"10","unit_price":"800.00"}}]}}"#
+        );
+        let cmd = parse(DeviceTopic::Sale, "pump-1", sale.as_bytes(), 16 * 1024).unwrap();
+        gateway.execute(&id, cmd).await.unwrap();
+        while heard.load(Ordering::Acquire) < k + 1 {
+            tokio::task::yield_now().await;
+        }
+        let cancel = format!(r#"{{"sale_id":"s{k}"}}"#);
+        let cmd = parse(DeviceTopic::Cancel, "pump-1", cancel.as_bytes(), 16 * 1024).unwrap();
+        gateway.execute(&id, cmd).await.unwrap();
+    }
+    done.store(true, Ordering::Release);
+    device.join().unwrap();
+    assert_eq!(
+        unserved.load(Ordering::Relaxed),
+        0,
+        "of {sales} polls made as the device heard `pending`, some were not served"
+    );
+}

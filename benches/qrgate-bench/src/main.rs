@@ -544,23 +544,19 @@ async fn memory_without_broker(sim: &Simulator, port: u16) -> Result<Value> {
 // ---------------------------------------------------------------------------
 // 5. Sustained mix.
 
-async fn mix(sim: &Simulator, secs: u64) -> Result<Value> {
+async fn mix(sim: &Simulator, secs: u64, broker: &BrokerChoice) -> Result<Value> {
     let pos_count = 1000;
-    let dir = tempfile::tempdir()?;
+    let tmp = tempfile::tempdir()?;
     // QRGATE_BENCH_KEEP=1 keeps qrgate's log and database for a look after.
-    let dir = if std::env::var("QRGATE_BENCH_KEEP").is_ok() {
-        let kept = dir.keep();
+    let (_tmp, dir) = if std::env::var("QRGATE_BENCH_KEEP").is_ok() {
+        let kept = tmp.keep();
         eprintln!("keeping {}", kept.display());
-        tempfile::TempDir::new_in(&kept)?
+        (None, kept)
     } else {
-        dir
+        let path = tmp.path().to_path_buf();
+        (Some(tmp), path)
     };
-    let q = Qrgate::start(
-        pos_count,
-        &BrokerChoice::Embedded,
-        &sim.base_url(),
-        dir.path(),
-    )?;
+    let q = Qrgate::start(pos_count, broker, &sim.base_url(), &dir)?;
     q.ready().await?;
     let fleet = Fleet::connect(q.mqtt_port, "bench-mix").await?;
     sim.set_notify_mode(NotifyMode::Ipn);
@@ -571,14 +567,17 @@ async fn mix(sim: &Simulator, secs: u64) -> Result<Value> {
     let errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let started = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let paid = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    // The failed cycles, to find them in qrgate's log and store.
+    let failures: Arc<Mutex<Vec<Value>>> = Arc::new(Mutex::new(Vec::new()));
     let mut tasks = Vec::new();
     for i in 0..pos_count {
         let (fleet, sim, base) = (fleet.clone(), sim.clone(), q.base.clone());
-        let (windows, errors, started, paid) = (
+        let (windows, errors, started, paid, failures) = (
             Arc::clone(&windows),
             Arc::clone(&errors),
             Arc::clone(&started),
             Arc::clone(&paid),
+            Arc::clone(&failures),
         );
         tasks.push(tokio::spawn(async move {
             let http = reqwest::Client::new();
@@ -594,8 +593,9 @@ async fn mix(sim: &Simulator, secs: u64) -> Result<Value> {
                     fleet.sale(&pos, &sale).await?;
                     arrived(pending, "pending").await?;
                     let url = format!("{base}/mp/pos/{pos}");
-                    if http.get(&url).send().await?.status() != 200 {
-                        bail!("not servable");
+                    let r = http.get(&url).send().await?;
+                    if r.status() != 200 {
+                        bail!("not servable after pending: {} {}", r.status(), r.text().await.unwrap_or_default());
                     }
                     let Scan::Order(order) = sim.scan(&url).await? else {
                         bail!("no order");
@@ -624,8 +624,26 @@ async fn mix(sim: &Simulator, secs: u64) -> Result<Value> {
                             let _ = ws[w].record(t0.elapsed().as_nanos() as u64);
                         }
                     }
-                    Err(_) => {
+                    Err(e) => {
                         errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        // As a pump would: a sale that went wrong is cancelled,
+                        // so that one failure does not block the POS's next ones.
+                        // MQTT does not order topics: the next sale waits for
+                        // the cancel to land.
+                        let cancelled = fleet.expect(&pos, &sale, "cancelled");
+                        let _ = fleet
+                            .send(&pos, "cancel", format!(r#"{{"sale_id":"{sale}"}}"#))
+                            .await;
+                        let _ = arrived(cancelled, "cancelled").await;
+                        let at_s = t0.duration_since(start).as_secs_f64();
+                        eprintln!("mix: cycle {sale} on {pos} failed after {:.1} s (started at {at_s:.1} s): {e:#}",
+                            t0.elapsed().as_secs_f64());
+                        if let Ok(mut f) = failures.lock() {
+                            if f.len() < 100 {
+                                f.push(json!({ "pos": pos, "sale_id": sale, "started_at_s": (at_s * 10.0).round() / 10.0,
+                                    "error": format!("{e:#}") }));
+                            }
+                        }
                     }
                 }
             }
@@ -650,10 +668,12 @@ async fn mix(sim: &Simulator, secs: u64) -> Result<Value> {
         "seconds": secs, "pos": pos_count, "cycles_paid": paid, "cycles_per_sec": (paid as f64 / elapsed).round(),
         "errors": errors.load(std::sync::atomic::Ordering::Relaxed),
         "bench_mqtt_connects": fleet.connects.load(std::sync::atomic::Ordering::Relaxed),
-        "qrgate_mqtt_connects": std::fs::read_to_string(q.dir.join("qrgate.log"))
+        "qrgate_mqtt_connects": std::fs::read_to_string(dir.join("qrgate.log"))
             .map(|l| l.matches("connected to the MQTT broker").count())
             .unwrap_or(0),
         "lost_sales": started - paid,
+        "failures": failures.lock().map(|f| f.clone()).unwrap_or_default(),
+        "notifications_not_delivered": sim.notifications_sent().iter().filter(|n| n.status != Some(200)).count(),
         "sale_to_paid_over_time": over_time,
     }))
 }
@@ -790,11 +810,16 @@ fn print_table(r: &Value) {
 #[tokio::main]
 async fn main() -> Result<()> {
     qrgate::app::install_crypto();
+    // The simulator's warnings (a notification it could not deliver) on stderr.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
+        .init();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mode = args.first().map(String::as_str).unwrap_or("all");
     let quick = mode == "quick";
     if !matches!(mode, "all" | "quick") {
-        bail!("usage: qrgate-bench [all|quick] [--out FILE] [--mix-secs N]");
+        bail!("usage: qrgate-bench [all|quick] [--only PART] [--out FILE] [--mix-secs N] [--mix-broker embedded|mosquitto]");
     }
     let flag = |name: &str| {
         args.iter()
@@ -857,8 +882,19 @@ async fn main() -> Result<()> {
         r["notify_to_device"] = notify_to_device(&sim, sales).await?;
     }
     if run("mix") {
-        eprintln!("sustained mix ({mix_secs} s)...");
-        r["mix"] = mix(&sim, mix_secs).await?;
+        // `--mix-broker mosquitto` runs the mix through Mosquitto instead.
+        if flag("--mix-broker").as_deref() == Some("mosquitto") {
+            eprintln!("sustained mix ({mix_secs} s, Mosquitto)...");
+            let (mut m, port) = start_mosquitto()?;
+            r["mix"] = mix(&sim, mix_secs, &BrokerChoice::External(port)).await?;
+            r["mix"]["broker"] = json!("mosquitto");
+            let _ = m.kill();
+            let _ = m.wait();
+        } else {
+            eprintln!("sustained mix ({mix_secs} s)...");
+            r["mix"] = mix(&sim, mix_secs, &BrokerChoice::Embedded).await?;
+            r["mix"]["broker"] = json!("embedded");
+        }
     }
 
     print_table(&r);
