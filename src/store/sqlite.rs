@@ -619,8 +619,11 @@ fn run_batch(conn: &Connection, batch: Vec<Op>) {
             } => {
                 let _ = reply.send(bodies(
                     conn,
+                    // Newest first along sales_by_pos, so the search stops
+                    // at the first match (a recent sale) instead of sorting
+                    // every sale the POS ever had.
                     "SELECT external_reference, body FROM sales
-                     WHERE pos = ?1 AND sale_id = ?2 ORDER BY rowid DESC LIMIT 1",
+                     WHERE pos = ?1 AND sale_id = ?2 ORDER BY accepted_at DESC, rowid DESC LIMIT 1",
                     params![pos, sale_id],
                 ));
             }
