@@ -362,3 +362,53 @@ async fn a_lost_orders_api_notification_is_found_by_reconciliation() {
         .iter()
         .any(|c| c.method == "GET" && c.path.starts_with("/v1/orders/")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item_taxes_sku_and_category_reach_mercado_pago_in_every_order_that_carries_them() {
+    let items = [qrgate_devices::Item::new("Gaseosa", "2", "3000")
+        .sku("GAS-05")
+        .category("drinks")
+        .tax("IVA", "19")];
+    // Attended, instore API: the v2 body.
+    let app = TestApp::spawn_with(attended).await;
+    let device = app.device(POS).await;
+    device.publish_sale("1", &items, None).await.unwrap();
+    state_of(&device, "1", "pending").await;
+    let body = app.mp.attended_order(MP_POS).unwrap();
+    let item = &body["items"][0];
+    assert_eq!(item["sku_number"], "GAS-05");
+    assert_eq!(item["category"], "drinks");
+    assert_eq!(item["taxes"][0]["type"], "IVA");
+    assert_eq!(item["taxes"][0]["value"], 19);
+    // Attended, legacy API.
+    let app = TestApp::spawn_with(|c| {
+        attended(c);
+        c.mercadopago.attended_api = qrgate::config::AttendedApi::Legacy;
+    })
+    .await;
+    let device = app.device(POS).await;
+    device.publish_sale("1", &items, None).await.unwrap();
+    state_of(&device, "1", "pending").await;
+    let body = app.mp.attended_order(MP_POS).unwrap();
+    assert_eq!(body["items"][0]["taxes"][0]["type"], "IVA");
+    assert_eq!(body["items"][0]["currency_id"], "ARS");
+    // Unattended v2: the poll answer; v1 ignores them.
+    let app = TestApp::spawn_with(|c| {
+        c.pos[1].mode = PosMode::Unattended(qrgate::orders::PollProtocol::V2);
+    })
+    .await;
+    let device = app.device(POS).await;
+    device.publish_sale("1", &items, None).await.unwrap();
+    state_of(&device, "1", "pending").await;
+    let Scan::Order(order) = app.mp.scan(&app.pos_url(POS)).await.unwrap() else {
+        panic!("no order")
+    };
+    let v: serde_json::Value = serde_json::from_str(&order.raw_body).unwrap();
+    assert_eq!(v["items"][0]["taxes"][0]["value"], 19);
+    assert_eq!(v["items"][0]["sku_number"], "GAS-05");
+    assert!(
+        order.raw_body.contains(r#""total_amount":6000.00"#),
+        "{}",
+        order.raw_body
+    );
+}
