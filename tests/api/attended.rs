@@ -412,3 +412,27 @@ async fn item_taxes_sku_and_category_reach_mercado_pago_in_every_order_that_carr
         order.raw_body
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_not_yet_placed_when_qrgate_stops_is_placed_at_the_next_start() {
+    let app = TestApp::spawn_with(attended).await;
+    let device = app.device(POS).await;
+    // Mercado Pago is down: the sale is stored, its order cannot be placed.
+    app.mp.fail_next(ORDERS, 503, 10_000);
+    device
+        .publish_sale("1", &snack("1000"), None)
+        .await
+        .unwrap();
+    wait_for("a placement attempted", || !puts(&app).is_empty()).await;
+    let app = app.restart().await;
+    app.mp.clear_failures();
+    let pending = state_of(&device, "1", "pending").await;
+    let body = app
+        .mp
+        .attended_order(MP_POS)
+        .expect("placed after the restart");
+    assert_eq!(
+        body["external_reference"].as_str(),
+        pending.external_reference.as_deref()
+    );
+}
