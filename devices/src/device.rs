@@ -51,6 +51,18 @@ pub struct Item {
     /// Optional category.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub category: Option<String>,
+    /// Taxes Mercado Pago shows on the item (Colombia's IVA), at most 4.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub taxes: Vec<Tax>,
+}
+
+/// A tax on an item: `{"type": "IVA", "value": "19"}` (a percentage).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Tax {
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Decimal string, e.g. `"19"`.
+    pub value: String,
 }
 
 impl Item {
@@ -68,7 +80,17 @@ impl Item {
             description: None,
             sku: None,
             category: None,
+            taxes: Vec::new(),
         }
+    }
+
+    /// Adds a tax, e.g. `.tax("IVA", "19")`.
+    pub fn tax(mut self, kind: impl Into<String>, value: impl Into<String>) -> Item {
+        self.taxes.push(Tax {
+            kind: kind.into(),
+            value: value.into(),
+        });
+        self
     }
 
     /// Sets `unit_measure`.

@@ -36,7 +36,7 @@ mod sim;
 mod state;
 
 pub use config::DeviceConfig;
-pub use device::{Device, Item};
+pub use device::{Device, Item, Tax};
 pub use error::DeviceError;
 pub use sim::{Pump, VendingMachine};
 pub use state::StateMessage;

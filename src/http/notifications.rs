@@ -218,12 +218,31 @@ mod tests {
         );
     }
 
+    #[test]
+    fn orders_api_notifications_name_their_order_whatever_the_body() {
+        // MP documents no body for `order`: only the id is read.
+        assert_eq!(
+            parse(
+                "data.id=ORD01JQ4S4KY8HWQ6NA5PXB65B3D3&type=order",
+                br#"{"action":"order.processed","type":"order","data":{"id":"ORD01JQ4S4KY8HWQ6NA5PXB65B3D3","status":"processed","total_paid_amount":"10.00"},"unexpected":[1,{"x":null}]}"#
+            )
+            .unwrap(),
+            Parsed::Work(Resource::Order("ORD01JQ4S4KY8HWQ6NA5PXB65B3D3".into()))
+        );
+        assert_eq!(
+            parse("", br#"{"type":"order","data":{"id":"ORD01ABC"}}"#).unwrap(),
+            Parsed::Work(Resource::Order("ORD01ABC".into()))
+        );
+        assert!(parse("type=order", b"").is_err());
+        assert!(parse("type=order&data.id=ORD%2F..%2Fx", b"").is_err());
+    }
+
     use proptest::prelude::*;
 
-    fn id_of(r: &Resource) -> u64 {
+    fn id_of(r: &Resource) -> String {
         match r {
-            Resource::MerchantOrder(id) | Resource::Payment(id) => *id,
-            Resource::Order(_) => 0,
+            Resource::MerchantOrder(id) | Resource::Payment(id) => id.to_string(),
+            Resource::Order(id) => id.clone(),
         }
     }
 
@@ -237,7 +256,7 @@ mod tests {
             body in proptest::collection::vec(any::<u8>(), 0..200),
         ) {
             if let Ok(Parsed::Work(r)) = parse(&query, &body) {
-                let id = id_of(&r).to_string();
+                let id = id_of(&r);
                 let text = format!("{query}{}", String::from_utf8_lossy(&body));
                 prop_assert!(text.contains(&id), "{id} not in {text}");
             }

@@ -19,8 +19,14 @@ pub enum MpError {
     Timeout,
     #[error("cannot reach Mercado Pago: {0}")]
     Transport(String),
-    #[error("Mercado Pago answered {status}: {message}")]
-    Status { status: u16, message: String },
+    /// `code` is MP's `error` field (`FIXED_AMOUNT_FALSE`, `not_found`, …),
+    /// empty when the answer had none.
+    #[error("Mercado Pago answered {status} {code}: {message}")]
+    Status {
+        status: u16,
+        code: String,
+        message: String,
+    },
     #[error("Mercado Pago is rate limiting us (429)")]
     RateLimited { retry_after: Option<Duration> },
     #[error("unexpected answer from Mercado Pago: {0}")]
@@ -39,6 +45,20 @@ impl MpError {
 
     pub fn is_not_found(&self) -> bool {
         matches!(self, MpError::Status { status: 404, .. })
+    }
+
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            MpError::Status { status, .. } => Some(*status),
+            MpError::RateLimited { .. } => Some(429),
+            _ => None,
+        }
+    }
+
+    /// MP's error code, compared without case (MP mixes `forbidden` and
+    /// `FIXED_AMOUNT_FALSE`).
+    pub fn has_code(&self, code: &str) -> bool {
+        matches!(self, MpError::Status { code: c, .. } if c.eq_ignore_ascii_case(code))
     }
 }
 
@@ -77,6 +97,8 @@ impl RetryPolicy {
 struct Request<'a> {
     method: reqwest::Method,
     path: &'a str,
+    /// Query parameters, escaped by reqwest.
+    query: &'a [(&'a str, &'a str)],
     idempotency_key: Option<&'a str>,
     /// A JSON body; `None` sends an empty one (a full refund, a delete).
     body: Option<&'a [u8]>,
@@ -87,6 +109,7 @@ impl<'a> Request<'a> {
         Request {
             method: reqwest::Method::GET,
             path,
+            query: &[],
             idempotency_key: None,
             body: None,
         }
@@ -131,6 +154,9 @@ impl MpClient {
         let token = self.token.as_ref().ok_or(MpError::NoToken)?;
         let url = format!("{}{}", self.base, req.path);
         let mut builder = self.http.request(req.method.clone(), url);
+        if !req.query.is_empty() {
+            builder = builder.query(req.query);
+        }
         if let Some(key) = req.idempotency_key {
             builder = builder.header("X-Idempotency-Key", key);
         }
@@ -144,14 +170,7 @@ impl MpClient {
             None => builder,
         };
         builder = builder.bearer_auth(token.expose());
-        let resp = builder.send().await.map_err(|e| {
-            if e.is_timeout() {
-                MpError::Timeout
-            } else {
-                // reqwest's text names the URL, never the token.
-                MpError::Transport(e.without_url().to_string())
-            }
-        })?;
+        let resp = builder.send().await.map_err(transport)?;
         let status = resp.status();
         let retry_after = resp
             .headers()
@@ -159,27 +178,49 @@ impl MpClient {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
-        let body = resp.bytes().await.map_err(|e| {
-            if e.is_timeout() {
-                MpError::Timeout
-            } else {
-                MpError::Transport(e.without_url().to_string())
-            }
-        })?;
+        let body = resp.bytes().await.map_err(transport)?;
         if status == StatusCode::TOO_MANY_REQUESTS {
             return Err(MpError::RateLimited { retry_after });
         }
         if !status.is_success() {
-            let message = serde_json::from_slice::<ApiError>(&body)
-                .ok()
+            let parsed = serde_json::from_slice::<ApiError>(&body).ok();
+            let code = parsed
+                .as_ref()
+                .and_then(|e| e.error.clone())
+                .unwrap_or_default();
+            let message = parsed
                 .and_then(|e| e.message.or(e.error))
                 .unwrap_or_else(|| String::from_utf8_lossy(&body).chars().take(200).collect());
             return Err(MpError::Status {
+                code,
                 status: status.as_u16(),
                 message,
             });
         }
         Ok(body)
+    }
+
+    /// A JSON call of any method, with query parameters; for the stores and
+    /// POS API (`pos_api.rs`).
+    pub(crate) async fn send<T: serde::de::DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        query: &[(&str, &str)],
+        body: Option<&serde_json::Value>,
+    ) -> Result<T, MpError> {
+        let body = body
+            .map(serde_json::to_vec)
+            .transpose()
+            .map_err(|e| MpError::Decode(e.to_string()))?;
+        self.call(&Request {
+            method,
+            path,
+            query,
+            idempotency_key: None,
+            body: body.as_deref(),
+        })
+        .await
     }
 
     async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, MpError> {
@@ -252,6 +293,7 @@ impl MpClient {
             .call(&Request {
                 method: reqwest::Method::POST,
                 path: &format!("/v1/payments/{payment_id}/refunds"),
+                query: &[],
                 idempotency_key: Some(idempotency_key),
                 body: None,
             })
@@ -269,6 +311,7 @@ impl MpClient {
         self.call(&Request {
             method: reqwest::Method::POST,
             path: "/v1/orders",
+            query: &[],
             idempotency_key: Some(idempotency_key),
             body: Some(body),
         })
@@ -290,6 +333,7 @@ impl MpClient {
         self.call_raw(&Request {
             method: reqwest::Method::POST,
             path: &format!("/v1/orders/{}/cancel", path_segment(id)),
+            query: &[],
             idempotency_key: Some(idempotency_key),
             body: None,
         })
@@ -303,6 +347,7 @@ impl MpClient {
             .call(&Request {
                 method: reqwest::Method::POST,
                 path: &format!("/v1/orders/{}/refund", path_segment(id)),
+                query: &[],
                 idempotency_key: Some(idempotency_key),
                 body: None,
             })
@@ -329,6 +374,7 @@ impl MpClient {
         self.call_raw(&Request {
             method: reqwest::Method::PUT,
             path: &path,
+            query: &[],
             idempotency_key: None,
             body: Some(body),
         })
@@ -381,6 +427,7 @@ impl MpClient {
         self.call_raw(&Request {
             method: reqwest::Method::POST,
             path: &path,
+            query: &[],
             idempotency_key: None,
             body: Some(body),
         })
@@ -399,6 +446,7 @@ impl MpClient {
             .call_raw(&Request {
                 method: reqwest::Method::DELETE,
                 path,
+                query: &[],
                 idempotency_key: None,
                 body: None,
             })
@@ -420,4 +468,21 @@ fn path_segment(s: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
+}
+
+/// A failed request, without its URL (the rule everywhere), with its causes
+/// ("connection refused" is in them).
+fn transport(e: reqwest::Error) -> MpError {
+    if e.is_timeout() {
+        return MpError::Timeout;
+    }
+    let e = e.without_url();
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    MpError::Transport(text)
 }

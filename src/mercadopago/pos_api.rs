@@ -15,56 +15,17 @@
 
 use std::time::Duration;
 
-use rand::Rng;
-use reqwest::{Method, StatusCode};
+use reqwest::Method;
 use serde::de::{self, Deserializer};
 use serde::{Deserialize, Serialize};
 
+use super::client::{MpClient, MpError, RetryPolicy};
 use super::wire::Id;
-use crate::config::{MercadoPagoConfig, Secret, StoreLocation};
+use crate::config::{MercadoPagoConfig, StoreLocation};
 
-#[derive(Debug, thiserror::Error)]
-pub enum PosApiError {
-    #[error("no access token: set {}", crate::config::ACCESS_TOKEN_ENV)]
-    NoToken,
-    #[error("Mercado Pago did not answer in time")]
-    Timeout,
-    #[error("cannot reach Mercado Pago: {0}")]
-    Transport(String),
-    /// `code` is MP's `error` field (`FIXED_AMOUNT_FALSE`, `forbidden`, …).
-    #[error("Mercado Pago answered {status} {code}: {message}")]
-    Status {
-        status: u16,
-        code: String,
-        message: String,
-    },
-    #[error("unexpected answer from Mercado Pago: {0}")]
-    Decode(String),
-}
-
-impl PosApiError {
-    /// What MP says to retry.
-    fn is_transient(&self) -> bool {
-        match self {
-            PosApiError::Timeout | PosApiError::Transport(_) => true,
-            PosApiError::Status { status, .. } => *status == 429 || *status >= 500,
-            PosApiError::NoToken | PosApiError::Decode(_) => false,
-        }
-    }
-
-    pub fn status(&self) -> Option<u16> {
-        match self {
-            PosApiError::Status { status, .. } => Some(*status),
-            _ => None,
-        }
-    }
-
-    /// MP's error code, compared without case (MP mixes `forbidden` and
-    /// `FIXED_AMOUNT_FALSE`).
-    pub fn has_code(&self, code: &str) -> bool {
-        matches!(self, PosApiError::Status { code: c, .. } if c.eq_ignore_ascii_case(code))
-    }
-}
+/// The stores and POS API's errors are the client's: MP's `error` code is in
+/// [`MpError::Status`].
+pub type PosApiError = MpError;
 
 /// The QR links MP returns for a POS.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
@@ -176,81 +137,29 @@ pub struct PosCreate<'a> {
 
 #[derive(Clone)]
 pub struct PosApi {
-    http: reqwest::Client,
-    base: String,
+    client: MpClient,
     collector_id: u64,
-    token: Secret,
-    attempts: u32,
-    backoff: Duration,
 }
 
 impl PosApi {
     pub fn new(cfg: &MercadoPagoConfig) -> Result<PosApi, PosApiError> {
-        let token = cfg.access_token.clone().ok_or(PosApiError::NoToken)?;
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_millis(cfg.timeout_ms))
-            .connect_timeout(Duration::from_millis(cfg.timeout_ms.min(3000)))
-            .user_agent(concat!("qrgate/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| PosApiError::Transport(e.to_string()))?;
+        if cfg.access_token.is_none() {
+            return Err(MpError::NoToken);
+        }
         Ok(PosApi {
-            http,
-            base: cfg.api_base.clone(),
+            client: MpClient::new(cfg)?,
             collector_id: cfg.collector_id,
-            token,
-            attempts: 5,
-            backoff: Duration::from_millis(200),
         })
     }
 
     /// Fewer attempts and shorter waits (tests of failures).
     pub fn with_retry(mut self, attempts: u32, backoff: Duration) -> PosApi {
-        self.attempts = attempts.max(1);
-        self.backoff = backoff;
+        self.client = self.client.with_retry(RetryPolicy {
+            attempts: attempts.max(1),
+            base: backoff,
+            max: Duration::from_secs(5),
+        });
         self
-    }
-
-    async fn call_once<T: serde::de::DeserializeOwned>(
-        &self,
-        method: &Method,
-        path: &str,
-        query: &[(&str, &str)],
-        body: Option<&serde_json::Value>,
-    ) -> Result<T, PosApiError> {
-        let mut builder = self
-            .http
-            .request(method.clone(), format!("{}{}", self.base, path))
-            .bearer_auth(self.token.expose());
-        if !query.is_empty() {
-            builder = builder.query(query);
-        }
-        if let Some(body) = body {
-            builder = builder.json(body);
-        }
-        let transport = |e: reqwest::Error| {
-            if e.is_timeout() {
-                PosApiError::Timeout
-            } else {
-                // Without the URL (the rule everywhere), with the causes
-                // ("connection refused" is in them).
-                let e = e.without_url();
-                let mut text = e.to_string();
-                let mut source = std::error::Error::source(&e);
-                while let Some(s) = source {
-                    text.push_str(": ");
-                    text.push_str(&s.to_string());
-                    source = s.source();
-                }
-                PosApiError::Transport(text)
-            }
-        };
-        let resp = builder.send().await.map_err(transport)?;
-        let status = resp.status();
-        let bytes = resp.bytes().await.map_err(transport)?;
-        if !status.is_success() {
-            return Err(api_error(status, &bytes));
-        }
-        serde_json::from_slice(&bytes).map_err(|e| PosApiError::Decode(e.to_string()))
     }
 
     async fn call<T: serde::de::DeserializeOwned>(
@@ -260,25 +169,7 @@ impl PosApi {
         query: &[(&str, &str)],
         body: Option<&serde_json::Value>,
     ) -> Result<T, PosApiError> {
-        let mut attempt = 0;
-        loop {
-            match self.call_once(&method, path, query, body).await {
-                Err(e) if e.is_transient() && attempt + 1 < self.attempts => {
-                    // Full jitter up to the exponential step.
-                    let step = self
-                        .backoff
-                        .saturating_mul(1u32 << attempt.min(10))
-                        .min(Duration::from_secs(5));
-                    let wait = Duration::from_millis(
-                        rand::thread_rng().gen_range(0..=step.as_millis() as u64),
-                    );
-                    tracing::warn!(%method, path, error = %e, attempt = attempt + 1, "Mercado Pago call failed; retrying");
-                    tokio::time::sleep(wait).await;
-                    attempt += 1;
-                }
-                other => return other,
-            }
-        }
+        self.client.send(method, path, query, body).await
     }
 
     fn stores_path(&self) -> String {
@@ -350,31 +241,7 @@ impl PosApi {
 }
 
 fn to_value(body: &impl Serialize) -> Result<serde_json::Value, PosApiError> {
-    serde_json::to_value(body).map_err(|e| PosApiError::Decode(e.to_string()))
-}
-
-/// MP's error body `{"message", "error", "status", "cause"}`, whatever is there.
-fn api_error(status: StatusCode, body: &[u8]) -> PosApiError {
-    #[derive(Deserialize)]
-    struct Body {
-        #[serde(default)]
-        message: Option<String>,
-        #[serde(default)]
-        error: Option<String>,
-    }
-    let parsed = serde_json::from_slice::<Body>(body).ok();
-    let code = parsed
-        .as_ref()
-        .and_then(|b| b.error.clone())
-        .unwrap_or_default();
-    let message = parsed
-        .and_then(|b| b.message)
-        .unwrap_or_else(|| String::from_utf8_lossy(body).chars().take(200).collect());
-    PosApiError::Status {
-        status: status.as_u16(),
-        code,
-        message,
-    }
+    serde_json::to_value(body).map_err(|e| MpError::Decode(e.to_string()))
 }
 
 #[cfg(test)]
@@ -409,18 +276,5 @@ mod tests {
         assert_eq!(l.latitude, Some(-34.45));
         assert_eq!(l.longitude, Some(-58.91));
         assert_eq!(l.street_name, None);
-    }
-
-    #[test]
-    fn errors_keep_mp_s_code_and_message() {
-        let e = api_error(
-            StatusCode::BAD_REQUEST,
-            br#"{"message":"If the URL field is indicated, the FIXED_AMOUNT field must be true.","error":"FIXED_AMOUNT_FALSE","status":400,"cause":[]}"#,
-        );
-        assert!(e.has_code("fixed_amount_false"));
-        assert_eq!(e.status(), Some(400));
-        let e = api_error(StatusCode::BAD_GATEWAY, b"<html>bad gateway</html>");
-        assert!(e.is_transient());
-        assert!(e.to_string().contains("bad gateway"));
     }
 }

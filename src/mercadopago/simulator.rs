@@ -706,6 +706,11 @@ impl Simulator {
         });
     }
 
+    /// Forgets every `fail_next` rule still pending: Mercado Pago is back.
+    pub fn clear_failures(&self) {
+        self.inner.shared.lock().failures.clear();
+    }
+
     /// Answers under `path_prefix` are delayed by `delay` (zero removes it). The call takes effect
     /// when received, so a client that times out has still, say, refunded: as with a lost answer.
     pub fn set_latency(&self, path_prefix: &str, delay: Duration) {

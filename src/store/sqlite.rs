@@ -915,6 +915,82 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_file_from_before_text_ids_is_upgraded_keeping_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        {
+            // The id columns as the first schema had them.
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(
+                "CREATE TABLE closings (external_reference TEXT PRIMARY KEY, payment_id INTEGER NOT NULL,
+                   merchant_order INTEGER NOT NULL, at INTEGER NOT NULL);
+                 CREATE TABLE refunds_due (payment_id INTEGER PRIMARY KEY, external_reference TEXT NOT NULL,
+                   merchant_order INTEGER NOT NULL, amount TEXT NOT NULL, at INTEGER NOT NULL,
+                   reason TEXT NOT NULL, auto INTEGER NOT NULL, refund_id INTEGER, refunded_at INTEGER);
+                 CREATE INDEX refunds_pending ON refunds_due (auto, refund_id);
+                 CREATE TABLE payments (id INTEGER PRIMARY KEY, merchant_order INTEGER NOT NULL,
+                   external_reference TEXT, status TEXT NOT NULL, amount TEXT NOT NULL, currency TEXT,
+                   seen_at INTEGER NOT NULL);
+                 CREATE TABLE merchant_orders (id INTEGER PRIMARY KEY, external_reference TEXT,
+                   status TEXT NOT NULL, body TEXT NOT NULL, seen_at INTEGER NOT NULL);
+                 INSERT INTO merchant_orders VALUES (30000000001, 'pump-1-a', 'closed', '{}', 1);
+                 INSERT INTO closings VALUES ('pump-1-a', 90000000001, 30000000001, 1);",
+            )
+            .unwrap();
+        }
+        let store = SqliteStore::open(&path, true).unwrap();
+        let old = store
+            .merchant_order(&MpId::Num(30000000001))
+            .await
+            .unwrap()
+            .expect("the old row is kept");
+        assert_eq!(old.status, "closed");
+        store
+            .record_merchant_order(MerchantOrderRecord {
+                id: MpId::Text("ORD01JQ4S4KY8HWQ6NA5PXB65B3D3".into()),
+                external_reference: Some("pump-1-b".into()),
+                status: "processed".into(),
+                body: "{}".into(),
+                seen_at: 2,
+                payments: vec![super::super::PaymentRecord {
+                    id: MpId::Text("PAY01JQ4S4KY8HWQ6NA5PXB65B3D3".into()),
+                    status: "processed".into(),
+                    amount: "10.00".into(),
+                    currency: Some("ARS".into()),
+                }],
+            })
+            .await
+            .unwrap();
+        let text = store
+            .merchant_order(&MpId::Text("ORD01JQ4S4KY8HWQ6NA5PXB65B3D3".into()))
+            .await
+            .unwrap()
+            .expect("a text id is stored");
+        assert_eq!(text.status, "processed");
+        // The old sale is still closed: a second close is refused.
+        let mut s = sale("pump-1", "pump-1-a", SaleState::Paid);
+        s.settled = Some(Settled {
+            payment_id: MpId::Num(90000000002),
+            merchant_order: MpId::Num(30000000002),
+            paid: Decimal::ONE,
+            at: 3,
+        });
+        let e = store
+            .record(&s, &SaleEvent::Paid { overpaid: false })
+            .await
+            .unwrap_err();
+        assert!(matches!(e, StoreError::AlreadyClosed(_)), "{e}");
+        drop(store);
+        // Opening again changes nothing.
+        let again = SqliteStore::open(&path, true).unwrap();
+        assert!(again
+            .merchant_order(&MpId::Num(30000000001))
+            .await
+            .unwrap()
+            .is_some());
+    }
+
+    #[tokio::test]
     async fn a_sale_survives_reopening_the_file_and_is_closed_only_once() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("q.db");

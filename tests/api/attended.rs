@@ -218,3 +218,221 @@ async fn an_attended_pos_url_answers_invalid() {
     assert_eq!(status, 400);
     assert_eq!(body["error"]["type"], "invalid");
 }
+
+// ---- MP's Orders API -------------------------------------------------------
+
+fn orders_api(c: &mut qrgate::config::Config) {
+    attended(c);
+    c.mercadopago.attended_api = qrgate::config::AttendedApi::Orders;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orders_api_create_retried_after_a_lost_answer_makes_one_order() {
+    let app = TestApp::spawn_with(|c| {
+        orders_api(c);
+        c.mercadopago.timeout_ms = 300;
+    })
+    .await;
+    let device = app.device(POS).await;
+    // Mercado Pago creates the order but its answer is lost (too slow):
+    // qrgate retries with the same idempotency key.
+    app.mp
+        .set_latency("/v1/orders", Duration::from_millis(1000));
+    device
+        .publish_sale("1", &snack("1000"), None)
+        .await
+        .unwrap();
+    wait_for("a create attempted", || {
+        app.mp
+            .api_calls()
+            .iter()
+            .any(|c| c.method == "POST" && c.path == "/v1/orders")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    app.mp.set_latency("/v1/orders", Duration::ZERO);
+    let pending = state_of(&device, "1", "pending").await;
+    let reference = pending.external_reference.unwrap();
+    let creates = app
+        .mp
+        .api_calls()
+        .into_iter()
+        .filter(|c| c.method == "POST" && c.path == "/v1/orders")
+        .count();
+    assert!(creates >= 2, "the create was not retried: {creates}");
+    let orders = app.mp.orders_api_orders_for(&reference);
+    assert_eq!(orders.len(), 1, "{orders:?}");
+    let on_pos = app
+        .mp
+        .order_on_pos(MP_POS)
+        .expect("the order is on the POS");
+    assert_eq!(on_pos["id"], orders[0]["id"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_orders_api_sale_cancels_its_order() {
+    let app = TestApp::spawn_with(orders_api).await;
+    let device = app.device(POS).await;
+    device
+        .publish_sale("1", &snack("1000"), None)
+        .await
+        .unwrap();
+    let pending = state_of(&device, "1", "pending").await;
+    let reference = pending.external_reference.unwrap();
+    let id = app.mp.order_on_pos(MP_POS).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    device.cancel("1").await.unwrap();
+    state_of(&device, "1", "cancelled").await;
+    wait_for("the order canceled", || {
+        app.mp.orders_api_order(&id).unwrap()["status"] == "canceled"
+    })
+    .await;
+    assert!(app.mp.order_on_pos(MP_POS).is_none());
+    assert_eq!(app.mp.orders_api_orders_for(&reference).len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_orders_api_payment_is_refunded_through_the_order() {
+    let app = TestApp::spawn_with(|c| {
+        orders_api(c);
+        c.orders.auto_refund = true;
+    })
+    .await;
+    app.mp
+        .set_orders_webhook_url(format!("{}/mp/notifications", app.base));
+    let device = app.device(POS).await;
+    device
+        .publish_sale("1", &snack("1000"), None)
+        .await
+        .unwrap();
+    state_of(&device, "1", "pending").await;
+    let Scan::Order(order) = app.mp.scan_attended(MP_POS).await.unwrap() else {
+        panic!("no order on the POS")
+    };
+    let id = order.order_id.clone().expect("an Orders API order");
+    // The cancel does not reach Mercado Pago before the customer pays.
+    app.mp.fail_next(&format!("/v1/orders/{id}/cancel"), 503, 2);
+    device.cancel("1").await.unwrap();
+    state_of(&device, "1", "cancelled").await;
+    app.mp
+        .pay_order(&id, PaymentOutcome::Approved)
+        .await
+        .unwrap();
+    app.wait_event(&order.external_reference, "refund_due")
+        .await;
+    app.wait_event(&order.external_reference, "refunded").await;
+    let refunds = app.mp.order_refunds();
+    assert_eq!(refunds.len(), 1, "{refunds:?}");
+    assert_eq!(refunds[0].order_id, id);
+    assert!(refunds[0].idempotency_key.starts_with("qrgate-refund-"));
+    let timeline = app.timeline(&order.external_reference).await;
+    assert!(!timeline.iter().any(|e| e == "paid"), "{timeline:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_orders_api_notification_is_found_by_reconciliation() {
+    let app = TestApp::spawn_with(|c| {
+        orders_api(c);
+        c.orders.reconcile_after_secs = 0;
+    })
+    .await;
+    // No webhook url: Mercado Pago's notification never arrives.
+    let device = app.device(POS).await;
+    device
+        .publish_sale("1", &snack("1000"), None)
+        .await
+        .unwrap();
+    state_of(&device, "1", "pending").await;
+    let Scan::Order(order) = app.mp.scan_attended(MP_POS).await.unwrap() else {
+        panic!("no order on the POS")
+    };
+    let payment = app
+        .mp
+        .pay_order(order.order_id.as_deref().unwrap(), PaymentOutcome::Approved)
+        .await
+        .unwrap();
+    let paid = state_of(&device, "1", "paid").await;
+    assert_eq!(paid.payment.as_deref(), Some(payment.as_str()));
+    assert_eq!(paid.order_id, order.order_id);
+    assert!(app
+        .mp
+        .api_calls()
+        .iter()
+        .any(|c| c.method == "GET" && c.path.starts_with("/v1/orders/")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item_taxes_sku_and_category_reach_mercado_pago_in_every_order_that_carries_them() {
+    let items = [qrgate_devices::Item::new("Gaseosa", "2", "3000")
+        .sku("GAS-05")
+        .category("drinks")
+        .tax("IVA", "19")];
+    // Attended, instore API: the v2 body.
+    let app = TestApp::spawn_with(attended).await;
+    let device = app.device(POS).await;
+    device.publish_sale("1", &items, None).await.unwrap();
+    state_of(&device, "1", "pending").await;
+    let body = app.mp.attended_order(MP_POS).unwrap();
+    let item = &body["items"][0];
+    assert_eq!(item["sku_number"], "GAS-05");
+    assert_eq!(item["category"], "drinks");
+    assert_eq!(item["taxes"][0]["type"], "IVA");
+    assert_eq!(item["taxes"][0]["value"], 19);
+    // Attended, legacy API.
+    let app = TestApp::spawn_with(|c| {
+        attended(c);
+        c.mercadopago.attended_api = qrgate::config::AttendedApi::Legacy;
+    })
+    .await;
+    let device = app.device(POS).await;
+    device.publish_sale("1", &items, None).await.unwrap();
+    state_of(&device, "1", "pending").await;
+    let body = app.mp.attended_order(MP_POS).unwrap();
+    assert_eq!(body["items"][0]["taxes"][0]["type"], "IVA");
+    assert_eq!(body["items"][0]["currency_id"], "ARS");
+    // Unattended v2: the poll answer; v1 ignores them.
+    let app = TestApp::spawn_with(|c| {
+        c.pos[1].mode = PosMode::Unattended(qrgate::orders::PollProtocol::V2);
+    })
+    .await;
+    let device = app.device(POS).await;
+    device.publish_sale("1", &items, None).await.unwrap();
+    state_of(&device, "1", "pending").await;
+    let Scan::Order(order) = app.mp.scan(&app.pos_url(POS)).await.unwrap() else {
+        panic!("no order")
+    };
+    let v: serde_json::Value = serde_json::from_str(&order.raw_body).unwrap();
+    assert_eq!(v["items"][0]["taxes"][0]["value"], 19);
+    assert_eq!(v["items"][0]["sku_number"], "GAS-05");
+    assert!(
+        order.raw_body.contains(r#""total_amount":6000.00"#),
+        "{}",
+        order.raw_body
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_not_yet_placed_when_qrgate_stops_is_placed_at_the_next_start() {
+    let app = TestApp::spawn_with(attended).await;
+    let device = app.device(POS).await;
+    // Mercado Pago is down: the sale is stored, its order cannot be placed.
+    app.mp.fail_next(ORDERS, 503, 10_000);
+    device
+        .publish_sale("1", &snack("1000"), None)
+        .await
+        .unwrap();
+    wait_for("a placement attempted", || !puts(&app).is_empty()).await;
+    let app = app.restart().await;
+    app.mp.clear_failures();
+    let pending = state_of(&device, "1", "pending").await;
+    let body = app
+        .mp
+        .attended_order(MP_POS)
+        .expect("placed after the restart");
+    assert_eq!(
+        body["external_reference"].as_str(),
+        pending.external_reference.as_deref()
+    );
+}

@@ -1097,6 +1097,19 @@ impl Simulator {
         Some(order.render(self.inner.shared.config.collector_id))
     }
 
+    /// Every Orders API order created for `external_reference`, as served.
+    pub fn orders_api_orders_for(&self, external_reference: &str) -> Vec<serde_json::Value> {
+        let state = self.inner.shared.lock();
+        let collector = self.inner.shared.config.collector_id;
+        state
+            .orders_api
+            .orders
+            .values()
+            .map(|o| o.render(collector))
+            .filter(|v| v["external_reference"] == external_reference)
+            .collect()
+    }
+
     /// The Orders API order on this POS now (not expired, not paid, not canceled, not replaced).
     pub fn order_on_pos(&self, external_pos_id: &str) -> Option<serde_json::Value> {
         let state = self.inner.shared.lock();
