@@ -520,6 +520,56 @@ async fn scale(sim: &Simulator, quick: bool) -> Result<Value> {
     }))
 }
 
+/// What each connected device costs the embedded broker: 5,000 MQTT clients,
+/// one per POS, each subscribed to its own `state` topic as a device is.
+/// (The other parts play every device over one connection, which hides this.)
+async fn memory_per_device(sim: &Simulator) -> Result<Value> {
+    use std::io::{Read, Write};
+    let n = 5_000;
+    let dir = tempfile::tempdir()?;
+    let q = Qrgate::start(n, &BrokerChoice::Embedded, &sim.base_url(), dir.path())?;
+    q.ready().await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss0 = q.rss_bytes();
+    let port = q.mqtt_port;
+    let clients = tokio::task::spawn_blocking(move || -> Result<Vec<std::net::TcpStream>> {
+        let field = |out: &mut Vec<u8>, b: &[u8]| {
+            out.extend_from_slice(&(b.len() as u16).to_be_bytes());
+            out.extend_from_slice(b);
+        };
+        // MQTT 3.1.1 packets; every body here is under 128 bytes, so the
+        // remaining length is one byte.
+        let packet = |kind: u8, body: Vec<u8>| [vec![kind, body.len() as u8], body].concat();
+        let mut clients = Vec::with_capacity(n);
+        for i in 0..n {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+            s.set_read_timeout(Some(WAIT))?;
+            let mut connect = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0x02, 0x58];
+            field(&mut connect, format!("bench-device-{i}").as_bytes());
+            s.write_all(&packet(0x10, connect))?;
+            let mut connack = [0u8; 4];
+            s.read_exact(&mut connack)?;
+            let mut subscribe = vec![0, 1];
+            field(&mut subscribe, format!("qrgate/pos/p{i}/state").as_bytes());
+            subscribe.push(1);
+            s.write_all(&packet(0x82, subscribe))?;
+            let mut suback = [0u8; 5];
+            s.read_exact(&mut suback)?;
+            clients.push(s);
+        }
+        Ok(clients)
+    })
+    .await??;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss = q.rss_bytes();
+    drop(clients);
+    Ok(json!({
+        "devices": n,
+        "rss_bytes": { "0": rss0, "connected": rss },
+        "bytes_per_device": rss.saturating_sub(rss0) / n as u64,
+    }))
+}
+
 /// The same memory measure with Mosquitto as the broker: qrgate's own
 /// share, without the embedded broker's retained and buffered messages.
 async fn memory_without_broker(sim: &Simulator, port: u16) -> Result<Value> {
@@ -790,6 +840,12 @@ fn print_table(r: &Value) {
             s["restart_secs_100000"]
         );
     }
+    if let Some(d) = r.get("memory_per_device").filter(|v| !v.is_null()) {
+        println!(
+            "| memory per connected device (embedded broker, {} clients), bytes | {} | | |",
+            d["devices"], d["bytes_per_device"]
+        );
+    }
     if let Some(m) = r.get("mix").filter(|v| !v.is_null()) {
         println!(
             "| sustained mix {} s, {} POS: cycles/s, errors, lost | {} , {} , {} | | |",
@@ -853,7 +909,7 @@ async fn main() -> Result<()> {
     } else {
         1000
     };
-    // `--only polls|servable|notify|scale|mix` runs one part.
+    // `--only polls|servable|notify|scale|devices|mix` runs one part.
     let only = flag("--only");
     let run = |part: &str| {
         only.as_deref().map_or(
@@ -907,6 +963,10 @@ async fn main() -> Result<()> {
         };
         eprintln!("scale (100,000 POS)...");
         r["scale"] = scale(&sim, quick).await?;
+    }
+    if run("devices") {
+        eprintln!("memory per connected device (5,000 MQTT clients)...");
+        r["memory_per_device"] = memory_per_device(&sim).await?;
     }
     if run("notify") {
         eprintln!("notification to device...");
