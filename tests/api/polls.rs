@@ -244,22 +244,34 @@ async fn a_poll_right_after_the_device_hears_pending_is_served() {
             }
         })
     };
+    // The device thread stops however the test ends.
+    struct Stop(Arc<AtomicBool>);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Release);
+        }
+    }
+    let stop = Stop(Arc::clone(&done));
     let id = PosId::parse("pump-1").unwrap();
-    let sales = 300;
+    let sales = 1000;
     for k in 0..sales {
         let sale = format!(
             r#"{{"sale_id":"s{k}","items":[{{"title":"Super 95","quantity":"10","unit_price":"800.00"}}]}}"#
         );
         let cmd = parse(DeviceTopic::Sale, "pump-1", sale.as_bytes(), 16 * 1024).unwrap();
         gateway.execute(&id, cmd).await.unwrap();
-        while heard.load(Ordering::Acquire) < k + 1 {
-            tokio::task::yield_now().await;
-        }
+        tokio::time::timeout(WAIT, async {
+            while heard.load(Ordering::Acquire) < k + 1 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the device hears pending");
         let cancel = format!(r#"{{"sale_id":"s{k}"}}"#);
         let cmd = parse(DeviceTopic::Cancel, "pump-1", cancel.as_bytes(), 16 * 1024).unwrap();
         gateway.execute(&id, cmd).await.unwrap();
     }
-    done.store(true, Ordering::Release);
+    drop(stop);
     device.join().unwrap();
     assert_eq!(
         unserved.load(Ordering::Relaxed),
