@@ -43,6 +43,7 @@ async fn gateway(store: Arc<dyn Store>, pos: Vec<PosConfig>) -> Arc<Gateway> {
             pos,
             store,
             OrderContext {
+                poll_protocol: qrgate::orders::PollProtocol::V1,
                 collector_id: 1,
                 sponsor_id: None,
                 notification_url: "http://127.0.0.1/mp/notifications".into(),

@@ -160,6 +160,7 @@ impl App {
             .any(|p| p.mode == crate::orders::PosMode::Attended);
         let (attended_tx, attended_rx) = mpsc::unbounded_channel();
         let ctx = OrderContext {
+            poll_protocol: config.mercadopago.poll_protocol,
             collector_id: config.mercadopago.collector_id,
             sponsor_id: config.mercadopago.sponsor_id,
             notification_url: config.http.notification_url(),

@@ -18,7 +18,7 @@ use crate::config::AttendedApi;
 use crate::gateway::{now_millis, AttendedJob, Gateway};
 use crate::mercadopago::client::{MpClient, MpError};
 use crate::mercadopago::order_body::{self, OrderContext};
-use crate::orders::{Command, ExternalReference, Outcome, PosConfig, Sale};
+use crate::orders::{Command, ExternalReference, MpId, Outcome, PosConfig, PosId, Sale};
 
 /// How long a removal is retried when Mercado Pago is down: its own expiry
 /// takes the order off later anyway.
@@ -28,6 +28,12 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const DEFAULT_ORDER_TTL_SECS: u64 = 600;
 
 pub struct Desk {
+    /// One job at a time per POS: the instore and legacy APIs put and take
+    /// "the order on this POS", whichever it is, so a late call for one sale
+    /// must never land between the calls for the next.
+    lanes: dashmap::DashMap<PosId, Arc<tokio::sync::Mutex<()>>>,
+    /// Rejected payments already checked for (one check each).
+    checked: std::sync::Mutex<std::collections::HashSet<MpId>>,
     /// Sales whose order the desk placed again after a rejected payment:
     /// that order may land after the customer paid, so it is taken off
     /// once the sale is paid.
@@ -46,11 +52,15 @@ pub fn spawn(
     tracker: &TaskTracker,
 ) {
     let desk = Arc::new(desk);
-    // Orders a crash left unplaced are placed again.
+    // Orders a stop left unplaced are placed again; the order of a sale
+    // that ended is taken off again (a removal may have been cut short).
     for sale in desk.gateway.unplaced() {
         tracing::info!(pos = %sale.pos, sale_id = %sale.sale_id, external_reference = %sale.external_reference,
             "attended order not known to be placed: placing it again");
         tracker.spawn(Arc::clone(&desk).run(AttendedJob::Place(sale), shutdown.clone()));
+    }
+    for sale in desk.gateway.ended_placed() {
+        tracker.spawn(Arc::clone(&desk).run(AttendedJob::Remove(sale), shutdown.clone()));
     }
     let inner = tracker.clone();
     tracker.spawn(async move {
@@ -73,6 +83,8 @@ impl Desk {
         ctx: OrderContext,
     ) -> Desk {
         Desk {
+            lanes: Default::default(),
+            checked: Default::default(),
             replaced: Default::default(),
             client,
             gateway,
@@ -83,9 +95,20 @@ impl Desk {
     }
 
     async fn run(self: Arc<Self>, job: AttendedJob, shutdown: CancellationToken) {
+        let pos = match &job {
+            AttendedJob::Place(s)
+            | AttendedJob::Remove(s)
+            | AttendedJob::Check(s, _)
+            | AttendedJob::Paid(s) => s.pos.clone(),
+        };
+        let lane = Arc::clone(self.lanes.entry(pos).or_default().value());
         tokio::select! {
-            _ = self.work(job) => {}
-            // Whatever was cut short is picked up at the next start.
+            _ = async {
+                let _turn = lane.lock().await;
+                self.work(job).await
+            } => {}
+            // A placement cut short is placed again at the next start, and
+            // the current sale's order is taken off if it ended.
             _ = shutdown.cancelled() => {}
         }
     }
@@ -94,7 +117,20 @@ impl Desk {
         match job {
             AttendedJob::Place(sale) => self.place(sale).await,
             AttendedJob::Remove(sale) => self.remove(&sale, None).await,
-            AttendedJob::Check(sale) => self.check(sale).await,
+            AttendedJob::Check(sale, rejected) => {
+                let first = self
+                    .checked
+                    .lock()
+                    .map(|mut c| {
+                        // Every id is noted, not only up to the first new one.
+                        let fresh: Vec<bool> = rejected.into_iter().map(|p| c.insert(p)).collect();
+                        fresh.contains(&true)
+                    })
+                    .unwrap_or(true);
+                if first {
+                    self.check(sale).await;
+                }
+            }
             AttendedJob::Paid(sale) => {
                 let replaced = self
                     .replaced
@@ -211,6 +247,11 @@ impl Desk {
                         tracing::error!(pos = %sale.pos, external_reference = %sale.external_reference,
                             error = %e, "cannot record that Mercado Pago refused the order");
                     }
+                    // An earlier attempt whose answer was lost may have
+                    // placed it after all.
+                    if attempt > 0 {
+                        self.remove(&sale, None).await;
+                    }
                     return;
                 }
             }
@@ -242,10 +283,12 @@ impl Desk {
         let mut attempt = 0u32;
         loop {
             // A newer sale on the same POS has its own order there now:
-            // removing would take the wrong one.
-            if self
-                .gateway
-                .has_newer_sale(&sale.pos, &sale.external_reference)
+            // removing would take the wrong one (the Orders API removes by
+            // order, not by POS).
+            if self.api != AttendedApi::Orders
+                && self
+                    .gateway
+                    .has_newer_sale(&sale.pos, &sale.external_reference)
             {
                 tracing::info!(pos = %sale.pos, external_reference = %sale.external_reference,
                     "a newer sale is on the POS: its order stays");
@@ -310,6 +353,10 @@ impl Desk {
         tracing::warn!(pos = %sale.pos, sale_id = %sale.sale_id, external_reference = %sale.external_reference,
             "the attended order is gone from the POS while the sale is pending: placing it again");
         let Some(cfg) = self.pos(&sale) else { return };
+        // Noted first: from here on the order may land after the payment.
+        if let Ok(mut r) = self.replaced.lock() {
+            r.insert(sale.external_reference.clone());
+        }
         match self.place_once(cfg, &sale).await {
             // Paid, cancelled or expired while the call ran: the order just
             // placed must not outlive the sale.
@@ -317,15 +364,12 @@ impl Desk {
                 self.remove(&sale, order.as_deref()).await;
             }
             Ok(_) => {
-                if let Ok(mut r) = self.replaced.lock() {
-                    r.insert(sale.external_reference.clone());
-                }
                 tracing::info!(pos = %sale.pos, external_reference = %sale.external_reference,
-                at = now_millis(), "attended order placed again")
+                    "attended order placed again");
             }
             Err(e) => {
                 tracing::error!(pos = %sale.pos, external_reference = %sale.external_reference,
-                error = %e, "cannot place the attended order again")
+                    error = %e, "cannot place the attended order again");
             }
         }
     }

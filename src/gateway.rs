@@ -59,8 +59,9 @@ pub enum AttendedJob {
     Place(Sale),
     /// Take the order of this cancelled or expired sale off its POS.
     Remove(Sale),
-    /// A payment was rejected: make sure the order is still on the POS.
-    Check(Sale),
+    /// A payment was rejected (these payments): make sure the order is
+    /// still on the POS.
+    Check(Sale, Vec<orders::MpId>),
     /// The sale was paid: an order the desk placed again may have raced
     /// the payment and must not stay on the POS.
     Paid(Sale),
@@ -257,6 +258,27 @@ impl Gateway {
             .filter(|s| {
                 s.state == orders::SaleState::Pending
                     && s.placed_at.is_none()
+                    && self
+                        .pos
+                        .get(&s.pos)
+                        .is_some_and(|c| c.mode == orders::PosMode::Attended)
+            })
+            .collect()
+    }
+
+    /// Attended POS whose current sale ended (cancelled, expired, refused)
+    /// after its order was placed.
+    pub fn ended_placed(&self) -> Vec<Sale> {
+        self.views
+            .iter()
+            .filter_map(|v| v.state.current.clone())
+            .filter(|s| {
+                matches!(
+                    s.state,
+                    orders::SaleState::Cancelled
+                        | orders::SaleState::Expired
+                        | orders::SaleState::Rejected
+                ) && s.placed_at.is_some()
                     && self
                         .pos
                         .get(&s.pos)
@@ -514,13 +536,25 @@ impl Gateway {
                 tracing::info!(pos = %pos, sale_id = %sale.sale_id, external_reference = %reference,
                     merchant_order = %facts.id, reason = why.code(), detail = %why, "merchant order closes nothing");
                 // A rejected payment leaves the attended order for a retry,
-                // unless Mercado Pago dropped it: check.
+                // unless Mercado Pago dropped it: check, once per payment.
+                let rejected: Vec<orders::MpId> = facts
+                    .payments
+                    .iter()
+                    .filter(|p| matches!(&p.status, PaymentStatus::Other(s) if s == "rejected" || s == "failed"))
+                    .map(|p| p.id.clone())
+                    .collect();
+                let live = facts.payments.iter().any(|p| {
+                    p.status == PaymentStatus::Approved
+                        || matches!(&p.status, PaymentStatus::Other(s) if s == "in_process" || s == "pending")
+                });
                 if locked.is_current
+                    && !rejected.is_empty()
+                    && !live
                     && sale.state == orders::SaleState::Pending
                     && locked.cfg.mode == orders::PosMode::Attended
                 {
                     if let Some(desk) = &self.attended {
-                        let _ = desk.send(AttendedJob::Check(sale.clone()));
+                        let _ = desk.send(AttendedJob::Check(sale.clone(), rejected));
                     }
                 }
                 return Ok(Settlement::Refused(why.code().to_owned()));

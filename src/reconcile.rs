@@ -73,7 +73,7 @@ pub async fn run(
         };
         last.retain(|r, _| candidates.iter().any(|s| &s.external_reference == r));
         for sale in candidates {
-            let Some(served_at) = sale.served_at else {
+            let Some(served_at) = sale.handed_at() else {
                 continue;
             };
             let reference = sale.external_reference.clone();
@@ -89,8 +89,11 @@ pub async fn run(
             let found = match &sale.mp_order {
                 Some(id) => client.order(id).await.map(|(order, raw)| {
                     let status = order.status.clone().unwrap_or_default();
-                    let facts = order.facts(gateway.collector_id(), sale.currency.code());
-                    vec![(facts, raw, status)]
+                    order
+                        .facts(gateway.collector_id(), sale.currency.code())
+                        .map(|facts| (facts, raw, status))
+                        .into_iter()
+                        .collect::<Vec<_>>()
                 }),
                 None => client
                     .search_merchant_orders(reference.as_str())

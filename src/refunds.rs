@@ -23,10 +23,12 @@ pub fn idempotency_key(payment_id: &MpId) -> String {
 /// Orders API's text payment id belongs to.
 async fn refund(client: &MpClient, r: &RefundDue) -> Result<MpId, MpError> {
     let key = idempotency_key(&r.payment_id);
-    match (&r.payment_id, &r.merchant_order) {
-        (MpId::Num(payment), _) => client.refund(*payment, &key).await.map(MpId::Num),
-        (MpId::Text(_), MpId::Text(order)) => client.refund_order(order, &key).await,
-        (MpId::Text(p), MpId::Num(mo)) => Err(MpError::Decode(format!(
+    // An Orders API order (text id) is refunded through the order,
+    // whatever its payment id looks like.
+    match (&r.merchant_order, &r.payment_id) {
+        (MpId::Text(order), _) => client.refund_order(order, &key).await,
+        (MpId::Num(_), MpId::Num(payment)) => client.refund(*payment, &key).await.map(MpId::Num),
+        (MpId::Num(mo), MpId::Text(p)) => Err(MpError::Decode(format!(
             "payment {p} of merchant order {mo} is not a refundable id"
         ))),
     }

@@ -113,8 +113,14 @@ async fn process(client: &MpClient, gateway: &Gateway, r: Resource) -> Result<()
                 .and_then(|r| r.pos_id())
                 .and_then(|p| gateway.pos_config(p.as_str()).map(|c| c.currency.code()))
                 .unwrap_or("");
-            let facts = order.facts(gateway.collector_id(), currency);
-            gateway.settle(&facts, raw, &status).await?;
+            match order.facts(gateway.collector_id(), currency) {
+                Some(facts) => {
+                    gateway.settle(&facts, raw, &status).await?;
+                }
+                None => {
+                    tracing::warn!(order = %id, "the Orders API answered an order without a usable id; nothing settled")
+                }
+            }
             return Ok(());
         }
         Resource::MerchantOrder(id) => vec![id],

@@ -96,9 +96,10 @@ pub fn invalid(protocol: PollProtocol) -> PollAnswer {
 }
 
 /// The answer for the URL of an attended POS: Mercado Pago never polls it,
-/// so whoever does has the wrong URL.
-fn attended() -> PollAnswer {
-    error(
+/// so whoever does has the wrong URL (v2: `Waiting_for_order`, logged).
+fn attended(protocol: PollProtocol) -> PollAnswer {
+    waiting(
+        protocol,
         "invalid",
         "this point of sale is attended: its orders are placed through the API",
     )
@@ -108,7 +109,7 @@ fn attended() -> PollAnswer {
 pub fn render(pos: &PosConfig, state: &PosState, ctx: &OrderContext) -> PollAnswer {
     let protocol = match pos.mode {
         PosMode::Unattended(p) => p,
-        PosMode::Attended => return attended(),
+        PosMode::Attended => return attended(ctx.poll_protocol),
     };
     let what = match pos.kind {
         PosKind::Fuel => "pump",
@@ -161,6 +162,7 @@ mod tests {
 
     fn ctx() -> OrderContext {
         OrderContext {
+            poll_protocol: PollProtocol::V1,
             collector_id: 178106235,
             sponsor_id: Some(334249281),
             notification_url: "https://station.example.com/mp/notifications".into(),
@@ -371,5 +373,13 @@ mod tests {
         let a = render(&p, &st, &ctx());
         assert_eq!((a.status, a.kind), (400, "invalid"));
         assert_eq!(json(&a)["error"]["type"], "invalid");
+        // On a v2 account: v2 has no code for it.
+        let v2_ctx = OrderContext {
+            poll_protocol: PollProtocol::V2,
+            ..ctx()
+        };
+        let a = render(&p, &st, &v2_ctx);
+        assert_eq!((a.status, a.kind), (202, "invalid"));
+        assert_eq!(json(&a)["status"]["status_detail"], "Waiting_for_order");
     }
 }

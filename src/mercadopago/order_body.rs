@@ -20,6 +20,9 @@ pub struct OrderContext {
     pub collector_id: u64,
     pub sponsor_id: Option<u64>,
     pub notification_url: String,
+    /// The account's poll protocol, for answers to URLs Mercado Pago does
+    /// not poll (an attended POS's).
+    pub poll_protocol: crate::orders::PollProtocol,
 }
 
 // ---- v1 ---------------------------------------------------------------------

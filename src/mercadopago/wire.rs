@@ -140,7 +140,9 @@ impl ApiOrder {
     /// `approved`. The order was fetched with our own token, so it is the
     /// collector's; an order without a currency is in the account's
     /// (`currency`, one account, one currency).
-    pub fn facts(&self, collector_id: u64, currency: &str) -> MerchantOrderFacts {
+    /// `None` when the order's own id is not an id: nothing can be settled
+    /// from it.
+    pub fn facts(&self, collector_id: u64, currency: &str) -> Option<MerchantOrderFacts> {
         let status = match self.status.as_deref() {
             Some("processed") => MerchantOrderStatus::Closed,
             Some("created" | "action_required") => MerchantOrderStatus::Opened,
@@ -164,13 +166,13 @@ impl ApiOrder {
                 })
             })
             .collect();
-        MerchantOrderFacts {
-            id: MpId::parse(&self.id).unwrap_or_else(|| MpId::Text(String::new())),
+        Some(MerchantOrderFacts {
+            id: MpId::parse(&self.id)?,
             status,
             external_reference: self.external_reference.clone(),
             collector_id: Some(collector_id),
             payments,
-        }
+        })
     }
 
     /// The newest refund's id, after `POST /v1/orders/{id}/refund`.

@@ -489,9 +489,6 @@ pub fn apply(pos: &PosConfig, state: &PosState, cmd: Command, ctx: Ctx) -> Outco
                 let mut sale = s.clone();
                 sale.placed_at = Some(ctx.now);
                 sale.mp_order = order;
-                // Handed to Mercado Pago, as a poll serves it: from now on
-                // reconciliation looks for its payment.
-                sale.served_at.get_or_insert(ctx.now);
                 sale.updated_at = ctx.now;
                 Outcome::Changed {
                     sale,

@@ -426,6 +426,12 @@ pub struct Sale {
 }
 
 impl Sale {
+    /// When Mercado Pago first had this sale to collect: served to a poll,
+    /// or placed on an attended POS. Reconciliation counts from here.
+    pub fn handed_at(&self) -> Option<UnixMillis> {
+        self.served_at.or(self.placed_at)
+    }
+
     pub fn total(&self) -> Option<Amount> {
         self.amount.map(|a| Amount::new(a, self.currency))
     }

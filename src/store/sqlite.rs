@@ -405,8 +405,8 @@ fn write_sale(conn: &Connection, sale: &Sale, event: &SaleEvent) -> Result<(), S
             sale.state.as_str(),
             sale.accepted_at,
             sale.updated_at,
-            sale.served_at,
-            sale.served_at.is_some() && sale.settled.is_none() && sale.refunds.is_empty(),
+            sale.handed_at(),
+            sale.handed_at().is_some() && sale.settled.is_none() && sale.refunds.is_empty(),
             body
         ],
     )

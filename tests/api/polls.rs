@@ -199,6 +199,7 @@ async fn a_poll_right_after_the_device_hears_pending_is_served() {
             vec![pos("pump-1", PosKind::Fuel)],
             store,
             OrderContext {
+                poll_protocol: qrgate::orders::PollProtocol::V1,
                 collector_id: 1,
                 sponsor_id: None,
                 notification_url: "http://127.0.0.1:9/mp/notifications".into(),
