@@ -16,8 +16,8 @@ use dashmap::DashMap;
 use tokio::sync::{mpsc, Mutex, Notify};
 
 use crate::events::{Events, OpEvent};
-use crate::metrics::Metrics;
 use crate::http::answer::{self, OrderContext, PollAnswer};
+use crate::metrics::Metrics;
 use crate::mqtt::outbound;
 use crate::mqtt::topics::Topics;
 use crate::orders::settle::{check_payment, MerchantOrderFacts, PaymentStatus};
@@ -178,7 +178,10 @@ impl Gateway {
     }
 
     /// A sale by reference: its POS's current one, or from the store.
-    pub async fn find_sale(&self, reference: &ExternalReference) -> Result<Option<Sale>, GatewayError> {
+    pub async fn find_sale(
+        &self,
+        reference: &ExternalReference,
+    ) -> Result<Option<Sale>, GatewayError> {
         if let Some(s) = reference
             .pos_id()
             .and_then(|p| self.view(&p))
@@ -367,7 +370,10 @@ impl Gateway {
         tell: bool,
     ) {
         tracing::warn!(pos = %pos, sale_id, reason = code, detail = message, "device message rejected");
-        self.metrics.device_rejections.with_label_values(&[code]).inc();
+        self.metrics
+            .device_rejections
+            .with_label_values(&[code])
+            .inc();
         self.events.emit(OpEvent {
             at: now_millis(),
             pos: pos.to_string(),
@@ -507,7 +513,11 @@ impl Gateway {
                 .await;
             }
             Outcome::Presence(p) => {
-                let said = if p.is_offline() { "device offline" } else { "device online" };
+                let said = if p.is_offline() {
+                    "device offline"
+                } else {
+                    "device online"
+                };
                 tracing::info!(pos = %pos, online = !p.is_offline(), "{said}");
                 self.events.emit(OpEvent {
                     at: now_millis(),
@@ -760,7 +770,11 @@ impl Gateway {
         };
         let (sale, event) = match orders::operator_refund(&locked.sale, refund) {
             Ok(Outcome::Changed { sale, event }) => (sale, event),
-            Ok(_) => return Ok(Err(orders::RefundRefusal::NotPaid { state: locked.sale.state })),
+            Ok(_) => {
+                return Ok(Err(orders::RefundRefusal::NotPaid {
+                    state: locked.sale.state,
+                }))
+            }
             Err(why) => return Ok(Err(why)),
         };
         self.record(&sale, &event).await?;
@@ -883,15 +897,9 @@ fn log_line(sale: &Sale, event: &SaleEvent) {
         }
         SaleEvent::Cancelled => {
             if sale.served_at.is_some() {
-                tracing::warn!(pos, sale_id, external_reference = reference,
-                    "{msg}");
+                tracing::warn!(pos, sale_id, external_reference = reference, "{msg}");
             } else {
-                tracing::info!(
-                    pos,
-                    sale_id,
-                    external_reference = reference,
-                    "{msg}"
-                );
+                tracing::info!(pos, sale_id, external_reference = reference, "{msg}");
             }
         }
         SaleEvent::Expired => {
@@ -899,12 +907,7 @@ fn log_line(sale: &Sale, event: &SaleEvent) {
         }
         SaleEvent::Delivered { ok, reason } => {
             if *ok {
-                tracing::info!(
-                    pos,
-                    sale_id,
-                    external_reference = reference,
-                    "{msg}"
-                );
+                tracing::info!(pos, sale_id, external_reference = reference, "{msg}");
             } else {
                 tracing::error!(
                     pos,
@@ -976,7 +979,9 @@ fn event_message(sale: &Sale, event: &SaleEvent) -> &'static str {
         SaleEvent::Served => "sale served to Mercado Pago",
         SaleEvent::Placed => "attended order placed at Mercado Pago: pending",
         SaleEvent::Refused { .. } => "Mercado Pago refused the attended order: sale rejected",
-        SaleEvent::Paid { overpaid: true } => "sale paid with an overpayment: refund the difference",
+        SaleEvent::Paid { overpaid: true } => {
+            "sale paid with an overpayment: refund the difference"
+        }
         SaleEvent::Paid { overpaid: false } => "sale paid",
         SaleEvent::Cancelled if sale.served_at.is_some() => {
             "sale cancelled after it was served to Mercado Pago: a payment may still arrive"
@@ -984,7 +989,9 @@ fn event_message(sale: &Sale, event: &SaleEvent) -> &'static str {
         SaleEvent::Cancelled => "sale cancelled",
         SaleEvent::Expired => "sale expired",
         SaleEvent::Delivered { ok: true, .. } => "device confirmed delivery",
-        SaleEvent::Delivered { ok: false, .. } => "device failed to deliver a paid sale: refund due",
+        SaleEvent::Delivered { ok: false, .. } => {
+            "device failed to deliver a paid sale: refund due"
+        }
         SaleEvent::RefundDue => "payment for a sale that was no longer payable: refund due",
         SaleEvent::Refunded { .. } => "payment refunded",
         SaleEvent::CancelledByOperator { .. } => "sale cancelled by the operator",
@@ -1013,7 +1020,12 @@ impl Gateway {
         match event {
             SaleEvent::Paid { .. } => {
                 if let Some(s) = &sale.settled {
-                    detail.push_str(&format!(" (payment {}, {} {})", s.payment_id, s.paid, sale.currency.code()));
+                    detail.push_str(&format!(
+                        " (payment {}, {} {})",
+                        s.payment_id,
+                        s.paid,
+                        sale.currency.code()
+                    ));
                 }
             }
             SaleEvent::Accepted | SaleEvent::Priced => {
@@ -1022,7 +1034,10 @@ impl Gateway {
                 }
             }
             SaleEvent::Refused { reason } => detail.push_str(&format!(" ({reason})")),
-            SaleEvent::Delivered { ok: false, reason: Some(r) } => detail.push_str(&format!(" ({r})")),
+            SaleEvent::Delivered {
+                ok: false,
+                reason: Some(r),
+            } => detail.push_str(&format!(" ({r})")),
             SaleEvent::CancelledByOperator { by } => detail.push_str(&format!(" (by {by})")),
             SaleEvent::RefundedByOperator { amount, by } => detail.push_str(&format!(
                 " ({amount} {}, by {by}; refunded in all {})",

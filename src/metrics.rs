@@ -104,7 +104,8 @@ impl Metrics {
             &["pos"],
         )
         .expect("valid metric");
-        r.register(Box::new(pos_busy.clone())).expect("unique metric");
+        r.register(Box::new(pos_busy.clone()))
+            .expect("unique metric");
         Metrics {
             polls,
             poll_by_answer,
@@ -112,7 +113,9 @@ impl Metrics {
                 &r,
                 "qrgate_poll_duration_seconds",
                 "Time to answer a poll.",
-                &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1],
+                &[
+                    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1,
+                ],
             ),
             sales: counter_vec(
                 &r,
@@ -159,7 +162,9 @@ impl Metrics {
                 &r,
                 "qrgate_store_write_duration_seconds",
                 "Time to durably write a sale's change.",
-                &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0],
+                &[
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+                ],
             ),
             device_rejections: counter_vec(
                 &r,
@@ -228,14 +233,14 @@ impl Metrics {
 }
 
 /// A bounded label for a Mercado Pago path: ids (any segment with a digit,
-/// but the API version) become `{id}`, the query is dropped.
+/// but the API version) become `:id`, the query is dropped.
 pub fn endpoint_of(path: &str) -> String {
     let path = path.split('?').next().unwrap_or("");
     path.split('/')
         .map(|seg| {
             let version = seg.len() == 2 && seg.starts_with('v');
             if !version && seg.bytes().any(|b| b.is_ascii_digit()) {
-                "{id}"
+                ":id"
             } else {
                 seg
             }
@@ -250,13 +255,10 @@ mod tests {
 
     #[test]
     fn mercado_pago_endpoints_are_labelled_without_their_ids() {
-        assert_eq!(
-            endpoint_of("/merchant_orders/123"),
-            "/merchant_orders/{id}"
-        );
+        assert_eq!(endpoint_of("/merchant_orders/123"), "/merchant_orders/:id");
         assert_eq!(
             endpoint_of("/v1/orders/ORD01ABC/refund"),
-            "/v1/orders/{id}/refund"
+            "/v1/orders/:id/refund"
         );
         assert_eq!(
             endpoint_of("/merchant_orders/search?external_reference=pump-1-x"),
@@ -271,7 +273,10 @@ mod tests {
         m.poll("ok");
         m.poll("weird");
         let text = m.render();
-        assert!(text.contains("qrgate_polls_total{answer=\"ok\"} 2"), "{text}");
+        assert!(
+            text.contains("qrgate_polls_total{answer=\"ok\"} 2"),
+            "{text}"
+        );
         assert!(text.contains("qrgate_polls_total{answer=\"weird\"} 1"));
     }
 }

@@ -63,9 +63,8 @@ pub fn state(sale: &Sale) -> Vec<u8> {
             Some(r) => Some(crate::money::Amount::new(r.amount, sale.currency).to_string()),
             None => sale.total().map(|a| a.to_string()),
         },
-        refunded_total: last_refund.map(|_| {
-            crate::money::Amount::new(sale.refunded_total(), sale.currency).to_string()
-        }),
+        refunded_total: last_refund
+            .map(|_| crate::money::Amount::new(sale.refunded_total(), sale.currency).to_string()),
         currency: Some(sale.currency.code()),
         payment_id: settled.map(|s| &s.payment_id),
         merchant_order: settled

@@ -552,10 +552,9 @@ pub fn apply(pos: &PosConfig, state: &PosState, cmd: Command, ctx: Ctx) -> Outco
                     event: SaleEvent::CancelledByOperator { by },
                 }
             }
-            Some(s) if s.external_reference == reference => rejected(
-                &s.sale_id,
-                Rejection::NotCancellable { state: s.state },
-            ),
+            Some(s) if s.external_reference == reference => {
+                rejected(&s.sale_id, Rejection::NotCancellable { state: s.state })
+            }
             _ => Outcome::Rejected {
                 sale_id: None,
                 why: Rejection::UnknownSale,
@@ -569,9 +568,14 @@ pub fn apply(pos: &PosConfig, state: &PosState, cmd: Command, ctx: Ctx) -> Outco
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RefundRefusal {
     /// Only a paid sale (or one partly refunded) can be refunded.
-    NotPaid { state: SaleState },
+    NotPaid {
+        state: SaleState,
+    },
     /// More than what is left to refund.
-    ExceedsPaid { asked: Decimal, left: Decimal },
+    ExceedsPaid {
+        asked: Decimal,
+        left: Decimal,
+    },
     BadAmount(MoneyError),
 }
 
@@ -1082,7 +1086,12 @@ mod tests {
     fn paid_sale(total: &str) -> Sale {
         let p = pos(PosKind::Fuel);
         let mut st = PosState::idle();
-        step(&p, &mut st, Command::Sale(sale_req("9", "1", total, None)), 1);
+        step(
+            &p,
+            &mut st,
+            Command::Sale(sale_req("9", "1", total, None)),
+            1,
+        );
         let mut s = st.current.unwrap();
         s.state = SaleState::Paid;
         s.settled = Some(Settled {
@@ -1118,10 +1127,7 @@ mod tests {
         let s = changed(operator_refund(&s, op_refund("100.00", 5)).unwrap());
         assert_eq!(s.state, SaleState::Refunded);
         assert_eq!(s.refunded_total(), d("100.00"));
-        assert_eq!(
-            refundable(&s, None).unwrap_err().code(),
-            "not_refundable"
-        );
+        assert_eq!(refundable(&s, None).unwrap_err().code(), "not_refundable");
     }
 
     #[test]
@@ -1161,12 +1167,28 @@ mod tests {
     fn the_operator_cancels_a_pending_sale_by_reference_but_not_a_paid_one() {
         let p = pos(PosKind::Fuel);
         let mut st = PosState::idle();
-        step(&p, &mut st, Command::Sale(sale_req("9", "1", "10", None)), 1);
+        step(
+            &p,
+            &mut st,
+            Command::Sale(sale_req("9", "1", "10", None)),
+            1,
+        );
         let reference = st.current.as_ref().unwrap().external_reference.clone();
         let other = ExternalReference::parse("pump-1-000000000000000").unwrap();
         assert!(matches!(
-            apply(&p, &st, Command::CancelByOperator { reference: other, by: "token".into() }, ctx(2)),
-            Outcome::Rejected { why: Rejection::UnknownSale, .. }
+            apply(
+                &p,
+                &st,
+                Command::CancelByOperator {
+                    reference: other,
+                    by: "token".into()
+                },
+                ctx(2)
+            ),
+            Outcome::Rejected {
+                why: Rejection::UnknownSale,
+                ..
+            }
         ));
         let out = step(
             &p,
@@ -1183,8 +1205,21 @@ mod tests {
         ));
         assert_eq!(st.current.as_ref().unwrap().state, SaleState::Cancelled);
         assert!(matches!(
-            apply(&p, &st, Command::CancelByOperator { reference, by: "token".into() }, ctx(4)),
-            Outcome::Rejected { why: Rejection::NotCancellable { state: SaleState::Cancelled }, .. }
+            apply(
+                &p,
+                &st,
+                Command::CancelByOperator {
+                    reference,
+                    by: "token".into()
+                },
+                ctx(4)
+            ),
+            Outcome::Rejected {
+                why: Rejection::NotCancellable {
+                    state: SaleState::Cancelled
+                },
+                ..
+            }
         ));
     }
 }

@@ -14,7 +14,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::oneshot;
 
 use super::{
-    MerchantOrderRecord, PaymentRecord, RegistrationRecord, SaleFilter, RejectionRecord, Store, StoreError, TimelineEntry,
+    MerchantOrderRecord, PaymentRecord, RegistrationRecord, RejectionRecord, SaleFilter, Store,
+    StoreError, TimelineEntry,
 };
 use crate::orders::{ExternalReference, MpId, Sale, SaleEvent};
 
