@@ -45,6 +45,8 @@ pub struct App {
     mqtt_addr: SocketAddr,
     mqtt_tls_addr: Option<SocketAddr>,
     server: actix_web::dev::Server,
+    admin_addr: Option<SocketAddr>,
+    admin_server: Option<actix_web::dev::Server>,
     gateway: Arc<Gateway>,
     link: Arc<LinkState>,
     shutdown: CancellationToken,
@@ -64,6 +66,15 @@ impl App {
     /// put the real port in `public_url`).
     pub async fn build_on(config: Config, listener: TcpListener) -> anyhow::Result<App> {
         install_crypto();
+        // The console's port is checked before anything starts, too.
+        let admin_listener = match config.admin.listen {
+            Some(addr) => Some(TcpListener::bind(addr).with_context(|| {
+                format!(
+                    "cannot listen for the console on {addr} (key `admin.listen`; \"\" turns the console off)"
+                )
+            })?),
+            None => None,
+        };
         let store: Arc<dyn Store> = Arc::new(
             SqliteStore::open(&config.store.path, config.store.fsync).with_context(|| {
                 format!("cannot open the store {}", config.store.path.display())
@@ -191,7 +202,8 @@ impl App {
             shutdown.clone(),
             &tracker,
         );
-        let client = MpClient::new(&config.mercadopago)?;
+        let client =
+            MpClient::new(&config.mercadopago)?.with_metrics(Arc::clone(gateway.metrics()));
         let settler = settlement::spawn(
             client.clone(),
             Arc::clone(&gateway),
@@ -219,7 +231,7 @@ impl App {
             );
         }
         tracker.spawn(crate::refunds::run(
-            client,
+            client.clone(),
             Arc::clone(&gateway),
             shutdown.clone(),
         ));
@@ -311,6 +323,28 @@ impl App {
         .listen(listener)?
         .run();
 
+        let (admin_addr, admin_server) = match admin_listener {
+            Some(l) => {
+                let addr = l.local_addr()?;
+                let server = crate::admin::serve(
+                    &config.admin,
+                    l,
+                    Arc::clone(&gateway),
+                    client.clone(),
+                    Arc::clone(&link),
+                    shutdown.clone(),
+                )?;
+                tracing::info!(listen = %addr, console = %format!("http://{addr}/"),
+                    token = config.admin.token.is_some(), timezone = config.admin.timezone.name(),
+                    "console and admin API listening");
+                (Some(addr), Some(server))
+            }
+            None => {
+                tracing::info!("console off ([admin] listen = \"\")");
+                (None, None)
+            }
+        };
+
         tracing::info!(listen = %http_addr, pos_url = %format!("{}/mp/pos/{{pos_id}}", config.http.public_url),
             notification_url = %config.http.notification_url(), "HTTP listening");
         tracing::info!(count = config.pos.len(), pos = %config.pos.iter().map(|p| p.id.as_str()).collect::<Vec<_>>().join(","),
@@ -327,6 +361,8 @@ impl App {
             mqtt_addr,
             mqtt_tls_addr,
             server,
+            admin_addr,
+            admin_server,
             gateway,
             link,
             shutdown,
@@ -336,6 +372,11 @@ impl App {
 
     pub fn http_addr(&self) -> SocketAddr {
         self.http_addr
+    }
+
+    /// The console's listener, when it is on.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
     }
 
     /// The broker qrgate talks to (the embedded one's real port).
@@ -366,10 +407,15 @@ impl App {
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         let handle = self.server.handle();
         let server = tokio::spawn(self.server);
+        let admin = self.admin_server.map(|s| (s.handle(), tokio::spawn(s)));
         self.shutdown.cancelled().await;
         tracing::info!("shutting down");
         handle.stop(true).await;
         let _ = server.await;
+        if let Some((handle, server)) = admin {
+            handle.stop(true).await;
+            let _ = server.await;
+        }
         self.tracker.close();
         if tokio::time::timeout(Duration::from_secs(10), self.tracker.wait())
             .await

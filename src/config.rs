@@ -21,6 +21,9 @@ pub const ACCESS_TOKEN_ENV: &str = "QRGATE_MP_ACCESS_TOKEN";
 /// The environment variable that holds qrgate's own MQTT password.
 pub const MQTT_PASSWORD_ENV: &str = "QRGATE_MQTT_PASSWORD";
 
+/// The environment variable that holds the operator's admin token.
+pub const ADMIN_TOKEN_ENV: &str = "QRGATE_ADMIN_TOKEN";
+
 /// The environment variable that holds the webhook signing secret.
 pub const WEBHOOK_SECRET_ENV: &str = "QRGATE_MP_WEBHOOK_SECRET";
 
@@ -207,8 +210,20 @@ pub struct LogConfig {
     pub filter: String,
 }
 
+/// The operator's listener: console, admin API, metrics.
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    /// `None`: the console is off.
+    pub listen: Option<SocketAddr>,
+    /// The station's time zone, for the console's times.
+    pub timezone: chrono_tz::Tz,
+    /// From `QRGATE_ADMIN_TOKEN`; without it only loopback is allowed.
+    pub token: Option<Secret>,
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
+    pub admin: AdminConfig,
     pub http: HttpConfig,
     pub mercadopago: MercadoPagoConfig,
     pub mqtt: MqttConfig,
@@ -230,6 +245,7 @@ pub struct ConfigError(pub Vec<String>);
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
+    admin: RawAdmin,
     http: RawHttp,
     mercadopago: RawMp,
     mqtt: RawMqtt,
@@ -239,6 +255,14 @@ struct RawConfig {
     pos: Vec<RawPos>,
     #[serde(default)]
     stores: Vec<RawMpStore>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    timezone: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -384,6 +408,10 @@ enum NumberOrText {
 /// The first-run defaults: they run as they are, with two demo POS.
 fn defaults() -> RawConfig {
     RawConfig {
+        admin: RawAdmin {
+            listen: "127.0.0.1:9090".into(),
+            timezone: None,
+        },
         http: RawHttp {
             listen: "127.0.0.1:8080".into(),
             public_url: "http://127.0.0.1:8080".into(),
@@ -530,6 +558,43 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
     let webhook_secret = secret(WEBHOOK_SECRET_ENV);
     let nonempty_key = |k: &Option<String>| k.as_deref().filter(|k| !k.is_empty()).map(Secret::new);
 
+    let admin_token = secret(ADMIN_TOKEN_ENV);
+    let admin_listen = match raw.admin.listen.trim() {
+        "" => None,
+        text => match text.parse::<SocketAddr>() {
+            Ok(addr) if !addr.ip().is_loopback() && admin_token.is_none() => {
+                bad(
+                    "admin.listen",
+                    format!(
+                        "{addr} is not a loopback address: the console there needs a token \
+                         (set {ADMIN_TOKEN_ENV}), or listen on 127.0.0.1"
+                    ),
+                );
+                None
+            }
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                bad(
+                    "admin.listen",
+                    format!("{text:?} is not an address like 127.0.0.1:9090 (\"\" turns the console off)"),
+                );
+                None
+            }
+        },
+    };
+    let timezone = match raw.admin.timezone.as_deref().map(str::trim) {
+        Some(name) if !name.is_empty() => name.parse::<chrono_tz::Tz>().unwrap_or_else(|_| {
+            bad(
+                "admin.timezone",
+                format!("{name:?} is not an IANA time zone like America/Argentina/Buenos_Aires"),
+            );
+            chrono_tz::UTC
+        }),
+        _ => iana_time_zone::get_timezone()
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(chrono_tz::UTC),
+    };
     let listen = raw
         .http
         .listen
@@ -965,6 +1030,11 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
         return Err(ConfigError(vec!["invalid configuration".into()]));
     };
     Ok(Config {
+        admin: AdminConfig {
+            listen: admin_listen,
+            timezone,
+            token: admin_token,
+        },
         http: HttpConfig {
             listen,
             public_url,
@@ -1298,6 +1368,37 @@ mod tests {
         .unwrap_or_else(|e| panic!("{e}"));
         assert!(matches!(c.mqtt.broker, Broker::External { .. }));
         assert!(c.pos.len() >= 2);
+    }
+
+    #[test]
+    fn the_console_listens_on_loopback_by_default_and_elsewhere_only_with_a_token() {
+        let with_anon = |t: &str| format!("[mqtt]\nallow_anonymous = true\n{t}");
+        let c = load_env(&with_anon(""), &[]).unwrap();
+        assert_eq!(c.admin.listen, Some("127.0.0.1:9090".parse().unwrap()));
+        assert!(c.admin.token.is_none());
+        let off = load_env(&with_anon("[admin]\nlisten = \"\"\n"), &[]).unwrap();
+        assert_eq!(off.admin.listen, None);
+        let err = load_env(&with_anon("[admin]\nlisten = \"0.0.0.0:9090\"\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("admin.listen") && err.contains(ADMIN_TOKEN_ENV),
+            "{err}"
+        );
+        let ok = load_env(
+            &with_anon("[admin]\nlisten = \"0.0.0.0:9090\"\ntimezone = \"America/Argentina/Buenos_Aires\"\n"),
+            &[(ADMIN_TOKEN_ENV, "s3cret")],
+        )
+        .unwrap();
+        assert_eq!(ok.admin.token, Some(Secret::new("s3cret")));
+        assert_eq!(
+            ok.admin.timezone,
+            chrono_tz::America::Argentina::Buenos_Aires
+        );
+        let err = load_env(&with_anon("[admin]\ntimezone = \"Mars/Olympus\"\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("admin.timezone"), "{err}");
     }
 
     #[test]

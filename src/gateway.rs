@@ -15,7 +15,9 @@ use std::sync::Arc;
 use dashmap::DashMap;
 use tokio::sync::{mpsc, Mutex, Notify};
 
+use crate::events::{Events, OpEvent};
 use crate::http::answer::{self, OrderContext, PollAnswer};
+use crate::metrics::Metrics;
 use crate::mqtt::outbound;
 use crate::mqtt::topics::Topics;
 use crate::orders::settle::{check_payment, MerchantOrderFacts, PaymentStatus};
@@ -91,6 +93,8 @@ pub struct Gateway {
     served: mpsc::UnboundedSender<(PosId, ExternalReference)>,
     attended: Option<mpsc::UnboundedSender<AttendedJob>>,
     refunds_due: Arc<Notify>,
+    events: Events,
+    metrics: Arc<Metrics>,
 }
 
 /// What the book needs from the configuration besides the POS.
@@ -155,7 +159,49 @@ impl Gateway {
             served,
             attended,
             refunds_due: Arc::new(Notify::new()),
+            events: Events::default(),
+            metrics: Arc::new(Metrics::new()),
         })
+    }
+
+    /// The operator's event stream, fed where the log lines are written.
+    pub fn events(&self) -> &Events {
+        &self.events
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Every configured POS.
+    pub fn pos_configs(&self) -> impl Iterator<Item = &PosConfig> {
+        self.pos.values()
+    }
+
+    /// A sale by reference: its POS's current one, or from the store.
+    pub async fn find_sale(
+        &self,
+        reference: &ExternalReference,
+    ) -> Result<Option<Sale>, GatewayError> {
+        if let Some(s) = reference
+            .pos_id()
+            .and_then(|p| self.view(&p))
+            .and_then(|v| v.state.current.clone())
+            .filter(|s| &s.external_reference == reference)
+        {
+            return Ok(Some(s));
+        }
+        Ok(self.store.sale(reference).await?)
+    }
+
+    /// Durably writes a change, timed for the metrics.
+    async fn record(&self, sale: &Sale, event: &SaleEvent) -> Result<(), StoreError> {
+        let started = std::time::Instant::now();
+        let r = self.store.record(sale, event).await;
+        self.metrics
+            .store_write_seconds
+            .observe(started.elapsed().as_secs_f64());
+        r
     }
 
     pub fn pos_config(&self, id: &str) -> Option<&PosConfig> {
@@ -240,7 +286,9 @@ impl Gateway {
             }
             // Also when the order may not be there yet: a placement still
             // under way finds the sale gone and removes what it placed.
-            SaleEvent::Cancelled | SaleEvent::Expired if !sale.lines.is_empty() => {
+            SaleEvent::Cancelled | SaleEvent::Expired | SaleEvent::CancelledByOperator { .. }
+                if !sale.lines.is_empty() =>
+            {
                 AttendedJob::Remove(sale.clone())
             }
             SaleEvent::Paid { .. } => AttendedJob::Paid(sale.clone()),
@@ -344,6 +392,19 @@ impl Gateway {
         tell: bool,
     ) {
         tracing::warn!(pos = %pos, sale_id, reason = code, detail = message, "device message rejected");
+        self.metrics
+            .device_rejections
+            .with_label_values(&[code])
+            .inc();
+        self.events.emit(OpEvent {
+            at: now_millis(),
+            pos: pos.to_string(),
+            sale_id: sale_id.map(str::to_owned),
+            external_reference: None,
+            kind: "rejected".into(),
+            detail: format!("device message rejected: {code}: {message}"),
+            state: None,
+        });
         let record = RejectionRecord {
             pos: pos.as_str().to_owned(),
             sale_id: sale_id.map(str::to_owned),
@@ -417,8 +478,8 @@ impl Gateway {
                     let outcome = orders::book::deliver(&older, *ok, reason.clone(), self.now());
                     match &outcome {
                         Outcome::Changed { sale, event } => {
-                            self.store.record(sale, event).await?;
-                            log_event(sale, event);
+                            self.record(sale, event).await?;
+                            self.log_event(sale, event);
                             self.wake_refunds(sale);
                         }
                         Outcome::Rejected { sale_id, why } => {
@@ -437,11 +498,14 @@ impl Gateway {
                 }
             }
         }
+        let from_operator = matches!(cmd, Command::CancelByOperator { .. });
         let outcome = orders::apply(cfg, &current.state, cmd, self.now());
         match &outcome {
+            // The operator hears why; the device has nothing to learn.
+            Outcome::Rejected { .. } if from_operator => {}
             Outcome::Changed { sale, event } => {
-                self.store.record(sale, event).await?;
-                log_event(sale, event);
+                self.record(sale, event).await?;
+                self.log_event(sale, event);
                 self.wake_refunds(sale);
                 // A failed delivery changes nothing the device must hear.
                 let publish =
@@ -472,7 +536,21 @@ impl Gateway {
                 .await;
             }
             Outcome::Presence(p) => {
-                tracing::info!(pos = %pos, online = !p.is_offline(), "device presence");
+                let said = if p.is_offline() {
+                    "device offline"
+                } else {
+                    "device online"
+                };
+                tracing::info!(pos = %pos, online = !p.is_offline(), "{said}");
+                self.events.emit(OpEvent {
+                    at: now_millis(),
+                    pos: pos.to_string(),
+                    sale_id: None,
+                    external_reference: None,
+                    kind: "presence".into(),
+                    detail: said.into(),
+                    state: None,
+                });
                 let state = PosState {
                     presence: *p,
                     current: current.state.current.clone(),
@@ -535,6 +613,12 @@ impl Gateway {
             Err(why) => {
                 tracing::info!(pos = %pos, sale_id = %sale.sale_id, external_reference = %reference,
                     merchant_order = %facts.id, reason = why.code(), detail = %why, "merchant order closes nothing");
+                self.events.emit(OpEvent {
+                    at: now_millis(),
+                    kind: "notification".into(),
+                    detail: format!("merchant order {} closes nothing: {why}", facts.id),
+                    ..OpEvent::of_sale(sale, "notification", "")
+                });
                 // A rejected payment leaves the attended order for a retry,
                 // unless Mercado Pago dropped it: check, once per payment.
                 let rejected: Vec<orders::MpId> = facts
@@ -570,7 +654,7 @@ impl Gateway {
                 merchant_order = %facts.id, payment = %payment.payment_id, "payment already recorded");
             return Ok(Settlement::Duplicate);
         };
-        match self.store.record(&changed, &event).await {
+        match self.record(&changed, &event).await {
             Ok(()) => {}
             Err(StoreError::AlreadyClosed(_) | StoreError::AlreadyDue(_)) => {
                 tracing::info!(pos = %pos, external_reference = %reference, merchant_order = %facts.id,
@@ -579,7 +663,7 @@ impl Gateway {
             }
             Err(e) => return Err(e.into()),
         }
-        log_event(&changed, &event);
+        self.log_event(&changed, &event);
         let settlement = match event {
             SaleEvent::Paid { .. } => Settlement::Paid {
                 reference: reference.clone(),
@@ -696,14 +780,42 @@ impl Gateway {
         else {
             return Ok(false);
         };
-        match self.store.record(&sale, &event).await {
+        match self.record(&sale, &event).await {
             Ok(()) => {}
             Err(StoreError::AlreadyDue(_)) => return Ok(false),
             Err(e) => return Err(e.into()),
         }
-        log_event(&sale, &event);
+        self.log_event(&sale, &event);
         locked.show(self, sale, false);
         Ok(true)
+    }
+}
+
+impl Gateway {
+    /// Records a refund Mercado Pago made for the operator, and tells the
+    /// device (`refunded`, retained) when the sale is its POS's latest.
+    /// `Ok(Err(_))` when the rules refuse it (it raced another refund).
+    pub async fn record_operator_refund(
+        &self,
+        reference: &ExternalReference,
+        refund: orders::sale::OperatorRefund,
+    ) -> Result<Result<Sale, orders::RefundRefusal>, GatewayError> {
+        let Some(locked) = self.lock_sale(reference).await? else {
+            return Err(GatewayError::UnknownPos(reference.to_string()));
+        };
+        let (sale, event) = match orders::operator_refund(&locked.sale, refund) {
+            Ok(Outcome::Changed { sale, event }) => (sale, event),
+            Ok(_) => {
+                return Ok(Err(orders::RefundRefusal::NotPaid {
+                    state: locked.sale.state,
+                }))
+            }
+            Err(why) => return Ok(Err(why)),
+        };
+        self.record(&sale, &event).await?;
+        self.log_event(&sale, &event);
+        locked.show(self, sale.clone(), true);
+        Ok(Ok(sale))
     }
 }
 
@@ -736,7 +848,8 @@ fn view(cfg: &PosConfig, state: PosState, ctx: &OrderContext) -> PosView {
 }
 
 /// One line per event that matters, with the fields operators search by.
-fn log_event(sale: &Sale, event: &SaleEvent) {
+fn log_line(sale: &Sale, event: &SaleEvent) {
+    let msg = event_message(sale, event);
     let pos = sale.pos.as_str();
     let sale_id = sale.sale_id.as_str();
     let reference = sale.external_reference.as_str();
@@ -750,7 +863,7 @@ fn log_event(sale: &Sale, event: &SaleEvent) {
             state = sale.state.as_str(),
             amount,
             currency,
-            "sale accepted"
+            "{msg}"
         ),
         SaleEvent::Priced => tracing::info!(
             pos,
@@ -758,7 +871,7 @@ fn log_event(sale: &Sale, event: &SaleEvent) {
             external_reference = reference,
             amount,
             currency,
-            "sale amount known: pending"
+            "{msg}"
         ),
         SaleEvent::Served => tracing::info!(
             pos,
@@ -766,7 +879,7 @@ fn log_event(sale: &Sale, event: &SaleEvent) {
             external_reference = reference,
             amount,
             currency,
-            "sale served to Mercado Pago"
+            "{msg}"
         ),
         SaleEvent::Placed => tracing::info!(
             pos,
@@ -774,7 +887,7 @@ fn log_event(sale: &Sale, event: &SaleEvent) {
             external_reference = reference,
             amount,
             currency,
-            "attended order placed at Mercado Pago: pending"
+            "{msg}"
         ),
         SaleEvent::Refused { reason } => tracing::error!(
             pos,
@@ -783,7 +896,7 @@ fn log_event(sale: &Sale, event: &SaleEvent) {
             amount,
             currency,
             reason = reason.as_str(),
-            "Mercado Pago refused the attended order: sale rejected"
+            "{msg}"
         ),
         SaleEvent::Paid { overpaid } => {
             let s = sale.settled.as_ref();
@@ -802,7 +915,7 @@ fn log_event(sale: &Sale, event: &SaleEvent) {
                     amount,
                     paid,
                     currency,
-                    "sale paid with an overpayment: refund the difference"
+                    "{msg}"
                 );
             } else {
                 tracing::info!(
@@ -813,34 +926,23 @@ fn log_event(sale: &Sale, event: &SaleEvent) {
                     payment,
                     amount,
                     currency,
-                    "sale paid"
+                    "{msg}"
                 );
             }
         }
         SaleEvent::Cancelled => {
             if sale.served_at.is_some() {
-                tracing::warn!(pos, sale_id, external_reference = reference,
-                    "sale cancelled after it was served to Mercado Pago: a payment may still arrive");
+                tracing::warn!(pos, sale_id, external_reference = reference, "{msg}");
             } else {
-                tracing::info!(
-                    pos,
-                    sale_id,
-                    external_reference = reference,
-                    "sale cancelled"
-                );
+                tracing::info!(pos, sale_id, external_reference = reference, "{msg}");
             }
         }
         SaleEvent::Expired => {
-            tracing::info!(pos, sale_id, external_reference = reference, "sale expired")
+            tracing::info!(pos, sale_id, external_reference = reference, "{msg}")
         }
         SaleEvent::Delivered { ok, reason } => {
             if *ok {
-                tracing::info!(
-                    pos,
-                    sale_id,
-                    external_reference = reference,
-                    "device confirmed delivery"
-                );
+                tracing::info!(pos, sale_id, external_reference = reference, "{msg}");
             } else {
                 tracing::error!(
                     pos,
@@ -849,7 +951,7 @@ fn log_event(sale: &Sale, event: &SaleEvent) {
                     reason = reason.as_deref(),
                     payment = sale.settled.as_ref().map(|p| p.payment_id.to_string()),
                     auto_refund = sale.refunds.last().map(|r| r.auto),
-                    "device failed to deliver a paid sale: refund due"
+                    "{msg}"
                 );
             }
         }
@@ -865,7 +967,7 @@ fn log_event(sale: &Sale, event: &SaleEvent) {
                 state = sale.state.as_str(),
                 reason = r.map(|r| r.reason.as_str()),
                 auto_refund = r.map(|r| r.auto),
-                "payment for a sale that was no longer payable: refund due"
+                "{msg}"
             );
         }
         SaleEvent::Refunded { payment_id } => {
@@ -878,8 +980,107 @@ fn log_event(sale: &Sale, event: &SaleEvent) {
                 merchant_order = r.map(|r| r.merchant_order.to_string()),
                 refund = r.and_then(|r| r.refunded.as_ref()).map(|d| d.refund_id.to_string()),
                 amount = r.map(|r| r.amount.to_string()),
-                "payment refunded"
+                "{msg}"
             );
         }
+        SaleEvent::CancelledByOperator { by } => tracing::warn!(
+            pos,
+            sale_id,
+            external_reference = reference,
+            by = by.as_str(),
+            served = sale.served_at.is_some(),
+            "{msg}"
+        ),
+        SaleEvent::RefundedByOperator { amount, by } => tracing::warn!(
+            pos,
+            sale_id,
+            external_reference = reference,
+            by = by.as_str(),
+            amount = %amount,
+            refunded_total = %sale.refunded_total(),
+            currency,
+            payment = sale.settled.as_ref().map(|s| s.payment_id.to_string()),
+            state = sale.state.as_str(),
+            "{msg}"
+        ),
+    }
+}
+
+/// What the log line of a sale event says, and the console's feed with it.
+fn event_message(sale: &Sale, event: &SaleEvent) -> &'static str {
+    match event {
+        SaleEvent::Accepted => "sale accepted",
+        SaleEvent::Priced => "sale amount known: pending",
+        SaleEvent::Served => "sale served to Mercado Pago",
+        SaleEvent::Placed => "attended order placed at Mercado Pago: pending",
+        SaleEvent::Refused { .. } => "Mercado Pago refused the attended order: sale rejected",
+        SaleEvent::Paid { overpaid: true } => {
+            "sale paid with an overpayment: refund the difference"
+        }
+        SaleEvent::Paid { overpaid: false } => "sale paid",
+        SaleEvent::Cancelled if sale.served_at.is_some() => {
+            "sale cancelled after it was served to Mercado Pago: a payment may still arrive"
+        }
+        SaleEvent::Cancelled => "sale cancelled",
+        SaleEvent::Expired => "sale expired",
+        SaleEvent::Delivered { ok: true, .. } => "device confirmed delivery",
+        SaleEvent::Delivered { ok: false, .. } => {
+            "device failed to deliver a paid sale: refund due"
+        }
+        SaleEvent::RefundDue => "payment for a sale that was no longer payable: refund due",
+        SaleEvent::Refunded { .. } => "payment refunded",
+        SaleEvent::CancelledByOperator { .. } => "sale cancelled by the operator",
+        SaleEvent::RefundedByOperator { .. } => "sale refunded by the operator",
+    }
+}
+
+impl Gateway {
+    /// One log line and one console event per stored sale event, saying
+    /// the same thing.
+    fn log_event(&self, sale: &Sale, event: &SaleEvent) {
+        log_line(sale, event);
+        let name = event.name();
+        self.metrics.sale_events.with_label_values(&[name]).inc();
+        let outcome = match event {
+            SaleEvent::Paid { .. } => Some("paid"),
+            SaleEvent::Cancelled | SaleEvent::CancelledByOperator { .. } => Some("cancelled"),
+            SaleEvent::Expired => Some("expired"),
+            SaleEvent::Refused { .. } => Some("rejected"),
+            _ => None,
+        };
+        if let Some(o) = outcome {
+            self.metrics.sales.with_label_values(&[o]).inc();
+        }
+        let mut detail = event_message(sale, event).to_owned();
+        match event {
+            SaleEvent::Paid { .. } => {
+                if let Some(s) = &sale.settled {
+                    detail.push_str(&format!(
+                        " (payment {}, {} {})",
+                        s.payment_id,
+                        s.paid,
+                        sale.currency.code()
+                    ));
+                }
+            }
+            SaleEvent::Accepted | SaleEvent::Priced => {
+                if let Some(a) = sale.total() {
+                    detail.push_str(&format!(" ({} {})", a, sale.currency.code()));
+                }
+            }
+            SaleEvent::Refused { reason } => detail.push_str(&format!(" ({reason})")),
+            SaleEvent::Delivered {
+                ok: false,
+                reason: Some(r),
+            } => detail.push_str(&format!(" ({r})")),
+            SaleEvent::CancelledByOperator { by } => detail.push_str(&format!(" (by {by})")),
+            SaleEvent::RefundedByOperator { amount, by } => detail.push_str(&format!(
+                " ({amount} {}, by {by}; refunded in all {})",
+                sale.currency.code(),
+                sale.refunded_total()
+            )),
+            _ => {}
+        }
+        self.events.emit(OpEvent::of_sale(sale, name, &detail));
     }
 }

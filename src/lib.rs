@@ -16,13 +16,16 @@
 //! `registration` (`qrgate pos register`, `qrgate pos list`) makes the
 //! configured stores and POS exist at Mercado Pago.
 
+pub mod admin;
 pub mod app;
 pub mod attended;
 pub mod config;
 pub mod demo;
+pub mod events;
 pub mod gateway;
 pub mod http;
 pub mod mercadopago;
+pub mod metrics;
 pub mod money;
 pub mod mqtt;
 pub mod orders;

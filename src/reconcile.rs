@@ -105,6 +105,7 @@ pub async fn run(
                             .collect()
                     }),
             };
+            gateway.metrics().reconcile_runs.inc();
             match found {
                 Ok(found) => {
                     let count = found.len();
@@ -125,6 +126,7 @@ pub async fn run(
                         .iter()
                         .any(|o| matches!(o, Settlement::RefundDue { .. }));
                     if closed || due {
+                        gateway.metrics().reconcile_closed.inc();
                         tracing::warn!(pos = %sale.pos, sale_id = %sale.sale_id, external_reference = %reference,
                             merchant_orders = count, closed, refund_due = due,
                             "reconciliation found a payment whose notification never arrived");

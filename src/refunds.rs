@@ -61,7 +61,14 @@ pub async fn run(client: MpClient, gateway: Arc<Gateway>, shutdown: Cancellation
                 .filter(|r| r.auto && r.refunded.is_none() && !refused.contains(&r.payment_id))
                 .collect();
             for r in owed {
-                match refund(&client, r).await {
+                let made = refund(&client, r).await;
+                let result = if made.is_ok() { "ok" } else { "error" };
+                gateway
+                    .metrics()
+                    .refunds
+                    .with_label_values(&["auto", result])
+                    .inc();
+                match made {
                     Ok(refund_id) => {
                         if let Err(e) = gateway
                             .record_refund(

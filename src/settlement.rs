@@ -72,7 +72,10 @@ pub fn spawn(
             inner.spawn(async move {
                 let Ok(_permit) = permits.acquire().await else { return };
                 loop {
-                    if let Err(e) = process(&client, &gateway, r.clone()).await {
+                    let result = process(&client, &gateway, r.clone()).await;
+                    let label = if result.is_ok() { "processed" } else { "failed" };
+                    gateway.metrics().notifications.with_label_values(&[label]).inc();
+                    if let Err(e) = result {
                         tracing::error!(?r, error = %e, "notification could not be processed; Mercado Pago re-sends it, and reconciliation looks again");
                     }
                     // Fetch again if another notification came meanwhile.

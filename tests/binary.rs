@@ -11,6 +11,8 @@ fn write_config(dir: &std::path::Path, extra: &str) -> std::path::PathBuf {
     let path = dir.join("qrgate.toml");
     let text = format!(
         r#"
+[admin]
+listen = "127.0.0.1:0"
 [http]
 listen = "127.0.0.1:0"
 public_url = "http://127.0.0.1:9"

@@ -134,6 +134,12 @@ pub async fn receive(
     if let Some(ip) = peer {
         if !shared.limiter.allow(ip, std::time::Instant::now()) {
             tracing::warn!(peer = %ip, "notification rate limit exceeded; answered 429");
+            shared
+                .gateway
+                .metrics()
+                .notifications
+                .with_label_values(&["rate_limited"])
+                .inc();
             return error(
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limited",
@@ -162,21 +168,45 @@ pub async fn receive(
             });
         if let Err(why) = verified {
             tracing::warn!(peer = peer.map(|p| p.to_string()), reason = %why, "notification with a bad x-signature refused");
+            shared
+                .gateway
+                .metrics()
+                .notifications
+                .with_label_values(&["bad_signature"])
+                .inc();
             return error(StatusCode::UNAUTHORIZED, "unauthorized", "unauthorized");
         }
     }
     match parse(req.query_string(), &body) {
         Ok(Parsed::Work(resource)) => {
             tracing::info!(?resource, "notification received");
+            shared
+                .gateway
+                .metrics()
+                .notifications
+                .with_label_values(&["accepted"])
+                .inc();
             shared.settler.enqueue(resource);
             HttpResponse::Ok().json(serde_json::json!({ "status": "accepted" }))
         }
         Ok(Parsed::Ignored(topic)) => {
             tracing::info!(topic = %topic, "notification of a topic qrgate does not act on; ignored");
+            shared
+                .gateway
+                .metrics()
+                .notifications
+                .with_label_values(&["ignored"])
+                .inc();
             HttpResponse::Ok().json(serde_json::json!({ "status": "ignored" }))
         }
         Err(why) => {
             tracing::warn!(reason = %why, "unreadable notification refused");
+            shared
+                .gateway
+                .metrics()
+                .notifications
+                .with_label_values(&["bad_notification"])
+                .inc();
             error(StatusCode::BAD_REQUEST, "bad_notification", &why)
         }
     }

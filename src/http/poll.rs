@@ -42,6 +42,7 @@ pub async fn poll(
     path: web::Path<String>,
     shared: web::Data<Shared>,
 ) -> HttpResponse {
+    let started = std::time::Instant::now();
     let pos = path.into_inner();
     let shown: String = pos.chars().take(64).collect();
     let agent = req
@@ -55,6 +56,8 @@ pub async fn poll(
         return error(StatusCode::NOT_FOUND, "not_found", "no such endpoint");
     }
     let answer = shared.gateway.poll(&pos);
+    let metrics = shared.gateway.metrics();
+    metrics.poll(answer.kind);
     match answer.kind {
         "invalid" => {
             let why = if shared.gateway.pos_config(&pos).is_some() {
@@ -81,5 +84,9 @@ pub async fn poll(
             HeaderValue::from_static("2"),
         );
     }
-    resp.set_body(actix_web::body::BoxBody::new(answer.body))
+    let resp = resp.set_body(actix_web::body::BoxBody::new(answer.body));
+    metrics
+        .poll_seconds
+        .observe(started.elapsed().as_secs_f64());
+    resp
 }

@@ -127,6 +127,7 @@ pub struct MpClient {
     base: String,
     token: Option<Secret>,
     retry: RetryPolicy,
+    metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
 }
 
 impl MpClient {
@@ -142,7 +143,20 @@ impl MpClient {
             base: cfg.api_base.clone(),
             token: cfg.access_token.clone(),
             retry: RetryPolicy::default(),
+            metrics: None,
         })
+    }
+
+    /// Counts and times every call in `metrics`.
+    pub fn with_metrics(mut self, metrics: std::sync::Arc<crate::metrics::Metrics>) -> MpClient {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    fn observe(&self, path: &str, status: Option<u16>, started: std::time::Instant) {
+        if let Some(m) = &self.metrics {
+            m.mp_call(path, status, started.elapsed().as_secs_f64());
+        }
     }
 
     pub fn with_retry(mut self, retry: RetryPolicy) -> MpClient {
@@ -170,7 +184,14 @@ impl MpClient {
             None => builder,
         };
         builder = builder.bearer_auth(token.expose());
-        let resp = builder.send().await.map_err(transport)?;
+        let started = std::time::Instant::now();
+        let sent = builder.send().await;
+        self.observe(
+            req.path,
+            sent.as_ref().ok().map(|r| r.status().as_u16()),
+            started,
+        );
+        let resp = sent.map_err(transport)?;
         let status = resp.status();
         let retry_after = resp
             .headers()
@@ -299,6 +320,52 @@ impl MpClient {
             })
             .await?;
         Ok(r.id.0)
+    }
+
+    /// Refunds a payment for the operator: all that is left (`None`, an
+    /// empty body) or `amount` (`{"amount": 10.50}`); the refund's id.
+    pub async fn refund_amount(
+        &self,
+        payment_id: u64,
+        amount: Option<&str>,
+        idempotency_key: &str,
+    ) -> Result<u64, MpError> {
+        let body = amount.map(|a| format!("{{\"amount\":{a}}}"));
+        let r: RefundAnswer = self
+            .call(&Request {
+                method: reqwest::Method::POST,
+                path: &format!("/v1/payments/{payment_id}/refunds"),
+                query: &[],
+                idempotency_key: Some(idempotency_key),
+                body: body.as_deref().map(str::as_bytes),
+            })
+            .await?;
+        Ok(r.id.0)
+    }
+
+    /// Refunds an Orders API order for the operator: all that is left
+    /// (`None`) or `amount` of its payment `transaction`; the refund's id.
+    pub async fn refund_order_amount(
+        &self,
+        id: &str,
+        part: Option<(&str, &str)>,
+        idempotency_key: &str,
+    ) -> Result<MpId, MpError> {
+        let body = part.map(|(transaction, amount)| {
+            serde_json::json!({"transactions": [{"id": transaction, "amount": amount}]}).to_string()
+        });
+        let order: ApiOrder = self
+            .call(&Request {
+                method: reqwest::Method::POST,
+                path: &format!("/v1/orders/{}/refund", path_segment(id)),
+                query: &[],
+                idempotency_key: Some(idempotency_key),
+                body: body.as_deref().map(str::as_bytes),
+            })
+            .await?;
+        order
+            .last_refund()
+            .ok_or_else(|| MpError::Decode(format!("order {id} refunded without a refund id")))
     }
 
     /// Creates an order with MP's Orders API. The idempotency key is derived

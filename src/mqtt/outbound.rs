@@ -27,6 +27,9 @@ struct StateJson<'a> {
     order_id: Option<&'a MpId>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     served: bool,
+    /// What the operator has refunded in all (`refunded` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    refunded_total: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     reason: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -35,15 +38,33 @@ struct StateJson<'a> {
 
 /// The retained state of a sale.
 pub fn state(sale: &Sale) -> Vec<u8> {
-    let settled = sale
-        .settled
-        .as_ref()
-        .filter(|_| sale.state == SaleState::Paid);
+    let settled = sale.settled.as_ref().filter(|_| {
+        matches!(
+            sale.state,
+            SaleState::Paid | SaleState::Refunded | SaleState::PartiallyRefunded
+        )
+    });
+    // A partial refund is `refunded` too for the device: `amount` is this
+    // refund, `refunded_total` all so far (CONTRACT-NOTES, Console).
+    let refunded = matches!(
+        sale.state,
+        SaleState::Refunded | SaleState::PartiallyRefunded
+    );
+    let last_refund = sale.operator_refunds.last().filter(|_| refunded);
     let body = StateJson {
         sale_id: Some(sale.sale_id.as_str()),
         external_reference: Some(sale.external_reference.as_str()),
-        state: sale.state.as_str(),
-        amount: sale.total().map(|a| a.to_string()),
+        state: if refunded {
+            "refunded"
+        } else {
+            sale.state.as_str()
+        },
+        amount: match last_refund {
+            Some(r) => Some(crate::money::Amount::new(r.amount, sale.currency).to_string()),
+            None => sale.total().map(|a| a.to_string()),
+        },
+        refunded_total: last_refund
+            .map(|_| crate::money::Amount::new(sale.refunded_total(), sale.currency).to_string()),
         currency: Some(sale.currency.code()),
         payment_id: settled.map(|s| &s.payment_id),
         merchant_order: settled
@@ -72,6 +93,7 @@ pub fn rejected(sale_id: Option<&str>, reason: &str, message: &str) -> Vec<u8> {
         merchant_order: None,
         order_id: None,
         served: false,
+        refunded_total: None,
         reason: Some(reason),
         message: Some(message),
     };

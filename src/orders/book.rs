@@ -153,6 +153,11 @@ pub enum Command {
         reason: String,
     },
     Expire,
+    /// The operator cancels this pending (or in-process) sale; `by` says who.
+    CancelByOperator {
+        reference: ExternalReference,
+        by: String,
+    },
 }
 
 /// Why a device message changed nothing. `code` is the stable word devices
@@ -237,6 +242,15 @@ pub enum SaleEvent {
     Refused {
         reason: String,
     },
+    /// The operator cancelled the sale.
+    CancelledByOperator {
+        by: String,
+    },
+    /// The operator refunded `amount` of the paid sale.
+    RefundedByOperator {
+        amount: Decimal,
+        by: String,
+    },
 }
 
 impl SaleEvent {
@@ -253,6 +267,8 @@ impl SaleEvent {
             SaleEvent::Refunded { .. } => "refunded",
             SaleEvent::Placed => "placed",
             SaleEvent::Refused { .. } => "refused",
+            SaleEvent::CancelledByOperator { .. } => "cancelled_by_operator",
+            SaleEvent::RefundedByOperator { .. } => "refunded_by_operator",
         }
     }
 }
@@ -364,6 +380,7 @@ fn new_sale(pos: &PosConfig, sale_id: SaleId, ctx: Ctx) -> Sale {
         mp_order: None,
         rejection: None,
         refunds: Vec::new(),
+        operator_refunds: Vec::new(),
         updated_at: ctx.now,
     }
 }
@@ -522,7 +539,114 @@ pub fn apply(pos: &PosConfig, state: &PosState, cmd: Command, ctx: Ctx) -> Outco
             }
             _ => Outcome::Nothing,
         },
+        Command::CancelByOperator { reference, by } => match current {
+            Some(s) if s.external_reference == reference && s.state.is_busy() => {
+                let mut sale = s.clone();
+                sale.state = SaleState::Cancelled;
+                sale.updated_at = ctx.now;
+                Outcome::Changed {
+                    sale,
+                    event: SaleEvent::CancelledByOperator { by },
+                }
+            }
+            Some(s) if s.external_reference == reference => {
+                rejected(&s.sale_id, Rejection::NotCancellable { state: s.state })
+            }
+            _ => Outcome::Rejected {
+                sale_id: None,
+                why: Rejection::UnknownSale,
+            },
+        },
     }
+}
+
+/// Why the operator's refund of a sale is refused. `code` is the stable
+/// word of the admin API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RefundRefusal {
+    /// Only a paid sale (or one partly refunded) can be refunded.
+    NotPaid {
+        state: SaleState,
+    },
+    /// More than what is left to refund.
+    ExceedsPaid {
+        asked: Decimal,
+        left: Decimal,
+    },
+    BadAmount(MoneyError),
+}
+
+impl RefundRefusal {
+    pub fn code(&self) -> &'static str {
+        match self {
+            RefundRefusal::NotPaid { .. } => "not_refundable",
+            RefundRefusal::ExceedsPaid { .. } => "refund_exceeds_paid",
+            RefundRefusal::BadAmount(_) => "bad_amount",
+        }
+    }
+}
+
+impl std::fmt::Display for RefundRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RefundRefusal::NotPaid { state } => write!(
+                f,
+                "the sale is {}: only a paid sale can be refunded",
+                state.as_str()
+            ),
+            RefundRefusal::ExceedsPaid { asked, left } => write!(
+                f,
+                "the refund {asked} exceeds what is left to refund ({left})"
+            ),
+            RefundRefusal::BadAmount(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// What an operator's refund of `sale` would return: `asked`, or all that
+/// is left when `None` (a full refund). Checked before Mercado Pago is
+/// asked, and again when its answer is recorded.
+pub fn refundable(sale: &Sale, asked: Option<Decimal>) -> Result<Decimal, RefundRefusal> {
+    let paid = match (sale.state, &sale.settled) {
+        (SaleState::Paid | SaleState::PartiallyRefunded, Some(s)) => s.paid,
+        (state, _) => return Err(RefundRefusal::NotPaid { state }),
+    };
+    let left = paid - sale.refunded_total();
+    if left <= Decimal::ZERO {
+        return Err(RefundRefusal::NotPaid {
+            state: SaleState::Refunded,
+        });
+    }
+    let Some(asked) = asked else {
+        return Ok(left);
+    };
+    let asked = money::amount(asked, sale.currency)
+        .map_err(RefundRefusal::BadAmount)?
+        .value();
+    if asked > left {
+        return Err(RefundRefusal::ExceedsPaid { asked, left });
+    }
+    Ok(asked)
+}
+
+/// Records a refund Mercado Pago made for the operator: the sale is
+/// `refunded` once all that was paid went back, `partially_refunded` before.
+pub fn operator_refund(sale: &Sale, refund: OperatorRefund) -> Result<Outcome, RefundRefusal> {
+    refundable(sale, Some(refund.amount))?;
+    let mut s = sale.clone();
+    let (amount, by, now) = (refund.amount, refund.by.clone(), refund.at);
+    s.operator_refunds.push(refund);
+    let paid = s.settled.as_ref().map_or(Decimal::ZERO, |p| p.paid);
+    s.state = if s.refunded_total() >= paid {
+        SaleState::Refunded
+    } else {
+        SaleState::PartiallyRefunded
+    };
+    s.updated_at = now;
+    Ok(Outcome::Changed {
+        sale: s,
+        event: SaleEvent::RefundedByOperator { amount, by },
+    })
 }
 
 /// The device says it acted (or failed to act) on a paid sale, current or
@@ -953,6 +1077,146 @@ mod tests {
         assert!(matches!(
             step(&p, &mut st, Command::Presence { online: false }, 3),
             Outcome::Presence(Presence::Offline { since: 3 })
+        ));
+    }
+
+    fn paid_sale(total: &str) -> Sale {
+        let p = pos(PosKind::Fuel);
+        let mut st = PosState::idle();
+        step(
+            &p,
+            &mut st,
+            Command::Sale(sale_req("9", "1", total, None)),
+            1,
+        );
+        let mut s = st.current.unwrap();
+        s.state = SaleState::Paid;
+        s.settled = Some(Settled {
+            payment_id: MpId::Num(77),
+            merchant_order: MpId::Num(88),
+            paid: d(total),
+            at: 2,
+        });
+        s
+    }
+
+    fn op_refund(amount: &str, at: i64) -> OperatorRefund {
+        OperatorRefund {
+            refund_id: MpId::Num(at as u64),
+            payment_id: MpId::Num(77),
+            amount: d(amount),
+            at,
+            by: "token".into(),
+        }
+    }
+
+    fn changed(o: Outcome) -> Sale {
+        match o {
+            Outcome::Changed { sale, .. } => sale,
+            other => panic!("expected a change, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_full_refund_returns_all_that_was_paid_and_the_sale_is_refunded() {
+        let s = paid_sale("100.00");
+        assert_eq!(refundable(&s, None), Ok(d("100.00")));
+        let s = changed(operator_refund(&s, op_refund("100.00", 5)).unwrap());
+        assert_eq!(s.state, SaleState::Refunded);
+        assert_eq!(s.refunded_total(), d("100.00"));
+        assert_eq!(refundable(&s, None).unwrap_err().code(), "not_refundable");
+    }
+
+    #[test]
+    fn partial_refunds_add_up_until_nothing_is_left() {
+        let s = paid_sale("100.00");
+        let s = changed(operator_refund(&s, op_refund("10.50", 5)).unwrap());
+        assert_eq!(s.state, SaleState::PartiallyRefunded);
+        assert_eq!(refundable(&s, None), Ok(d("89.50")));
+        let err = refundable(&s, Some(d("89.51"))).unwrap_err();
+        assert_eq!(err.code(), "refund_exceeds_paid");
+        assert_eq!(
+            err.to_string(),
+            "the refund 89.51 exceeds what is left to refund (89.50)"
+        );
+        let s = changed(operator_refund(&s, op_refund("89.50", 6)).unwrap());
+        assert_eq!(s.state, SaleState::Refunded);
+        assert_eq!(s.operator_refunds.len(), 2);
+    }
+
+    #[test]
+    fn only_paid_sales_are_refunded_and_amounts_follow_the_currency() {
+        let mut s = paid_sale("100.00");
+        assert_eq!(
+            refundable(&s, Some(d("1.005"))).unwrap_err().code(),
+            "bad_amount"
+        );
+        assert_eq!(
+            refundable(&s, Some(d("0"))).unwrap_err().code(),
+            "bad_amount"
+        );
+        s.state = SaleState::Pending;
+        assert_eq!(refundable(&s, None).unwrap_err().code(), "not_refundable");
+        assert!(operator_refund(&s, op_refund("1.00", 5)).is_err());
+    }
+
+    #[test]
+    fn the_operator_cancels_a_pending_sale_by_reference_but_not_a_paid_one() {
+        let p = pos(PosKind::Fuel);
+        let mut st = PosState::idle();
+        step(
+            &p,
+            &mut st,
+            Command::Sale(sale_req("9", "1", "10", None)),
+            1,
+        );
+        let reference = st.current.as_ref().unwrap().external_reference.clone();
+        let other = ExternalReference::parse("pump-1-000000000000000").unwrap();
+        assert!(matches!(
+            apply(
+                &p,
+                &st,
+                Command::CancelByOperator {
+                    reference: other,
+                    by: "token".into()
+                },
+                ctx(2)
+            ),
+            Outcome::Rejected {
+                why: Rejection::UnknownSale,
+                ..
+            }
+        ));
+        let out = step(
+            &p,
+            &mut st,
+            Command::CancelByOperator {
+                reference: reference.clone(),
+                by: "console".into(),
+            },
+            3,
+        );
+        assert!(matches!(
+            out,
+            Outcome::Changed { event: SaleEvent::CancelledByOperator { ref by }, .. } if by == "console"
+        ));
+        assert_eq!(st.current.as_ref().unwrap().state, SaleState::Cancelled);
+        assert!(matches!(
+            apply(
+                &p,
+                &st,
+                Command::CancelByOperator {
+                    reference,
+                    by: "token".into()
+                },
+                ctx(4)
+            ),
+            Outcome::Rejected {
+                why: Rejection::NotCancellable {
+                    state: SaleState::Cancelled
+                },
+                ..
+            }
         ));
     }
 }

@@ -10,7 +10,7 @@ pub mod settle;
 mod invariants;
 
 pub use book::{
-    apply, mp_external_id, pay, Command, Ctx, Outcome, PollProtocol, PosConfig, PosMode, PosState,
-    Presence, Rejection, SaleEvent,
+    apply, mp_external_id, operator_refund, pay, refundable, Command, Ctx, Outcome, PollProtocol,
+    PosConfig, PosMode, PosState, Presence, RefundRefusal, Rejection, SaleEvent,
 };
 pub use sale::{ExternalReference, MpId, PosId, PosKind, Sale, SaleId, SaleState, UnixMillis};

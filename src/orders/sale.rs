@@ -233,6 +233,10 @@ pub enum SaleState {
     Expired,
     /// Mercado Pago refused the attended order for it: final.
     Rejected,
+    /// Paid, then refunded in full by the operator.
+    Refunded,
+    /// Paid, then refunded in part by the operator; more may follow.
+    PartiallyRefunded,
 }
 
 impl SaleState {
@@ -244,6 +248,8 @@ impl SaleState {
             SaleState::Cancelled => "cancelled",
             SaleState::Expired => "expired",
             SaleState::Rejected => "rejected",
+            SaleState::Refunded => "refunded",
+            SaleState::PartiallyRefunded => "partially_refunded",
         }
     }
 
@@ -422,7 +428,22 @@ pub struct Sale {
     /// Payments owed back, oldest first.
     #[serde(default)]
     pub refunds: Vec<RefundDue>,
+    /// Refunds the operator made of the paid sale, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub operator_refunds: Vec<OperatorRefund>,
     pub updated_at: UnixMillis,
+}
+
+/// A refund of a paid sale asked for by the operator (console or admin
+/// API), as Mercado Pago made it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OperatorRefund {
+    pub refund_id: MpId,
+    pub payment_id: MpId,
+    pub amount: Decimal,
+    pub at: UnixMillis,
+    /// Who asked: `token` (the API's bearer) or `console`.
+    pub by: String,
 }
 
 impl Sale {
@@ -439,6 +460,11 @@ impl Sale {
     /// Paid, and the device has not confirmed it acted on it yet.
     pub fn is_paid_undelivered(&self) -> bool {
         self.state == SaleState::Paid && self.delivered_at.is_none()
+    }
+
+    /// What the operator has refunded of the paid sale so far.
+    pub fn refunded_total(&self) -> Decimal {
+        self.operator_refunds.iter().map(|r| r.amount).sum()
     }
 
     /// A merchant order already accounted for by this sale.

@@ -209,9 +209,12 @@ pub fn effect_of(sale: &Sale, payment: &Payment) -> Effect {
     }
     match sale.state {
         SaleState::Pending | SaleState::InProcess => Effect::Close,
-        SaleState::Paid | SaleState::Cancelled | SaleState::Expired | SaleState::Rejected => {
-            Effect::RefundDue
-        }
+        SaleState::Paid
+        | SaleState::Cancelled
+        | SaleState::Expired
+        | SaleState::Rejected
+        | SaleState::Refunded
+        | SaleState::PartiallyRefunded => Effect::RefundDue,
     }
 }
 
@@ -240,6 +243,7 @@ mod tests {
             mp_order: None,
             rejection: None,
             refunds: vec![],
+            operator_refunds: vec![],
             updated_at: 0,
         }
     }

@@ -58,6 +58,17 @@ pub struct PaymentRecord {
     pub currency: Option<String>,
 }
 
+/// Which sales the operator asks for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SaleFilter {
+    pub pos: Option<String>,
+    /// A state's name (`pending`, `paid`...).
+    pub state: Option<String>,
+    /// Accepted at or after (unix millis).
+    pub since: Option<i64>,
+    pub limit: usize,
+}
+
 /// One event of a sale: (unix millis, event name, JSON detail).
 pub type TimelineEntry = (i64, String, String);
 
@@ -99,6 +110,16 @@ pub trait Store: Send + Sync + 'static {
     async fn pending_auto_refunds(&self) -> Result<Vec<Sale>, StoreError>;
 
     async fn merchant_order(&self, id: &MpId) -> Result<Option<MerchantOrderRecord>, StoreError>;
+
+    /// Sales for the operator, newest first.
+    async fn sales(&self, filter: SaleFilter) -> Result<Vec<Sale>, StoreError>;
+
+    /// The merchant orders (or Orders API orders) seen for a reference, in
+    /// the order they were first seen, each with its payments.
+    async fn merchant_orders_of(
+        &self,
+        reference: &ExternalReference,
+    ) -> Result<Vec<MerchantOrderRecord>, StoreError>;
 
     /// A real write, for readiness.
     async fn check_writable(&self) -> Result<(), StoreError>;

@@ -14,7 +14,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::oneshot;
 
 use super::{
-    MerchantOrderRecord, RegistrationRecord, RejectionRecord, Store, StoreError, TimelineEntry,
+    MerchantOrderRecord, PaymentRecord, RegistrationRecord, RejectionRecord, SaleFilter, Store,
+    StoreError, TimelineEntry,
 };
 use crate::orders::{ExternalReference, MpId, Sale, SaleEvent};
 
@@ -151,6 +152,14 @@ enum Op {
     Timeline {
         reference: String,
         reply: oneshot::Sender<Result<Vec<TimelineEntry>, StoreError>>,
+    },
+    Sales {
+        filter: SaleFilter,
+        reply: oneshot::Sender<Result<Vec<Sale>, StoreError>>,
+    },
+    Seen {
+        reference: String,
+        reply: oneshot::Sender<Result<Vec<MerchantOrderRecord>, StoreError>>,
     },
     // ---- POS registration ----
     Registration {
@@ -316,6 +325,14 @@ fn event_detail(sale: &Sale, event: &SaleEvent) -> String {
                 .and_then(|r| r.refunded.as_ref()).map(|r| &r.refund_id),
         }),
         SaleEvent::Refused { reason } => serde_json::json!({ "reason": reason }),
+        SaleEvent::CancelledByOperator { by } => serde_json::json!({ "by": by }),
+        SaleEvent::RefundedByOperator { amount, by } => serde_json::json!({
+            "by": by,
+            "amount": amount.to_string(),
+            "refunded_total": sale.refunded_total().to_string(),
+            "refund_id": sale.operator_refunds.last().map(|r| &r.refund_id),
+            "payment_id": sale.operator_refunds.last().map(|r| &r.payment_id),
+        }),
         SaleEvent::Served | SaleEvent::Cancelled | SaleEvent::Expired | SaleEvent::Placed => {
             serde_json::json!({})
         }
@@ -686,6 +703,24 @@ fn run_batch(conn: &Connection, batch: Vec<Op>) {
                     .and_then(|_| in_savepoint(conn, |c| write_registration(c, &r)));
                 pending.push((Box::new(move |r| drop(reply.send(r))), res));
             }
+            Op::Sales { filter, reply } => {
+                let _ = reply.send(bodies(
+                    conn,
+                    "SELECT external_reference, body FROM sales
+                     WHERE (?1 IS NULL OR pos = ?1) AND (?2 IS NULL OR state = ?2)
+                       AND (?3 IS NULL OR accepted_at >= ?3)
+                     ORDER BY accepted_at DESC, rowid DESC LIMIT ?4",
+                    params![
+                        filter.pos,
+                        filter.state,
+                        filter.since,
+                        filter.limit.min(10_000) as i64
+                    ],
+                ));
+            }
+            Op::Seen { reference, reply } => {
+                let _ = reply.send(seen(conn, &reference));
+            }
             Op::Registrations { reply } => {
                 let _ = reply.send(read_registrations(conn));
             }
@@ -720,6 +755,74 @@ fn latest(conn: &Connection) -> Result<Vec<Sale>, StoreError> {
 }
 
 /// Sales from a query selecting (external_reference, body).
+fn value_id(v: rusqlite::types::Value) -> Option<MpId> {
+    match v {
+        rusqlite::types::Value::Integer(n) => u64::try_from(n).ok().map(MpId::Num),
+        rusqlite::types::Value::Text(t) => MpId::parse(&t),
+        _ => None,
+    }
+}
+
+/// The merchant orders seen for a reference, with their payments.
+fn seen(conn: &Connection, reference: &str) -> Result<Vec<MerchantOrderRecord>, StoreError> {
+    let mut st = conn
+        .prepare_cached(
+            "SELECT id, status, body, seen_at FROM merchant_orders
+             WHERE external_reference = ?1 ORDER BY rowid",
+        )
+        .map_err(db)?;
+    let rows = st
+        .query_map([reference], |r| {
+            Ok((
+                r.get::<_, rusqlite::types::Value>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, i64>(3)?,
+            ))
+        })
+        .map_err(db)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db)?;
+    let mut pay = conn
+        .prepare_cached(
+            "SELECT id, status, amount, currency FROM payments WHERE merchant_order = ?1 ORDER BY rowid",
+        )
+        .map_err(db)?;
+    let mut out = Vec::new();
+    for (raw_id, status, body, seen_at) in rows {
+        let Some(id) = value_id(raw_id) else { continue };
+        let payments = pay
+            .query_map([sql_id(&id)], |r| {
+                Ok((
+                    r.get::<_, rusqlite::types::Value>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, Option<String>>(3)?,
+                ))
+            })
+            .map_err(db)?
+            .filter_map(Result::ok)
+            .filter_map(|(pid, status, amount, currency)| {
+                value_id(pid).map(|id| PaymentRecord {
+                    id,
+                    status,
+                    amount,
+                    currency,
+                })
+            })
+            .collect();
+        out.push(MerchantOrderRecord {
+            id,
+            external_reference: Some(reference.to_owned()),
+            status,
+            body,
+            seen_at,
+            payments,
+        });
+    }
+    Ok(out)
+}
+
 fn bodies(
     conn: &Connection,
     sql: &str,
@@ -824,6 +927,18 @@ impl Store for SqliteStore {
         self.call(|reply| Op::Registration { r, reply }).await
     }
 
+    async fn sales(&self, filter: SaleFilter) -> Result<Vec<Sale>, StoreError> {
+        self.call(|reply| Op::Sales { filter, reply }).await
+    }
+
+    async fn merchant_orders_of(
+        &self,
+        reference: &ExternalReference,
+    ) -> Result<Vec<MerchantOrderRecord>, StoreError> {
+        let reference = reference.as_str().to_owned();
+        self.call(|reply| Op::Seen { reference, reply }).await
+    }
+
     async fn registrations(&self) -> Result<Vec<RegistrationRecord>, StoreError> {
         self.call(|reply| Op::Registrations { reply }).await
     }
@@ -910,6 +1025,7 @@ mod tests {
             mp_order: None,
             rejection: None,
             refunds: vec![],
+            operator_refunds: vec![],
             updated_at: 1,
         }
     }

@@ -51,6 +51,8 @@ impl Gate {
             &config,
             format!(
                 r#"
+[admin]
+listen = "127.0.0.1:0"
 [http]
 listen = "127.0.0.1:{port}"
 public_url = "{base}"

@@ -146,6 +146,8 @@ pub fn free_port() -> u16 {
 
 pub struct TestApp {
     pub base: String,
+    /// The console's base URL (`[admin] listen` on port 0).
+    pub admin: Option<String>,
     pub mqtt_port: u16,
     pub prefix: String,
     pub mp: Simulator,
@@ -223,6 +225,7 @@ impl TestApp {
         config.mqtt.client_id = format!("qrgate-{prefix}");
         config.store.path = dir.path().join("qrgate.db");
         config.store.fsync = false;
+        config.admin.listen = Some("127.0.0.1:0".parse().unwrap());
         config.pos = vec![
             pos("pump-1", PosKind::Fuel),
             pos("vending-1", PosKind::Vending),
@@ -233,6 +236,7 @@ impl TestApp {
             .await
             .expect("app builds");
         let app_gateway = app.gateway();
+        let admin = app.admin_addr().map(|a| format!("http://{a}"));
         let link = app.link();
         let stop = app.shutdown_token();
         let done = tokio::spawn(async move {
@@ -240,6 +244,7 @@ impl TestApp {
         });
         let t = TestApp {
             base,
+            admin,
             mqtt_port: port,
             prefix,
             mp,
@@ -503,6 +508,7 @@ impl BareApp {
             Some(Secret::new(SimulatorConfig::default().access_token));
         config.mqtt.embedded_listen = "127.0.0.1:0".parse().unwrap();
         config.store.path = dir.path().join("q.db");
+        config.admin.listen = Some("127.0.0.1:0".parse().unwrap());
         tweak(&mut config);
         let app = App::build_on(config, listener).await.unwrap();
         let mqtt_port = app.mqtt_addr().port();

@@ -1,6 +1,7 @@
 //! End-to-end tests: the real app, a real broker, a real SQLite file, and the
 //! Mercado Pago simulator. One test binary, so the embedded broker is shared.
 
+mod admin;
 mod attended;
 mod checklist;
 pub mod crash;

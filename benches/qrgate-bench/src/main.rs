@@ -93,6 +93,9 @@ path = "{db}"
 [log]
 format = "json"
 filter = "info"
+[admin]
+# The console is on by default: measured with it on, on a port of its own.
+listen = "127.0.0.1:0"
 "#,
             db = dir.join("qrgate.db").display()
         );

@@ -1,0 +1,643 @@
+//! The admin API (JSON): POS, sales, a sale's timeline, the operator's
+//! cancel and refund, the live event stream (SSE) and `/metrics`. Errors are
+//! `{"code", "message"}` with stable codes. Handlers check who asks, call
+//! the book, the store or Mercado Pago, and render.
+
+// Helpers return the refusing response as their error: built once, sent as is.
+#![allow(clippy::result_large_err)]
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::sync::{Mutex, OnceCell};
+
+use super::Admin;
+use crate::gateway::now_millis;
+use crate::http::error;
+use crate::orders::sale::OperatorRefund;
+use crate::orders::{
+    self, Command, ExternalReference, MpId, Outcome, PosMode, Presence, Rejection, Sale,
+};
+use crate::store::SaleFilter;
+
+/// How long a repeat without an `Idempotency-Key` is answered from the first.
+const REPEAT_WINDOW: Duration = Duration::from_secs(60);
+/// How long an `Idempotency-Key`'s answer is kept.
+const KEY_WINDOW: Duration = Duration::from_secs(24 * 3600);
+
+type Answer = (u16, Value);
+
+/// When an answer was made, how long it is kept, and the answer.
+type Slot = (Instant, Duration, Arc<OnceCell<Answer>>);
+
+/// Operator refunds: one at a time (they are rare, and two at once could
+/// together exceed what was paid), each answer kept for its repeats.
+#[derive(Default)]
+pub struct RefundDesk {
+    one_at_a_time: Mutex<()>,
+    answers: std::sync::Mutex<HashMap<String, Slot>>,
+}
+
+impl RefundDesk {
+    fn slot(&self, key: String, keep: Duration) -> Arc<OnceCell<Answer>> {
+        let mut answers = self.answers.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        answers.retain(|_, (at, keep, _)| now.duration_since(*at) < *keep);
+        Arc::clone(
+            &answers
+                .entry(key)
+                .or_insert_with(|| (now, keep, Arc::new(OnceCell::new())))
+                .2,
+        )
+    }
+
+    fn forget(&self, key: &str) {
+        let mut answers = self.answers.lock().unwrap_or_else(|e| e.into_inner());
+        answers.remove(key);
+    }
+}
+
+fn reply((status, body): Answer) -> HttpResponse {
+    HttpResponse::build(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
+        .json(body)
+}
+
+fn fail(status: u16, code: &str, message: &str) -> Answer {
+    (status, json!({"code": code, "message": message}))
+}
+
+fn internal(e: impl std::fmt::Display) -> HttpResponse {
+    tracing::error!(error = %e, "admin API failed");
+    error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal_error",
+        "internal error (see the log)",
+    )
+}
+
+fn parse_reference(text: &str) -> Result<ExternalReference, HttpResponse> {
+    ExternalReference::parse(text).map_err(|m| error(StatusCode::NOT_FOUND, "unknown_sale", &m))
+}
+
+/// Money as text, with the currency's decimals.
+fn money(sale: &Sale, v: Decimal) -> String {
+    crate::money::Amount::new(v, sale.currency).to_string()
+}
+
+/// The operator's word for a sale that needs them, if any.
+pub fn attention(sale: &Sale) -> Option<&'static str> {
+    if sale.refunds.iter().any(|r| r.refunded.is_none()) {
+        Some("refund_due")
+    } else if sale.is_paid_undelivered() {
+        Some("paid_undelivered")
+    } else {
+        None
+    }
+}
+
+/// A sale as lists show it.
+pub fn summary(sale: &Sale, now: i64) -> Value {
+    json!({
+        "external_reference": sale.external_reference,
+        "pos": sale.pos,
+        "sale_id": sale.sale_id,
+        "state": sale.state.as_str(),
+        "attention": attention(sale),
+        "amount": sale.total().map(|a| a.to_string()),
+        "currency": sale.currency.code(),
+        "accepted_at": sale.accepted_at,
+        "age_secs": (now - sale.accepted_at).max(0) / 1000,
+        "served": sale.served_at.is_some(),
+        "refunded_total": (!sale.operator_refunds.is_empty()).then(|| money(sale, sale.refunded_total())),
+    })
+}
+
+pub async fn metrics(req: HttpRequest, admin: web::Data<Admin>) -> HttpResponse {
+    if let Err(r) = admin.auth.check(&req, false) {
+        return r;
+    }
+    let m = admin.gateway.metrics();
+    let (mut pending, mut undelivered, mut due, mut online, mut offline) = (0, 0, 0, 0, 0);
+    for cfg in admin.gateway.pos_configs() {
+        let Some(view) = admin.gateway.view(&cfg.id) else {
+            continue;
+        };
+        let s = view.state.current.as_ref();
+        let busy = view.state.busy_sale().is_some();
+        m.pos_busy
+            .with_label_values(&[cfg.id.as_str()])
+            .set(i64::from(busy));
+        pending += i64::from(s.is_some_and(|s| s.state == orders::SaleState::Pending));
+        undelivered += i64::from(s.is_some_and(|s| s.is_paid_undelivered()));
+        due += i64::from(s.is_some_and(|s| attention(s) == Some("refund_due")));
+        if view.state.presence.is_offline() {
+            offline += 1;
+        } else {
+            online += 1;
+        }
+    }
+    m.sales_pending.set(pending);
+    m.sales_paid_undelivered.set(undelivered);
+    m.sales_refund_due.set(due);
+    m.devices_online.set(online);
+    m.devices_offline.set(offline);
+    m.mqtt_connected.set(i64::from(admin.link.ready()));
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(m.render())
+}
+
+pub async fn pos(req: HttpRequest, admin: web::Data<Admin>) -> HttpResponse {
+    if let Err(r) = admin.auth.check(&req, false) {
+        return r;
+    }
+    let now = now_millis();
+    let mut configs: Vec<_> = admin.gateway.pos_configs().collect();
+    configs.sort_by(|a, b| a.id.cmp(&b.id));
+    let (mut pending, mut undelivered, mut due) = (0, 0, 0);
+    let list: Vec<Value> = configs
+        .iter()
+        .filter_map(|cfg| {
+            let view = admin.gateway.view(&cfg.id)?;
+            let sale = view.state.current.as_ref();
+            if let Some(s) = sale {
+                pending += usize::from(s.state == orders::SaleState::Pending);
+                match attention(s) {
+                    Some("refund_due") => due += 1,
+                    Some(_) => undelivered += 1,
+                    None => {}
+                }
+            }
+            let (online, since) = match view.state.presence {
+                Presence::Unknown => (true, None),
+                Presence::Online { since } => (true, Some(since)),
+                Presence::Offline { since } => (false, Some(since)),
+            };
+            Some(json!({
+                "id": cfg.id,
+                "kind": cfg.kind.as_str(),
+                "mode": match cfg.mode { PosMode::Attended => "attended", PosMode::Unattended(_) => "unattended" },
+                "online": online,
+                "since": since,
+                "sale": sale.map(|s| summary(s, now)),
+            }))
+        })
+        .collect();
+    HttpResponse::Ok().json(json!({
+        "counts": {"pending": pending, "paid_undelivered": undelivered, "refund_due": due},
+        "timezone": admin.timezone.name(),
+        "pos": list,
+    }))
+}
+
+#[derive(Deserialize)]
+pub struct SalesQuery {
+    pos: Option<String>,
+    state: Option<String>,
+    since: Option<String>,
+    limit: Option<usize>,
+}
+
+pub async fn sales(
+    req: HttpRequest,
+    q: web::Query<SalesQuery>,
+    admin: web::Data<Admin>,
+) -> HttpResponse {
+    if let Err(r) = admin.auth.check(&req, false) {
+        return r;
+    }
+    let q = q.into_inner();
+    let since = match q.since.as_deref().filter(|s| !s.is_empty()) {
+        None => None,
+        Some(s) => match s.parse::<i64>().ok().or_else(|| {
+            chrono::DateTime::parse_from_rfc3339(s)
+                .ok()
+                .map(|d| d.timestamp_millis())
+        }) {
+            Some(v) => Some(v),
+            None => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_query",
+                    "since must be unix milliseconds or an RFC 3339 time",
+                )
+            }
+        },
+    };
+    let filter = SaleFilter {
+        pos: q.pos.filter(|s| !s.is_empty()),
+        state: q.state.filter(|s| !s.is_empty()),
+        since,
+        limit: q.limit.unwrap_or(50).clamp(1, 1000),
+    };
+    match admin.gateway.store().sales(filter).await {
+        Ok(list) => {
+            let now = now_millis();
+            HttpResponse::Ok().json(json!({
+                "sales": list.iter().map(|s| summary(s, now)).collect::<Vec<_>>(),
+            }))
+        }
+        Err(e) => internal(e),
+    }
+}
+
+/// A sale with its timeline and the merchant orders seen for it.
+pub async fn sale_detail(
+    admin: &Admin,
+    reference: &ExternalReference,
+) -> Result<Option<Value>, HttpResponse> {
+    let Some(sale) = admin.gateway.find_sale(reference).await.map_err(internal)? else {
+        return Ok(None);
+    };
+    let store = admin.gateway.store();
+    let timeline = store.timeline(reference).await.map_err(internal)?;
+    let seen = store
+        .merchant_orders_of(reference)
+        .await
+        .map_err(internal)?;
+    let tz = admin.timezone;
+    let local = |ms: i64| {
+        chrono::DateTime::from_timestamp_millis(ms).map(|d| {
+            d.with_timezone(&tz)
+                .format("%Y-%m-%d %H:%M:%S %Z")
+                .to_string()
+        })
+    };
+    Ok(Some(json!({
+        "sale": sale,
+        "summary": summary(&sale, now_millis()),
+        "refundable": orders::refundable(&sale, None).ok().map(|v| money(&sale, v)),
+        "timezone": tz.name(),
+        "timeline": timeline.iter().map(|(at, event, detail)| json!({
+            "at": at,
+            "local": local(*at),
+            "event": event,
+            "detail": serde_json::from_str::<Value>(detail).unwrap_or(Value::Null),
+        })).collect::<Vec<_>>(),
+        "merchant_orders": seen.iter().map(|mo| json!({
+            "id": mo.id,
+            "status": mo.status,
+            "seen_at": mo.seen_at,
+            "local": local(mo.seen_at),
+            "payments": mo.payments.iter().map(|p| json!({
+                "id": p.id, "status": p.status, "amount": p.amount, "currency": p.currency,
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    })))
+}
+
+pub async fn sale(
+    req: HttpRequest,
+    path: web::Path<String>,
+    admin: web::Data<Admin>,
+) -> HttpResponse {
+    if let Err(r) = admin.auth.check(&req, false) {
+        return r;
+    }
+    let reference = match parse_reference(&path) {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    match sale_detail(&admin, &reference).await {
+        Ok(Some(v)) => HttpResponse::Ok().json(v),
+        Ok(None) => error(StatusCode::NOT_FOUND, "unknown_sale", "no such sale"),
+        Err(r) => r,
+    }
+}
+
+pub async fn cancel(
+    req: HttpRequest,
+    path: web::Path<String>,
+    admin: web::Data<Admin>,
+) -> HttpResponse {
+    let by = match admin.auth.check(&req, true) {
+        Ok(by) => by,
+        Err(r) => return r,
+    };
+    let reference = match parse_reference(&path) {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    let Some(pos) = reference.pos_id() else {
+        return error(StatusCode::NOT_FOUND, "unknown_sale", "no such sale");
+    };
+    let cmd = Command::CancelByOperator {
+        reference: reference.clone(),
+        by: by.to_owned(),
+    };
+    match admin.gateway.execute(&pos, cmd).await {
+        Ok(Outcome::Changed { sale, .. }) => {
+            HttpResponse::Ok().json(json!({"sale": summary(&sale, now_millis())}))
+        }
+        Ok(Outcome::Rejected {
+            why: Rejection::NotCancellable { state },
+            ..
+        }) => error(
+            StatusCode::CONFLICT,
+            "not_cancellable",
+            &format!(
+                "the sale is {} and can no longer be cancelled",
+                state.as_str()
+            ),
+        ),
+        Ok(_) => match admin.gateway.find_sale(&reference).await {
+            Ok(Some(s)) => error(
+                StatusCode::CONFLICT,
+                "not_cancellable",
+                &format!(
+                    "the sale is {} and is not its POS's current sale",
+                    s.state.as_str()
+                ),
+            ),
+            Ok(None) => error(StatusCode::NOT_FOUND, "unknown_sale", "no such sale"),
+            Err(e) => internal(e),
+        },
+        Err(crate::gateway::GatewayError::UnknownPos(_)) => {
+            error(StatusCode::NOT_FOUND, "unknown_sale", "no such sale")
+        }
+        Err(e) => internal(e),
+    }
+}
+
+#[derive(Deserialize)]
+struct RefundBody {
+    #[serde(default)]
+    amount: Option<Value>,
+}
+
+/// `None`: a full refund. Amounts may be sent as a string or a number;
+/// neither passes through a float.
+fn requested_amount(body: &[u8]) -> Result<Option<Decimal>, &'static str> {
+    let text = std::str::from_utf8(body)
+        .map_err(|_| "the body is not UTF-8")?
+        .trim();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    let b: RefundBody = serde_json::from_str(text)
+        .map_err(|_| "the body must be {\"amount\": \"10.50\"} or empty")?;
+    match b.amount {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Decimal::from_str(s.trim())
+            .map(Some)
+            .map_err(|_| "amount is not a number"),
+        Some(Value::Number(n)) => Decimal::from_str(&n.to_string())
+            .or_else(|_| Decimal::from_scientific(&n.to_string()))
+            .map(Some)
+            .map_err(|_| "amount is not a number"),
+        Some(_) => Err("amount must be a string like \"10.50\""),
+    }
+}
+
+pub async fn refund(
+    req: HttpRequest,
+    path: web::Path<String>,
+    body: web::Bytes,
+    admin: web::Data<Admin>,
+) -> HttpResponse {
+    let by = match admin.auth.check(&req, true) {
+        Ok(by) => by,
+        Err(r) => return r,
+    };
+    let reference = match parse_reference(&path) {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    let asked = match requested_amount(&body) {
+        Ok(a) => a,
+        Err(m) => return error(StatusCode::BAD_REQUEST, "bad_request", m),
+    };
+    let given_key = req
+        .headers()
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|k| !k.is_empty() && k.len() <= 128);
+    let (slot_key, keep) = match given_key {
+        Some(k) => (format!("key {reference} {k}"), KEY_WINDOW),
+        None => (
+            format!(
+                "repeat {reference} {}",
+                asked.map_or_else(|| "full".to_owned(), |a| a.normalize().to_string())
+            ),
+            REPEAT_WINDOW,
+        ),
+    };
+    let slot = admin.refunds.slot(slot_key.clone(), keep);
+    let answer = slot
+        .get_or_init(|| make_refund(&admin, &reference, asked, by))
+        .await
+        .clone();
+    // A failure that may pass is not kept: the operator may try again.
+    if answer.0 >= 500 {
+        admin.refunds.forget(&slot_key);
+    }
+    reply(answer)
+}
+
+async fn make_refund(
+    admin: &Admin,
+    reference: &ExternalReference,
+    asked: Option<Decimal>,
+    by: &str,
+) -> Answer {
+    let _one = admin.refunds.one_at_a_time.lock().await;
+    let metrics = admin.gateway.metrics();
+    let sale = match admin.gateway.find_sale(reference).await {
+        Ok(Some(s)) => s,
+        Ok(None) => return fail(404, "unknown_sale", "no such sale"),
+        Err(e) => return fail(500, "internal_error", &e.to_string()),
+    };
+    let amount = match orders::refundable(&sale, asked) {
+        Ok(a) => a,
+        Err(why) => {
+            let status = match why {
+                orders::RefundRefusal::ExceedsPaid { .. } => 422,
+                orders::RefundRefusal::NotPaid { .. } => 409,
+                orders::RefundRefusal::BadAmount(_) => 400,
+            };
+            return fail(status, why.code(), &why.to_string());
+        }
+    };
+    let Some(settled) = sale.settled.clone() else {
+        return fail(409, "not_refundable", "the sale has no payment");
+    };
+    let left = settled.paid - sale.refunded_total();
+    // All that is left goes as a full refund: an empty body.
+    let part = (amount < left).then(|| money(&sale, amount));
+    let key = format!(
+        "qrgate-oprefund-{}-{}-{}",
+        reference,
+        sale.operator_refunds.len() + 1,
+        money(&sale, amount)
+    );
+    let order = sale.mp_order.clone().or(match &settled.merchant_order {
+        MpId::Text(t) => Some(t.clone()),
+        MpId::Num(_) => None,
+    });
+    let made = match (&settled.payment_id, order) {
+        (MpId::Num(p), _) => admin
+            .client
+            .refund_amount(*p, part.as_deref(), &key)
+            .await
+            .map(MpId::Num),
+        (MpId::Text(p), Some(order)) => {
+            admin
+                .client
+                .refund_order_amount(&order, part.as_deref().map(|a| (p.as_str(), a)), &key)
+                .await
+        }
+        (MpId::Text(p), None) => {
+            return fail(
+                409,
+                "not_refundable",
+                &format!("payment {p} has no order to refund"),
+            )
+        }
+    };
+    let refund_id = match made {
+        Ok(id) => id,
+        Err(e) => {
+            metrics
+                .refunds
+                .with_label_values(&["operator", "error"])
+                .inc();
+            tracing::error!(pos = %sale.pos, sale_id = %sale.sale_id, external_reference = %reference,
+                payment = %settled.payment_id, amount = %amount, by, error = %e, "operator refund failed at Mercado Pago");
+            let status = if e.is_transient() { 502 } else { 409 };
+            return fail(
+                status,
+                "mp_refund_failed",
+                &format!("Mercado Pago did not refund: {e}"),
+            );
+        }
+    };
+    metrics.refunds.with_label_values(&["operator", "ok"]).inc();
+    let refund = OperatorRefund {
+        refund_id: refund_id.clone(),
+        payment_id: settled.payment_id.clone(),
+        amount,
+        at: now_millis(),
+        by: by.to_owned(),
+    };
+    match admin
+        .gateway
+        .record_operator_refund(reference, refund)
+        .await
+    {
+        Ok(Ok(sale)) => (
+            200,
+            json!({
+                "external_reference": reference,
+                "refund_id": refund_id,
+                "amount": money(&sale, amount),
+                "refunded_total": money(&sale, sale.refunded_total()),
+                "state": sale.state.as_str(),
+            }),
+        ),
+        Ok(Err(why)) => fail(409, why.code(), &why.to_string()),
+        Err(e) => {
+            tracing::error!(external_reference = %reference, refund = %refund_id, error = %e,
+                "operator refund made at Mercado Pago but not recorded");
+            fail(
+                500,
+                "internal_error",
+                "the refund was made but could not be recorded; see the log",
+            )
+        }
+    }
+}
+
+#[derive(Deserialize)]
+pub struct EventsQuery {
+    pos: Option<String>,
+}
+
+#[derive(Serialize)]
+struct Lagged {
+    missed: u64,
+}
+
+/// Server-sent events: one `data:` line per operator event; `event:
+/// lagged` when this client fell behind and missed some.
+pub async fn events(
+    req: HttpRequest,
+    q: web::Query<EventsQuery>,
+    admin: web::Data<Admin>,
+) -> HttpResponse {
+    if let Err(r) = admin.auth.check(&req, false) {
+        return r;
+    }
+    use tokio::sync::broadcast::error::RecvError;
+    let rx = admin.gateway.events().subscribe();
+    let pos = q.into_inner().pos.filter(|p| !p.is_empty());
+    let shutdown = admin.shutdown.clone();
+    let first = web::Bytes::from_static(b": connected\n\n");
+    let stream = futures_util::stream::unfold(
+        (Some(first), rx, shutdown, pos),
+        |(first, mut rx, shutdown, pos)| async move {
+            if let Some(b) = first {
+                return Some((Ok::<_, actix_web::Error>(b), (None, rx, shutdown, pos)));
+            }
+            loop {
+                let got = tokio::select! {
+                    _ = shutdown.cancelled() => return None,
+                    _ = tokio::time::sleep(Duration::from_secs(15)) => {
+                        return Some((Ok(web::Bytes::from_static(b": keep-alive\n\n")), (None, rx, shutdown, pos)));
+                    }
+                    r = rx.recv() => r,
+                };
+                let chunk = match got {
+                    Ok(ev) => {
+                        if pos.as_deref().is_some_and(|p| p != ev.pos) {
+                            continue;
+                        }
+                        format!(
+                            "data: {}\n\n",
+                            serde_json::to_string(&*ev).unwrap_or_default()
+                        )
+                    }
+                    Err(RecvError::Lagged(missed)) => format!(
+                        "event: lagged\ndata: {}\n\n",
+                        serde_json::to_string(&Lagged { missed }).unwrap_or_default()
+                    ),
+                    Err(RecvError::Closed) => return None,
+                };
+                return Some((Ok(web::Bytes::from(chunk)), (None, rx, shutdown, pos)));
+            }
+        },
+    );
+    HttpResponse::Ok()
+        .content_type("text/event-stream")
+        .insert_header(("Cache-Control", "no-cache"))
+        .insert_header(("X-Accel-Buffering", "no"))
+        .streaming(stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refund_amounts_are_read_without_floats() {
+        assert_eq!(requested_amount(b""), Ok(None));
+        assert_eq!(requested_amount(b"{}"), Ok(None));
+        assert_eq!(
+            requested_amount(br#"{"amount":"10.50"}"#),
+            Ok(Some(Decimal::from_str("10.50").unwrap()))
+        );
+        assert_eq!(
+            requested_amount(br#"{"amount":10.5}"#),
+            Ok(Some(Decimal::from_str("10.5").unwrap()))
+        );
+        assert!(requested_amount(br#"{"amount":[1]}"#).is_err());
+        assert!(requested_amount(b"ten").is_err());
+    }
+}

@@ -1,0 +1,85 @@
+// qrgate console: live POS table and event feed over SSE, and the sale
+// page's cancel and refund buttons. Uses only the admin API.
+"use strict";
+const csrf = document.querySelector('meta[name="csrf-token"]').content;
+const tz = document.querySelector('meta[name="timezone"]').content;
+const main = document.querySelector("main");
+const fmt = ms => ms ? new Date(ms).toLocaleString(undefined, {timeZone: tz}) : "";
+const age = s => s < 60 ? s + " s" : s < 3600 ? Math.floor(s / 60) + " min" : Math.floor(s / 3600) + " h";
+function el(tag, text, cls) { const e = document.createElement(tag); if (text !== undefined) e.textContent = text; if (cls) e.className = cls; return e; }
+
+async function refreshPos() {
+  const r = await fetch("/api/pos", {credentials: "same-origin"});
+  if (!r.ok) return;
+  const data = await r.json();
+  for (const k of ["pending", "paid_undelivered", "refund_due"]) document.getElementById("count-" + k).textContent = data.counts[k];
+  const body = document.querySelector("#pos tbody");
+  body.replaceChildren();
+  const sel = document.getElementById("feed-pos");
+  for (const p of data.pos) {
+    const tr = el("tr"); tr.id = "pos-" + p.id; tr.dataset.pos = p.id;
+    tr.append(el("td", p.id), el("td", p.kind + (p.mode === "attended" ? " (attended)" : "")));
+    tr.append(el("td", (p.online ? "online" : "offline") + (p.since ? " since " + fmt(p.since) : ""), p.online ? "" : "offline"));
+    const s = p.sale;
+    const state = s ? (s.attention || s.state) : "idle";
+    const td = el("td", "", "state " + state);
+    if (s) { const a = el("a", state); a.href = "/sales/" + s.external_reference; td.append(a); } else td.textContent = "idle";
+    td.dataset.state = state;
+    tr.append(td, el("td", s && s.amount ? s.amount + " " + s.currency : ""), el("td", s ? age(s.age_secs) : ""));
+    body.append(tr);
+    if (![...sel.options].some(o => o.value === p.id)) { const o = el("option", p.id); o.value = p.id; sel.append(o); }
+  }
+}
+
+let pending = null;
+function soon() { if (!pending) pending = setTimeout(() => { pending = null; refreshPos(); }, 200); }
+
+function feed(ev) {
+  const list = document.getElementById("feed");
+  const li = el("li", fmt(ev.at) + "  " + ev.pos + "  " + ev.kind + ": " + ev.detail);
+  li.dataset.pos = ev.pos;
+  const f = document.getElementById("feed-pos").value;
+  if (f && f !== ev.pos) li.hidden = true;
+  list.prepend(li);
+  while (list.children.length > 200) list.lastChild.remove();
+}
+
+function live(onEvent) {
+  const src = new EventSource("/api/events");
+  const mark = document.getElementById("live");
+  src.onopen = () => { if (mark) { mark.textContent = "live"; mark.className = "on"; } };
+  src.onerror = () => { if (mark) { mark.textContent = "reconnecting"; mark.className = "off"; } };
+  src.onmessage = m => onEvent(JSON.parse(m.data));
+  src.addEventListener("lagged", () => onEvent(null));
+}
+
+async function act(path, body) {
+  const out = document.getElementById("action-result");
+  const r = await fetch(path, {method: "POST", credentials: "same-origin",
+    headers: {"Content-Type": "application/json", "X-CSRF-Token": csrf, "Idempotency-Key": crypto.randomUUID ? crypto.randomUUID() : String(Date.now()) + Math.random()},
+    body: body ? JSON.stringify(body) : ""});
+  const data = await r.json().catch(() => ({}));
+  out.textContent = r.ok ? "Done." : (data.message || ("failed: " + r.status));
+  out.className = r.ok ? "" : "error";
+  if (r.ok) setTimeout(() => location.reload(), 300);
+}
+
+if (main.dataset.page === "index") {
+  document.getElementById("feed-pos").onchange = e => {
+    for (const li of document.getElementById("feed").children) li.hidden = !!e.target.value && li.dataset.pos !== e.target.value;
+  };
+  refreshPos();
+  live(ev => { if (ev) feed(ev); soon(); });
+} else if (main.dataset.page === "sale") {
+  const ref = main.dataset.reference;
+  const cancel = document.getElementById("cancel");
+  if (cancel) cancel.onclick = () => { if (confirm("Cancel sale " + ref + "?")) act("/api/sales/" + ref + "/cancel"); };
+  const form = document.getElementById("refund-form");
+  if (form) form.onsubmit = e => {
+    e.preventDefault();
+    const amount = document.getElementById("refund-amount").value.trim();
+    const what = amount ? amount : "all that is left";
+    if (confirm("Refund " + what + " of sale " + ref + " to the customer?")) act("/api/sales/" + ref + "/refund", amount ? {amount} : null);
+  };
+  live(ev => { if (ev && ev.external_reference === ref) setTimeout(() => location.reload(), 300); });
+}

@@ -1,0 +1,92 @@
+//! The operator's side, on its own listener (`[admin] listen`), never the
+//! public one: the console page (`page`), the admin API (`api`) and
+//! `/metrics`. Who may use it (`auth`): with `QRGATE_ADMIN_TOKEN` set, a
+//! bearer header for API clients, or a session cookie from the login form
+//! for the page, whose state-changing calls also carry the session's CSRF
+//! token; without a token (loopback only, checked at start) the page gets
+//! a session at once, and non-browser clients need nothing.
+
+pub mod api;
+pub mod auth;
+pub mod page;
+
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::{web, HttpServer};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::AdminConfig;
+use crate::gateway::Gateway;
+use crate::mercadopago::client::MpClient;
+use crate::mqtt::connection::LinkState;
+
+/// What the admin handlers share.
+pub struct Admin {
+    pub gateway: Arc<Gateway>,
+    pub client: MpClient,
+    pub link: Arc<LinkState>,
+    pub timezone: chrono_tz::Tz,
+    pub auth: auth::Auth,
+    pub refunds: api::RefundDesk,
+    pub shutdown: CancellationToken,
+}
+
+/// Starts the admin server on a listener bound by the caller.
+pub fn serve(
+    cfg: &AdminConfig,
+    listener: TcpListener,
+    gateway: Arc<Gateway>,
+    client: MpClient,
+    link: Arc<LinkState>,
+    shutdown: CancellationToken,
+) -> std::io::Result<actix_web::dev::Server> {
+    let admin = web::Data::new(Admin {
+        gateway,
+        client,
+        link,
+        timezone: cfg.timezone,
+        auth: auth::Auth::new(cfg.token.clone()),
+        refunds: api::RefundDesk::default(),
+        shutdown,
+    });
+    Ok(HttpServer::new(move || {
+        actix_web::App::new()
+            .wrap(
+                actix_web::middleware::ErrorHandlers::new()
+                    .default_handler(crate::http::json_errors),
+            )
+            .app_data(admin.clone())
+            .configure(routes)
+    })
+    .workers(1)
+    .disable_signals()
+    .shutdown_timeout(2)
+    .client_request_timeout(Duration::from_secs(5))
+    .listen(listener)?
+    .run())
+}
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.app_data(web::PayloadConfig::new(crate::http::MAX_BODY))
+        .route("/", web::get().to(page::index))
+        .route("/login", web::post().to(page::login))
+        .route("/sales/{reference}", web::get().to(page::sale))
+        .route("/assets/console.css", web::get().to(page::css))
+        .route("/assets/console.js", web::get().to(page::js))
+        .route("/metrics", web::get().to(api::metrics))
+        .route("/api/pos", web::get().to(api::pos))
+        .route("/api/sales", web::get().to(api::sales))
+        .route("/api/sales/{reference}", web::get().to(api::sale))
+        .route("/api/sales/{reference}/cancel", web::post().to(api::cancel))
+        .route("/api/sales/{reference}/refund", web::post().to(api::refund))
+        .route("/api/events", web::get().to(api::events))
+        .default_service(web::to(|| async {
+            crate::http::error(
+                actix_web::http::StatusCode::NOT_FOUND,
+                "not_found",
+                "no such endpoint",
+            )
+        }));
+}

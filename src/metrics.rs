@@ -1,0 +1,282 @@
+//! Prometheus metrics, one registry per app (tests run many apps in one
+//! process). Counters on hot paths are resolved once, at start, so a poll
+//! costs an atomic increment and a histogram observation, no allocation
+//! and no label lookup. Gauges that describe the book (pending sales,
+//! devices online, MQTT link) are read from it when scraped.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// The poll answers counted without a label lookup.
+const POLL_ANSWERS: [&str; 6] = [
+    "ok",
+    "unavailable",
+    "in_process",
+    "invalid",
+    "timeout",
+    "nothing_to_pay",
+];
+
+pub struct Metrics {
+    registry: Registry,
+    polls: IntCounterVec,
+    poll_by_answer: [IntCounter; 6],
+    pub poll_seconds: Histogram,
+    pub sales: IntCounterVec,
+    pub sale_events: IntCounterVec,
+    pub notifications: IntCounterVec,
+    pub mp_requests: IntCounterVec,
+    pub mp_seconds: HistogramVec,
+    pub reconcile_runs: IntCounter,
+    pub reconcile_closed: IntCounter,
+    pub refunds: IntCounterVec,
+    pub store_write_seconds: Histogram,
+    pub device_rejections: IntCounterVec,
+    // Read from the book at scrape time.
+    pub sales_pending: IntGauge,
+    pub sales_paid_undelivered: IntGauge,
+    pub sales_refund_due: IntGauge,
+    pub devices_online: IntGauge,
+    pub devices_offline: IntGauge,
+    pub mqtt_connected: IntGauge,
+    pub pos_busy: IntGaugeVec,
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("valid metric");
+    r.register(Box::new(g.clone())).expect("unique metric");
+    g
+}
+
+fn histogram(r: &Registry, name: &str, help: &str, buckets: &[f64]) -> Histogram {
+    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
+        .expect("valid metric");
+    r.register(Box::new(h.clone())).expect("unique metric");
+    h
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let r = Registry::new();
+        let polls = counter_vec(
+            &r,
+            "qrgate_polls_total",
+            "Polls of POS URLs by answer.",
+            &["answer"],
+        );
+        let poll_by_answer = POLL_ANSWERS.map(|a| polls.with_label_values(&[a]));
+        let mp_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "qrgate_mp_request_duration_seconds",
+                "Mercado Pago API calls' latency by endpoint.",
+            )
+            .buckets(vec![0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+            &["endpoint"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(mp_seconds.clone()))
+            .expect("unique metric");
+        let pos_busy = IntGaugeVec::new(
+            Opts::new(
+                "qrgate_pos_sale_busy",
+                "1 while a configured POS has a sale in_process or pending.",
+            ),
+            &["pos"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(pos_busy.clone()))
+            .expect("unique metric");
+        Metrics {
+            polls,
+            poll_by_answer,
+            poll_seconds: histogram(
+                &r,
+                "qrgate_poll_duration_seconds",
+                "Time to answer a poll.",
+                &[
+                    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1,
+                ],
+            ),
+            sales: counter_vec(
+                &r,
+                "qrgate_sales_total",
+                "Sales that ended, by outcome.",
+                &["outcome"],
+            ),
+            sale_events: counter_vec(
+                &r,
+                "qrgate_sale_events_total",
+                "Stored sale events, by event.",
+                &["event"],
+            ),
+            notifications: counter_vec(
+                &r,
+                "qrgate_notifications_total",
+                "Mercado Pago notifications, by result.",
+                &["result"],
+            ),
+            mp_requests: counter_vec(
+                &r,
+                "qrgate_mp_requests_total",
+                "Mercado Pago API calls, by endpoint and HTTP status (`error`: no answer).",
+                &["endpoint", "status"],
+            ),
+            mp_seconds,
+            reconcile_runs: counter(
+                &r,
+                "qrgate_reconciliation_runs_total",
+                "Searches of Mercado Pago for a served sale's payment.",
+            ),
+            reconcile_closed: counter(
+                &r,
+                "qrgate_reconciliation_closings_total",
+                "Sales paid or found owed back by reconciliation.",
+            ),
+            refunds: counter_vec(
+                &r,
+                "qrgate_refunds_total",
+                "Refunds asked of Mercado Pago, by who asked (`auto`, `operator`) and result.",
+                &["by", "result"],
+            ),
+            store_write_seconds: histogram(
+                &r,
+                "qrgate_store_write_duration_seconds",
+                "Time to durably write a sale's change.",
+                &[
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+                ],
+            ),
+            device_rejections: counter_vec(
+                &r,
+                "qrgate_device_rejections_total",
+                "Device messages refused, by reason.",
+                &["reason"],
+            ),
+            sales_pending: gauge(&r, "qrgate_sales_pending", "Sales pending payment now."),
+            sales_paid_undelivered: gauge(
+                &r,
+                "qrgate_sales_paid_undelivered",
+                "Current sales paid whose device has not confirmed delivery.",
+            ),
+            sales_refund_due: gauge(
+                &r,
+                "qrgate_sales_refund_due",
+                "Current sales with a payment owed back and not refunded.",
+            ),
+            devices_online: gauge(
+                &r,
+                "qrgate_devices_online",
+                "Configured POS whose device is online (or never spoke presence).",
+            ),
+            devices_offline: gauge(
+                &r,
+                "qrgate_devices_offline",
+                "Configured POS whose device said it is offline.",
+            ),
+            mqtt_connected: gauge(
+                &r,
+                "qrgate_mqtt_connected",
+                "1 while qrgate is connected and subscribed to the broker.",
+            ),
+            pos_busy,
+            registry: r,
+        }
+    }
+
+    /// The poll hot path: an atomic increment.
+    pub fn poll(&self, answer: &str) {
+        match POLL_ANSWERS.iter().position(|a| *a == answer) {
+            Some(i) => self.poll_by_answer[i].inc(),
+            None => self.polls.with_label_values(&[answer]).inc(),
+        }
+    }
+
+    /// One Mercado Pago call: `status` is the HTTP status, `None` when
+    /// no answer came.
+    pub fn mp_call(&self, path: &str, status: Option<u16>, seconds: f64) {
+        let endpoint = endpoint_of(path);
+        let status = status.map_or_else(|| "error".to_owned(), |s| s.to_string());
+        self.mp_requests
+            .with_label_values(&[&endpoint, &status])
+            .inc();
+        self.mp_seconds
+            .with_label_values(&[&endpoint])
+            .observe(seconds);
+    }
+
+    /// The text exposition.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+/// A bounded label for a Mercado Pago path: ids (any segment with a digit,
+/// but the API version) become `:id`, the query is dropped.
+pub fn endpoint_of(path: &str) -> String {
+    let path = path.split('?').next().unwrap_or("");
+    path.split('/')
+        .map(|seg| {
+            let version = seg.len() == 2 && seg.starts_with('v');
+            if !version && seg.bytes().any(|b| b.is_ascii_digit()) {
+                ":id"
+            } else {
+                seg
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mercado_pago_endpoints_are_labelled_without_their_ids() {
+        assert_eq!(endpoint_of("/merchant_orders/123"), "/merchant_orders/:id");
+        assert_eq!(
+            endpoint_of("/v1/orders/ORD01ABC/refund"),
+            "/v1/orders/:id/refund"
+        );
+        assert_eq!(
+            endpoint_of("/merchant_orders/search?external_reference=pump-1-x"),
+            "/merchant_orders/search"
+        );
+    }
+
+    #[test]
+    fn polls_are_counted_by_answer() {
+        let m = Metrics::new();
+        m.poll("ok");
+        m.poll("ok");
+        m.poll("weird");
+        let text = m.render();
+        assert!(
+            text.contains("qrgate_polls_total{answer=\"ok\"} 2"),
+            "{text}"
+        );
+        assert!(text.contains("qrgate_polls_total{answer=\"weird\"} 1"));
+    }
+}
