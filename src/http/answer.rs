@@ -138,12 +138,15 @@ pub fn render(pos: &PosConfig, state: &PosState, ctx: &OrderContext) -> PollAnsw
         },
         Some(_) => wait("in_process", "fuelling in progress: pay when it ends"),
         None if offline => wait("timeout", &format!("the {what} is offline")),
-        // v2 tells a paid sale apart until the POS's next sale (CONTRACT-NOTES).
+        // v2 tells a paid sale apart until the POS's next sale, refunded
+        // or not (CONTRACT-NOTES).
         None if protocol == PollProtocol::V2
-            && state
-                .current
-                .as_ref()
-                .is_some_and(|s| s.state == SaleState::Paid) =>
+            && state.current.as_ref().is_some_and(|s| {
+                matches!(
+                    s.state,
+                    SaleState::Paid | SaleState::Refunded | SaleState::PartiallyRefunded
+                )
+            }) =>
         {
             waiting_v2("nothing_to_pay", "this sale is paid")
         }

@@ -3,8 +3,8 @@
 //! through the instore and the legacy APIs. The device does the same in
 //! every dialect; only how Mercado Pago gets the order differs.
 //!
-//! Item 6 (refund from the POS side) needs the operator's refund action,
-//! which comes with the console (issue 8).
+//! Item 6 (refund from the POS side) is the operator's refund, through the
+//! console's admin API.
 
 use qrgate::config::{AttendedApi, Config};
 use qrgate::mercadopago::simulator::{NotifyMode, PaymentOutcome, Scan, ScannedOrder};
@@ -216,6 +216,30 @@ async fn checklist(d: Dialect) {
     assert_eq!(paid.amount.as_deref(), Some("3801.00"));
     device.delivered("1", true, None).await.unwrap();
     app.wait_event(&reference, "delivered").await;
+
+    // 6. Refund of the paid sale from the POS side (the operator's console).
+    let admin = app.admin.clone().expect("the console listens");
+    let r = reqwest::Client::new()
+        .post(format!("{admin}/api/sales/{reference}/refund"))
+        .header("Idempotency-Key", format!("checklist-{d:?}"))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(status, 200, "{d:?}: {v}");
+    assert_eq!(v["state"], "refunded", "{d:?}: {v}");
+    let refunded = state_of(&device, "1", "refunded").await;
+    assert_eq!(refunded.raw["refunded_total"], "3801.00", "{d:?}");
+    if d == Dialect::Orders {
+        let refunds = app.mp.order_refunds();
+        assert_eq!(refunds.len(), 1, "{refunds:?}");
+        assert_eq!(Some(refunds[0].order_id.clone()), retry.order_id);
+    } else {
+        let refunds = app.mp.refunds();
+        assert_eq!(refunds.len(), 1, "{refunds:?}");
+        assert_eq!(refunds[0].payment_id.to_string(), payment);
+    }
     // The sale is final: later scans wait again (v2 says there is nothing
     // left to pay until the next sale).
     if d == Dialect::V2 {
