@@ -56,6 +56,8 @@ enum BrokerChoice {
 struct Qrgate {
     child: Child,
     base: String,
+    /// The operator's console (`[admin] listen`).
+    admin: String,
     mqtt_port: u16,
     config: PathBuf,
     dir: PathBuf,
@@ -64,6 +66,7 @@ struct Qrgate {
 impl Qrgate {
     fn start(pos: usize, broker: &BrokerChoice, api_base: &str, dir: &Path) -> Result<Qrgate> {
         let http = free_port();
+        let admin = free_port();
         let mqtt = match broker {
             BrokerChoice::Embedded => free_port(),
             BrokerChoice::External(p) => *p,
@@ -94,8 +97,8 @@ path = "{db}"
 format = "json"
 filter = "info"
 [admin]
-# The console is on by default: measured with it on, on a port of its own.
-listen = "127.0.0.1:0"
+# The console is on by default: measured with it on.
+listen = "127.0.0.1:{admin}"
 "#,
             db = dir.join("qrgate.db").display()
         );
@@ -108,6 +111,7 @@ listen = "127.0.0.1:0"
         let q = Qrgate {
             child: Qrgate::spawn(&config, dir)?,
             base: format!("http://127.0.0.1:{http}"),
+            admin: format!("http://127.0.0.1:{admin}"),
             mqtt_port: mqtt,
             config,
             dir: dir.to_path_buf(),
@@ -403,6 +407,98 @@ async fn polls(sim: &Simulator, quick: bool) -> Result<Value> {
     let _ = floor.kill();
     let _ = floor.wait();
     Ok(Value::Array(rows))
+}
+
+/// Polls at 64 connections over 1,000 POS with and without a browser on the
+/// operator's console, while devices keep it busy (a sale started or
+/// cancelled every 10 ms): without, with, without again, in one run.
+async fn console_attached(sim: &Simulator, quick: bool) -> Result<Value> {
+    let dir = tempfile::tempdir()?;
+    let q = Qrgate::start(1000, &BrokerChoice::Embedded, &sim.base_url(), dir.path())?;
+    q.ready().await?;
+    let fleet = std::sync::Arc::new(Fleet::connect(q.mqtt_port, "bench-console").await?);
+    pending_sales(&fleet, (0..1000).step_by(2), "poll-").await?;
+    // The console's feed gets events: odd POS start and cancel sales.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let churn = {
+        let (fleet, stop) = (std::sync::Arc::clone(&fleet), std::sync::Arc::clone(&stop));
+        tokio::spawn(async move {
+            let mut k = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let pos = format!("p{}", 1 + 2 * (k % 500));
+                let sale = format!("c{}", k / 2);
+                let _ = if k.is_multiple_of(2) {
+                    fleet.sale(&pos, &sale).await
+                } else {
+                    fleet
+                        .send(
+                            &pos,
+                            "cancel",
+                            format!(r#"{{"sale_id":"c{}"}}"#, (k - 1) / 2),
+                        )
+                        .await
+                };
+                k += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    let secs = if quick { 3 } else { 8 };
+    let before = wrk(&q.base, 1000, 64, secs, dir.path())?;
+    // What the page asks of qrgate, without a browser's rendering on the
+    // same two cores: the event stream open, and the POS table fetched at
+    // most every 200 ms while events arrive (console.js).
+    let page_stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let page_load = {
+        let (admin, stop) = (q.admin.clone(), std::sync::Arc::clone(&page_stop));
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let events = http.get(format!("{admin}/api/events")).send().await;
+            let mut fetched = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(r) = http.get(format!("{admin}/api/pos")).send().await {
+                    let _ = r.bytes().await;
+                    fetched += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            drop(events);
+            fetched
+        })
+    };
+    let with_client = wrk(&q.base, 1000, 64, secs, dir.path())?;
+    page_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let fetched = page_load.await.unwrap_or(0);
+    let profile = dir.path().join("chromium");
+    let mut browser = Command::new(
+        ["chromium", "chromium-browser", "google-chrome"]
+            .into_iter()
+            .find(|b| Command::new(b).arg("--version").output().is_ok())
+            .ok_or_else(|| anyhow::anyhow!("chromium is not installed"))?,
+    )
+    .args([
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        &format!("--user-data-dir={}", profile.display()),
+        &format!("{}/", q.admin),
+    ])
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()?;
+    // Time to load the page and open its event stream.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let with = wrk(&q.base, 1000, 64, secs, dir.path())?;
+    let _ = browser.kill();
+    let _ = browser.wait();
+    let after = wrk(&q.base, 1000, 64, secs, dir.path())?;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = churn.await;
+    Ok(
+        json!({ "connections": 64, "without": before, "with_page_requests": with_client,
+        "pos_tables_fetched": fetched, "with_browser": with, "without_again": after }),
+    )
 }
 
 // ---------------------------------------------------------------------------
@@ -784,6 +880,26 @@ fn print_table(r: &Value) {
     );
     println!("| measure | qrgate | floor | qrgate/floor |");
     println!("|---|---|---|---|");
+    if let Some(c) = r.get("console").filter(|c| !c.is_null()) {
+        for (label, key) in [
+            ("no browser", "without"),
+            (
+                "the page's requests without a browser",
+                "with_page_requests",
+            ),
+            (
+                "a headless chromium on the console, same 2 cores",
+                "with_browser",
+            ),
+            ("no browser again", "without_again"),
+        ] {
+            println!(
+                "| polls/s and p99 ms at 64 conn, 1000 POS, devices busy, {label} | {} / {:.2} | | |",
+                c[key]["rps"],
+                c[key]["p99_ms"].as_f64().unwrap_or(0.0)
+            );
+        }
+    }
     for row in r["polls"].as_array().into_iter().flatten() {
         let c = &row["connections"];
         println!(
@@ -886,7 +1002,7 @@ async fn main() -> Result<()> {
     // 100,000-POS scale. Its numbers mean nothing.
     let smoke = mode == "smoke";
     if !matches!(mode, "all" | "quick" | "smoke") {
-        bail!("usage: qrgate-bench [all|quick|smoke] [--only PART] [--out FILE] [--mix-secs N] [--mix-broker embedded|mosquitto]");
+        bail!("usage: qrgate-bench [all|quick|smoke] [--only PART] [--out FILE] [--mix-secs N] [--mix-broker embedded|mosquitto]; PART: polls|servable|notify|scale|devices|mix|console");
     }
     let flag = |name: &str| {
         args.iter()
@@ -927,6 +1043,11 @@ async fn main() -> Result<()> {
     if run("polls") {
         eprintln!("polls vs floor...");
         r["polls"] = polls(&sim, quick).await?;
+    }
+    // Not in `all`: it needs chromium (`--only console`).
+    if only.as_deref() == Some("console") {
+        eprintln!("polls with a browser on the console...");
+        r["console"] = console_attached(&sim, quick).await?;
     }
     if run("servable") {
         eprintln!("sale to servable (embedded)...");
