@@ -376,6 +376,10 @@ async fn no_secret_reaches_the_logs_or_the_health_answers() {
     const DEVICE_PW: &str = "devpw-canary-9953";
     const WRONG_PW: &str = "wrongpw-canary-1064";
     const WEBHOOK: &str = "whsec-canary-2175";
+    const ADMIN: &str = "admin-canary-3286";
+    const WRONG_ADMIN: &str = "wrongadmin-canary-4397";
+    let admin_port = free_port();
+    let admin = format!("http://127.0.0.1:{admin_port}");
     let mp = Simulator::start(SimulatorConfig {
         access_token: TOKEN.into(),
         ..SimulatorConfig::default()
@@ -396,9 +400,27 @@ async fn no_secret_reaches_the_logs_or_the_health_answers() {
             env("QRGATE_MQTT__ALLOW_ANONYMOUS", "false"),
             env("QRGATE_LOG__FILTER", "debug"),
             env(qrgate::config::WEBHOOK_SECRET_ENV, WEBHOOK),
+            env(qrgate::config::ADMIN_TOKEN_ENV, ADMIN),
+            env("QRGATE_ADMIN__LISTEN", &format!("127.0.0.1:{admin_port}")),
         ],
     );
     gate.ready().await;
+    // The console: a wrong login, a wrong bearer, then the right one.
+    let http = reqwest::Client::new();
+    let login = http
+        .post(format!("{admin}/login"))
+        .form(&[("token", WRONG_ADMIN)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(login.status(), 401);
+    let api = |token: &'static str| {
+        http.get(format!("{admin}/api/pos"))
+            .bearer_auth(token)
+            .send()
+    };
+    assert_eq!(api(WRONG_ADMIN).await.unwrap().status(), 401);
+    assert_eq!(api(ADMIN).await.unwrap().status(), 200);
     let device = |pw: &str| {
         DeviceConfig::new("127.0.0.1", mqtt, "pump-1")
             .credentials("pump-1", pw)
@@ -453,7 +475,25 @@ async fn no_secret_reaches_the_logs_or_the_health_answers() {
     let log = std::fs::read_to_string(gate.dir.path().join("run1.log")).unwrap();
     assert!(log.contains("sale paid"), "the run was logged");
     assert!(log.contains("\"level\":\"DEBUG\""), "logged at debug");
-    for secret in [TOKEN, POLL_KEY, DEVICE_PW, WRONG_PW, WEBHOOK] {
+    let metrics = http
+        .get(format!("{admin}/metrics"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    answers.push_str(&metrics);
+    for secret in [
+        TOKEN,
+        POLL_KEY,
+        DEVICE_PW,
+        WRONG_PW,
+        WEBHOOK,
+        ADMIN,
+        WRONG_ADMIN,
+    ] {
         assert!(!log.contains(secret), "{secret} leaked into the log");
         assert!(
             !answers.contains(secret),
