@@ -39,7 +39,12 @@ async fn post(url: &str, token: Option<&str>, key: Option<&str>, body: &str) -> 
 }
 
 /// A fuel sale on pump-1, paid through the simulator; its reference.
-async fn paid_sale(app: &TestApp, pump: &qrgate_devices::Device, id: &str, price: &str) -> String {
+pub(crate) async fn paid_sale(
+    app: &TestApp,
+    pump: &qrgate_devices::Device,
+    id: &str,
+    price: &str,
+) -> String {
     pump.publish_sale(id, &fuel("1", price), None)
         .await
         .unwrap();
@@ -397,7 +402,7 @@ async fn metrics_parse_and_move_with_the_traffic() {
 
 /// Headless Chromium, or `None` (and a note) when it is not installed,
 /// unless QRGATE_REQUIRE_CHROMIUM=1 makes that a failure.
-fn chromium() -> Option<&'static str> {
+pub(crate) fn chromium() -> Option<&'static str> {
     for name in ["chromium", "chromium-browser", "google-chrome"] {
         let found = std::process::Command::new(name)
             .arg("--version")
@@ -469,7 +474,7 @@ async fn the_console_loads_in_a_real_browser_and_saves_a_screenshot() {
 
     let target = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
     std::fs::create_dir_all(&target).unwrap();
-    let png = target.join("console.png");
+    let png = target.join("console-smoke.png");
     let dom = browse(browser, &format!("{}/", admin(&app)), &png).await;
     // The browser got the page with its session's CSRF token; the rows are
     // filled by its script (see the screenshot: the dump is taken at load,

@@ -3,6 +3,7 @@
 
 mod admin;
 mod attended;
+mod browser;
 mod checklist;
 pub mod crash;
 mod durability;
