@@ -238,8 +238,6 @@ async fn log_in(b: &Browser, token: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fails on a real bug: the admin listener's json_errors (src/http/mod.rs) turns the \
-            401 login page for a wrong token into JSON; passes once text/html is kept"]
 async fn browser_login_refuses_a_wrong_token_and_the_right_one_opens_the_console() {
     let Some(b) = Browser::start().await else {
         return;
