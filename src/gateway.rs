@@ -424,6 +424,18 @@ impl Gateway {
         }
     }
 
+    /// A command the book refused: stored, logged and told to the device.
+    async fn refuse(&self, pos: &PosId, sale_id: Option<&orders::SaleId>, why: &orders::Rejection) {
+        self.reject(
+            pos,
+            sale_id.map(|s| s.as_str()),
+            why.code(),
+            &why.to_string(),
+            true,
+        )
+        .await;
+    }
+
     /// Makes a stored change visible: the view and the device's retained
     /// state.
     fn commit(&self, cfg: &PosConfig, presence: orders::Presence, sale: Sale, publish: bool) {
@@ -483,14 +495,7 @@ impl Gateway {
                             self.wake_refunds(sale);
                         }
                         Outcome::Rejected { sale_id, why } => {
-                            self.reject(
-                                pos,
-                                sale_id.as_ref().map(|s| s.as_str()),
-                                why.code(),
-                                &why.to_string(),
-                                true,
-                            )
-                            .await;
+                            self.refuse(pos, sale_id.as_ref(), why).await
                         }
                         _ => {}
                     }
@@ -525,16 +530,7 @@ impl Gateway {
                     self.publish_state(s);
                 }
             }
-            Outcome::Rejected { sale_id, why } => {
-                self.reject(
-                    pos,
-                    sale_id.as_ref().map(|s| s.as_str()),
-                    why.code(),
-                    &why.to_string(),
-                    true,
-                )
-                .await;
-            }
+            Outcome::Rejected { sale_id, why } => self.refuse(pos, sale_id.as_ref(), why).await,
             Outcome::Presence(p) => {
                 let said = if p.is_offline() {
                     "device offline"
