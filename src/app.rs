@@ -20,7 +20,7 @@ use crate::mercadopago::client::MpClient;
 use crate::mqtt::connection::{self, Endpoint, LinkState};
 use crate::mqtt::{broker, topics::Topics};
 use crate::orders::Command;
-use crate::settlement::{self, Settler};
+use crate::settlement::{self, Inbox, InboxSettings};
 use crate::store::{SqliteStore, Store};
 
 /// Two TLS stacks are linked (reqwest's and rumqttc's), so rustls cannot pick
@@ -32,7 +32,7 @@ pub fn install_crypto() {
 /// What HTTP handlers share.
 pub struct Shared {
     pub gateway: Arc<Gateway>,
-    pub settler: Settler,
+    pub inbox: Inbox,
     pub link: Arc<LinkState>,
     pub poll_keys: crate::config::PollKeys,
     pub limiter: crate::http::ratelimit::RateLimiter,
@@ -204,12 +204,25 @@ impl App {
         );
         let client =
             MpClient::new(&config.mercadopago)?.with_metrics(Arc::clone(gateway.metrics()));
-        let settler = settlement::spawn(
-            client.clone(),
+        // The inbox retries with its own backoff, across restarts: one
+        // attempt per fetch.
+        let inbox = settlement::spawn(
+            client
+                .clone()
+                .with_retry(crate::mercadopago::client::RetryPolicy {
+                    attempts: 1,
+                    ..Default::default()
+                }),
             Arc::clone(&gateway),
+            InboxSettings {
+                window: Duration::from_secs(config.orders.reconcile_window_secs),
+                retry_max: Duration::from_secs(config.orders.notification_retry_max_secs),
+            },
             shutdown.clone(),
             &tracker,
-        );
+        )
+        .await
+        .context("cannot read the notification inbox")?;
         tracker.spawn(crate::reconcile::run(
             client.clone(),
             Arc::clone(&gateway),
@@ -296,7 +309,7 @@ impl App {
 
         let shared = web::Data::new(Shared {
             gateway: Arc::clone(&gateway),
-            settler,
+            inbox,
             link: Arc::clone(&link),
             poll_keys: config.http.poll_keys.clone(),
             limiter: crate::http::ratelimit::RateLimiter::new(

@@ -193,6 +193,11 @@ pub struct OrdersConfig {
     pub paid_republish_secs: u64,
     /// Refund late payments and failed deliveries through the API.
     pub auto_refund: bool,
+    /// A paid sale is searched again this long after it was paid, once per
+    /// value, for payments Mercado Pago never notified.
+    pub recheck_after_secs: Vec<u64>,
+    /// The longest wait between two fetches of a notification that failed.
+    pub notification_retry_max_secs: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -349,6 +354,8 @@ struct RawOrders {
     reconcile_window_secs: u64,
     paid_republish_secs: u64,
     auto_refund: bool,
+    recheck_after_secs: Vec<u64>,
+    notification_retry_max_secs: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -450,6 +457,8 @@ fn defaults() -> RawConfig {
             reconcile_window_secs: 86_400,
             paid_republish_secs: 10,
             auto_refund: false,
+            recheck_after_secs: vec![600, 7200],
+            notification_retry_max_secs: 60,
         },
         store: RawStore {
             path: "qrgate.db".into(),
@@ -763,6 +772,26 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
     };
     if raw.orders.paid_republish_secs == 0 {
         bad("orders.paid_republish_secs", "must be at least 1".into());
+    }
+    if raw.orders.notification_retry_max_secs == 0 {
+        bad(
+            "orders.notification_retry_max_secs",
+            "must be at least 1".into(),
+        );
+    }
+    if raw.orders.recheck_after_secs.len() > 10
+        || raw.orders.recheck_after_secs.contains(&0)
+        || raw
+            .orders
+            .recheck_after_secs
+            .windows(2)
+            .any(|w| w[0] >= w[1])
+    {
+        bad(
+            "orders.recheck_after_secs",
+            "must be at most 10 growing numbers of seconds, each at least 1 (e.g. [600, 7200]; [] turns it off)"
+                .into(),
+        );
     }
     if raw.orders.reconcile_window_secs < raw.orders.reconcile_after_secs {
         bad(
@@ -1079,6 +1108,8 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
             reconcile_window_secs: raw.orders.reconcile_window_secs,
             paid_republish_secs: raw.orders.paid_republish_secs,
             auto_refund: raw.orders.auto_refund,
+            recheck_after_secs: raw.orders.recheck_after_secs,
+            notification_retry_max_secs: raw.orders.notification_retry_max_secs,
         },
         store: StoreConfig {
             path: PathBuf::from(raw.store.path),

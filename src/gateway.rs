@@ -20,7 +20,9 @@ use crate::http::answer::{self, OrderContext, PollAnswer};
 use crate::metrics::Metrics;
 use crate::mqtt::outbound;
 use crate::mqtt::topics::Topics;
-use crate::orders::settle::{check_payment, MerchantOrderFacts, PaymentStatus};
+use crate::orders::ledger::Refund;
+use crate::orders::sale::RefundReason;
+use crate::orders::settle::{MerchantOrderFacts, PaymentStatus};
 use crate::orders::{
     self, Command, Ctx, ExternalReference, Outcome, PosConfig, PosId, PosState, Sale, SaleEvent,
     UnixMillis,
@@ -72,9 +74,17 @@ pub enum AttendedJob {
 /// What became of a merchant order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Settlement {
-    Paid { reference: ExternalReference },
+    Paid {
+        reference: ExternalReference,
+    },
+    /// Approved payments the sale holds until it closes or ends.
+    Held {
+        reference: ExternalReference,
+    },
     Duplicate,
-    RefundDue { reference: ExternalReference },
+    RefundDue {
+        reference: ExternalReference,
+    },
     Refused(String),
 }
 
@@ -491,7 +501,7 @@ impl Gateway {
                     match &outcome {
                         Outcome::Changed { sale, event } => {
                             self.record(sale, event).await?;
-                            self.log_event(sale, event);
+                            self.log_event(Some(&older), sale, event);
                             self.wake_refunds(sale);
                         }
                         Outcome::Rejected { sale_id, why } => {
@@ -510,7 +520,7 @@ impl Gateway {
             Outcome::Rejected { .. } if from_operator => {}
             Outcome::Changed { sale, event } => {
                 self.record(sale, event).await?;
-                self.log_event(sale, event);
+                self.log_event(current.state.current.as_ref(), sale, event);
                 self.wake_refunds(sale);
                 // A failed delivery changes nothing the device must hear.
                 let publish =
@@ -559,53 +569,59 @@ impl Gateway {
         Ok(outcome)
     }
 
-    /// Settles one merchant order, fetched from Mercado Pago by the caller.
+    /// Settles one merchant order (or Orders API order), fetched from
+    /// Mercado Pago by the caller: its approved payments enter the sale's
+    /// ledger once each, and the ledger's rules decide what they pay.
+    /// `raw` is the merchant order's body as fetched, kept for audits;
+    /// `None` for facts that come from a payment resource alone.
     pub async fn settle(
         &self,
         facts: &MerchantOrderFacts,
-        raw: String,
+        raw: Option<String>,
         status: &str,
     ) -> Result<Settlement, GatewayError> {
         let reference_text = facts.external_reference.clone();
-        self.store
-            .record_merchant_order(MerchantOrderRecord {
-                id: facts.id.clone(),
-                external_reference: reference_text.clone(),
-                status: status.to_owned(),
-                body: raw,
-                seen_at: now_millis(),
-                payments: facts
-                    .payments
-                    .iter()
-                    .map(|p| PaymentRecord {
-                        id: p.id.clone(),
-                        status: match &p.status {
-                            PaymentStatus::Approved => "approved".to_owned(),
-                            PaymentStatus::Other(s) => s.clone(),
-                        },
-                        amount: p.amount.to_string(),
-                        currency: p.currency.clone(),
-                    })
-                    .collect(),
-            })
-            .await?;
-        let refuse = |why: String| {
+        if let Some(body) = raw {
+            self.store
+                .record_merchant_order(MerchantOrderRecord {
+                    id: facts.id.clone(),
+                    external_reference: reference_text.clone(),
+                    status: status.to_owned(),
+                    body,
+                    seen_at: now_millis(),
+                    payments: facts
+                        .payments
+                        .iter()
+                        .map(|p| PaymentRecord {
+                            id: p.id.clone(),
+                            status: match &p.status {
+                                PaymentStatus::Approved => "approved".to_owned(),
+                                PaymentStatus::Other(s) => s.clone(),
+                            },
+                            amount: p.amount.to_string(),
+                            currency: p.currency.clone(),
+                        })
+                        .collect(),
+                })
+                .await?;
+        }
+        let foreign = || {
             tracing::warn!(merchant_order = %facts.id, external_reference = reference_text.as_deref(),
-                reason = %why, "merchant order closes nothing");
-            Ok(Settlement::Refused(why))
+                reason = "foreign_reference", "merchant order is not for one of our sales; it pays nothing");
+            Ok(Settlement::Refused("foreign_reference".into()))
         };
         let Some(reference) = reference_text
             .as_deref()
             .and_then(|r| ExternalReference::parse(r).ok())
         else {
-            return refuse("external_reference is not one of ours".into());
+            return foreign();
         };
         let Some(locked) = self.lock_sale(&reference).await? else {
-            return refuse("external_reference is not one of ours".into());
+            return foreign();
         };
         let (pos, sale) = (locked.cfg.id.clone(), &locked.sale);
-        let payment = match check_payment(sale, facts, self.collector_id) {
-            Ok(p) => p,
+        let outcome = match orders::settle(sale, facts, self.collector_id, self.now()) {
+            Ok(o) => o,
             Err(why) => {
                 tracing::info!(pos = %pos, sale_id = %sale.sale_id, external_reference = %reference,
                     merchant_order = %facts.id, reason = why.code(), detail = %why, "merchant order closes nothing");
@@ -615,61 +631,45 @@ impl Gateway {
                     detail: format!("merchant order {} closes nothing: {why}", facts.id),
                     ..OpEvent::of_sale(sale, "notification", "")
                 });
-                // A rejected payment leaves the attended order for a retry,
-                // unless Mercado Pago dropped it: check, once per payment.
-                let rejected: Vec<orders::MpId> = facts
-                    .payments
-                    .iter()
-                    .filter(|p| matches!(&p.status, PaymentStatus::Other(s) if s == "rejected" || s == "failed"))
-                    .map(|p| p.id.clone())
-                    .collect();
-                let live = facts.payments.iter().any(|p| {
-                    p.status == PaymentStatus::Approved
-                        || matches!(&p.status, PaymentStatus::Other(s) if s == "in_process" || s == "pending")
-                });
-                if locked.is_current
-                    && !rejected.is_empty()
-                    && !live
-                    && sale.state == orders::SaleState::Pending
-                    && locked.cfg.mode == orders::PosMode::Attended
-                {
-                    if let Some(desk) = &self.attended {
-                        let _ = desk.send(AttendedJob::Check(sale.clone(), rejected));
-                    }
-                }
+                self.check_attended_order(&locked, facts);
                 return Ok(Settlement::Refused(why.code().to_owned()));
             }
         };
-        let outcome = orders::pay(sale, &payment, self.now());
         let Outcome::Changed {
             sale: changed,
             event,
         } = outcome
         else {
             tracing::info!(pos = %pos, sale_id = %sale.sale_id, external_reference = %reference,
-                merchant_order = %facts.id, payment = %payment.payment_id, "payment already recorded");
+                merchant_order = %facts.id, "payments already recorded");
             return Ok(Settlement::Duplicate);
         };
         match self.record(&changed, &event).await {
             Ok(()) => {}
-            Err(StoreError::AlreadyClosed(_) | StoreError::AlreadyDue(_)) => {
+            Err(StoreError::AlreadyClosed(_)) => {
                 tracing::info!(pos = %pos, external_reference = %reference, merchant_order = %facts.id,
-                    payment = %payment.payment_id, "payment already recorded (store)");
+                    "sale already closed (store)");
                 return Ok(Settlement::Duplicate);
+            }
+            Err(e @ StoreError::ForeignPayment { .. }) => {
+                tracing::error!(pos = %pos, external_reference = %reference, merchant_order = %facts.id,
+                    error = %e, "a payment reported for this sale is another sale's: nothing recorded");
+                return Ok(Settlement::Refused("foreign_payment".into()));
             }
             Err(e) => return Err(e.into()),
         }
-        self.log_event(&changed, &event);
+        self.log_event(Some(sale), &changed, &event);
+        self.wake_refunds(&changed);
         let settlement = match event {
             SaleEvent::Paid { .. } => Settlement::Paid {
                 reference: reference.clone(),
             },
-            _ => {
-                self.wake_refunds(&changed);
-                Settlement::RefundDue {
-                    reference: reference.clone(),
-                }
-            }
+            SaleEvent::PaymentHeld => Settlement::Held {
+                reference: reference.clone(),
+            },
+            _ => Settlement::RefundDue {
+                reference: reference.clone(),
+            },
         };
         // Money for a sale that is no longer payable tells the device nothing.
         let publish = matches!(settlement, Settlement::Paid { .. });
@@ -678,6 +678,32 @@ impl Gateway {
         }
         locked.show(self, changed, publish);
         Ok(settlement)
+    }
+
+    /// A rejected payment leaves the attended order for a retry, unless
+    /// Mercado Pago dropped it: the desk checks, once per payment.
+    fn check_attended_order(&self, locked: &Locked<'_>, facts: &MerchantOrderFacts) {
+        let sale = &locked.sale;
+        let rejected: Vec<orders::MpId> = facts
+            .payments
+            .iter()
+            .filter(|p| matches!(&p.status, PaymentStatus::Other(s) if s == "rejected" || s == "failed"))
+            .map(|p| p.id.clone())
+            .collect();
+        let live = facts.payments.iter().any(|p| {
+            p.status == PaymentStatus::Approved
+                || matches!(&p.status, PaymentStatus::Other(s) if s == "in_process" || s == "pending")
+        });
+        if locked.is_current
+            && !rejected.is_empty()
+            && !live
+            && sale.state == orders::SaleState::Pending
+            && locked.cfg.mode == orders::PosMode::Attended
+        {
+            if let Some(desk) = &self.attended {
+                let _ = desk.send(AttendedJob::Check(sale.clone(), rejected));
+            }
+        }
     }
 
     /// Finds a sale by reference and locks its POS: the current sale of
@@ -723,7 +749,7 @@ impl Gateway {
 
     /// Wakes the refunder when `sale` has a refund to make itself.
     fn wake_refunds(&self, sale: &Sale) {
-        if sale.refunds.iter().any(|r| r.auto && r.refunded.is_none()) {
+        if sale.ledger.owes_auto() {
             self.refunds_due.notify_one();
         }
     }
@@ -761,57 +787,29 @@ impl Gateway {
         self.send(p);
     }
 
-    /// Records that Mercado Pago refunded `payment_id` of a sale.
-    pub async fn record_refund(
+    /// Records refunds Mercado Pago made of a sale's payments (those not
+    /// recorded yet), and tells the device (`refunded`, retained) when they
+    /// returned what the sale kept and it is its POS's latest. `None` when
+    /// the sale is not ours; the sale as it is after, otherwise.
+    pub async fn record_refunds(
         &self,
         reference: &ExternalReference,
-        payment_id: &orders::MpId,
-        refund_id: orders::MpId,
-    ) -> Result<bool, GatewayError> {
+        made: &[(orders::MpId, Refund)],
+    ) -> Result<Option<Sale>, GatewayError> {
         let Some(locked) = self.lock_sale(reference).await? else {
-            return Ok(false);
+            return Ok(None);
         };
         let Some(Outcome::Changed { sale, event }) =
-            orders::book::refunded(&locked.sale, payment_id, refund_id, now_millis())
+            orders::record_refunds(&locked.sale, made, now_millis())
         else {
-            return Ok(false);
-        };
-        match self.record(&sale, &event).await {
-            Ok(()) => {}
-            Err(StoreError::AlreadyDue(_)) => return Ok(false),
-            Err(e) => return Err(e.into()),
-        }
-        self.log_event(&sale, &event);
-        locked.show(self, sale, false);
-        Ok(true)
-    }
-}
-
-impl Gateway {
-    /// Records a refund Mercado Pago made for the operator, and tells the
-    /// device (`refunded`, retained) when the sale is its POS's latest.
-    /// `Ok(Err(_))` when the rules refuse it (it raced another refund).
-    pub async fn record_operator_refund(
-        &self,
-        reference: &ExternalReference,
-        refund: orders::sale::OperatorRefund,
-    ) -> Result<Result<Sale, orders::RefundRefusal>, GatewayError> {
-        let Some(locked) = self.lock_sale(reference).await? else {
-            return Err(GatewayError::UnknownPos(reference.to_string()));
-        };
-        let (sale, event) = match orders::operator_refund(&locked.sale, refund) {
-            Ok(Outcome::Changed { sale, event }) => (sale, event),
-            Ok(_) => {
-                return Ok(Err(orders::RefundRefusal::NotPaid {
-                    state: locked.sale.state,
-                }))
-            }
-            Err(why) => return Ok(Err(why)),
+            return Ok(Some(locked.sale.clone()));
         };
         self.record(&sale, &event).await?;
-        self.log_event(&sale, &event);
-        locked.show(self, sale.clone(), true);
-        Ok(Ok(sale))
+        self.log_event(Some(&locked.sale), &sale, &event);
+        let publish = matches!(event, SaleEvent::RefundedByOperator { .. });
+        let after = sale.clone();
+        locked.show(self, sale, publish);
+        Ok(Some(after))
     }
 }
 
@@ -844,6 +842,8 @@ fn view(cfg: &PosConfig, state: PosState, ctx: &OrderContext) -> PosView {
 }
 
 /// One line per event that matters, with the fields operators search by.
+/// The ledger's own changes (payments held, money owed, refunds made) get
+/// their lines from [`ledger_lines`], one per payment.
 fn log_line(sale: &Sale, event: &SaleEvent) {
     let msg = event_message(sale, event);
     let pos = sale.pos.as_str();
@@ -861,23 +861,7 @@ fn log_line(sale: &Sale, event: &SaleEvent) {
             currency,
             "{msg}"
         ),
-        SaleEvent::Priced => tracing::info!(
-            pos,
-            sale_id,
-            external_reference = reference,
-            amount,
-            currency,
-            "{msg}"
-        ),
-        SaleEvent::Served => tracing::info!(
-            pos,
-            sale_id,
-            external_reference = reference,
-            amount,
-            currency,
-            "{msg}"
-        ),
-        SaleEvent::Placed => tracing::info!(
+        SaleEvent::Priced | SaleEvent::Served | SaleEvent::Placed => tracing::info!(
             pos,
             sale_id,
             external_reference = reference,
@@ -936,49 +920,16 @@ fn log_line(sale: &Sale, event: &SaleEvent) {
         SaleEvent::Expired => {
             tracing::info!(pos, sale_id, external_reference = reference, "{msg}")
         }
-        SaleEvent::Delivered { ok, reason } => {
-            if *ok {
-                tracing::info!(pos, sale_id, external_reference = reference, "{msg}");
-            } else {
-                tracing::error!(
-                    pos,
-                    sale_id,
-                    external_reference = reference,
-                    reason = reason.as_deref(),
-                    payment = sale.settled.as_ref().map(|p| p.payment_id.to_string()),
-                    auto_refund = sale.refunds.last().map(|r| r.auto),
-                    "{msg}"
-                );
-            }
+        SaleEvent::Delivered { ok: true, .. } => {
+            tracing::info!(pos, sale_id, external_reference = reference, "{msg}")
         }
-        SaleEvent::RefundDue => {
-            let r = sale.refunds.last();
-            tracing::error!(
-                pos,
-                sale_id,
-                external_reference = reference,
-                merchant_order = r.map(|r| r.merchant_order.to_string()),
-                payment = r.map(|r| r.payment_id.to_string()),
-                paid = r.map(|r| r.amount.to_string()),
-                state = sale.state.as_str(),
-                reason = r.map(|r| r.reason.as_str()),
-                auto_refund = r.map(|r| r.auto),
-                "{msg}"
-            );
-        }
-        SaleEvent::Refunded { payment_id } => {
-            let r = sale.refunds.iter().find(|r| &r.payment_id == payment_id);
-            tracing::info!(
-                pos,
-                sale_id,
-                external_reference = reference,
-                payment = %payment_id,
-                merchant_order = r.map(|r| r.merchant_order.to_string()),
-                refund = r.and_then(|r| r.refunded.as_ref()).map(|d| d.refund_id.to_string()),
-                amount = r.map(|r| r.amount.to_string()),
-                "{msg}"
-            );
-        }
+        SaleEvent::Delivered { ok: false, reason } => tracing::error!(
+            pos,
+            sale_id,
+            external_reference = reference,
+            reason = reason.as_deref(),
+            "{msg}"
+        ),
         SaleEvent::CancelledByOperator { by } => tracing::warn!(
             pos,
             sale_id,
@@ -995,11 +946,82 @@ fn log_line(sale: &Sale, event: &SaleEvent) {
             amount = %amount,
             refunded_total = %sale.refunded_total(),
             currency,
-            payment = sale.settled.as_ref().map(|s| s.payment_id.to_string()),
             state = sale.state.as_str(),
             "{msg}"
         ),
+        // Their lines are the ledger's, one per payment.
+        SaleEvent::PaymentHeld | SaleEvent::RefundDue | SaleEvent::Refunded { .. } => {}
     }
+}
+
+/// What an owed portion's log line says, by its reason.
+fn owed_message(reason: RefundReason) -> &'static str {
+    match reason {
+        RefundReason::LatePayment => "payment for a sale that was no longer payable: refund due",
+        RefundReason::DoublePayment => {
+            "payment the sale did not need (it was paid by another): refund due"
+        }
+        RefundReason::DeliveryFailed => "device failed to deliver a paid sale: payment refund due",
+        RefundReason::Overpayment => {
+            "payment carried more than the sale's total: the difference is owed back"
+        }
+    }
+}
+
+/// One line per payment the change touched: held, owed back, refunded.
+/// Returns the same facts as short texts, for the console's feed.
+fn ledger_lines(before: Option<&Sale>, sale: &Sale) -> Vec<String> {
+    let old = before.map(|s| &s.ledger);
+    let (pos, sale_id) = (sale.pos.as_str(), sale.sale_id.as_str());
+    let reference = sale.external_reference.as_str();
+    let currency = sale.currency.code();
+    let money = |v: rust_decimal::Decimal| crate::money::Amount::new(v, sale.currency).to_string();
+    let mut said = Vec::new();
+    for p in sale.ledger.payments() {
+        let prev = old.and_then(|l| l.get(&p.id));
+        let (payment, merchant_order) = (p.id.to_string(), p.merchant_order.to_string());
+        if prev.is_none() && p.held {
+            tracing::info!(pos, sale_id, external_reference = reference, merchant_order, payment,
+                amount = %money(p.amount), currency, "approved payment held until the sale closes or ends");
+            said.push(format!("payment {payment} ({}) held", money(p.amount)));
+        }
+        for o in p
+            .owed
+            .iter()
+            .filter(|o| o.is_open() && o.at == sale.updated_at)
+        {
+            if prev.is_some_and(|q| q.owed.iter().any(|x| x.at == o.at && x.reason == o.reason)) {
+                continue;
+            }
+            tracing::error!(pos, sale_id, external_reference = reference, merchant_order, payment,
+                amount = %money(o.amount), currency, reason = o.reason.as_str(), auto_refund = o.auto,
+                state = sale.state.as_str(), "{}", owed_message(o.reason));
+            said.push(format!(
+                "payment {payment}: {} {currency} owed back ({}{})",
+                money(o.amount),
+                o.reason.as_str(),
+                if o.auto {
+                    ", refunded by qrgate"
+                } else {
+                    ", for the operator"
+                }
+            ));
+        }
+        for r in &p.refunds {
+            if prev.is_some_and(|q| q.refunds.iter().any(|x| x.id == r.id)) {
+                continue;
+            }
+            let refund = r.id.to_string();
+            tracing::info!(pos, sale_id, external_reference = reference, merchant_order, payment, refund,
+                amount = %money(r.amount), currency, by = r.by.as_str(), "payment refunded");
+            said.push(format!(
+                "payment {payment}: {} {currency} refunded (refund {refund}, by {})",
+                money(r.amount),
+                r.by
+            ));
+        }
+    }
+    said
 }
 
 /// What the log line of a sale event says, and the console's feed with it.
@@ -1011,9 +1033,10 @@ fn event_message(sale: &Sale, event: &SaleEvent) -> &'static str {
         SaleEvent::Placed => "attended order placed at Mercado Pago: pending",
         SaleEvent::Refused { .. } => "Mercado Pago refused the attended order: sale rejected",
         SaleEvent::Paid { overpaid: true } => {
-            "sale paid with an overpayment: refund the difference"
+            "sale paid with an overpayment: the difference is owed back"
         }
         SaleEvent::Paid { overpaid: false } => "sale paid",
+        SaleEvent::PaymentHeld => "approved payment held until the sale closes or ends",
         SaleEvent::Cancelled if sale.served_at.is_some() => {
             "sale cancelled after it was served to Mercado Pago: a payment may still arrive"
         }
@@ -1023,18 +1046,19 @@ fn event_message(sale: &Sale, event: &SaleEvent) -> &'static str {
         SaleEvent::Delivered { ok: false, .. } => {
             "device failed to deliver a paid sale: refund due"
         }
-        SaleEvent::RefundDue => "payment for a sale that was no longer payable: refund due",
-        SaleEvent::Refunded { .. } => "payment refunded",
+        SaleEvent::RefundDue => "money the sale cannot keep: refund due",
+        SaleEvent::Refunded { .. } => "money owed back refunded",
         SaleEvent::CancelledByOperator { .. } => "sale cancelled by the operator",
         SaleEvent::RefundedByOperator { .. } => "sale refunded by the operator",
     }
 }
 
 impl Gateway {
-    /// One log line and one console event per stored sale event, saying
-    /// the same thing.
-    fn log_event(&self, sale: &Sale, event: &SaleEvent) {
+    /// The log lines and the console event of one stored sale event, saying
+    /// the same thing; `before` is the sale as it was, for the ledger's news.
+    fn log_event(&self, before: Option<&Sale>, sale: &Sale, event: &SaleEvent) {
         log_line(sale, event);
+        let news = ledger_lines(before, sale);
         let name = event.name();
         self.metrics.sale_events.with_label_values(&[name]).inc();
         let outcome = match event {
@@ -1076,6 +1100,10 @@ impl Gateway {
                 sale.refunded_total()
             )),
             _ => {}
+        }
+        if !news.is_empty() {
+            detail.push_str(": ");
+            detail.push_str(&news.join("; "));
         }
         self.events.emit(OpEvent::of_sale(sale, name, &detail));
     }

@@ -5,6 +5,11 @@
 //! minute, for `reconcile_window_secs`. What it finds is settled exactly like
 //! a notification, so a paid sale reaches `paid` and a late payment for a
 //! cancelled one becomes `refund_due`.
+//!
+//! A paid sale is searched again at `[orders] recheck_after_secs` after it
+//! was paid (about 10 minutes and 2 hours): a payment Mercado Pago never
+//! notified, such as a second scan paid later, is found there and owed
+//! back.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -15,7 +20,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::OrdersConfig;
 use crate::gateway::{now_millis, Gateway, Settlement};
 use crate::mercadopago::client::{MpClient, MpError};
-use crate::orders::{ExternalReference, UnixMillis};
+use crate::orders::settle::MerchantOrderFacts;
+use crate::orders::{ExternalReference, Sale, UnixMillis};
 
 /// How often a served sale is searched while it is fresh, and after.
 const FRESH_EVERY: i64 = 5_000;
@@ -23,6 +29,106 @@ const FRESH_FOR: i64 = 120_000;
 const LATER_EVERY: i64 = 60_000;
 /// Pause after a 429 that named no `Retry-After`.
 const RATE_LIMIT_PAUSE: i64 = 30_000;
+/// Paid sales searched again per round, at most.
+const RECHECKS_PER_ROUND: usize = 20;
+
+/// What Mercado Pago has for a sale: its Orders API order, or the merchant
+/// orders of its reference, each with its body and status.
+async fn search(
+    client: &MpClient,
+    gateway: &Gateway,
+    sale: &Sale,
+) -> Result<Vec<(MerchantOrderFacts, String, String)>, MpError> {
+    match &sale.mp_order {
+        Some(id) => client.order(id).await.map(|(order, raw)| {
+            let status = order.status.clone().unwrap_or_default();
+            order
+                .facts(gateway.collector_id(), sale.currency.code())
+                .map(|facts| (facts, raw, status))
+                .into_iter()
+                .collect()
+        }),
+        None => client
+            .search_merchant_orders(sale.external_reference.as_str())
+            .await
+            .map(|found| {
+                found
+                    .into_iter()
+                    .map(|(mo, raw)| (mo.facts(), raw, mo.status.unwrap_or_default()))
+                    .collect()
+            }),
+    }
+}
+
+/// Searches again the paid sales due: `Err` carries a rate limit's pause.
+async fn recheck_paid(
+    client: &MpClient,
+    gateway: &Gateway,
+    after_secs: &[u64],
+    now: UnixMillis,
+) -> Result<(), Option<std::time::Duration>> {
+    let store = gateway.store();
+    for (done, after) in after_secs.iter().enumerate() {
+        let done = done as u32;
+        let paid_before = now - (*after as i64).saturating_mul(1000);
+        let due = match store
+            .due_rechecks(done, paid_before, RECHECKS_PER_ROUND)
+            .await
+        {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the paid sales to search again");
+                return Ok(());
+            }
+        };
+        for r in due {
+            let last = done as usize + 1 >= after_secs.len();
+            let sale = match gateway.find_sale(&r.external_reference).await {
+                Ok(Some(s)) => s,
+                Ok(None) => {
+                    let _ = store
+                        .recheck_done(&r.external_reference, done + 1, true)
+                        .await;
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(external_reference = %r.external_reference, error = %e, "cannot read a paid sale");
+                    continue;
+                }
+            };
+            match search(client, gateway, &sale).await {
+                Ok(found) => {
+                    let mut owed = false;
+                    for (facts, raw, status) in found {
+                        match gateway.settle(&facts, Some(raw), &status).await {
+                            Ok(Settlement::RefundDue { .. }) => owed = true,
+                            Ok(_) => {}
+                            Err(e) => tracing::error!(external_reference = %r.external_reference,
+                                merchant_order = %facts.id, error = %e, "paid sale searched again: could not settle"),
+                        }
+                    }
+                    if owed {
+                        gateway.metrics().reconcile_closed.inc();
+                        tracing::warn!(pos = %sale.pos, sale_id = %sale.sale_id, external_reference = %r.external_reference,
+                            "a paid sale searched again had a payment nobody notified: owed back");
+                    }
+                    if let Err(e) = store
+                        .recheck_done(&r.external_reference, done + 1, last)
+                        .await
+                    {
+                        tracing::warn!(external_reference = %r.external_reference, error = %e, "cannot note a search of a paid sale");
+                    }
+                }
+                Err(MpError::RateLimited { retry_after }) => return Err(retry_after),
+                Err(e) => {
+                    tracing::warn!(external_reference = %r.external_reference, error = %e,
+                        "paid sale not searched again yet; tried later");
+                }
+            }
+        }
+    }
+    Ok(())
+}
 
 /// When a sale served at `served_at` is next due, given its last search.
 pub fn due(
@@ -86,32 +192,14 @@ pub async fn run(
             last.insert(reference.clone(), now);
             // An Orders API sale has its own order to look at; any other,
             // the merchant orders of its reference.
-            let found = match &sale.mp_order {
-                Some(id) => client.order(id).await.map(|(order, raw)| {
-                    let status = order.status.clone().unwrap_or_default();
-                    order
-                        .facts(gateway.collector_id(), sale.currency.code())
-                        .map(|facts| (facts, raw, status))
-                        .into_iter()
-                        .collect::<Vec<_>>()
-                }),
-                None => client
-                    .search_merchant_orders(reference.as_str())
-                    .await
-                    .map(|found| {
-                        found
-                            .into_iter()
-                            .map(|(mo, raw)| (mo.facts(), raw, mo.status.unwrap_or_default()))
-                            .collect()
-                    }),
-            };
+            let found = search(&client, &gateway, &sale).await;
             gateway.metrics().reconcile_runs.inc();
             match found {
                 Ok(found) => {
                     let count = found.len();
                     let mut outcomes = Vec::new();
                     for (facts, raw, status) in found {
-                        match gateway.settle(&facts, raw, &status).await {
+                        match gateway.settle(&facts, Some(raw), &status).await {
                             Ok(s) => outcomes.push(s),
                             Err(e) => {
                                 tracing::error!(external_reference = %reference, merchant_order = %facts.id,
@@ -148,6 +236,18 @@ pub async fn run(
                     tracing::warn!(external_reference = %reference, error = %e,
                         "reconciliation search failed; tried again later");
                 }
+            }
+        }
+        if now_millis() >= paused_until {
+            if let Err(retry_after) =
+                recheck_paid(&client, &gateway, &cfg.recheck_after_secs, now).await
+            {
+                let pause = retry_after.map_or(RATE_LIMIT_PAUSE, |d| d.as_millis() as i64);
+                tracing::warn!(
+                    pause_ms = pause,
+                    "Mercado Pago rate limits reconciliation; pausing it"
+                );
+                paused_until = now_millis() + pause;
             }
         }
     }

@@ -6,72 +6,22 @@
 // Helpers return the refusing response as their error: built once, sent as is.
 #![allow(clippy::result_large_err)]
 
-use std::collections::HashMap;
 use std::str::FromStr;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use tokio::sync::{Mutex, OnceCell};
 
 use super::Admin;
 use crate::gateway::now_millis;
 use crate::http::error;
-use crate::orders::sale::OperatorRefund;
 use crate::orders::{
-    self, Command, ExternalReference, MpId, Outcome, PosMode, Presence, Rejection, Sale,
+    self, Command, ExternalReference, Outcome, PosMode, Presence, Rejection, Sale,
 };
 use crate::store::SaleFilter;
-
-/// How long a repeat without an `Idempotency-Key` is answered from the first.
-const REPEAT_WINDOW: Duration = Duration::from_secs(60);
-/// How long an `Idempotency-Key`'s answer is kept.
-const KEY_WINDOW: Duration = Duration::from_secs(24 * 3600);
-
-type Answer = (u16, Value);
-
-/// When an answer was made, how long it is kept, and the answer.
-type Slot = (Instant, Duration, Arc<OnceCell<Answer>>);
-
-/// Operator refunds: one at a time (they are rare, and two at once could
-/// together exceed what was paid), each answer kept for its repeats.
-#[derive(Default)]
-pub struct RefundDesk {
-    one_at_a_time: Mutex<()>,
-    answers: std::sync::Mutex<HashMap<String, Slot>>,
-}
-
-impl RefundDesk {
-    fn slot(&self, key: String, keep: Duration) -> Arc<OnceCell<Answer>> {
-        let mut answers = self.answers.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        answers.retain(|_, (at, keep, _)| now.duration_since(*at) < *keep);
-        Arc::clone(
-            &answers
-                .entry(key)
-                .or_insert_with(|| (now, keep, Arc::new(OnceCell::new())))
-                .2,
-        )
-    }
-
-    fn forget(&self, key: &str) {
-        let mut answers = self.answers.lock().unwrap_or_else(|e| e.into_inner());
-        answers.remove(key);
-    }
-}
-
-fn reply((status, body): Answer) -> HttpResponse {
-    HttpResponse::build(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
-        .json(body)
-}
-
-fn fail(status: u16, code: &str, message: &str) -> Answer {
-    (status, json!({"code": code, "message": message}))
-}
 
 fn internal(e: impl std::fmt::Display) -> HttpResponse {
     tracing::error!(error = %e, "admin API failed");
@@ -93,7 +43,7 @@ fn money(sale: &Sale, v: Decimal) -> String {
 
 /// The operator's word for a sale that needs them, if any.
 pub fn attention(sale: &Sale) -> Option<&'static str> {
-    if sale.refunds.iter().any(|r| r.refunded.is_none()) {
+    if sale.ledger.owed() > Decimal::ZERO {
         Some("refund_due")
     } else if sale.is_paid_undelivered() {
         Some("paid_undelivered")
@@ -115,7 +65,37 @@ pub fn summary(sale: &Sale, now: i64) -> Value {
         "accepted_at": sale.accepted_at,
         "age_secs": (now - sale.accepted_at).max(0) / 1000,
         "served": sale.served_at.is_some(),
-        "refunded_total": (!sale.operator_refunds.is_empty()).then(|| money(sale, sale.refunded_total())),
+        "refunded_total": (sale.refunded_total() > Decimal::ZERO).then(|| money(sale, sale.refunded_total())),
+        "owed": (sale.ledger.owed() > Decimal::ZERO).then(|| money(sale, sale.ledger.owed())),
+    })
+}
+
+/// Per payment, what was paid, kept, owed and refunded.
+fn ledger(sale: &Sale) -> Value {
+    let m = |v: Decimal| money(sale, v);
+    json!({
+        "approved": m(sale.ledger.approved()),
+        "kept": m(sale.ledger.kept()),
+        "held": m(sale.ledger.held()),
+        "owed": m(sale.ledger.owed()),
+        "refunded": m(sale.ledger.refunded()),
+        "payments": sale.ledger.payments().iter().map(|p| json!({
+            "payment_id": p.id,
+            "merchant_order": p.merchant_order,
+            "amount": m(p.amount),
+            "approved_at": p.approved_at,
+            "held": p.held,
+            "kept": m(p.kept),
+            "owed": m(p.owed_open()),
+            "refunded": m(p.refunded()),
+            "dues": p.owed.iter().map(|o| json!({
+                "amount": m(o.amount), "reason": o.reason.as_str(), "auto": o.auto, "at": o.at,
+                "refund_id": o.refund,
+            })).collect::<Vec<_>>(),
+            "refunds": p.refunds.iter().map(|r| json!({
+                "refund_id": r.id, "amount": m(r.amount), "at": r.at, "by": r.by,
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -124,7 +104,7 @@ pub async fn metrics(req: HttpRequest, admin: web::Data<Admin>) -> HttpResponse 
         return r;
     }
     let m = admin.gateway.metrics();
-    let (mut pending, mut undelivered, mut due, mut online, mut offline) = (0, 0, 0, 0, 0);
+    let (mut pending, mut undelivered, mut online, mut offline) = (0, 0, 0, 0);
     for cfg in admin.gateway.pos_configs() {
         let Some(view) = admin.gateway.view(&cfg.id) else {
             continue;
@@ -136,13 +116,17 @@ pub async fn metrics(req: HttpRequest, admin: web::Data<Admin>) -> HttpResponse 
             .set(i64::from(busy));
         pending += i64::from(s.is_some_and(|s| s.state == orders::SaleState::Pending));
         undelivered += i64::from(s.is_some_and(|s| s.is_paid_undelivered()));
-        due += i64::from(s.is_some_and(|s| attention(s) == Some("refund_due")));
         if view.state.presence.is_offline() {
             offline += 1;
         } else {
             online += 1;
         }
     }
+    // Money owed back is any sale's, not only a POS's current one.
+    let due = match admin.gateway.store().count_owing().await {
+        Ok(n) => i64::try_from(n).unwrap_or(i64::MAX),
+        Err(e) => return internal(e),
+    };
     m.sales_pending.set(pending);
     m.sales_paid_undelivered.set(undelivered);
     m.sales_refund_due.set(due);
@@ -200,6 +184,8 @@ pub async fn pos(req: HttpRequest, admin: web::Data<Admin>) -> HttpResponse {
 #[derive(Deserialize)]
 pub struct SalesQuery {
     pos: Option<String>,
+    /// `refund_due`: only sales that owe money back.
+    attention: Option<String>,
     state: Option<String>,
     since: Option<String>,
     limit: Option<usize>,
@@ -232,6 +218,7 @@ pub async fn sales(
         },
     };
     let filter = SaleFilter {
+        owing: q.attention.as_deref() == Some("refund_due"),
         pos: q.pos.filter(|s| !s.is_empty()),
         state: q.state.filter(|s| !s.is_empty()),
         since,
@@ -273,7 +260,9 @@ pub async fn sale_detail(
     Ok(Some(json!({
         "sale": sale,
         "summary": summary(&sale, now_millis()),
-        "refundable": orders::refundable(&sale, None).ok().map(|v| money(&sale, v)),
+        "refundable": Some(orders::refundable(&sale)).filter(|v| *v > Decimal::ZERO).map(|v| money(&sale, v)),
+        "owed": Some(sale.ledger.owed()).filter(|v| *v > Decimal::ZERO).map(|v| money(&sale, v)),
+        "ledger": ledger(&sale),
         "timezone": tz.name(),
         "timeline": timeline.iter().map(|(at, event, detail)| json!({
             "at": at,
@@ -420,139 +409,14 @@ pub async fn refund(
         .and_then(|v| v.to_str().ok())
         .map(str::trim)
         .filter(|k| !k.is_empty() && k.len() <= 128);
-    let (slot_key, keep) = match given_key {
-        Some(k) => (format!("key {reference} {k}"), KEY_WINDOW),
-        None => (
-            format!(
-                "repeat {reference} {}",
-                asked.map_or_else(|| "full".to_owned(), |a| a.normalize().to_string())
-            ),
-            REPEAT_WINDOW,
-        ),
-    };
-    let slot = admin.refunds.slot(slot_key.clone(), keep);
-    let answer = slot
-        .get_or_init(|| make_refund(&admin, &reference, asked, by))
-        .await
-        .clone();
-    // A failure that may pass is not kept: the operator may try again.
-    if answer.0 >= 500 {
-        admin.refunds.forget(&slot_key);
-    }
-    reply(answer)
-}
-
-async fn make_refund(
-    admin: &Admin,
-    reference: &ExternalReference,
-    asked: Option<Decimal>,
-    by: &str,
-) -> Answer {
-    let _one = admin.refunds.one_at_a_time.lock().await;
-    let metrics = admin.gateway.metrics();
-    let sale = match admin.gateway.find_sale(reference).await {
-        Ok(Some(s)) => s,
-        Ok(None) => return fail(404, "unknown_sale", "no such sale"),
-        Err(e) => return fail(500, "internal_error", &e.to_string()),
-    };
-    let amount = match orders::refundable(&sale, asked) {
-        Ok(a) => a,
-        Err(why) => {
-            let status = match why {
-                orders::RefundRefusal::ExceedsPaid { .. } => 422,
-                orders::RefundRefusal::NotPaid { .. } => 409,
-                orders::RefundRefusal::BadAmount(_) => 400,
-            };
-            return fail(status, why.code(), &why.to_string());
-        }
-    };
-    let Some(settled) = sale.settled.clone() else {
-        return fail(409, "not_refundable", "the sale has no payment");
-    };
-    let left = settled.paid - sale.refunded_total();
-    // All that is left goes as a full refund: an empty body.
-    let part = (amount < left).then(|| money(&sale, amount));
-    let key = format!(
-        "qrgate-oprefund-{}-{}-{}",
-        reference,
-        sale.operator_refunds.len() + 1,
-        money(&sale, amount)
-    );
-    let order = sale.mp_order.clone().or(match &settled.merchant_order {
-        MpId::Text(t) => Some(t.clone()),
-        MpId::Num(_) => None,
-    });
-    let made = match (&settled.payment_id, order) {
-        (MpId::Num(p), _) => admin
-            .client
-            .refund_amount(*p, part.as_deref(), &key)
-            .await
-            .map(MpId::Num),
-        (MpId::Text(p), Some(order)) => {
-            admin
-                .client
-                .refund_order_amount(&order, part.as_deref().map(|a| (p.as_str(), a)), &key)
-                .await
-        }
-        (MpId::Text(p), None) => {
-            return fail(
-                409,
-                "not_refundable",
-                &format!("payment {p} has no order to refund"),
-            )
-        }
-    };
-    let refund_id = match made {
-        Ok(id) => id,
-        Err(e) => {
-            metrics
-                .refunds
-                .with_label_values(&["operator", "error"])
-                .inc();
-            tracing::error!(pos = %sale.pos, sale_id = %sale.sale_id, external_reference = %reference,
-                payment = %settled.payment_id, amount = %amount, by, error = %e, "operator refund failed at Mercado Pago");
-            let status = if e.is_transient() { 502 } else { 409 };
-            return fail(
-                status,
-                "mp_refund_failed",
-                &format!("Mercado Pago did not refund: {e}"),
-            );
-        }
-    };
-    metrics.refunds.with_label_values(&["operator", "ok"]).inc();
-    let refund = OperatorRefund {
-        refund_id: refund_id.clone(),
-        payment_id: settled.payment_id.clone(),
-        amount,
-        at: now_millis(),
-        by: by.to_owned(),
-    };
-    match admin
-        .gateway
-        .record_operator_refund(reference, refund)
-        .await
-    {
-        Ok(Ok(sale)) => (
-            200,
-            json!({
-                "external_reference": reference,
-                "refund_id": refund_id,
-                "amount": money(&sale, amount),
-                "refunded_total": money(&sale, sale.refunded_total()),
-                "state": sale.state.as_str(),
-            }),
-        ),
-        Ok(Err(why)) => fail(409, why.code(), &why.to_string()),
-        Err(e) => {
-            tracing::error!(external_reference = %reference, refund = %refund_id, error = %e,
-                "operator refund made at Mercado Pago but not recorded");
-            fail(
-                500,
-                "internal_error",
-                "the refund was made but could not be recorded; see the log",
-            )
-        }
-    }
+    let answer = admin
+        .refunds
+        .request(&reference, asked, by, given_key)
+        .await;
+    HttpResponse::build(
+        StatusCode::from_u16(answer.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+    )
+    .json(answer.body)
 }
 
 #[derive(Deserialize)]

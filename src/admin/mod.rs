@@ -25,11 +25,10 @@ use crate::mqtt::connection::LinkState;
 /// What the admin handlers share.
 pub struct Admin {
     pub gateway: Arc<Gateway>,
-    pub client: MpClient,
     pub link: Arc<LinkState>,
     pub timezone: chrono_tz::Tz,
     pub auth: auth::Auth,
-    pub refunds: api::RefundDesk,
+    pub refunds: crate::refunds::OperatorRefunds,
     pub shutdown: CancellationToken,
 }
 
@@ -43,12 +42,11 @@ pub fn serve(
     shutdown: CancellationToken,
 ) -> std::io::Result<actix_web::dev::Server> {
     let admin = web::Data::new(Admin {
+        refunds: crate::refunds::OperatorRefunds::new(client, Arc::clone(&gateway)),
         gateway,
-        client,
         link,
         timezone: cfg.timezone,
         auth: auth::Auth::new(cfg.token.clone()),
-        refunds: api::RefundDesk::default(),
         shutdown,
     });
     Ok(HttpServer::new(move || {

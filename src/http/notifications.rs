@@ -1,6 +1,7 @@
 //! `POST /mp/notifications`: both shapes Mercado Pago sends (IPN
 //! `?topic=merchant_order&id=…` and webhooks `?type=payment&data.id=…` with a
-//! JSON body). It answers at once; the work happens after, in `settlement`.
+//! JSON body). It answers once the notification is in the inbox; the work
+//! happens after, in `settlement`.
 //! Nothing in a notification is trusted beyond the id it names.
 
 use actix_web::http::StatusCode;
@@ -179,14 +180,23 @@ pub async fn receive(
     }
     match parse(req.query_string(), &body) {
         Ok(Parsed::Work(resource)) => {
-            tracing::info!(?resource, "notification received");
+            // Written before the 200: a notification answered is never lost.
+            if let Err(e) = shared.inbox.accept(&resource).await {
+                tracing::error!(topic = resource.topic(), id = %resource.id(), error = %e,
+                    "cannot write a notification to the inbox; answered 503 so Mercado Pago sends it again");
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "try again later",
+                );
+            }
+            tracing::info!(topic = resource.topic(), id = %resource.id(), "notification received");
             shared
                 .gateway
                 .metrics()
                 .notifications
                 .with_label_values(&["accepted"])
                 .inc();
-            shared.settler.enqueue(resource);
             HttpResponse::Ok().json(serde_json::json!({ "status": "accepted" }))
         }
         Ok(Parsed::Ignored(topic)) => {

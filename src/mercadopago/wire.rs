@@ -69,6 +69,16 @@ pub struct MoPayment {
     pub currency_id: Option<String>,
     #[serde(default)]
     pub status: Option<String>,
+    #[serde(default)]
+    pub date_approved: Option<String>,
+}
+
+/// Mercado Pago's times (`2026-11-23T10:15:02.000-03:00`) as unix millis;
+/// `None` for a missing or unreadable one.
+fn millis(text: Option<&str>) -> Option<i64> {
+    chrono::DateTime::parse_from_rfc3339(text?.trim())
+        .ok()
+        .map(|t| t.timestamp_millis())
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -104,6 +114,8 @@ pub struct ApiOrder {
     pub external_reference: Option<String>,
     #[serde(default, deserialize_with = "opt_decimal")]
     pub total_amount: Option<Decimal>,
+    #[serde(default, deserialize_with = "opt_decimal")]
+    pub total_paid_amount: Option<Decimal>,
     #[serde(default)]
     pub currency: Option<String>,
     #[serde(default)]
@@ -140,6 +152,9 @@ impl ApiOrder {
     /// `approved`. The order was fetched with our own token, so it is the
     /// collector's; an order without a currency is in the account's
     /// (`currency`, one account, one currency).
+    /// A payment counts what it says it paid (`paid_amount`), or, alone in
+    /// its order, what the order says was paid (`total_paid_amount`); never
+    /// the amount requested.
     /// `None` when the order's own id is not an id: nothing can be settled
     /// from it.
     pub fn facts(&self, collector_id: u64, currency: &str) -> Option<MerchantOrderFacts> {
@@ -150,10 +165,14 @@ impl ApiOrder {
             other => MerchantOrderStatus::Other(other.unwrap_or("missing").to_owned()),
         };
         let currency = self.currency.clone().unwrap_or_else(|| currency.to_owned());
-        let payments = self
+        let all: Vec<&ApiPayment> = self
             .transactions
             .iter()
             .flat_map(|t| t.payments.iter().flatten())
+            .collect();
+        let alone = all.len() == 1;
+        let payments = all
+            .into_iter()
             .filter_map(|p| {
                 Some(PaymentFacts {
                     id: MpId::parse(&p.id)?,
@@ -161,8 +180,12 @@ impl ApiOrder {
                         Some("processed") => PaymentStatus::Approved,
                         other => PaymentStatus::Other(other.unwrap_or("missing").to_owned()),
                     },
-                    amount: p.paid_amount.or(p.amount).unwrap_or(Decimal::ZERO),
+                    amount: p
+                        .paid_amount
+                        .or(self.total_paid_amount.filter(|_| alone))
+                        .unwrap_or(Decimal::ZERO),
                     currency: Some(currency.clone()),
+                    approved_at: None,
                 })
             })
             .collect();
@@ -211,6 +234,7 @@ impl MerchantOrder {
                     .or(p.total_paid_amount)
                     .unwrap_or(Decimal::ZERO),
                 currency: p.currency_id.clone(),
+                approved_at: millis(p.date_approved.as_deref()),
             })
             .collect();
         MerchantOrderFacts {
@@ -228,7 +252,8 @@ pub struct PaymentOrder {
     pub id: Option<Id>,
 }
 
-/// `GET /v1/payments/{id}`: only what leads to the merchant order.
+/// `GET /v1/payments/{id}`: what leads to the merchant order, and the
+/// payment itself for the ledger.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Payment {
     pub id: Id,
@@ -238,11 +263,42 @@ pub struct Payment {
     pub external_reference: Option<String>,
     #[serde(default)]
     pub order: Option<PaymentOrder>,
+    #[serde(default, deserialize_with = "opt_decimal")]
+    pub transaction_amount: Option<Decimal>,
+    #[serde(default)]
+    pub currency_id: Option<String>,
+    #[serde(default)]
+    pub date_approved: Option<String>,
+    #[serde(default)]
+    pub collector_id: Option<Id>,
 }
 
 impl Payment {
     pub fn merchant_order_id(&self) -> Option<u64> {
         self.order.as_ref().and_then(|o| o.id).map(|i| i.0)
+    }
+
+    /// The payment as a report of its own: a merchant order that is not
+    /// closed (a payment alone proves no sale paid) carrying only it, so an
+    /// approved payment reaches the ledger even when its merchant order
+    /// does not list it yet.
+    pub fn facts(&self) -> MerchantOrderFacts {
+        MerchantOrderFacts {
+            id: MpId::Num(self.merchant_order_id().unwrap_or(self.id.0)),
+            status: MerchantOrderStatus::Opened,
+            external_reference: self.external_reference.clone(),
+            collector_id: self.collector_id.map(|i| i.0),
+            payments: vec![PaymentFacts {
+                id: MpId::Num(self.id.0),
+                status: match self.status.as_deref() {
+                    Some("approved") => PaymentStatus::Approved,
+                    other => PaymentStatus::Other(other.unwrap_or("missing").to_owned()),
+                },
+                amount: self.transaction_amount.unwrap_or(Decimal::ZERO),
+                currency: self.currency_id.clone(),
+                approved_at: millis(self.date_approved.as_deref()),
+            }],
+        }
     }
 }
 

@@ -50,7 +50,7 @@ pub fn state(sale: &Sale) -> Vec<u8> {
         sale.state,
         SaleState::Refunded | SaleState::PartiallyRefunded
     );
-    let last_refund = sale.operator_refunds.last().filter(|_| refunded);
+    let last_refund = sale.ledger.last_kept_refund().filter(|_| refunded);
     let body = StateJson {
         sale_id: Some(sale.sale_id.as_str()),
         external_reference: Some(sale.external_reference.as_str()),
@@ -60,7 +60,7 @@ pub fn state(sale: &Sale) -> Vec<u8> {
             sale.state.as_str()
         },
         amount: match last_refund {
-            Some(r) => Some(crate::money::Amount::new(r.amount, sale.currency).to_string()),
+            Some(r) => Some(crate::money::Amount::new(r, sale.currency).to_string()),
             None => sale.total().map(|a| a.to_string()),
         },
         refunded_total: last_refund

@@ -4,8 +4,9 @@
 
 use rust_decimal::Decimal;
 
+use super::ledger::{Refund, RefundCall, RefundOf};
 use super::sale::*;
-use super::settle::{effect_of, Effect, Payment};
+use super::settle::{self, MerchantOrderFacts, MerchantOrderStatus, Refusal};
 use crate::money::{self, Amount, Currency, MoneyError};
 
 /// A POS as configured.
@@ -225,16 +226,20 @@ pub enum SaleEvent {
     Paid {
         overpaid: bool,
     },
+    /// An approved payment the sale holds until it closes or ends.
+    PaymentHeld,
     Cancelled,
     Expired,
     Delivered {
         ok: bool,
         reason: Option<String>,
     },
+    /// Money arrived that the sale cannot keep: owed back.
     RefundDue,
-    /// Mercado Pago refunded `payment_id`.
+    /// Mercado Pago refunded `amount` of what was owed back.
     Refunded {
-        payment_id: MpId,
+        amount: Decimal,
+        by: String,
     },
     /// The attended order is on the POS at Mercado Pago.
     Placed,
@@ -246,7 +251,7 @@ pub enum SaleEvent {
     CancelledByOperator {
         by: String,
     },
-    /// The operator refunded `amount` of the paid sale.
+    /// The operator refunded `amount` of what the paid sale kept.
     RefundedByOperator {
         amount: Decimal,
         by: String,
@@ -260,6 +265,7 @@ impl SaleEvent {
             SaleEvent::Priced => "priced",
             SaleEvent::Served => "served",
             SaleEvent::Paid { .. } => "paid",
+            SaleEvent::PaymentHeld => "payment_held",
             SaleEvent::Cancelled => "cancelled",
             SaleEvent::Expired => "expired",
             SaleEvent::Delivered { .. } => "delivered",
@@ -379,8 +385,7 @@ fn new_sale(pos: &PosConfig, sale_id: SaleId, ctx: Ctx) -> Sale {
         placed_at: None,
         mp_order: None,
         rejection: None,
-        refunds: Vec::new(),
-        operator_refunds: Vec::new(),
+        ledger: Default::default(),
         updated_at: ctx.now,
     }
 }
@@ -449,15 +454,10 @@ pub fn apply(pos: &PosConfig, state: &PosState, cmd: Command, ctx: Ctx) -> Outco
         }
         Command::Cancel(sale_id) => match current.filter(|s| s.sale_id == sale_id) {
             None => rejected(&sale_id, Rejection::UnknownSale),
-            Some(s) if s.state.is_busy() => {
-                let mut sale = s.clone();
-                sale.state = SaleState::Cancelled;
-                sale.updated_at = ctx.now;
-                Outcome::Changed {
-                    sale,
-                    event: SaleEvent::Cancelled,
-                }
-            }
+            Some(s) if s.state.is_busy() => Outcome::Changed {
+                sale: end(s, SaleState::Cancelled, ctx),
+                event: SaleEvent::Cancelled,
+            },
             // A repeated cancel of a cancelled sale is a redelivery.
             Some(s) if s.state == SaleState::Cancelled => Outcome::Republish,
             Some(s) => rejected(&sale_id, Rejection::NotCancellable { state: s.state }),
@@ -516,10 +516,8 @@ pub fn apply(pos: &PosConfig, state: &PosState, cmd: Command, ctx: Ctx) -> Outco
         },
         Command::Refused { reference, reason } => match state.busy_sale() {
             Some(s) if s.external_reference == reference => {
-                let mut sale = s.clone();
-                sale.state = SaleState::Rejected;
+                let mut sale = end(s, SaleState::Rejected, ctx);
                 sale.rejection = Some(reason.clone());
-                sale.updated_at = ctx.now;
                 Outcome::Changed {
                     sale,
                     event: SaleEvent::Refused { reason },
@@ -528,27 +526,17 @@ pub fn apply(pos: &PosConfig, state: &PosState, cmd: Command, ctx: Ctx) -> Outco
             _ => Outcome::Nothing,
         },
         Command::Expire => match state.busy_sale() {
-            Some(s) if s.expires_at.is_some_and(|at| at <= ctx.now) => {
-                let mut sale = s.clone();
-                sale.state = SaleState::Expired;
-                sale.updated_at = ctx.now;
-                Outcome::Changed {
-                    sale,
-                    event: SaleEvent::Expired,
-                }
-            }
+            Some(s) if s.expires_at.is_some_and(|at| at <= ctx.now) => Outcome::Changed {
+                sale: end(s, SaleState::Expired, ctx),
+                event: SaleEvent::Expired,
+            },
             _ => Outcome::Nothing,
         },
         Command::CancelByOperator { reference, by } => match current {
-            Some(s) if s.external_reference == reference && s.state.is_busy() => {
-                let mut sale = s.clone();
-                sale.state = SaleState::Cancelled;
-                sale.updated_at = ctx.now;
-                Outcome::Changed {
-                    sale,
-                    event: SaleEvent::CancelledByOperator { by },
-                }
-            }
+            Some(s) if s.external_reference == reference && s.state.is_busy() => Outcome::Changed {
+                sale: end(s, SaleState::Cancelled, ctx),
+                event: SaleEvent::CancelledByOperator { by },
+            },
             Some(s) if s.external_reference == reference => {
                 rejected(&s.sale_id, Rejection::NotCancellable { state: s.state })
             }
@@ -560,12 +548,22 @@ pub fn apply(pos: &PosConfig, state: &PosState, cmd: Command, ctx: Ctx) -> Outco
     }
 }
 
+/// A busy sale ends unpaid: what it held is owed back.
+fn end(s: &Sale, state: SaleState, ctx: Ctx) -> Sale {
+    let mut sale = s.clone();
+    sale.state = state;
+    sale.ledger
+        .release_held(RefundReason::LatePayment, ctx.now, ctx.auto_refund);
+    sale.updated_at = ctx.now;
+    sale
+}
+
 /// Why the operator's refund of a sale is refused. `code` is the stable
 /// word of the admin API.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RefundRefusal {
-    /// Only a paid sale (or one partly refunded) can be refunded.
-    NotPaid {
+    /// Nothing is owed, and the sale is not paid (or all it kept went back).
+    NotRefundable {
         state: SaleState,
     },
     /// More than what is left to refund.
@@ -579,7 +577,7 @@ pub enum RefundRefusal {
 impl RefundRefusal {
     pub fn code(&self) -> &'static str {
         match self {
-            RefundRefusal::NotPaid { .. } => "not_refundable",
+            RefundRefusal::NotRefundable { .. } => "not_refundable",
             RefundRefusal::ExceedsPaid { .. } => "refund_exceeds_paid",
             RefundRefusal::BadAmount(_) => "bad_amount",
         }
@@ -589,9 +587,9 @@ impl RefundRefusal {
 impl std::fmt::Display for RefundRefusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            RefundRefusal::NotPaid { state } => write!(
+            RefundRefusal::NotRefundable { state } => write!(
                 f,
-                "the sale is {}: only a paid sale can be refunded",
+                "the sale is {} and owes nothing: only a paid sale, or money owed back, can be refunded",
                 state.as_str()
             ),
             RefundRefusal::ExceedsPaid { asked, left } => write!(
@@ -603,50 +601,87 @@ impl std::fmt::Display for RefundRefusal {
     }
 }
 
-/// What an operator's refund of `sale` would return: `asked`, or all that
-/// is left when `None` (a full refund). Checked before Mercado Pago is
-/// asked, and again when its answer is recorded.
-pub fn refundable(sale: &Sale, asked: Option<Decimal>) -> Result<Decimal, RefundRefusal> {
-    let paid = match (sale.state, &sale.settled) {
-        (SaleState::Paid | SaleState::PartiallyRefunded, Some(s)) => s.paid,
-        (state, _) => return Err(RefundRefusal::NotPaid { state }),
-    };
-    let left = paid - sale.refunded_total();
-    if left <= Decimal::ZERO {
-        return Err(RefundRefusal::NotPaid {
-            state: SaleState::Refunded,
-        });
+/// What the operator may still refund of what a paid sale kept.
+pub fn refundable(sale: &Sale) -> Decimal {
+    match sale.state {
+        SaleState::Paid | SaleState::PartiallyRefunded => sale.ledger.kept(),
+        _ => Decimal::ZERO,
     }
-    let Some(asked) = asked else {
-        return Ok(left);
-    };
-    let asked = money::amount(asked, sale.currency)
-        .map_err(RefundRefusal::BadAmount)?
-        .value();
-    if asked > left {
-        return Err(RefundRefusal::ExceedsPaid { asked, left });
-    }
-    Ok(asked)
 }
 
-/// Records a refund Mercado Pago made for the operator: the sale is
-/// `refunded` once all that was paid went back, `partially_refunded` before.
-pub fn operator_refund(sale: &Sale, refund: OperatorRefund) -> Result<Outcome, RefundRefusal> {
-    refundable(sale, Some(refund.amount))?;
-    let mut s = sale.clone();
-    let (amount, by, now) = (refund.amount, refund.by.clone(), refund.at);
-    s.operator_refunds.push(refund);
-    let paid = s.settled.as_ref().map_or(Decimal::ZERO, |p| p.paid);
-    s.state = if s.refunded_total() >= paid {
-        SaleState::Refunded
-    } else {
-        SaleState::PartiallyRefunded
+/// The refund calls an operator's request makes. Without an amount it
+/// returns what the sale owes, if anything; else all that the paid sale
+/// kept. With an amount, that much of what it kept, the latest kept
+/// payment first. `tag` names the request in the calls' keys.
+pub fn refund_plan(
+    sale: &Sale,
+    asked: Option<Decimal>,
+    tag: &str,
+) -> Result<Vec<RefundCall>, RefundRefusal> {
+    let left = refundable(sale);
+    let not_refundable = || RefundRefusal::NotRefundable {
+        state: if left.is_zero() && sale.state == SaleState::PartiallyRefunded {
+            SaleState::Refunded
+        } else {
+            sale.state
+        },
     };
+    let amount = match asked {
+        None if sale.ledger.owed() > Decimal::ZERO => {
+            return Ok(sale.ledger.plan_owed(sale.currency, false))
+        }
+        None if left > Decimal::ZERO => left,
+        None => return Err(not_refundable()),
+        Some(a) => {
+            let a = money::amount(a, sale.currency)
+                .map_err(RefundRefusal::BadAmount)?
+                .value();
+            if left.is_zero() {
+                return Err(not_refundable());
+            }
+            if a > left {
+                return Err(RefundRefusal::ExceedsPaid { asked: a, left });
+            }
+            a
+        }
+    };
+    Ok(sale.ledger.plan_kept(amount, sale.currency, tag))
+}
+
+/// Records refunds Mercado Pago made of `sale`'s payments (those not
+/// recorded already). Refunds of what the sale kept make it `refunded`, or
+/// `partially_refunded` while some is still kept. `None` when every refund
+/// was known.
+pub fn record_refunds(sale: &Sale, made: &[(MpId, Refund)], now: UnixMillis) -> Option<Outcome> {
+    let mut s = sale.clone();
+    let (mut kept, mut owed) = (Decimal::ZERO, Decimal::ZERO);
+    let mut by = String::new();
+    for (payment, r) in made {
+        if s.ledger.record_refund(payment, r.clone()) {
+            match r.of {
+                RefundOf::Kept => kept += r.amount,
+                RefundOf::Owed(_) => owed += r.amount,
+            }
+            by.clone_from(&r.by);
+        }
+    }
+    if kept.is_zero() && owed.is_zero() {
+        return None;
+    }
     s.updated_at = now;
-    Ok(Outcome::Changed {
-        sale: s,
-        event: SaleEvent::RefundedByOperator { amount, by },
-    })
+    let event = if kept > Decimal::ZERO {
+        if matches!(s.state, SaleState::Paid | SaleState::PartiallyRefunded) {
+            s.state = if s.ledger.kept().is_zero() {
+                SaleState::Refunded
+            } else {
+                SaleState::PartiallyRefunded
+            };
+        }
+        SaleEvent::RefundedByOperator { amount: kept, by }
+    } else {
+        SaleEvent::Refunded { amount: owed, by }
+    };
+    Some(Outcome::Changed { sale: s, event })
 }
 
 /// The device says it acted (or failed to act) on a paid sale, current or
@@ -657,17 +692,10 @@ pub fn deliver(s: &Sale, ok: bool, reason: Option<String>, ctx: Ctx) -> Outcome 
             let mut sale = s.clone();
             sale.delivered_at = Some(ctx.now);
             sale.updated_at = ctx.now;
-            // The customer paid and got nothing: the payment is owed back.
-            if let (false, Some(paid)) = (ok, &s.settled) {
-                sale.refunds.push(RefundDue {
-                    payment_id: paid.payment_id.clone(),
-                    merchant_order: paid.merchant_order.clone(),
-                    amount: paid.paid,
-                    at: ctx.now,
-                    reason: RefundReason::DeliveryFailed,
-                    auto: ctx.auto_refund,
-                    refunded: None,
-                });
+            // The customer paid and got nothing: what was kept is owed back.
+            if !ok {
+                sale.ledger
+                    .owe_kept(RefundReason::DeliveryFailed, ctx.now, ctx.auto_refund);
             }
             Outcome::Changed {
                 sale,
@@ -685,73 +713,71 @@ pub fn deliver(s: &Sale, ok: bool, reason: Option<String>, ctx: Ctx) -> Outcome 
     }
 }
 
-/// Records that Mercado Pago refunded `payment_id` of `sale`; `None` when
-/// it is not owed or already refunded.
-pub fn refunded(
+/// What a merchant order (or an Orders API order), fetched with our token,
+/// does to `sale`, current or not. Its approved payments enter the ledger
+/// once each. A closed order whose payments reach the total pays a payable
+/// sale; money for a sale that can no longer take it is owed back. `Err`
+/// says why nothing changed.
+pub fn settle(
     sale: &Sale,
-    payment_id: &MpId,
-    refund_id: MpId,
-    now: UnixMillis,
-) -> Option<Outcome> {
-    let mut s = sale.clone();
-    let r = s
-        .refunds
-        .iter_mut()
-        .find(|r| &r.payment_id == payment_id && r.refunded.is_none())?;
-    r.refunded = Some(Refunded { refund_id, at: now });
-    s.updated_at = now;
-    Some(Outcome::Changed {
-        sale: s,
-        event: SaleEvent::Refunded {
-            payment_id: payment_id.clone(),
-        },
-    })
-}
-
-/// What a verified full payment does to a sale (current or not).
-pub fn pay(sale: &Sale, payment: &Payment, ctx: Ctx) -> Outcome {
+    mo: &MerchantOrderFacts,
+    collector_id: u64,
+    ctx: Ctx,
+) -> Result<Outcome, Refusal> {
+    let approved = settle::verify(sale, mo, collector_id)?;
     let now = ctx.now;
-    match effect_of(sale, payment) {
-        Effect::AlreadyPaid => Outcome::Nothing,
-        Effect::Close => {
-            let mut s = sale.clone();
+    let mut s = sale.clone();
+    if !sale.is_payable() {
+        let reason = match sale.state {
+            SaleState::Paid | SaleState::Refunded | SaleState::PartiallyRefunded => {
+                RefundReason::DoublePayment
+            }
+            _ => RefundReason::LatePayment,
+        };
+        let mut new = false;
+        for p in &approved {
+            new |= s.ledger.record_owed(p, reason, now, ctx.auto_refund);
+        }
+        if !new {
+            return Ok(Outcome::Nothing);
+        }
+        s.updated_at = now;
+        return Ok(Outcome::Changed {
+            sale: s,
+            event: SaleEvent::RefundDue,
+        });
+    }
+    let mut new = false;
+    for p in &approved {
+        new |= s.ledger.record(p, now);
+    }
+    if let (MerchantOrderStatus::Closed, Some(total)) = (&mo.status, s.amount) {
+        let ids: Vec<MpId> = approved.iter().map(|p| p.id.clone()).collect();
+        if let Some(c) = s.ledger.close(&mo.id, &ids, total, now, ctx.auto_refund) {
             s.state = SaleState::Paid;
             s.settled = Some(Settled {
-                payment_id: payment.payment_id.clone(),
-                merchant_order: payment.merchant_order.clone(),
-                paid: payment.paid,
+                payment_id: c.payment,
+                merchant_order: mo.id.clone(),
+                paid: c.paid,
                 at: now,
             });
             s.updated_at = now;
-            Outcome::Changed {
+            return Ok(Outcome::Changed {
                 sale: s,
                 event: SaleEvent::Paid {
-                    overpaid: payment.overpaid,
+                    overpaid: c.overpaid > Decimal::ZERO,
                 },
-            }
-        }
-        Effect::RefundDue => {
-            let mut s = sale.clone();
-            s.refunds.push(RefundDue {
-                payment_id: payment.payment_id.clone(),
-                merchant_order: payment.merchant_order.clone(),
-                amount: payment.paid,
-                at: now,
-                reason: if sale.state == SaleState::Paid {
-                    RefundReason::DoublePayment
-                } else {
-                    RefundReason::LatePayment
-                },
-                auto: ctx.auto_refund,
-                refunded: None,
             });
-            s.updated_at = now;
-            Outcome::Changed {
-                sale: s,
-                event: SaleEvent::RefundDue,
-            }
         }
     }
+    if new {
+        s.updated_at = now;
+        return Ok(Outcome::Changed {
+            sale: s,
+            event: SaleEvent::PaymentHeld,
+        });
+    }
+    Err(settle::why_not_closing(sale, mo, &approved))
 }
 
 #[cfg(test)]
@@ -997,8 +1023,39 @@ mod tests {
         );
     }
 
+    fn mo(id: u64, closed: bool, payments: &[(u64, &str)], reference: &str) -> MerchantOrderFacts {
+        use super::settle::{PaymentFacts, PaymentStatus};
+        MerchantOrderFacts {
+            id: MpId::Num(id),
+            status: if closed {
+                MerchantOrderStatus::Closed
+            } else {
+                MerchantOrderStatus::Opened
+            },
+            external_reference: Some(reference.to_owned()),
+            collector_id: Some(178),
+            payments: payments
+                .iter()
+                .map(|(pid, amount)| PaymentFacts {
+                    id: MpId::Num(*pid),
+                    status: PaymentStatus::Approved,
+                    amount: d(amount),
+                    currency: Some("ARS".into()),
+                    approved_at: Some(*pid as i64),
+                })
+                .collect(),
+        }
+    }
+
+    fn changed(o: Outcome) -> (Sale, SaleEvent) {
+        match o {
+            Outcome::Changed { sale, event } => (sale, event),
+            other => panic!("expected a change, got {other:?}"),
+        }
+    }
+
     #[test]
-    fn a_payment_closes_a_pending_sale_once_and_is_refund_due_after_cancel() {
+    fn a_payment_closes_a_pending_sale_once_and_is_owed_back_after_cancel() {
         let p = pos(PosKind::Fuel);
         let mut st = PosState::idle();
         step(
@@ -1007,27 +1064,78 @@ mod tests {
             Command::Sale(sale_req("1", "1", "10", None)),
             0,
         );
-        let payment = Payment {
-            merchant_order: MpId::Num(5),
-            payment_id: MpId::Num(6),
-            paid: d("10"),
-            overpaid: false,
-        };
         let sale = st.current.clone().unwrap();
-        let Outcome::Changed { sale: paid, .. } = pay(&sale, &payment, ctx(1)) else {
-            panic!()
-        };
+        let r = sale.external_reference.as_str();
+        let closed = mo(5, true, &[(6, "10")], r);
+        let (paid, event) = changed(settle(&sale, &closed, 178, ctx(1)).unwrap());
+        assert_eq!(event, SaleEvent::Paid { overpaid: false });
         assert_eq!(paid.state, SaleState::Paid);
-        assert_eq!(pay(&paid, &payment, ctx(2)), Outcome::Nothing);
+        assert_eq!(paid.settled.as_ref().unwrap().payment_id, MpId::Num(6));
+        assert_eq!(settle(&paid, &closed, 178, ctx(2)), Ok(Outcome::Nothing));
 
         let mut cancelled = sale.clone();
         cancelled.state = SaleState::Cancelled;
-        let Outcome::Changed { sale: due, event } = pay(&cancelled, &payment, ctx(3)) else {
-            panic!()
-        };
+        let (due, event) = changed(settle(&cancelled, &closed, 178, ctx(3)).unwrap());
         assert_eq!(event, SaleEvent::RefundDue);
         assert_eq!(due.state, SaleState::Cancelled);
-        assert_eq!(pay(&due, &payment, ctx(4)), Outcome::Nothing);
+        assert_eq!(due.ledger.owed(), d("10"));
+        assert_eq!(settle(&due, &closed, 178, ctx(4)), Ok(Outcome::Nothing));
+    }
+
+    #[test]
+    fn a_second_payment_on_the_merchant_order_that_paid_is_owed_back() {
+        let p = pos(PosKind::Fuel);
+        let mut st = PosState::idle();
+        step(
+            &p,
+            &mut st,
+            Command::Sale(sale_req("1", "1", "100", None)),
+            0,
+        );
+        let sale = st.current.clone().unwrap();
+        let r = sale.external_reference.as_str().to_owned();
+        let (paid, _) =
+            changed(settle(&sale, &mo(5, true, &[(6, "100")], &r), 178, ctx(1)).unwrap());
+        let twice = mo(5, true, &[(6, "100"), (7, "100")], &r);
+        let (due, event) = changed(settle(&paid, &twice, 178, ctx(2)).unwrap());
+        assert_eq!(event, SaleEvent::RefundDue);
+        let owed: Vec<_> = due
+            .ledger
+            .open_owed()
+            .map(|(p, o)| (p.id.clone(), o.amount, o.reason))
+            .collect();
+        assert_eq!(
+            owed,
+            [(MpId::Num(7), d("100"), RefundReason::DoublePayment)]
+        );
+        assert_eq!(settle(&due, &twice, 178, ctx(3)), Ok(Outcome::Nothing));
+    }
+
+    #[test]
+    fn a_partial_payment_is_held_and_owed_back_when_the_sale_is_cancelled() {
+        let p = pos(PosKind::Fuel);
+        let mut st = PosState::idle();
+        step(
+            &p,
+            &mut st,
+            Command::Sale(sale_req("1", "1", "100", None)),
+            0,
+        );
+        let sale = st.current.clone().unwrap();
+        let r = sale.external_reference.as_str().to_owned();
+        let opened = mo(5, false, &[(6, "60")], &r);
+        let (held, event) = changed(settle(&sale, &opened, 178, ctx(1)).unwrap());
+        assert_eq!(event, SaleEvent::PaymentHeld);
+        assert_eq!(held.state, SaleState::Pending);
+        assert_eq!(held.ledger.held(), d("60"));
+        assert_eq!(
+            settle(&held, &opened, 178, ctx(2)).unwrap_err().code(),
+            "not_closed"
+        );
+        st.current = Some(held);
+        let (cancelled, _) = changed(step(&p, &mut st, Command::Cancel(sid("1")), 3));
+        assert_eq!(cancelled.ledger.held(), Decimal::ZERO);
+        assert_eq!(cancelled.ledger.owed(), d("60"));
     }
 
     #[test]
@@ -1080,84 +1188,122 @@ mod tests {
         ));
     }
 
-    fn paid_sale(total: &str) -> Sale {
+    fn paid_sale(payments: &[(u64, &str)]) -> Sale {
         let p = pos(PosKind::Fuel);
         let mut st = PosState::idle();
+        let total: Decimal = payments.iter().map(|(_, a)| d(a)).sum();
         step(
             &p,
             &mut st,
-            Command::Sale(sale_req("9", "1", total, None)),
+            Command::Sale(sale_req("9", "1", &total.to_string(), None)),
             1,
         );
-        let mut s = st.current.unwrap();
-        s.state = SaleState::Paid;
-        s.settled = Some(Settled {
-            payment_id: MpId::Num(77),
-            merchant_order: MpId::Num(88),
-            paid: d(total),
-            at: 2,
-        });
-        s
+        let s = st.current.unwrap();
+        let r = s.external_reference.as_str().to_owned();
+        changed(settle(&s, &mo(88, true, payments, &r), 178, ctx(2)).unwrap()).0
     }
 
-    fn op_refund(amount: &str, at: i64) -> OperatorRefund {
-        OperatorRefund {
-            refund_id: MpId::Num(at as u64),
-            payment_id: MpId::Num(77),
-            amount: d(amount),
-            at,
-            by: "token".into(),
-        }
-    }
-
-    fn changed(o: Outcome) -> Sale {
-        match o {
-            Outcome::Changed { sale, .. } => sale,
-            other => panic!("expected a change, got {other:?}"),
-        }
+    fn made(calls: &[RefundCall], at: i64) -> Vec<(MpId, Refund)> {
+        calls
+            .iter()
+            .enumerate()
+            .map(|(n, c)| {
+                (
+                    c.payment.clone(),
+                    Refund {
+                        id: MpId::Num(at as u64 * 100 + n as u64),
+                        amount: c.amount,
+                        at,
+                        by: "token".into(),
+                        of: c.of,
+                        request: Some(format!("r{at}")),
+                    },
+                )
+            })
+            .collect()
     }
 
     #[test]
-    fn a_full_refund_returns_all_that_was_paid_and_the_sale_is_refunded() {
-        let s = paid_sale("100.00");
-        assert_eq!(refundable(&s, None), Ok(d("100.00")));
-        let s = changed(operator_refund(&s, op_refund("100.00", 5)).unwrap());
+    fn a_full_refund_returns_every_kept_payment_and_the_sale_is_refunded() {
+        let s = paid_sale(&[(77, "60.00"), (78, "40.00")]);
+        assert_eq!(refundable(&s), d("100.00"));
+        let calls = refund_plan(&s, None, "t").unwrap();
+        assert_eq!(calls.len(), 2, "{calls:?}");
+        let (s, event) = changed(record_refunds(&s, &made(&calls, 5), 5).unwrap());
+        assert_eq!(
+            event,
+            SaleEvent::RefundedByOperator {
+                amount: d("100.00"),
+                by: "token".into()
+            }
+        );
         assert_eq!(s.state, SaleState::Refunded);
         assert_eq!(s.refunded_total(), d("100.00"));
-        assert_eq!(refundable(&s, None).unwrap_err().code(), "not_refundable");
+        assert_eq!(record_refunds(&s, &made(&calls, 5), 6), None);
+        assert_eq!(
+            refund_plan(&s, None, "t").unwrap_err().code(),
+            "not_refundable"
+        );
     }
 
     #[test]
     fn partial_refunds_add_up_until_nothing_is_left() {
-        let s = paid_sale("100.00");
-        let s = changed(operator_refund(&s, op_refund("10.50", 5)).unwrap());
+        let s = paid_sale(&[(77, "100.00")]);
+        let calls = refund_plan(&s, Some(d("10.50")), "t").unwrap();
+        let (s, _) = changed(record_refunds(&s, &made(&calls, 5), 5).unwrap());
         assert_eq!(s.state, SaleState::PartiallyRefunded);
-        assert_eq!(refundable(&s, None), Ok(d("89.50")));
-        let err = refundable(&s, Some(d("89.51"))).unwrap_err();
+        assert_eq!(refundable(&s), d("89.50"));
+        let err = refund_plan(&s, Some(d("89.51")), "t").unwrap_err();
         assert_eq!(err.code(), "refund_exceeds_paid");
         assert_eq!(
             err.to_string(),
             "the refund 89.51 exceeds what is left to refund (89.50)"
         );
-        let s = changed(operator_refund(&s, op_refund("89.50", 6)).unwrap());
+        let calls = refund_plan(&s, Some(d("89.50")), "u").unwrap();
+        let (s, _) = changed(record_refunds(&s, &made(&calls, 6), 6).unwrap());
         assert_eq!(s.state, SaleState::Refunded);
-        assert_eq!(s.operator_refunds.len(), 2);
+        assert_eq!(s.ledger.refunds().count(), 2);
     }
 
     #[test]
-    fn only_paid_sales_are_refunded_and_amounts_follow_the_currency() {
-        let mut s = paid_sale("100.00");
+    fn only_paid_sales_or_money_owed_are_refunded_and_amounts_follow_the_currency() {
+        let mut s = paid_sale(&[(77, "100.00")]);
         assert_eq!(
-            refundable(&s, Some(d("1.005"))).unwrap_err().code(),
+            refund_plan(&s, Some(d("1.005")), "t").unwrap_err().code(),
             "bad_amount"
         );
         assert_eq!(
-            refundable(&s, Some(d("0"))).unwrap_err().code(),
+            refund_plan(&s, Some(d("0")), "t").unwrap_err().code(),
             "bad_amount"
         );
-        s.state = SaleState::Pending;
-        assert_eq!(refundable(&s, None).unwrap_err().code(), "not_refundable");
-        assert!(operator_refund(&s, op_refund("1.00", 5)).is_err());
+        s.state = SaleState::Cancelled;
+        assert_eq!(
+            refund_plan(&s, None, "t").unwrap_err().code(),
+            "not_refundable"
+        );
+    }
+
+    #[test]
+    fn what_a_refund_due_sale_owes_is_the_operators_to_refund() {
+        let s = paid_sale(&[(77, "60.00"), (78, "40.00")]);
+        let Outcome::Changed { sale: s, .. } = deliver(&s, false, None, ctx(3)) else {
+            panic!()
+        };
+        assert_eq!(s.ledger.owed(), d("100.00"));
+        assert_eq!(refundable(&s), Decimal::ZERO);
+        let calls = refund_plan(&s, None, "t").unwrap();
+        let plan: Vec<_> = calls.iter().map(|c| (c.key.as_str(), c.amount)).collect();
+        assert_eq!(
+            plan,
+            [
+                ("qrgate-refund-77", d("60.00")),
+                ("qrgate-refund-78", d("40.00"))
+            ]
+        );
+        let (s, event) = changed(record_refunds(&s, &made(&calls, 5), 5).unwrap());
+        assert!(matches!(event, SaleEvent::Refunded { .. }));
+        assert_eq!(s.ledger.owed(), Decimal::ZERO);
+        assert_eq!(s.state, SaleState::Paid);
     }
 
     #[test]

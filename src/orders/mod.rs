@@ -3,6 +3,7 @@
 //! passed in.
 
 pub mod book;
+pub mod ledger;
 pub mod sale;
 pub mod settle;
 
@@ -10,7 +11,7 @@ pub mod settle;
 mod invariants;
 
 pub use book::{
-    apply, mp_external_id, operator_refund, pay, refundable, Command, Ctx, Outcome, PollProtocol,
-    PosConfig, PosMode, PosState, Presence, RefundRefusal, Rejection, SaleEvent,
+    apply, mp_external_id, record_refunds, refund_plan, refundable, settle, Command, Ctx, Outcome,
+    PollProtocol, PosConfig, PosMode, PosState, Presence, RefundRefusal, Rejection, SaleEvent,
 };
 pub use sale::{ExternalReference, MpId, PosId, PosKind, Sale, SaleId, SaleState, UnixMillis};

@@ -6,6 +6,7 @@ use std::fmt;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
+use super::ledger::Ledger;
 use crate::money::{Amount, Currency};
 
 /// Milliseconds since the Unix epoch. The domain takes the clock as input.
@@ -340,27 +341,32 @@ impl<'de> Deserialize<'de> for MpId {
     }
 }
 
-/// The payment that closed a sale.
+/// How a sale was closed: the merchant order that paid it and the payment
+/// that reached its total (the one a device is told).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Settled {
     pub payment_id: MpId,
     /// The merchant order, or the Orders API's order, that was paid.
     pub merchant_order: MpId,
-    /// The sum of the approved payments, which may exceed the total.
+    /// The whole amounts of the payments kept, which may exceed the total
+    /// (an overpayment, owed back).
     pub paid: Decimal,
     pub at: UnixMillis,
 }
 
 /// Why money must go back to the customer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RefundReason {
     /// Paid after the sale was cancelled or expired.
     LatePayment,
-    /// A second merchant order paid a sale already paid.
+    /// Paid again after the sale was paid, or a payment the sale did not
+    /// need (another merchant order paid it).
     DoublePayment,
     /// The device reported it could not deliver a paid sale.
     DeliveryFailed,
+    /// What the payment that reached the total carried beyond it.
+    Overpayment,
 }
 
 impl RefundReason {
@@ -369,30 +375,9 @@ impl RefundReason {
             RefundReason::LatePayment => "late_payment",
             RefundReason::DoublePayment => "double_payment",
             RefundReason::DeliveryFailed => "delivery_failed",
+            RefundReason::Overpayment => "overpayment",
         }
     }
-}
-
-/// A refund Mercado Pago made for us.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Refunded {
-    pub refund_id: MpId,
-    pub at: UnixMillis,
-}
-
-/// A payment that must go back to the customer. Whether qrgate refunds it
-/// itself is decided when it comes due (`[orders] auto_refund` then), so
-/// turning the setting on later refunds nothing by surprise.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RefundDue {
-    pub payment_id: MpId,
-    pub merchant_order: MpId,
-    pub amount: Decimal,
-    pub at: UnixMillis,
-    pub reason: RefundReason,
-    pub auto: bool,
-    #[serde(default)]
-    pub refunded: Option<Refunded>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -425,25 +410,10 @@ pub struct Sale {
     /// Why Mercado Pago refused it, in its own words (state `rejected`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rejection: Option<String>,
-    /// Payments owed back, oldest first.
-    #[serde(default)]
-    pub refunds: Vec<RefundDue>,
-    /// Refunds the operator made of the paid sale, oldest first.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub operator_refunds: Vec<OperatorRefund>,
+    /// Every approved payment reported for it and what became of each.
+    #[serde(default, skip_serializing_if = "Ledger::is_empty")]
+    pub ledger: Ledger,
     pub updated_at: UnixMillis,
-}
-
-/// A refund of a paid sale asked for by the operator (console or admin
-/// API), as Mercado Pago made it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct OperatorRefund {
-    pub refund_id: MpId,
-    pub payment_id: MpId,
-    pub amount: Decimal,
-    pub at: UnixMillis,
-    /// Who asked: `token` (the API's bearer) or `console`.
-    pub by: String,
 }
 
 impl Sale {
@@ -462,17 +432,15 @@ impl Sale {
         self.state == SaleState::Paid && self.delivered_at.is_none()
     }
 
-    /// What the operator has refunded of the paid sale so far.
+    /// What the operator has refunded of what the sale kept.
     pub fn refunded_total(&self) -> Decimal {
-        self.operator_refunds.iter().map(|r| r.amount).sum()
+        self.ledger.refunded_kept()
     }
 
-    /// A merchant order already accounted for by this sale.
-    pub fn knows_merchant_order(&self, id: &MpId) -> bool {
-        self.settled
-            .as_ref()
-            .is_some_and(|s| &s.merchant_order == id)
-            || self.refunds.iter().any(|r| &r.merchant_order == id)
+    /// Whether the sale can still be paid: its payments are held until it
+    /// closes or ends.
+    pub fn is_payable(&self) -> bool {
+        self.state.is_busy()
     }
 }
 

@@ -4,7 +4,8 @@
 
 use rust_decimal::Decimal;
 
-use super::sale::{MpId, Sale, SaleState};
+use super::ledger::Approved;
+use super::sale::{MpId, Sale};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MerchantOrderStatus {
@@ -28,6 +29,8 @@ pub struct PaymentFacts {
     pub status: PaymentStatus,
     pub amount: Decimal,
     pub currency: Option<String>,
+    /// Mercado Pago's `date_approved`, which orders a sale's payments.
+    pub approved_at: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,24 +123,14 @@ impl Refusal {
     }
 }
 
-/// A merchant order that pays a sale in full.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Payment {
-    pub merchant_order: MpId,
-    /// The approved payment reported to the device (the latest, when several
-    /// add up to the total).
-    pub payment_id: MpId,
-    pub paid: Decimal,
-    pub overpaid: bool,
-}
-
-/// Checks every condition of MP-API.md section 2 for `sale`, whatever the
-/// sale's own state (the caller decides what a payment means for it).
-pub fn check_payment(
+/// Checks who a merchant order belongs to (MP-API.md section 2): our
+/// collector, this sale's reference, the sale's currency. Its approved
+/// payments, for the ledger; whether they pay the sale is the ledger's rule.
+pub fn verify(
     sale: &Sale,
     mo: &MerchantOrderFacts,
     collector_id: u64,
-) -> Result<Payment, Refusal> {
+) -> Result<Vec<Approved>, Refusal> {
     if mo.collector_id != Some(collector_id) {
         return Err(Refusal::ForeignCollector {
             collector: mo.collector_id,
@@ -148,73 +141,49 @@ pub fn check_payment(
             external_reference: mo.external_reference.clone(),
         });
     }
+    let expected = sale.currency.code();
+    mo.approved()
+        .map(|p| match p.currency.as_deref() {
+            Some(c) if c == expected => Ok(Approved {
+                id: p.id.clone(),
+                merchant_order: mo.id.clone(),
+                amount: p.amount,
+                approved_at: p.approved_at,
+            }),
+            other => Err(Refusal::CurrencyMismatch {
+                expected: expected.to_owned(),
+                got: other.unwrap_or("none").to_owned(),
+            }),
+        })
+        .collect()
+}
+
+/// Why a verified merchant order closes nothing (its approved payments,
+/// if any, are held by the sale meanwhile).
+pub fn why_not_closing(sale: &Sale, mo: &MerchantOrderFacts, approved: &[Approved]) -> Refusal {
     match &mo.status {
         MerchantOrderStatus::Closed => {}
         MerchantOrderStatus::Opened => {
-            return Err(Refusal::NotClosed {
+            return Refusal::NotClosed {
                 status: "opened".into(),
-            })
-        }
-        MerchantOrderStatus::Expired => {
-            return Err(Refusal::NotClosed {
-                status: "expired".into(),
-            })
-        }
-        MerchantOrderStatus::Other(s) => return Err(Refusal::NotClosed { status: s.clone() }),
-    }
-    let total = sale.amount.ok_or(Refusal::NoAmount)?;
-    let expected = sale.currency.code();
-    let mut paid = Decimal::ZERO;
-    let mut latest: Option<&MpId> = None;
-    for p in mo.approved() {
-        match p.currency.as_deref() {
-            Some(c) if c == expected => {}
-            other => {
-                return Err(Refusal::CurrencyMismatch {
-                    expected: expected.to_owned(),
-                    got: other.unwrap_or("none").to_owned(),
-                })
             }
         }
-        paid += p.amount;
-        latest = Some(latest.map_or(&p.id, |l| l.max(&p.id)));
+        MerchantOrderStatus::Expired => {
+            return Refusal::NotClosed {
+                status: "expired".into(),
+            }
+        }
+        MerchantOrderStatus::Other(s) => return Refusal::NotClosed { status: s.clone() },
     }
-    let payment_id = latest.cloned().ok_or(Refusal::NoApprovedPayment)?;
-    if paid < total {
-        return Err(Refusal::ShortAmount { paid, total });
+    let Some(total) = sale.amount else {
+        return Refusal::NoAmount;
+    };
+    if approved.is_empty() {
+        return Refusal::NoApprovedPayment;
     }
-    Ok(Payment {
-        merchant_order: mo.id.clone(),
-        payment_id,
-        paid,
-        overpaid: paid > total,
-    })
-}
-
-/// What a full payment means for a sale, given where the sale is.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Effect {
-    /// The sale was payable: it is paid now.
-    Close,
-    /// This very payment already closed the sale: a duplicate, harmless.
-    AlreadyPaid,
-    /// Money arrived for a sale that could no longer take it (cancelled,
-    /// expired, or paid by another merchant order): it must be refunded.
-    RefundDue,
-}
-
-pub fn effect_of(sale: &Sale, payment: &Payment) -> Effect {
-    if sale.knows_merchant_order(&payment.merchant_order) {
-        return Effect::AlreadyPaid;
-    }
-    match sale.state {
-        SaleState::Pending | SaleState::InProcess => Effect::Close,
-        SaleState::Paid
-        | SaleState::Cancelled
-        | SaleState::Expired
-        | SaleState::Rejected
-        | SaleState::Refunded
-        | SaleState::PartiallyRefunded => Effect::RefundDue,
+    Refusal::ShortAmount {
+        paid: approved.iter().map(|p| p.amount).sum(),
+        total,
     }
 }
 
@@ -225,13 +194,13 @@ mod tests {
     use crate::orders::sale::*;
     use std::str::FromStr;
 
-    fn sale(state: SaleState) -> Sale {
+    fn sale() -> Sale {
         Sale {
             external_reference: ExternalReference::parse("pump-1-abc").unwrap(),
             pos: PosId::parse("pump-1").unwrap(),
             sale_id: SaleId::parse("42").unwrap(),
             currency: Currency::Ars,
-            state,
+            state: SaleState::Pending,
             lines: vec![],
             amount: Some(Decimal::from_str("100.00").unwrap()),
             accepted_at: 0,
@@ -242,8 +211,7 @@ mod tests {
             placed_at: None,
             mp_order: None,
             rejection: None,
-            refunds: vec![],
-            operator_refunds: vec![],
+            ledger: Default::default(),
             updated_at: 0,
         }
     }
@@ -265,104 +233,44 @@ mod tests {
                     },
                     amount: Decimal::from_str(amount).unwrap(),
                     currency: Some("ARS".into()),
+                    approved_at: None,
                 })
                 .collect(),
         }
     }
 
     #[test]
-    fn a_closed_order_paid_in_full_pays_the_sale() {
-        let p = check_payment(
-            &sale(SaleState::Pending),
-            &mo(MerchantOrderStatus::Closed, vec![(1, true, "100")]),
-            178,
-        )
-        .unwrap();
-        assert_eq!(p.payment_id, 1);
-        assert!(!p.overpaid);
-    }
-
-    #[test]
-    fn an_opened_order_proves_nothing_even_with_an_approved_payment() {
-        let r = check_payment(
-            &sale(SaleState::Pending),
-            &mo(MerchantOrderStatus::Opened, vec![(1, true, "100")]),
-            178,
+    fn only_approved_payments_of_our_collector_reference_and_currency_count() {
+        let s = sale();
+        let m = mo(
+            MerchantOrderStatus::Closed,
+            vec![(1, false, "100"), (2, true, "50")],
         );
-        assert_eq!(r.unwrap_err().code(), "not_closed");
-    }
-
-    #[test]
-    fn rejected_payments_do_not_count() {
-        let r = check_payment(
-            &sale(SaleState::Pending),
-            &mo(
-                MerchantOrderStatus::Closed,
-                vec![(1, false, "100"), (2, true, "50")],
-            ),
-            178,
-        );
-        assert_eq!(r.unwrap_err().code(), "short_amount");
-    }
-
-    #[test]
-    fn several_approved_payments_add_up_and_more_is_an_overpayment() {
-        let p = check_payment(
-            &sale(SaleState::Pending),
-            &mo(
-                MerchantOrderStatus::Closed,
-                vec![(1, true, "60"), (3, true, "60")],
-            ),
-            178,
-        )
-        .unwrap();
-        assert_eq!(p.payment_id, 3);
-        assert!(p.overpaid);
-    }
-
-    #[test]
-    fn foreign_collectors_references_and_currencies_are_refused() {
-        let s = sale(SaleState::Pending);
-        let mut m = mo(MerchantOrderStatus::Closed, vec![(1, true, "100")]);
+        let approved = verify(&s, &m, 178).unwrap();
+        assert_eq!(approved.len(), 1);
+        assert_eq!(approved[0].id, MpId::Num(2));
+        assert_eq!(approved[0].merchant_order, MpId::Num(7));
+        assert_eq!(why_not_closing(&s, &m, &approved).code(), "short_amount");
+        assert_eq!(verify(&s, &m, 999).unwrap_err().code(), "foreign_collector");
+        let mut m2 = m.clone();
+        m2.external_reference = Some("other".into());
         assert_eq!(
-            check_payment(&s, &m, 999).unwrap_err().code(),
-            "foreign_collector"
-        );
-        m.external_reference = Some("other".into());
-        assert_eq!(
-            check_payment(&s, &m, 178).unwrap_err().code(),
+            verify(&s, &m2, 178).unwrap_err().code(),
             "foreign_reference"
         );
-        let mut m = mo(MerchantOrderStatus::Closed, vec![(1, true, "100")]);
-        m.payments[0].currency = Some("BRL".into());
+        let mut m3 = m.clone();
+        m3.payments[1].currency = Some("BRL".into());
         assert_eq!(
-            check_payment(&s, &m, 178).unwrap_err().code(),
+            verify(&s, &m3, 178).unwrap_err().code(),
             "currency_mismatch"
         );
     }
 
     #[test]
-    fn what_a_payment_means_depends_on_the_sale() {
-        let m = mo(MerchantOrderStatus::Closed, vec![(1, true, "100")]);
-        let p = check_payment(&sale(SaleState::Pending), &m, 178).unwrap();
-        assert_eq!(effect_of(&sale(SaleState::Pending), &p), Effect::Close);
-        assert_eq!(
-            effect_of(&sale(SaleState::Cancelled), &p),
-            Effect::RefundDue
-        );
-        assert_eq!(effect_of(&sale(SaleState::Expired), &p), Effect::RefundDue);
-        let mut paid = sale(SaleState::Paid);
-        paid.settled = Some(Settled {
-            payment_id: MpId::Num(1),
-            merchant_order: MpId::Num(7),
-            paid: Decimal::from(100),
-            at: 0,
-        });
-        assert_eq!(effect_of(&paid, &p), Effect::AlreadyPaid);
-        let other = Payment {
-            merchant_order: MpId::Num(8),
-            ..p
-        };
-        assert_eq!(effect_of(&paid, &other), Effect::RefundDue);
+    fn an_opened_order_proves_nothing_even_with_an_approved_payment() {
+        let s = sale();
+        let m = mo(MerchantOrderStatus::Opened, vec![(1, true, "100")]);
+        let approved = verify(&s, &m, 178).unwrap();
+        assert_eq!(why_not_closing(&s, &m, &approved).code(), "not_closed");
     }
 }

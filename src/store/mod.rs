@@ -3,6 +3,7 @@
 //! book is rebuilt from it at start. Behind a trait because a second engine
 //! is planned; SQLite (WAL, fsync per commit) is the embedded default.
 
+mod legacy;
 mod sqlite;
 
 use async_trait::async_trait;
@@ -17,9 +18,9 @@ pub enum StoreError {
     /// `paid` happen once.
     #[error("sale {0} is already closed")]
     AlreadyClosed(String),
-    /// This payment is already recorded as due for refund.
-    #[error("payment {0} is already recorded as refund due")]
-    AlreadyDue(String),
+    /// The payment is already recorded in another sale's ledger.
+    #[error("payment {payment} is already recorded for sale {owner}")]
+    ForeignPayment { payment: String, owner: String },
     #[error("store unavailable: {0}")]
     Unavailable(String),
     #[error("database error: {0}")]
@@ -64,6 +65,8 @@ pub struct SaleFilter {
     pub pos: Option<String>,
     /// A state's name (`pending`, `paid`...).
     pub state: Option<String>,
+    /// Only sales that owe money back.
+    pub owing: bool,
     /// Accepted at or after (unix millis).
     pub since: Option<i64>,
     pub limit: usize,
@@ -71,6 +74,44 @@ pub struct SaleFilter {
 
 /// One event of a sale: (unix millis, event name, JSON detail).
 pub type TimelineEntry = (i64, String, String);
+
+/// A notification written to the inbox: the resource it names, kept until
+/// it was fetched and applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboxEntry {
+    /// `merchant_order`, `payment` or `order`.
+    pub topic: String,
+    pub id: String,
+    /// When the first notification of this round arrived (unix millis).
+    pub received_at: i64,
+    /// Grows with every notification, so a fetch that started before the
+    /// latest one does not mark it done.
+    pub generation: i64,
+    pub attempts: u32,
+    pub next_at: i64,
+}
+
+/// An operator's refund request, kept by its key: the calls it makes and,
+/// once known, the answer it got.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefundRequest {
+    pub key: String,
+    pub external_reference: String,
+    /// The refund calls, as JSON.
+    pub plan: String,
+    /// The HTTP status and JSON body answered, once final.
+    pub answer: Option<(u16, String)>,
+    pub at: i64,
+}
+
+/// A paid sale to search again for payments nobody notified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recheck {
+    pub external_reference: ExternalReference,
+    pub paid_at: i64,
+    /// How many searches were made since it was paid.
+    pub done: u32,
+}
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -108,6 +149,70 @@ pub trait Store: Send + Sync + 'static {
 
     /// Sales with a refund qrgate must make itself and has not made yet.
     async fn pending_auto_refunds(&self) -> Result<Vec<Sale>, StoreError>;
+
+    /// How many sales owe money back.
+    async fn count_owing(&self) -> Result<u64, StoreError>;
+
+    // ---- The notification inbox ----
+
+    /// Durably notes a notification for `(topic, id)`: a new entry, or one
+    /// more notification folded into a pending one (its generation grows and
+    /// it is due now), or a done one opened again.
+    async fn inbox_add(&self, topic: &str, id: &str, now: i64) -> Result<InboxEntry, StoreError>;
+
+    /// Entries not done yet, oldest first.
+    async fn inbox_pending(&self) -> Result<Vec<InboxEntry>, StoreError>;
+
+    /// Marks an entry done, unless a notification came after `generation`
+    /// (then `false`: it must be fetched again).
+    async fn inbox_done(
+        &self,
+        topic: &str,
+        id: &str,
+        generation: i64,
+        now: i64,
+        outcome: &str,
+    ) -> Result<bool, StoreError>;
+
+    /// Notes a failed fetch and when to try again.
+    async fn inbox_retry(
+        &self,
+        topic: &str,
+        id: &str,
+        attempts: u32,
+        next_at: i64,
+        error: &str,
+    ) -> Result<(), StoreError>;
+
+    // ---- Operator refund requests ----
+
+    async fn refund_request(&self, key: &str) -> Result<Option<RefundRequest>, StoreError>;
+
+    /// Writes a request (its plan, and its answer once final).
+    async fn put_refund_request(&self, r: RefundRequest) -> Result<(), StoreError>;
+
+    // ---- Searching paid sales again ----
+
+    /// Paid sales searched `done` times since they were paid, paid at or
+    /// before `paid_before`, oldest first.
+    async fn due_rechecks(
+        &self,
+        done: u32,
+        paid_before: i64,
+        limit: usize,
+    ) -> Result<Vec<Recheck>, StoreError>;
+
+    /// Notes one more search of a paid sale; the `last` one forgets it.
+    async fn recheck_done(
+        &self,
+        reference: &ExternalReference,
+        done: u32,
+        last: bool,
+    ) -> Result<(), StoreError>;
+
+    /// Forgets done inbox entries and answered refund requests older than
+    /// `before` (unix millis).
+    async fn prune(&self, before: i64) -> Result<(), StoreError>;
 
     async fn merchant_order(&self, id: &MpId) -> Result<Option<MerchantOrderRecord>, StoreError>;
 

@@ -13,13 +13,16 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::oneshot;
 
+use rust_decimal::Decimal;
+
 use super::{
-    MerchantOrderRecord, PaymentRecord, RegistrationRecord, RejectionRecord, SaleFilter, Store,
-    StoreError, TimelineEntry,
+    InboxEntry, MerchantOrderRecord, PaymentRecord, Recheck, RefundRequest, RegistrationRecord,
+    RejectionRecord, SaleFilter, Store, StoreError, TimelineEntry,
 };
+use crate::orders::ledger::RefundOf;
 use crate::orders::{ExternalReference, MpId, Sale, SaleEvent};
 
-const SCHEMA: &str = r#"
+pub(super) const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS sales (
     external_reference TEXT PRIMARY KEY,
     pos                TEXT NOT NULL,
@@ -28,12 +31,15 @@ CREATE TABLE IF NOT EXISTS sales (
     accepted_at        INTEGER NOT NULL,
     updated_at         INTEGER NOT NULL,
     served_at          INTEGER,
-    -- 1 while the sale was served to MP and no payment is accounted for.
+    -- 1 while reconciliation must search for the sale's payments.
     unsettled          INTEGER NOT NULL DEFAULT 0,
-    body               TEXT NOT NULL
+    body               TEXT NOT NULL,
+    -- 1 while its ledger owes money back (2: some of it qrgate refunds itself).
+    owes               INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS sales_by_pos ON sales (pos, accepted_at);
 CREATE INDEX IF NOT EXISTS sales_unsettled ON sales (unsettled, served_at);
+CREATE INDEX IF NOT EXISTS sales_owing ON sales (owes) WHERE owes > 0;
 CREATE TABLE IF NOT EXISTS sale_events (
     seq                INTEGER PRIMARY KEY AUTOINCREMENT,
     external_reference TEXT NOT NULL,
@@ -51,18 +57,25 @@ CREATE TABLE IF NOT EXISTS closings (
 );
 -- Mercado Pago ids are numbers, or text in its Orders API: id columns have
 -- no type, so each value keeps its own (SQLite's flexible typing).
-CREATE TABLE IF NOT EXISTS refunds_due (
+-- Every approved payment, once, with the sale whose ledger holds it.
+CREATE TABLE IF NOT EXISTS ledger_payments (
     payment_id         PRIMARY KEY NOT NULL,
     external_reference TEXT NOT NULL,
     merchant_order     NOT NULL,
     amount             TEXT NOT NULL,
-    at                 INTEGER NOT NULL,
-    reason             TEXT NOT NULL,
-    auto               INTEGER NOT NULL,
-    refund_id,
-    refunded_at        INTEGER
+    seen_at            INTEGER NOT NULL
 );
-CREATE INDEX IF NOT EXISTS refunds_pending ON refunds_due (auto, refund_id);
+-- Every refund Mercado Pago made for us, once.
+CREATE TABLE IF NOT EXISTS ledger_refunds (
+    refund_id          PRIMARY KEY NOT NULL,
+    payment_id         NOT NULL,
+    external_reference TEXT NOT NULL,
+    amount             TEXT NOT NULL,
+    of                 TEXT NOT NULL,
+    by                 TEXT NOT NULL,
+    at                 INTEGER NOT NULL
+);
+-- Payments as the merchant orders that carry them say (an audit trail).
 CREATE TABLE IF NOT EXISTS payments (
     id                 PRIMARY KEY NOT NULL,
     merchant_order     NOT NULL,
@@ -79,6 +92,37 @@ CREATE TABLE IF NOT EXISTS merchant_orders (
     body               TEXT NOT NULL,
     seen_at            INTEGER NOT NULL
 );
+-- Notifications answered 200 and not applied yet.
+CREATE TABLE IF NOT EXISTS inbox (
+    topic              TEXT NOT NULL,
+    id                 TEXT NOT NULL,
+    received_at        INTEGER NOT NULL,
+    generation         INTEGER NOT NULL,
+    attempts           INTEGER NOT NULL DEFAULT 0,
+    next_at            INTEGER NOT NULL,
+    done_at            INTEGER,
+    outcome            TEXT,
+    last_error         TEXT,
+    PRIMARY KEY (topic, id)
+);
+CREATE INDEX IF NOT EXISTS inbox_pending ON inbox (received_at) WHERE done_at IS NULL;
+CREATE INDEX IF NOT EXISTS inbox_done ON inbox (done_at) WHERE done_at IS NOT NULL;
+-- The operator's refund requests by Idempotency-Key, with their answers.
+CREATE TABLE IF NOT EXISTS refund_requests (
+    key                TEXT PRIMARY KEY,
+    external_reference TEXT NOT NULL,
+    plan               TEXT NOT NULL,
+    status             INTEGER,
+    answer             TEXT,
+    at                 INTEGER NOT NULL
+);
+-- Paid sales to search again for payments nobody notified.
+CREATE TABLE IF NOT EXISTS rechecks (
+    external_reference TEXT PRIMARY KEY,
+    paid_at            INTEGER NOT NULL,
+    done               INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS rechecks_due ON rechecks (done, paid_at);
 CREATE TABLE IF NOT EXISTS device_rejections (
     seq                INTEGER PRIMARY KEY AUTOINCREMENT,
     pos                TEXT NOT NULL,
@@ -101,6 +145,44 @@ CREATE TABLE IF NOT EXISTS mp_registrations (
     qr_template_image    TEXT,
     action               TEXT NOT NULL,
     at                   INTEGER NOT NULL
+);
+"#;
+
+/// The id tables as version 1 made them; version 0 files pass through it on
+/// their way to the current schema.
+const SCHEMA_V1_IDS: &str = r#"
+CREATE TABLE IF NOT EXISTS closings (
+    external_reference TEXT PRIMARY KEY,
+    payment_id         NOT NULL,
+    merchant_order     NOT NULL,
+    at                 INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS refunds_due (
+    payment_id         PRIMARY KEY NOT NULL,
+    external_reference TEXT NOT NULL,
+    merchant_order     NOT NULL,
+    amount             TEXT NOT NULL,
+    at                 INTEGER NOT NULL,
+    reason             TEXT NOT NULL,
+    auto               INTEGER NOT NULL,
+    refund_id,
+    refunded_at        INTEGER
+);
+CREATE TABLE IF NOT EXISTS payments (
+    id                 PRIMARY KEY NOT NULL,
+    merchant_order     NOT NULL,
+    external_reference TEXT,
+    status             TEXT NOT NULL,
+    amount             TEXT NOT NULL,
+    currency           TEXT,
+    seen_at            INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS merchant_orders (
+    id                 PRIMARY KEY NOT NULL,
+    external_reference TEXT,
+    status             TEXT NOT NULL,
+    body               TEXT NOT NULL,
+    seen_at            INTEGER NOT NULL
 );
 "#;
 
@@ -169,29 +251,133 @@ enum Op {
     Registrations {
         reply: oneshot::Sender<Result<Vec<RegistrationRecord>, StoreError>>,
     },
+    // ---- the ledger's queues ----
+    CountOwing {
+        reply: oneshot::Sender<Result<u64, StoreError>>,
+    },
+    InboxAdd {
+        topic: String,
+        id: String,
+        now: i64,
+        reply: oneshot::Sender<Result<InboxEntry, StoreError>>,
+    },
+    InboxPending {
+        reply: oneshot::Sender<Result<Vec<InboxEntry>, StoreError>>,
+    },
+    InboxDone {
+        topic: String,
+        id: String,
+        generation: i64,
+        now: i64,
+        outcome: String,
+        reply: oneshot::Sender<Result<bool, StoreError>>,
+    },
+    InboxRetry {
+        topic: String,
+        id: String,
+        attempts: u32,
+        next_at: i64,
+        error: String,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    RefundRequestGet {
+        key: String,
+        reply: oneshot::Sender<Result<Option<RefundRequest>, StoreError>>,
+    },
+    RefundRequestPut {
+        r: RefundRequest,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    DueRechecks {
+        done: u32,
+        paid_before: i64,
+        limit: usize,
+        reply: oneshot::Sender<Result<Vec<Recheck>, StoreError>>,
+    },
+    RecheckDone {
+        reference: String,
+        done: u32,
+        last: bool,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    Prune {
+        before: i64,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
 }
 
 pub struct SqliteStore {
     tx: std_mpsc::Sender<Op>,
 }
 
-fn db(e: rusqlite::Error) -> StoreError {
+pub(super) fn db(e: rusqlite::Error) -> StoreError {
     StoreError::Database(e.to_string())
 }
 
 /// The schema's version in `PRAGMA user_version`.
-const VERSION: i64 = 1;
+const VERSION: i64 = 2;
 
-/// Creates the schema, or brings a file from an older qrgate up to it in
-/// one transaction. Version 1: id columns lose their INTEGER type, so the
-/// Orders API's text ids fit beside the classic numeric ones.
+/// Creates the schema, or brings a file from an older qrgate up to it, each
+/// step in one transaction:
+/// - version 1: id columns lose their INTEGER type, so the Orders API's text
+///   ids fit beside the classic numeric ones;
+/// - version 2: the payment ledger. Each sale's body gets its ledger, built
+///   from what version 1 kept (the closing, the merchant orders' payments,
+///   the refunds due and the operator's refunds); `refunds_due` is kept as
+///   `refunds_due_v1` for audits.
 fn migrate(conn: &Connection) -> Result<(), StoreError> {
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .map_err(db)?;
-    if version >= VERSION {
-        return conn.execute_batch(SCHEMA).map_err(db);
+    let fresh: bool = conn
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table'
+             AND name IN ('sales', 'closings', 'refunds_due', 'payments', 'merchant_orders')",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .map_err(db)?
+        == 0;
+    if version >= VERSION || fresh {
+        conn.execute_batch(SCHEMA).map_err(db)?;
+        if version < VERSION {
+            conn.pragma_update(None, "user_version", VERSION)
+                .map_err(db)?;
+        }
+        return Ok(());
     }
+    if version < 1 {
+        upgrade_v1(conn)?;
+    }
+    in_transaction(
+        conn,
+        "cannot upgrade the database to the payment ledger",
+        |c| {
+            super::legacy::upgrade(c)?;
+            c.execute_batch(SCHEMA).map_err(db)?;
+            c.pragma_update(None, "user_version", VERSION).map_err(db)
+        },
+    )?;
+    tracing::info!(version = VERSION, "database upgraded: the payment ledger");
+    Ok(())
+}
+
+fn in_transaction(
+    conn: &Connection,
+    what: &str,
+    f: impl FnOnce(&Connection) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    conn.execute_batch("BEGIN IMMEDIATE").map_err(db)?;
+    match f(conn) {
+        Ok(()) => conn.execute_batch("COMMIT").map_err(db),
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            Err(StoreError::Database(format!("{what}: {e}")))
+        }
+    }
+}
+
+fn upgrade_v1(conn: &Connection) -> Result<(), StoreError> {
     let old: Vec<String> = {
         let mut st = conn
             .prepare(
@@ -206,35 +392,32 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
             .map_err(db)?;
         names
     };
-    let mut script = String::from("BEGIN IMMEDIATE;\n");
-    for t in &old {
-        script.push_str(&format!("ALTER TABLE {t} RENAME TO {t}_v0;\n"));
-        // Indexes move with the renamed table; the schema makes new ones.
-        if t == "refunds_due" {
-            script.push_str("DROP INDEX IF EXISTS refunds_pending;\n");
+    in_transaction(conn, "cannot upgrade the database", |c| {
+        let mut script = String::new();
+        for t in &old {
+            script.push_str(&format!("ALTER TABLE {t} RENAME TO {t}_v0;\n"));
+            // Indexes move with the renamed table.
+            if t == "refunds_due" {
+                script.push_str("DROP INDEX IF EXISTS refunds_pending;\n");
+            }
         }
-    }
-    script.push_str(SCHEMA);
-    for t in &old {
-        script.push_str(&format!(
-            "INSERT INTO {t} SELECT * FROM {t}_v0;\nDROP TABLE {t}_v0;\n"
-        ));
-    }
-    script.push_str(&format!("PRAGMA user_version = {VERSION};\nCOMMIT;\n"));
-    if let Err(e) = conn.execute_batch(&script) {
-        let _ = conn.execute_batch("ROLLBACK");
-        return Err(StoreError::Database(format!(
-            "cannot upgrade the database: {e}"
-        )));
-    }
+        script.push_str(SCHEMA_V1_IDS);
+        for t in &old {
+            script.push_str(&format!(
+                "INSERT INTO {t} SELECT * FROM {t}_v0;\nDROP TABLE {t}_v0;\n"
+            ));
+        }
+        script.push_str("PRAGMA user_version = 1;\n");
+        c.execute_batch(&script).map_err(db)
+    })?;
     if !old.is_empty() {
-        tracing::info!(tables = old.len(), version = VERSION, "database upgraded");
+        tracing::info!(tables = old.len(), version = 1, "database upgraded");
     }
     Ok(())
 }
 
 /// An id as SQLite keeps it: numbers as integers, text as text.
-fn sql_id(id: &MpId) -> rusqlite::types::Value {
+pub(super) fn sql_id(id: &MpId) -> rusqlite::types::Value {
     match id {
         // MP's ids fit in i63; a larger one would still be kept exactly as text.
         MpId::Num(n) => i64::try_from(*n)
@@ -299,8 +482,49 @@ impl SqliteStore {
     }
 }
 
+/// The ledger's changes made at the sale's last update: the portions that
+/// came due and the refunds recorded then.
+fn ledger_news(sale: &Sale) -> (Vec<serde_json::Value>, Vec<serde_json::Value>) {
+    let at = sale.updated_at;
+    let owed = sale
+        .ledger
+        .payments()
+        .iter()
+        .flat_map(|p| {
+            p.owed
+                .iter()
+                .filter(move |o| o.at == at)
+                .map(move |o| (p, o))
+        })
+        .map(|(p, o)| {
+            serde_json::json!({
+                "payment_id": p.id,
+                "merchant_order": p.merchant_order,
+                "amount": o.amount.to_string(),
+                "reason": o.reason.as_str(),
+                "auto": o.auto,
+            })
+        })
+        .collect();
+    let refunds = sale
+        .ledger
+        .refunds()
+        .filter(|(_, r)| r.at == at)
+        .map(|(p, r)| {
+            serde_json::json!({
+                "payment_id": p.id,
+                "refund_id": r.id,
+                "amount": r.amount.to_string(),
+                "by": r.by,
+            })
+        })
+        .collect();
+    (owed, refunds)
+}
+
 fn event_detail(sale: &Sale, event: &SaleEvent) -> String {
-    let v = match event {
+    let (owed, refunds) = ledger_news(sale);
+    let mut v = match event {
         SaleEvent::Accepted | SaleEvent::Priced => serde_json::json!({
             "state": sale.state.as_str(),
             "amount": sale.amount.map(|a| a.to_string()),
@@ -310,111 +534,169 @@ fn event_detail(sale: &Sale, event: &SaleEvent) -> String {
             "merchant_order": sale.settled.as_ref().map(|s| &s.merchant_order),
             "paid": sale.settled.as_ref().map(|s| s.paid.to_string()),
             "overpaid": overpaid,
+            "payments": sale.ledger.payments().iter().filter(|p| p.kept > Decimal::ZERO)
+                .map(|p| serde_json::json!({"payment_id": p.id, "kept": p.kept.to_string()}))
+                .collect::<Vec<_>>(),
+        }),
+        SaleEvent::PaymentHeld => serde_json::json!({
+            "held": sale.ledger.payments().iter().filter(|p| p.held)
+                .map(|p| serde_json::json!({
+                    "payment_id": p.id, "merchant_order": p.merchant_order, "amount": p.amount.to_string(),
+                }))
+                .collect::<Vec<_>>(),
         }),
         SaleEvent::Delivered { ok, reason } => serde_json::json!({ "ok": ok, "reason": reason }),
-        SaleEvent::RefundDue => serde_json::json!({
-            "payment_id": sale.refunds.last().map(|r| &r.payment_id),
-            "merchant_order": sale.refunds.last().map(|r| &r.merchant_order),
-            "amount": sale.refunds.last().map(|r| r.amount.to_string()),
-            "reason": sale.refunds.last().map(|r| r.reason.as_str()),
-            "auto": sale.refunds.last().map(|r| r.auto),
-        }),
-        SaleEvent::Refunded { payment_id } => serde_json::json!({
-            "payment_id": payment_id,
-            "refund_id": sale.refunds.iter().find(|r| &r.payment_id == payment_id)
-                .and_then(|r| r.refunded.as_ref()).map(|r| &r.refund_id),
-        }),
         SaleEvent::Refused { reason } => serde_json::json!({ "reason": reason }),
         SaleEvent::CancelledByOperator { by } => serde_json::json!({ "by": by }),
+        SaleEvent::Refunded { amount, by } => serde_json::json!({
+            "by": by,
+            "amount": amount.to_string(),
+        }),
         SaleEvent::RefundedByOperator { amount, by } => serde_json::json!({
             "by": by,
             "amount": amount.to_string(),
             "refunded_total": sale.refunded_total().to_string(),
-            "refund_id": sale.operator_refunds.last().map(|r| &r.refund_id),
-            "payment_id": sale.operator_refunds.last().map(|r| &r.payment_id),
         }),
-        SaleEvent::Served | SaleEvent::Cancelled | SaleEvent::Expired | SaleEvent::Placed => {
-            serde_json::json!({})
-        }
+        SaleEvent::RefundDue
+        | SaleEvent::Served
+        | SaleEvent::Cancelled
+        | SaleEvent::Expired
+        | SaleEvent::Placed => serde_json::json!({}),
     };
+    if let Some(map) = v.as_object_mut() {
+        if !owed.is_empty() {
+            map.insert("owed".into(), owed.into());
+        }
+        if !refunds.is_empty() {
+            map.insert("refunds".into(), refunds.into());
+        }
+    }
     v.to_string()
+}
+
+/// The sales row's derived columns: whether reconciliation still searches
+/// for its payments (served or placed, not closed, and either payable or
+/// with no payment found yet), and what its ledger owes (0 nothing, 1 for
+/// the operator, 2 some of it for qrgate itself).
+pub(super) fn sale_columns(sale: &Sale) -> (bool, i64) {
+    let unsettled = sale.handed_at().is_some()
+        && sale.settled.is_none()
+        && (sale.is_payable() || sale.ledger.is_empty());
+    let owes = if sale.ledger.owes_auto() {
+        2
+    } else {
+        i64::from(sale.ledger.owed() > Decimal::ZERO)
+    };
+    (unsettled, owes)
+}
+
+/// Every payment of the sale's ledger, once by id and for this sale only,
+/// and every refund, once by id.
+pub(super) fn write_ledger(conn: &Connection, sale: &Sale) -> Result<(), StoreError> {
+    let reference = sale.external_reference.as_str();
+    let mut insert = conn
+        .prepare_cached(
+            "INSERT INTO ledger_payments (payment_id, external_reference, merchant_order, amount, seen_at)
+             VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
+        )
+        .map_err(db)?;
+    let mut owner = conn
+        .prepare_cached("SELECT external_reference FROM ledger_payments WHERE payment_id = ?1")
+        .map_err(db)?;
+    let mut refund = conn
+        .prepare_cached(
+            "INSERT INTO ledger_refunds (refund_id, payment_id, external_reference, amount, of, by, at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT DO NOTHING",
+        )
+        .map_err(db)?;
+    for p in sale.ledger.payments() {
+        let id = sql_id(&p.id);
+        let inserted = insert
+            .execute(params![
+                id,
+                reference,
+                sql_id(&p.merchant_order),
+                p.amount.to_string(),
+                p.seen_at
+            ])
+            .map_err(db)?;
+        if inserted == 0 {
+            let holder: String = owner.query_row([&id], |r| r.get(0)).map_err(db)?;
+            if holder != reference {
+                return Err(StoreError::ForeignPayment {
+                    payment: p.id.to_string(),
+                    owner: holder,
+                });
+            }
+        }
+        for r in &p.refunds {
+            let of = match r.of {
+                RefundOf::Kept => "kept",
+                RefundOf::Owed(reason) => reason.as_str(),
+            };
+            refund
+                .execute(params![
+                    sql_id(&r.id),
+                    id,
+                    reference,
+                    r.amount.to_string(),
+                    of,
+                    r.by,
+                    r.at
+                ])
+                .map_err(db)?;
+        }
+    }
+    Ok(())
 }
 
 fn write_sale(conn: &Connection, sale: &Sale, event: &SaleEvent) -> Result<(), StoreError> {
     let reference = sale.external_reference.as_str();
-    match event {
-        SaleEvent::Paid { .. } => {
-            let s = sale
-                .settled
-                .as_ref()
-                .ok_or_else(|| StoreError::Database("paid sale without settlement".into()))?;
-            let inserted = conn
-                .execute(
-                    "INSERT INTO closings (external_reference, payment_id, merchant_order, at)
-                     VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
-                    params![
-                        reference,
-                        sql_id(&s.payment_id),
-                        sql_id(&s.merchant_order),
-                        s.at
-                    ],
-                )
-                .map_err(db)?;
-            if inserted == 0 {
-                return Err(StoreError::AlreadyClosed(reference.to_owned()));
-            }
+    if let SaleEvent::Paid { .. } = event {
+        let s = sale
+            .settled
+            .as_ref()
+            .ok_or_else(|| StoreError::Database("paid sale without settlement".into()))?;
+        let inserted = conn
+            .execute(
+                "INSERT INTO closings (external_reference, payment_id, merchant_order, at)
+                 VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
+                params![
+                    reference,
+                    sql_id(&s.payment_id),
+                    sql_id(&s.merchant_order),
+                    s.at
+                ],
+            )
+            .map_err(db)?;
+        if inserted == 0 {
+            return Err(StoreError::AlreadyClosed(reference.to_owned()));
         }
-        SaleEvent::RefundDue | SaleEvent::Delivered { ok: false, .. } => {
-            let Some(r) = sale.refunds.last() else {
-                return Err(StoreError::Database("refund due without payment".into()));
-            };
-            let inserted = conn
-                .execute(
-                    "INSERT INTO refunds_due (payment_id, external_reference, merchant_order, amount, at, reason, auto)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT DO NOTHING",
-                    params![
-                        sql_id(&r.payment_id),
-                        reference,
-                        sql_id(&r.merchant_order),
-                        r.amount.to_string(),
-                        r.at,
-                        r.reason.as_str(),
-                        r.auto
-                    ],
-                )
-                .map_err(db)?;
-            // One refund per payment, whatever the number of reports.
-            if inserted == 0 {
-                return Err(StoreError::AlreadyDue(r.payment_id.to_string()));
-            }
-        }
-        SaleEvent::Refunded { payment_id } => {
-            let r = sale
-                .refunds
-                .iter()
-                .find(|r| &r.payment_id == payment_id)
-                .and_then(|r| r.refunded.as_ref())
-                .ok_or_else(|| StoreError::Database("refunded without a refund".into()))?;
-            let updated = conn
-                .execute(
-                    "UPDATE refunds_due SET refund_id = ?2, refunded_at = ?3
-                     WHERE payment_id = ?1 AND refund_id IS NULL",
-                    params![sql_id(payment_id), sql_id(&r.refund_id), r.at],
-                )
-                .map_err(db)?;
-            if updated == 0 {
-                return Err(StoreError::AlreadyDue(payment_id.to_string()));
-            }
-        }
-        _ => {}
+        conn.execute(
+            "INSERT INTO rechecks (external_reference, paid_at) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+            params![reference, s.at],
+        )
+        .map_err(db)?;
     }
+    // Only the events that add payments or refunds touch the ledger tables.
+    if matches!(
+        event,
+        SaleEvent::Paid { .. }
+            | SaleEvent::PaymentHeld
+            | SaleEvent::RefundDue
+            | SaleEvent::Refunded { .. }
+            | SaleEvent::RefundedByOperator { .. }
+    ) {
+        write_ledger(conn, sale)?;
+    }
+    let (unsettled, owes) = sale_columns(sale);
     let body = serde_json::to_string(sale).map_err(|e| StoreError::Database(e.to_string()))?;
     conn.execute(
-        "INSERT INTO sales (external_reference, pos, sale_id, state, accepted_at, updated_at, served_at, unsettled, body)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+        "INSERT INTO sales (external_reference, pos, sale_id, state, accepted_at, updated_at, served_at, unsettled, body, owes)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
          ON CONFLICT (external_reference) DO UPDATE SET
            state = excluded.state, updated_at = excluded.updated_at, served_at = excluded.served_at,
-           unsettled = excluded.unsettled, body = excluded.body",
+           unsettled = excluded.unsettled, body = excluded.body, owes = excluded.owes",
         params![
             reference,
             sale.pos.as_str(),
@@ -423,8 +705,9 @@ fn write_sale(conn: &Connection, sale: &Sale, event: &SaleEvent) -> Result<(), S
             sale.accepted_at,
             sale.updated_at,
             sale.handed_at(),
-            sale.handed_at().is_some() && sale.settled.is_none() && sale.refunds.is_empty(),
-            body
+            unsettled,
+            body,
+            owes
         ],
     )
     .map_err(db)?;
@@ -514,6 +797,66 @@ fn writer(conn: Connection, rx: std_mpsc::Receiver<Op>) {
 }
 
 type Reply = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+
+/// A write inside the batch's transaction, in a savepoint of its own: its
+/// answer goes out after the commit, and a failed commit fails it.
+fn write<T: Send + 'static>(
+    conn: &Connection,
+    began: &Result<(), StoreError>,
+    pending: &mut Vec<(Reply, Result<(), StoreError>)>,
+    reply: oneshot::Sender<Result<T, StoreError>>,
+    f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+) {
+    let r = began
+        .as_ref()
+        .map_err(|e| StoreError::Database(e.to_string()))
+        .and_then(|_| in_savepoint(conn, f));
+    match r {
+        Ok(v) => pending.push((
+            Box::new(move |committed: Result<(), StoreError>| {
+                drop(reply.send(committed.map(|()| v)))
+            }),
+            Ok(()),
+        )),
+        Err(e) => pending.push((Box::new(move |_| drop(reply.send(Err(e)))), Ok(()))),
+    }
+}
+
+fn inbox_entry(r: &rusqlite::Row<'_>) -> rusqlite::Result<InboxEntry> {
+    Ok(InboxEntry {
+        topic: r.get(0)?,
+        id: r.get(1)?,
+        received_at: r.get(2)?,
+        generation: r.get(3)?,
+        attempts: r.get::<_, i64>(4)?.max(0) as u32,
+        next_at: r.get(5)?,
+    })
+}
+
+const INBOX_COLUMNS: &str = "topic, id, received_at, generation, attempts, next_at";
+
+fn inbox_add(c: &Connection, topic: &str, id: &str, now: i64) -> Result<InboxEntry, StoreError> {
+    // A pending entry folds the notification in (and is due now); a done
+    // one opens again: Mercado Pago has news about the resource.
+    c.execute(
+        "INSERT INTO inbox (topic, id, received_at, generation, attempts, next_at)
+         VALUES (?1, ?2, ?3, 1, 0, ?3)
+         ON CONFLICT (topic, id) DO UPDATE SET
+           generation = generation + 1,
+           next_at = min(next_at, excluded.next_at),
+           received_at = CASE WHEN done_at IS NULL THEN received_at ELSE excluded.received_at END,
+           attempts = CASE WHEN done_at IS NULL THEN attempts ELSE 0 END,
+           done_at = NULL, outcome = NULL",
+        params![topic, id, now],
+    )
+    .map_err(db)?;
+    c.query_row(
+        &format!("SELECT {INBOX_COLUMNS} FROM inbox WHERE topic = ?1 AND id = ?2"),
+        params![topic, id],
+        inbox_entry,
+    )
+    .map_err(db)
+}
 
 fn run_batch(conn: &Connection, batch: Vec<Op>) {
     // Reads answer at once; writes answer only after the commit.
@@ -655,8 +998,7 @@ fn run_batch(conn: &Connection, batch: Vec<Op>) {
             Op::AutoRefunds { reply } => {
                 let _ = reply.send(bodies(
                     conn,
-                    "SELECT external_reference, body FROM sales WHERE external_reference IN
-                     (SELECT external_reference FROM refunds_due WHERE auto = 1 AND refund_id IS NULL)",
+                    "SELECT external_reference, body FROM sales WHERE owes = 2",
                     [],
                 ));
             }
@@ -708,13 +1050,14 @@ fn run_batch(conn: &Connection, batch: Vec<Op>) {
                     conn,
                     "SELECT external_reference, body FROM sales
                      WHERE (?1 IS NULL OR pos = ?1) AND (?2 IS NULL OR state = ?2)
-                       AND (?3 IS NULL OR accepted_at >= ?3)
+                       AND (?3 IS NULL OR accepted_at >= ?3) AND (?5 = 0 OR owes > 0)
                      ORDER BY accepted_at DESC, rowid DESC LIMIT ?4",
                     params![
                         filter.pos,
                         filter.state,
                         filter.since,
-                        filter.limit.min(10_000) as i64
+                        filter.limit.min(10_000) as i64,
+                        filter.owing
                     ],
                 ));
             }
@@ -724,6 +1067,173 @@ fn run_batch(conn: &Connection, batch: Vec<Op>) {
             Op::Registrations { reply } => {
                 let _ = reply.send(read_registrations(conn));
             }
+            Op::CountOwing { reply } => {
+                let r = conn
+                    .query_row("SELECT count(*) FROM sales WHERE owes > 0", [], |r| {
+                        r.get::<_, i64>(0)
+                    })
+                    .map(|n| n.max(0) as u64)
+                    .map_err(db);
+                let _ = reply.send(r);
+            }
+            Op::InboxAdd {
+                topic,
+                id,
+                now,
+                reply,
+            } => write(conn, &began, &mut pending, reply, |c| {
+                inbox_add(c, &topic, &id, now)
+            }),
+            Op::InboxPending { reply } => {
+                let r = (|| {
+                    let mut st = conn
+                        .prepare_cached(&format!(
+                            "SELECT {INBOX_COLUMNS} FROM inbox WHERE done_at IS NULL ORDER BY received_at"
+                        ))
+                        .map_err(db)?;
+                    let rows = st.query_map([], inbox_entry).map_err(db)?;
+                    rows.collect::<Result<Vec<_>, _>>().map_err(db)
+                })();
+                let _ = reply.send(r);
+            }
+            Op::InboxDone {
+                topic,
+                id,
+                generation,
+                now,
+                outcome,
+                reply,
+            } => write(conn, &began, &mut pending, reply, |c| {
+                c.execute(
+                    "UPDATE inbox SET done_at = ?4, outcome = ?5, last_error = NULL
+                     WHERE topic = ?1 AND id = ?2 AND generation = ?3",
+                    params![topic, id, generation, now, outcome],
+                )
+                .map(|n| n > 0)
+                .map_err(db)
+            }),
+            Op::InboxRetry {
+                topic,
+                id,
+                attempts,
+                next_at,
+                error,
+                reply,
+            } => write(conn, &began, &mut pending, reply, |c| {
+                c.execute(
+                    "UPDATE inbox SET attempts = ?3, next_at = max(next_at, ?4), last_error = ?5
+                     WHERE topic = ?1 AND id = ?2 AND done_at IS NULL",
+                    params![topic, id, attempts, next_at, error],
+                )
+                .map(drop)
+                .map_err(db)
+            }),
+            Op::RefundRequestGet { key, reply } => {
+                let r = conn
+                    .query_row(
+                        "SELECT key, external_reference, plan, status, answer, at
+                         FROM refund_requests WHERE key = ?1",
+                        [&key],
+                        |r| {
+                            let status: Option<i64> = r.get(3)?;
+                            let answer: Option<String> = r.get(4)?;
+                            Ok(RefundRequest {
+                                key: r.get(0)?,
+                                external_reference: r.get(1)?,
+                                plan: r.get(2)?,
+                                answer: status
+                                    .zip(answer)
+                                    .map(|(s, a)| (u16::try_from(s).unwrap_or(500), a)),
+                                at: r.get(5)?,
+                            })
+                        },
+                    )
+                    .optional()
+                    .map_err(db);
+                let _ = reply.send(r);
+            }
+            Op::RefundRequestPut { r, reply } => write(conn, &began, &mut pending, reply, |c| {
+                let (status, answer) = r.answer.clone().unzip();
+                c.execute(
+                    "INSERT INTO refund_requests (key, external_reference, plan, status, answer, at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                     ON CONFLICT (key) DO UPDATE SET plan = excluded.plan,
+                       status = excluded.status, answer = excluded.answer",
+                    params![r.key, r.external_reference, r.plan, status, answer, r.at],
+                )
+                .map(drop)
+                .map_err(db)
+            }),
+            Op::DueRechecks {
+                done,
+                paid_before,
+                limit,
+                reply,
+            } => {
+                let r = (|| {
+                    let mut st = conn
+                        .prepare_cached(
+                            "SELECT external_reference, paid_at, done FROM rechecks
+                             WHERE done = ?1 AND paid_at <= ?2 ORDER BY paid_at LIMIT ?3",
+                        )
+                        .map_err(db)?;
+                    let rows = st
+                        .query_map(params![done, paid_before, limit as i64], |r| {
+                            Ok((
+                                r.get::<_, String>(0)?,
+                                r.get::<_, i64>(1)?,
+                                r.get::<_, i64>(2)?,
+                            ))
+                        })
+                        .map_err(db)?
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(db)?;
+                    Ok(rows
+                        .into_iter()
+                        .filter_map(|(reference, paid_at, done)| {
+                            Some(Recheck {
+                                external_reference: ExternalReference::parse(&reference).ok()?,
+                                paid_at,
+                                done: done.max(0) as u32,
+                            })
+                        })
+                        .collect())
+                })();
+                let _ = reply.send(r);
+            }
+            Op::RecheckDone {
+                reference,
+                done,
+                last,
+                reply,
+            } => write(conn, &began, &mut pending, reply, |c| {
+                if last {
+                    c.execute(
+                        "DELETE FROM rechecks WHERE external_reference = ?1",
+                        [&reference],
+                    )
+                } else {
+                    c.execute(
+                        "UPDATE rechecks SET done = ?2 WHERE external_reference = ?1",
+                        params![reference, done],
+                    )
+                }
+                .map(drop)
+                .map_err(db)
+            }),
+            Op::Prune { before, reply } => write(conn, &began, &mut pending, reply, |c| {
+                c.execute(
+                    "DELETE FROM inbox WHERE done_at IS NOT NULL AND done_at < ?1",
+                    [before],
+                )
+                .map_err(db)?;
+                c.execute(
+                    "DELETE FROM refund_requests WHERE status IS NOT NULL AND at < ?1",
+                    [before],
+                )
+                .map(drop)
+                .map_err(db)
+            }),
         }
     }
     let committed = match began {
@@ -754,8 +1264,8 @@ fn latest(conn: &Connection) -> Result<Vec<Sale>, StoreError> {
     )
 }
 
-/// Sales from a query selecting (external_reference, body).
-fn value_id(v: rusqlite::types::Value) -> Option<MpId> {
+/// An id as SQLite gave it back.
+pub(super) fn value_id(v: rusqlite::types::Value) -> Option<MpId> {
     match v {
         rusqlite::types::Value::Integer(n) => u64::try_from(n).ok().map(MpId::Num),
         rusqlite::types::Value::Text(t) => MpId::parse(&t),
@@ -823,6 +1333,7 @@ fn seen(conn: &Connection, reference: &str) -> Result<Vec<MerchantOrderRecord>, 
     Ok(out)
 }
 
+/// Sales from a query selecting (external_reference, body).
 fn bodies(
     conn: &Connection,
     sql: &str,
@@ -942,6 +1453,109 @@ impl Store for SqliteStore {
     async fn registrations(&self) -> Result<Vec<RegistrationRecord>, StoreError> {
         self.call(|reply| Op::Registrations { reply }).await
     }
+
+    async fn count_owing(&self) -> Result<u64, StoreError> {
+        self.call(|reply| Op::CountOwing { reply }).await
+    }
+
+    async fn inbox_add(&self, topic: &str, id: &str, now: i64) -> Result<InboxEntry, StoreError> {
+        let (topic, id) = (topic.to_owned(), id.to_owned());
+        self.call(|reply| Op::InboxAdd {
+            topic,
+            id,
+            now,
+            reply,
+        })
+        .await
+    }
+
+    async fn inbox_pending(&self) -> Result<Vec<InboxEntry>, StoreError> {
+        self.call(|reply| Op::InboxPending { reply }).await
+    }
+
+    async fn inbox_done(
+        &self,
+        topic: &str,
+        id: &str,
+        generation: i64,
+        now: i64,
+        outcome: &str,
+    ) -> Result<bool, StoreError> {
+        let (topic, id, outcome) = (topic.to_owned(), id.to_owned(), outcome.to_owned());
+        self.call(|reply| Op::InboxDone {
+            topic,
+            id,
+            generation,
+            now,
+            outcome,
+            reply,
+        })
+        .await
+    }
+
+    async fn inbox_retry(
+        &self,
+        topic: &str,
+        id: &str,
+        attempts: u32,
+        next_at: i64,
+        error: &str,
+    ) -> Result<(), StoreError> {
+        let (topic, id, error) = (topic.to_owned(), id.to_owned(), error.to_owned());
+        self.call(|reply| Op::InboxRetry {
+            topic,
+            id,
+            attempts,
+            next_at,
+            error,
+            reply,
+        })
+        .await
+    }
+
+    async fn refund_request(&self, key: &str) -> Result<Option<RefundRequest>, StoreError> {
+        let key = key.to_owned();
+        self.call(|reply| Op::RefundRequestGet { key, reply }).await
+    }
+
+    async fn put_refund_request(&self, r: RefundRequest) -> Result<(), StoreError> {
+        self.call(|reply| Op::RefundRequestPut { r, reply }).await
+    }
+
+    async fn due_rechecks(
+        &self,
+        done: u32,
+        paid_before: i64,
+        limit: usize,
+    ) -> Result<Vec<Recheck>, StoreError> {
+        self.call(|reply| Op::DueRechecks {
+            done,
+            paid_before,
+            limit,
+            reply,
+        })
+        .await
+    }
+
+    async fn recheck_done(
+        &self,
+        reference: &ExternalReference,
+        done: u32,
+        last: bool,
+    ) -> Result<(), StoreError> {
+        let reference = reference.as_str().to_owned();
+        self.call(|reply| Op::RecheckDone {
+            reference,
+            done,
+            last,
+            reply,
+        })
+        .await
+    }
+
+    async fn prune(&self, before: i64) -> Result<(), StoreError> {
+        self.call(|reply| Op::Prune { before, reply }).await
+    }
 }
 
 // ---- POS registration -------------------------------------------------------
@@ -1024,8 +1638,7 @@ mod tests {
             placed_at: None,
             mp_order: None,
             rejection: None,
-            refunds: vec![],
-            operator_refunds: vec![],
+            ledger: Default::default(),
             updated_at: 1,
         }
     }

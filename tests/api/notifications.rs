@@ -144,6 +144,8 @@ async fn refused(
     assert!(vending.drain().iter().all(|m| m.state != "paid"));
 }
 
+/// A closed merchant order with one payment, of an id of its own (Mercado
+/// Pago never reports one payment in two merchant orders).
 fn closed(
     reference: &str,
     collector: u64,
@@ -151,10 +153,12 @@ fn closed(
     currency: &str,
     status: &str,
 ) -> serde_json::Value {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(90_000_000_900);
+    let payment = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     json!({
         "status": "closed", "external_reference": reference, "collector": {"id": collector},
         "total_amount": amount.parse::<f64>().unwrap(), "order_status": "paid",
-        "payments": [{ "id": 90000000999u64, "transaction_amount": serde_json::Value::String(amount.into()),
+        "payments": [{ "id": payment, "transaction_amount": serde_json::Value::String(amount.into()),
                        "currency_id": currency, "status": status }]
     })
 }
