@@ -145,7 +145,7 @@ pub async fn pos(req: HttpRequest, admin: web::Data<Admin>) -> HttpResponse {
     let now = now_millis();
     let mut configs: Vec<_> = admin.gateway.pos_configs().collect();
     configs.sort_by(|a, b| a.id.cmp(&b.id));
-    let (mut pending, mut undelivered, mut due) = (0, 0, 0);
+    let (mut pending, mut undelivered) = (0, 0);
     let list: Vec<Value> = configs
         .iter()
         .filter_map(|cfg| {
@@ -153,11 +153,7 @@ pub async fn pos(req: HttpRequest, admin: web::Data<Admin>) -> HttpResponse {
             let sale = view.state.current.as_ref();
             if let Some(s) = sale {
                 pending += usize::from(s.state == orders::SaleState::Pending);
-                match attention(s) {
-                    Some("refund_due") => due += 1,
-                    Some(_) => undelivered += 1,
-                    None => {}
-                }
+                undelivered += usize::from(s.is_paid_undelivered());
             }
             let (online, since) = match view.state.presence {
                 Presence::Unknown => (true, None),
@@ -174,10 +170,26 @@ pub async fn pos(req: HttpRequest, admin: web::Data<Admin>) -> HttpResponse {
             }))
         })
         .collect();
+    // Money owed back may be any sale's, not only a POS's current one.
+    let store = admin.gateway.store();
+    let (due, owing) = match (
+        store.count_owing().await,
+        store
+            .sales(SaleFilter {
+                owing: true,
+                limit: 100,
+                ..SaleFilter::default()
+            })
+            .await,
+    ) {
+        (Ok(n), Ok(owing)) => (n, owing),
+        (Err(e), _) | (_, Err(e)) => return internal(e),
+    };
     HttpResponse::Ok().json(json!({
         "counts": {"pending": pending, "paid_undelivered": undelivered, "refund_due": due},
         "timezone": admin.timezone.name(),
         "pos": list,
+        "owing": owing.iter().map(|s| summary(s, now)).collect::<Vec<_>>(),
     }))
 }
 

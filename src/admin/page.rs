@@ -94,6 +94,8 @@ pub async fn index(req: HttpRequest, admin: web::Data<Admin>) -> HttpResponse {
         <span id=\"live\" class=\"off\">offline</span></div></header>\
         <main data-page=\"index\"><table id=\"pos\"><thead><tr><th>POS</th><th>kind</th><th>device</th>\
         <th>sale</th><th>amount</th><th>age</th></tr></thead><tbody></tbody></table>\
+        <h2>Owed back</h2><table id=\"owing\"><thead><tr><th>sale</th><th>POS</th><th>state</th>\
+        <th>owed</th><th>age</th></tr></thead><tbody></tbody></table>\
         <h2>Events <select id=\"feed-pos\"><option value=\"\">all POS</option></select></h2>\
         <ol id=\"feed\"></ol></main>";
     page(&admin, &session, fresh, "qrgate console", body)
@@ -185,15 +187,32 @@ pub async fn sale(
     } else {
         ""
     };
-    let refund = if detail["refundable"].is_string() {
+    // What is owed goes back first, whole; what the sale kept, by amount.
+    let owed = if detail["owed"].is_string() {
         format!(
-            "<form id=\"refund-form\"><label>Amount (empty: all {} left) <input id=\"refund-amount\" inputmode=\"decimal\" placeholder=\"{}\"></label>\
-             <button id=\"refund\" class=\"danger\">Refund</button></form>",
-            text(&detail["refundable"]),
-            text(&detail["refundable"])
+            "<p class=\"owed\">Owed back: <b id=\"owed\">{}</b> {}</p>\
+             <button id=\"refund-owed\" class=\"danger\" data-owed=\"{}\">Refund what is owed</button>",
+            text(&detail["owed"]),
+            text(&s["currency"]),
+            text(&detail["owed"])
         )
     } else {
         String::new()
+    };
+    let refund = if detail["refundable"].is_string() {
+        let label = if detail["owed"].is_string() {
+            format!("Amount (of the {} kept)", text(&detail["refundable"]))
+        } else {
+            format!("Amount (empty: all {} left)", text(&detail["refundable"]))
+        };
+        format!(
+            "{owed}<form id=\"refund-form\" data-owed=\"{}\"><label>{label} <input id=\"refund-amount\" inputmode=\"decimal\" placeholder=\"{}\"></label>\
+             <button id=\"refund\" class=\"danger\">Refund</button></form>",
+            detail["owed"].is_string(),
+            text(&detail["refundable"])
+        )
+    } else {
+        owed
     };
     let body = format!(
         "<header><h1><a href=\"/\">qrgate</a> / sale {reference}</h1></header>\

@@ -392,6 +392,61 @@ mod tests {
     }
 
     #[test]
+    fn an_orders_api_payment_counts_what_it_paid_never_what_was_asked() {
+        let order = |payments: &str, total_paid: &str| -> ApiOrder {
+            serde_json::from_str(&format!(
+                r#"{{"id":"ORD01","status":"processed","external_reference":"pump-1-x",
+                    "total_amount":"100.00"{total_paid},"currency":"ARS",
+                    "transactions":{{"payments":{payments}}}}}"#
+            ))
+            .unwrap()
+        };
+        let amounts = |o: &ApiOrder| -> Vec<Decimal> {
+            o.facts(1, "ARS")
+                .unwrap()
+                .payments
+                .iter()
+                .map(|p| p.amount)
+                .collect()
+        };
+        let asked_only = r#"[{"id":"PAY01","status":"processed","amount":"100.00"}]"#;
+        assert_eq!(amounts(&order(asked_only, "")), [Decimal::ZERO]);
+        assert_eq!(
+            amounts(&order(asked_only, r#","total_paid_amount":"40.00""#)),
+            [Decimal::new(4000, 2)],
+            "alone in its order, a payment counts what the order says was paid"
+        );
+        let paid = r#"[{"id":"PAY01","status":"processed","amount":"100.00","paid_amount":"60.00"},
+                       {"id":"PAY02","status":"processed","amount":"100.00"}]"#;
+        assert_eq!(
+            amounts(&order(paid, r#","total_paid_amount":"100.00""#)),
+            [Decimal::new(6000, 2), Decimal::ZERO]
+        );
+    }
+
+    #[test]
+    fn a_payment_resource_reads_as_an_open_order_holding_it() {
+        let p: Payment = serde_json::from_str(
+            r#"{"id":987654321,"status":"approved","transaction_amount":"25615.80","currency_id":"ARS",
+                "date_approved":"2026-11-23T10:15:02.000-03:00","collector_id":178106235,
+                "external_reference":"pump-1-x","order":{"id":"3453449517","type":"mercadopago"}}"#,
+        )
+        .unwrap();
+        let f = p.facts();
+        assert_eq!(f.id, 3453449517);
+        assert_eq!(
+            f.status,
+            MerchantOrderStatus::Opened,
+            "a payment alone closes nothing"
+        );
+        assert_eq!(f.collector_id, Some(178106235));
+        assert_eq!(f.payments[0].id, 987654321);
+        assert_eq!(f.payments[0].amount.to_string(), "25615.80");
+        assert_eq!(f.payments[0].approved_at, Some(1_795_439_702_000));
+        assert_eq!(f.approved().count(), 1);
+    }
+
+    #[test]
     fn an_empty_search_has_null_elements() {
         let s: SearchPage =
             serde_json::from_str(r#"{"elements":null,"total":0,"next_offset":0}"#).unwrap();

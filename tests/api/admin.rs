@@ -11,11 +11,11 @@ use serde_json::Value;
 
 use crate::helpers::*;
 
-fn admin(app: &TestApp) -> String {
+pub(crate) fn admin(app: &TestApp) -> String {
     app.admin.clone().expect("the console listens")
 }
 
-async fn get_json(url: &str, token: Option<&str>) -> (u16, Value) {
+pub(crate) async fn get_json(url: &str, token: Option<&str>) -> (u16, Value) {
     let mut r = reqwest::Client::new().get(url);
     if let Some(t) = token {
         r = r.bearer_auth(t);
@@ -25,7 +25,12 @@ async fn get_json(url: &str, token: Option<&str>) -> (u16, Value) {
     (status, r.json().await.unwrap_or(Value::Null))
 }
 
-async fn post(url: &str, token: Option<&str>, key: Option<&str>, body: &str) -> (u16, Value) {
+pub(crate) async fn post(
+    url: &str,
+    token: Option<&str>,
+    key: Option<&str>,
+    body: &str,
+) -> (u16, Value) {
     let mut r = reqwest::Client::new().post(url).body(body.to_owned());
     if let Some(t) = token {
         r = r.bearer_auth(t);

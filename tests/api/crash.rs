@@ -21,6 +21,8 @@ pub struct Gate {
     config: std::path::PathBuf,
     pub dir: Arc<tempfile::TempDir>,
     pub base: String,
+    /// The console's base URL.
+    pub admin: String,
     runs: usize,
     /// Extra environment (secrets, overrides).
     env: Vec<(String, String)>,
@@ -42,9 +44,22 @@ impl Gate {
         extra: &str,
         env: Vec<(String, String)>,
     ) -> Gate {
+        Gate::with_orders(mp, broker, embedded_port, "", extra, env)
+    }
+
+    /// `orders` is added to the `[orders]` table.
+    pub fn with_orders(
+        mp: &Simulator,
+        broker: Option<u16>,
+        embedded_port: u16,
+        orders: &str,
+        extra: &str,
+        env: Vec<(String, String)>,
+    ) -> Gate {
         let dir = Arc::new(tempfile::tempdir().unwrap());
         let port = free_port();
         let base = format!("http://127.0.0.1:{port}");
+        let admin_port = free_port();
         let broker = broker.map_or("embedded".to_owned(), |p| format!("mqtt://127.0.0.1:{p}"));
         let config = dir.path().join("qrgate.toml");
         std::fs::write(
@@ -52,7 +67,7 @@ impl Gate {
             format!(
                 r#"
 [admin]
-listen = "127.0.0.1:0"
+listen = "127.0.0.1:{admin_port}"
 [http]
 listen = "127.0.0.1:{port}"
 public_url = "{base}"
@@ -66,6 +81,7 @@ allow_anonymous = true
 [orders]
 reconcile_after_secs = 0
 paid_republish_secs = 1
+{orders}
 [store]
 path = "{db}"
 [log]
@@ -83,6 +99,7 @@ filter = "info"
             config,
             dir,
             base,
+            admin: format!("http://127.0.0.1:{admin_port}"),
             runs: 0,
             env,
         };
@@ -309,7 +326,7 @@ async fn killed_while_fetching_a_notified_merchant_order_the_payment_is_found_af
     s.mp.set_latency(&path, Duration::ZERO);
     s.gate.start();
     s.gate.ready().await;
-    // Found by reconciliation: the notification itself is gone.
+    // The notification waited in the inbox.
     paid_exactly_once(&s, "1", &reference).await;
 }
 
@@ -393,4 +410,150 @@ async fn restarting_qrgate_restarts_its_embedded_broker_and_devices_read_their_s
         .unwrap();
     state_of(&pump, "1", "paid").await;
     assert_eq!(gate.count(&reference, "paid").await, 1);
+}
+
+/// qrgate (the binary) on a Mosquitto with `orders` in its `[orders]`, and
+/// a pending sale of 100.00 on pump-1 scanned twice (two phones).
+async fn two_scans(
+    orders: &str,
+) -> Option<(
+    Scene,
+    String,
+    qrgate::mercadopago::simulator::ScannedOrder,
+    qrgate::mercadopago::simulator::ScannedOrder,
+)> {
+    let broker = Mosquitto::start()?;
+    let mp = Simulator::start(SimulatorConfig::default()).await.unwrap();
+    let gate = Gate::with_orders(&mp, Some(broker.port), 0, orders, "", Vec::new());
+    gate.ready().await;
+    let pump =
+        Device::connect(DeviceConfig::new("127.0.0.1", broker.port, "pump-1").without_presence())
+            .await
+            .unwrap();
+    pump.publish_sale("1", &fuel("1", "100"), None)
+        .await
+        .unwrap();
+    let reference = state_of(&pump, "1", "pending")
+        .await
+        .external_reference
+        .unwrap();
+    let first = scan(&mp, &gate.pos_url("pump-1")).await;
+    let second = scan(&mp, &gate.pos_url("pump-1")).await;
+    let s = Scene {
+        _broker: Some(broker),
+        mp,
+        gate,
+        pump,
+    };
+    Some((s, reference, first, second))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_refund_sent_again_with_its_key_after_kill_9_is_made_once() {
+    let Some((mut s, reference, order, _)) =
+        two_scans("auto_refund = false\nrecheck_after_secs = []").await
+    else {
+        return;
+    };
+    s.mp.set_notify_mode(NotifyMode::Ipn);
+    let payment =
+        s.mp.pay(order.merchant_order_id, PaymentOutcome::Approved)
+            .await
+            .unwrap();
+    paid_exactly_once(&s, "1", &reference).await;
+    let url = format!("{}/api/sales/{reference}/refund", s.gate.admin);
+
+    // Answered, then killed: the same key gets the same answer.
+    let (status, first) =
+        crate::admin::post(&url, None, Some("op-1"), r#"{"amount":"30.00"}"#).await;
+    assert_eq!(status, 200, "{first}");
+    s.gate.restart().await;
+    let again = crate::admin::post(&url, None, Some("op-1"), r#"{"amount":"30.00"}"#).await;
+    assert_eq!(again, (200, first));
+    assert_eq!(s.mp.refunds().len(), 1, "{:?}", s.mp.refunds());
+
+    // Killed while Mercado Pago's answer was on its way: the same key
+    // finishes the same call, and Mercado Pago refunds once.
+    let path = format!("/v1/payments/{payment}/refunds");
+    s.mp.set_latency(&path, Duration::from_secs(60));
+    let cut = tokio::spawn({
+        let url = url.clone();
+        async move {
+            let _ = reqwest::Client::new()
+                .post(&url)
+                .header("Idempotency-Key", "op-2")
+                .body(r#"{"amount":"20.00"}"#)
+                .send()
+                .await;
+        }
+    });
+    wait_until("Mercado Pago made the second refund", || async {
+        (s.mp.refunds().len() == 2).then_some(())
+    })
+    .await;
+    s.gate.kill9();
+    cut.abort();
+    s.mp.set_latency(&path, Duration::ZERO);
+    s.gate.start();
+    s.gate.ready().await;
+    let (status, third) =
+        crate::admin::post(&url, None, Some("op-2"), r#"{"amount":"20.00"}"#).await;
+    assert_eq!(status, 200, "{third}");
+    assert_eq!(third["amount"], "20.00");
+    assert_eq!(third["refunded_total"], "50.00");
+    let made = s.mp.refunds();
+    assert_eq!(made.len(), 2, "{made:?}");
+    assert_eq!(third["refund_id"], made[1].refund_id);
+    s.pump
+        .wait_state(WAIT, |m| {
+            m.state == "refunded" && m.raw["refunded_total"] == "50.00"
+        })
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_merchant_order_notified_while_its_fetch_stalls_is_refunded_after_kill_9() {
+    let Some((mut s, reference, first, second)) =
+        two_scans("auto_refund = true\nrecheck_after_secs = []").await
+    else {
+        return;
+    };
+    s.mp.set_notify_mode(NotifyMode::Ipn);
+    s.mp.pay(first.merchant_order_id, PaymentOutcome::Approved)
+        .await
+        .unwrap();
+    paid_exactly_once(&s, "1", &reference).await;
+    let path = format!("/merchant_orders/{}", second.merchant_order_id);
+    s.mp.set_latency(&path, Duration::from_secs(30));
+    let sent = s.mp.notifications_sent().len();
+    // Answered 200: Mercado Pago will not send it again soon.
+    let late =
+        s.mp.pay(second.merchant_order_id, PaymentOutcome::Approved)
+            .await
+            .unwrap();
+    wait_until("the fetch of the second merchant order", || async {
+        s.mp.api_calls()
+            .iter()
+            .any(|c| c.path == path)
+            .then_some(())
+    })
+    .await;
+    s.gate.kill9();
+    s.mp.set_latency(&path, Duration::ZERO);
+    s.gate.start();
+    s.gate.ready().await;
+    let made = wait_until("the late payment refunded", || async {
+        let r = s.mp.refunds();
+        (!r.is_empty()).then_some(r)
+    })
+    .await;
+    assert_eq!(made.len(), 1, "{made:?}");
+    assert_eq!(made[0].payment_id, late);
+    assert_eq!(
+        s.mp.notifications_sent().len(),
+        sent + 1,
+        "no second notification"
+    );
+    assert_eq!(s.gate.count(&reference, "paid").await, 1);
 }

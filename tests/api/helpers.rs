@@ -548,3 +548,20 @@ impl BareApp {
         self.done.await.unwrap().unwrap();
     }
 }
+
+/// Waits until `probe` returns something, and returns it; `what` names what
+/// was awaited when it never comes.
+pub async fn wait_until<T, F, Fut>(what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never saw {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

@@ -9,6 +9,7 @@ pub mod crash;
 mod durability;
 mod flow;
 mod helpers;
+mod ledger;
 mod messages;
 mod mosquitto;
 mod notifications;

@@ -29,6 +29,14 @@ async function refreshPos() {
     body.append(tr);
     if (![...sel.options].some(o => o.value === p.id)) { const o = el("option", p.id); o.value = p.id; sel.append(o); }
   }
+  const owing = document.querySelector("#owing tbody");
+  owing.replaceChildren();
+  for (const s of data.owing || []) {
+    const tr = el("tr"); tr.dataset.reference = s.external_reference;
+    const td = el("td"); const a = el("a", s.external_reference); a.href = "/sales/" + s.external_reference; td.append(a);
+    tr.append(td, el("td", s.pos), el("td", s.state, "state " + s.state), el("td", s.owed + " " + s.currency), el("td", age(s.age_secs)));
+    owing.append(tr);
+  }
 }
 
 let pending = null;
@@ -74,10 +82,16 @@ if (main.dataset.page === "index") {
   const ref = main.dataset.reference;
   const cancel = document.getElementById("cancel");
   if (cancel) cancel.onclick = () => { if (confirm("Cancel sale " + ref + "?")) act("/api/sales/" + ref + "/cancel"); };
+  const owed = document.getElementById("refund-owed");
+  if (owed) owed.onclick = () => {
+    if (confirm("Refund the " + owed.dataset.owed + " sale " + ref + " owes to the customer?")) act("/api/sales/" + ref + "/refund", null);
+  };
   const form = document.getElementById("refund-form");
   if (form) form.onsubmit = e => {
     e.preventDefault();
     const amount = document.getElementById("refund-amount").value.trim();
+    // With money owed, an empty body refunds that: what was kept needs an amount.
+    if (!amount && form.dataset.owed === "true") return;
     const what = amount ? amount : "all that is left";
     if (confirm("Refund " + what + " of sale " + ref + " to the customer?")) act("/api/sales/" + ref + "/refund", amount ? {amount} : null);
   };
