@@ -11,8 +11,9 @@
 //! - One fetch at a time per resource; a notification that arrives meanwhile
 //!   makes it fetch once more, so a late "closed" is never missed.
 //! - First attempts have a lane of their own: resources that keep failing
-//!   or answer slowly (one POS's outage) wait in the retry lane and never
-//!   hold up another POS's fresh notifications.
+//!   (one POS's outage) wait in the retry lane and never hold up another
+//!   POS's fresh notifications. A fetch that takes more than a second gives
+//!   its place in the lane up, so slow resources cannot fill it either.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -100,6 +101,8 @@ pub struct InboxSettings {
 const FRESH_LANE: usize = 16;
 const RETRY_LANE: usize = 4;
 const RETRY_BASE: Duration = Duration::from_millis(250);
+/// A fetch slower than this stops counting against its lane.
+const SLOW: Duration = Duration::from_secs(1);
 
 type Key = (String, String);
 
@@ -256,16 +259,30 @@ pub async fn spawn(
                 let (client, gateway, done, shutdown) =
                     (client.clone(), Arc::clone(&gateway), done_tx.clone(), shutdown.clone());
                 inner.spawn(async move {
-                    let Ok(_permit) = lane.acquire().await else { return };
+                    let Ok(permit) = lane.acquire().await else { return };
                     let Some(r) = Resource::from_entry(&e.topic, &e.id) else {
                         tracing::warn!(topic = %e.topic, id = %e.id, "inbox entry names nothing qrgate reads; dropped");
                         let _ = done.send((e, Fetched::Applied("unreadable")));
                         return;
                     };
-                    // A fetch cut by shutdown leaves the entry pending.
+                    let fetch = process(&client, &gateway, &r);
+                    tokio::pin!(fetch);
+                    // A slow fetch gives its place up: the lane bounds how
+                    // many fetches start together, never how long the next
+                    // notification waits behind a slow one.
                     let result = tokio::select! {
-                        r = process(&client, &gateway, &r) => r,
+                        r = &mut fetch => Some(r),
+                        _ = tokio::time::sleep(SLOW) => None,
                         _ = shutdown.cancelled() => return,
+                    };
+                    drop(permit);
+                    // A fetch cut by shutdown leaves the entry pending.
+                    let result = match result {
+                        Some(r) => r,
+                        None => tokio::select! {
+                            r = &mut fetch => r,
+                            _ = shutdown.cancelled() => return,
+                        },
                     };
                     let label = if result.is_ok() { "processed" } else { "failed" };
                     gateway.metrics().notifications.with_label_values(&[label]).inc();

@@ -308,3 +308,48 @@ async fn a_paid_sale_is_searched_again_and_a_payment_nobody_notified_is_refunded
         .count();
     assert!(searched >= 1, "found by searching the paid sale again");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_pos_slow_merchant_orders_do_not_hold_up_another_pos_notification() {
+    // Mercado Pago is given all the time it takes: slowness is not failure.
+    let Some(s) = station(|c| c.mercadopago.timeout_ms = 60_000).await else {
+        return;
+    };
+    sale_of_100(&s).await;
+    // Many phones scanned pump-1, and Mercado Pago is slow on every one of
+    // those merchant orders: more of them than the fetches that start together.
+    let mut slow = Vec::new();
+    for _ in 0..24 {
+        let order = s.app.scan("pump-1").await;
+        let path = format!("/merchant_orders/{}", order.merchant_order_id);
+        s.app
+            .mp
+            .set_latency(&path, std::time::Duration::from_secs(60));
+        slow.push((order.merchant_order_id, path));
+    }
+    for (id, _) in &slow {
+        s.app.mp.notify_merchant_order(*id).await.unwrap();
+    }
+    wait_until("every slow fetch under way", || async {
+        let calls = s.app.mp.api_calls();
+        slow.iter()
+            .all(|(_, path)| calls.iter().any(|c| &c.path == path))
+            .then_some(())
+    })
+    .await;
+    // Another POS's customer pays: its notification is not queued behind them.
+    let vending = s.app.device("vending-1").await;
+    vending
+        .publish_sale("v1", &snack("300"), None)
+        .await
+        .unwrap();
+    state_of(&vending, "v1", "pending").await;
+    let order = s.app.scan("vending-1").await;
+    s.app.mp.set_notify_mode(NotifyMode::Ipn);
+    s.app
+        .mp
+        .pay(order.merchant_order_id, PaymentOutcome::Approved)
+        .await
+        .unwrap();
+    state_of(&vending, "v1", "paid").await;
+}
