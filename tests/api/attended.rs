@@ -777,3 +777,27 @@ async fn a_legacy_order_is_placed_again_within_mercado_pagos_ten_minutes() {
         .unwrap();
     state_of(&device, "1", "paid").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_placed_before_a_restart_is_still_placed_again_before_it_expires() {
+    let app = TestApp::spawn_with(|c| never_expiring(c, 10, 3)).await;
+    let device = app.device(POS).await;
+    device
+        .publish_sale("1", &snack("1000"), None)
+        .await
+        .unwrap();
+    let pending = state_of(&device, "1", "pending").await;
+    let first = app.mp.attended_order(MP_POS).expect("placed");
+    let first_expiry = instant(first["expiration_date"].as_str().unwrap());
+    let app = app.restart_keeping_mercadopago().await;
+    let order = scan_after(&app, first_expiry).await;
+    assert_eq!(
+        Some(order.external_reference.as_str()),
+        pending.external_reference.as_deref()
+    );
+    app.mp
+        .pay(order.merchant_order_id, PaymentOutcome::Approved)
+        .await
+        .unwrap();
+    state_of(&device, "1", "paid").await;
+}
