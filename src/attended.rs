@@ -640,7 +640,8 @@ impl Desk {
             Ok(_) => {
                 // Paid (perhaps through the old order) or ended while the
                 // new one was created: nobody may pay the new one. The old
-                // one is whoever ended the sale's to take off.
+                // one is the sale's recorded order, which the follow-up of
+                // whatever ended the sale takes off.
                 self.remove(sale, Some(&new)).await;
                 return None;
             }
