@@ -650,6 +650,15 @@ async fn an_instore_renewal_mercado_pago_refuses_ends_the_sale_with_mp_order_exp
     );
     let timeline = app.timeline(&reference).await;
     assert!(timeline.iter().any(|e| e == "refused"), "{timeline:?}");
+    // The operator's console shows the sale rejected with the same reason.
+    let sale = app
+        .app_gateway
+        .find_sale(&qrgate::orders::ExternalReference::parse(&reference).unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(sale.state, qrgate::orders::SaleState::Rejected);
+    assert_eq!(sale.rejection.as_deref(), Some(message.as_str()));
     // The old order is taken off: nobody pays a sale that is over.
     wait_for("the old order removed", || {
         app.mp.attended_order(MP_POS).is_none()
