@@ -237,7 +237,8 @@ impl App {
                     config.mercadopago.attended_api,
                     config.mercadopago.collector_id,
                     ctx.clone(),
-                ),
+                )
+                .with_order_life(config.mercadopago.attended_order),
                 attended_rx,
                 shutdown.clone(),
                 &tracker,

@@ -108,6 +108,9 @@ pub struct MercadoPagoConfig {
     /// The account's site; `None` when not configured (then each POS's
     /// currency names it).
     pub site: Option<Site>,
+    /// How long attended orders live at Mercado Pago, and when qrgate
+    /// places them again.
+    pub attended_order: AttendedOrderLife,
 }
 
 /// Which Mercado Pago API places orders on attended POS.
@@ -119,6 +122,42 @@ pub enum AttendedApi {
     Legacy,
     /// `POST /v1/orders` (MP's Orders API).
     Orders,
+}
+
+/// Mercado Pago's legacy attended API takes no expiry: its orders live its
+/// own 10 minutes, whatever qrgate would like.
+pub const LEGACY_ORDER_LIFETIME_SECS: u64 = 600;
+
+/// How long an attended order stays payable at Mercado Pago when its sale
+/// does not end first (a sale with `ttl_secs = 0`), and how long before
+/// that qrgate places it again, so a pending sale always has an order to
+/// pay (`[mercadopago] attended_order_lifetime_secs`,
+/// `attended_renew_lead_secs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttendedOrderLife {
+    pub lifetime_secs: u64,
+    pub renew_lead_secs: u64,
+}
+
+impl Default for AttendedOrderLife {
+    /// Mercado Pago's own default lifetime (10 minutes), renewed a minute
+    /// ahead: room for a few retries with backoff through a short outage.
+    fn default() -> Self {
+        AttendedOrderLife {
+            lifetime_secs: 600,
+            renew_lead_secs: 60,
+        }
+    }
+}
+
+impl AttendedOrderLife {
+    /// The lifetime `api` really gives an order.
+    pub fn lifetime_secs_for(&self, api: AttendedApi) -> u64 {
+        match api {
+            AttendedApi::Legacy => self.lifetime_secs.min(LEGACY_ORDER_LIFETIME_SECS),
+            AttendedApi::Instore | AttendedApi::Orders => self.lifetime_secs,
+        }
+    }
 }
 
 /// A store as `[[stores]]` describes it, for `qrgate pos register`.
@@ -304,6 +343,18 @@ struct RawMp {
     attended_api: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     site: Option<String>,
+    #[serde(default = "default_attended_order_lifetime_secs")]
+    attended_order_lifetime_secs: u64,
+    #[serde(default = "default_attended_renew_lead_secs")]
+    attended_renew_lead_secs: u64,
+}
+
+fn default_attended_order_lifetime_secs() -> u64 {
+    AttendedOrderLife::default().lifetime_secs
+}
+
+fn default_attended_renew_lead_secs() -> u64 {
+    AttendedOrderLife::default().renew_lead_secs
 }
 
 fn default_poll_protocol() -> String {
@@ -435,6 +486,8 @@ fn defaults() -> RawConfig {
             poll_protocol: default_poll_protocol(),
             attended_api: default_attended_api(),
             site: None,
+            attended_order_lifetime_secs: default_attended_order_lifetime_secs(),
+            attended_renew_lead_secs: default_attended_renew_lead_secs(),
         },
         mqtt: RawMqtt {
             broker: "embedded".into(),
@@ -667,6 +720,31 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
             AttendedApi::Instore
         }
     };
+    let attended_order = AttendedOrderLife {
+        lifetime_secs: raw.mercadopago.attended_order_lifetime_secs,
+        renew_lead_secs: raw.mercadopago.attended_renew_lead_secs,
+    };
+    let lifetime = attended_order.lifetime_secs_for(attended_api);
+    if attended_order.lifetime_secs == 0 {
+        bad(
+            "mercadopago.attended_order_lifetime_secs",
+            "must be greater than 0".into(),
+        );
+    } else if attended_order.renew_lead_secs == 0 || attended_order.renew_lead_secs >= lifetime {
+        // A lead of the whole lifetime would place the order again at once,
+        // forever; none would place it again only once it is gone.
+        bad(
+            "mercadopago.attended_renew_lead_secs",
+            format!(
+                "must be at least 1 and less than the order's lifetime ({lifetime} s{})",
+                if lifetime < attended_order.lifetime_secs {
+                    ": the legacy API's orders live 10 minutes"
+                } else {
+                    ""
+                }
+            ),
+        );
+    }
     let site = raw.mercadopago.site.as_deref().and_then(|s| {
         s.parse::<Site>()
             .map_err(|e| bad("mercadopago.site", e))
@@ -1085,6 +1163,7 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
             poll_protocol,
             attended_api,
             site,
+            attended_order,
         },
         mqtt: MqttConfig {
             broker,
@@ -1399,6 +1478,60 @@ mod tests {
         .unwrap_or_else(|e| panic!("{e}"));
         assert!(matches!(c.mqtt.broker, Broker::External { .. }));
         assert!(c.pos.len() >= 2);
+    }
+
+    #[test]
+    fn attended_orders_live_ten_minutes_and_are_renewed_a_minute_ahead_unless_configured() {
+        let anon = "[mqtt]\nallow_anonymous = true\n";
+        let c = load_env(anon, &[]).unwrap();
+        assert_eq!(c.mercadopago.attended_order, AttendedOrderLife::default());
+        assert_eq!(c.mercadopago.attended_order.lifetime_secs, 600);
+        assert_eq!(c.mercadopago.attended_order.renew_lead_secs, 60);
+        let short = format!(
+            "{anon}[mercadopago]\nattended_order_lifetime_secs = 4\nattended_renew_lead_secs = 3\n"
+        );
+        let c = load_env(&short, &[]).unwrap();
+        assert_eq!(
+            c.mercadopago.attended_order,
+            AttendedOrderLife {
+                lifetime_secs: 4,
+                renew_lead_secs: 3
+            }
+        );
+        for (keys, named) in [
+            (
+                "attended_order_lifetime_secs = 0",
+                "mercadopago.attended_order_lifetime_secs",
+            ),
+            (
+                "attended_renew_lead_secs = 0",
+                "mercadopago.attended_renew_lead_secs",
+            ),
+            (
+                "attended_order_lifetime_secs = 60\nattended_renew_lead_secs = 60",
+                "mercadopago.attended_renew_lead_secs",
+            ),
+            // The legacy API's orders live 10 minutes, whatever the lifetime.
+            (
+                "attended_api = \"legacy\"\nattended_order_lifetime_secs = 3600\nattended_renew_lead_secs = 600",
+                "mercadopago.attended_renew_lead_secs",
+            ),
+        ] {
+            let e = load_env(&format!("{anon}[mercadopago]\n{keys}\n"), &[]).unwrap_err();
+            assert!(e.to_string().contains(named), "{keys}: {e}");
+        }
+        let legacy = load_env(
+            &format!("{anon}[mercadopago]\nattended_api = \"legacy\"\nattended_order_lifetime_secs = 3600\n"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            legacy
+                .mercadopago
+                .attended_order
+                .lifetime_secs_for(AttendedApi::Legacy),
+            600
+        );
     }
 
     #[test]

@@ -332,7 +332,9 @@ struct OrdersApiOrder<'a> {
 }
 
 /// The order for `POST /v1/orders` (type `qr`, static mode): amounts are
-/// decimal strings there. `ttl_secs` is how long it stays payable.
+/// decimal strings there. `ttl_secs` is how long it stays payable (at least
+/// a second: the order desk decides how long, down to test lifetimes of
+/// seconds).
 pub fn orders_api(sale: &Sale, mp_external_id: &str, ttl_secs: u64) -> Vec<u8> {
     // The Orders API writes every amount as a string with two decimals,
     // whole currencies included.
@@ -347,7 +349,7 @@ pub fn orders_api(sale: &Sale, mp_external_id: &str, ttl_secs: u64) -> Vec<u8> {
         total_amount: total.clone(),
         external_reference: sale.external_reference.as_str(),
         description: order_description(sale),
-        expiration_time: format!("PT{}S", ttl_secs.max(30)),
+        expiration_time: format!("PT{}S", ttl_secs.max(1)),
         config: OrdersApiConfig {
             qr: OrdersApiQr {
                 external_pos_id: mp_external_id,

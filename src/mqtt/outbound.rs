@@ -74,8 +74,14 @@ pub fn state(sale: &Sale) -> Vec<u8> {
             .map(|s| &s.merchant_order)
             .filter(|id| matches!(id, MpId::Text(_))),
         served: sale.state == SaleState::Pending && sale.served_at.is_some(),
-        // The only retained `rejected`: Mercado Pago refused the attended order.
-        reason: (sale.state == SaleState::Rejected).then_some("mp_refused"),
+        // The only retained `rejected`: Mercado Pago refused the attended
+        // order, or its order expired because it could not be placed again.
+        reason: (sale.state == SaleState::Rejected).then(|| match sale.rejection.as_deref() {
+            Some(r) if r.starts_with(crate::attended::ORDER_EXPIRED) => {
+                crate::attended::ORDER_EXPIRED
+            }
+            _ => "mp_refused",
+        }),
         message: sale.rejection.as_deref(),
     };
     serde_json::to_vec(&body).unwrap_or_default()

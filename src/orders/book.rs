@@ -159,6 +159,13 @@ pub enum Command {
         reference: ExternalReference,
         by: String,
     },
+    /// Mercado Pago's Orders API took a new order for this pending sale
+    /// before the old one expired: `order` is the one to cancel or look up
+    /// from now on.
+    Replaced {
+        reference: ExternalReference,
+        order: String,
+    },
 }
 
 /// Why a device message changed nothing. `code` is the stable word devices
@@ -544,6 +551,20 @@ pub fn apply(pos: &PosConfig, state: &PosState, cmd: Command, ctx: Ctx) -> Outco
                 sale_id: None,
                 why: Rejection::UnknownSale,
             },
+        },
+        // Stored as `Placed`: the sale has an order on its POS again. It
+        // keeps its first `placed_at`, which reconciliation counts from.
+        Command::Replaced { reference, order } => match current {
+            Some(s) if s.external_reference == reference && s.state == SaleState::Pending => {
+                let mut sale = s.clone();
+                sale.mp_order = Some(order);
+                sale.updated_at = ctx.now;
+                Outcome::Changed {
+                    sale,
+                    event: SaleEvent::Placed,
+                }
+            }
+            _ => Outcome::Nothing,
         },
     }
 }
@@ -1364,5 +1385,66 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn a_replaced_order_is_the_pending_sales_order_from_then_on_and_nothing_once_it_ended() {
+        let p = PosConfig {
+            ttl_secs: None,
+            mode: PosMode::Attended,
+            ..pos(PosKind::Vending)
+        };
+        let mut st = PosState::idle();
+        step(
+            &p,
+            &mut st,
+            Command::Sale(sale_req("1", "1", "10", None)),
+            1,
+        );
+        let reference = st.current.as_ref().unwrap().external_reference.clone();
+        step(
+            &p,
+            &mut st,
+            Command::Placed {
+                reference: reference.clone(),
+                order: Some("ORD1".into()),
+            },
+            2,
+        );
+        let replaced = |order: &str| Command::Replaced {
+            reference: reference.clone(),
+            order: order.into(),
+        };
+        let out = step(&p, &mut st, replaced("ORD2"), 3);
+        assert!(matches!(
+            out,
+            Outcome::Changed {
+                event: SaleEvent::Placed,
+                ..
+            }
+        ));
+        let sale = st.current.clone().unwrap();
+        assert_eq!(sale.mp_order.as_deref(), Some("ORD2"));
+        assert_eq!(
+            sale.placed_at,
+            Some(2),
+            "reconciliation counts from the first"
+        );
+        assert_eq!(sale.state, SaleState::Pending);
+        let other = ExternalReference::parse("vending-1-000000000000000").unwrap();
+        assert_eq!(
+            apply(
+                &p,
+                &st,
+                Command::Replaced {
+                    reference: other,
+                    order: "ORD3".into()
+                },
+                ctx(4)
+            ),
+            Outcome::Nothing
+        );
+        step(&p, &mut st, Command::Cancel(sid("1")), 5);
+        assert_eq!(apply(&p, &st, replaced("ORD3"), ctx(6)), Outcome::Nothing);
     }
 }

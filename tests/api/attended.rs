@@ -460,3 +460,365 @@ async fn an_order_not_yet_placed_when_qrgate_stops_is_placed_at_the_next_start()
         pending.external_reference.as_deref()
     );
 }
+
+// ---- orders Mercado Pago would expire before their sale ---------------------
+
+/// A sale that never expires (`ttl_secs = 0`) on an attended POS whose
+/// orders live `lifetime` seconds at Mercado Pago, placed again `lead`
+/// seconds ahead.
+fn never_expiring(c: &mut qrgate::config::Config, lifetime: u64, lead: u64) {
+    attended(c);
+    c.pos[1].ttl_secs = None;
+    c.mercadopago.attended_order = qrgate::config::AttendedOrderLife {
+        lifetime_secs: lifetime,
+        renew_lead_secs: lead,
+    };
+    // Reconciliation stays out of the way: what these tests see is the
+    // order desk's doing.
+    c.orders.reconcile_after_secs = 3_600;
+}
+
+fn calls(app: &TestApp, method: &str, path: &str) -> usize {
+    app.mp
+        .api_calls()
+        .iter()
+        .filter(|c| c.method == method && c.path == path)
+        .count()
+}
+
+fn instant(text: &str) -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::parse_from_rfc3339(text)
+        .unwrap_or_else(|e| panic!("{text}: {e}"))
+        .with_timezone(&chrono::Utc)
+}
+
+/// When an Orders API order stops being payable, from its own fields.
+fn orders_api_expiry(order: &serde_json::Value) -> chrono::DateTime<chrono::Utc> {
+    let created = instant(order["created_date"].as_str().unwrap());
+    let ttl = order["expiration_time"].as_str().unwrap();
+    let secs: i64 = ttl
+        .strip_prefix("PT")
+        .and_then(|t| t.strip_suffix('S'))
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("expiration_time {ttl}"));
+    created + chrono::Duration::seconds(secs)
+}
+
+/// The customer scans the POS until it is past `after`; every scan must find
+/// an order (an order gone while the sale is pending is the bug).
+async fn scan_after(
+    app: &TestApp,
+    after: chrono::DateTime<chrono::Utc>,
+) -> qrgate::mercadopago::simulator::ScannedOrder {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let now = chrono::Utc::now();
+        match app.mp.scan_attended(MP_POS).await.unwrap() {
+            Scan::Order(order) if now > after => return order,
+            Scan::Order(_) => {}
+            Scan::Waiting { kind, .. } => {
+                panic!("the pending sale has nothing to pay at Mercado Pago: {kind}")
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never scanned past {after}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instore_order_is_placed_again_before_it_expires_and_a_later_scan_pays_the_sale() {
+    let app = TestApp::spawn_with(|c| never_expiring(c, 4, 3)).await;
+    let device = app.device(POS).await;
+    device
+        .publish_sale("1", &snack("1000"), None)
+        .await
+        .unwrap();
+    let pending = state_of(&device, "1", "pending").await;
+    let reference = pending.external_reference.clone().unwrap();
+    let first = app.mp.attended_order(MP_POS).expect("placed");
+    // Mercado Pago is told when it may drop the order: the lifetime.
+    let first_expiry = instant(first["expiration_date"].as_str().unwrap());
+    assert!(
+        first_expiry <= chrono::Utc::now() + chrono::Duration::seconds(4),
+        "{first}"
+    );
+    // Past the first order's expiry the sale is still there to pay: its
+    // order was placed again (same reference, a later expiry).
+    let order = scan_after(&app, first_expiry).await;
+    assert_eq!(order.external_reference, reference);
+    let again = app.mp.attended_order(MP_POS).expect("on the POS");
+    assert_eq!(again["external_reference"], reference.as_str());
+    assert!(
+        instant(again["expiration_date"].as_str().unwrap()) > first_expiry,
+        "{again}"
+    );
+    assert!(puts(&app).len() >= 2, "{:?}", puts(&app));
+    app.mp
+        .pay(order.merchant_order_id, PaymentOutcome::Approved)
+        .await
+        .unwrap();
+    let paid = state_of(&device, "1", "paid").await;
+    assert_eq!(paid.merchant_order, Some(order.merchant_order_id));
+    assert!(puts(&app).iter().all(|s| *s == 204), "{:?}", puts(&app));
+    let timeline = app.timeline(&reference).await;
+    assert!(!timeline.iter().any(|e| e == "refused"), "{timeline:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orders_api_order_is_replaced_before_it_expires_and_a_later_scan_pays_the_sale() {
+    let app = TestApp::spawn_with(|c| {
+        never_expiring(c, 6, 4);
+        c.mercadopago.attended_api = qrgate::config::AttendedApi::Orders;
+    })
+    .await;
+    app.mp
+        .set_orders_webhook_url(format!("{}/mp/notifications", app.base));
+    let device = app.device(POS).await;
+    device
+        .publish_sale("1", &snack("1000"), None)
+        .await
+        .unwrap();
+    let pending = state_of(&device, "1", "pending").await;
+    let reference = pending.external_reference.clone().unwrap();
+    let first = app.mp.order_on_pos(MP_POS).expect("created");
+    let first_id = first["id"].as_str().unwrap().to_owned();
+    assert_eq!(first["expiration_time"], "PT6S", "{first}");
+    let first_expiry = orders_api_expiry(&first);
+    // Past the first order's expiry, the customer scans and pays (scanning
+    // again if the order they saw was replaced in between, as they would).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let paid_order = loop {
+        let order = scan_after(&app, first_expiry).await;
+        assert_eq!(order.external_reference, reference);
+        let id = order.order_id.clone().expect("an Orders API order");
+        if app
+            .mp
+            .pay_order(&id, PaymentOutcome::Approved)
+            .await
+            .is_ok()
+        {
+            break id;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never paid");
+    };
+    let paid = state_of(&device, "1", "paid").await;
+    assert_eq!(paid.order_id.as_deref(), Some(paid_order.as_str()));
+    // A new order for the same sale each time, the old one cancelled: one
+    // order at a time can be paid.
+    assert_ne!(paid_order, first_id);
+    assert_eq!(
+        app.mp.orders_api_order(&first_id).unwrap()["status"],
+        "canceled"
+    );
+    // Nothing else is left to pay for the sale.
+    wait_for("no other order payable", || {
+        app.mp
+            .orders_api_orders_for(&reference)
+            .iter()
+            .all(|o| o["status"] != "created")
+    })
+    .await;
+    let timeline = app.timeline(&reference).await;
+    assert!(!timeline.iter().any(|e| e == "refused"), "{timeline:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instore_renewal_mercado_pago_refuses_ends_the_sale_with_mp_order_expired() {
+    let app = TestApp::spawn_with(|c| never_expiring(c, 10, 8)).await;
+    let device = app.device(POS).await;
+    device
+        .publish_sale("1", &snack("1000"), None)
+        .await
+        .unwrap();
+    let pending = state_of(&device, "1", "pending").await;
+    let reference = pending.external_reference.clone().unwrap();
+    // Placed again 2 s after the first placement, when Mercado Pago refuses.
+    app.mp.fail_next(ORDERS, 400, 1);
+    let rejected = state_of(&device, "1", "rejected").await;
+    assert_eq!(rejected.reason.as_deref(), Some("mp_order_expired"));
+    let message = rejected.message().unwrap_or_default().to_owned();
+    assert!(message.starts_with("mp_order_expired"), "{message}");
+    assert!(message.contains("Simulated failure"), "{message}");
+    let statuses = puts(&app);
+    assert_eq!(statuses.last(), Some(&400), "{statuses:?}");
+    assert!(
+        statuses[..statuses.len() - 1].iter().all(|s| *s == 204),
+        "{statuses:?}"
+    );
+    let timeline = app.timeline(&reference).await;
+    assert!(timeline.iter().any(|e| e == "refused"), "{timeline:?}");
+    // The operator's console shows the sale rejected with the same reason.
+    let sale = app
+        .app_gateway
+        .find_sale(&qrgate::orders::ExternalReference::parse(&reference).unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(sale.state, qrgate::orders::SaleState::Rejected);
+    assert_eq!(sale.rejection.as_deref(), Some(message.as_str()));
+    // The old order is taken off: nobody pays a sale that is over.
+    wait_for("the old order removed", || {
+        app.mp.attended_order(MP_POS).is_none()
+    })
+    .await;
+    // The POS takes the next sale.
+    device
+        .publish_sale("2", &snack("1000"), None)
+        .await
+        .unwrap();
+    state_of(&device, "2", "pending").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orders_api_renewal_mercado_pago_refuses_ends_the_sale_and_cancels_the_old_order() {
+    let app = TestApp::spawn_with(|c| {
+        never_expiring(c, 10, 8);
+        c.mercadopago.attended_api = qrgate::config::AttendedApi::Orders;
+    })
+    .await;
+    let device = app.device(POS).await;
+    device
+        .publish_sale("1", &snack("1000"), None)
+        .await
+        .unwrap();
+    let pending = state_of(&device, "1", "pending").await;
+    let reference = pending.external_reference.clone().unwrap();
+    let first_id = app.mp.order_on_pos(MP_POS).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Replaced 2 s after the first order was created, when Mercado Pago refuses.
+    app.mp.fail_next("/v1/orders", 400, 1);
+    let rejected = state_of(&device, "1", "rejected").await;
+    assert_eq!(rejected.reason.as_deref(), Some("mp_order_expired"));
+    let message = rejected.message().unwrap_or_default().to_owned();
+    assert!(message.starts_with("mp_order_expired"), "{message}");
+    assert!(calls(&app, "POST", "/v1/orders") >= 2);
+    // Nothing is left to pay for a sale that is over.
+    assert_eq!(
+        app.mp.orders_api_order(&first_id).unwrap()["status"],
+        "canceled"
+    );
+    let orders = app.mp.orders_api_orders_for(&reference);
+    assert!(
+        orders.iter().all(|o| o["status"] == "canceled"),
+        "{orders:?}"
+    );
+    let timeline = app.timeline(&reference).await;
+    assert!(timeline.iter().any(|e| e == "refused"), "{timeline:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payment_on_the_old_orders_api_order_while_the_new_one_is_created_pays_the_sale() {
+    let app = TestApp::spawn_with(|c| {
+        // Replaced 3 s after the first order was created.
+        never_expiring(c, 60, 57);
+        c.mercadopago.attended_api = qrgate::config::AttendedApi::Orders;
+    })
+    .await;
+    // No webhook url: the payment's notification is lost.
+    let device = app.device(POS).await;
+    device
+        .publish_sale("1", &snack("1000"), None)
+        .await
+        .unwrap();
+    let pending = state_of(&device, "1", "pending").await;
+    let reference = pending.external_reference.clone().unwrap();
+    let Scan::Order(old) = app.mp.scan_attended(MP_POS).await.unwrap() else {
+        panic!("no order on the POS")
+    };
+    let old_id = old.order_id.clone().unwrap();
+    // Mercado Pago creates the new order but answers slowly; meanwhile the
+    // customer, who had the old one open, pays it.
+    app.mp
+        .set_latency("/v1/orders", Duration::from_millis(1500));
+    wait_for("the new order created at Mercado Pago", || {
+        calls(&app, "POST", "/v1/orders") == 2
+    })
+    .await;
+    app.mp
+        .pay_order(&old_id, PaymentOutcome::Approved)
+        .await
+        .unwrap();
+    let paid = state_of(&device, "1", "paid").await;
+    assert_eq!(paid.order_id.as_deref(), Some(old_id.as_str()));
+    // The new order, which nobody needs any more, is cancelled.
+    wait_for("the new order cancelled", || {
+        app.mp
+            .orders_api_orders_for(&reference)
+            .iter()
+            .all(|o| o["status"] != "created")
+    })
+    .await;
+    app.mp.set_latency("/v1/orders", Duration::ZERO);
+    let orders = app.mp.orders_api_orders_for(&reference);
+    assert_eq!(orders.len(), 2, "{orders:?}");
+    let timeline = app.timeline(&reference).await;
+    assert_eq!(
+        timeline.iter().filter(|e| *e == "paid").count(),
+        1,
+        "{timeline:?}"
+    );
+    assert!(!timeline.iter().any(|e| e == "refund_due"), "{timeline:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_legacy_order_is_placed_again_within_mercado_pagos_ten_minutes() {
+    // Legacy orders live Mercado Pago's 10 minutes: renewed 598 s ahead, the
+    // order is placed again every 2 s here.
+    let app = TestApp::spawn_with(|c| {
+        never_expiring(c, 600, 598);
+        c.mercadopago.attended_api = qrgate::config::AttendedApi::Legacy;
+    })
+    .await;
+    let device = app.device(POS).await;
+    device
+        .publish_sale("1", &snack("1000"), None)
+        .await
+        .unwrap();
+    let pending = state_of(&device, "1", "pending").await;
+    let legacy = format!("/mpmobile/instore/qr/178106235/{MP_POS}");
+    wait_for("the legacy order placed again", || {
+        calls(&app, "POST", &legacy) >= 2
+    })
+    .await;
+    let Scan::Order(order) = app.mp.scan_attended(MP_POS).await.unwrap() else {
+        panic!("no order on the POS")
+    };
+    assert_eq!(
+        Some(order.external_reference.as_str()),
+        pending.external_reference.as_deref()
+    );
+    app.mp
+        .pay(order.merchant_order_id, PaymentOutcome::Approved)
+        .await
+        .unwrap();
+    state_of(&device, "1", "paid").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_placed_before_a_restart_is_still_placed_again_before_it_expires() {
+    let app = TestApp::spawn_with(|c| never_expiring(c, 10, 3)).await;
+    let device = app.device(POS).await;
+    device
+        .publish_sale("1", &snack("1000"), None)
+        .await
+        .unwrap();
+    let pending = state_of(&device, "1", "pending").await;
+    let first = app.mp.attended_order(MP_POS).expect("placed");
+    let first_expiry = instant(first["expiration_date"].as_str().unwrap());
+    let app = app.restart_keeping_mercadopago().await;
+    let order = scan_after(&app, first_expiry).await;
+    assert_eq!(
+        Some(order.external_reference.as_str()),
+        pending.external_reference.as_deref()
+    );
+    app.mp
+        .pay(order.merchant_order_id, PaymentOutcome::Approved)
+        .await
+        .unwrap();
+    state_of(&device, "1", "paid").await;
+}

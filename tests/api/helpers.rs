@@ -565,3 +565,28 @@ where
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+impl TestApp {
+    /// Like [`TestApp::restart`], keeping `[mercadopago]` too (the attended
+    /// API and its order lifetimes).
+    pub async fn restart_keeping_mercadopago(mut self) -> TestApp {
+        self.stop.cancel();
+        if let Some(d) = self.done.take() {
+            d.await.unwrap();
+        }
+        let config = self.config.clone();
+        TestApp::start(
+            Where::Port(self.mqtt_port),
+            self.mp.clone(),
+            Arc::clone(&self.dir),
+            Some(self.prefix.clone()),
+            Some(config.http.listen),
+            move |c| {
+                c.pos = config.pos;
+                c.orders = config.orders;
+                c.mercadopago = config.mercadopago;
+            },
+        )
+        .await
+    }
+}
