@@ -1778,6 +1778,58 @@ mod tests {
         store.check_writable().await.unwrap();
     }
 
+    #[tokio::test]
+    async fn the_inbox_folds_duplicates_and_keeps_an_entry_until_its_latest_notification_is_applied(
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.db");
+        let store = SqliteStore::open(&path, true).unwrap();
+        let first = store.inbox_add("merchant_order", "7", 100).await.unwrap();
+        assert_eq!(
+            (first.generation, first.attempts, first.next_at),
+            (1, 0, 100)
+        );
+        store
+            .inbox_retry("merchant_order", "7", 3, 5_000, "Mercado Pago answered 500")
+            .await
+            .unwrap();
+        // A duplicate folds into the pending entry and makes it due now.
+        let again = store.inbox_add("merchant_order", "7", 200).await.unwrap();
+        assert_eq!((again.generation, again.attempts), (2, 3));
+        assert_eq!((again.received_at, again.next_at), (100, 200));
+        store.inbox_add("payment", "9", 300).await.unwrap();
+        assert_eq!(store.inbox_pending().await.unwrap().len(), 2);
+        // A fetch that started before the duplicate does not finish it.
+        assert!(!store
+            .inbox_done("merchant_order", "7", 1, 400, "paid")
+            .await
+            .unwrap());
+        assert!(store
+            .inbox_done("merchant_order", "7", 2, 400, "paid")
+            .await
+            .unwrap());
+        drop(store);
+        // Across a restart only what is not applied is left.
+        let store = SqliteStore::open(&path, true).unwrap();
+        let pending = store.inbox_pending().await.unwrap();
+        assert_eq!(pending.len(), 1);
+        assert_eq!(
+            (pending[0].topic.as_str(), pending[0].id.as_str()),
+            ("payment", "9")
+        );
+        // News about a resource done before opens it again, afresh.
+        let reopened = store.inbox_add("merchant_order", "7", 500).await.unwrap();
+        assert_eq!((reopened.attempts, reopened.received_at), (0, 500));
+        assert_eq!(store.inbox_pending().await.unwrap().len(), 2);
+        // Done entries are forgotten after a while; pending ones never.
+        store
+            .inbox_done("payment", "9", 1, 600, "paid")
+            .await
+            .unwrap();
+        store.prune(700).await.unwrap();
+        assert_eq!(store.inbox_pending().await.unwrap().len(), 1);
+    }
+
     // ---- POS registration ----
 
     #[tokio::test]

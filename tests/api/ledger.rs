@@ -353,3 +353,67 @@ async fn one_pos_slow_merchant_orders_do_not_hold_up_another_pos_notification() 
         .unwrap();
     state_of(&vending, "v1", "paid").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merchant_order_mercado_pago_answers_404_for_at_first_is_fetched_until_it_knows_it() {
+    let Some(s) = station(|c| c.orders.notification_retry_max_secs = 1).await else {
+        return;
+    };
+    sale_of_100(&s).await;
+    let order = s.app.scan("pump-1").await;
+    let path = format!("/merchant_orders/{}", order.merchant_order_id);
+    s.app.mp.fail_next(&path, 404, 3);
+    s.app.mp.set_notify_mode(NotifyMode::Ipn);
+    s.app
+        .mp
+        .pay(order.merchant_order_id, PaymentOutcome::Approved)
+        .await
+        .unwrap();
+    state_of(&s.pump, "1", "paid").await;
+    let not_found = s
+        .app
+        .mp
+        .api_calls()
+        .iter()
+        .filter(|c| c.path == path && c.status == 404)
+        .count();
+    assert_eq!(not_found, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notification_that_only_ever_gets_404_is_given_up_after_the_reconcile_window() {
+    let Some(s) = station(|c| {
+        c.orders.notification_retry_max_secs = 1;
+        c.orders.reconcile_after_secs = 0;
+        c.orders.reconcile_window_secs = 2;
+    })
+    .await
+    else {
+        return;
+    };
+    let r = reqwest::Client::new()
+        .post(format!(
+            "{}/mp/notifications?topic=merchant_order&id=4242424242",
+            s.app.base
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let metrics = format!("{}/metrics", admin(&s.app));
+    wait_until("the notification given up", || async {
+        let text = reqwest::get(&metrics).await.ok()?.text().await.ok()?;
+        text.lines()
+            .any(|l| l.starts_with("qrgate_notifications_total{result=\"abandoned\"} 1"))
+            .then_some(())
+    })
+    .await;
+    let tries = s
+        .app
+        .mp
+        .api_calls()
+        .iter()
+        .filter(|c| c.path == "/merchant_orders/4242424242")
+        .count();
+    assert!(tries >= 2, "fetched again before giving up: {tries}");
+}
