@@ -965,6 +965,9 @@ fn owed_message(reason: RefundReason) -> &'static str {
         RefundReason::Overpayment => {
             "payment carried more than the sale's total: the difference is owed back"
         }
+        RefundReason::OperatorRefund => {
+            "an operator's refund returned less than it recorded: the rest is owed back"
+        }
     }
 }
 

@@ -708,8 +708,14 @@ pub fn record_refunds(sale: &Sale, made: &[(MpId, Refund)], now: UnixMillis) -> 
 /// The device says it acted (or failed to act) on a paid sale, current or
 /// not: MQTT does not order `delivered` against the device's next `sale`.
 pub fn deliver(s: &Sale, ok: bool, reason: Option<String>, ctx: Ctx) -> Outcome {
+    // The operator may have refunded part (or all) of it before the device
+    // spoke: it is still the sale the device was told to deliver.
+    let paid = matches!(
+        s.state,
+        SaleState::Paid | SaleState::PartiallyRefunded | SaleState::Refunded
+    );
     match s.state {
-        SaleState::Paid if s.delivered_at.is_none() => {
+        _ if paid && s.delivered_at.is_none() => {
             let mut sale = s.clone();
             sale.delivered_at = Some(ctx.now);
             sale.updated_at = ctx.now;
@@ -723,7 +729,7 @@ pub fn deliver(s: &Sale, ok: bool, reason: Option<String>, ctx: Ctx) -> Outcome 
                 event: SaleEvent::Delivered { ok, reason },
             }
         }
-        SaleState::Paid => Outcome::Nothing,
+        _ if paid => Outcome::Nothing,
         state => rejected(
             &s.sale_id,
             Rejection::BadMessage(format!(
@@ -1302,6 +1308,27 @@ mod tests {
             refund_plan(&s, None, "t").unwrap_err().code(),
             "not_refundable"
         );
+    }
+
+    #[test]
+    fn a_partial_operator_refund_then_a_failed_delivery_owes_the_rest() {
+        let s = paid_sale(&[(77, "60.00"), (78, "40.00")]);
+        let calls = refund_plan(&s, Some(d("30.00")), "t").unwrap();
+        let (s, _) = changed(record_refunds(&s, &made(&calls, 5), 5).unwrap());
+        assert_eq!(s.state, SaleState::PartiallyRefunded);
+        let Outcome::Changed { sale: s, event } = deliver(&s, false, None, ctx(6)) else {
+            panic!("a partly refunded sale is still the one the device delivers")
+        };
+        assert_eq!(
+            event,
+            SaleEvent::Delivered {
+                ok: false,
+                reason: None
+            }
+        );
+        assert_eq!(s.ledger.owed(), d("70.00"));
+        assert_eq!(s.ledger.kept(), Decimal::ZERO);
+        assert_eq!(deliver(&s, true, None, ctx(7)), Outcome::Nothing);
     }
 
     #[test]

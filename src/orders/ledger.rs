@@ -387,6 +387,28 @@ impl Ledger {
         }
     }
 
+    /// `amount` of what is kept is owed back, the latest kept payment first.
+    pub fn owe_from_kept(
+        &mut self,
+        amount: Decimal,
+        reason: RefundReason,
+        now: UnixMillis,
+        auto: bool,
+    ) {
+        let mut order: Vec<usize> = (0..self.0.len())
+            .filter(|&i| self.0[i].kept > Decimal::ZERO)
+            .collect();
+        order.sort_by(|&a, &b| approval_order(&self.0[b], &self.0[a]));
+        let mut left = amount;
+        for i in order {
+            let p = &mut self.0[i];
+            let take = p.kept.min(left);
+            p.kept -= take;
+            left -= take;
+            p.owe(take, reason, now, auto);
+        }
+    }
+
     /// Everything kept is owed back (the device could not deliver).
     pub fn owe_kept(&mut self, reason: RefundReason, now: UnixMillis, auto: bool) {
         for p in &mut self.0 {
@@ -437,8 +459,8 @@ impl Ledger {
                 .iter()
                 .filter(|o| o.is_open() && (o.auto || !auto_only))
             {
-                let whole = p.untouched(o.amount);
-                let key = if whole {
+                let whole = p.rest(o.amount);
+                let key = if p.untouched(o.amount) {
                     format!("qrgate-refund-{}", p.id)
                 } else {
                     format!(

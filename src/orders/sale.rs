@@ -367,6 +367,9 @@ pub enum RefundReason {
     DeliveryFailed,
     /// What the payment that reached the total carried beyond it.
     Overpayment,
+    /// A refund the operator asked for that did not return it all (found
+    /// when an older store was given its ledger).
+    OperatorRefund,
 }
 
 impl RefundReason {
@@ -376,6 +379,7 @@ impl RefundReason {
             RefundReason::DoublePayment => "double_payment",
             RefundReason::DeliveryFailed => "delivery_failed",
             RefundReason::Overpayment => "overpayment",
+            RefundReason::OperatorRefund => "operator_refund",
         }
     }
 }

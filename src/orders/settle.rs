@@ -142,7 +142,10 @@ pub fn verify(
         });
     }
     let expected = sale.currency.code();
+    // A report without the amount paid counts as nothing paid: it records
+    // nothing, so a later report with the amount is not taken for a repeat.
     mo.approved()
+        .filter(|p| p.amount > Decimal::ZERO)
         .map(|p| match p.currency.as_deref() {
             Some(c) if c == expected => Ok(Approved {
                 id: p.id.clone(),

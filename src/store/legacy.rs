@@ -4,8 +4,11 @@
 //! the amount of a whole merchant order) and the operator's refunds. Each
 //! sale's ledger is rebuilt from those and from the payments the merchant
 //! orders carried, as the ledger's own rules would have recorded them. An
-//! upgrade invents no debt: an old overpayment stays kept, as version 1 had
-//! it (logged, never owed).
+//! upgrade refunds nothing by itself: what the rules find owed that version
+//! 1 never knew of (a second payment on the merchant order that paid, an
+//! overpayment, an operator's refund that returned less than it said) is
+//! owed for the operator, who may have settled it by hand meanwhile. Refunds
+//! version 1 itself had due keep its `auto`.
 
 use rusqlite::{params, Connection};
 use rust_decimal::Decimal;
@@ -187,11 +190,10 @@ fn rebuild(conn: &Connection, sale: &mut Sale, old: LegacyMoney) -> Result<(), S
             .close(&settled.merchant_order, &ids, total, settled.at, false)
             .is_none()
         {
-            // Cannot happen for a sale version 1 closed; keep the money.
+            // Cannot happen for a sale version 1 closed: the operator looks.
             sale.ledger
                 .release_held(RefundReason::DoublePayment, settled.at, false);
         }
-        keep_overpayments(sale);
     }
     for due in &old.refunds {
         match due.reason {
@@ -241,35 +243,37 @@ fn rebuild(conn: &Connection, sale: &mut Sale, old: LegacyMoney) -> Result<(), S
                 None => continue,
             }
         };
+        // Version 1 refunded one payment "in full" for the whole sale: Mercado
+        // Pago returned at most what was left of that payment.
+        let left = sale
+            .ledger
+            .get(&payment)
+            .map_or(r.amount, |p| p.amount - p.refunded());
+        let returned = r.amount.min(left);
         sale.ledger.record_refund(
             &payment,
             Refund {
                 id: r.refund_id.clone(),
-                amount: r.amount,
+                amount: returned,
                 at: r.at,
                 by: r.by.clone(),
                 of: RefundOf::Kept,
                 request: None,
             },
         );
+        if r.amount > returned {
+            tracing::warn!(external_reference = %sale.external_reference, payment = %payment,
+                refund = %r.refund_id, asked = %r.amount, returned = %returned,
+                "an operator's refund returned less than it recorded: the rest is owed back");
+            sale.ledger.owe_from_kept(
+                r.amount - returned,
+                RefundReason::OperatorRefund,
+                r.at,
+                false,
+            );
+        }
     }
     Ok(())
-}
-
-/// Version 1 kept an overpayment whole and owed nothing for it.
-fn keep_overpayments(sale: &mut Sale) {
-    let mut payments = sale.ledger.payments().to_vec();
-    for p in &mut payments {
-        let excess: Decimal = p
-            .owed
-            .iter()
-            .filter(|o| o.reason == RefundReason::Overpayment)
-            .map(|o| o.amount)
-            .sum();
-        p.owed.retain(|o| o.reason != RefundReason::Overpayment);
-        p.kept += excess;
-    }
-    sale.ledger = crate::orders::ledger::Ledger::from_payments(payments);
 }
 
 #[cfg(test)]
@@ -444,6 +448,32 @@ CREATE TABLE IF NOT EXISTS mp_registrations (
                 "pending",
                 body("pump-1-d", "pending", "null", "[]", "[]"),
             );
+            // E: paid 60 + 40; version 1's "full" refund of 100 went to 907
+            // alone, which could return only its 40.
+            sale(
+                "pump-1-e",
+                "refunded",
+                body(
+                    "pump-1-e",
+                    "refunded",
+                    r#"{"payment_id":907,"merchant_order":305,"paid":"100.00","at":1500}"#,
+                    "[]",
+                    r#"[{"refund_id":703,"payment_id":907,"amount":"100.00","at":1800,"by":"console"}]"#,
+                ),
+            );
+            // F: charged twice on the merchant order that paid it; version 1
+            // took it for an overpayment.
+            sale(
+                "pump-1-f",
+                "paid",
+                body(
+                    "pump-1-f",
+                    "paid",
+                    r#"{"payment_id":909,"merchant_order":306,"paid":"200.00","at":1500}"#,
+                    "[]",
+                    "[]",
+                ),
+            );
             c.execute_batch(
                 "INSERT INTO closings VALUES ('pump-1-a', 902, 301, 1500), ('pump-1-c', 904, 303, 1500);
                  INSERT INTO refunds_due VALUES (902, 'pump-1-a', 301, '100.00', 1600, 'delivery_failed', 1, 701, 1700),
@@ -452,7 +482,11 @@ CREATE TABLE IF NOT EXISTS mp_registrations (
                    (902, 301, 'pump-1-a', 'refunded', '40.00', 'ARS', 1400),
                    (903, 302, 'pump-1-b', 'approved', '100.00', 'ARS', 1550),
                    (904, 303, 'pump-1-c', 'approved', '100.00', 'ARS', 1450),
-                   (905, 304, 'pump-1-c', 'rejected', '100.00', 'ARS', 1440);",
+                   (905, 304, 'pump-1-c', 'rejected', '100.00', 'ARS', 1440),
+                   (906, 305, 'pump-1-e', 'approved', '60.00', 'ARS', 1400),
+                   (907, 305, 'pump-1-e', 'refunded', '40.00', 'ARS', 1400),
+                   (908, 306, 'pump-1-f', 'approved', '100.00', 'ARS', 1400),
+                   (909, 306, 'pump-1-f', 'approved', '100.00', 'ARS', 1401);",
             )
             .unwrap();
         }
@@ -488,6 +522,31 @@ CREATE TABLE IF NOT EXISTS mp_registrations (
         let d_sale = store.sale(&get("pump-1-d")).await.unwrap().unwrap();
         assert!(d_sale.ledger.is_empty());
 
+        let e = store.sale(&get("pump-1-e")).await.unwrap().unwrap();
+        assert_eq!(
+            e.ledger.refunded(),
+            d("40.00"),
+            "907 could only return its 40"
+        );
+        assert_eq!(e.ledger.kept(), Decimal::ZERO);
+        let (p, owed) = e.ledger.open_owed().next().unwrap();
+        assert_eq!(p.id, MpId::Num(906));
+        assert_eq!(
+            (owed.amount, owed.reason, owed.auto),
+            (d("60.00"), RefundReason::OperatorRefund, false),
+            "the rest of the operator's refund, for the operator"
+        );
+
+        let f = store.sale(&get("pump-1-f")).await.unwrap().unwrap();
+        assert_eq!(f.ledger.kept(), d("100.00"));
+        let (p, owed) = f.ledger.open_owed().next().unwrap();
+        assert_eq!(p.id, MpId::Num(909));
+        assert_eq!(
+            (owed.amount, owed.reason, owed.auto),
+            (d("100.00"), RefundReason::DoublePayment, false),
+            "a double charge version 1 missed is the operator's to refund"
+        );
+
         // The queues read the new columns: A refunds itself, B is the
         // operator's, both owe.
         let auto: Vec<_> = store
@@ -498,7 +557,7 @@ CREATE TABLE IF NOT EXISTS mp_registrations (
             .map(|s| s.external_reference.to_string())
             .collect();
         assert_eq!(auto, ["pump-1-a"]);
-        assert_eq!(store.count_owing().await.unwrap(), 2);
+        assert_eq!(store.count_owing().await.unwrap(), 4);
         drop(store);
 
         let c = Connection::open(&path).unwrap();
@@ -513,7 +572,7 @@ CREATE TABLE IF NOT EXISTS mp_registrations (
         let recorded: i64 = c
             .query_row("SELECT count(*) FROM ledger_payments", [], |r| r.get(0))
             .unwrap();
-        assert_eq!(recorded, 4);
+        assert_eq!(recorded, 8);
         drop(c);
         // Opening again changes nothing.
         let again = SqliteStore::open(&path, true).unwrap();

@@ -575,13 +575,11 @@ fn event_detail(sale: &Sale, event: &SaleEvent) -> String {
 }
 
 /// The sales row's derived columns: whether reconciliation still searches
-/// for its payments (served or placed, not closed, and either payable or
-/// with no payment found yet), and what its ledger owes (0 nothing, 1 for
-/// the operator, 2 some of it for qrgate itself).
+/// for its payments (served or placed and not closed: an ended sale too,
+/// for every payment that may still come), and what its ledger owes (0
+/// nothing, 1 for the operator, 2 some of it for qrgate itself).
 pub(super) fn sale_columns(sale: &Sale) -> (bool, i64) {
-    let unsettled = sale.handed_at().is_some()
-        && sale.settled.is_none()
-        && (sale.is_payable() || sale.ledger.is_empty());
+    let unsettled = sale.handed_at().is_some() && sale.settled.is_none();
     let owes = if sale.ledger.owes_auto() {
         2
     } else {
