@@ -69,7 +69,7 @@ fn claim(listen: SocketAddr) -> Result<SocketAddr, BrokerError> {
 /// The largest packet the embedded broker reads from anyone (qrgate's
 /// client included): 4 × `[mqtt] max_payload_bytes`, at least 64 KiB, as
 /// deploy/mosquitto.conf's `max_packet_size`.
-pub fn max_packet_size(max_payload_bytes: usize) -> usize {
+fn max_packet_size(max_payload_bytes: usize) -> usize {
     (max_payload_bytes * 4).max(64 * 1024)
 }
 
