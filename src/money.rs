@@ -6,8 +6,6 @@ use std::fmt;
 use std::str::FromStr;
 
 use rust_decimal::{Decimal, RoundingStrategy};
-use serde::de::{self, Deserializer};
-use serde::Deserialize;
 use serde_json::value::RawValue;
 
 /// The currencies of the Mercado Pago sites that sell QR payments.
@@ -170,6 +168,8 @@ pub enum MoneyError {
     UnknownCurrency(String),
     #[error("not a decimal number: {0:?}")]
     NotANumber(String),
+    #[error("{0:?} is not a plain decimal: write digits, optionally a '.' and more digits (\"1000\", \"10.50\")")]
+    NotPlainDecimal(String),
     #[error("{what} must be greater than zero, got {value}")]
     NotPositive { what: &'static str, value: Decimal },
     #[error("{what} {value} has more than {max} decimals")]
@@ -189,12 +189,14 @@ pub enum MoneyError {
 /// Most decimals a quantity may carry (litres to the millilitre).
 pub const QUANTITY_DECIMALS: u32 = 3;
 
-/// Parses the text of a JSON number or a decimal string. Scientific notation is
-/// accepted because it is valid JSON; anything else is refused.
+/// Parses the text of a JSON number or a decimal string from Mercado Pago (and
+/// qrgate's own config). Lenient on purpose: scientific notation is valid JSON
+/// and Mercado Pago's numbers are not ours to police. Device and operator input
+/// goes through [`parse_plain_decimal`] instead.
 pub fn parse_decimal(text: &str) -> Result<Decimal, MoneyError> {
     let t = text.trim();
     let bad = || MoneyError::NotANumber(t.chars().take(32).collect());
-    if t.is_empty() || t.len() > 40 {
+    if t.is_empty() || t.len() > MAX_NUMBER_TEXT {
         return Err(bad());
     }
     let parsed = if t.contains(['e', 'E']) {
@@ -203,6 +205,36 @@ pub fn parse_decimal(text: &str) -> Result<Decimal, MoneyError> {
         Decimal::from_str_exact(t)
     };
     parsed.map_err(|_| bad())
+}
+
+/// Longest number text either parser reads: far beyond any amount we accept
+/// (28 significant digits is all a `Decimal` holds), short enough that a
+/// refusal never echoes much.
+const MAX_NUMBER_TEXT: usize = 40;
+
+/// Parses a number as a device or an operator writes it: exactly
+/// `-?[0-9]+(\.[0-9]+)?`, nothing around it. The device contract promises
+/// plain decimals only, and `Decimal`'s own parsers read more than that
+/// (`"1_000"` as 1000, `"1."`, `"+1"`, exponents), so a typo or a foreign
+/// number format would become a different amount instead of a refusal.
+/// Mercado Pago's JSON is read by [`parse_decimal`], not this.
+pub fn parse_plain_decimal(text: &str) -> Result<Decimal, MoneyError> {
+    let bad = || MoneyError::NotPlainDecimal(text.chars().take(24).collect());
+    if text.len() > MAX_NUMBER_TEXT || !is_plain_decimal(text) {
+        return Err(bad());
+    }
+    // Only precision can fail here (more than 28 significant digits).
+    Decimal::from_str_exact(text).map_err(|_| bad())
+}
+
+/// `-?[0-9]+(\.[0-9]+)?`, ASCII digits only.
+fn is_plain_decimal(text: &str) -> bool {
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let unsigned = text.strip_prefix('-').unwrap_or(text);
+    match unsigned.split_once('.') {
+        Some((whole, fraction)) => digits(whole) && digits(fraction),
+        None => digits(unsigned),
+    }
 }
 
 /// Decimals actually carried by a value: `10.50` carries 1, `10.00` none.
@@ -324,32 +356,6 @@ impl fmt::Display for Amount {
     }
 }
 
-/// A decimal read from JSON without passing through `f64`: accepts a JSON
-/// number or a decimal string ("Numbers may come as JSON numbers or decimal
-/// strings"). Only works with `serde_json`, which is all we parse.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct JsonDecimal(pub Decimal);
-
-impl<'de> Deserialize<'de> for JsonDecimal {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let raw: Box<RawValue> = Deserialize::deserialize(deserializer)?;
-        let text = raw.get();
-        let inner = if let Some(s) = text.strip_prefix('"').and_then(|t| t.strip_suffix('"')) {
-            s
-        } else if text.starts_with(['-', '0', '1', '2', '3', '4', '5', '6', '7', '8', '9']) {
-            text
-        } else {
-            return Err(de::Error::custom(format!(
-                "expected a number or a decimal string, got {}",
-                text.chars().take(32).collect::<String>()
-            )));
-        };
-        parse_decimal(inner)
-            .map(JsonDecimal)
-            .map_err(de::Error::custom)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -429,21 +435,68 @@ mod tests {
     }
 
     #[test]
-    fn json_decimals_come_from_numbers_or_strings_without_floats() {
-        let n: JsonDecimal = serde_json::from_str("25615.80").unwrap();
-        assert_eq!(n.0.to_string(), "25615.80");
-        let s: JsonDecimal = serde_json::from_str("\"0.1\"").unwrap();
-        assert_eq!(s.0, d("0.1"));
-        // 0.1 + 0.2 would not be 0.3 through f64; here it is.
-        let a: JsonDecimal = serde_json::from_str("0.1").unwrap();
-        let b: JsonDecimal = serde_json::from_str("0.2").unwrap();
-        assert_eq!(a.0 + b.0, d("0.3"));
-        let e: JsonDecimal = serde_json::from_str("1.5e2").unwrap();
-        assert_eq!(e.0, d("150"));
-        assert!(serde_json::from_str::<JsonDecimal>("true").is_err());
-        assert!(serde_json::from_str::<JsonDecimal>("\"abc\"").is_err());
-        assert!(serde_json::from_str::<JsonDecimal>("\"NaN\"").is_err());
-        assert!(serde_json::from_str::<JsonDecimal>("null").is_err());
+    fn plain_decimals_are_digits_with_an_optional_fraction() {
+        for ok in ["0", "1", "007", "-1", "10.50", "1.005", "25615.80", "-0.5"] {
+            assert_eq!(parse_plain_decimal(ok), Ok(d(ok)), "{ok}");
+        }
+        for loose in [
+            "1_000",
+            "1.0_5",
+            "_1",
+            "1_",
+            "1.",
+            ".5",
+            "+1",
+            "-",
+            "--1",
+            "-.5",
+            "1e3",
+            "1E3",
+            "1.5e2",
+            "1e-2",
+            " 1",
+            "1 ",
+            "\t1",
+            "1\n",
+            "",
+            ".",
+            "1.2.3",
+            "1,5",
+            "1,000.00",
+            "0x10",
+            "NaN",
+            "inf",
+            "-inf",
+            "Infinity",
+            "\u{0661}",
+            "\u{ff11}",
+            "1\u{0}",
+            "١٠",
+            "99999999999999999999999999999.9", // more digits than a Decimal holds
+        ] {
+            assert!(
+                matches!(
+                    parse_plain_decimal(loose),
+                    Err(MoneyError::NotPlainDecimal(_))
+                ),
+                "{loose:?} must be refused"
+            );
+        }
+        let long = "1".repeat(41);
+        assert!(parse_plain_decimal(&long).is_err());
+        // The refusal echoes at most a short prefix of what was sent.
+        let e = parse_plain_decimal(&"9_".repeat(20))
+            .unwrap_err()
+            .to_string();
+        assert!(e.len() < 120, "{e}");
+    }
+
+    #[test]
+    fn mercado_pago_numbers_stay_lenient() {
+        // Valid JSON that a device may not send; Mercado Pago may.
+        assert_eq!(parse_decimal("1.5e2"), Ok(d("150")));
+        assert_eq!(parse_decimal(" 10.5 "), Ok(d("10.5")));
+        assert!(parse_decimal("abc").is_err());
     }
 
     #[test]

@@ -6,7 +6,6 @@
 // Helpers return the refusing response as their error: built once, sent as is.
 #![allow(clippy::result_large_err)]
 
-use std::str::FromStr;
 use std::time::Duration;
 
 use actix_web::http::StatusCode;
@@ -367,15 +366,16 @@ pub async fn cancel(
     }
 }
 
-#[derive(Deserialize)]
-struct RefundBody {
-    #[serde(default)]
-    amount: Option<Value>,
-}
-
-/// `None`: a full refund. Amounts may be sent as a string or a number;
-/// neither passes through a float.
+/// `None`: a full refund. Amounts may be sent as a string or a number, and
+/// are plain decimals either way (`money::parse_plain_decimal`); neither
+/// passes through a float.
 fn requested_amount(body: &[u8]) -> Result<Option<Decimal>, &'static str> {
+    // The number's own text: a `serde_json::Value` would hold it as an f64.
+    #[derive(Deserialize)]
+    struct RefundBody {
+        #[serde(default)]
+        amount: Option<Box<serde_json::value::RawValue>>,
+    }
     let text = std::str::from_utf8(body)
         .map_err(|_| "the body is not UTF-8")?
         .trim();
@@ -384,17 +384,20 @@ fn requested_amount(body: &[u8]) -> Result<Option<Decimal>, &'static str> {
     }
     let b: RefundBody = serde_json::from_str(text)
         .map_err(|_| "the body must be {\"amount\": \"10.50\"} or empty")?;
-    match b.amount {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Decimal::from_str(s.trim())
-            .map(Some)
-            .map_err(|_| "amount is not a number"),
-        Some(Value::Number(n)) => Decimal::from_str(&n.to_string())
-            .or_else(|_| Decimal::from_scientific(&n.to_string()))
-            .map(Some)
-            .map_err(|_| "amount is not a number"),
-        Some(_) => Err("amount must be a string like \"10.50\""),
-    }
+    let Some(raw) = b.amount else {
+        return Ok(None);
+    };
+    let number = match raw.get().as_bytes().first() {
+        Some(b'n') => return Ok(None),
+        Some(b'"') => {
+            serde_json::from_str::<String>(raw.get()).map_err(|_| "amount is not a number")?
+        }
+        Some(b'-' | b'0'..=b'9') => raw.get().to_owned(),
+        _ => return Err("amount must be a string like \"10.50\""),
+    };
+    crate::money::parse_plain_decimal(&number)
+        .map(Some)
+        .map_err(|_| "amount must be a plain decimal like \"10.50\"")
 }
 
 pub async fn refund(
@@ -500,6 +503,7 @@ pub async fn events(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::str::FromStr;
 
     #[test]
     fn refund_amounts_are_read_without_floats() {
@@ -513,7 +517,39 @@ mod tests {
             requested_amount(br#"{"amount":10.5}"#),
             Ok(Some(Decimal::from_str("10.5").unwrap()))
         );
+        assert_eq!(requested_amount(br#"{"amount":null}"#), Ok(None));
         assert!(requested_amount(br#"{"amount":[1]}"#).is_err());
         assert!(requested_amount(b"ten").is_err());
+        // 12345678901234567.89 is not an f64.
+        assert_eq!(
+            requested_amount(br#"{"amount":12345678901234567.89}"#),
+            Ok(Some(Decimal::from_str("12345678901234567.89").unwrap()))
+        );
+    }
+
+    #[test]
+    fn refund_amounts_are_plain_decimals() {
+        for loose in [
+            r#""1_000""#,
+            r#""1.0_5""#,
+            r#""1.""#,
+            r#""+1""#,
+            r#"".5""#,
+            r#"" 10.50""#,
+            r#""1e3""#,
+            "1e3",
+            "1.5E2",
+            r#""10,50""#,
+            r#""""#,
+            "true",
+        ] {
+            let body = format!(r#"{{"amount":{loose}}}"#);
+            assert!(requested_amount(body.as_bytes()).is_err(), "{body}");
+        }
+        assert_eq!(
+            requested_amount(br#"{"amount":"-1"}"#),
+            Ok(Some(Decimal::from_str("-1").unwrap())),
+            "plain; the book refuses it as not positive"
+        );
     }
 }

@@ -66,12 +66,22 @@ fn claim(listen: SocketAddr) -> Result<SocketAddr, BrokerError> {
         .map_err(|e| BrokerError::Start(e.to_string()))
 }
 
+/// The largest packet the embedded broker reads from anyone (qrgate's
+/// client included): 4 × `[mqtt] max_payload_bytes`, at least 64 KiB, as
+/// deploy/mosquitto.conf's `max_packet_size`.
+fn max_packet_size(max_payload_bytes: usize) -> usize {
+    (max_payload_bytes * 4).max(64 * 1024)
+}
+
 fn connections(max_payload_bytes: usize, access: &Access) -> ConnectionSettings {
     let mut c = ConnectionSettings {
         connection_timeout_ms: 10_000,
-        // Above qrgate's own cap, so that an oversize message still
-        // reaches qrgate and is refused with a reason the device sees.
-        max_payload_size: (max_payload_bytes * 4).max(64 * 1024),
+        // rumqttd compares this with a packet's remaining length and drops
+        // the publisher's connection on reading a larger one's header, before
+        // its payload is read: a hostile device cannot make the broker hold
+        // 256 MiB. Above qrgate's own cap, so that a merely oversize message
+        // still reaches qrgate and is refused with a reason the device sees.
+        max_payload_size: max_packet_size(max_payload_bytes),
         max_inflight_count: 500,
         auth: None,
         external_auth: None,

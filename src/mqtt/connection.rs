@@ -6,6 +6,9 @@
 //! after its effect is stored (manual acks), so a crash before that makes the
 //! broker deliver it again. Acknowledgements still leave in arrival order:
 //! rumqttd drops a client that acknowledges out of order.
+//!
+//! The client reaches the broker through `guard`, so that no device message,
+//! whatever its size, can break this connection.
 
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -18,6 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::guard::{self, Marker};
 use super::inbound;
 use super::topics::{DeviceTopic, Topics};
 use crate::config::{MqttConfig, Secret};
@@ -57,17 +61,38 @@ pub fn spawn(
     shutdown: CancellationToken,
     tracker: &TaskTracker,
 ) -> Arc<LinkState> {
-    let mut opts = MqttOptions::new(cfg.client_id.clone(), endpoint.host, endpoint.port);
-    if let Some(ca) = endpoint.tls_ca {
-        opts.set_transport(rumqttc::Transport::tls(ca, None, None));
-    }
+    let cap = cfg.max_payload_bytes;
+    let upstream = guard::Upstream {
+        host: endpoint.host.clone(),
+        port: endpoint.port,
+        tls_ca: endpoint.tls_ca.clone(),
+    };
+    let (mut opts, marker) = match guard::spawn(upstream, cap, shutdown.clone(), tracker) {
+        // The guard speaks TLS to the broker when it must; rumqttc speaks
+        // plain MQTT to the guard on loopback.
+        Ok((at, marker)) => (
+            MqttOptions::new(cfg.client_id.clone(), at.ip().to_string(), at.port()),
+            marker,
+        ),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the MQTT relay: connecting directly, where \
+                one oversize device message breaks qrgate's broker connection");
+            let mut opts = MqttOptions::new(cfg.client_id.clone(), endpoint.host, endpoint.port);
+            if let Some(ca) = endpoint.tls_ca {
+                opts.set_transport(rumqttc::Transport::tls(ca, None, None));
+            }
+            (opts, Marker::random())
+        }
+    };
     opts.set_keep_alive(Duration::from_secs(10));
     // A persistent session: what devices publish while qrgate is down waits
     // for it at the broker (CONTRACT-NOTES, MQTT sessions).
     opts.set_clean_session(false);
     opts.set_manual_acks(true);
-    // Room for oversize device messages to arrive and be refused by name.
-    let max = (cfg.max_payload_bytes * 4).max(64 * 1024);
+    // Through the guard nothing larger arrives: a payload over the cap comes
+    // as a small stand-in, and rumqttc fails the whole connection on a
+    // packet over this.
+    let max = guard::max_incoming_packet(cap);
     opts.set_max_packet_size(max, max);
     opts.set_inflight(200);
     if let Some((user, password)) = endpoint.login {
@@ -127,7 +152,7 @@ pub fn spawn(
     for _ in 0..WORKERS {
         let (tx, rx) = mpsc::unbounded_channel();
         workers.push(tx);
-        tracker.spawn(worker(rx, Arc::clone(&gateway), cfg.max_payload_bytes));
+        tracker.spawn(worker(rx, Arc::clone(&gateway), cap));
     }
 
     let state = Arc::clone(&link);
@@ -171,7 +196,7 @@ pub fn spawn(
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     let (done, handled) = oneshot::channel();
                     let _ = ack_tx.send((p.clone(), handled));
-                    route(&topics, &gateway, &workers, p, done);
+                    route(&topics, &gateway, &workers, marker, p, done);
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -197,7 +222,14 @@ pub fn spawn(
 }
 
 /// A device message for a POS worker, and where to say it was handled.
-type Job = (PosId, DeviceTopic, rumqttc::Publish, oneshot::Sender<bool>);
+struct Job {
+    pos: PosId,
+    kind: DeviceTopic,
+    publish: rumqttc::Publish,
+    /// The size of a payload the guard dropped (`publish` is its stand-in).
+    dropped: Option<usize>,
+    done: oneshot::Sender<bool>,
+}
 
 /// Device workers: enough that one POS's slow write rarely delays another,
 /// few enough to cost nothing.
@@ -208,62 +240,85 @@ fn route(
     topics: &Topics,
     gateway: &Gateway,
     workers: &[mpsc::UnboundedSender<Job>],
+    marker: Marker,
     p: rumqttc::Publish,
     done: oneshot::Sender<bool>,
 ) {
+    let dropped = marker.dropped_size(&p.payload);
+    let size = dropped.unwrap_or(p.payload.len());
     let Some((pos, kind)) = topics.parse(&p.topic) else {
-        tracing::warn!(topic = %p.topic, "message on a topic outside the device contract; ignored");
+        tracing::warn!(topic = %inbound::cut(&p.topic, 128), size, "message on a topic outside the device contract; ignored");
         let _ = done.send(true);
         return;
     };
     let Some(kind) = kind else {
-        tracing::warn!(topic = %p.topic, "unknown device topic; ignored");
+        tracing::warn!(topic = %inbound::cut(&p.topic, 128), size, "unknown device topic; ignored");
         let _ = done.send(true);
         return;
     };
-    let known = gateway.pos_config(pos).map(|c| c.id.clone());
-    let pos = truncate(pos);
-    match known {
+    match gateway.pos_config(pos).map(|c| c.id.clone()) {
         Some(id) => {
             let shard = {
                 let mut h = std::collections::hash_map::DefaultHasher::new();
                 id.hash(&mut h);
                 (h.finish() % workers.len() as u64) as usize
             };
-            if workers[shard].send((id, kind, p, done)).is_err() {
-                tracing::error!(pos = %pos, "device worker stopped; message left for redelivery");
+            let job = Job {
+                pos: id,
+                kind,
+                publish: p,
+                dropped,
+                done,
+            };
+            if let Err(mpsc::error::SendError(job)) = workers[shard].send(job) {
+                tracing::error!(pos = %job.pos, "device worker stopped; message left for redelivery");
             }
         }
         None => {
             // No state topic to answer on for a POS we do not know.
-            tracing::warn!(pos = %pos, topic_kind = kind.as_str(), "message for an unknown POS; ignored");
+            tracing::warn!(pos = %inbound::cut(pos, 64), topic_kind = kind.as_str(), size,
+                retained = p.retain, "message for an unknown POS; ignored");
             let _ = done.send(true);
         }
     }
 }
 
-fn truncate(s: &str) -> String {
-    s.chars().take(64).collect()
-}
-
 async fn worker(mut rx: mpsc::UnboundedReceiver<Job>, gateway: Arc<Gateway>, max_bytes: usize) {
-    while let Some((pos, kind, p, done)) = rx.recv().await {
-        match inbound::parse(kind, pos.as_str(), &p.payload, max_bytes) {
+    while let Some(job) = rx.recv().await {
+        let Job {
+            pos,
+            kind,
+            publish: p,
+            dropped,
+            done,
+        } = job;
+        let arrived = inbound::Arrived {
+            kind,
+            pos: pos.as_str(),
+            topic: &p.topic,
+            retain: p.retain,
+            size: dropped.unwrap_or(p.payload.len()),
+            payload: dropped.is_none().then_some(&p.payload[..]),
+        };
+        match inbound::screen(&arrived, max_bytes) {
+            Ok(None) => {
+                tracing::info!(pos = %pos, topic_kind = kind.as_str(), size = 0,
+                    "empty device message (what clearing a retained message leaves): nothing to do");
+            }
             Err(r) => {
                 // A broken presence message has no state to answer on.
                 let tell = kind != DeviceTopic::Status;
-                let message = format!("{}: {}", kind.as_str(), r.message);
                 gateway
                     .reject(
                         &pos,
                         r.sale_id.as_ref().map(|s| s.as_str()),
                         r.code,
-                        &message,
+                        &r.message,
                         tell,
                     )
                     .await;
             }
-            Ok(cmd) => {
+            Ok(Some(cmd)) => {
                 let mut attempt = 0u32;
                 loop {
                     match gateway.execute(&pos, cmd.clone()).await {

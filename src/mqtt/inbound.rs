@@ -1,11 +1,14 @@
 //! Device messages into order-book commands (devices/README.md). Everything a
 //! device sends is checked here for shape and size; the money rules are the
-//! order book's. Nothing here panics on input.
+//! order book's. Nothing here panics on input, and a refusal echoes little of
+//! what was sent: a hostile payload must not flood the log or the state topic.
 
+use serde::de::Deserializer;
 use serde::Deserialize;
+use serde_json::value::RawValue;
 
 use super::topics::DeviceTopic;
-use crate::money::JsonDecimal;
+use crate::money::parse_plain_decimal;
 use crate::orders::book::{LineRequest, SaleRequest};
 use crate::orders::sale::Tax;
 use crate::orders::{Command, SaleId};
@@ -16,6 +19,8 @@ pub const MAX_TITLE: usize = 120;
 pub const MAX_DESCRIPTION: usize = 256;
 pub const MAX_SHORT: usize = 64;
 pub const MAX_TAXES: usize = 4;
+/// Most characters of a refusal's reason (what a device sent may be in it).
+pub const MAX_REASON: usize = 200;
 
 /// Why a device message was refused before reaching the order book.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,12 +39,45 @@ fn refused(code: &'static str, message: impl Into<String>, sale_id: Option<SaleI
     }
 }
 
+/// A number as a device wrote it: a JSON number or a string, read without
+/// `f64`. Whether it is a plain decimal is decided when the whole message has
+/// been read, so that a loose number is refused as `bad_amount`, naming its
+/// field, rather than failing the message as broken JSON.
+struct DeviceNumber(Result<Decimal, String>);
+
+impl DeviceNumber {
+    fn value(&self) -> Option<Decimal> {
+        self.0.as_ref().ok().copied()
+    }
+}
+
+impl<'de> Deserialize<'de> for DeviceNumber {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let raw: Box<RawValue> = Deserialize::deserialize(deserializer)?;
+        let text = raw.get();
+        let read = match text.as_bytes().first() {
+            // A string's value (escapes read) is what must be plain.
+            Some(b'"') => serde_json::from_str::<String>(text)
+                .map_err(|e| e.to_string())
+                .and_then(|s| parse_plain_decimal(&s).map_err(|e| e.to_string())),
+            // A JSON number's own text: valid JSON, but `1e3` or `-0.5E1`
+            // are not plain decimals.
+            Some(b'-' | b'0'..=b'9') => parse_plain_decimal(text).map_err(|e| e.to_string()),
+            _ => Err(format!(
+                "a number or a decimal string, not {}",
+                text.chars().take(24).collect::<String>()
+            )),
+        };
+        Ok(DeviceNumber(read))
+    }
+}
+
 #[derive(Deserialize)]
 struct ItemJson {
     title: Option<String>,
     description: Option<String>,
-    quantity: Option<JsonDecimal>,
-    unit_price: Option<JsonDecimal>,
+    quantity: Option<DeviceNumber>,
+    unit_price: Option<DeviceNumber>,
     unit_measure: Option<String>,
     sku: Option<String>,
     category: Option<String>,
@@ -50,14 +88,14 @@ struct ItemJson {
 struct TaxJson {
     #[serde(rename = "type")]
     kind: Option<String>,
-    value: Option<JsonDecimal>,
+    value: Option<DeviceNumber>,
 }
 
 #[derive(Deserialize)]
 struct SaleJson {
     sale_id: Option<String>,
     items: Option<Vec<ItemJson>>,
-    amount: Option<JsonDecimal>,
+    amount: Option<DeviceNumber>,
     pos_id: Option<String>,
     pos: Option<String>,
 }
@@ -103,7 +141,7 @@ fn taxes(n: usize, raw: Option<Vec<TaxJson>>, id: &SaleId) -> Result<Vec<Tax>, R
                 .filter(|k| !k.trim().is_empty() && k.len() <= MAX_SHORT);
             let value = t
                 .value
-                .map(|v| v.0)
+                .and_then(|v| v.value())
                 .filter(|v| *v >= Decimal::ZERO && *v <= Decimal::ONE_HUNDRED);
             match (kind, value) {
                 (Some(kind), Some(value)) => Ok(Tax { kind, value }),
@@ -115,6 +153,25 @@ fn taxes(n: usize, raw: Option<Vec<TaxJson>>, id: &SaleId) -> Result<Vec<Tax>, R
             }
         })
         .collect()
+}
+
+/// The contract's number form (devices/README.md: plain decimals) is checked
+/// before any other rule, so a loose number is always `bad_amount`.
+fn plain_numbers(v: &SaleJson) -> Result<(), String> {
+    let check = |what: &dyn Fn() -> String, n: &Option<DeviceNumber>| match n {
+        Some(DeviceNumber(Err(e))) => Err(format!("{}: {e}", what())),
+        _ => Ok(()),
+    };
+    check(&|| "amount".into(), &v.amount)?;
+    for (i, it) in v.items.iter().flatten().enumerate() {
+        let n = i + 1;
+        check(&|| format!("item {n} quantity"), &it.quantity)?;
+        check(&|| format!("item {n} unit_price"), &it.unit_price)?;
+        for (j, t) in it.taxes.iter().flatten().enumerate() {
+            check(&|| format!("item {n} tax {} value", j + 1), &t.value)?;
+        }
+    }
+    Ok(())
 }
 
 fn bounded(
@@ -207,6 +264,10 @@ pub fn parse(
         }
         DeviceTopic::Sale => {
             let v: SaleJson = serde_json::from_slice(payload).map_err(|e| bad_json(e, payload))?;
+            if let Err(m) = plain_numbers(&v) {
+                let id = v.sale_id.as_deref().and_then(|s| SaleId::parse(s).ok());
+                return Err(refused("bad_amount", m, id));
+            }
             let id = sale_id(v.sale_id)?;
             if let Some(named) = v.pos_id.as_deref().or(v.pos.as_deref()) {
                 if named != pos {
@@ -242,14 +303,14 @@ pub fn parse(
                         Some(id.clone()),
                     )
                 })?;
-                let quantity = it.quantity.ok_or_else(|| {
+                let quantity = it.quantity.and_then(|q| q.value()).ok_or_else(|| {
                     refused(
                         "bad_message",
                         format!("item {n} has no quantity"),
                         Some(id.clone()),
                     )
                 })?;
-                let unit_price = it.unit_price.ok_or_else(|| {
+                let unit_price = it.unit_price.and_then(|p| p.value()).ok_or_else(|| {
                     refused(
                         "bad_message",
                         format!("item {n} has no unit_price"),
@@ -260,8 +321,8 @@ pub fn parse(
                 lines.push(LineRequest {
                     title,
                     description: bounded("description", it.description, MAX_DESCRIPTION, &id)?,
-                    quantity: quantity.0,
-                    unit_price: unit_price.0,
+                    quantity,
+                    unit_price,
                     unit_measure: bounded("unit_measure", it.unit_measure, MAX_SHORT, &id)?,
                     sku: bounded("sku", it.sku, MAX_SHORT, &id)?,
                     category: bounded("category", it.category, MAX_SHORT, &id)?,
@@ -271,9 +332,88 @@ pub fn parse(
             Ok(Command::Sale(SaleRequest {
                 sale_id: id,
                 lines,
-                amount: v.amount.map(|a| a.0),
+                amount: v.amount.and_then(|a| a.value()),
             }))
         }
+    }
+}
+
+/// A device message as it came from the broker.
+#[derive(Debug, Clone, Copy)]
+pub struct Arrived<'a> {
+    pub kind: DeviceTopic,
+    /// The POS its topic names.
+    pub pos: &'a str,
+    pub topic: &'a str,
+    /// The broker says it delivers a retained message: one published with
+    /// the retain flag, sent again because qrgate (re)subscribed.
+    pub retain: bool,
+    /// Its size as the device published it.
+    pub size: usize,
+    /// `None` when it was too large to be read at all (see `guard`).
+    pub payload: Option<&'a [u8]>,
+}
+
+/// What to do with a device message: a command; nothing, for an empty one
+/// (what clearing a retained message leaves, and it carries nothing); or a
+/// refusal that names the topic kind and the size.
+pub fn screen(m: &Arrived<'_>, max_bytes: usize) -> Result<Option<Command>, Refused> {
+    if m.size == 0 {
+        return Ok(None);
+    }
+    // Only presence may be retained (a device's last will is). A retained
+    // sale, progress, cancel or delivered would act again whenever a broker
+    // delivers it to a new subscription (qrgate's restart, a new session),
+    // long after it was meant: a cancelled sale payable again. The retain
+    // flag shows only on those redeliveries (MQTT 3.1.1 §3.3.1.3; Mosquitto
+    // and rumqttd both clear it towards established subscriptions), which is
+    // exactly when they must not act.
+    if m.retain && m.kind != DeviceTopic::Status {
+        let sale_id = m
+            .payload
+            .filter(|p| p.len() <= max_bytes)
+            .and_then(sniff_sale_id);
+        let why = "refused because it is retained: a broker delivers a retained message again \
+                   to every new subscription (a qrgate restart), where it would act again; \
+                   publish device messages without the retain flag (only status is retained)";
+        return Err(described(refused("retained", why, sale_id), m));
+    }
+    let payload = match m.payload {
+        Some(p) if p.len() <= max_bytes => p,
+        _ => {
+            let why = format!("over the {max_bytes}-byte cap");
+            return Err(described(refused("payload_too_large", why, None), m));
+        }
+    };
+    parse(m.kind, m.pos, payload, max_bytes)
+        .map(Some)
+        .map_err(|r| described(r, m))
+}
+
+/// The operator and the device read which message, how large, and why (cut
+/// short: it may quote what was sent); a retained one, how to clear it.
+fn described(mut r: Refused, m: &Arrived<'_>) -> Refused {
+    let mut message = format!(
+        "{} of {} bytes: {}",
+        m.kind.as_str(),
+        m.size,
+        cut(&r.message, MAX_REASON)
+    );
+    if m.retain {
+        message.push_str(&format!(
+            "; clear it with an empty retained message on its topic: mosquitto_pub -r -n -t {}",
+            cut(m.topic, 2 * MAX_SHORT + 64)
+        ));
+    }
+    r.message = message;
+    r
+}
+
+/// At most `max` characters, with an ellipsis when cut.
+pub fn cut(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((at, _)) => format!("{}…", &s[..at]),
+        None => s.to_owned(),
     }
 }
 
@@ -336,7 +476,7 @@ mod tests {
             (r#"{"sale_id":"1","items":[]}"#, "bad_message"),
             (
                 r#"{"sale_id":"1","items":[{"title":"x","quantity":"abc","unit_price":1}]}"#,
-                "bad_json",
+                "bad_amount",
             ),
             (
                 r#"{"sale_id":"1","items":[{"quantity":1,"unit_price":1}]}"#,
@@ -378,6 +518,211 @@ mod tests {
             Command::Presence { online: false }
         );
         assert!(parse(DeviceTopic::Status, "p", b"maybe", 100).is_err());
+    }
+
+    /// Every loose form, wherever a device writes a number, as a string and
+    /// (where JSON allows it) as a number: `bad_amount`, naming the field.
+    #[test]
+    fn loose_numbers_are_bad_amount_wherever_they_are() {
+        let loose_strings = [
+            "1_000",
+            "1.0_5",
+            "1.",
+            ".5",
+            "+1",
+            "1e3",
+            " 1",
+            "1 ",
+            "",
+            "1,5",
+            "0x10",
+            "NaN",
+            "--1",
+            "\\u0031_0",
+        ];
+        let loose_numbers = ["1e3", "1E3", "1.5e2", "-1e-2", "1.0E+2"];
+        let not_numbers = ["true", "[1]", "{}", r#"{"v":1}"#];
+        let fields = |v: &str| {
+            [
+                format!(
+                    r#"{{"sale_id":"7","items":[{{"title":"x","quantity":{v},"unit_price":1}}]}}"#
+                ),
+                format!(
+                    r#"{{"sale_id":"7","items":[{{"title":"x","quantity":1,"unit_price":{v}}}]}}"#
+                ),
+                format!(
+                    r#"{{"sale_id":"7","items":[{{"title":"x","quantity":1,"unit_price":1}}],"amount":{v}}}"#
+                ),
+                format!(
+                    r#"{{"sale_id":"7","items":[{{"title":"x","quantity":1,"unit_price":1,"taxes":[{{"type":"IVA","value":{v}}}]}}]}}"#
+                ),
+            ]
+        };
+        let written = loose_strings.iter().map(|s| format!("\"{s}\"")).chain(
+            loose_numbers
+                .iter()
+                .chain(&not_numbers)
+                .map(|s| s.to_string()),
+        );
+        for v in written {
+            for (payload, field) in
+                fields(&v)
+                    .iter()
+                    .zip(["quantity", "unit_price", "amount", "value"])
+            {
+                let e = sale(payload).unwrap_err();
+                assert_eq!(e.code, "bad_amount", "{payload}: {e:?}");
+                assert!(e.message.contains(field), "{payload}: {e:?}");
+                assert_eq!(e.sale_id.as_ref().map(|s| s.as_str()), Some("7"));
+            }
+        }
+        // Plain decimals pass this rule, as strings or numbers; the book
+        // judges their value (zero, sign, decimals) later.
+        for v in [
+            "\"1000\"",
+            "1000",
+            "\"10.50\"",
+            "10.50",
+            "\"007\"",
+            "\"-1\"",
+            "-1",
+            "0",
+        ] {
+            for payload in fields(v) {
+                assert!(
+                    !matches!(
+                        sale(&payload),
+                        Err(Refused {
+                            code: "bad_amount",
+                            ..
+                        })
+                    ),
+                    "{payload}"
+                );
+            }
+        }
+        // `null` is no number at all: an item without a quantity.
+        let e = sale(r#"{"sale_id":"7","items":[{"title":"x","quantity":null,"unit_price":1}]}"#)
+            .unwrap_err();
+        assert_eq!(e.code, "bad_message");
+    }
+
+    #[test]
+    fn a_loose_number_comes_before_any_other_rule() {
+        // No title, an unknown POS, too many taxes: still `bad_amount`.
+        for payload in [
+            r#"{"sale_id":"7","items":[{"quantity":"1_000","unit_price":1}]}"#,
+            r#"{"sale_id":"7","pos_id":"pump-9","items":[{"title":"x","quantity":1,"unit_price":"+1"}]}"#,
+            r#"{"sale_id":"a b","items":[{"title":"x","quantity":1,"unit_price":1}],"amount":"1."}"#,
+        ] {
+            assert_eq!(sale(payload).unwrap_err().code, "bad_amount", "{payload}");
+        }
+    }
+
+    fn arrived<'a>(
+        kind: DeviceTopic,
+        retain: bool,
+        payload: Option<&'a [u8]>,
+        size: usize,
+    ) -> Arrived<'a> {
+        Arrived {
+            kind,
+            pos: "pump-1",
+            topic: "qrgate/pos/pump-1/x",
+            retain,
+            size,
+            payload,
+        }
+    }
+
+    #[test]
+    fn retained_device_messages_are_refused_with_how_to_clear_them_except_status() {
+        let sale = br#"{"sale_id":"41","items":[{"title":"x","quantity":1,"unit_price":1}]}"#;
+        for kind in [
+            DeviceTopic::Sale,
+            DeviceTopic::Progress,
+            DeviceTopic::Cancel,
+            DeviceTopic::Delivered,
+        ] {
+            let e = screen(&arrived(kind, true, Some(sale), sale.len()), 1024).unwrap_err();
+            assert_eq!(e.code, "retained", "{kind:?}");
+            assert_eq!(e.sale_id.as_ref().map(|s| s.as_str()), Some("41"));
+            assert!(e
+                .message
+                .starts_with(&format!("{} of {} bytes", kind.as_str(), sale.len())));
+            assert!(
+                e.message
+                    .contains("mosquitto_pub -r -n -t qrgate/pos/pump-1/x"),
+                "{}",
+                e.message
+            );
+            // The same message, not retained, is read as usual.
+            let r = screen(&arrived(kind, false, Some(sale), sale.len()), 1024);
+            assert!(
+                !matches!(
+                    r,
+                    Err(Refused {
+                        code: "retained",
+                        ..
+                    })
+                ),
+                "{kind:?}"
+            );
+        }
+        // A device's retained presence (its last will) is how presence works.
+        assert_eq!(
+            screen(
+                &arrived(DeviceTopic::Status, true, Some(b"offline"), 7),
+                1024
+            ),
+            Ok(Some(Command::Presence { online: false }))
+        );
+    }
+
+    #[test]
+    fn oversize_and_empty_messages() {
+        // Dropped before it was read (the guard): refused by its size.
+        let e = screen(&arrived(DeviceTopic::Sale, false, None, 300_000), 16384).unwrap_err();
+        assert_eq!(e.code, "payload_too_large");
+        assert_eq!(e.message, "sale of 300000 bytes: over the 16384-byte cap");
+        let big = vec![b'x'; 2000];
+        let e = screen(&arrived(DeviceTopic::Cancel, false, Some(&big), 2000), 1000).unwrap_err();
+        assert_eq!(e.code, "payload_too_large");
+        // Retained presence over the cap: refused, with how to clear it.
+        let e = screen(&arrived(DeviceTopic::Status, true, None, 1 << 20), 1000).unwrap_err();
+        assert_eq!(e.code, "payload_too_large");
+        assert!(e.message.contains("mosquitto_pub -r -n"));
+        // Empty: what clearing a retained message leaves behind.
+        for kind in DeviceTopic::ALL {
+            assert_eq!(screen(&arrived(kind, false, Some(b""), 0), 1000), Ok(None));
+        }
+    }
+
+    #[test]
+    fn a_refusal_quotes_little_of_what_was_sent() {
+        let named = "p".repeat(5000);
+        let payload = format!(
+            r#"{{"sale_id":"1","pos_id":"{named}","items":[{{"title":"x","quantity":1,"unit_price":1}}]}}"#
+        );
+        let e = screen(
+            &arrived(
+                DeviceTopic::Sale,
+                false,
+                Some(payload.as_bytes()),
+                payload.len(),
+            ),
+            16384,
+        )
+        .unwrap_err();
+        assert_eq!(e.code, "pos_mismatch");
+        assert!(e.message.chars().count() < MAX_REASON + 40, "{}", e.message);
+        let e = screen(
+            &arrived(DeviceTopic::Sale, false, Some(b"{\"items\": \"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA\"}"), 200),
+            16384,
+        )
+        .unwrap_err();
+        assert_eq!(e.code, "bad_json");
+        assert!(e.message.chars().count() <= "sale of 200 bytes: ".len() + MAX_REASON + 1);
     }
 
     proptest! {

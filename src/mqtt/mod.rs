@@ -3,6 +3,7 @@
 
 pub mod broker;
 pub mod connection;
+pub mod guard;
 pub mod inbound;
 pub mod outbound;
 pub mod topics;

@@ -590,3 +590,118 @@ impl TestApp {
         .await
     }
 }
+
+/// What `raw_publish` sends as a payload.
+pub enum RawPayload<'a> {
+    Bytes(&'a [u8]),
+    /// This many zero bytes, written a chunk at a time (never held whole).
+    Zeros(usize),
+}
+
+/// Publishes one message as a bare MQTT 3.1.1 client, QoS 1: any bytes, any
+/// size up to the MQTT maximum, retained or not, on any topic. `Ok` once the
+/// broker acknowledged it, `Err` when it closed the connection instead (a
+/// broker refusing an oversize packet).
+pub async fn raw_publish(
+    port: u16,
+    topic: &str,
+    payload: RawPayload<'_>,
+    retain: bool,
+) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    fn field(out: &mut Vec<u8>, b: &[u8]) {
+        out.extend_from_slice(&(b.len() as u16).to_be_bytes());
+        out.extend_from_slice(b);
+    }
+    fn header(first: u8, mut len: usize) -> Vec<u8> {
+        let mut out = vec![first];
+        loop {
+            let byte = (len % 128) as u8;
+            len /= 128;
+            out.push(if len > 0 { byte | 0x80 } else { byte });
+            if len == 0 {
+                return out;
+            }
+        }
+    }
+    let talk = async {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let id = format!(
+            "raw-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let mut connect = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 30];
+        field(&mut connect, id.as_bytes());
+        let mut packet = header(0x10, connect.len());
+        packet.extend_from_slice(&connect);
+        s.write_all(&packet).await.map_err(|e| e.to_string())?;
+        let mut connack = [0u8; 4];
+        s.read_exact(&mut connack)
+            .await
+            .map_err(|e| format!("no CONNACK: {e}"))?;
+        if connack != [0x20, 2, 0, 0] {
+            return Err(format!("refused: {connack:?}"));
+        }
+        let len = match payload {
+            RawPayload::Bytes(b) => b.len(),
+            RawPayload::Zeros(n) => n,
+        };
+        let mut head = Vec::new();
+        field(&mut head, topic.as_bytes());
+        head.extend_from_slice(&[0, 1]);
+        let mut packet = header(0x32 | u8::from(retain), head.len() + len);
+        packet.extend_from_slice(&head);
+        let sent = async {
+            s.write_all(&packet).await?;
+            match payload {
+                RawPayload::Bytes(b) => s.write_all(b).await?,
+                RawPayload::Zeros(mut n) => {
+                    let chunk = vec![0u8; 64 * 1024];
+                    while n > 0 {
+                        let k = n.min(chunk.len());
+                        s.write_all(&chunk[..k]).await?;
+                        n -= k;
+                    }
+                }
+            }
+            let mut puback = [0u8; 4];
+            s.read_exact(&mut puback).await?;
+            Ok::<_, std::io::Error>(puback)
+        };
+        match sent.await {
+            Ok([0x40, 2, 0, 1]) => {
+                let _ = s.write_all(&[0xE0, 0]).await;
+                Ok(())
+            }
+            Ok(other) => Err(format!("not a PUBACK: {other:?}")),
+            Err(e) => Err(format!("closed by the broker: {e}")),
+        }
+    };
+    // A 256 MiB publish takes a while on a shared machine.
+    tokio::time::timeout(WAIT * 8, talk)
+        .await
+        .unwrap_or_else(|_| Err("no answer from the broker".into()))
+}
+
+/// Waits until the store holds at least `n` refusals for `pos`; newest first.
+pub async fn wait_rejections(
+    app: &TestApp,
+    pos: &str,
+    n: usize,
+) -> Vec<qrgate::store::RejectionRecord> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let stored = app.app_gateway.store().rejections(pos, 100).await.unwrap();
+        if stored.len() >= n {
+            return stored;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{pos} never had {n} refusals: {stored:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

@@ -6,6 +6,7 @@ mod attended;
 mod browser;
 mod checklist;
 pub mod crash;
+mod device_hardening;
 mod durability;
 mod flow;
 mod helpers;
