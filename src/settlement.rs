@@ -125,6 +125,170 @@ enum Fetched {
     Failed(String, bool),
 }
 
+/// Which inbox entries are due, and which are being fetched. No I/O: the
+/// worker asks it what to start and tells it what the store said.
+#[derive(Default)]
+struct Schedule {
+    /// The latest known state of each entry, and whether it is being fetched.
+    entries: HashMap<Key, (InboxEntry, bool)>,
+    /// When each entry is due; a stale key (the entry moved) is skipped.
+    due: BTreeMap<(i64, u64), Key>,
+    seq: u64,
+}
+
+impl Schedule {
+    fn put(&mut self, e: InboxEntry) {
+        self.seq += 1;
+        self.due.insert((e.next_at, self.seq), key(&e));
+        self.entries.insert(key(&e), (e, false));
+    }
+
+    /// A notification was written. A newer generation is due now (at once
+    /// if nothing fetches it, after the fetch under way otherwise); a wake
+    /// that arrives after a newer one changes nothing.
+    fn woken(&mut self, e: InboxEntry) {
+        match self.entries.get_mut(&key(&e)) {
+            Some((known, _)) if e.generation <= known.generation => {}
+            Some((known, true)) => *known = e,
+            _ => self.put(e),
+        }
+    }
+
+    /// A fetch of `fetched` ended; `next` is what the store says comes
+    /// next for it (`None`: done). A notification that came during the
+    /// fetch makes it due again now.
+    fn finished(&mut self, fetched: &InboxEntry, next: Option<InboxEntry>, now: i64) {
+        let newer = self
+            .entries
+            .get(&key(fetched))
+            .map(|(n, _)| n.clone())
+            .filter(|n| n.generation > fetched.generation);
+        let next = match (next, newer) {
+            (next, Some(n)) => Some(InboxEntry {
+                generation: n.generation.max(next.map_or(0, |x| x.generation)),
+                attempts: 0,
+                next_at: now,
+                ..n
+            }),
+            (next, None) => next,
+        };
+        match next {
+            Some(e) => self.put(e),
+            None => {
+                self.entries.remove(&key(fetched));
+            }
+        }
+    }
+
+    fn next_at(&self) -> Option<i64> {
+        self.due.keys().next().map(|(at, _)| *at)
+    }
+
+    /// The entries due at `now` and not being fetched, marked as fetched.
+    fn take_due(&mut self, now: i64) -> Vec<InboxEntry> {
+        let mut out = Vec::new();
+        while let Some((&(at, s), _)) = self.due.first_key_value() {
+            if at > now {
+                break;
+            }
+            let Some(k) = self.due.remove(&(at, s)) else {
+                break;
+            };
+            if let Some((e, busy)) = self.entries.get_mut(&k) {
+                if !*busy && e.next_at <= now {
+                    *busy = true;
+                    out.push(e.clone());
+                }
+            }
+        }
+        out
+    }
+}
+
+/// After a resource Mercado Pago does not know for this long, it is asked
+/// again only every [`NOT_FOUND_EVERY`]: a notification naming a made-up id
+/// costs a few calls an hour, not one a minute.
+const NOT_FOUND_SLOW_AFTER: i64 = 5 * 60_000;
+const NOT_FOUND_EVERY: Duration = Duration::from_secs(600);
+
+/// Writes what a fetch came to, and says what comes next for the entry.
+async fn after_fetch(
+    store: &Arc<dyn Store>,
+    gateway: &Gateway,
+    settings: InboxSettings,
+    e: &InboxEntry,
+    fetched: Fetched,
+    now: i64,
+) -> Option<InboxEntry> {
+    let later = InboxEntry {
+        next_at: now + settings.retry_max.as_millis() as i64,
+        ..e.clone()
+    };
+    let (outcome, failure) = match fetched {
+        Fetched::Applied(outcome) => (outcome, None),
+        Fetched::Failed(why, not_found) => {
+            let age = now - e.received_at;
+            if age < settings.window.as_millis() as i64 {
+                let attempts = e.attempts.saturating_add(1);
+                let cap = if not_found && age > NOT_FOUND_SLOW_AFTER {
+                    NOT_FOUND_EVERY
+                } else {
+                    settings.retry_max
+                };
+                let next_at = now + backoff(attempts, cap).as_millis() as i64;
+                if attempts == 1 || attempts % 10 == 0 {
+                    tracing::warn!(topic = %e.topic, id = %e.id, attempts, error = %why, not_found,
+                        retry_in_ms = next_at - now, "notification not applied yet; fetched again with backoff");
+                }
+                if let Err(err) = store
+                    .inbox_retry(&e.topic, &e.id, e.generation, attempts, next_at, &why)
+                    .await
+                {
+                    tracing::warn!(topic = %e.topic, id = %e.id, error = %err, "cannot note a failed fetch");
+                }
+                return Some(InboxEntry {
+                    attempts,
+                    next_at,
+                    ..e.clone()
+                });
+            }
+            ("abandoned", Some((why, not_found)))
+        }
+    };
+    if let Some((why, not_found)) = &failure {
+        gateway
+            .metrics()
+            .notifications
+            .with_label_values(&["abandoned"])
+            .inc();
+        tracing::error!(topic = %e.topic, id = %e.id, attempts = e.attempts, error = %why, not_found,
+            "notification given up: Mercado Pago did not answer for it within reconcile_window_secs");
+    }
+    match store
+        .inbox_done(&e.topic, &e.id, e.generation, now, outcome)
+        .await
+    {
+        Ok(None) => None,
+        // A notification came during the fetch: fetch it afresh.
+        Ok(Some(generation)) => Some(InboxEntry {
+            generation,
+            attempts: 0,
+            next_at: now,
+            received_at: if failure.is_some() {
+                now
+            } else {
+                e.received_at
+            },
+            ..e.clone()
+        }),
+        Err(err) => {
+            tracing::error!(topic = %e.topic, id = %e.id, error = %err,
+                "cannot mark a notification done; fetched again later");
+            Some(later)
+        }
+    }
+}
+
 /// Starts the worker with the entries a stop left pending.
 pub async fn spawn(
     client: MpClient,
@@ -143,29 +307,20 @@ pub async fn spawn(
     }
     let (wake, mut woken) = mpsc::unbounded_channel::<InboxEntry>();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(InboxEntry, Fetched)>();
-    let lanes = (
-        Arc::new(Semaphore::new(FRESH_LANE)),
-        Arc::new(Semaphore::new(RETRY_LANE)),
-    );
+    let lanes = Lanes {
+        fresh: Arc::new(Semaphore::new(FRESH_LANE)),
+        retry: Arc::new(Semaphore::new(RETRY_LANE)),
+    };
     let inner = tracker.clone();
     let worker_store = Arc::clone(&store);
     tracker.spawn(async move {
         let store = worker_store;
-        // Latest known state of each entry, whether it is being fetched,
-        // and when it is due.
-        let mut entries: HashMap<Key, (InboxEntry, bool)> = HashMap::new();
-        let mut due: BTreeMap<(i64, u64), Key> = BTreeMap::new();
-        let mut seq: u64 = 0;
-        let mut schedule = |due: &mut BTreeMap<(i64, u64), Key>, e: &InboxEntry| {
-            seq += 1;
-            due.insert((e.next_at, seq), key(e));
-        };
+        let mut schedule = Schedule::default();
         for e in pending {
-            schedule(&mut due, &e);
-            entries.insert(key(&e), (e, false));
+            schedule.put(e);
         }
         loop {
-            let next = due.keys().next().map(|(at, _)| *at);
+            let next = schedule.next_at();
             let sleep = next.map_or(Duration::from_secs(3600), |at| {
                 Duration::from_millis((at - now_millis()).clamp(0, 3_600_000) as u64)
             });
@@ -173,132 +328,103 @@ pub async fn spawn(
                 _ = shutdown.cancelled() => break,
                 e = woken.recv() => {
                     let Some(e) = e else { break };
-                    let k = key(&e);
-                    let busy = entries.get(&k).is_some_and(|(_, busy)| *busy);
-                    entries.insert(k, (e.clone(), busy));
-                    // Being fetched: the fetch ends with the older
-                    // generation and the entry comes back due.
-                    if !busy {
-                        schedule(&mut due, &e);
-                    }
+                    schedule.woken(e);
                 }
                 d = done_rx.recv() => {
                     let Some((e, fetched)) = d else { break };
-                    let k = key(&e);
                     let now = now_millis();
-                    let again = match fetched {
-                        Fetched::Applied(outcome) => {
-                            match store.inbox_done(&e.topic, &e.id, e.generation, now, outcome).await {
-                                Ok(true) => None,
-                                // A notification came during the fetch.
-                                Ok(false) => Some(InboxEntry { attempts: 0, next_at: now, ..e.clone() }),
-                                Err(err) => {
-                                    tracing::error!(topic = %e.topic, id = %e.id, error = %err, "cannot mark a notification done; fetched again later");
-                                    Some(InboxEntry { next_at: now + settings.retry_max.as_millis() as i64, ..e.clone() })
-                                }
-                            }
-                        }
-                        Fetched::Failed(why, not_found) => {
-                            let attempts = e.attempts.saturating_add(1);
-                            let age = now - e.received_at;
-                            if age >= settings.window.as_millis() as i64 {
-                                gateway.metrics().notifications.with_label_values(&["abandoned"]).inc();
-                                tracing::error!(topic = %e.topic, id = %e.id, attempts, error = %why, not_found,
-                                    "notification given up: Mercado Pago did not answer for it within reconcile_window_secs; reconciliation searches its sale");
-                                match store.inbox_done(&e.topic, &e.id, e.generation, now, "abandoned").await {
-                                    Ok(true) => None,
-                                    Ok(false) => Some(InboxEntry { attempts: 0, next_at: now, received_at: now, ..e.clone() }),
-                                    Err(_) => Some(InboxEntry { next_at: now + settings.retry_max.as_millis() as i64, ..e.clone() }),
-                                }
-                            } else {
-                                let next_at = now + backoff(attempts, settings.retry_max).as_millis() as i64;
-                                if attempts == 1 || attempts % 10 == 0 {
-                                    tracing::warn!(topic = %e.topic, id = %e.id, attempts, error = %why,
-                                        retry_in_ms = next_at - now, "notification not applied yet; fetched again with backoff");
-                                }
-                                if let Err(err) = store.inbox_retry(&e.topic, &e.id, attempts, next_at, &why).await {
-                                    tracing::warn!(topic = %e.topic, id = %e.id, error = %err, "cannot note a failed fetch");
-                                }
-                                Some(InboxEntry { attempts, next_at, ..e.clone() })
-                            }
-                        }
-                    };
-                    // A newer generation than the one fetched may have come.
-                    let newer = entries.get(&k).map(|(n, _)| n.clone()).filter(|n| n.generation > e.generation);
-                    match (again, newer) {
-                        (_, Some(n)) => {
-                            let n = InboxEntry { next_at: now, attempts: 0, ..n };
-                            schedule(&mut due, &n);
-                            entries.insert(k, (n, false));
-                        }
-                        (Some(a), None) => {
-                            schedule(&mut due, &a);
-                            entries.insert(k, (a, false));
-                        }
-                        (None, None) => {
-                            entries.remove(&k);
-                        }
-                    }
+                    let next = after_fetch(&store, &gateway, settings, &e, fetched, now).await;
+                    schedule.finished(&e, next, now);
                 }
                 _ = tokio::time::sleep(sleep), if next.is_some() => {}
             }
-            // Starts every entry now due that is not being fetched.
-            let now = now_millis();
-            while let Some(((at, s), k)) = due.first_key_value().map(|(a, k)| (*a, k.clone())) {
-                if at > now {
-                    break;
-                }
-                due.remove(&(at, s));
-                let Some((e, busy)) = entries.get_mut(&k) else { continue };
-                if *busy || e.next_at > now {
-                    continue;
-                }
-                *busy = true;
-                let e = e.clone();
-                let lane = Arc::clone(if e.attempts == 0 { &lanes.0 } else { &lanes.1 });
-                let (client, gateway, done, shutdown) =
-                    (client.clone(), Arc::clone(&gateway), done_tx.clone(), shutdown.clone());
-                inner.spawn(async move {
-                    let Ok(permit) = lane.acquire().await else { return };
-                    let Some(r) = Resource::from_entry(&e.topic, &e.id) else {
-                        tracing::warn!(topic = %e.topic, id = %e.id, "inbox entry names nothing qrgate reads; dropped");
-                        let _ = done.send((e, Fetched::Applied("unreadable")));
-                        return;
-                    };
-                    let fetch = process(&client, &gateway, &r);
-                    tokio::pin!(fetch);
-                    // A slow fetch gives its place up: the lane bounds how
-                    // many fetches start together, never how long the next
-                    // notification waits behind a slow one.
-                    let result = tokio::select! {
-                        r = &mut fetch => Some(r),
-                        _ = tokio::time::sleep(SLOW) => None,
-                        _ = shutdown.cancelled() => return,
-                    };
-                    drop(permit);
-                    // A fetch cut by shutdown leaves the entry pending.
-                    let result = match result {
-                        Some(r) => r,
-                        None => tokio::select! {
-                            r = &mut fetch => r,
-                            _ = shutdown.cancelled() => return,
-                        },
-                    };
-                    let label = if result.is_ok() { "processed" } else { "failed" };
-                    gateway.metrics().notifications.with_label_values(&[label]).inc();
-                    let fetched = match result {
-                        Ok(outcome) => Fetched::Applied(outcome),
-                        Err(err) => {
-                            let not_found = matches!(&err, ProcessError::Mp(m) if m.is_not_found());
-                            Fetched::Failed(err.to_string(), not_found)
-                        }
-                    };
-                    let _ = done.send((e, fetched));
-                });
+            for e in schedule.take_due(now_millis()) {
+                let job = Fetch {
+                    client: client.clone(),
+                    gateway: Arc::clone(&gateway),
+                    done: done_tx.clone(),
+                    shutdown: shutdown.clone(),
+                };
+                inner.spawn(job.run(e, lanes.clone()));
             }
         }
     });
     Ok(Inbox { store, wake })
+}
+
+#[derive(Clone)]
+struct Lanes {
+    fresh: Arc<Semaphore>,
+    retry: Arc<Semaphore>,
+}
+
+/// One fetch of one inbox entry.
+struct Fetch {
+    client: MpClient,
+    gateway: Arc<Gateway>,
+    done: mpsc::UnboundedSender<(InboxEntry, Fetched)>,
+    shutdown: CancellationToken,
+}
+
+impl Fetch {
+    async fn run(self, e: InboxEntry, lanes: Lanes) {
+        let lane = if e.attempts == 0 {
+            lanes.fresh
+        } else {
+            lanes.retry
+        };
+        let Ok(permit) = lane.acquire_owned().await else {
+            return;
+        };
+        let Some(r) = Resource::from_entry(&e.topic, &e.id) else {
+            tracing::warn!(topic = %e.topic, id = %e.id, "inbox entry names nothing qrgate reads; dropped");
+            let _ = self.done.send((e, Fetched::Applied("unreadable")));
+            return;
+        };
+        // Its own task: a panic on some answer fails this fetch, not the
+        // entry's bookkeeping.
+        let (client, gateway) = (self.client.clone(), Arc::clone(&self.gateway));
+        let mut fetch = tokio::spawn(async move { process(&client, &gateway, &r).await });
+        // A slow fetch gives its place up: the lane bounds how many fetches
+        // start together, never how long the next notification waits
+        // behind a slow one.
+        let result = tokio::select! {
+            r = &mut fetch => Some(r),
+            _ = tokio::time::sleep(SLOW) => None,
+            _ = self.shutdown.cancelled() => { fetch.abort(); return }
+        };
+        drop(permit);
+        // A fetch cut by shutdown leaves the entry pending.
+        let result = match result {
+            Some(r) => r,
+            None => tokio::select! {
+                r = &mut fetch => r,
+                _ = self.shutdown.cancelled() => { fetch.abort(); return }
+            },
+        };
+        let label = if matches!(result, Ok(Ok(_))) {
+            "processed"
+        } else {
+            "failed"
+        };
+        self.gateway
+            .metrics()
+            .notifications
+            .with_label_values(&[label])
+            .inc();
+        let fetched = match result {
+            Ok(Ok(outcome)) => Fetched::Applied(outcome),
+            Ok(Err(err)) => {
+                let not_found = matches!(&err, ProcessError::Mp(m) if m.is_not_found());
+                Fetched::Failed(err.to_string(), not_found)
+            }
+            Err(join) => {
+                tracing::error!(topic = %e.topic, id = %e.id, error = %join, "a fetch failed unexpectedly; fetched again later");
+                Fetched::Failed(format!("fetch failed: {join}"), false)
+            }
+        };
+        let _ = self.done.send((e, fetched));
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -407,6 +533,62 @@ mod tests {
         }
         assert_eq!(Resource::from_entry("merchant_order", "x"), None);
         assert_eq!(Resource::from_entry("chargebacks", "1"), None);
+    }
+
+    fn entry(id: &str, generation: i64, next_at: i64) -> InboxEntry {
+        InboxEntry {
+            topic: "merchant_order".into(),
+            id: id.into(),
+            received_at: 0,
+            generation,
+            attempts: 0,
+            next_at,
+        }
+    }
+
+    #[test]
+    fn a_notification_during_a_fetch_makes_it_due_again_once_it_ends() {
+        let mut s = Schedule::default();
+        s.woken(entry("7", 1, 10));
+        assert!(s.take_due(9).is_empty());
+        let fetching = s.take_due(10);
+        assert_eq!(fetching, [entry("7", 1, 10)]);
+        // Two more notifications while it is fetched: nothing starts.
+        s.woken(entry("7", 3, 11));
+        s.woken(entry("7", 2, 11));
+        assert!(s.take_due(20).is_empty());
+        // The store marked generation 1 done (the wakes were written after
+        // it): the newest generation is due now all the same.
+        s.finished(&fetching[0], None, 30);
+        let again = s.take_due(30);
+        assert_eq!(again.len(), 1);
+        assert_eq!((again[0].generation, again[0].next_at), (3, 30));
+        // Done: forgotten; a stale wake costs one fetch, never a loop.
+        s.finished(&again[0], None, 40);
+        assert_eq!(s.next_at(), None);
+        s.woken(entry("7", 2, 50));
+        let stale = s.take_due(50);
+        s.finished(&stale[0], None, 60);
+        assert!(s.take_due(i64::MAX).is_empty());
+    }
+
+    #[test]
+    fn a_failed_fetch_waits_its_backoff_and_the_store_names_a_newer_generation() {
+        let mut s = Schedule::default();
+        s.put(entry("7", 1, 0));
+        let e = s.take_due(0).remove(0);
+        let retry = InboxEntry {
+            attempts: 1,
+            next_at: 500,
+            ..e.clone()
+        };
+        s.finished(&e, Some(retry), 100);
+        assert!(s.take_due(499).is_empty());
+        let e = s.take_due(500).remove(0);
+        assert_eq!(e.attempts, 1);
+        // The store says a newer notification is pending.
+        s.finished(&e, Some(entry("7", 4, 600)), 600);
+        assert_eq!(s.take_due(600)[0].generation, 4);
     }
 
     #[test]

@@ -163,8 +163,9 @@ pub trait Store: Send + Sync + 'static {
     /// Entries not done yet, oldest first.
     async fn inbox_pending(&self) -> Result<Vec<InboxEntry>, StoreError>;
 
-    /// Marks an entry done, unless a notification came after `generation`
-    /// (then `false`: it must be fetched again).
+    /// Marks an entry done, unless a notification came after `generation`:
+    /// then the newer generation, which must be fetched again. `None` when
+    /// the entry is done (now, or already).
     async fn inbox_done(
         &self,
         topic: &str,
@@ -172,13 +173,15 @@ pub trait Store: Send + Sync + 'static {
         generation: i64,
         now: i64,
         outcome: &str,
-    ) -> Result<bool, StoreError>;
+    ) -> Result<Option<i64>, StoreError>;
 
-    /// Notes a failed fetch and when to try again.
+    /// Notes a failed fetch of `generation` and when to try again (nothing
+    /// when a newer notification came meanwhile: it is due now).
     async fn inbox_retry(
         &self,
         topic: &str,
         id: &str,
+        generation: i64,
         attempts: u32,
         next_at: i64,
         error: &str,

@@ -270,11 +270,12 @@ enum Op {
         generation: i64,
         now: i64,
         outcome: String,
-        reply: oneshot::Sender<Result<bool, StoreError>>,
+        reply: oneshot::Sender<Result<Option<i64>, StoreError>>,
     },
     InboxRetry {
         topic: String,
         id: String,
+        generation: i64,
         attempts: u32,
         next_at: i64,
         error: String,
@@ -1102,17 +1103,29 @@ fn run_batch(conn: &Connection, batch: Vec<Op>) {
                 outcome,
                 reply,
             } => write(conn, &began, &mut pending, reply, |c| {
-                c.execute(
-                    "UPDATE inbox SET done_at = ?4, outcome = ?5, last_error = NULL
-                     WHERE topic = ?1 AND id = ?2 AND generation = ?3",
-                    params![topic, id, generation, now, outcome],
+                let done = c
+                    .execute(
+                        "UPDATE inbox SET done_at = ?4, outcome = ?5, last_error = NULL
+                         WHERE topic = ?1 AND id = ?2 AND generation = ?3 AND done_at IS NULL",
+                        params![topic, id, generation, now, outcome],
+                    )
+                    .map_err(db)?;
+                if done > 0 {
+                    return Ok(None);
+                }
+                // Done already, or a newer notification is pending.
+                c.query_row(
+                    "SELECT generation FROM inbox WHERE topic = ?1 AND id = ?2 AND done_at IS NULL",
+                    params![topic, id],
+                    |r| r.get::<_, i64>(0),
                 )
-                .map(|n| n > 0)
+                .optional()
                 .map_err(db)
             }),
             Op::InboxRetry {
                 topic,
                 id,
+                generation,
                 attempts,
                 next_at,
                 error,
@@ -1120,8 +1133,8 @@ fn run_batch(conn: &Connection, batch: Vec<Op>) {
             } => write(conn, &began, &mut pending, reply, |c| {
                 c.execute(
                     "UPDATE inbox SET attempts = ?3, next_at = max(next_at, ?4), last_error = ?5
-                     WHERE topic = ?1 AND id = ?2 AND done_at IS NULL",
-                    params![topic, id, attempts, next_at, error],
+                     WHERE topic = ?1 AND id = ?2 AND generation = ?6 AND done_at IS NULL",
+                    params![topic, id, attempts, next_at, error, generation],
                 )
                 .map(drop)
                 .map_err(db)
@@ -1478,7 +1491,7 @@ impl Store for SqliteStore {
         generation: i64,
         now: i64,
         outcome: &str,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Option<i64>, StoreError> {
         let (topic, id, outcome) = (topic.to_owned(), id.to_owned(), outcome.to_owned());
         self.call(|reply| Op::InboxDone {
             topic,
@@ -1495,6 +1508,7 @@ impl Store for SqliteStore {
         &self,
         topic: &str,
         id: &str,
+        generation: i64,
         attempts: u32,
         next_at: i64,
         error: &str,
@@ -1503,6 +1517,7 @@ impl Store for SqliteStore {
         self.call(|reply| Op::InboxRetry {
             topic,
             id,
+            generation,
             attempts,
             next_at,
             error,
@@ -1788,7 +1803,14 @@ mod tests {
             (1, 0, 100)
         );
         store
-            .inbox_retry("merchant_order", "7", 3, 5_000, "Mercado Pago answered 500")
+            .inbox_retry(
+                "merchant_order",
+                "7",
+                1,
+                3,
+                5_000,
+                "Mercado Pago answered 500",
+            )
             .await
             .unwrap();
         // A duplicate folds into the pending entry and makes it due now.
@@ -1797,15 +1819,36 @@ mod tests {
         assert_eq!((again.received_at, again.next_at), (100, 200));
         store.inbox_add("payment", "9", 300).await.unwrap();
         assert_eq!(store.inbox_pending().await.unwrap().len(), 2);
+        // A failure noted for the older fetch does not push the newer back.
+        store
+            .inbox_retry("merchant_order", "7", 1, 4, 9_000, "500 again")
+            .await
+            .unwrap();
+        let now: Vec<_> = store.inbox_pending().await.unwrap();
+        assert_eq!((now[0].attempts, now[0].next_at), (3, 200));
         // A fetch that started before the duplicate does not finish it.
-        assert!(!store
-            .inbox_done("merchant_order", "7", 1, 400, "paid")
-            .await
-            .unwrap());
-        assert!(store
-            .inbox_done("merchant_order", "7", 2, 400, "paid")
-            .await
-            .unwrap());
+        assert_eq!(
+            store
+                .inbox_done("merchant_order", "7", 1, 400, "paid")
+                .await
+                .unwrap(),
+            Some(2)
+        );
+        assert_eq!(
+            store
+                .inbox_done("merchant_order", "7", 2, 400, "paid")
+                .await
+                .unwrap(),
+            None
+        );
+        // A stale fetch of an entry done already finds nothing to do.
+        assert_eq!(
+            store
+                .inbox_done("merchant_order", "7", 1, 450, "paid")
+                .await
+                .unwrap(),
+            None
+        );
         drop(store);
         // Across a restart only what is not applied is left.
         let store = SqliteStore::open(&path, true).unwrap();
