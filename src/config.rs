@@ -851,23 +851,27 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
     if raw.orders.paid_republish_secs == 0 {
         bad("orders.paid_republish_secs", "must be at least 1".into());
     }
-    if raw.orders.notification_retry_max_secs == 0 {
+    if !(1..=3600).contains(&raw.orders.notification_retry_max_secs) {
         bad(
             "orders.notification_retry_max_secs",
-            "must be at least 1".into(),
+            "must be from 1 to 3600".into(),
         );
     }
-    if raw.orders.recheck_after_secs.len() > 10
-        || raw.orders.recheck_after_secs.contains(&0)
-        || raw
-            .orders
-            .recheck_after_secs
-            .windows(2)
-            .any(|w| w[0] >= w[1])
+    if raw.orders.reconcile_window_secs > 30 * 86_400 {
+        bad(
+            "orders.reconcile_window_secs",
+            "must be at most 2592000 (30 days)".into(),
+        );
+    }
+    // Searches of paid sales are forgotten after two days.
+    let rechecks = &raw.orders.recheck_after_secs;
+    if rechecks.len() > 10
+        || rechecks.iter().any(|s| !(1..=86_400).contains(s))
+        || rechecks.windows(2).any(|w| w[0] >= w[1])
     {
         bad(
             "orders.recheck_after_secs",
-            "must be at most 10 growing numbers of seconds, each at least 1 (e.g. [600, 7200]; [] turns it off)"
+            "must be at most 10 growing numbers of seconds from 1 to 86400 (e.g. [600, 7200]; [] turns it off)"
                 .into(),
         );
     }
@@ -1293,6 +1297,24 @@ mod tests {
         let e = load_toml("[mercadopago]\naccess_token = \"APP_USR-1\"\n").unwrap_err();
         assert!(e.to_string().contains("access_token"), "{e}");
         assert!(!e.to_string().contains("APP_USR-1"), "{e}");
+        for bad in [
+            "recheck_after_secs = [7200, 600]",
+            "recheck_after_secs = [0]",
+            "recheck_after_secs = [100000]",
+            "notification_retry_max_secs = 0",
+            "notification_retry_max_secs = 3601",
+            "reconcile_window_secs = 99999999",
+        ] {
+            let key = bad.split(' ').next().unwrap();
+            let e = load_toml(&format!("[orders]\n{bad}\n")).unwrap_err();
+            assert!(
+                e.to_string().contains(&format!("orders.{key}")),
+                "{bad}: {e}"
+            );
+        }
+        let ok = load_toml("[mqtt]\nallow_anonymous = true\n[orders]\nrecheck_after_secs = []\n")
+            .unwrap();
+        assert!(ok.orders.recheck_after_secs.is_empty());
     }
 
     fn load_env(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {

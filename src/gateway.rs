@@ -103,6 +103,9 @@ pub struct Gateway {
     served: mpsc::UnboundedSender<(PosId, ExternalReference)>,
     attended: Option<mpsc::UnboundedSender<AttendedJob>>,
     refunds_due: Arc<Notify>,
+    /// One refund at a time per sale (striped by reference): qrgate's own
+    /// and the operator's never plan from the same ledger at once.
+    refund_turns: Vec<Mutex<()>>,
     events: Events,
     metrics: Arc<Metrics>,
 }
@@ -118,6 +121,9 @@ pub struct BookSettings {
     /// POS is attended.
     pub attended: Option<mpsc::UnboundedSender<AttendedJob>>,
 }
+
+/// Stripes of the per-sale refund turn.
+const REFUND_TURNS: usize = 64;
 
 pub fn now_millis() -> UnixMillis {
     chrono::Utc::now().timestamp_millis()
@@ -169,6 +175,7 @@ impl Gateway {
             served,
             attended,
             refunds_due: Arc::new(Notify::new()),
+            refund_turns: (0..REFUND_TURNS).map(|_| Mutex::new(())).collect(),
             events: Events::default(),
             metrics: Arc::new(Metrics::new()),
         })
@@ -752,6 +759,20 @@ impl Gateway {
         if sale.ledger.owes_auto() {
             self.refunds_due.notify_one();
         }
+    }
+
+    /// The turn to refund money of `reference`: held from reading the
+    /// ledger to recording what Mercado Pago made.
+    pub async fn refund_turn(
+        &self,
+        reference: &ExternalReference,
+    ) -> tokio::sync::MutexGuard<'_, ()> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        reference.hash(&mut h);
+        self.refund_turns[(h.finish() % REFUND_TURNS as u64) as usize]
+            .lock()
+            .await
     }
 
     /// Signalled whenever a refund qrgate must make comes due.

@@ -26,7 +26,7 @@ use crate::mercadopago::client::{MpClient, MpError};
 use crate::money::Amount;
 use crate::orders::ledger::{Refund, RefundCall};
 use crate::orders::{self, ExternalReference, MpId, RefundRefusal, Sale};
-use crate::store::RefundRequest;
+use crate::store::{RefundRequest, StoreError};
 
 /// Who made a refund qrgate made by itself.
 pub const BY_QRGATE: &str = "qrgate";
@@ -34,35 +34,44 @@ pub const BY_QRGATE: &str = "qrgate";
 /// How long finished refund requests and done notifications are kept.
 const KEEP_RECORDS: i64 = 48 * 3600 * 1000;
 
-/// Makes one refund call; the refund's id.
-pub async fn make(client: &MpClient, sale: &Sale, call: &RefundCall) -> Result<MpId, MpError> {
+/// Makes one refund call, and the refund as Mercado Pago made it (its
+/// amount, when the answer says it; what was asked, otherwise).
+pub async fn make(
+    client: &MpClient,
+    sale: &Sale,
+    call: &RefundCall,
+    by: &str,
+    request: Option<&str>,
+) -> Result<Refund, MpError> {
     let amount = Amount::new(call.amount, sale.currency).to_string();
-    match (&call.merchant_order, &call.payment) {
-        // An Orders API order is refunded through the order. Its empty body
-        // refunds the whole order: right only when this payment is all of it.
+    let made = match (&call.merchant_order, &call.payment) {
+        // An Orders API order is refunded through the order, always naming
+        // the payment and the amount: the same key always sends the same
+        // body, however many payments the order has by then.
         (MpId::Text(order), payment) => {
-            let alone = sale
-                .ledger
-                .payments()
-                .iter()
-                .filter(|p| p.merchant_order == call.merchant_order)
-                .count()
-                == 1;
             let payment = payment.to_string();
-            let part = (!(call.whole && alone)).then_some((payment.as_str(), amount.as_str()));
-            client.refund_order_amount(order, part, &call.key).await
+            client
+                .refund_order_amount(order, Some((&payment, &amount)), &call.key)
+                .await?
         }
         (MpId::Num(_), MpId::Num(payment)) => {
             let part = (!call.whole).then_some(amount.as_str());
-            client
-                .refund_amount(*payment, part, &call.key)
-                .await
-                .map(MpId::Num)
+            client.refund_amount(*payment, part, &call.key).await?
         }
-        (MpId::Num(mo), MpId::Text(p)) => Err(MpError::Decode(format!(
-            "payment {p} of merchant order {mo} is not a refundable id"
-        ))),
-    }
+        (MpId::Num(mo), MpId::Text(p)) => {
+            return Err(MpError::Decode(format!(
+                "payment {p} of merchant order {mo} is not a refundable id"
+            )))
+        }
+    };
+    Ok(Refund {
+        id: made.id,
+        amount: made.amount.unwrap_or(call.amount),
+        at: now_millis(),
+        by: by.to_owned(),
+        of: call.of,
+        request: request.map(str::to_owned),
+    })
 }
 
 /// qrgate's own refunds: whenever one comes due, and now and then for
@@ -85,6 +94,8 @@ pub async fn run(client: MpClient, gateway: Arc<Gateway>, shutdown: Cancellation
                 tracing::warn!(error = %e, "cannot forget old inbox entries and refund requests");
             }
         }
+        // Operator requests a failure or a crash cut short are finished.
+        finish_unanswered(&client, &gateway, now_millis() - STALE_REQUEST).await;
         let sales = match gateway.store().pending_auto_refunds().await {
             Ok(s) => s,
             Err(e) => {
@@ -93,53 +104,203 @@ pub async fn run(client: MpClient, gateway: Arc<Gateway>, shutdown: Cancellation
             }
         };
         for sale in sales {
-            let mut made = Vec::new();
-            for call in sale.ledger.plan_owed(sale.currency, true) {
-                if refused.contains(&call.key) || shutdown.is_cancelled() {
-                    continue;
-                }
-                let result = make(&client, &sale, &call).await;
-                let label = if result.is_ok() { "ok" } else { "error" };
-                gateway
-                    .metrics()
-                    .refunds
-                    .with_label_values(&["auto", label])
-                    .inc();
-                match result {
-                    Ok(id) => made.push((
-                        call.payment.clone(),
-                        Refund {
-                            id,
-                            amount: call.amount,
-                            at: now_millis(),
-                            by: BY_QRGATE.into(),
-                            of: call.of,
-                            request: None,
-                        },
-                    )),
-                    Err(e) if e.is_transient() => {
-                        tracing::warn!(pos = %sale.pos, external_reference = %sale.external_reference,
-                            payment = %call.payment, amount = %call.amount, error = %e, "refund failed; retried later");
-                    }
-                    Err(e) => {
-                        tracing::error!(pos = %sale.pos, sale_id = %sale.sale_id, external_reference = %sale.external_reference,
-                            payment = %call.payment, amount = %call.amount, error = %e,
-                            "Mercado Pago refused the refund: the operator must refund it (console or Mercado Pago's panel)");
-                        refused.insert(call.key.clone());
-                    }
-                }
+            if shutdown.is_cancelled() {
+                return;
             }
-            if made.is_empty() {
-                continue;
+            refund_owed(&client, &gateway, &sale.external_reference, &mut refused).await;
+        }
+    }
+}
+
+/// Refunds what one sale owes that qrgate refunds itself.
+async fn refund_owed(
+    client: &MpClient,
+    gateway: &Gateway,
+    reference: &ExternalReference,
+    refused: &mut HashSet<String>,
+) {
+    let _turn = gateway.refund_turn(reference).await;
+    let sale = match gateway.find_sale(reference).await {
+        Ok(Some(s)) => s,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::error!(external_reference = %reference, error = %e, "cannot read a sale that owes money");
+            return;
+        }
+    };
+    let mut made = Vec::new();
+    for call in sale.ledger.plan_owed(sale.currency, true) {
+        if refused.contains(&call.key) {
+            continue;
+        }
+        let result = make(client, &sale, &call, BY_QRGATE, None).await;
+        let label = if result.is_ok() { "ok" } else { "error" };
+        gateway
+            .metrics()
+            .refunds
+            .with_label_values(&["auto", label])
+            .inc();
+        match result {
+            Ok(r) => made.push((call.payment.clone(), r)),
+            Err(e) if e.is_transient() => {
+                tracing::warn!(pos = %sale.pos, sale_id = %sale.sale_id, external_reference = %reference,
+                    payment = %call.payment, amount = %call.amount, error = %e, "refund failed; retried later");
             }
-            if let Err(e) = gateway
-                .record_refunds(&sale.external_reference, &made)
-                .await
-            {
-                tracing::error!(external_reference = %sale.external_reference, error = %e,
-                    "refunds made but not recorded; retried (idempotent)");
+            Err(e) => {
+                tracing::error!(pos = %sale.pos, sale_id = %sale.sale_id, external_reference = %reference,
+                    payment = %call.payment, amount = %call.amount, error = %e,
+                    "Mercado Pago refused the refund: the operator must refund it (console or Mercado Pago's panel)");
+                refused.insert(call.key.clone());
             }
         }
+    }
+    record(gateway, &sale, &made).await;
+}
+
+/// Records refunds Mercado Pago made; `false` when the store failed (each
+/// call is repeated later with the same key, and Mercado Pago answers with
+/// the same refund).
+async fn record(gateway: &Gateway, sale: &Sale, made: &[(MpId, Refund)]) -> bool {
+    if made.is_empty() {
+        return true;
+    }
+    match gateway.record_refunds(&sale.external_reference, made).await {
+        Ok(_) => true,
+        Err(e) => {
+            for (payment, r) in made {
+                tracing::error!(pos = %sale.pos, sale_id = %sale.sale_id, external_reference = %sale.external_reference,
+                    payment = %payment, refund = %r.id, amount = %r.amount, by = %r.by, error = %e,
+                    "refund made at Mercado Pago but not recorded; asked again with the same key");
+            }
+            false
+        }
+    }
+}
+
+/// What an operator's request is stored with before its first call.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredPlan {
+    /// Who asked: `token` or `console`.
+    by: String,
+    calls: Vec<RefundCall>,
+}
+
+/// An operator request without an answer this long is finished by the
+/// refunder (the operator's own repeat finishes it sooner).
+const STALE_REQUEST: i64 = 120_000;
+
+/// Finishes operator requests left without an answer since before `before`.
+async fn finish_unanswered(client: &MpClient, gateway: &Gateway, before: i64) {
+    let pending = match gateway.store().unanswered_refund_requests().await {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read unfinished refund requests");
+            return;
+        }
+    };
+    for r in pending.into_iter().filter(|r| r.at < before) {
+        let Ok(reference) = ExternalReference::parse(&r.external_reference) else {
+            continue;
+        };
+        let _turn = gateway.refund_turn(&reference).await;
+        let answer = finish(client, gateway, &r).await;
+        tracing::warn!(external_reference = %reference, status = answer.status,
+            "an operator's refund request cut short was finished");
+    }
+}
+
+/// Makes the calls of a stored request (those already made are answered
+/// from Mercado Pago's memory of their keys), records them, and keeps and
+/// returns the final answer. The caller holds the sale's refund turn.
+async fn finish(client: &MpClient, gateway: &Gateway, r: &RefundRequest) -> Answer {
+    let Ok(reference) = ExternalReference::parse(&r.external_reference) else {
+        return fail(404, "unknown_sale", "no such sale");
+    };
+    let StoredPlan { by, calls: plan } = match serde_json::from_str(&r.plan) {
+        Ok(p) => p,
+        Err(e) => return fail(500, "internal_error", &format!("stored plan: {e}")),
+    };
+    let sale = match gateway.find_sale(&reference).await {
+        Ok(Some(s)) => s,
+        Ok(None) => return fail(404, "unknown_sale", "no such sale"),
+        Err(e) => return fail(500, "internal_error", &e.to_string()),
+    };
+    let metrics = gateway.metrics();
+    let mut made = Vec::new();
+    let mut failed = None;
+    for call in &plan {
+        match make(client, &sale, call, &by, Some(&r.key)).await {
+            Ok(refund) => {
+                metrics.refunds.with_label_values(&["operator", "ok"]).inc();
+                made.push((call.payment.clone(), refund));
+            }
+            Err(e) => {
+                metrics
+                    .refunds
+                    .with_label_values(&["operator", "error"])
+                    .inc();
+                tracing::error!(pos = %sale.pos, sale_id = %sale.sale_id, external_reference = %reference,
+                    payment = %call.payment, amount = %call.amount, by = %by, error = %e,
+                    "operator refund failed at Mercado Pago");
+                failed = Some(e);
+                break;
+            }
+        }
+    }
+    if !record(gateway, &sale, &made).await {
+        return fail(
+            500,
+            "internal_error",
+            "the refund was made but could not be recorded; send the request again",
+        );
+    }
+    let after = match gateway.find_sale(&reference).await {
+        Ok(Some(s)) => s,
+        _ => sale,
+    };
+    let money = |v: Decimal| Amount::new(v, after.currency).to_string();
+    let answer = match failed {
+        None => Answer {
+            status: 200,
+            body: json!({
+                "external_reference": reference,
+                "refund_id": made.last().map(|(_, r)| &r.id),
+                "refunds": made.iter().map(|(p, r)| json!({
+                    "payment_id": p, "refund_id": r.id, "amount": money(r.amount),
+                })).collect::<Vec<_>>(),
+                "amount": money(made.iter().map(|(_, r)| r.amount).sum()),
+                "refunded_total": money(after.refunded_total()),
+                "owed": money(after.ledger.owed()),
+                "state": after.state.as_str(),
+            }),
+        },
+        // The request stays with its calls: a retry finishes them.
+        Some(e) if e.is_transient() => {
+            return fail(
+                502,
+                "mp_refund_failed",
+                &format!("Mercado Pago did not refund: {e}; try again"),
+            )
+        }
+        Some(e) => fail(
+            409,
+            "mp_refund_failed",
+            &format!("Mercado Pago did not refund: {e}"),
+        ),
+    };
+    keep(gateway, r, &answer).await;
+    answer
+}
+
+/// Keeps a final answer with its request.
+async fn keep(gateway: &Gateway, r: &RefundRequest, a: &Answer) {
+    let done = RefundRequest {
+        answer: Some((a.status, a.body.to_string())),
+        ..r.clone()
+    };
+    if let Err(e) = gateway.store().put_refund_request(done).await {
+        tracing::error!(external_reference = %r.external_reference, error = %e,
+            "cannot keep a refund request's answer: a repeat will ask Mercado Pago again (same keys, no second refund)");
     }
 }
 
@@ -223,28 +384,13 @@ impl OperatorRefunds {
         client_key: Option<&str>,
     ) -> Answer {
         let amount = asked.map_or_else(|| "all".to_owned(), |a| a.normalize().to_string());
-        let (slot_key, keep) = match client_key {
+        let (slot_key, keep_for) = match client_key {
             Some(k) => (format!("key {reference} {k}"), KEY_WINDOW),
             None => (format!("repeat {reference} {amount}"), REPEAT_WINDOW),
         };
-        let (first_seen, cell) = self.slot(slot_key.clone(), keep);
-        // Without a key, a request is named by the sale, the amount and the
-        // minute it was first seen in.
-        let (key, tag) = match client_key {
-            Some(k) => (
-                format!("key {reference} {k}"),
-                tag(&[reference.as_str(), k]),
-            ),
-            None => {
-                let minute = (first_seen / 60_000).to_string();
-                (
-                    format!("repeat {reference} {amount} {minute}"),
-                    tag(&[reference.as_str(), &amount, &minute]),
-                )
-            }
-        };
+        let (first_seen, cell) = self.slot(slot_key.clone(), keep_for);
         let answer = cell
-            .get_or_init(|| self.run(reference, asked, by, key, tag))
+            .get_or_init(|| self.run(reference, asked, by, client_key, &amount, first_seen))
             .await
             .clone();
         // A failure that may pass is not kept: the operator may try again.
@@ -254,19 +400,40 @@ impl OperatorRefunds {
         answer
     }
 
-    /// Keeps a final answer with its request.
-    async fn keep(&self, key: &str, reference: &ExternalReference, plan: &str, a: &Answer) {
-        let r = RefundRequest {
-            key: key.to_owned(),
-            external_reference: reference.to_string(),
-            plan: plan.to_owned(),
-            answer: Some((a.status, a.body.to_string())),
-            at: now_millis(),
-        };
-        if let Err(e) = self.gateway.store().put_refund_request(r).await {
-            tracing::error!(external_reference = %reference, error = %e,
-                "cannot keep a refund request's answer: a repeat after a restart will ask Mercado Pago again (same keys, no second refund)");
+    /// The stored request this one repeats, if any, and the key and tag of
+    /// a new one. Without a client key, a request is named by the sale, the
+    /// amount and the minute it was first seen in; one stored in the minute
+    /// before, less than a minute ago, is the same request.
+    async fn name(
+        &self,
+        reference: &ExternalReference,
+        client_key: Option<&str>,
+        amount: &str,
+        first_seen: i64,
+    ) -> Result<(Option<RefundRequest>, String, String), StoreError> {
+        let store = self.gateway.store();
+        if let Some(k) = client_key {
+            let key = format!("key {reference} {k}");
+            return Ok((
+                store.refund_request(&key).await?,
+                key,
+                tag(&[reference.as_str(), k]),
+            ));
         }
+        let minute = first_seen / 60_000;
+        let key_of = |m: i64| format!("repeat {reference} {amount} {m}");
+        if let Some(r) = store.refund_request(&key_of(minute - 1)).await? {
+            if first_seen - r.at < REPEAT_WINDOW.as_millis() as i64 {
+                let key = key_of(minute - 1);
+                return Ok((Some(r), key, String::new()));
+            }
+        }
+        let key = key_of(minute);
+        Ok((
+            store.refund_request(&key).await?,
+            key,
+            tag(&[reference.as_str(), amount, &minute.to_string()]),
+        ))
     }
 
     async fn run(
@@ -274,137 +441,82 @@ impl OperatorRefunds {
         reference: &ExternalReference,
         asked: Option<Decimal>,
         by: &str,
-        key: String,
-        tag: String,
+        client_key: Option<&str>,
+        amount: &str,
+        first_seen: i64,
     ) -> Answer {
         let _one = self.one_at_a_time.lock().await;
-        let store = self.gateway.store();
-        let stored = match store.refund_request(&key).await {
-            Ok(r) => r,
+        let _turn = self.gateway.refund_turn(reference).await;
+        let (stored, key, tag) = match self.name(reference, client_key, amount, first_seen).await {
+            Ok(n) => n,
             Err(e) => return fail(500, "internal_error", &e.to_string()),
         };
-        if let Some((status, body)) = stored.as_ref().and_then(|r| r.answer.clone()) {
-            return Answer {
-                status,
-                body: serde_json::from_str(&body).unwrap_or(Value::Null),
+        if let Some(r) = stored {
+            return match r.answer {
+                Some((status, body)) => Answer {
+                    status,
+                    body: serde_json::from_str(&body).unwrap_or(Value::Null),
+                },
+                // Cut short before: finish the same calls.
+                None => finish(&self.client, &self.gateway, &r).await,
             };
+        }
+        // Another request for this sale cut short is finished first: what
+        // it refunds is no longer in the ledger to plan from twice.
+        match self.gateway.store().unanswered_refund_requests().await {
+            Ok(open) => {
+                for r in open
+                    .iter()
+                    .filter(|r| r.external_reference == reference.as_str())
+                {
+                    finish(&self.client, &self.gateway, r).await;
+                }
+            }
+            Err(e) => return fail(500, "internal_error", &e.to_string()),
         }
         let sale = match self.gateway.find_sale(reference).await {
             Ok(Some(s)) => s,
             Ok(None) => return fail(404, "unknown_sale", "no such sale"),
             Err(e) => return fail(500, "internal_error", &e.to_string()),
         };
-        // A request cut short (a failure, a restart) finishes the calls it
-        // started with: the same keys, so nothing is refunded twice.
-        let plan: Vec<RefundCall> = match stored {
-            Some(r) => match serde_json::from_str(&r.plan) {
-                Ok(p) => p,
-                Err(e) => return fail(500, "internal_error", &format!("stored plan: {e}")),
-            },
-            None => match orders::refund_plan(&sale, asked, &tag) {
-                Ok(p) => p,
-                Err(why) => {
-                    let status = match why {
-                        RefundRefusal::ExceedsPaid { .. } => 422,
-                        RefundRefusal::NotRefundable { .. } => 409,
-                        RefundRefusal::BadAmount(_) => 400,
-                    };
-                    let a = fail(status, why.code(), &why.to_string());
-                    self.keep(&key, reference, "[]", &a).await;
-                    return a;
-                }
-            },
-        };
-        let plan_json = serde_json::to_string(&plan).unwrap_or_else(|_| "[]".into());
-        let started = RefundRequest {
-            key: key.clone(),
+        let request = RefundRequest {
+            key,
             external_reference: reference.to_string(),
-            plan: plan_json.clone(),
+            plan: String::new(),
             answer: None,
             at: now_millis(),
         };
-        if let Err(e) = store.put_refund_request(started).await {
+        let plan = match orders::refund_plan(&sale, asked, &tag) {
+            Ok(p) => p,
+            Err(why) => {
+                let status = match why {
+                    RefundRefusal::ExceedsPaid { .. } => 422,
+                    RefundRefusal::NotRefundable { .. } => 409,
+                    RefundRefusal::BadAmount(_) => 400,
+                };
+                let a = fail(status, why.code(), &why.to_string());
+                keep(&self.gateway, &request, &a).await;
+                return a;
+            }
+        };
+        // Written before the first call: a restart finishes the same calls,
+        // with the same keys.
+        let stored = StoredPlan {
+            by: by.to_owned(),
+            calls: plan,
+        };
+        let request = RefundRequest {
+            plan: serde_json::to_string(&stored).unwrap_or_default(),
+            ..request
+        };
+        if let Err(e) = self
+            .gateway
+            .store()
+            .put_refund_request(request.clone())
+            .await
+        {
             return fail(500, "internal_error", &e.to_string());
         }
-        let metrics = self.gateway.metrics();
-        let mut made = Vec::new();
-        let mut failed = None;
-        for call in &plan {
-            match make(&self.client, &sale, call).await {
-                Ok(id) => {
-                    metrics.refunds.with_label_values(&["operator", "ok"]).inc();
-                    made.push((
-                        call.payment.clone(),
-                        Refund {
-                            id,
-                            amount: call.amount,
-                            at: now_millis(),
-                            by: by.to_owned(),
-                            of: call.of,
-                            request: Some(key.clone()),
-                        },
-                    ));
-                }
-                Err(e) => {
-                    metrics
-                        .refunds
-                        .with_label_values(&["operator", "error"])
-                        .inc();
-                    tracing::error!(pos = %sale.pos, sale_id = %sale.sale_id, external_reference = %reference,
-                        payment = %call.payment, amount = %call.amount, by, error = %e, "operator refund failed at Mercado Pago");
-                    failed = Some(e);
-                    break;
-                }
-            }
-        }
-        let after = if made.is_empty() {
-            sale
-        } else {
-            match self.gateway.record_refunds(reference, &made).await {
-                Ok(Some(s)) => s,
-                Ok(None) => sale,
-                Err(e) => {
-                    tracing::error!(external_reference = %reference, error = %e,
-                        "operator refund made at Mercado Pago but not recorded");
-                    return fail(
-                        500,
-                        "internal_error",
-                        "the refund was made but could not be recorded; see the log",
-                    );
-                }
-            }
-        };
-        let money = |v: Decimal| Amount::new(v, after.currency).to_string();
-        let answer = match failed {
-            None => Answer {
-                status: 200,
-                body: json!({
-                    "external_reference": reference,
-                    "refund_id": made.last().map(|(_, r)| &r.id),
-                    "refunds": made.iter().map(|(p, r)| json!({
-                        "payment_id": p, "refund_id": r.id, "amount": money(r.amount),
-                    })).collect::<Vec<_>>(),
-                    "amount": money(plan.iter().map(|c| c.amount).sum()),
-                    "refunded_total": money(after.refunded_total()),
-                    "owed": money(after.ledger.owed()),
-                    "state": after.state.as_str(),
-                }),
-            },
-            // The request stays with its calls: a retry finishes them.
-            Some(e) if e.is_transient() => fail(
-                502,
-                "mp_refund_failed",
-                &format!("Mercado Pago did not refund: {e}; try again"),
-            ),
-            Some(e) => fail(
-                409,
-                "mp_refund_failed",
-                &format!("Mercado Pago did not refund: {e}"),
-            ),
-        };
-        if answer.status < 500 {
-            self.keep(&key, reference, &plan_json, &answer).await;
-        }
-        answer
+        finish(&self.client, &self.gateway, &request).await
     }
 }

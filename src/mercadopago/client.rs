@@ -119,6 +119,16 @@ impl<'a> Request<'a> {
 #[derive(serde::Deserialize)]
 struct RefundAnswer {
     id: super::wire::Id,
+    #[serde(default, deserialize_with = "super::wire::opt_decimal")]
+    amount: Option<rust_decimal::Decimal>,
+}
+
+/// A refund Mercado Pago made: its id and, when the answer says it, how
+/// much it returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefundMade {
+    pub id: MpId,
+    pub amount: Option<rust_decimal::Decimal>,
 }
 
 #[derive(Clone)]
@@ -307,21 +317,6 @@ impl MpClient {
             .collect()
     }
 
-    /// Refunds a payment in full (an empty body). The idempotency key makes
-    /// a retry, or a second process, refund it once.
-    pub async fn refund(&self, payment_id: u64, idempotency_key: &str) -> Result<u64, MpError> {
-        let r: RefundAnswer = self
-            .call(&Request {
-                method: reqwest::Method::POST,
-                path: &format!("/v1/payments/{payment_id}/refunds"),
-                query: &[],
-                idempotency_key: Some(idempotency_key),
-                body: None,
-            })
-            .await?;
-        Ok(r.id.0)
-    }
-
     /// Refunds a payment for the operator: all that is left (`None`, an
     /// empty body) or `amount` (`{"amount": 10.50}`); the refund's id.
     pub async fn refund_amount(
@@ -329,7 +324,7 @@ impl MpClient {
         payment_id: u64,
         amount: Option<&str>,
         idempotency_key: &str,
-    ) -> Result<u64, MpError> {
+    ) -> Result<RefundMade, MpError> {
         let body = amount.map(|a| format!("{{\"amount\":{a}}}"));
         let r: RefundAnswer = self
             .call(&Request {
@@ -340,17 +335,20 @@ impl MpClient {
                 body: body.as_deref().map(str::as_bytes),
             })
             .await?;
-        Ok(r.id.0)
+        Ok(RefundMade {
+            id: MpId::Num(r.id.0),
+            amount: r.amount,
+        })
     }
 
-    /// Refunds an Orders API order for the operator: all that is left
-    /// (`None`) or `amount` of its payment `transaction`; the refund's id.
+    /// Refunds an Orders API order: all of it (`None`) or `amount` of its
+    /// payment `transaction`.
     pub async fn refund_order_amount(
         &self,
         id: &str,
         part: Option<(&str, &str)>,
         idempotency_key: &str,
-    ) -> Result<MpId, MpError> {
+    ) -> Result<RefundMade, MpError> {
         let body = part.map(|(transaction, amount)| {
             serde_json::json!({"transactions": [{"id": transaction, "amount": amount}]}).to_string()
         });
@@ -406,22 +404,6 @@ impl MpClient {
         })
         .await
         .map(drop)
-    }
-
-    /// Refunds an Orders API order in full; the refund's id.
-    pub async fn refund_order(&self, id: &str, idempotency_key: &str) -> Result<MpId, MpError> {
-        let order: ApiOrder = self
-            .call(&Request {
-                method: reqwest::Method::POST,
-                path: &format!("/v1/orders/{}/refund", path_segment(id)),
-                query: &[],
-                idempotency_key: Some(idempotency_key),
-                body: None,
-            })
-            .await?;
-        order
-            .last_refund()
-            .ok_or_else(|| MpError::Decode(format!("order {id} refunded without a refund id")))
     }
 
     /// Places an attended order on a POS (instore API); it replaces any

@@ -35,7 +35,7 @@ impl<'de> Deserialize<'de> for Id {
 }
 
 /// An amount that may be a number, a string, or `null`.
-fn opt_decimal<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Decimal>, D::Error> {
+pub(super) fn opt_decimal<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Decimal>, D::Error> {
     let raw: Option<Box<RawValue>> = Deserialize::deserialize(d)?;
     match raw {
         None => Ok(None),
@@ -144,6 +144,8 @@ pub struct ApiPayment {
 #[derive(Debug, Clone, Deserialize)]
 pub struct ApiRefund {
     pub id: String,
+    #[serde(default, deserialize_with = "opt_decimal")]
+    pub amount: Option<Decimal>,
 }
 
 impl ApiOrder {
@@ -198,14 +200,13 @@ impl ApiOrder {
         })
     }
 
-    /// The newest refund's id, after `POST /v1/orders/{id}/refund`.
-    pub fn last_refund(&self) -> Option<MpId> {
-        self.transactions
-            .as_ref()?
-            .refunds
-            .as_ref()?
-            .last()
-            .and_then(|r| MpId::parse(&r.id))
+    /// The newest refund, after `POST /v1/orders/{id}/refund`.
+    pub fn last_refund(&self) -> Option<crate::mercadopago::client::RefundMade> {
+        let r = self.transactions.as_ref()?.refunds.as_ref()?.last()?;
+        Some(crate::mercadopago::client::RefundMade {
+            id: MpId::parse(&r.id)?,
+            amount: r.amount,
+        })
     }
 }
 

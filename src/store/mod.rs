@@ -191,6 +191,10 @@ pub trait Store: Send + Sync + 'static {
 
     async fn refund_request(&self, key: &str) -> Result<Option<RefundRequest>, StoreError>;
 
+    /// Requests whose calls went out without a final answer (cut by a
+    /// failure or a crash), oldest first.
+    async fn unanswered_refund_requests(&self) -> Result<Vec<RefundRequest>, StoreError>;
+
     /// Writes a request (its plan, and its answer once final).
     async fn put_refund_request(&self, r: RefundRequest) -> Result<(), StoreError>;
 
@@ -213,8 +217,8 @@ pub trait Store: Send + Sync + 'static {
         last: bool,
     ) -> Result<(), StoreError>;
 
-    /// Forgets done inbox entries and answered refund requests older than
-    /// `before` (unix millis).
+    /// Forgets done inbox entries, answered refund requests and searches of
+    /// paid sales older than `before` (unix millis).
     async fn prune(&self, before: i64) -> Result<(), StoreError>;
 
     async fn merchant_order(&self, id: &MpId) -> Result<Option<MerchantOrderRecord>, StoreError>;

@@ -285,6 +285,9 @@ enum Op {
         key: String,
         reply: oneshot::Sender<Result<Option<RefundRequest>, StoreError>>,
     },
+    RefundRequestsUnanswered {
+        reply: oneshot::Sender<Result<Vec<RefundRequest>, StoreError>>,
+    },
     RefundRequestPut {
         r: RefundRequest,
         reply: oneshot::Sender<Result<(), StoreError>>,
@@ -834,6 +837,20 @@ fn inbox_entry(r: &rusqlite::Row<'_>) -> rusqlite::Result<InboxEntry> {
 
 const INBOX_COLUMNS: &str = "topic, id, received_at, generation, attempts, next_at";
 
+fn refund_request(r: &rusqlite::Row<'_>) -> rusqlite::Result<RefundRequest> {
+    let status: Option<i64> = r.get(3)?;
+    let answer: Option<String> = r.get(4)?;
+    Ok(RefundRequest {
+        key: r.get(0)?,
+        external_reference: r.get(1)?,
+        plan: r.get(2)?,
+        answer: status
+            .zip(answer)
+            .map(|(s, a)| (u16::try_from(s).unwrap_or(500), a)),
+        at: r.get(5)?,
+    })
+}
+
 fn inbox_add(c: &Connection, topic: &str, id: &str, now: i64) -> Result<InboxEntry, StoreError> {
     // A pending entry folds the notification in (and is due now); a done
     // one opens again: Mercado Pago has news about the resource.
@@ -1145,22 +1162,23 @@ fn run_batch(conn: &Connection, batch: Vec<Op>) {
                         "SELECT key, external_reference, plan, status, answer, at
                          FROM refund_requests WHERE key = ?1",
                         [&key],
-                        |r| {
-                            let status: Option<i64> = r.get(3)?;
-                            let answer: Option<String> = r.get(4)?;
-                            Ok(RefundRequest {
-                                key: r.get(0)?,
-                                external_reference: r.get(1)?,
-                                plan: r.get(2)?,
-                                answer: status
-                                    .zip(answer)
-                                    .map(|(s, a)| (u16::try_from(s).unwrap_or(500), a)),
-                                at: r.get(5)?,
-                            })
-                        },
+                        refund_request,
                     )
                     .optional()
                     .map_err(db);
+                let _ = reply.send(r);
+            }
+            Op::RefundRequestsUnanswered { reply } => {
+                let r = (|| {
+                    let mut st = conn
+                        .prepare_cached(
+                            "SELECT key, external_reference, plan, status, answer, at
+                             FROM refund_requests WHERE status IS NULL ORDER BY at",
+                        )
+                        .map_err(db)?;
+                    let rows = st.query_map([], refund_request).map_err(db)?;
+                    rows.collect::<Result<Vec<_>, _>>().map_err(db)
+                })();
                 let _ = reply.send(r);
             }
             Op::RefundRequestPut { r, reply } => write(conn, &began, &mut pending, reply, |c| {
@@ -1242,8 +1260,10 @@ fn run_batch(conn: &Connection, batch: Vec<Op>) {
                     "DELETE FROM refund_requests WHERE status IS NOT NULL AND at < ?1",
                     [before],
                 )
-                .map(drop)
-                .map_err(db)
+                .map_err(db)?;
+                c.execute("DELETE FROM rechecks WHERE paid_at < ?1", [before])
+                    .map(drop)
+                    .map_err(db)
             }),
         }
     }
@@ -1529,6 +1549,11 @@ impl Store for SqliteStore {
     async fn refund_request(&self, key: &str) -> Result<Option<RefundRequest>, StoreError> {
         let key = key.to_owned();
         self.call(|reply| Op::RefundRequestGet { key, reply }).await
+    }
+
+    async fn unanswered_refund_requests(&self) -> Result<Vec<RefundRequest>, StoreError> {
+        self.call(|reply| Op::RefundRequestsUnanswered { reply })
+            .await
     }
 
     async fn put_refund_request(&self, r: RefundRequest) -> Result<(), StoreError> {

@@ -475,27 +475,7 @@ async fn an_operator_refund_sent_again_with_its_key_after_kill_9_is_made_once() 
     // Killed while Mercado Pago's answer was on its way: the same key
     // finishes the same call, and Mercado Pago refunds once.
     let path = format!("/v1/payments/{payment}/refunds");
-    s.mp.set_latency(&path, Duration::from_secs(60));
-    let cut = tokio::spawn({
-        let url = url.clone();
-        async move {
-            let _ = reqwest::Client::new()
-                .post(&url)
-                .header("Idempotency-Key", "op-2")
-                .body(r#"{"amount":"20.00"}"#)
-                .send()
-                .await;
-        }
-    });
-    wait_until("Mercado Pago made the second refund", || async {
-        (s.mp.refunds().len() == 2).then_some(())
-    })
-    .await;
-    s.gate.kill9();
-    cut.abort();
-    s.mp.set_latency(&path, Duration::ZERO);
-    s.gate.start();
-    s.gate.ready().await;
+    cut_short(&mut s, &url, &path, "op-2", "20.00", 2).await;
     let (status, third) =
         crate::admin::post(&url, None, Some("op-2"), r#"{"amount":"20.00"}"#).await;
     assert_eq!(status, 200, "{third}");
@@ -504,12 +484,55 @@ async fn an_operator_refund_sent_again_with_its_key_after_kill_9_is_made_once() 
     let made = s.mp.refunds();
     assert_eq!(made.len(), 2, "{made:?}");
     assert_eq!(third["refund_id"], made[1].refund_id);
+
+    // Cut short again, and the operator presses again (the console sends a
+    // new key): the first request is finished before the second is planned.
+    cut_short(&mut s, &url, &path, "op-3", "10.00", 3).await;
+    let (status, fourth) =
+        crate::admin::post(&url, None, Some("op-4"), r#"{"amount":"5.00"}"#).await;
+    assert_eq!(status, 200, "{fourth}");
+    assert_eq!(fourth["refunded_total"], "65.00", "10 finished, then 5");
+    assert_eq!(s.mp.refunds().len(), 4, "{:?}", s.mp.refunds());
+    let (status, third_again) =
+        crate::admin::post(&url, None, Some("op-3"), r#"{"amount":"10.00"}"#).await;
+    assert_eq!((status, &third_again["amount"]), (200, &"10.00".into()));
+    assert_eq!(s.mp.refunds().len(), 4);
     s.pump
         .wait_state(WAIT, |m| {
-            m.state == "refunded" && m.raw["refunded_total"] == "50.00"
+            m.state == "refunded" && m.raw["refunded_total"] == "65.00"
         })
         .await
         .unwrap();
+}
+
+/// Sends an operator refund with `key` and kills qrgate once Mercado Pago
+/// made it (the `n`th refund) but before its answer arrived; restarts.
+async fn cut_short(s: &mut Scene, url: &str, path: &str, key: &str, amount: &str, n: usize) {
+    s.mp.set_latency(path, Duration::from_secs(60));
+    let cut = tokio::spawn({
+        let (url, key, body) = (
+            url.to_owned(),
+            key.to_owned(),
+            format!(r#"{{"amount":"{amount}"}}"#),
+        );
+        async move {
+            let _ = reqwest::Client::new()
+                .post(&url)
+                .header("Idempotency-Key", key)
+                .body(body)
+                .send()
+                .await;
+        }
+    });
+    wait_until("Mercado Pago made the refund", || async {
+        (s.mp.refunds().len() == n).then_some(())
+    })
+    .await;
+    s.gate.kill9();
+    cut.abort();
+    s.mp.set_latency(path, Duration::ZERO);
+    s.gate.start();
+    s.gate.ready().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
