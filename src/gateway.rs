@@ -400,6 +400,8 @@ impl Gateway {
 
     /// A refused device message: logged, stored for the operator, and (when
     /// `tell`) told to the device without touching its retained state.
+    /// `received` names the message's topic kind and size when it was
+    /// refused before reaching the book.
     pub async fn reject(
         &self,
         pos: &PosId,
@@ -407,8 +409,11 @@ impl Gateway {
         code: &str,
         message: &str,
         tell: bool,
+        received: Option<(&str, usize)>,
     ) {
-        tracing::warn!(pos = %pos, sale_id, reason = code, detail = message, "device message rejected");
+        let (topic_kind, size) = received.unzip();
+        tracing::warn!(pos = %pos, sale_id, topic_kind, size, reason = code, detail = message,
+            "device message rejected");
         self.metrics
             .device_rejections
             .with_label_values(&[code])
@@ -449,6 +454,7 @@ impl Gateway {
             why.code(),
             &why.to_string(),
             true,
+            None,
         )
         .await;
     }

@@ -295,26 +295,43 @@ impl MpClient {
         self.get(&format!("/v1/payments/{id}")).await
     }
 
-    /// Every merchant order of a sale (one per scan), each with its body.
+    /// Every merchant order of a sale (one per scan), each with its body,
+    /// page after page. One Mercado Pago cannot be read is skipped, with a
+    /// line saying so: the others still count.
     pub async fn search_merchant_orders(
         &self,
         external_reference: &str,
     ) -> Result<Vec<(MerchantOrder, String)>, MpError> {
-        // External references are [A-Za-z0-9_-]: nothing to escape.
-        let page: SearchPage = self
-            .get(&format!(
-                "/merchant_orders/search?external_reference={external_reference}"
-            ))
-            .await?;
-        page.elements
-            .unwrap_or_default()
-            .into_iter()
-            .map(|raw| {
-                serde_json::from_str::<MerchantOrder>(raw.get())
-                    .map(|mo| (mo, raw.get().to_owned()))
-                    .map_err(|e| MpError::Decode(e.to_string()))
-            })
-            .collect()
+        /// A sale has one merchant order per scan: a few, never thousands.
+        const MAX_PAGES: usize = 20;
+        let mut found = Vec::new();
+        let mut offset = 0u64;
+        for _ in 0..MAX_PAGES {
+            // External references are [A-Za-z0-9_-]: nothing to escape.
+            let path = if offset == 0 {
+                format!("/merchant_orders/search?external_reference={external_reference}")
+            } else {
+                format!(
+                    "/merchant_orders/search?external_reference={external_reference}&offset={offset}"
+                )
+            };
+            let page: SearchPage = self.get(&path).await?;
+            let elements = page.elements.unwrap_or_default();
+            let n = elements.len() as u64;
+            for raw in elements {
+                match serde_json::from_str::<MerchantOrder>(raw.get()) {
+                    Ok(mo) => found.push((mo, raw.get().to_owned())),
+                    Err(e) => tracing::warn!(external_reference, error = %e,
+                        "a merchant order in Mercado Pago's search cannot be read; skipped"),
+                }
+            }
+            let next = page.next_offset.unwrap_or(offset + n);
+            if n == 0 || next <= offset || page.total.is_none_or(|t| next >= t) {
+                break;
+            }
+            offset = next;
+        }
+        Ok(found)
     }
 
     /// Refunds a payment for the operator: all that is left (`None`, an

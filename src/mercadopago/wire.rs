@@ -310,6 +310,8 @@ pub struct SearchPage {
     pub elements: Option<Vec<Box<serde_json::value::RawValue>>>,
     #[serde(default)]
     pub total: Option<u64>,
+    #[serde(default)]
+    pub next_offset: Option<u64>,
 }
 
 /// MP's error body: `{"message": "...", "error": "...", "status": 400}`.

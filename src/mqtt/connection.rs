@@ -315,6 +315,7 @@ async fn worker(mut rx: mpsc::UnboundedReceiver<Job>, gateway: Arc<Gateway>, max
                         r.code,
                         &r.message,
                         tell,
+                        Some((kind.as_str(), arrived.size)),
                     )
                     .await;
             }

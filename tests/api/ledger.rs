@@ -417,3 +417,30 @@ async fn a_notification_that_only_ever_gets_404_is_given_up_after_the_reconcile_
         .count();
     assert!(tries >= 2, "fetched again before giving up: {tries}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconciliation_reads_every_page_of_mercado_pagos_search() {
+    let Some(s) = station(|c| c.orders.reconcile_after_secs = 0).await else {
+        return;
+    };
+    sale_of_100(&s).await;
+    // More scans than one page of the search holds; the last one is paid,
+    // and Mercado Pago tells nobody.
+    let mut last = None;
+    for _ in 0..35 {
+        last = Some(s.app.scan("pump-1").await);
+    }
+    s.app.mp.set_notify_mode(NotifyMode::None);
+    s.app
+        .mp
+        .pay(last.unwrap().merchant_order_id, PaymentOutcome::Approved)
+        .await
+        .unwrap();
+    state_of(&s.pump, "1", "paid").await;
+    assert!(s
+        .app
+        .mp
+        .api_calls()
+        .iter()
+        .any(|c| c.path.starts_with("/merchant_orders/search") && c.path.contains("offset=")));
+}
