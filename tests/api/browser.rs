@@ -453,3 +453,57 @@ async fn browser_refund_button_refunds_once_however_often_it_is_pressed() {
     );
     b.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_refunds_what_a_sale_owes_and_its_attention_clears() {
+    let Some(b) = Browser::start().await else {
+        return;
+    };
+    // qrgate leaves what is owed to the operator.
+    let app = TestApp::spawn_with(|c| c.orders.auto_refund = false).await;
+    let pump = app.device("pump-1").await;
+    let reference = paid_sale(&app, &pump, "41", "100.00").await;
+    pump.delivered("41", false, Some("nozzle jammed"))
+        .await
+        .unwrap();
+    app.wait_event(&reference, "delivered").await;
+    let base = app.admin.clone().unwrap();
+    b.c().goto(&format!("{base}/")).await.unwrap();
+    // The index lists what is owed, whatever the POS does next.
+    b.text_is("#count-refund_due", "1").await;
+    b.text_is(
+        &format!("#owing tr[data-reference='{reference}'] td:nth-child(4)"),
+        "100.00 ARS",
+    )
+    .await;
+    b.c()
+        .goto(&format!("{base}/sales/{reference}"))
+        .await
+        .unwrap();
+    b.text_is("#owed", "100.00").await;
+    let asked = b.click_and_confirm("#refund-owed").await.unwrap();
+    assert!(asked.contains("100.00"), "{asked}");
+    // The page reloads on the refund's event: nothing owed, no button.
+    wait_until("the refund recorded", || async {
+        (app.timeline(&reference)
+            .await
+            .iter()
+            .any(|e| e == "refunded"))
+        .then_some(())
+    })
+    .await;
+    wait_until("the owed button gone", || async {
+        b.c()
+            .find(Locator::Id("refund-owed"))
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    let refunds = app.mp.refunds();
+    assert_eq!(refunds.len(), 1, "{refunds:?}");
+    assert_eq!(refunds[0].amount, None, "the whole payment");
+    b.c().goto(&format!("{base}/")).await.unwrap();
+    b.text_is("#count-refund_due", "0").await;
+    b.close().await;
+}
