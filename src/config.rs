@@ -263,7 +263,23 @@ pub struct AdminConfig {
     pub timezone: chrono_tz::Tz,
     /// From `QRGATE_ADMIN_TOKEN`; without it only loopback is allowed.
     pub token: Option<Secret>,
+    /// Names the console answers to besides loopback and its listen
+    /// address (lowercase, no port): a `Host` outside them is refused, so a
+    /// DNS-rebinding page cannot reach the console under its own name.
+    pub hosts: Vec<String>,
+    /// A login session ends after this long without a request.
+    pub session_idle: std::time::Duration,
+    /// At most this many login sessions; a new login evicts the least
+    /// recently used.
+    pub max_sessions: usize,
+    /// Marks the session cookie `Secure` on every answer (the console is
+    /// reached through HTTPS).
+    pub secure_cookies: bool,
 }
+
+/// The shortest operator token qrgate accepts: long enough that guessing
+/// it, even at the login's unthrottled pace, is hopeless.
+pub const ADMIN_TOKEN_MIN_CHARS: usize = 16;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -307,6 +323,10 @@ struct RawAdmin {
     listen: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     timezone: Option<String>,
+    hosts: Vec<String>,
+    session_idle_secs: u64,
+    max_sessions: usize,
+    secure_cookies: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -469,6 +489,10 @@ fn defaults() -> RawConfig {
         admin: RawAdmin {
             listen: "127.0.0.1:9090".into(),
             timezone: None,
+            hosts: Vec::new(),
+            session_idle_secs: 1800,
+            max_sessions: 32,
+            secure_cookies: false,
         },
         http: RawHttp {
             listen: "127.0.0.1:8080".into(),
@@ -607,6 +631,28 @@ fn first_run(mut raw: RawConfig) -> RawConfig {
     raw
 }
 
+/// An `[admin] hosts` entry as the console compares it: a DNS name or an
+/// IP address, lowercase, IPv6 without brackets; `None` when it is not one
+/// (a scheme, a port or a path).
+fn admin_host_name(entry: &str) -> Option<String> {
+    let e = entry.trim().to_ascii_lowercase();
+    let bare = e
+        .strip_prefix('[')
+        .and_then(|r| r.strip_suffix(']'))
+        .unwrap_or(&e);
+    if bare.parse::<std::net::IpAddr>().is_ok() {
+        return Some(bare.to_owned());
+    }
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    (e.len() <= 253 && e.split('.').all(label_ok)).then_some(e)
+}
+
 fn is_loopback(addr: &SocketAddr) -> bool {
     addr.ip().is_loopback()
 }
@@ -621,6 +667,46 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
     let nonempty_key = |k: &Option<String>| k.as_deref().filter(|k| !k.is_empty()).map(Secret::new);
 
     let admin_token = secret(ADMIN_TOKEN_ENV);
+    if admin_token
+        .as_ref()
+        .is_some_and(|t| t.expose().trim().chars().count() < ADMIN_TOKEN_MIN_CHARS)
+    {
+        // Never the token itself, nor its length: only what to do.
+        bad(
+            ADMIN_TOKEN_ENV,
+            format!(
+                "the operator's token must be at least {ADMIN_TOKEN_MIN_CHARS} characters \
+                 (make one with `openssl rand -hex 16`)"
+            ),
+        );
+    }
+    let admin_hosts: Vec<String> = raw
+        .admin
+        .hosts
+        .iter()
+        .filter_map(|h| match admin_host_name(h) {
+            Some(name) => Some(name),
+            None => {
+                bad(
+                    "admin.hosts",
+                    format!(
+                        "{h:?} is not a host name like \"console.station.example.com\" or an \
+                         IP address (no scheme, port or path: the port is not matched)"
+                    ),
+                );
+                None
+            }
+        })
+        .collect();
+    if !(1..=604_800).contains(&raw.admin.session_idle_secs) {
+        bad(
+            "admin.session_idle_secs",
+            "must be between 1 and 604800 (a week)".into(),
+        );
+    }
+    if !(1..=10_000).contains(&raw.admin.max_sessions) {
+        bad("admin.max_sessions", "must be between 1 and 10000".into());
+    }
     let admin_listen = match raw.admin.listen.trim() {
         "" => None,
         text => match text.parse::<SocketAddr>() {
@@ -1145,6 +1231,10 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
             listen: admin_listen,
             timezone,
             token: admin_token,
+            hosts: admin_hosts,
+            session_idle: std::time::Duration::from_secs(raw.admin.session_idle_secs),
+            max_sessions: raw.admin.max_sessions,
+            secure_cookies: raw.admin.secure_cookies,
         },
         http: HttpConfig {
             listen,
@@ -1573,10 +1663,10 @@ mod tests {
         );
         let ok = load_env(
             &with_anon("[admin]\nlisten = \"0.0.0.0:9090\"\ntimezone = \"America/Argentina/Buenos_Aires\"\n"),
-            &[(ADMIN_TOKEN_ENV, "s3cret")],
+            &[(ADMIN_TOKEN_ENV, "s3cret-s3cret-s3cret")],
         )
         .unwrap();
-        assert_eq!(ok.admin.token, Some(Secret::new("s3cret")));
+        assert_eq!(ok.admin.token, Some(Secret::new("s3cret-s3cret-s3cret")));
         assert_eq!(
             ok.admin.timezone,
             chrono_tz::America::Argentina::Buenos_Aires
@@ -1585,6 +1675,54 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("admin.timezone"), "{err}");
+    }
+
+    #[test]
+    fn the_console_edge_keys_are_typed_bounded_and_the_token_long() {
+        let with_anon = |t: &str| format!("[mqtt]\nallow_anonymous = true\n{t}");
+        let c = load_env(&with_anon(""), &[]).unwrap();
+        assert!(c.admin.hosts.is_empty());
+        assert_eq!(c.admin.session_idle, std::time::Duration::from_secs(1800));
+        assert_eq!(c.admin.max_sessions, 32);
+        assert!(!c.admin.secure_cookies);
+        let c = load_env(
+            &with_anon(
+                "[admin]\nhosts = [\"Console.Station.example.com\", \"10.0.0.5\", \"[::1]\"]\n\
+                 session_idle_secs = 60\nmax_sessions = 4\nsecure_cookies = true\n",
+            ),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            c.admin.hosts,
+            ["console.station.example.com", "10.0.0.5", "::1"]
+        );
+        assert_eq!(c.admin.session_idle, std::time::Duration::from_secs(60));
+        assert_eq!(c.admin.max_sessions, 4);
+        assert!(c.admin.secure_cookies);
+        for (bad, key) in [
+            ("hosts = [\"http://console.example.com\"]", "admin.hosts"),
+            ("hosts = [\"console.example.com:9090\"]", "admin.hosts"),
+            ("hosts = [\"\"]", "admin.hosts"),
+            ("session_idle_secs = 0", "admin.session_idle_secs"),
+            ("max_sessions = 0", "admin.max_sessions"),
+        ] {
+            let err = load_env(&with_anon(&format!("[admin]\n{bad}\n")), &[])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{bad}: {err}");
+        }
+        // A short token stops the start, named by its variable and never
+        // echoed; 16 characters pass.
+        let err = load_env(&with_anon(""), &[(ADMIN_TOKEN_ENV, "x")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(ADMIN_TOKEN_ENV) && err.contains("16"), "{err}");
+        let err = load_env(&with_anon(""), &[(ADMIN_TOKEN_ENV, "fifteen-chars-x")])
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("fifteen-chars-x"), "{err}");
+        assert!(load_env(&with_anon(""), &[(ADMIN_TOKEN_ENV, "sixteen-chars-xy")]).is_ok());
     }
 
     #[test]

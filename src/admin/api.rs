@@ -13,6 +13,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
 
 use super::Admin;
 use crate::gateway::now_millis;
@@ -445,7 +446,9 @@ struct Lagged {
 }
 
 /// Server-sent events: one `data:` line per operator event; `event:
-/// lagged` when this client fell behind and missed some.
+/// lagged` when this client fell behind and missed some. A stream opened
+/// with a login session ends when the session does (logout, eviction, or
+/// idle time: the stream itself does not keep it alive).
 pub async fn events(
     req: HttpRequest,
     q: web::Query<EventsQuery>,
@@ -455,21 +458,42 @@ pub async fn events(
         return r;
     }
     use tokio::sync::broadcast::error::RecvError;
+    const KEEP_ALIVE: Duration = Duration::from_secs(15);
     let rx = admin.gateway.events().subscribe();
     let pos = q.into_inner().pos.filter(|p| !p.is_empty());
-    let shutdown = admin.shutdown.clone();
+    let session = admin.auth.watch(&req);
     let first = web::Bytes::from_static(b": connected\n\n");
+    let state = (Some(first), rx, admin.clone(), pos, session);
     let stream = futures_util::stream::unfold(
-        (Some(first), rx, shutdown, pos),
-        |(first, mut rx, shutdown, pos)| async move {
+        state,
+        |(first, mut rx, admin, pos, session)| async move {
             if let Some(b) = first {
-                return Some((Ok::<_, actix_web::Error>(b), (None, rx, shutdown, pos)));
+                return Some((
+                    Ok::<_, actix_web::Error>(b),
+                    (None, rx, admin, pos, session),
+                ));
             }
+            let keep_alive = tokio::time::Instant::now() + KEEP_ALIVE;
             loop {
+                // Wake at the session's end too, to close the stream then.
+                let (wake, ended) = match &session {
+                    Some((id, ended)) => match admin.auth.deadline(id) {
+                        Some(end) => (
+                            keep_alive.min(tokio::time::Instant::from_std(end)),
+                            ended.clone(),
+                        ),
+                        None => return None,
+                    },
+                    None => (keep_alive, CancellationToken::new()),
+                };
                 let got = tokio::select! {
-                    _ = shutdown.cancelled() => return None,
-                    _ = tokio::time::sleep(Duration::from_secs(15)) => {
-                        return Some((Ok(web::Bytes::from_static(b": keep-alive\n\n")), (None, rx, shutdown, pos)));
+                    _ = admin.shutdown.cancelled() => return None,
+                    _ = ended.cancelled() => return None,
+                    _ = tokio::time::sleep_until(wake) => {
+                        if tokio::time::Instant::now() < keep_alive {
+                            continue;
+                        }
+                        return Some((Ok(web::Bytes::from_static(b": keep-alive\n\n")), (None, rx, admin, pos, session)));
                     }
                     r = rx.recv() => r,
                 };
@@ -489,7 +513,7 @@ pub async fn events(
                     ),
                     Err(RecvError::Closed) => return None,
                 };
-                return Some((Ok(web::Bytes::from(chunk)), (None, rx, shutdown, pos)));
+                return Some((Ok(web::Bytes::from(chunk)), (None, rx, admin, pos, session)));
             }
         },
     );

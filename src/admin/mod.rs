@@ -1,13 +1,15 @@
 //! The operator's side, on its own listener (`[admin] listen`), never the
 //! public one: the console page (`page`), the admin API (`api`) and
-//! `/metrics`. Who may use it (`auth`): with `QRGATE_ADMIN_TOKEN` set, a
-//! bearer header for API clients, or a session cookie from the login form
-//! for the page, whose state-changing calls also carry the session's CSRF
-//! token; without a token (loopback only, checked at start) the page gets
-//! a session at once, and non-browser clients need nothing.
+//! `/metrics`. Every request first passes the edge (`edge`: its `Host` must
+//! be one of the console's names, its `Origin`, if any, the console's own),
+//! then who may use it (`auth`): with `QRGATE_ADMIN_TOKEN` set, a bearer
+//! header for API clients, or a session cookie from the login form for the
+//! page, whose state-changing calls also carry the session's CSRF token;
+//! without a token (loopback only, checked at start) no session at all.
 
 pub mod api;
 pub mod auth;
+pub mod edge;
 pub mod page;
 
 use std::net::TcpListener;
@@ -28,6 +30,7 @@ pub struct Admin {
     pub link: Arc<LinkState>,
     pub timezone: chrono_tz::Tz,
     pub auth: auth::Auth,
+    pub edge: edge::Edge,
     pub refunds: crate::refunds::OperatorRefunds,
     pub shutdown: CancellationToken,
 }
@@ -41,12 +44,14 @@ pub fn serve(
     link: Arc<LinkState>,
     shutdown: CancellationToken,
 ) -> std::io::Result<actix_web::dev::Server> {
+    let local = listener.local_addr()?;
     let admin = web::Data::new(Admin {
         refunds: crate::refunds::OperatorRefunds::new(client, Arc::clone(&gateway)),
         gateway,
         link,
         timezone: cfg.timezone,
-        auth: auth::Auth::new(cfg.token.clone()),
+        auth: auth::Auth::new(cfg),
+        edge: edge::Edge::new(&cfg.hosts, local),
         shutdown,
     });
     Ok(HttpServer::new(move || {
@@ -55,8 +60,20 @@ pub fn serve(
                 actix_web::middleware::ErrorHandlers::new()
                     .default_handler(crate::http::json_errors),
             )
+            // Outermost: nothing answers a foreign Host or Origin.
+            .wrap(actix_web::middleware::from_fn(edge::guard))
             .app_data(admin.clone())
             .configure(routes)
+    })
+    // On a wildcard listen, the console answers to the address each
+    // connection came in on.
+    .on_connect(|conn, data| {
+        if let Some(Ok(addr)) = conn
+            .downcast_ref::<actix_web::rt::net::TcpStream>()
+            .map(|s| s.local_addr())
+        {
+            data.insert(edge::LocalAddr(addr));
+        }
     })
     .workers(1)
     .disable_signals()
@@ -70,6 +87,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.app_data(web::PayloadConfig::new(crate::http::MAX_BODY))
         .route("/", web::get().to(page::index))
         .route("/login", web::post().to(page::login))
+        .route("/logout", web::post().to(page::logout))
         .route("/sales/{reference}", web::get().to(page::sale))
         .route("/assets/console.css", web::get().to(page::css))
         .route("/assets/console.js", web::get().to(page::js))

@@ -1,13 +1,15 @@
 //! The console page: server-rendered HTML with one stylesheet and a little
 //! plain JavaScript embedded in the binary (stations are often offline: no
 //! CDN, no build step). The page reads and acts through the admin API only.
+//! With a token it runs in a login session (login, logout here); without
+//! one, in none.
 
-use actix_web::http::header::{CACHE_CONTROL, LOCATION, SET_COOKIE};
+use actix_web::http::header::{CACHE_CONTROL, LOCATION, ORIGIN, RETRY_AFTER, SET_COOKIE};
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 
-use super::auth::{Auth, Session};
+use super::auth::{same, whole_secs, Attempt, Session, CSRF_HEADER};
 use super::Admin;
 
 const CSS: &str = include_str!("assets/console.css");
@@ -58,47 +60,60 @@ fn login_page(status: StatusCode, note: Option<&str>) -> HttpResponse {
     )
 }
 
-/// The session the page runs in: the request's, or (no token configured)
-/// a new one.
-fn session_for(admin: &Admin, req: &HttpRequest) -> Option<(Session, bool)> {
-    if let Some(s) = admin.auth.session(req) {
-        return Some((s, false));
+/// What the page runs in: `Some(None)` without a token (no session is
+/// needed), `Some(Some(session))` logged in, `None` not logged in.
+fn session_for(admin: &Admin, req: &HttpRequest) -> Option<Option<Session>> {
+    if !admin.auth.needs_login() {
+        return Some(None);
     }
-    (!admin.auth.needs_login()).then(|| (admin.auth.new_session(), true))
+    admin.auth.session(req).map(Some)
 }
 
-fn page(admin: &Admin, session: &Session, fresh: bool, title: &str, body: &str) -> HttpResponse {
+/// The header's log-out button: a plain form, so it works without script.
+fn logout_form(session: Option<&Session>) -> String {
+    session
+        .map(|s| {
+            format!(
+                "<form method=\"post\" action=\"/logout\" class=\"logout\">\
+                 <input type=\"hidden\" name=\"csrf\" value=\"{}\">\
+                 <button type=\"submit\" id=\"logout\">Log out</button></form>",
+                esc(&s.csrf)
+            )
+        })
+        .unwrap_or_default()
+}
+
+fn page(admin: &Admin, session: Option<&Session>, title: &str, body: &str) -> HttpResponse {
+    let csrf = session
+        .map(|s| format!("<meta name=\"csrf-token\" content=\"{}\">", esc(&s.csrf)))
+        .unwrap_or_default();
     let head = format!(
-        "<meta name=\"csrf-token\" content=\"{}\"><meta name=\"timezone\" content=\"{}\">\
+        "{csrf}<meta name=\"timezone\" content=\"{}\">\
          <script src=\"/assets/console.js\" defer></script>",
-        esc(&session.csrf),
         esc(admin.timezone.name())
     );
-    let mut r = html(StatusCode::OK, shell(title, &head, body));
-    if fresh {
-        if let Ok(v) = Auth::cookie(session).parse() {
-            r.headers_mut().insert(SET_COOKIE, v);
-        }
-    }
-    r
+    html(StatusCode::OK, shell(title, &head, body))
 }
 
 pub async fn index(req: HttpRequest, admin: web::Data<Admin>) -> HttpResponse {
-    let Some((session, fresh)) = session_for(&admin, &req) else {
+    let Some(session) = session_for(&admin, &req) else {
         return login_page(StatusCode::OK, None);
     };
-    let body = "<header><h1>qrgate</h1>\
+    let body = format!(
+        "<header><h1>qrgate</h1>\
         <div class=\"counts\"><span>pending <b id=\"count-pending\">0</b></span>\
         <span>paid, undelivered <b id=\"count-paid_undelivered\">0</b></span>\
         <span>refund due <b id=\"count-refund_due\">0</b></span>\
-        <span id=\"live\" class=\"off\">offline</span></div></header>\
+        <span id=\"live\" class=\"off\">offline</span></div>{}</header>\
         <main data-page=\"index\"><table id=\"pos\"><thead><tr><th>POS</th><th>kind</th><th>device</th>\
         <th>sale</th><th>amount</th><th>age</th></tr></thead><tbody></tbody></table>\
         <h2>Owed back</h2><table id=\"owing\"><thead><tr><th>sale</th><th>POS</th><th>state</th>\
         <th>owed</th><th>age</th></tr></thead><tbody></tbody></table>\
         <h2>Events <select id=\"feed-pos\"><option value=\"\">all POS</option></select></h2>\
-        <ol id=\"feed\"></ol></main>";
-    page(&admin, &session, fresh, "qrgate console", body)
+        <ol id=\"feed\"></ol></main>",
+        logout_form(session.as_ref())
+    );
+    page(&admin, session.as_ref(), "qrgate console", &body)
 }
 
 #[derive(Deserialize)]
@@ -106,19 +121,109 @@ pub struct LoginForm {
     token: String,
 }
 
-pub async fn login(form: web::Form<LoginForm>, admin: web::Data<Admin>) -> HttpResponse {
-    if admin.auth.needs_login() && !admin.auth.token_ok(form.token.trim()) {
-        tracing::warn!("console login refused: wrong token");
-        return login_page(StatusCode::UNAUTHORIZED, Some("Wrong token."));
+pub async fn login(
+    req: HttpRequest,
+    form: web::Form<LoginForm>,
+    admin: web::Data<Admin>,
+) -> HttpResponse {
+    if !admin.auth.needs_login() {
+        // Nothing to log in to: the console needs no session here.
+        return HttpResponse::SeeOther()
+            .insert_header((LOCATION, "/"))
+            .finish();
+    }
+    match admin.auth.attempt(&req, form.token.trim(), "login") {
+        Attempt::Right => {}
+        Attempt::Wrong { lock } => {
+            let mut r = login_page(StatusCode::UNAUTHORIZED, Some("Wrong token."));
+            if let Some(d) = lock {
+                r.headers_mut().insert(
+                    RETRY_AFTER,
+                    actix_web::http::header::HeaderValue::from(whole_secs(d)),
+                );
+            }
+            return r;
+        }
+        Attempt::Locked { wait } => {
+            let secs = whole_secs(wait);
+            let mut r = login_page(
+                StatusCode::TOO_MANY_REQUESTS,
+                Some(&format!(
+                    "Too many wrong tokens from this address. Try again in {secs} s."
+                )),
+            );
+            r.headers_mut().insert(
+                RETRY_AFTER,
+                actix_web::http::header::HeaderValue::from(secs),
+            );
+            return r;
+        }
     }
     let session = admin.auth.new_session();
+    tracing::info!("console login");
     let mut r = HttpResponse::SeeOther()
         .insert_header((LOCATION, "/"))
         .finish();
-    if let Ok(v) = Auth::cookie(&session).parse() {
+    if let Ok(v) = admin.auth.cookie(&req, &session).parse() {
         r.headers_mut().insert(SET_COOKIE, v);
     }
     r
+}
+
+#[derive(Deserialize)]
+pub struct LogoutForm {
+    #[serde(default)]
+    csrf: String,
+}
+
+/// Ends the request's session (the page's button sends its CSRF token as a
+/// form field, a script may send the header) and sends the browser to the
+/// login form. Without a live session there is nothing to end.
+pub async fn logout(
+    req: HttpRequest,
+    form: Option<web::Form<LogoutForm>>,
+    admin: web::Data<Admin>,
+) -> HttpResponse {
+    let back = |admin: &Admin| {
+        let mut r = HttpResponse::SeeOther()
+            .insert_header((LOCATION, "/"))
+            .finish();
+        if admin.auth.needs_login() {
+            if let Ok(v) = admin.auth.cleared_cookie(&req).parse() {
+                r.headers_mut().insert(SET_COOKIE, v);
+            }
+        }
+        r
+    };
+    let Some(session) = admin.auth.session(&req) else {
+        return back(&admin);
+    };
+    // Like every change made with the session: its page's Origin and CSRF
+    // token, so no other page can log the operator out.
+    if !req.headers().contains_key(ORIGIN) {
+        return crate::http::error(
+            StatusCode::FORBIDDEN,
+            "origin",
+            "a state-changing request with the console's session must carry its Origin",
+        );
+    }
+    let given = req
+        .headers()
+        .get(CSRF_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| form.map(|f| f.into_inner().csrf))
+        .unwrap_or_default();
+    if !same(&given, &session.csrf) {
+        return crate::http::error(
+            StatusCode::FORBIDDEN,
+            "csrf",
+            "a state-changing request from the console needs its CSRF token",
+        );
+    }
+    admin.auth.end(&session.id);
+    tracing::info!("console logout");
+    back(&admin)
 }
 
 pub async fn sale(
@@ -126,7 +231,7 @@ pub async fn sale(
     path: web::Path<String>,
     admin: web::Data<Admin>,
 ) -> HttpResponse {
-    let Some((session, fresh)) = session_for(&admin, &req) else {
+    let Some(session) = session_for(&admin, &req) else {
         return login_page(StatusCode::OK, None);
     };
     let reference = match crate::orders::ExternalReference::parse(&path) {
@@ -215,7 +320,7 @@ pub async fn sale(
         owed
     };
     let body = format!(
-        "<header><h1><a href=\"/\">qrgate</a> / sale {reference}</h1></header>\
+        "<header><h1><a href=\"/\">qrgate</a> / sale {reference}</h1>{logout}</header>\
          <main data-page=\"sale\" data-reference=\"{reference}\">\
          <dl><dt>POS</dt><dd>{}</dd><dt>device sale id</dt><dd>{}</dd>\
          <dt>state</dt><dd id=\"sale-state\" class=\"state {state}\">{state}</dd>\
@@ -234,8 +339,14 @@ pub async fn sale(
         esc(admin.timezone.name()),
         reference = esc(reference.as_str()),
         state = esc(state),
+        logout = logout_form(session.as_ref()),
     );
-    page(&admin, &session, fresh, &format!("sale {reference}"), &body)
+    page(
+        &admin,
+        session.as_ref(),
+        &format!("sale {reference}"),
+        &body,
+    )
 }
 
 pub async fn css() -> HttpResponse {

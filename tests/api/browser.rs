@@ -269,6 +269,41 @@ async fn browser_login_refuses_a_wrong_token_and_the_right_one_opens_the_console
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_log_out_button_ends_the_session_and_shows_the_login_form() {
+    let Some(b) = Browser::start().await else {
+        return;
+    };
+    let app = TestApp::spawn_with(|c| c.admin.token = Some(Secret::new(OPERATOR_TOKEN))).await;
+    let base = app.admin.clone().unwrap();
+    b.c().goto(&format!("{base}/")).await.unwrap();
+    log_in(&b, OPERATOR_TOKEN).await;
+    b.row_state_is("pump-1", "idle").await;
+    b.c()
+        .find(Locator::Id("logout"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    // The login form, and it stays: the session is over, not just hidden.
+    b.c()
+        .wait()
+        .at_most(WAIT)
+        .for_element(Locator::Id("token"))
+        .await
+        .unwrap();
+    b.c().goto(&format!("{base}/")).await.unwrap();
+    b.c()
+        .wait()
+        .at_most(WAIT)
+        .for_element(Locator::Id("token"))
+        .await
+        .unwrap();
+    assert!(b.c().find(Locator::Id("pos")).await.is_err());
+    b.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn browser_rows_follow_a_sale_live_from_pending_to_paid() {
     let Some(b) = Browser::start().await else {
         return;

@@ -705,3 +705,61 @@ pub async fn wait_rejections(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// The operator's token the console tests configure (at least 16
+/// characters, as qrgate requires).
+pub const OPERATOR_TOKEN: &str = "op-s3cret-long-enough";
+
+/// An HTTP client that does not follow redirects (a login's 303 is the
+/// answer), its requests coming from `source` (any 127.x address reaches a
+/// loopback listener on Linux, each a source of its own).
+pub fn console_client(source: &str) -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .local_address(Some(source.parse().unwrap()))
+        .build()
+        .unwrap()
+}
+
+/// Logs in at the console at `base` with `token`: the session's `name=value`
+/// cookie, and the whole `Set-Cookie` header.
+pub async fn console_login(client: &reqwest::Client, base: &str, token: &str) -> (String, String) {
+    let r = client
+        .post(format!("{base}/login"))
+        .form(&[("token", token)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303, "the login succeeds");
+    let set = r.headers()["set-cookie"].to_str().unwrap().to_owned();
+    let cookie = set.split(';').next().unwrap().to_owned();
+    (cookie, set)
+}
+
+/// The CSRF token the console's page carries for the session `cookie`.
+pub async fn console_csrf(client: &reqwest::Client, base: &str, cookie: &str) -> String {
+    let page = client
+        .get(format!("{base}/"))
+        .header("Cookie", cookie)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let marker = "name=\"csrf-token\" content=\"";
+    let at = page.find(marker).expect("the page carries a CSRF token") + marker.len();
+    page[at..].split('"').next().unwrap().to_owned()
+}
+
+/// Reads an open event stream until the server ends it.
+pub async fn stream_ends(mut stream: reqwest::Response) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.chunk()).await {
+            Ok(Ok(Some(_))) => continue,
+            Ok(Ok(None)) | Ok(Err(_)) => return,
+            Err(_) => panic!("the event stream never ended"),
+        }
+    }
+}

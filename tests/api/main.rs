@@ -5,6 +5,7 @@ mod admin;
 mod attended;
 mod browser;
 mod checklist;
+mod console_edge;
 pub mod crash;
 mod device_hardening;
 mod durability;

@@ -1,7 +1,11 @@
 // qrgate console: live POS table and event feed over SSE, and the sale
 // page's cancel and refund buttons. Uses only the admin API.
 "use strict";
-const csrf = document.querySelector('meta[name="csrf-token"]').content;
+// Only a login session has a CSRF token; without a token there is none.
+const csrfMeta = document.querySelector('meta[name="csrf-token"]');
+const csrf = csrfMeta ? csrfMeta.content : "";
+// A session that ended (idle, logged out elsewhere): back to the login form.
+const ended = r => { if (r.status === 401) { location.assign("/"); return true; } return false; };
 const tz = document.querySelector('meta[name="timezone"]').content;
 const main = document.querySelector("main");
 const fmt = ms => ms ? new Date(ms).toLocaleString(undefined, {timeZone: tz}) : "";
@@ -10,7 +14,7 @@ function el(tag, text, cls) { const e = document.createElement(tag); if (text !=
 
 async function refreshPos() {
   const r = await fetch("/api/pos", {credentials: "same-origin"});
-  if (!r.ok) return;
+  if (ended(r) || !r.ok) return;
   const data = await r.json();
   for (const k of ["pending", "paid_undelivered", "refund_due"]) document.getElementById("count-" + k).textContent = data.counts[k];
   const body = document.querySelector("#pos tbody");
@@ -56,16 +60,21 @@ function live(onEvent) {
   const src = new EventSource("/api/events");
   const mark = document.getElementById("live");
   src.onopen = () => { if (mark) { mark.textContent = "live"; mark.className = "on"; } };
-  src.onerror = () => { if (mark) { mark.textContent = "reconnecting"; mark.className = "off"; } };
+  src.onerror = () => {
+    if (mark) { mark.textContent = "reconnecting"; mark.className = "off"; }
+    // The stream closes when the session ends: find out which it was.
+    fetch("/api/pos", {credentials: "same-origin"}).then(ended, () => {});
+  };
   src.onmessage = m => onEvent(JSON.parse(m.data));
   src.addEventListener("lagged", () => onEvent(null));
 }
 
 async function act(path, body) {
   const out = document.getElementById("action-result");
-  const r = await fetch(path, {method: "POST", credentials: "same-origin",
-    headers: {"Content-Type": "application/json", "X-CSRF-Token": csrf, "Idempotency-Key": crypto.randomUUID ? crypto.randomUUID() : String(Date.now()) + Math.random()},
-    body: body ? JSON.stringify(body) : ""});
+  const headers = {"Content-Type": "application/json", "Idempotency-Key": crypto.randomUUID ? crypto.randomUUID() : String(Date.now()) + Math.random()};
+  if (csrf) headers["X-CSRF-Token"] = csrf;
+  const r = await fetch(path, {method: "POST", credentials: "same-origin", headers, body: body ? JSON.stringify(body) : ""});
+  if (ended(r)) return;
   const data = await r.json().catch(() => ({}));
   out.textContent = r.ok ? "Done." : (data.message || ("failed: " + r.status));
   out.className = r.ok ? "" : "error";
