@@ -279,7 +279,11 @@ impl Auth {
         };
         let src = source(req.peer_addr().map(|a| a.ip()));
         let now = Instant::now();
-        if let Some(wait) = lock(&self.guesses).locked(src, now) {
+        // Look, compare and count under one lock: parallel guesses cannot
+        // all slip in before the first of them is counted.
+        let mut guesses = lock(&self.guesses);
+        if let Some(wait) = guesses.locked(src, now) {
+            drop(guesses);
             // The lock's start was logged; one line per refused guess
             // would let a guesser flood the log.
             tracing::debug!(source = %src, door, wait_secs = whole_secs(wait),
@@ -289,7 +293,8 @@ impl Auth {
         if same(given, token.expose()) {
             return Attempt::Right;
         }
-        let (failures, lock_for) = lock(&self.guesses).failed(src, now);
+        let (failures, lock_for) = guesses.failed(src, now);
+        drop(guesses);
         match lock_for {
             Some(d) => tracing::warn!(source = %src, door, failures, locked_secs = whole_secs(d),
                 "wrong operator token: source locked out"),

@@ -135,7 +135,14 @@ pub async fn login(
     match admin.auth.attempt(&req, form.token.trim(), "login") {
         Attempt::Right => {}
         Attempt::Wrong { lock } => {
-            let mut r = login_page(StatusCode::UNAUTHORIZED, Some("Wrong token."));
+            let note = match lock {
+                Some(d) => format!(
+                    "Wrong token. Too many from this address: wait {} s.",
+                    whole_secs(d)
+                ),
+                None => "Wrong token.".to_owned(),
+            };
+            let mut r = login_page(StatusCode::UNAUTHORIZED, Some(&note));
             if let Some(d) = lock {
                 r.headers_mut().insert(
                     RETRY_AFTER,
