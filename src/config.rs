@@ -69,6 +69,13 @@ pub struct HttpConfig {
     pub poll_keys: PollKeys,
     pub notification_rate_per_sec: u32,
     pub notification_burst: u32,
+    /// A request's head and body must arrive within this time of its first
+    /// byte (and a new connection must send its head within it), or the
+    /// connection is answered 408 and closed.
+    pub request_timeout: std::time::Duration,
+    /// Open connections one source may hold (an IPv6 source is its /64);
+    /// `0`: no cap.
+    pub max_connections_per_address: u32,
 }
 
 /// Secrets in the POS URLs registered with Mercado Pago, so the URL of a
@@ -326,6 +333,22 @@ struct RawHttp {
     poll_key: Option<String>,
     notification_rate_per_sec: u32,
     notification_burst: u32,
+    #[serde(default = "default_request_timeout_secs")]
+    request_timeout_secs: u64,
+    #[serde(default = "default_max_connections_per_address")]
+    max_connections_per_address: u32,
+}
+
+fn default_request_timeout_secs() -> u64 {
+    5
+}
+
+/// Mercado Pago's notification bursts (up to `notification_burst`, 200 by
+/// default) may each come on a connection of their own, from few addresses,
+/// and a reverse proxy on the same host is one address for everybody: 512
+/// leaves room for both; one source still cannot take every descriptor.
+fn default_max_connections_per_address() -> u32 {
+    512
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -476,6 +499,8 @@ fn defaults() -> RawConfig {
             poll_key: None,
             notification_rate_per_sec: 100,
             notification_burst: 200,
+            request_timeout_secs: default_request_timeout_secs(),
+            max_connections_per_address: default_max_connections_per_address(),
         },
         mercadopago: RawMp {
             api_base: "https://api.mercadopago.com".into(),
@@ -1132,6 +1157,20 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
             "rate and burst must be at least 1".into(),
         );
     }
+    if !(1..=60).contains(&raw.http.request_timeout_secs) {
+        bad("http.request_timeout_secs", "must be from 1 to 60".into());
+    }
+    let per_address = raw.http.max_connections_per_address;
+    if per_address != 0 && per_address < raw.http.notification_burst {
+        bad(
+            "http.max_connections_per_address",
+            format!(
+                "{per_address} is below notification_burst ({}): a burst of Mercado Pago's notifications \
+                 may come on that many connections at once; use at least that, or 0 for no cap",
+                raw.http.notification_burst
+            ),
+        );
+    }
 
     if !errors.is_empty() {
         return Err(ConfigError(errors));
@@ -1155,6 +1194,8 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
             },
             notification_rate_per_sec: raw.http.notification_rate_per_sec,
             notification_burst: raw.http.notification_burst,
+            request_timeout: std::time::Duration::from_secs(raw.http.request_timeout_secs),
+            max_connections_per_address: raw.http.max_connections_per_address,
         },
         mercadopago: MercadoPagoConfig {
             api_base,
