@@ -1433,6 +1433,36 @@ mod tests {
     }
 
     #[test]
+    fn the_edge_limits_default_sanely_and_a_cap_below_the_notification_burst_is_refused() {
+        let c = Config::defaults();
+        assert_eq!(c.http.request_timeout, std::time::Duration::from_secs(5));
+        assert_eq!(c.http.max_connections_per_address, 512);
+        assert!(c.http.max_connections_per_address >= c.http.notification_burst);
+        let c = load_toml("[mqtt]\nallow_anonymous = true\n[http]\nmax_connections_per_address = 0\nrequest_timeout_secs = 2\n")
+            .unwrap();
+        assert_eq!(c.http.max_connections_per_address, 0, "0: no cap");
+        assert_eq!(c.http.request_timeout, std::time::Duration::from_secs(2));
+        let e = load_toml(
+            "[mqtt]\nallow_anonymous = true\n[http]\nmax_connections_per_address = 100\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("http.max_connections_per_address"),
+            "{e}"
+        );
+        let c = load_toml("[mqtt]\nallow_anonymous = true\n[http]\nmax_connections_per_address = 16\nnotification_burst = 16\n")
+            .unwrap();
+        assert_eq!(c.http.max_connections_per_address, 16);
+        for bad in ["0", "61"] {
+            let e = load_toml(&format!(
+                "[mqtt]\nallow_anonymous = true\n[http]\nrequest_timeout_secs = {bad}\n"
+            ))
+            .unwrap_err();
+            assert!(e.to_string().contains("http.request_timeout_secs"), "{e}");
+        }
+    }
+
+    #[test]
     fn a_pos_poll_key_overrides_the_global_one() {
         let text = "[http]\npoll_key = \"global-key\"\n[mqtt]\nallow_anonymous = true\n[[pos]]\nid = \"a\"\nkind = \"fuel\"\n[[pos]]\nid = \"b\"\nkind = \"fuel\"\npoll_key = \"b-key\"\n";
         let c = load_env(text, &[]).unwrap();

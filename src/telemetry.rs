@@ -8,7 +8,8 @@
 //! agents, notification ids, topics, excerpts of device payloads. Every line
 //! goes through one formatter, here, whatever its call site (ours, a
 //! dependency's, a `log` record): each field's value is cut at
-//! [`FIELD_MAX`] characters (the message and `error` at [`TEXT_MAX`]),
+//! [`FIELD_MAX`] characters (the message and the prose fields at
+//! [`TEXT_MAX`]),
 //! saying how much was cut, and control characters (and the invisible ones
 //! that reorder or break lines) are written as escapes, in both formats. So
 //! no value can forge a line, move the cursor of a terminal showing the log,
@@ -31,8 +32,8 @@ use crate::config::{LogConfig, LogFormat};
 
 /// Characters a field's value may take in a line.
 pub const FIELD_MAX: usize = 128;
-/// Characters of the message and of `error` (our own text, with context
-/// that may quote what a stranger sent).
+/// Characters of the message and of the prose fields `error`, `detail` and
+/// `reason` (our own text, with context that may quote what a stranger sent).
 pub const TEXT_MAX: usize = 512;
 
 /// actix-http logs every request it cannot parse at ERROR ("stream error",
@@ -63,9 +64,12 @@ pub fn init(cfg: &LogConfig) {
     };
 }
 
+/// Prose fields (our own sentences, which may quote an excerpt they have
+/// bounded already, like a device message's 200 characters) get
+/// [`TEXT_MAX`]; ids, headers, topics and everything else [`FIELD_MAX`].
 fn limit_of(name: &str) -> usize {
     match name {
-        "message" | "error" => TEXT_MAX,
+        "message" | "error" | "detail" | "reason" => TEXT_MAX,
         _ => FIELD_MAX,
     }
 }
