@@ -335,8 +335,10 @@ struct RawHttp {
     notification_burst: u32,
     #[serde(default = "default_request_timeout_secs")]
     request_timeout_secs: u64,
-    #[serde(default = "default_max_connections_per_address")]
-    max_connections_per_address: u32,
+    /// `None`: [`default_max_connections_per_address`], or
+    /// `notification_burst` when that is larger.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    max_connections_per_address: Option<u32>,
 }
 
 fn default_request_timeout_secs() -> u64 {
@@ -500,7 +502,7 @@ fn defaults() -> RawConfig {
             notification_rate_per_sec: 100,
             notification_burst: 200,
             request_timeout_secs: default_request_timeout_secs(),
-            max_connections_per_address: default_max_connections_per_address(),
+            max_connections_per_address: None,
         },
         mercadopago: RawMp {
             api_base: "https://api.mercadopago.com".into(),
@@ -1160,7 +1162,10 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
     if !(1..=60).contains(&raw.http.request_timeout_secs) {
         bad("http.request_timeout_secs", "must be from 1 to 60".into());
     }
-    let per_address = raw.http.max_connections_per_address;
+    let per_address = raw
+        .http
+        .max_connections_per_address
+        .unwrap_or(default_max_connections_per_address().max(raw.http.notification_burst));
     if per_address != 0 && per_address < raw.http.notification_burst {
         bad(
             "http.max_connections_per_address",
@@ -1195,7 +1200,7 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
             notification_rate_per_sec: raw.http.notification_rate_per_sec,
             notification_burst: raw.http.notification_burst,
             request_timeout: std::time::Duration::from_secs(raw.http.request_timeout_secs),
-            max_connections_per_address: raw.http.max_connections_per_address,
+            max_connections_per_address: per_address,
         },
         mercadopago: MercadoPagoConfig {
             api_base,
@@ -1441,6 +1446,11 @@ mod tests {
         let c = load_toml("[mqtt]\nallow_anonymous = true\n[http]\nmax_connections_per_address = 0\nrequest_timeout_secs = 2\n")
             .unwrap();
         assert_eq!(c.http.max_connections_per_address, 0, "0: no cap");
+        // Unset, it follows a larger burst.
+        let follows =
+            load_toml("[mqtt]\nallow_anonymous = true\n[http]\nnotification_burst = 5000\n")
+                .unwrap();
+        assert_eq!(follows.http.max_connections_per_address, 5000);
         assert_eq!(c.http.request_timeout, std::time::Duration::from_secs(2));
         let e = load_toml(
             "[mqtt]\nallow_anonymous = true\n[http]\nmax_connections_per_address = 100\n",
