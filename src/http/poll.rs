@@ -112,8 +112,13 @@ pub async fn poll(
             }
         }
         // v2 has no code for these: the customer sees Waiting_for_order.
+        // Anybody may poll a POS without a key: counted per source too.
         "timeout" if answer.status == 202 => {
-            tracing::info!(pos = %pos, reason = "device offline", "v2 poll answered Waiting_for_order");
+            let peer = req.peer_addr().map(|a| a.ip());
+            if let Some(suppressed) = shared.warnings.allow(peer, "poll_offline", started) {
+                tracing::info!(pos = %pos, reason = "device offline", suppressed,
+                    "v2 poll answered Waiting_for_order");
+            }
         }
         kind => tracing::debug!(pos = %pos, answer = kind, "poll"),
     }
