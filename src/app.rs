@@ -6,7 +6,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix_web::{web, HttpServer};
+use actix_web::web;
 use anyhow::Context;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -34,10 +34,12 @@ pub struct Shared {
     pub gateway: Arc<Gateway>,
     pub inbox: Inbox,
     pub link: Arc<LinkState>,
-    pub poll_keys: crate::config::PollKeys,
+    pub poll_access: crate::http::poll::PollAccess,
     pub limiter: crate::http::ratelimit::RateLimiter,
     pub webhook_secret: Option<Secret>,
     pub signature_tolerance_secs: u64,
+    /// Rate limits the warnings strangers can cause, per source.
+    pub warnings: Arc<crate::http::ratelimit::WarnLimiter>,
 }
 
 pub struct App {
@@ -312,30 +314,21 @@ impl App {
             gateway: Arc::clone(&gateway),
             inbox,
             link: Arc::clone(&link),
-            poll_keys: config.http.poll_keys.clone(),
+            poll_access: crate::http::poll::PollAccess::new(&config.http.poll_keys, &config.pos),
             limiter: crate::http::ratelimit::RateLimiter::new(
                 config.http.notification_rate_per_sec,
                 config.http.notification_burst,
             ),
             webhook_secret: config.mercadopago.webhook_secret.clone(),
             signature_tolerance_secs: config.mercadopago.signature_tolerance_secs,
+            warnings: Arc::new(crate::http::ratelimit::WarnLimiter::new()),
         });
+        tracker.spawn(crate::http::edge::report_suppressed(
+            Arc::clone(&shared.warnings),
+            shutdown.clone(),
+        ));
         let workers = std::thread::available_parallelism().map_or(2, |n| n.get().min(4));
-        let server = HttpServer::new(move || {
-            actix_web::App::new()
-                .wrap(
-                    actix_web::middleware::ErrorHandlers::new()
-                        .default_handler(crate::http::json_errors),
-                )
-                .app_data(shared.clone())
-                .configure(crate::http::routes)
-        })
-        .workers(workers)
-        .disable_signals()
-        .shutdown_timeout(5)
-        .client_request_timeout(Duration::from_secs(5))
-        .listen(listener)?
-        .run();
+        let server = crate::http::edge::serve(listener, &config.http, shared, workers)?;
 
         let (admin_addr, admin_server) = match admin_listener {
             Some(l) => {

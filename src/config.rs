@@ -69,6 +69,13 @@ pub struct HttpConfig {
     pub poll_keys: PollKeys,
     pub notification_rate_per_sec: u32,
     pub notification_burst: u32,
+    /// A request's head and body must arrive within this time of its first
+    /// byte (and a new connection must send its head within it), or the
+    /// connection is answered 408 and closed.
+    pub request_timeout: std::time::Duration,
+    /// Open connections one source may hold (an IPv6 source is its /64);
+    /// `0`: no cap.
+    pub max_connections_per_address: u32,
 }
 
 /// Secrets in the POS URLs registered with Mercado Pago, so the URL of a
@@ -346,6 +353,24 @@ struct RawHttp {
     poll_key: Option<String>,
     notification_rate_per_sec: u32,
     notification_burst: u32,
+    #[serde(default = "default_request_timeout_secs")]
+    request_timeout_secs: u64,
+    /// `None`: [`default_max_connections_per_address`], or
+    /// `notification_burst` when that is larger.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    max_connections_per_address: Option<u32>,
+}
+
+fn default_request_timeout_secs() -> u64 {
+    5
+}
+
+/// Mercado Pago's notification bursts (up to `notification_burst`, 200 by
+/// default) may each come on a connection of their own, from few addresses,
+/// and a reverse proxy on the same host is one address for everybody: 512
+/// leaves room for both; one source still cannot take every descriptor.
+fn default_max_connections_per_address() -> u32 {
+    512
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -500,6 +525,8 @@ fn defaults() -> RawConfig {
             poll_key: None,
             notification_rate_per_sec: 100,
             notification_burst: 200,
+            request_timeout_secs: default_request_timeout_secs(),
+            max_connections_per_address: None,
         },
         mercadopago: RawMp {
             api_base: "https://api.mercadopago.com".into(),
@@ -1218,6 +1245,23 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
             "rate and burst must be at least 1".into(),
         );
     }
+    if !(1..=60).contains(&raw.http.request_timeout_secs) {
+        bad("http.request_timeout_secs", "must be from 1 to 60".into());
+    }
+    let per_address = raw
+        .http
+        .max_connections_per_address
+        .unwrap_or(default_max_connections_per_address().max(raw.http.notification_burst));
+    if per_address != 0 && per_address < raw.http.notification_burst {
+        bad(
+            "http.max_connections_per_address",
+            format!(
+                "{per_address} is below notification_burst ({}): a burst of Mercado Pago's notifications \
+                 may come on that many connections at once; use at least that, or 0 for no cap",
+                raw.http.notification_burst
+            ),
+        );
+    }
 
     if !errors.is_empty() {
         return Err(ConfigError(errors));
@@ -1245,6 +1289,8 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
             },
             notification_rate_per_sec: raw.http.notification_rate_per_sec,
             notification_burst: raw.http.notification_burst,
+            request_timeout: std::time::Duration::from_secs(raw.http.request_timeout_secs),
+            max_connections_per_address: per_address,
         },
         mercadopago: MercadoPagoConfig {
             api_base,
@@ -1479,6 +1525,41 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("mqtt.tls_ca"), "{e}");
+    }
+
+    #[test]
+    fn the_edge_limits_default_sanely_and_a_cap_below_the_notification_burst_is_refused() {
+        let c = Config::defaults();
+        assert_eq!(c.http.request_timeout, std::time::Duration::from_secs(5));
+        assert_eq!(c.http.max_connections_per_address, 512);
+        assert!(c.http.max_connections_per_address >= c.http.notification_burst);
+        let c = load_toml("[mqtt]\nallow_anonymous = true\n[http]\nmax_connections_per_address = 0\nrequest_timeout_secs = 2\n")
+            .unwrap();
+        assert_eq!(c.http.max_connections_per_address, 0, "0: no cap");
+        // Unset, it follows a larger burst.
+        let follows =
+            load_toml("[mqtt]\nallow_anonymous = true\n[http]\nnotification_burst = 5000\n")
+                .unwrap();
+        assert_eq!(follows.http.max_connections_per_address, 5000);
+        assert_eq!(c.http.request_timeout, std::time::Duration::from_secs(2));
+        let e = load_toml(
+            "[mqtt]\nallow_anonymous = true\n[http]\nmax_connections_per_address = 100\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("http.max_connections_per_address"),
+            "{e}"
+        );
+        let c = load_toml("[mqtt]\nallow_anonymous = true\n[http]\nmax_connections_per_address = 16\nnotification_burst = 16\n")
+            .unwrap();
+        assert_eq!(c.http.max_connections_per_address, 16);
+        for bad in ["0", "61"] {
+            let e = load_toml(&format!(
+                "[mqtt]\nallow_anonymous = true\n[http]\nrequest_timeout_secs = {bad}\n"
+            ))
+            .unwrap_err();
+            assert!(e.to_string().contains("http.request_timeout_secs"), "{e}");
+        }
     }
 
     #[test]

@@ -86,6 +86,19 @@ async fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
         Some(p) => tracing::info!(config = %p.display(), "configuration loaded"),
         None => tracing::info!("no configuration file: running on built-in defaults (embedded broker, demo POS pump-1 and vending-1)"),
     }
+    // Before anything opens a descriptor that counts against it: every
+    // public connection holds one, and slow clients hold theirs the longest.
+    match qrgate::http::edge::raise_fd_limit() {
+        Some(l) if l.now < l.hard => {
+            tracing::warn!(
+                nofile = l.now,
+                hard = l.hard,
+                "the file descriptor limit could not be raised to its hard limit"
+            )
+        }
+        Some(l) => tracing::info!(nofile = l.now, was = l.before, "file descriptor limit"),
+        None => {}
+    }
     let app = App::build(config).await?;
     let token = app.shutdown_token();
     tokio::spawn(stop_on_signal(token));

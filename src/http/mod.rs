@@ -2,6 +2,7 @@
 //! endpoint, and health. Handlers extract, call the book or enqueue, render.
 
 pub mod answer;
+pub mod edge;
 pub mod health;
 pub mod notifications;
 pub mod poll;
@@ -29,6 +30,26 @@ pub fn error(status: actix_web::http::StatusCode, code: &str, message: &str) -> 
     HttpResponse::build(status).json(ApiError { code, message })
 }
 
+/// The stable code and message of an error actix produces by itself, for
+/// [`json_errors`] and for the answers actix-http writes before any
+/// handler (see [`edge`]).
+pub fn error_code(status: actix_web::http::StatusCode) -> (&'static str, &'static str) {
+    match status.as_u16() {
+        400 => ("bad_request", "the request could not be read"),
+        404 => ("not_found", "no such endpoint"),
+        405 => ("method_not_allowed", "method not allowed here"),
+        408 => ("request_timeout", "the request took too long"),
+        413 => ("payload_too_large", "the request body is too large"),
+        429 => ("rate_limited", "too many requests"),
+        431 => (
+            "request_header_fields_too_large",
+            "the request head is too large",
+        ),
+        500..=599 => ("internal_error", "internal error"),
+        _ => ("error", "the request failed"),
+    }
+}
+
 /// Errors actix-web produces itself (405, 413, 408...) become the same JSON
 /// as ours, with a stable code and nothing internal.
 pub fn json_errors<B: MessageBody + 'static>(
@@ -44,16 +65,7 @@ pub fn json_errors<B: MessageBody + 'static>(
         return Ok(ErrorHandlerResponse::Response(res.map_into_left_body()));
     }
     let status = res.status();
-    let (code, message) = match status.as_u16() {
-        400 => ("bad_request", "the request could not be read"),
-        404 => ("not_found", "no such endpoint"),
-        405 => ("method_not_allowed", "method not allowed here"),
-        408 => ("request_timeout", "the request took too long"),
-        413 => ("payload_too_large", "the request body is too large"),
-        429 => ("rate_limited", "too many requests"),
-        500..=599 => ("internal_error", "internal error"),
-        _ => ("error", "the request failed"),
-    };
+    let (code, message) = error_code(status);
     let (req, _) = res.into_parts();
     let resp = error(status, code, message);
     Ok(ErrorHandlerResponse::Response(

@@ -54,16 +54,32 @@ fn parse_id(s: &str) -> Result<u64, String> {
     })
 }
 
-/// Reads what a notification names. Errors say what was missing.
+/// The query's pairs, percent-decoded, every occurrence of every key: the
+/// same reading for what is signed and for what is acted on.
+fn query_pairs(query: &str) -> Result<Vec<(String, String)>, String> {
+    web::Query::<Vec<(String, String)>>::from_query(query)
+        .map(web::Query::into_inner)
+        .map_err(|_| "the query string cannot be read".to_owned())
+}
+
+/// Two spellings of one id: the same text, or the same number.
+fn same_id(a: &str, b: &str) -> bool {
+    let (a, b) = (a.trim(), b.trim());
+    a == b || matches!((a.parse::<u64>(), b.parse::<u64>()), (Ok(x), Ok(y)) if x == y)
+}
+
+/// Reads what a notification names. Errors say what was missing, or that
+/// it names more than one id: the query's `id` and `data.id` (each as often
+/// as they appear), the body's `data.id` and the tail of its `resource`
+/// must all agree, signed or not, so the id acted on is the only one the
+/// notification names (and, when signed, the one Mercado Pago signed).
 pub fn parse(query: &str, body: &[u8]) -> Result<Parsed, String> {
     let mut q_topic = None;
-    let mut q_id = None;
-    for pair in query.split('&') {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let v = v.to_owned();
-        match k {
+    let mut ids: Vec<String> = Vec::new();
+    for (k, v) in query_pairs(query)? {
+        match k.as_str() {
             "topic" | "type" => q_topic = Some(v),
-            "id" | "data.id" => q_id = Some(v),
+            "id" | "data.id" => ids.push(v),
             _ => {}
         }
     }
@@ -76,19 +92,28 @@ pub fn parse(query: &str, body: &[u8]) -> Result<Parsed, String> {
         .or(body.topic)
         .or(body.kind)
         .ok_or_else(|| "no topic or type".to_owned())?;
-    let from_resource = body
-        .resource
-        .as_ref()
-        .and_then(id_text)
-        .and_then(|r| r.rsplit('/').next().map(str::to_owned));
-    let id = q_id
-        .or_else(|| {
-            body.data
-                .as_ref()
-                .and_then(|d| d.id.as_ref())
-                .and_then(id_text)
-        })
-        .or(from_resource);
+    ids.extend(
+        body.data
+            .as_ref()
+            .and_then(|d| d.id.as_ref())
+            .and_then(id_text),
+    );
+    ids.extend(
+        body.resource
+            .as_ref()
+            .and_then(id_text)
+            .and_then(|r| r.rsplit('/').next().map(str::to_owned)),
+    );
+    if let Some(first) = ids.first() {
+        if let Some(other) = ids.iter().find(|i| !same_id(first, i)) {
+            return Err(format!(
+                "the notification names more than one id ({:?} and {:?})",
+                first.chars().take(32).collect::<String>(),
+                other.chars().take(32).collect::<String>()
+            ));
+        }
+    }
+    let id = ids.into_iter().next();
     match topic.as_str() {
         "merchant_order" | "topic_merchant_order_wh" => {
             let id = id.ok_or("merchant_order notification without an id")?;
@@ -114,16 +139,26 @@ pub fn parse(query: &str, body: &[u8]) -> Result<Parsed, String> {
     }
 }
 
-/// `data.id` of the query string, which is what Mercado Pago signs.
+/// `data.id` of the query string, which is what Mercado Pago signs. Once
+/// [`parse`] accepted the notification, it is the id acted on.
 fn query_data_id(query: &str) -> Option<String> {
-    #[derive(Deserialize)]
-    struct Q {
-        #[serde(rename = "data.id")]
-        data_id: Option<String>,
+    query_pairs(query)
+        .ok()?
+        .into_iter()
+        .find_map(|(k, v)| (k == "data.id").then_some(v))
+}
+
+/// A warning a stranger can cause, rate-limited per source.
+fn warn_refused(shared: &Shared, peer: Option<std::net::IpAddr>, kind: &'static str, reason: &str) {
+    if let Some(suppressed) = shared.warnings.allow(peer, kind, std::time::Instant::now()) {
+        tracing::warn!(
+            peer = peer.map(|p| p.to_string()),
+            reason,
+            suppressed,
+            kind,
+            "notification refused"
+        );
     }
-    web::Query::<Q>::from_query(query)
-        .ok()
-        .and_then(|q| q.into_inner().data_id)
 }
 
 pub async fn receive(
@@ -132,12 +167,16 @@ pub async fn receive(
     shared: web::Data<Shared>,
 ) -> HttpResponse {
     let peer = req.peer_addr().map(|a| a.ip());
+    let metrics = shared.gateway.metrics();
     if let Some(ip) = peer {
         if !shared.limiter.allow(ip, std::time::Instant::now()) {
-            tracing::warn!(peer = %ip, "notification rate limit exceeded; answered 429");
-            shared
-                .gateway
-                .metrics()
+            warn_refused(
+                &shared,
+                peer,
+                "rate_limited",
+                "rate limit exceeded; answered 429",
+            );
+            metrics
                 .notifications
                 .with_label_values(&["rate_limited"])
                 .inc();
@@ -148,38 +187,53 @@ pub async fn receive(
             );
         }
     }
+    // Read before the signature is checked: the signature is checked over
+    // the very id this reading acts on.
+    let parsed = match parse(req.query_string(), &body) {
+        Ok(p) => p,
+        Err(why) => {
+            warn_refused(&shared, peer, "bad_notification", &why);
+            metrics
+                .notifications
+                .with_label_values(&["bad_notification"])
+                .inc();
+            return error(StatusCode::BAD_REQUEST, "bad_notification", &why);
+        }
+    };
     if let (Some(secret), Some(header)) = (&shared.webhook_secret, req.headers().get("x-signature"))
     {
         let request_id = req
             .headers()
             .get("x-request-id")
             .and_then(|v| v.to_str().ok());
-        let verified = header
-            .to_str()
-            .map_err(|_| SignatureError::Malformed)
-            .and_then(|h| {
-                signature::verify(
-                    h,
-                    query_data_id(req.query_string()).as_deref(),
-                    request_id,
-                    secret.expose(),
-                    chrono::Utc::now().timestamp(),
-                    shared.signature_tolerance_secs,
-                )
-            });
+        // Mercado Pago signs the query's data.id. A signed notification
+        // without one names its id somewhere the signature does not cover.
+        let verified = match (header.to_str(), query_data_id(req.query_string())) {
+            (Err(_), _) => Err(SignatureError::Malformed.to_string()),
+            (Ok(_), None) => {
+                Err("x-signature does not cover the id: no data.id in the query".to_owned())
+            }
+            (Ok(h), Some(id)) => signature::verify(
+                h,
+                Some(&id),
+                request_id,
+                secret.expose(),
+                chrono::Utc::now().timestamp(),
+                shared.signature_tolerance_secs,
+            )
+            .map_err(|e| e.to_string()),
+        };
         if let Err(why) = verified {
-            tracing::warn!(peer = peer.map(|p| p.to_string()), reason = %why, "notification with a bad x-signature refused");
-            shared
-                .gateway
-                .metrics()
+            warn_refused(&shared, peer, "bad_signature", &why);
+            metrics
                 .notifications
                 .with_label_values(&["bad_signature"])
                 .inc();
             return error(StatusCode::UNAUTHORIZED, "unauthorized", "unauthorized");
         }
     }
-    match parse(req.query_string(), &body) {
-        Ok(Parsed::Work(resource)) => {
+    match parsed {
+        Parsed::Work(resource) => {
             // Written before the 200: a notification answered is never lost.
             if let Err(e) = shared.inbox.accept(&resource).await {
                 tracing::error!(topic = resource.topic(), id = %resource.id(), error = %e,
@@ -191,33 +245,13 @@ pub async fn receive(
                 );
             }
             tracing::info!(topic = resource.topic(), id = %resource.id(), "notification received");
-            shared
-                .gateway
-                .metrics()
-                .notifications
-                .with_label_values(&["accepted"])
-                .inc();
+            metrics.notifications.with_label_values(&["accepted"]).inc();
             HttpResponse::Ok().json(serde_json::json!({ "status": "accepted" }))
         }
-        Ok(Parsed::Ignored(topic)) => {
+        Parsed::Ignored(topic) => {
             tracing::info!(topic = %topic, "notification of a topic qrgate does not act on; ignored");
-            shared
-                .gateway
-                .metrics()
-                .notifications
-                .with_label_values(&["ignored"])
-                .inc();
+            metrics.notifications.with_label_values(&["ignored"]).inc();
             HttpResponse::Ok().json(serde_json::json!({ "status": "ignored" }))
-        }
-        Err(why) => {
-            tracing::warn!(reason = %why, "unreadable notification refused");
-            shared
-                .gateway
-                .metrics()
-                .notifications
-                .with_label_values(&["bad_notification"])
-                .inc();
-            error(StatusCode::BAD_REQUEST, "bad_notification", &why)
         }
     }
 }
@@ -297,7 +331,13 @@ mod tests {
         ) {
             if let Ok(Parsed::Work(r)) = parse(&query, &body) {
                 let id = id_of(&r);
-                let text = format!("{query}{}", String::from_utf8_lossy(&body));
+                // As the query is read: percent-decoded.
+                let decoded: String = query_pairs(&query)
+                    .unwrap()
+                    .into_iter()
+                    .map(|(k, v)| format!("{k}={v}&"))
+                    .collect();
+                let text = format!("{decoded}{}", String::from_utf8_lossy(&body));
                 prop_assert!(text.contains(&id), "{id} not in {text}");
             }
         }
@@ -312,6 +352,45 @@ mod tests {
                 prop_assert!(body.contains(&id_of(&r).to_string()));
             }
         }
+    }
+
+    #[test]
+    fn a_notification_that_names_two_ids_is_refused_signed_or_not() {
+        for (q, b) in [
+            ("type=payment&data.id=123&id=999", ""),
+            ("type=payment&data.id=123&data.id=999", ""),
+            ("type=payment&data.id=123&data%2Eid=999", ""),
+            (
+                "type=payment&id=123",
+                r#"{"type":"payment","data":{"id":"999"}}"#,
+            ),
+            (
+                "topic=merchant_order&id=1",
+                r#"{"resource":"https://api.mercadolibre.com/merchant_orders/2","topic":"merchant_order"}"#,
+            ),
+            ("topic=chargebacks&id=1&id=2", ""),
+        ] {
+            let e = parse(q, b.as_bytes()).unwrap_err();
+            assert!(e.contains("more than one id"), "{q} {b}: {e}");
+        }
+        // One id spelled more than once, as text or as a number, is one id.
+        assert_eq!(
+            parse(
+                "type=payment&data.id=12&id=12",
+                br#"{"type":"payment","data":{"id":12}}"#
+            )
+            .unwrap(),
+            Parsed::Work(Resource::Payment(12))
+        );
+        // Percent-encoded keys and values are read as the signature reads them.
+        assert_eq!(
+            parse("type=payment&data%2Eid=%31%32", b"").unwrap(),
+            Parsed::Work(Resource::Payment(12))
+        );
+        assert_eq!(
+            query_data_id("type=payment&data%2Eid=%31%32").as_deref(),
+            Some("12")
+        );
     }
 
     #[test]

@@ -2,6 +2,10 @@
 //! waits. It only reads the order book; unknown query parameters are ignored.
 //! When the POS has a poll key, a poll without it is answered 404, as if the
 //! URL did not exist, so a registered URL cannot be guessed from a POS id.
+//! Once any POS has a key, an unknown POS gets that same 404, byte for byte:
+//! a different answer would tell which POS ids exist.
+
+use std::collections::HashMap;
 
 use actix_web::http::header::{HeaderName, HeaderValue, CONTENT_TYPE, USER_AGENT};
 use actix_web::http::StatusCode;
@@ -11,30 +15,66 @@ use subtle::ConstantTimeEq;
 
 use super::error;
 use crate::app::Shared;
-use crate::orders::PosId;
+use crate::config::{PollKeys, Secret};
+use crate::orders::PosConfig;
 
 #[derive(Deserialize)]
 struct PollQuery {
     key: Option<String>,
 }
 
-/// Whether the poll carries the key its POS requires (constant time).
-fn key_ok(shared: &Shared, pos: &str, query: &str) -> bool {
-    let keys = &shared.poll_keys;
-    // Without per-POS keys there is no id to parse (one allocation less).
-    let required = if keys.per_pos.is_empty() {
-        keys.global.as_ref()
-    } else {
-        PosId::parse(pos).map_or(keys.global.as_ref(), |id| keys.for_pos(&id))
-    };
-    let Some(required) = required else {
-        return true;
-    };
-    let given = web::Query::<PollQuery>::from_query(query)
-        .ok()
-        .and_then(|q| q.into_inner().key)
-        .unwrap_or_default();
-    bool::from(given.as_bytes().ct_eq(required.expose().as_bytes()))
+/// Which key each POS's polls must carry, looked up by the id as the URL
+/// spells it (no parse, no allocation on the poll's path).
+pub struct PollAccess {
+    /// Every configured POS: its own key, or the global one, or none.
+    keys: HashMap<String, Option<Secret>>,
+    /// Whether any POS has a key; without one, nothing is checked.
+    any: bool,
+}
+
+impl PollAccess {
+    pub fn new(keys: &PollKeys, pos: &[PosConfig]) -> PollAccess {
+        let keys: HashMap<_, _> = pos
+            .iter()
+            .map(|p| (p.id.as_str().to_owned(), keys.for_pos(&p.id).cloned()))
+            .collect();
+        let any = keys.values().any(Option::is_some);
+        PollAccess { keys, any }
+    }
+
+    /// `Err(why)` when the poll must be answered as if the URL did not
+    /// exist; `why` is for the log only.
+    fn check(&self, pos: &str, query: &str) -> Result<(), &'static str> {
+        if !self.any {
+            return Ok(());
+        }
+        let Some(required) = self.keys.get(pos) else {
+            return Err("no such POS");
+        };
+        // A POS without a key of its own while others have one is open by
+        // configuration: answering it normally reveals only itself.
+        let Some(required) = required else {
+            return Ok(());
+        };
+        let given = web::Query::<PollQuery>::from_query(query)
+            .ok()
+            .and_then(|q| q.into_inner().key)
+            .unwrap_or_default();
+        if bool::from(given.as_bytes().ct_eq(required.expose().as_bytes())) {
+            Ok(())
+        } else if given.is_empty() {
+            Err("no key")
+        } else {
+            Err("wrong key")
+        }
+    }
+}
+
+fn user_agent(req: &HttpRequest) -> &str {
+    req.headers()
+        .get(USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
 }
 
 pub async fn poll(
@@ -44,15 +84,15 @@ pub async fn poll(
 ) -> HttpResponse {
     let started = std::time::Instant::now();
     let pos = path.into_inner();
-    let shown: String = pos.chars().take(64).collect();
-    let agent = req
-        .headers()
-        .get(USER_AGENT)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    if !key_ok(&shared, &pos, req.query_string()) {
-        let peer = req.peer_addr().map(|a| a.ip().to_string());
-        tracing::warn!(pos = %shown, user_agent = agent, peer, "poll without the right key answered 404");
+    if let Err(why) = shared.poll_access.check(&pos, req.query_string()) {
+        // Anybody can cause this one: rate-limited per source. The log's
+        // formatter truncates and escapes the id and the user agent.
+        let peer = req.peer_addr().map(|a| a.ip());
+        if let Some(suppressed) = shared.warnings.allow(peer, "poll_key", started) {
+            tracing::warn!(pos = %pos, reason = why, user_agent = user_agent(&req),
+                peer = peer.map(|p| p.to_string()), suppressed,
+                "poll without the right key answered 404");
+        }
         return error(StatusCode::NOT_FOUND, "not_found", "no such endpoint");
     }
     let answer = shared.gateway.poll(&pos);
@@ -65,12 +105,20 @@ pub async fn poll(
             } else {
                 "no such POS is configured"
             };
-            tracing::warn!(pos = %shown, user_agent = agent, status = answer.status, reason = why,
-                "poll answered invalid");
+            let peer = req.peer_addr().map(|a| a.ip());
+            if let Some(suppressed) = shared.warnings.allow(peer, "poll_invalid", started) {
+                tracing::warn!(pos = %pos, user_agent = user_agent(&req), status = answer.status,
+                    reason = why, peer = peer.map(|p| p.to_string()), suppressed, "poll answered invalid");
+            }
         }
         // v2 has no code for these: the customer sees Waiting_for_order.
+        // Anybody may poll a POS without a key: counted per source too.
         "timeout" if answer.status == 202 => {
-            tracing::info!(pos = %pos, reason = "device offline", "v2 poll answered Waiting_for_order");
+            let peer = req.peer_addr().map(|a| a.ip());
+            if let Some(suppressed) = shared.warnings.allow(peer, "poll_offline", started) {
+                tracing::info!(pos = %pos, reason = "device offline", suppressed,
+                    "v2 poll answered Waiting_for_order");
+            }
         }
         kind => tracing::debug!(pos = %pos, answer = kind, "poll"),
     }

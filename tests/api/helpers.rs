@@ -763,3 +763,125 @@ pub async fn stream_ends(mut stream: reqwest::Response) {
         }
     }
 }
+
+// ---- Hostile HTTP clients (hostile_http.rs) ---------------------------------
+
+/// The socket address of a base URL such as `http://127.0.0.1:8080`.
+pub fn addr_of(base: &str) -> std::net::SocketAddr {
+    base.trim_start_matches("http://").parse().unwrap()
+}
+
+/// The log of a `Gate`'s first run, as the process wrote it so far.
+pub fn gate_log(gate: &crate::crash::Gate) -> String {
+    std::fs::read_to_string(gate.dir.path().join("run1.log")).unwrap()
+}
+
+/// Sends `bytes` as they are on a new connection from `from`, and returns
+/// all that comes back until the server closes the connection (or `WAIT`
+/// passes: then what came so far).
+pub async fn raw_exchange_from(
+    addr: std::net::SocketAddr,
+    from: std::net::IpAddr,
+    bytes: &[u8],
+) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind((from, 0).into()).unwrap();
+    let mut s = socket.connect(addr).await.unwrap();
+    // The server may answer and close before taking everything (a head too
+    // large): what it answered is what matters.
+    let _ = s.write_all(bytes).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// [`raw_exchange_from`] 127.0.0.1.
+pub async fn raw_exchange(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
+    raw_exchange_from(addr, [127, 0, 0, 1].into(), bytes).await
+}
+
+/// How a slow client's connection ended.
+#[derive(Debug)]
+pub enum SlowEnd {
+    /// qrgate closed it (end of stream or reset); what it answered first.
+    Closed(String),
+    /// Still open after twice `WAIT`.
+    StillOpen,
+}
+
+/// A client from `from` that sends a notification's head announcing a 1000
+/// byte body, then the body one byte every 200 ms, until qrgate closes the
+/// connection. `started` hears once the head is out.
+pub async fn slow_body_client(
+    addr: std::net::SocketAddr,
+    from: std::net::IpAddr,
+    started: tokio::sync::mpsc::UnboundedSender<()>,
+) -> SlowEnd {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind((from, 0).into()).unwrap();
+    let Ok(mut s) = socket.connect(addr).await else {
+        let _ = started.send(());
+        return SlowEnd::Closed(String::new());
+    };
+    let head = "POST /mp/notifications?topic=merchant_order&id=1 HTTP/1.1\r\nHost: qrgate\r\n\
+                Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n";
+    let sent = s.write_all(head.as_bytes()).await;
+    let _ = started.send(());
+    if sent.is_err() {
+        return SlowEnd::Closed(String::new());
+    }
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 1024];
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let give_up = tokio::time::sleep(WAIT * 2);
+    tokio::pin!(give_up);
+    loop {
+        tokio::select! {
+            _ = &mut give_up => return SlowEnd::StillOpen,
+            _ = tick.tick() => {
+                if s.write_all(b" ").await.is_err() {
+                    return SlowEnd::Closed(String::from_utf8_lossy(&answer).into_owned());
+                }
+            }
+            r = s.read(&mut buf) => match r {
+                Ok(0) | Err(_) => return SlowEnd::Closed(String::from_utf8_lossy(&answer).into_owned()),
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            },
+        }
+    }
+}
+
+/// `x-signature` as Mercado Pago makes it (MP-API.md section 2): the `id:`
+/// part is left out when `data_id` is `None`.
+pub fn mp_signature(data_id: Option<&str>, request_id: &str, ts: i64, secret: &str) -> String {
+    use hmac::{Hmac, Mac};
+    let mut manifest = String::new();
+    if let Some(id) = data_id {
+        manifest.push_str(&format!("id:{id};"));
+    }
+    manifest.push_str(&format!("request-id:{request_id};ts:{ts};"));
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(manifest.as_bytes());
+    format!("ts={ts},v1={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// Status, headers (but `date`) and body of an answer, to compare answers
+/// byte for byte.
+pub async fn whole_answer(r: reqwest::Response) -> (u16, Vec<(String, String)>, String) {
+    let status = r.status().as_u16();
+    let mut headers: Vec<(String, String)> = r
+        .headers()
+        .iter()
+        .filter(|(k, _)| *k != "date")
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    headers.sort();
+    (status, headers, r.text().await.unwrap())
+}
