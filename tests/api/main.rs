@@ -10,6 +10,7 @@ mod device_hardening;
 mod durability;
 mod flow;
 mod helpers;
+mod hostile_devices;
 mod ledger;
 mod messages;
 mod mosquitto;
