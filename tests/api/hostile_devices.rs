@@ -33,7 +33,7 @@ struct Seen {
 
 /// A device that logs in as `user` with its own password but with the client
 /// id `client_id`, and tries again (as a device retrying does) up to
-/// `attempts` times, each with a persistent session, then a clean one.
+/// `attempts` times, with a persistent session and a clean one in turn.
 fn attacker(
     port: u16,
     client_id: &str,
