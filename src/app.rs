@@ -95,9 +95,7 @@ impl App {
                 let access = if m.allow_anonymous {
                     broker::Access::Anonymous
                 } else {
-                    let mut users = m.users.clone();
-                    users.push(internal.clone());
-                    broker::Access::Users(users)
+                    broker::Access::Users(m.users.clone())
                 };
                 let tls = match (m.embedded_tls_listen, &m.tls_cert, &m.tls_key) {
                     (Some(listen), Some(cert), Some(key)) => Some(broker::Tls {
@@ -108,13 +106,13 @@ impl App {
                     _ => None,
                 };
                 let login = (!m.allow_anonymous).then_some(internal);
-                let at = broker::start(
-                    m.embedded_listen,
-                    m.max_payload_bytes,
-                    access,
-                    tls,
-                    login.clone(),
-                )?;
+                // qrgate's client id is its own login's alone (mqtt::logins).
+                let own = login.clone().map(|(username, password)| broker::OwnLogin {
+                    username,
+                    password,
+                    client_id: m.client_id.clone(),
+                });
+                let at = broker::start(m.embedded_listen, m.max_payload_bytes, access, tls, own)?;
                 tracing::info!(listen = %at.addr, tls_listen = at.tls_addr.map(|a| a.to_string()),
                     devices = m.users.len(), "embedded MQTT broker listening");
                 if m.allow_anonymous {

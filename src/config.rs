@@ -224,6 +224,14 @@ pub struct MqttConfig {
     pub tls_key: Option<PathBuf>,
     /// CA that signs an external broker's certificate (`mqtts://`).
     pub tls_ca: Option<PathBuf>,
+    /// What one POS's device may send: messages a second on average, and at
+    /// once (`device_rate_per_sec`, `device_burst`). More is refused
+    /// (`rate_limited`) before it is read, so one device cannot hold up the
+    /// others.
+    pub device_rate: crate::mqtt::intake::Rate,
+    /// Refusals of one POS kept one by one (a log line and a store row each)
+    /// per minute; the rest are summed into one line and row per minute.
+    pub stored_rejections_per_minute: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -432,6 +440,9 @@ struct RawMqtt {
     tls_key: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     tls_ca: Option<String>,
+    device_rate_per_sec: u32,
+    device_burst: u32,
+    stored_rejections_per_minute: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -554,6 +565,13 @@ fn defaults() -> RawConfig {
             tls_cert: None,
             tls_key: None,
             tls_ca: None,
+            // A pump or a machine sends a few messages per sale; a
+            // reconnection adds its status and the redelivery of what was
+            // not acknowledged, and a device catching up after an outage
+            // sends what it kept: a burst of 50 lets that through.
+            device_rate_per_sec: 5,
+            device_burst: 50,
+            stored_rejections_per_minute: 20,
         },
         orders: RawOrders {
             ttl_secs: 600,
@@ -944,6 +962,24 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
     if raw.mqtt.client_id.is_empty() || raw.mqtt.client_id.len() > 64 {
         bad("mqtt.client_id", "must be 1 to 64 characters".into());
     }
+    if !(1..=10_000).contains(&raw.mqtt.device_rate_per_sec) {
+        bad(
+            "mqtt.device_rate_per_sec",
+            "must be from 1 to 10000 messages a second".into(),
+        );
+    }
+    if !(1..=100_000).contains(&raw.mqtt.device_burst) {
+        bad(
+            "mqtt.device_burst",
+            "must be from 1 to 100000 messages".into(),
+        );
+    }
+    if raw.mqtt.stored_rejections_per_minute > 10_000 {
+        bad(
+            "mqtt.stored_rejections_per_minute",
+            "must be from 0 to 10000".into(),
+        );
+    }
     if !(256..=1024 * 1024).contains(&raw.mqtt.max_payload_bytes) {
         bad(
             "mqtt.max_payload_bytes",
@@ -1232,6 +1268,27 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
             bad("mqtt.allow_anonymous", "the embedded broker needs device credentials \
                 ([[pos]] device_password_env or [[mqtt.users]]), or allow_anonymous = true for development".into());
         }
+        // qrgate's client id, and the ids derived from it, are its own
+        // login's (mqtt::logins): a device login named so would own them too.
+        let id = &raw.mqtt.client_id;
+        if let Some((user, _)) =
+            users
+                .iter()
+                .filter(|_| !raw.mqtt.allow_anonymous)
+                .find(|(u, _)| {
+                    u.strip_prefix(id.as_str())
+                        .is_some_and(|rest| rest.is_empty() || rest.starts_with('-'))
+                })
+        {
+            bad(
+                "mqtt.client_id",
+                format!(
+                    "{id:?} is qrgate's own client id at the embedded broker, reserved with every id that \
+                     starts with \"{id}-\"; the device login {:?} would share it: rename one",
+                    user.chars().take(64).collect::<String>()
+                ),
+            );
+        }
     }
     if matches!(broker, Some(Broker::External { tls: true, .. })) && tls_ca.is_none() {
         bad(
@@ -1320,6 +1377,11 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
             tls_cert,
             tls_key,
             tls_ca,
+            device_rate: crate::mqtt::intake::Rate {
+                per_sec: raw.mqtt.device_rate_per_sec,
+                burst: raw.mqtt.device_burst,
+            },
+            stored_rejections_per_minute: raw.mqtt.stored_rejections_per_minute,
         },
         orders: OrdersConfig {
             ttl_secs: raw.orders.ttl_secs,
@@ -1488,6 +1550,69 @@ mod tests {
         assert_eq!(c.mqtt.users[0].0, "monitor");
         // No file at all: the first run takes anonymous clients on loopback.
         assert!(Config::defaults().mqtt.allow_anonymous);
+    }
+
+    #[test]
+    fn device_rates_are_configurable_and_checked() {
+        let c = Config::defaults();
+        assert_eq!(
+            (
+                c.mqtt.device_rate.per_sec,
+                c.mqtt.device_rate.burst,
+                c.mqtt.stored_rejections_per_minute
+            ),
+            (5, 50, 20)
+        );
+        let c = load_env(
+            &format!("[mqtt]\nallow_anonymous = true\ndevice_rate_per_sec = 2\ndevice_burst = 8\nstored_rejections_per_minute = 0\n{PUMP}"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            (c.mqtt.device_rate.per_sec, c.mqtt.device_rate.burst),
+            (2, 8)
+        );
+        assert_eq!(c.mqtt.stored_rejections_per_minute, 0);
+        for bad in [
+            "device_rate_per_sec = 0",
+            "device_rate_per_sec = 10001",
+            "device_burst = 0",
+            "stored_rejections_per_minute = 10001",
+        ] {
+            let key = bad.split(' ').next().unwrap();
+            let e = load_env(
+                &format!("[mqtt]\nallow_anonymous = true\n{bad}\n{PUMP}"),
+                &[],
+            )
+            .unwrap_err();
+            assert!(e.to_string().contains(&format!("mqtt.{key}")), "{bad}: {e}");
+        }
+        let e = load_env(
+            &format!("[mqtt]\nallow_anonymous = true\ndevice_rate_per_sec = 1.5\n{PUMP}"),
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("mqtt.device_rate_per_sec"), "{e}");
+    }
+
+    #[test]
+    fn no_device_login_may_share_qrgates_client_id_at_the_embedded_broker() {
+        for (name, ok) in [("qrgate", false), ("qrgate-2", false), ("qrgate2", true)] {
+            let text =
+                format!("[[mqtt.users]]\nusername = \"{name}\"\npassword_env = \"PW\"\n{PUMP}");
+            let r = load_env(&text, &[("PW", "x")]);
+            assert_eq!(r.is_ok(), ok, "{name}: {r:?}");
+            if let Err(e) = r {
+                assert!(e.to_string().contains("mqtt.client_id"), "{e}");
+            }
+        }
+        // With another client id, or anonymous access (no logins), nothing
+        // is reserved.
+        let user = "[[mqtt.users]]\nusername = \"qrgate\"\npassword_env = \"PW\"\n";
+        for mqtt in ["client_id = \"gw\"", "allow_anonymous = true"] {
+            let text = format!("[mqtt]\n{mqtt}\n{user}{PUMP}");
+            assert!(load_env(&text, &[("PW", "x")]).is_ok(), "{mqtt}");
+        }
     }
 
     #[test]

@@ -19,6 +19,7 @@ use crate::events::{Events, OpEvent};
 use crate::http::answer::{self, OrderContext, PollAnswer};
 use crate::metrics::Metrics;
 use crate::mqtt::outbound;
+use crate::mqtt::refusals::{Ledger, SUMMARY_CODE};
 use crate::mqtt::topics::Topics;
 use crate::orders::ledger::Refund;
 use crate::orders::sale::RefundReason;
@@ -108,6 +109,8 @@ pub struct Gateway {
     refund_turns: Vec<Mutex<()>>,
     events: Events,
     metrics: Arc<Metrics>,
+    /// Which device refusals are kept one by one (`mqtt::refusals`).
+    refusals: Ledger,
 }
 
 /// What the book needs from the configuration besides the POS.
@@ -178,6 +181,9 @@ impl Gateway {
             refund_turns: (0..REFUND_TURNS).map(|_| Mutex::new(())).collect(),
             events: Events::default(),
             metrics: Arc::new(Metrics::new()),
+            // `[mqtt] stored_rejections_per_minute`'s default, until the
+            // MQTT side sets the configured one.
+            refusals: Ledger::new(20),
         })
     }
 
@@ -398,10 +404,12 @@ impl Gateway {
         });
     }
 
-    /// A refused device message: logged, stored for the operator, and (when
-    /// `tell`) told to the device without touching its retained state.
-    /// `received` names the message's topic kind and size when it was
-    /// refused before reaching the book.
+    /// A refused device message: counted, logged and stored for the operator
+    /// (the first `[mqtt] stored_rejections_per_minute` of its POS in a
+    /// minute; the rest are summed, see `mqtt::refusals`), and (when `tell`)
+    /// told to the device without touching its retained state. `received`
+    /// names the message's topic kind and size when it was refused before
+    /// reaching the book.
     pub async fn reject(
         &self,
         pos: &PosId,
@@ -411,15 +419,83 @@ impl Gateway {
         tell: bool,
         received: Option<(&str, usize)>,
     ) {
-        let (topic_kind, size) = received.unzip();
-        tracing::warn!(pos = %pos, sale_id, topic_kind, size, reason = code, detail = message,
-            "device message rejected");
+        let (record, told) = self.note_rejection(pos, sale_id, code, message, tell, received);
+        if let Some(record) = record {
+            if let Err(e) = self.store.record_rejection(record).await {
+                tracing::error!(pos = %pos, error = %e, "cannot store a rejection");
+            }
+        }
+        // Told once stored: a device that hears it finds it in the store.
+        if let Some(p) = told {
+            self.send(p);
+        }
+    }
+
+    /// [`Gateway::reject`] without waiting for the store, for the MQTT event
+    /// loop, which must never wait: the row (when kept) is written, and the
+    /// device then told, in a task of its own.
+    pub fn reject_now(
+        &self,
+        pos: &PosId,
+        sale_id: Option<&str>,
+        code: &str,
+        message: &str,
+        tell: bool,
+        received: Option<(&str, usize)>,
+    ) {
+        let (record, told) = self.note_rejection(pos, sale_id, code, message, tell, received);
+        match record {
+            Some(record) => {
+                let store = Arc::clone(&self.store);
+                let publish = self.publish.clone();
+                tokio::spawn(async move {
+                    let pos = record.pos.clone();
+                    if let Err(e) = store.record_rejection(record).await {
+                        tracing::error!(pos = %pos, error = %e, "cannot store a rejection");
+                    }
+                    if let Some(p) = told {
+                        let _ = publish.send(p);
+                    }
+                });
+            }
+            None => {
+                if let Some(p) = told {
+                    self.send(p);
+                }
+            }
+        }
+    }
+
+    /// Counts a refusal; when its POS's allowance of the minute keeps it,
+    /// logs it and returns its store row; returns what to tell the device.
+    fn note_rejection(
+        &self,
+        pos: &PosId,
+        sale_id: Option<&str>,
+        code: &str,
+        message: &str,
+        tell: bool,
+        received: Option<(&str, usize)>,
+    ) -> (Option<RejectionRecord>, Option<Publish>) {
         self.metrics
             .device_rejections
             .with_label_values(&[code])
             .inc();
+        let told = tell.then(|| Publish {
+            topic: self.topics.state(pos.as_str()),
+            payload: outbound::rejected(sale_id, code, message),
+            retain: false,
+        });
+        let at = now_millis();
+        if !self.refusals.admit(pos, code, at) {
+            self.metrics.device_rejections_summed.inc();
+            return (None, told);
+        }
+        let (topic_kind, size) = received.unzip();
+        tracing::warn!(pos = %pos, sale_id, topic_kind, size, reason = code, detail = message,
+            "device message rejected");
         self.events.emit(OpEvent {
-            at: now_millis(),
+            at,
             pos: pos.to_string(),
             sale_id: sale_id.map(str::to_owned),
             external_reference: None,
@@ -432,17 +508,45 @@ impl Gateway {
             sale_id: sale_id.map(str::to_owned),
             code: code.to_owned(),
             message: message.to_owned(),
-            at: now_millis(),
+            at,
         };
-        if let Err(e) = self.store.record_rejection(record).await {
-            tracing::error!(pos = %pos, error = %e, "cannot store a rejection");
-        }
-        if tell {
-            self.send(Publish {
-                topic: self.topics.state(pos.as_str()),
-                payload: outbound::rejected(sale_id, code, message),
-                retain: false,
+        (Some(record), told)
+    }
+
+    /// Which refusals are kept one by one; `[mqtt]` sets its allowance.
+    pub fn refusals(&self) -> &Ledger {
+        &self.refusals
+    }
+
+    /// Writes one summary (a log line, a console event, a store row) per POS
+    /// and ended minute in which refusals were summed; with `all`, the
+    /// current minute's too (at shutdown).
+    pub async fn flush_refusal_summaries(&self, all: bool) {
+        let now = now_millis();
+        for s in self.refusals.take_ended(now, all) {
+            let detail = s.message();
+            let reasons: Vec<String> = s.reasons.iter().map(|(r, n)| format!("{r}:{n}")).collect();
+            tracing::warn!(pos = %s.pos, refused = s.summed, reasons = %reasons.join(","),
+                "device refusals summed for a minute (counted, not stored one by one)");
+            self.events.emit(OpEvent {
+                at: now,
+                pos: s.pos.to_string(),
+                sale_id: None,
+                external_reference: None,
+                kind: "rejected".into(),
+                detail: format!("device messages rejected: {detail}"),
+                state: None,
             });
+            let record = RejectionRecord {
+                pos: s.pos.as_str().to_owned(),
+                sale_id: None,
+                code: SUMMARY_CODE.to_owned(),
+                message: detail,
+                at: now,
+            };
+            if let Err(e) = self.store.record_rejection(record).await {
+                tracing::error!(pos = %s.pos, error = %e, "cannot store a summary of rejections");
+            }
         }
     }
 

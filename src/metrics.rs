@@ -34,6 +34,13 @@ pub struct Metrics {
     pub refunds: IntCounterVec,
     pub store_write_seconds: Histogram,
     pub device_rejections: IntCounterVec,
+    /// Device messages refused for their POS's rate, before being read.
+    pub device_messages_over_rate: IntCounter,
+    /// Refusals counted and summed, not stored one by one.
+    pub device_rejections_summed: IntCounter,
+    /// qrgate's connections to the broker (CONNACKs): more than one means
+    /// the link was lost, or taken over.
+    pub mqtt_connections: IntCounter,
     // Read from the book at scrape time.
     pub sales_pending: IntGauge,
     pub sales_paid_undelivered: IntGauge,
@@ -171,6 +178,21 @@ impl Metrics {
                 "qrgate_device_rejections_total",
                 "Device messages refused, by reason.",
                 &["reason"],
+            ),
+            device_messages_over_rate: counter(
+                &r,
+                "qrgate_device_messages_over_rate_total",
+                "Device messages refused (rate_limited) because their POS sent more than [mqtt] device_rate_per_sec / device_burst.",
+            ),
+            device_rejections_summed: counter(
+                &r,
+                "qrgate_device_rejections_summed_total",
+                "Device refusals beyond [mqtt] stored_rejections_per_minute for their POS: summed into one row a minute, not stored one by one.",
+            ),
+            mqtt_connections: counter(
+                &r,
+                "qrgate_mqtt_connections_total",
+                "Connections of qrgate's MQTT client to the broker (CONNACKs received).",
             ),
             sales_pending: gauge(&r, "qrgate_sales_pending", "Sales pending payment now."),
             sales_paid_undelivered: gauge(

@@ -14,7 +14,9 @@ pub struct DeviceConfig {
     pub topic_prefix: String,
     /// The POS this device plays.
     pub pos_id: String,
-    /// MQTT client id; `None` means `device-{pos_id}`.
+    /// MQTT client id; `None` means the username when there is one (a broker
+    /// may accept only client ids derived from the login's username: README,
+    /// "Client ids"), else `device-{pos_id}`.
     pub client_id: Option<String>,
     /// Broker user name, if the broker requires one.
     pub username: Option<String>,
@@ -71,6 +73,7 @@ impl DeviceConfig {
     pub fn effective_client_id(&self) -> String {
         self.client_id
             .clone()
+            .or_else(|| self.username.clone())
             .unwrap_or_else(|| format!("device-{}", self.pos_id))
     }
 
@@ -122,5 +125,12 @@ mod tests {
         assert_eq!(cfg.effective_client_id(), "c1");
         assert!(!cfg.announce_presence);
         assert!(!format!("{cfg:?}").contains("secret"));
+    }
+
+    #[test]
+    fn with_a_login_the_client_id_is_the_username_unless_set() {
+        let cfg = DeviceConfig::new("h", 1, "pump-1").credentials("pump-1", "pw");
+        assert_eq!(cfg.effective_client_id(), "pump-1");
+        assert_eq!(cfg.client_id("pump-1-b").effective_client_id(), "pump-1-b");
     }
 }

@@ -1,18 +1,20 @@
 //! The embedded broker: rumqttd on its own OS thread (its `start` blocks
 //! forever and builds its own runtimes; inside a tokio task it hangs). It has
 //! no shutdown API, so it lives as long as the process. qrgate connects to it
-//! over TCP like any device.
+//! over TCP like any device. With logins required, a client id belongs to its
+//! login (`logins`): no device can take over qrgate's session.
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings, TlsConfig};
-use subtle::ConstantTimeEq;
 
+use super::inbound;
+use super::logins::{Logins, Refusal, RefusalLog};
 use crate::config::Secret;
 
 #[derive(Debug, thiserror::Error)]
@@ -34,7 +36,9 @@ pub enum Access {
     /// Anyone: development only (rumqttd refuses clients without a login as
     /// soon as any authentication is configured, so this turns it off).
     Anonymous,
-    /// Only these username/password pairs.
+    /// Only these username/password pairs (the devices, and `[[mqtt.users]]`),
+    /// each with the client ids derived from its username (`logins`), and
+    /// qrgate's own login (`OwnLogin`).
     Users(Vec<(String, Secret)>),
 }
 
@@ -73,7 +77,59 @@ fn max_packet_size(max_payload_bytes: usize) -> usize {
     (max_payload_bytes * 4).max(64 * 1024)
 }
 
-fn connections(max_payload_bytes: usize, access: &Access) -> ConnectionSettings {
+/// qrgate's own login at the embedded broker, and the client id its client
+/// connects with (`[mqtt] client_id`), which no device may use.
+#[derive(Clone)]
+pub struct OwnLogin {
+    pub username: String,
+    pub password: Secret,
+    pub client_id: String,
+}
+
+impl OwnLogin {
+    /// The id of the start-up probe: one of qrgate's own, never the client's
+    /// (the probe would disconnect it).
+    fn probe_id(&self) -> String {
+        format!("{}-probe", self.client_id)
+    }
+}
+
+/// The login check both listeners share, and its log's memory.
+struct LoginCheck {
+    logins: Logins,
+    log: Mutex<RefusalLog>,
+}
+
+impl LoginCheck {
+    fn check(&self, client_id: &str, user: &str, pass: &str) -> bool {
+        let Err(refusal) = self.logins.check(client_id, user, pass) else {
+            return true;
+        };
+        let user = inbound::cut(user, 64);
+        let due = self
+            .log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .refused(&user, Instant::now());
+        if let Some(refused) = due {
+            let client_id = inbound::cut(client_id, 64);
+            match refusal {
+                Refusal::BadLogin => tracing::warn!(username = %user, %client_id, refused,
+                    reason = refusal.reason(), "MQTT login refused by the embedded broker (logged again with \
+                    backoff while it retries)"),
+                Refusal::ClientId {
+                    reserved_for_qrgate,
+                } => tracing::warn!(username = %user,
+                    %client_id, refused, reason = refusal.reason(), reserved_for_qrgate,
+                    "MQTT login refused by the embedded broker: a client id must be the login's username, or \
+                    start with it and `-` (logged again with backoff while it retries)"),
+            }
+        }
+        false
+    }
+}
+
+fn connections(max_payload_bytes: usize, check: Option<&Arc<LoginCheck>>) -> ConnectionSettings {
     let mut c = ConnectionSettings {
         connection_timeout_ms: 10_000,
         // rumqttd compares this with a packet's remaining length and drops
@@ -87,24 +143,13 @@ fn connections(max_payload_bytes: usize, access: &Access) -> ConnectionSettings 
         external_auth: None,
         dynamic_filters: true,
     };
-    if let Access::Users(users) = access {
-        let users = Arc::new(users.clone());
+    if let Some(check) = check {
+        let check = Arc::clone(check);
+        // rumqttd hands over the CONNECT's client id with the login: the id is
+        // checked with it (see `logins`), or a device could take over
+        // qrgate's session with its own password.
         c.set_auth_handler(move |client_id: String, user: String, pass: String| {
-            let users = Arc::clone(&users);
-            async move {
-                // Every entry is compared, in constant time, whatever matches.
-                let ok = users.iter().fold(false, |ok, (u, p)| {
-                    let same = u.as_bytes().ct_eq(user.as_bytes())
-                        & p.expose().as_bytes().ct_eq(pass.as_bytes());
-                    ok | bool::from(same)
-                });
-                if !ok {
-                    tracing::warn!(username = %user.chars().take(64).collect::<String>(),
-                        client_id = %client_id.chars().take(64).collect::<String>(),
-                        "MQTT login refused by the embedded broker");
-                }
-                ok
-            }
+            std::future::ready(check.check(&client_id, &user, &pass))
         });
     }
     c
@@ -117,9 +162,20 @@ pub fn start(
     max_payload_bytes: usize,
     access: Access,
     tls: Option<Tls>,
-    probe_login: Option<(String, Secret)>,
+    own: Option<OwnLogin>,
 ) -> Result<Listening, BrokerError> {
     let addr = claim(listen)?;
+    let check = match access {
+        Access::Anonymous => None,
+        Access::Users(devices) => Some(Arc::new(LoginCheck {
+            logins: Logins::new(
+                devices,
+                own.as_ref()
+                    .map(|o| (o.username.clone(), o.password.clone(), o.client_id.clone())),
+            ),
+            log: Mutex::new(RefusalLog::default()),
+        })),
+    };
     let tls_addr = tls.as_ref().map(|t| claim(t.listen)).transpose()?;
     let mut v4 = HashMap::new();
     v4.insert(
@@ -129,7 +185,7 @@ pub fn start(
             listen: addr,
             tls: None,
             next_connection_delay_ms: 1,
-            connections: connections(max_payload_bytes, &access),
+            connections: connections(max_payload_bytes, check.as_ref()),
         },
     );
     if let (Some(t), Some(tls_addr)) = (&tls, tls_addr) {
@@ -144,7 +200,7 @@ pub fn start(
                     keypath: t.key.display().to_string(),
                 }),
                 next_connection_delay_ms: 1,
-                connections: connections(max_payload_bytes, &access),
+                connections: connections(max_payload_bytes, check.as_ref()),
             },
         );
     }
@@ -192,7 +248,7 @@ pub fn start(
                 false
             }
         });
-        if spoke_at.is_none() && speaks_mqtt(addr, probe_login.as_ref()) {
+        if spoke_at.is_none() && speaks_mqtt(addr, own.as_ref()) {
             spoke_at = Some(Instant::now());
         }
         if let Some(at) = spoke_at {
@@ -265,14 +321,14 @@ pub fn nodelay_on_listener(_addr: SocketAddr) -> std::io::Result<bool> {
 
 /// A full MQTT handshake (CONNECT, CONNACK, DISCONNECT), so readiness is
 /// the broker answering, and the probe leaves no error in its log.
-fn speaks_mqtt(addr: SocketAddr, login: Option<&(String, Secret)>) -> bool {
+fn speaks_mqtt(addr: SocketAddr, login: Option<&OwnLogin>) -> bool {
     use std::io::{Read, Write};
     let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
         return false;
     };
     let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
-    // MQTT 3.1.1 CONNECT, clean session, keep-alive 10 s, client id
-    // "qrgate-probe", with a login when the broker wants one.
+    // MQTT 3.1.1 CONNECT, clean session, keep-alive 10 s, with qrgate's
+    // login and one of its ids when the broker wants one.
     let field = |out: &mut Vec<u8>, b: &[u8]| {
         out.extend_from_slice(&(b.len() as u16).to_be_bytes());
         out.extend_from_slice(b);
@@ -280,10 +336,11 @@ fn speaks_mqtt(addr: SocketAddr, login: Option<&(String, Secret)>) -> bool {
     let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4];
     body.push(if login.is_some() { 0xC2 } else { 0x02 });
     body.extend_from_slice(&[0, 10]);
-    field(&mut body, b"qrgate-probe");
-    if let Some((user, pass)) = login {
-        field(&mut body, user.as_bytes());
-        field(&mut body, pass.expose().as_bytes());
+    let id = login.map_or_else(|| "qrgate-probe".to_owned(), OwnLogin::probe_id);
+    field(&mut body, id.as_bytes());
+    if let Some(own) = login {
+        field(&mut body, own.username.as_bytes());
+        field(&mut body, own.password.expose().as_bytes());
     }
     // MQTT's variable-length "remaining length".
     let mut connect = vec![0x10];

@@ -1,30 +1,33 @@
 //! qrgate's own MQTT client. One task owns rumqttc's `EventLoop`; it
 //! reconnects with backoff, re-subscribes on every CONNACK (rumqttc does not)
 //! and republishes every POS's retained state (the broker may have lost them).
-//! Device messages go to one worker per POS, so each POS's messages keep
-//! their order while POS proceed in parallel; a message is acknowledged only
-//! after its effect is stored (manual acks), so a crash before that makes the
-//! broker deliver it again. Acknowledgements still leave in arrival order:
-//! rumqttd drops a client that acknowledges out of order.
+//! Each device message is first held to its POS's rate (`intake`): one over it
+//! is refused there and then, unread. The others wait in their POS's queue,
+//! and a pool of workers takes POS in turn, one message at a time, so each
+//! POS's messages keep their order, POS proceed in parallel, and none waits
+//! behind another's backlog. A message is acknowledged only after its effect
+//! is stored (manual acks), so a crash before that makes the broker deliver it
+//! again. Acknowledgements still leave in arrival order: rumqttd drops a
+//! client that acknowledges out of order.
 //!
 //! The client reaches the broker through `guard`, so that no device message,
 //! whatever its size, can break this connection.
 
-use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use rand::Rng;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::guard::{self, Marker};
 use super::inbound;
+use super::intake::{self, Admission, RateLimiter, Turns};
 use super::topics::{DeviceTopic, Topics};
-use crate::config::{MqttConfig, Secret};
+use crate::config::{Broker, MqttConfig, Secret};
 use crate::gateway::{Gateway, GatewayError, Publish};
 use crate::orders::PosId;
 
@@ -62,6 +65,20 @@ pub fn spawn(
     tracker: &TaskTracker,
 ) -> Arc<LinkState> {
     let cap = cfg.max_payload_bytes;
+    gateway
+        .refusals()
+        .set_per_minute(cfg.stored_rejections_per_minute);
+    if let (Broker::External { .. }, Some((user, _))) = (&cfg.broker, &endpoint.login) {
+        // deploy/mosquitto.conf ties every client id to its username
+        // (use_username_as_clientid), qrgate's too: its persistent session
+        // is then the username's, whatever client id it sends.
+        if *user != cfg.client_id {
+            tracing::warn!(username = %user, client_id = %cfg.client_id,
+                "[mqtt] client_id differs from [mqtt] username: a Mosquitto configured as \
+                deploy/mosquitto.conf keeps qrgate's session under its username; set client_id to the \
+                username so both name the same session");
+        }
+    }
     let upstream = guard::Upstream {
         host: endpoint.host.clone(),
         port: endpoint.port,
@@ -145,15 +162,44 @@ pub fn spawn(
         });
     }
 
-    // Incoming: a fixed pool of workers, each POS always on the same one, so
-    // its messages keep their order while different POS proceed in
-    // parallel. (A task per POS cost ~5 KiB each: 500 MiB at 100,000 POS.)
-    let mut workers: Vec<mpsc::UnboundedSender<Job>> = Vec::with_capacity(WORKERS);
+    // Incoming: a fixed pool of workers taking POS in turn (`intake`). (A
+    // task per POS cost ~5 KiB each: 500 MiB at 100,000 POS.)
+    let queue = Arc::new(Queue::default());
     for _ in 0..WORKERS {
-        let (tx, rx) = mpsc::unbounded_channel();
-        workers.push(tx);
-        tracker.spawn(worker(rx, Arc::clone(&gateway), cap));
+        tracker.spawn(worker(
+            Arc::clone(&queue),
+            Arc::clone(&gateway),
+            cap,
+            shutdown.clone(),
+        ));
     }
+    // Refusals summed over a minute become one line and one row each, once
+    // the minute is over, and at shutdown.
+    {
+        let gateway = Arc::clone(&gateway);
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => gateway.flush_refusal_summaries(false).await,
+                    _ = shutdown.cancelled() => break,
+                }
+            }
+            gateway.flush_refusal_summaries(true).await;
+        });
+    }
+    let mut router = Router {
+        topics: topics.clone(),
+        gateway: Arc::clone(&gateway),
+        queue,
+        marker,
+        limiter: RateLimiter::new(cfg.device_rate),
+        clock: Instant::now(),
+        strays: Strays::default(),
+        cap,
+    };
 
     let state = Arc::clone(&link);
     let subscriptions = topics.subscriptions();
@@ -169,6 +215,7 @@ pub fn spawn(
                     failures = 0;
                     state.connected.store(true, Ordering::Release);
                     state.connections.fetch_add(1, Ordering::Relaxed);
+                    gateway.metrics().mqtt_connections.inc();
                     tracing::info!(session_present = ack.session_present, "connected to the MQTT broker");
                     // Never await the client inside the event loop's task:
                     // its requests need this loop to be polled.
@@ -196,7 +243,7 @@ pub fn spawn(
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     let (done, handled) = oneshot::channel();
                     let _ = ack_tx.send((p.clone(), handled));
-                    route(&topics, &gateway, &workers, marker, p, done);
+                    router.route(p, done);
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -221,9 +268,9 @@ pub fn spawn(
     link
 }
 
-/// A device message for a POS worker, and where to say it was handled.
+/// A device message waiting for its POS's turn, and where to say it was
+/// handled.
 struct Job {
-    pos: PosId,
     kind: DeviceTopic,
     publish: rumqttc::Publish,
     /// The size of a payload the guard dropped (`publish` is its stand-in).
@@ -235,115 +282,276 @@ struct Job {
 /// few enough to cost nothing.
 const WORKERS: usize = 64;
 
-/// Sends a message to its POS's worker; anything else is answered here.
-fn route(
-    topics: &Topics,
-    gateway: &Gateway,
-    workers: &[mpsc::UnboundedSender<Job>],
-    marker: Marker,
-    p: rumqttc::Publish,
-    done: oneshot::Sender<bool>,
-) {
-    let dropped = marker.dropped_size(&p.payload);
-    let size = dropped.unwrap_or(p.payload.len());
-    let Some((pos, kind)) = topics.parse(&p.topic) else {
-        tracing::warn!(topic = %inbound::cut(&p.topic, 128), size, "message on a topic outside the device contract; ignored");
-        let _ = done.send(true);
-        return;
-    };
-    let Some(kind) = kind else {
-        tracing::warn!(topic = %inbound::cut(&p.topic, 128), size, "unknown device topic; ignored");
-        let _ = done.send(true);
-        return;
-    };
-    match gateway.pos_config(pos).map(|c| c.id.clone()) {
-        Some(id) => {
-            let shard = {
-                let mut h = std::collections::hash_map::DefaultHasher::new();
-                id.hash(&mut h);
-                (h.finish() % workers.len() as u64) as usize
-            };
-            let job = Job {
-                pos: id,
-                kind,
-                publish: p,
-                dropped,
-                done,
-            };
-            if let Err(mpsc::error::SendError(job)) = workers[shard].send(job) {
-                tracing::error!(pos = %job.pos, "device worker stopped; message left for redelivery");
-            }
-        }
-        None => {
-            // No state topic to answer on for a POS we do not know.
-            tracing::warn!(pos = %inbound::cut(pos, 64), topic_kind = kind.as_str(), size,
-                retained = p.retain, "message for an unknown POS; ignored");
-            let _ = done.send(true);
+/// The POS queues the workers share (`intake::Turns`); each permit of
+/// `ready` is one POS waiting for its turn. The lock is never held across an
+/// `.await`.
+struct Queue {
+    turns: Mutex<Turns<PosId, Job>>,
+    ready: Semaphore,
+}
+
+impl Default for Queue {
+    fn default() -> Self {
+        Queue {
+            turns: Mutex::new(Turns::default()),
+            ready: Semaphore::new(0),
         }
     }
 }
 
-async fn worker(mut rx: mpsc::UnboundedReceiver<Job>, gateway: Arc<Gateway>, max_bytes: usize) {
-    while let Some(job) = rx.recv().await {
+impl Queue {
+    fn turns(&self) -> std::sync::MutexGuard<'_, Turns<PosId, Job>> {
+        // A panic in a push or take leaves the queues as they were.
+        self.turns.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn push(&self, pos: PosId, job: Job) {
+        if self.turns().push(pos, job) {
+            self.ready.add_permits(1);
+        }
+    }
+
+    async fn next(&self) -> Option<(PosId, Job)> {
+        self.ready.acquire().await.ok()?.forget();
+        self.turns().take()
+    }
+
+    fn done(&self, pos: &PosId) {
+        if self.turns().done(pos) {
+            self.ready.add_permits(1);
+        }
+    }
+}
+
+/// Lines about messages that name no configured POS, or no contract topic,
+/// a minute: such messages are only logged (there is no POS to answer or to
+/// hold to a rate), so a device publishing them in a loop must not flood the
+/// log either.
+const STRAY_LINES_PER_MINUTE: u32 = 20;
+
+#[derive(Default)]
+struct Strays {
+    minute: u64,
+    lines: u32,
+    skipped: u64,
+}
+
+impl Strays {
+    /// Whether to log this one; first, how many the previous minute left out.
+    fn admit(&mut self, now_ms: u64) -> (bool, u64) {
+        let minute = now_ms / 60_000;
+        let mut left_out = 0;
+        if minute != self.minute {
+            left_out = std::mem::take(&mut self.skipped);
+            self.minute = minute;
+            self.lines = 0;
+        }
+        if self.lines < STRAY_LINES_PER_MINUTE {
+            self.lines += 1;
+            (true, left_out)
+        } else {
+            self.skipped += 1;
+            (false, left_out)
+        }
+    }
+}
+
+/// The event loop's side of the intake: everything here is done in place,
+/// never awaited, so the loop reads the broker as fast as it sends.
+struct Router {
+    topics: Topics,
+    gateway: Arc<Gateway>,
+    queue: Arc<Queue>,
+    marker: Marker,
+    limiter: RateLimiter,
+    clock: Instant,
+    strays: Strays,
+    /// The largest payload read whole (`[mqtt] max_payload_bytes`).
+    cap: usize,
+}
+
+impl Router {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.clock.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Whether to log a message nobody answers; says first how many the
+    /// last minute left unlogged.
+    fn log_stray(&mut self) -> bool {
+        let (log, left_out) = self.strays.admit(self.now_ms());
+        if left_out > 0 {
+            tracing::warn!(
+                ignored = left_out,
+                "more messages on topics outside the device contract or for unknown POS were ignored \
+                 in the last minute than are logged one by one"
+            );
+        }
+        log
+    }
+
+    /// Sends a message to its POS's queue, or refuses it over the POS's rate;
+    /// anything else is answered here.
+    fn route(&mut self, p: rumqttc::Publish, done: oneshot::Sender<bool>) {
+        let dropped = self.marker.dropped_size(&p.payload);
+        let size = dropped.unwrap_or(p.payload.len());
+        let Some((pos, kind)) = self.topics.parse(&p.topic) else {
+            if self.log_stray() {
+                tracing::warn!(topic = %inbound::cut(&p.topic, 128), size, "message on a topic outside the device contract; ignored");
+            }
+            let _ = done.send(true);
+            return;
+        };
+        let Some(kind) = kind else {
+            if self.log_stray() {
+                tracing::warn!(topic = %inbound::cut(&p.topic, 128), size, "unknown device topic; ignored");
+            }
+            let _ = done.send(true);
+            return;
+        };
+        let Some(id) = self.gateway.pos_config(pos).map(|c| c.id.clone()) else {
+            // No state topic to answer on for a POS we do not know.
+            if self.log_stray() {
+                tracing::warn!(pos = %inbound::cut(pos, 64), topic_kind = kind.as_str(), size,
+                    retained = p.retain, "message for an unknown POS; ignored");
+            }
+            let _ = done.send(true);
+            return;
+        };
+        let now = self.now_ms();
+        match self.limiter.admit(intake::key(id.as_str()), now) {
+            Admission::Accepted => self.queue.push(
+                id,
+                Job {
+                    kind,
+                    publish: p,
+                    dropped,
+                    done,
+                },
+            ),
+            Admission::OverRate { tell } => {
+                self.gateway.metrics().device_messages_over_rate.inc();
+                // Refused unread, acknowledged at once (the broker must not
+                // deliver it again). A refused `cancel` or `sale` changes the
+                // device's sale: it must learn that it was not taken, so the
+                // refusal is told (not for presence, which has no state to
+                // answer on), at most once a second per POS, naming the sale
+                // when the message does.
+                let tell = tell && kind != DeviceTopic::Status;
+                let sale_id = if tell && dropped.is_none() && p.payload.len() <= self.cap {
+                    inbound::sniff_sale_id(&p.payload)
+                } else {
+                    None
+                };
+                let rate = self.limiter.rate();
+                let message = format!(
+                    "{} of {size} bytes: refused unread, over the POS's rate of {} messages a second \
+                     (burst {}); send what still matters again, more slowly",
+                    kind.as_str(),
+                    rate.per_sec,
+                    rate.burst
+                );
+                self.gateway.reject_now(
+                    &id,
+                    sale_id.as_ref().map(|s| s.as_str()),
+                    RATE_LIMITED,
+                    &message,
+                    tell,
+                    Some((kind.as_str(), size)),
+                );
+                let _ = done.send(true);
+            }
+        }
+    }
+}
+
+/// The refusal code of a message over its POS's rate.
+pub const RATE_LIMITED: &str = "rate_limited";
+
+async fn worker(
+    queue: Arc<Queue>,
+    gateway: Arc<Gateway>,
+    max_bytes: usize,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let next = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            next = queue.next() => next,
+        };
+        let Some((pos, job)) = next else { break };
         let Job {
-            pos,
             kind,
-            publish: p,
+            publish,
             dropped,
             done,
         } = job;
-        let arrived = inbound::Arrived {
-            kind,
-            pos: pos.as_str(),
-            topic: &p.topic,
-            retain: p.retain,
-            size: dropped.unwrap_or(p.payload.len()),
-            payload: dropped.is_none().then_some(&p.payload[..]),
-        };
-        match inbound::screen(&arrived, max_bytes) {
-            Ok(None) => {
-                tracing::info!(pos = %pos, topic_kind = kind.as_str(), size = 0,
-                    "empty device message (what clearing a retained message leaves): nothing to do");
-            }
-            Err(r) => {
-                // A broken presence message has no state to answer on.
-                let tell = kind != DeviceTopic::Status;
-                gateway
-                    .reject(
-                        &pos,
-                        r.sale_id.as_ref().map(|s| s.as_str()),
-                        r.code,
-                        &r.message,
-                        tell,
-                        Some((kind.as_str(), arrived.size)),
-                    )
-                    .await;
-            }
-            Ok(Some(cmd)) => {
-                let mut attempt = 0u32;
-                loop {
-                    match gateway.execute(&pos, cmd.clone()).await {
-                        Ok(_) => break,
-                        Err(GatewayError::Store(e)) if attempt < 5 => {
-                            attempt += 1;
-                            tracing::error!(pos = %pos, error = %e, attempt, "cannot store a device message; retrying");
-                            tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt)))
-                                .await;
-                        }
-                        Err(e) => {
-                            // Not acknowledged: the broker delivers it again
-                            // after the next reconnection.
-                            tracing::error!(pos = %pos, error = %e, "device message not stored; left unacknowledged for redelivery");
-                            break;
-                        }
+        let handled = handle(&gateway, &pos, kind, &publish, dropped, max_bytes).await;
+        queue.done(&pos);
+        let _ = done.send(handled);
+    }
+}
+
+/// One device message, from screening to its stored effect: `true` once
+/// that is stored (or there is nothing to store), `false` when it must be
+/// left unacknowledged for redelivery.
+async fn handle(
+    gateway: &Gateway,
+    pos: &PosId,
+    kind: DeviceTopic,
+    p: &rumqttc::Publish,
+    dropped: Option<usize>,
+    max_bytes: usize,
+) -> bool {
+    let arrived = inbound::Arrived {
+        kind,
+        pos: pos.as_str(),
+        topic: &p.topic,
+        retain: p.retain,
+        size: dropped.unwrap_or(p.payload.len()),
+        payload: dropped.is_none().then_some(&p.payload[..]),
+    };
+    match inbound::screen(&arrived, max_bytes) {
+        Ok(None) => {
+            tracing::info!(pos = %pos, topic_kind = kind.as_str(), size = 0,
+                "empty device message (what clearing a retained message leaves): nothing to do");
+        }
+        Err(r) => {
+            // A broken presence message has no state to answer on.
+            let tell = kind != DeviceTopic::Status;
+            gateway
+                .reject(
+                    pos,
+                    r.sale_id.as_ref().map(|s| s.as_str()),
+                    r.code,
+                    &r.message,
+                    tell,
+                    Some((kind.as_str(), arrived.size)),
+                )
+                .await;
+        }
+        Ok(Some(cmd)) => {
+            let mut attempt = 0u32;
+            loop {
+                match gateway.execute(pos, cmd.clone()).await {
+                    Ok(_) => break,
+                    Err(GatewayError::Store(e)) if attempt < 5 => {
+                        attempt += 1;
+                        tracing::error!(pos = %pos, error = %e, attempt, "cannot store a device message; retrying");
+                        tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+                    }
+                    Err(e) => {
+                        // Not acknowledged: the broker delivers it again
+                        // after the next reconnection.
+                        tracing::error!(pos = %pos, error = %e, "device message not stored; left unacknowledged for redelivery");
+                        break;
                     }
                 }
-                if attempt >= 5 {
-                    let _ = done.send(false);
-                    continue;
-                }
+            }
+            if attempt >= 5 {
+                return false;
             }
         }
-        let _ = done.send(true);
     }
+    true
 }

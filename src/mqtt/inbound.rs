@@ -113,7 +113,7 @@ struct DeliveredJson {
 }
 
 /// Reads only `sale_id`, to name the sale in a refusal of a broken message.
-fn sniff_sale_id(payload: &[u8]) -> Option<SaleId> {
+pub fn sniff_sale_id(payload: &[u8]) -> Option<SaleId> {
     let v: SaleRefJson = serde_json::from_slice(payload).ok()?;
     SaleId::parse(v.sale_id.as_deref()?).ok()
 }

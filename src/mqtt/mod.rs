@@ -5,5 +5,8 @@ pub mod broker;
 pub mod connection;
 pub mod guard;
 pub mod inbound;
+pub mod intake;
+pub mod logins;
 pub mod outbound;
+pub mod refusals;
 pub mod topics;

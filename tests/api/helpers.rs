@@ -885,3 +885,136 @@ pub async fn whole_answer(r: reqwest::Response) -> (u16, Vec<(String, String)>, 
     headers.sort();
     (status, headers, r.text().await.unwrap())
 }
+
+/// A Mosquitto as deploy/ configures stations: deploy/mosquitto.conf line by
+/// line (one listener, on a free loopback port; the pid file and the log
+/// file left out; persistence, the password file and the ACL in `dir`),
+/// deploy/mosquitto.acl as it is, and `users` in a password file.
+pub fn deployed_mosquitto(dir: &std::path::Path, users: &[(&str, &str)]) -> Option<Mosquitto> {
+    use std::os::unix::fs::PermissionsExt;
+    // Started as root, Mosquitto drops to its own user: it must read these
+    // and write its persistence.
+    let open = |p: &std::path::Path, mode: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+    open(dir, 0o755);
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    open(&data, 0o777);
+    let passwd = dir.join("qrgate.passwd");
+    password_file(&passwd, users);
+    open(&passwd, 0o644);
+    let acl = dir.join("qrgate.acl");
+    std::fs::write(&acl, include_str!("../../deploy/mosquitto.acl")).unwrap();
+    open(&acl, 0o644);
+    let dir = dir.to_owned();
+    Mosquitto::start_with(move |port| {
+        let mut listener = false;
+        let mut lines = Vec::new();
+        for line in include_str!("../../deploy/mosquitto.conf").lines() {
+            let key = line.split_whitespace().next().unwrap_or("");
+            let line = match key {
+                "pid_file" | "log_dest" => continue,
+                "listener" if listener => continue,
+                "listener" => {
+                    listener = true;
+                    format!("listener {port} 127.0.0.1")
+                }
+                "persistence_location" => format!("persistence_location {}/", data.display()),
+                "password_file" => format!("password_file {}", passwd.display()),
+                "acl_file" => format!("acl_file {}", acl.display()),
+                _ => line.to_owned(),
+            };
+            lines.push(line);
+        }
+        for needed in [
+            "listener ",
+            "password_file ",
+            "acl_file ",
+            "allow_anonymous false",
+        ] {
+            assert!(
+                lines.iter().any(|l| l.starts_with(needed)),
+                "deploy/mosquitto.conf has no `{needed}` line"
+            );
+        }
+        let conf = dir.join("mosquitto.conf");
+        std::fs::write(&conf, lines.join("\n") + "\n").unwrap();
+        Some(conf)
+    })
+}
+
+/// A Mosquitto password file with `users`: made by `mosquitto_passwd` when it
+/// is installed, else written here in the salted SHA-512 form (`$6$`) that
+/// Mosquitto 2.0 still reads.
+pub fn password_file(path: &std::path::Path, users: &[(&str, &str)]) {
+    let tool = Command::new("mosquitto_passwd")
+        .arg("-h")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    if tool {
+        std::fs::write(path, "").unwrap();
+        for (user, pass) in users {
+            let ok = Command::new("mosquitto_passwd")
+                .args(["-b", path.to_str().unwrap(), user, pass])
+                .status()
+                .unwrap();
+            assert!(ok.success(), "mosquitto_passwd failed for {user}");
+        }
+        return;
+    }
+    use sha2::{Digest, Sha512};
+    let mut text = String::new();
+    for (user, pass) in users {
+        let salt: [u8; 12] = rand::random();
+        let hash = Sha512::new()
+            .chain_update(pass.as_bytes())
+            .chain_update(salt)
+            .finalize();
+        text.push_str(&format!("{user}:$6${}${}\n", base64(&salt), base64(&hash)));
+    }
+    std::fs::write(path, text).unwrap();
+}
+
+/// Standard base64 with padding (no crate for a few bytes).
+fn base64(bytes: &[u8]) -> String {
+    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ABC[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// The console's `/metrics`: the sum of the series named `name` whose labels
+/// contain `labels` (`""` for all).
+pub async fn metric(admin: &str, name: &str, labels: &str) -> f64 {
+    let text = reqwest::get(format!("{admin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+            (n == name && rest.contains(labels)).then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
+}

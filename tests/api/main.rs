@@ -11,6 +11,7 @@ mod device_hardening;
 mod durability;
 mod flow;
 mod helpers;
+mod hostile_devices;
 mod hostile_http;
 mod ledger;
 mod messages;

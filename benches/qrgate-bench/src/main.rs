@@ -830,6 +830,140 @@ async fn mix(sim: &Simulator, secs: u64, broker: &BrokerChoice, pos_count: usize
 }
 
 // ---------------------------------------------------------------------------
+// 6. One device's flood: how long another POS's message takes to act.
+
+/// Other pumps sell and cancel (4 at a time, each POS at most twice every few
+/// seconds, well within its rate), first alone, then while one device
+/// (`p0`, its own connection) publishes `cancel`s as fast as its client can,
+/// QoS 1 with 1,000 in flight. Measured: from publishing a `sale` or a
+/// `cancel` of another POS to its `pending` or `cancelled` state arriving.
+async fn flood(sim: &Simulator, broker: &BrokerChoice, secs: u64) -> Result<Value> {
+    const POS: usize = 1000;
+    let dir = tempfile::tempdir()?;
+    let q = Qrgate::start(POS, broker, &sim.base_url(), dir.path())?;
+    q.ready().await?;
+    let fleet = Fleet::connect(q.mqtt_port, "bench-flood-others").await?;
+    let phase = |flooding: bool| {
+        let fleet = fleet.clone();
+        async move {
+            let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let acked = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let end = Instant::now() + Duration::from_secs(secs);
+            let flooder = if flooding {
+                let mut opts = MqttOptions::new("bench-flooder", "127.0.0.1", q.mqtt_port);
+                opts.set_keep_alive(Duration::from_secs(30));
+                opts.set_inflight(1000);
+                let (client, mut events) = AsyncClient::new(opts, 10_000);
+                let a = Arc::clone(&acked);
+                let reader = tokio::spawn(async move {
+                    loop {
+                        match events.poll().await {
+                            Ok(Event::Incoming(Packet::PubAck(_))) => {
+                                a.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
+                            Ok(_) => {}
+                            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                        }
+                    }
+                });
+                let s = Arc::clone(&sent);
+                let writer = tokio::spawn(async move {
+                    while Instant::now() < end {
+                        let body = r#"{"sale_id":"flood"}"#;
+                        if client
+                            .publish("qrgate/pos/p0/cancel", QoS::AtLeastOnce, false, body)
+                            .await
+                            .is_err()
+                        {
+                            break;
+                        }
+                        s.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                });
+                Some((reader, writer))
+            } else {
+                None
+            };
+            let h = Arc::new(Mutex::new(hist()));
+            let errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let mut loops = Vec::new();
+            for l in 0..4usize {
+                let (fleet, h, errors) = (fleet.clone(), Arc::clone(&h), Arc::clone(&errors));
+                let tag = if flooding { "f" } else { "q" };
+                loops.push(tokio::spawn(async move {
+                    let mut k = 0usize;
+                    while Instant::now() < end {
+                        // p1..p999, each loop its own quarter, in turn.
+                        let pos = format!("p{}", 1 + l + 4 * (k % ((POS - 1) / 4)));
+                        let sale = format!("{tag}{l}-{k}");
+                        k += 1;
+                        let cycle = async {
+                            let pending = fleet.expect(&pos, &sale, "pending");
+                            let t0 = Instant::now();
+                            fleet.sale(&pos, &sale).await?;
+                            let at = arrived(pending, "pending").await?;
+                            let cancelled = fleet.expect(&pos, &sale, "cancelled");
+                            let t1 = Instant::now();
+                            fleet
+                                .send(&pos, "cancel", format!(r#"{{"sale_id":"{sale}"}}"#))
+                                .await?;
+                            let done = arrived(cancelled, "cancelled").await?;
+                            Ok::<_, anyhow::Error>([at - t0, done - t1])
+                        };
+                        match cycle.await {
+                            Ok(delays) => {
+                                if let Ok(mut h) = h.lock() {
+                                    for d in delays {
+                                        h.saturating_record(d.as_nanos() as u64);
+                                    }
+                                }
+                            }
+                            Err(e) => {
+                                errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                eprintln!("flood: {sale} on {pos}: {e:#}");
+                            }
+                        }
+                    }
+                }));
+            }
+            for t in loops {
+                let _ = t.await;
+            }
+            if let Some((reader, writer)) = flooder {
+                let _ = writer.await;
+                reader.abort();
+            }
+            let h = h.lock().map(|h| h.clone()).unwrap_or_else(|_| hist());
+            let acked = acked.load(std::sync::atomic::Ordering::Relaxed);
+            json!({
+                "messages": h.len(), "p50_ms": us(&h, 0.5) / 1000.0, "p99_ms": us(&h, 0.99) / 1000.0,
+                "max_ms": h.max() as f64 / 1e6,
+                "errors": errors.load(std::sync::atomic::Ordering::Relaxed),
+                "flood_acked": acked, "flood_per_sec": (acked as f64 / secs as f64).round(),
+            })
+        }
+    };
+    let quiet = phase(false).await;
+    let flooded = phase(true).await;
+    let metrics = reqwest::get(format!("{}/metrics", q.admin))
+        .await?
+        .text()
+        .await?;
+    let counter = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    Ok(json!({
+        "seconds": secs, "pos": POS, "quiet": quiet, "flooded": flooded,
+        "over_rate": counter("qrgate_device_messages_over_rate_total"),
+        "summed": counter("qrgate_device_rejections_summed_total"),
+        "qrgate_mqtt_connects": counter("qrgate_mqtt_connections_total"),
+    }))
+}
+
+// ---------------------------------------------------------------------------
 
 /// Mosquitto as a station would run it for many POS: its default queue of
 /// 1000 messages per client drops the rest of a burst (measured: the
@@ -965,6 +1099,21 @@ fn print_table(r: &Value) {
             d["devices"], d["bytes_per_device"]
         );
     }
+    for (name, key) in [
+        ("embedded broker", "flood_embedded"),
+        ("Mosquitto", "flood_mosquitto"),
+    ] {
+        if let Some(f) = r.get(key).filter(|v| !v.is_null()) {
+            println!(
+                "| another POS's sale/cancel → its state while one device floods ({} msg/s), {name}: p50 / p99 ms (without the flood) | {:.1} / {:.1} ({:.1} / {:.1}) | | |",
+                f["flooded"]["flood_per_sec"],
+                f["flooded"]["p50_ms"].as_f64().unwrap_or(0.0),
+                f["flooded"]["p99_ms"].as_f64().unwrap_or(0.0),
+                f["quiet"]["p50_ms"].as_f64().unwrap_or(0.0),
+                f["quiet"]["p99_ms"].as_f64().unwrap_or(0.0),
+            );
+        }
+    }
     if let Some(m) = r.get("mix").filter(|v| !v.is_null()) {
         println!(
             "| sustained mix {} s, {} POS: cycles/s, errors, lost | {} , {} , {} | | |",
@@ -1002,7 +1151,7 @@ async fn main() -> Result<()> {
     // 100,000-POS scale. Its numbers mean nothing.
     let smoke = mode == "smoke";
     if !matches!(mode, "all" | "quick" | "smoke") {
-        bail!("usage: qrgate-bench [all|quick|smoke] [--only PART] [--out FILE] [--mix-secs N] [--mix-broker embedded|mosquitto]; PART: polls|servable|notify|scale|devices|mix|console");
+        bail!("usage: qrgate-bench [all|quick|smoke] [--only PART] [--out FILE] [--mix-secs N] [--mix-broker embedded|mosquitto]; PART: polls|servable|notify|scale|devices|mix|flood|console");
     }
     let flag = |name: &str| {
         args.iter()
@@ -1028,7 +1177,7 @@ async fn main() -> Result<()> {
     } else {
         1000
     };
-    // `--only polls|servable|notify|scale|devices|mix` runs one part.
+    // `--only polls|servable|notify|scale|devices|mix|flood` runs one part.
     let only = flag("--only");
     let run = |part: &str| {
         only.as_deref().map_or(
@@ -1095,6 +1244,24 @@ async fn main() -> Result<()> {
     if run("notify") {
         eprintln!("notification to device...");
         r["notify_to_device"] = notify_to_device(&sim, sales).await?;
+    }
+    if run("flood") {
+        let secs = if quick { 10 } else { 30 };
+        eprintln!("one device flooding, {secs} s quiet then {secs} s flooded (embedded)...");
+        r["flood_embedded"] = flood(&sim, &BrokerChoice::Embedded, secs).await?;
+        eprintln!("one device flooding (Mosquitto)...");
+        r["flood_mosquitto"] = match start_mosquitto() {
+            Ok((mut m, port)) => {
+                let v = flood(&sim, &BrokerChoice::External(port), secs).await?;
+                let _ = m.kill();
+                let _ = m.wait();
+                v
+            }
+            Err(e) => {
+                eprintln!("skipped: {e}");
+                Value::Null
+            }
+        };
     }
     if run("mix") {
         // `--mix-broker mosquitto` runs the mix through Mosquitto instead.
