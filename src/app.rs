@@ -16,30 +16,18 @@ use crate::config::Secret;
 use crate::config::{Broker, Config};
 use crate::gateway::{now_millis, BookSettings, Gateway};
 use crate::http::answer::OrderContext;
+use crate::link::LinkState;
 use crate::mercadopago::client::MpClient;
-use crate::mqtt::connection::{self, Endpoint, LinkState};
+use crate::mqtt::connection::{self, Endpoint};
 use crate::mqtt::{broker, topics::Topics};
 use crate::orders::Command;
-use crate::settlement::{self, Inbox, InboxSettings};
+use crate::settlement::{self, InboxSettings};
 use crate::store::{SqliteStore, Store};
 
 /// Two TLS stacks are linked (reqwest's and rumqttc's), so rustls cannot pick
 /// its crypto provider by itself: choose one for the process, once.
 pub fn install_crypto() {
     let _ = rustls::crypto::ring::default_provider().install_default();
-}
-
-/// What HTTP handlers share.
-pub struct Shared {
-    pub gateway: Arc<Gateway>,
-    pub inbox: Inbox,
-    pub link: Arc<LinkState>,
-    pub poll_access: crate::http::poll::PollAccess,
-    pub limiter: crate::http::ratelimit::RateLimiter,
-    pub webhook_secret: Option<Secret>,
-    pub signature_tolerance_secs: u64,
-    /// Rate limits the warnings strangers can cause, per source.
-    pub warnings: Arc<crate::http::ratelimit::WarnLimiter>,
 }
 
 pub struct App {
@@ -308,7 +296,7 @@ impl App {
             });
         }
 
-        let shared = web::Data::new(Shared {
+        let shared = web::Data::new(crate::http::State {
             gateway: Arc::clone(&gateway),
             inbox,
             link: Arc::clone(&link),

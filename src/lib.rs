@@ -24,6 +24,7 @@ pub mod demo;
 pub mod events;
 pub mod gateway;
 pub mod http;
+pub mod link;
 pub mod mercadopago;
 pub mod metrics;
 pub mod money;

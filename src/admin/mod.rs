@@ -21,8 +21,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::AdminConfig;
 use crate::gateway::Gateway;
+use crate::link::LinkState;
 use crate::mercadopago::client::MpClient;
-use crate::mqtt::connection::LinkState;
 
 /// What the admin handlers share.
 pub struct Admin {

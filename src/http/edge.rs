@@ -48,7 +48,7 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
 use super::ratelimit::WarnLimiter;
-use crate::app::Shared;
+use super::State;
 use crate::config::HttpConfig;
 
 /// The key connections and warnings are counted under: an IPv4 address, or
@@ -539,7 +539,7 @@ fn connections_per_worker(workers: usize) -> usize {
 pub fn serve(
     listener: std::net::TcpListener,
     config: &HttpConfig,
-    shared: web::Data<Shared>,
+    shared: web::Data<State>,
     workers: usize,
 ) -> io::Result<actix_server::Server> {
     let addr = listener.local_addr()?;

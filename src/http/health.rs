@@ -4,13 +4,13 @@
 use actix_web::{web, HttpResponse};
 use serde_json::json;
 
-use crate::app::Shared;
+use super::State;
 
 pub async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(json!({ "status": "ok" }))
 }
 
-pub async fn readyz(shared: web::Data<Shared>) -> HttpResponse {
+pub async fn readyz(shared: web::Data<State>) -> HttpResponse {
     let mut reasons = Vec::new();
     if let Err(e) = shared.gateway.store().check_writable().await {
         reasons.push(format!("store not writable: {e}"));

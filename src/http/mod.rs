@@ -16,6 +16,13 @@ use actix_web::middleware::ErrorHandlerResponse;
 use actix_web::{web, HttpResponse};
 use serde::Serialize;
 
+use std::sync::Arc;
+
+use crate::config::Secret;
+use crate::gateway::Gateway;
+use crate::link::LinkState;
+use crate::settlement::Inbox;
+
 /// Largest request body any endpoint reads.
 pub const MAX_BODY: usize = 16 * 1024;
 
@@ -24,6 +31,19 @@ pub const MAX_BODY: usize = 16 * 1024;
 pub struct ApiError<'a> {
     pub code: &'a str,
     pub message: &'a str,
+}
+
+/// What the public listener's handlers share, built by whoever serves it.
+pub struct State {
+    pub gateway: Arc<Gateway>,
+    pub inbox: Inbox,
+    pub link: Arc<LinkState>,
+    pub poll_access: poll::PollAccess,
+    pub limiter: ratelimit::RateLimiter,
+    pub webhook_secret: Option<Secret>,
+    pub signature_tolerance_secs: u64,
+    /// Rate limits the warnings strangers can cause, per source.
+    pub warnings: Arc<ratelimit::WarnLimiter>,
 }
 
 pub fn error(status: actix_web::http::StatusCode, code: &str, message: &str) -> HttpResponse {

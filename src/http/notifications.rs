@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 use super::error;
 use super::signature::{self, SignatureError};
-use crate::app::Shared;
+use super::State;
 use crate::settlement::Resource;
 
 /// Mercado Pago's notifications are a few hundred bytes.
@@ -149,7 +149,7 @@ fn query_data_id(query: &str) -> Option<String> {
 }
 
 /// A warning a stranger can cause, rate-limited per source.
-fn warn_refused(shared: &Shared, peer: Option<std::net::IpAddr>, kind: &'static str, reason: &str) {
+fn warn_refused(shared: &State, peer: Option<std::net::IpAddr>, kind: &'static str, reason: &str) {
     if let Some(suppressed) = shared.warnings.allow(peer, kind, std::time::Instant::now()) {
         tracing::warn!(
             peer = peer.map(|p| p.to_string()),
@@ -161,11 +161,7 @@ fn warn_refused(shared: &Shared, peer: Option<std::net::IpAddr>, kind: &'static 
     }
 }
 
-pub async fn receive(
-    req: HttpRequest,
-    body: web::Bytes,
-    shared: web::Data<Shared>,
-) -> HttpResponse {
+pub async fn receive(req: HttpRequest, body: web::Bytes, shared: web::Data<State>) -> HttpResponse {
     let peer = req.peer_addr().map(|a| a.ip());
     let metrics = shared.gateway.metrics();
     if let Some(ip) = peer {

@@ -14,7 +14,7 @@ use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
 use super::error;
-use crate::app::Shared;
+use super::State;
 use crate::config::{PollKeys, Secret};
 use crate::orders::PosConfig;
 
@@ -80,7 +80,7 @@ fn user_agent(req: &HttpRequest) -> &str {
 pub async fn poll(
     req: HttpRequest,
     path: web::Path<String>,
-    shared: web::Data<Shared>,
+    shared: web::Data<State>,
 ) -> HttpResponse {
     let started = std::time::Instant::now();
     let pos = path.into_inner();

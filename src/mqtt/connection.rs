@@ -13,7 +13,7 @@
 //! The client reaches the broker through `guard`, so that no device message,
 //! whatever its size, can break this connection.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -29,24 +29,9 @@ use super::intake::{self, Admission, RateLimiter, Turns};
 use super::topics::{DeviceTopic, Topics};
 use crate::config::{Broker, MqttConfig, Secret};
 use crate::gateway::{Gateway, GatewayError, Publish};
+use crate::link::LinkState;
 use crate::orders::PosId;
 
-/// Connection state for readiness.
-#[derive(Debug, Default)]
-pub struct LinkState {
-    pub connected: AtomicBool,
-    pub subscribed: AtomicBool,
-    /// CONNACKs received: more than one means the connection was lost.
-    pub connections: AtomicU64,
-}
-
-impl LinkState {
-    pub fn ready(&self) -> bool {
-        self.connected.load(Ordering::Acquire) && self.subscribed.load(Ordering::Acquire)
-    }
-}
-
-/// Starts the client's tasks on `tracker`.
 /// Where qrgate's client connects, and how it proves who it is.
 pub struct Endpoint {
     pub host: String,
@@ -56,6 +41,7 @@ pub struct Endpoint {
     pub tls_ca: Option<Vec<u8>>,
 }
 
+/// Starts the client's tasks on `tracker`.
 pub fn spawn(
     cfg: &MqttConfig,
     endpoint: Endpoint,

@@ -153,7 +153,7 @@ pub struct TestApp {
     pub mp: Simulator,
     pub config: Config,
     pub app_gateway: Arc<qrgate::gateway::Gateway>,
-    pub link: Arc<qrgate::mqtt::connection::LinkState>,
+    pub link: Arc<qrgate::link::LinkState>,
     stop: CancellationToken,
     done: Option<tokio::task::JoinHandle<()>>,
     pub dir: Arc<tempfile::TempDir>,
