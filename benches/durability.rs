@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use qrgate::gateway::{BookSettings, Gateway};
-use qrgate::http::answer::OrderContext;
+use qrgate::mercadopago::poll_answer::MpAccount;
 use qrgate::money::Currency;
 use qrgate::mqtt::topics::Topics;
 use qrgate::orders::book::{LineRequest, SaleRequest};
@@ -42,7 +42,7 @@ async fn gateway(store: Arc<dyn Store>, pos: Vec<PosConfig>) -> Arc<Gateway> {
         Gateway::load(
             pos,
             store,
-            OrderContext {
+            MpAccount {
                 poll_protocol: qrgate::orders::PollProtocol::V1,
                 collector_id: 1,
                 sponsor_id: None,

@@ -15,9 +15,9 @@ use tokio_util::task::TaskTracker;
 use crate::config::Secret;
 use crate::config::{Broker, Config};
 use crate::gateway::{now_millis, BookSettings, Gateway};
-use crate::http::answer::OrderContext;
 use crate::link::LinkState;
 use crate::mercadopago::client::MpClient;
+use crate::mercadopago::poll_answer::MpAccount;
 use crate::mqtt::connection::{self, Endpoint};
 use crate::mqtt::{broker, topics::Topics};
 use crate::orders::Command;
@@ -158,7 +158,7 @@ impl App {
             .iter()
             .any(|p| p.mode == crate::orders::PosMode::Attended);
         let (attended_tx, attended_rx) = mpsc::unbounded_channel();
-        let ctx = OrderContext {
+        let ctx = MpAccount {
             poll_protocol: config.mercadopago.poll_protocol,
             collector_id: config.mercadopago.collector_id,
             sponsor_id: config.mercadopago.sponsor_id,

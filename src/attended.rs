@@ -25,7 +25,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{AttendedApi, AttendedOrderLife};
 use crate::gateway::{now_millis, AttendedJob, Gateway, Settlement};
 use crate::mercadopago::client::{MpClient, MpError};
-use crate::mercadopago::order_body::{self, OrderContext};
+use crate::mercadopago::order_body::{self, MpAccount};
 use crate::orders::{
     Command, ExternalReference, MpId, Outcome, PosConfig, PosId, PosMode, Sale, SaleState,
     UnixMillis,
@@ -58,7 +58,7 @@ pub struct Desk {
     gateway: Arc<Gateway>,
     api: AttendedApi,
     collector_id: u64,
-    ctx: OrderContext,
+    ctx: MpAccount,
     life: AttendedOrderLife,
     /// Where renewal loops and watches run, set by [`spawn`].
     tasks: TaskTracker,
@@ -129,7 +129,7 @@ impl Desk {
         gateway: Arc<Gateway>,
         api: AttendedApi,
         collector_id: u64,
-        ctx: OrderContext,
+        ctx: MpAccount,
     ) -> Desk {
         Desk {
             lanes: Default::default(),

@@ -199,6 +199,13 @@ pub struct PosRegistration {
     pub category: Option<u32>,
 }
 
+/// A POS's allowance: `per_sec` messages a second on average, `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub per_sec: u32,
+    pub burst: u32,
+}
+
 #[derive(Debug, Clone)]
 pub struct MqttConfig {
     pub broker: Broker,
@@ -228,7 +235,7 @@ pub struct MqttConfig {
     /// once (`device_rate_per_sec`, `device_burst`). More is refused
     /// (`rate_limited`) before it is read, so one device cannot hold up the
     /// others.
-    pub device_rate: crate::mqtt::intake::Rate,
+    pub device_rate: Rate,
     /// Refusals of one POS kept one by one (a log line and a store row each)
     /// per minute; the rest are summed into one line and row per minute.
     pub stored_rejections_per_minute: u32,
@@ -1377,7 +1384,7 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
             tls_cert,
             tls_key,
             tls_ca,
-            device_rate: crate::mqtt::intake::Rate {
+            device_rate: Rate {
                 per_sec: raw.mqtt.device_rate_per_sec,
                 burst: raw.mqtt.device_burst,
             },

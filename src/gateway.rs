@@ -16,7 +16,7 @@ use dashmap::DashMap;
 use tokio::sync::{mpsc, Mutex, Notify};
 
 use crate::events::{Events, OpEvent};
-use crate::http::answer::{self, OrderContext, PollAnswer};
+use crate::mercadopago::poll_answer::{self, MpAccount, PollAnswer};
 use crate::metrics::Metrics;
 use crate::mqtt::outbound;
 use crate::mqtt::refusals::{Ledger, SUMMARY_CODE};
@@ -25,7 +25,7 @@ use crate::orders::ledger::Refund;
 use crate::orders::sale::RefundReason;
 use crate::orders::settle::{MerchantOrderFacts, PaymentStatus};
 use crate::orders::{
-    self, Command, Ctx, ExternalReference, Outcome, PosConfig, PosId, PosState, Sale, SaleEvent,
+    self, Command, ExternalReference, Given, Outcome, PosConfig, PosId, PosState, Sale, SaleEvent,
     UnixMillis,
 };
 use crate::store::{MerchantOrderRecord, PaymentRecord, RejectionRecord, Store, StoreError};
@@ -94,7 +94,7 @@ pub struct Gateway {
     locks: HashMap<PosId, Mutex<()>>,
     views: DashMap<PosId, Arc<PosView>>,
     store: Arc<dyn Store>,
-    ctx: OrderContext,
+    ctx: MpAccount,
     /// The answer for an unknown POS, in the account's default protocol.
     invalid: PollAnswer,
     collector_id: u64,
@@ -137,7 +137,7 @@ impl Gateway {
     pub async fn load(
         pos: Vec<PosConfig>,
         store: Arc<dyn Store>,
-        ctx: OrderContext,
+        ctx: MpAccount,
         settings: BookSettings,
         publish: mpsc::UnboundedSender<Publish>,
         served: mpsc::UnboundedSender<(PosId, ExternalReference)>,
@@ -170,7 +170,7 @@ impl Gateway {
             views,
             store,
             ctx,
-            invalid: answer::invalid(poll_protocol),
+            invalid: poll_answer::invalid(poll_protocol),
             collector_id,
             auto_refund,
             topics,
@@ -578,8 +578,8 @@ impl Gateway {
         }
     }
 
-    fn now(&self) -> Ctx {
-        Ctx {
+    fn now(&self) -> Given {
+        Given {
             now: now_millis(),
             random: rand::random(),
             auto_refund: self.auto_refund,
@@ -962,8 +962,8 @@ impl Locked<'_> {
     }
 }
 
-fn view(cfg: &PosConfig, state: PosState, ctx: &OrderContext) -> PosView {
-    let answer = answer::render(cfg, &state, ctx);
+fn view(cfg: &PosConfig, state: PosState, ctx: &MpAccount) -> PosView {
+    let answer = poll_answer::render(cfg, &state, ctx);
     let served = state.busy_sale().is_some_and(|s| s.served_at.is_some());
     PosView {
         state,

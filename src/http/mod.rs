@@ -1,7 +1,6 @@
 //! The public HTTP side: the POS URL Mercado Pago polls, the notification
 //! endpoint, and health. Handlers extract, call the book or enqueue, render.
 
-pub mod answer;
 pub mod edge;
 pub mod health;
 pub mod notifications;

@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod order_body;
+pub mod poll_answer;
 pub mod pos_api;
 pub mod simulator;
 pub mod wire;

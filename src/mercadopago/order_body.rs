@@ -16,7 +16,7 @@ use crate::orders::{PosKind, Sale};
 
 /// What every order body carries besides the sale.
 #[derive(Debug, Clone)]
-pub struct OrderContext {
+pub struct MpAccount {
     pub collector_id: u64,
     pub sponsor_id: Option<u64>,
     pub notification_url: String,
@@ -90,7 +90,7 @@ fn whole_line<'a>(line: &'a Line, sale: &Sale) -> WholeLine<'a> {
 }
 
 /// The v1 poll answer's body.
-pub fn v1(sale: &Sale, ctx: &OrderContext) -> Vec<u8> {
+pub fn v1(sale: &Sale, ctx: &MpAccount) -> Vec<u8> {
     let body = V1Order {
         collector_id: ctx.collector_id,
         sponsor_id: ctx.sponsor_id,
@@ -188,7 +188,7 @@ fn order_description(sale: &Sale) -> String {
 fn v2_order<'a>(
     sale: &'a Sale,
     kind: PosKind,
-    ctx: &'a OrderContext,
+    ctx: &'a MpAccount,
     expiration_date: Option<String>,
 ) -> V2Order<'a> {
     let currency = sale.currency;
@@ -221,7 +221,7 @@ fn v2_order<'a>(
 }
 
 /// The v2 poll answer's body.
-pub fn v2(sale: &Sale, kind: PosKind, ctx: &OrderContext) -> Vec<u8> {
+pub fn v2(sale: &Sale, kind: PosKind, ctx: &MpAccount) -> Vec<u8> {
     serde_json::to_vec(&v2_order(sale, kind, ctx, None)).unwrap_or_default()
 }
 
@@ -230,7 +230,7 @@ pub fn v2(sale: &Sale, kind: PosKind, ctx: &OrderContext) -> Vec<u8> {
 pub fn instore(
     sale: &Sale,
     kind: PosKind,
-    ctx: &OrderContext,
+    ctx: &MpAccount,
     expires: Option<DateTime<FixedOffset>>,
 ) -> Vec<u8> {
     let expiration = expires.map(|e| e.to_rfc3339_opts(chrono::SecondsFormat::Millis, false));
@@ -260,7 +260,7 @@ struct LegacyOrder<'a> {
 }
 
 /// The order for `POST /mpmobile/instore/qr/{collector}/{pos}`.
-pub fn legacy(sale: &Sale, ctx: &OrderContext) -> Vec<u8> {
+pub fn legacy(sale: &Sale, ctx: &MpAccount) -> Vec<u8> {
     let body = LegacyOrder {
         external_reference: sale.external_reference.as_str(),
         notification_url: &ctx.notification_url,

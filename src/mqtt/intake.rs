@@ -26,12 +26,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 
-/// A POS's allowance: `per_sec` messages a second on average, `burst` at once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Rate {
-    pub per_sec: u32,
-    pub burst: u32,
-}
+pub use crate::config::Rate;
 
 /// A message over its POS's rate: refused; `tell` says whether the device is
 /// told so now (at most once a second per POS, or the refusals would flood

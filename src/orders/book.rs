@@ -308,7 +308,7 @@ pub enum Outcome {
 
 /// The clock and the randomness a command may need, passed in.
 #[derive(Debug, Clone, Copy)]
-pub struct Ctx {
+pub struct Given {
     pub now: UnixMillis,
     pub random: u32,
     /// `[orders] auto_refund`, fixed on each refund as it comes due.
@@ -375,7 +375,7 @@ pub fn price(pos: &PosConfig, req: &SaleRequest) -> Result<(Vec<Line>, Amount), 
     Ok((lines, total))
 }
 
-fn new_sale(pos: &PosConfig, sale_id: SaleId, ctx: Ctx) -> Sale {
+fn new_sale(pos: &PosConfig, sale_id: SaleId, ctx: Given) -> Sale {
     Sale {
         external_reference: ExternalReference::generate(&pos.id, ctx.now, ctx.random),
         pos: pos.id.clone(),
@@ -405,7 +405,7 @@ fn rejected(sale_id: &SaleId, why: Rejection) -> Outcome {
 }
 
 /// The order book's one rule set.
-pub fn apply(pos: &PosConfig, state: &PosState, cmd: Command, ctx: Ctx) -> Outcome {
+pub fn apply(pos: &PosConfig, state: &PosState, cmd: Command, ctx: Given) -> Outcome {
     let current = state.current.as_ref();
     let is_current = |id: &SaleId| current.is_some_and(|s| &s.sale_id == id);
     match cmd {
@@ -570,7 +570,7 @@ pub fn apply(pos: &PosConfig, state: &PosState, cmd: Command, ctx: Ctx) -> Outco
 }
 
 /// A busy sale ends unpaid: what it held is owed back.
-fn end(s: &Sale, state: SaleState, ctx: Ctx) -> Sale {
+fn end(s: &Sale, state: SaleState, ctx: Given) -> Sale {
     let mut sale = s.clone();
     sale.state = state;
     sale.ledger
@@ -707,7 +707,7 @@ pub fn record_refunds(sale: &Sale, made: &[(MpId, Refund)], now: UnixMillis) -> 
 
 /// The device says it acted (or failed to act) on a paid sale, current or
 /// not: MQTT does not order `delivered` against the device's next `sale`.
-pub fn deliver(s: &Sale, ok: bool, reason: Option<String>, ctx: Ctx) -> Outcome {
+pub fn deliver(s: &Sale, ok: bool, reason: Option<String>, ctx: Given) -> Outcome {
     // The operator may have refunded part (or all) of it before the device
     // spoke: it is still the sale the device was told to deliver.
     let paid = matches!(
@@ -749,7 +749,7 @@ pub fn settle(
     sale: &Sale,
     mo: &MerchantOrderFacts,
     collector_id: u64,
-    ctx: Ctx,
+    ctx: Given,
 ) -> Result<Outcome, Refusal> {
     let approved = settle::verify(sale, mo, collector_id)?;
     let now = ctx.now;
@@ -827,8 +827,8 @@ mod tests {
         SaleId::parse(s).unwrap()
     }
 
-    fn ctx(now: i64) -> Ctx {
-        Ctx {
+    fn ctx(now: i64) -> Given {
+        Given {
             now,
             random: 7,
             auto_refund: false,

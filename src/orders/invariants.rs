@@ -15,7 +15,7 @@ use proptest::prelude::*;
 use rust_decimal::Decimal;
 
 use super::book::{
-    apply, record_refunds, refund_plan, settle, Command, Ctx, LineRequest, Outcome, PosConfig,
+    apply, record_refunds, refund_plan, settle, Command, Given, LineRequest, Outcome, PosConfig,
     PosState, SaleEvent, SaleRequest,
 };
 use super::ledger::{Refund, RefundCall, RefundOf};
@@ -195,7 +195,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     let mut next_id = 1u64;
     for (step, op) in ops.into_iter().enumerate() {
         now += 1_000;
-        let ctx = Ctx {
+        let ctx = Given {
             now,
             random: step as u32,
             auto_refund: step % 3 != 0,
@@ -239,7 +239,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
             Op::Cancel { id } => outcomes.push(apply(&pos, &state, Command::Cancel(sid(id)), ctx)),
             Op::Expire => {
                 now += 61_000;
-                outcomes.push(apply(&pos, &state, Command::Expire, Ctx { now, ..ctx }))
+                outcomes.push(apply(&pos, &state, Command::Expire, Given { now, ..ctx }))
             }
             Op::Served => {
                 if let Some(s) = state.busy_sale() {

@@ -11,7 +11,8 @@ pub mod settle;
 mod invariants;
 
 pub use book::{
-    apply, mp_external_id, record_refunds, refund_plan, refundable, settle, Command, Ctx, Outcome,
-    PollProtocol, PosConfig, PosMode, PosState, Presence, RefundRefusal, Rejection, SaleEvent,
+    apply, mp_external_id, record_refunds, refund_plan, refundable, settle, Command, Given,
+    Outcome, PollProtocol, PosConfig, PosMode, PosState, Presence, RefundRefusal, Rejection,
+    SaleEvent,
 };
 pub use sale::{ExternalReference, MpId, PosId, PosKind, Sale, SaleId, SaleState, UnixMillis};

@@ -181,7 +181,7 @@ async fn readiness_fails_with_a_reason_when_the_broker_is_unreachable() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poll_right_after_the_device_hears_pending_is_served() {
     use qrgate::gateway::{BookSettings, Gateway};
-    use qrgate::mercadopago::order_body::OrderContext;
+    use qrgate::mercadopago::order_body::MpAccount;
     use qrgate::mqtt::inbound::parse;
     use qrgate::mqtt::topics::{DeviceTopic, Topics};
     use qrgate::orders::PollProtocol;
@@ -198,7 +198,7 @@ async fn a_poll_right_after_the_device_hears_pending_is_served() {
         Gateway::load(
             vec![pos("pump-1", PosKind::Fuel)],
             store,
-            OrderContext {
+            MpAccount {
                 poll_protocol: qrgate::orders::PollProtocol::V1,
                 collector_id: 1,
                 sponsor_id: None,

@@ -6,8 +6,8 @@
 use bytes::Bytes;
 use serde::Serialize;
 
-use crate::mercadopago::order_body;
-pub use crate::mercadopago::order_body::OrderContext;
+use super::order_body;
+pub use super::order_body::MpAccount;
 use crate::orders::{PollProtocol, PosConfig, PosKind, PosMode, PosState, SaleState};
 
 /// What a poll answers, ready to send.
@@ -106,7 +106,7 @@ fn attended(protocol: PollProtocol) -> PollAnswer {
 }
 
 /// The answer for a known POS in `state` (CONTRACT-NOTES, Presence and polls).
-pub fn render(pos: &PosConfig, state: &PosState, ctx: &OrderContext) -> PollAnswer {
+pub fn render(pos: &PosConfig, state: &PosState, ctx: &MpAccount) -> PollAnswer {
     let protocol = match pos.mode {
         PosMode::Unattended(p) => p,
         PosMode::Attended => return attended(ctx.poll_protocol),
@@ -158,13 +158,13 @@ pub fn render(pos: &PosConfig, state: &PosState, ctx: &OrderContext) -> PollAnsw
 mod tests {
     use super::*;
     use crate::money::Currency;
-    use crate::orders::book::{apply, Command, Ctx, LineRequest, Outcome, SaleRequest};
+    use crate::orders::book::{apply, Command, Given, LineRequest, Outcome, SaleRequest};
     use crate::orders::{PosId, Presence, SaleId};
     use rust_decimal::Decimal;
     use std::str::FromStr;
 
-    fn ctx() -> OrderContext {
-        OrderContext {
+    fn ctx() -> MpAccount {
+        MpAccount {
             poll_protocol: PollProtocol::V1,
             collector_id: 178106235,
             sponsor_id: Some(334249281),
@@ -202,7 +202,7 @@ mod tests {
             p,
             &PosState::idle(),
             Command::Sale(req),
-            Ctx {
+            Given {
                 now: 0,
                 random: 1,
                 auto_refund: false,
@@ -377,7 +377,7 @@ mod tests {
         assert_eq!((a.status, a.kind), (400, "invalid"));
         assert_eq!(json(&a)["error"]["type"], "invalid");
         // On a v2 account: v2 has no code for it.
-        let v2_ctx = OrderContext {
+        let v2_ctx = MpAccount {
             poll_protocol: PollProtocol::V2,
             ..ctx()
         };
