@@ -9,11 +9,11 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use qrgate::gateway::{BookSettings, Gateway};
+use qrgate::book::{Book, BookSettings};
 use qrgate::mercadopago::poll_answer::MpAccount;
 use qrgate::money::Currency;
 use qrgate::mqtt::topics::Topics;
-use qrgate::orders::book::{LineRequest, SaleRequest};
+use qrgate::orders::rules::{LineRequest, SaleRequest};
 use qrgate::orders::{Command, PosConfig, PosId, PosKind, SaleId};
 use qrgate::store::{SqliteStore, Store};
 use rust_decimal::Decimal;
@@ -32,14 +32,14 @@ fn pos_list(n: usize) -> Vec<PosConfig> {
         .collect()
 }
 
-async fn gateway(store: Arc<dyn Store>, pos: Vec<PosConfig>) -> Arc<Gateway> {
+async fn book(store: Arc<dyn Store>, pos: Vec<PosConfig>) -> Arc<Book> {
     let (publish, mut rx) = tokio::sync::mpsc::unbounded_channel();
     // Polls do not mark sales served here (its receiver is gone).
     let (served, _) = tokio::sync::mpsc::unbounded_channel();
     // Nobody listens to the devices here; keep the channel drained.
     tokio::spawn(async move { while rx.recv().await.is_some() {} });
     Arc::new(
-        Gateway::load(
+        Book::load(
             pos,
             store,
             MpAccount {
@@ -86,7 +86,7 @@ async fn accept_rate(fsync: bool, pos: usize, per_pos: usize) -> f64 {
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn Store> =
         Arc::new(SqliteStore::open(&dir.path().join("b.db"), fsync).unwrap());
-    let g = gateway(store, pos_list(pos)).await;
+    let g = book(store, pos_list(pos)).await;
     let start = Instant::now();
     let mut tasks = Vec::new();
     for p in 0..pos {
@@ -114,7 +114,7 @@ async fn rebuild_time(n: usize) -> (f64, f64) {
     let path = dir.path().join("b.db");
     {
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&path, false).unwrap());
-        let g = gateway(Arc::clone(&store), pos_list(n)).await;
+        let g = book(Arc::clone(&store), pos_list(n)).await;
         let mut tasks = Vec::new();
         for chunk in 0..64 {
             let g = Arc::clone(&g);
@@ -133,7 +133,7 @@ async fn rebuild_time(n: usize) -> (f64, f64) {
     let bytes = std::fs::metadata(&path).unwrap().len() as f64;
     let start = Instant::now();
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&path, true).unwrap());
-    let g = gateway(store, pos_list(n)).await;
+    let g = book(store, pos_list(n)).await;
     let took = start.elapsed().as_secs_f64();
     assert_eq!(
         g.poll("pump-0").status,

@@ -12,16 +12,16 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::book::{now_millis, Book, BookSettings};
 use crate::config::Secret;
 use crate::config::{Broker, Config};
-use crate::gateway::{now_millis, BookSettings, Gateway};
+use crate::inbox::{self, InboxSettings};
 use crate::link::LinkState;
 use crate::mercadopago::client::MpClient;
 use crate::mercadopago::poll_answer::MpAccount;
 use crate::mqtt::connection::{self, Endpoint};
 use crate::mqtt::{broker, topics::Topics};
 use crate::orders::Command;
-use crate::settlement::{self, InboxSettings};
 use crate::store::{SqliteStore, Store};
 
 /// Two TLS stacks are linked (reqwest's and rumqttc's), so rustls cannot pick
@@ -37,7 +37,7 @@ pub struct App {
     server: actix_web::dev::Server,
     admin_addr: Option<SocketAddr>,
     admin_server: Option<actix_web::dev::Server>,
-    gateway: Arc<Gateway>,
+    book: Arc<Book>,
     link: Arc<LinkState>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -164,8 +164,8 @@ impl App {
             sponsor_id: config.mercadopago.sponsor_id,
             notification_url: config.http.notification_url(),
         };
-        let gateway = Arc::new(
-            Gateway::load(
+        let book = Arc::new(
+            Book::load(
                 config.pos.clone(),
                 Arc::clone(&store),
                 ctx.clone(),
@@ -185,23 +185,22 @@ impl App {
         let link = connection::spawn(
             &config.mqtt,
             endpoint,
-            Arc::clone(&gateway),
+            Arc::clone(&book),
             publish_rx,
             shutdown.clone(),
             &tracker,
         );
-        let client =
-            MpClient::new(&config.mercadopago)?.with_metrics(Arc::clone(gateway.metrics()));
+        let client = MpClient::new(&config.mercadopago)?.with_metrics(Arc::clone(book.metrics()));
         // The inbox retries with its own backoff, across restarts: one
         // attempt per fetch.
-        let inbox = settlement::spawn(
+        let inbox = inbox::spawn(
             client
                 .clone()
                 .with_retry(crate::mercadopago::client::RetryPolicy {
                     attempts: 1,
                     ..Default::default()
                 }),
-            Arc::clone(&gateway),
+            Arc::clone(&book),
             InboxSettings {
                 window: Duration::from_secs(config.orders.reconcile_window_secs),
                 retry_max: Duration::from_secs(config.orders.notification_retry_max_secs),
@@ -213,7 +212,7 @@ impl App {
         .context("cannot read the notification inbox")?;
         tracker.spawn(crate::reconcile::run(
             client.clone(),
-            Arc::clone(&gateway),
+            Arc::clone(&book),
             config.orders.clone(),
             shutdown.clone(),
         ));
@@ -221,7 +220,7 @@ impl App {
             crate::attended::spawn(
                 crate::attended::Desk::new(
                     client.clone(),
-                    Arc::clone(&gateway),
+                    Arc::clone(&book),
                     config.mercadopago.attended_api,
                     config.mercadopago.collector_id,
                     ctx.clone(),
@@ -234,12 +233,12 @@ impl App {
         }
         tracker.spawn(crate::refunds::run(
             client.clone(),
-            Arc::clone(&gateway),
+            Arc::clone(&book),
             shutdown.clone(),
         ));
         // Repeats `paid` until the device confirms it acted on it.
         {
-            let gateway = Arc::clone(&gateway);
+            let book = Arc::clone(&book);
             let shutdown = shutdown.clone();
             let every = Duration::from_secs(config.orders.paid_republish_secs);
             tracker.spawn(async move {
@@ -251,9 +250,9 @@ impl App {
                         _ = tick.tick() => {}
                         _ = shutdown.cancelled() => break,
                     }
-                    for (p, reference) in gateway.undelivered() {
+                    for (p, reference) in book.undelivered() {
                         tracing::debug!(external_reference = %reference, "paid_undelivered: paid republished");
-                        gateway.republish(p);
+                        book.republish(p);
                     }
                 }
             });
@@ -261,7 +260,7 @@ impl App {
 
         // Marks served sales off the poll path.
         {
-            let gateway = Arc::clone(&gateway);
+            let book = Arc::clone(&book);
             let shutdown = shutdown.clone();
             tracker.spawn(async move {
                 loop {
@@ -269,7 +268,7 @@ impl App {
                         r = served_rx.recv() => match r { Some(r) => r, None => break },
                         _ = shutdown.cancelled() => break,
                     };
-                    if let Err(e) = gateway.execute(&pos, Command::Served(reference)).await {
+                    if let Err(e) = book.execute(&pos, Command::Served(reference)).await {
                         tracing::error!(pos = %pos, error = %e, "cannot record that a sale was served");
                     }
                 }
@@ -277,7 +276,7 @@ impl App {
         }
         // Expires sales nobody paid.
         {
-            let gateway = Arc::clone(&gateway);
+            let book = Arc::clone(&book);
             let shutdown = shutdown.clone();
             tracker.spawn(async move {
                 let mut tick = tokio::time::interval(Duration::from_millis(250));
@@ -287,8 +286,8 @@ impl App {
                         _ = tick.tick() => {}
                         _ = shutdown.cancelled() => break,
                     }
-                    for pos in gateway.expired(now_millis()) {
-                        if let Err(e) = gateway.execute(&pos, Command::Expire).await {
+                    for pos in book.expired(now_millis()) {
+                        if let Err(e) = book.execute(&pos, Command::Expire).await {
                             tracing::error!(pos = %pos, error = %e, "cannot expire a sale");
                         }
                     }
@@ -297,7 +296,7 @@ impl App {
         }
 
         let shared = web::Data::new(crate::http::State {
-            gateway: Arc::clone(&gateway),
+            book: Arc::clone(&book),
             inbox,
             link: Arc::clone(&link),
             poll_access: crate::http::poll::PollAccess::new(&config.http.poll_keys, &config.pos),
@@ -322,7 +321,7 @@ impl App {
                 let server = crate::admin::serve(
                     &config.admin,
                     l,
-                    Arc::clone(&gateway),
+                    Arc::clone(&book),
                     client.clone(),
                     Arc::clone(&link),
                     shutdown.clone(),
@@ -356,7 +355,7 @@ impl App {
             server,
             admin_addr,
             admin_server,
-            gateway,
+            book,
             link,
             shutdown,
             tracker,
@@ -382,8 +381,8 @@ impl App {
         self.mqtt_tls_addr
     }
 
-    pub fn gateway(&self) -> Arc<Gateway> {
-        Arc::clone(&self.gateway)
+    pub fn book(&self) -> Arc<Book> {
+        Arc::clone(&self.book)
     }
 
     pub fn link(&self) -> Arc<LinkState> {
@@ -418,7 +417,7 @@ impl App {
         }
         // A write queued behind every other: when it commits, all before it
         // are on disk.
-        if let Err(e) = self.gateway.store().check_writable().await {
+        if let Err(e) = self.book.store().check_writable().await {
             tracing::error!(error = %e, "store could not be flushed at shutdown");
         }
         tracing::info!("stopped");

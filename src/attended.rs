@@ -22,8 +22,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::book::{now_millis, AttendedJob, Book, Verdict};
 use crate::config::{AttendedApi, AttendedOrderLife};
-use crate::gateway::{now_millis, AttendedJob, Gateway, Settlement};
 use crate::mercadopago::client::{MpClient, MpError};
 use crate::mercadopago::order_body::{self, MpAccount};
 use crate::orders::{
@@ -55,7 +55,7 @@ pub struct Desk {
     /// Sales whose order is kept alive: one renewal loop each.
     renewing: std::sync::Mutex<HashSet<ExternalReference>>,
     client: MpClient,
-    gateway: Arc<Gateway>,
+    book: Arc<Book>,
     api: AttendedApi,
     collector_id: u64,
     ctx: MpAccount,
@@ -76,12 +76,12 @@ pub fn spawn(
     let desk = Arc::new(desk);
     // Orders a stop left unplaced are placed again; the order of a sale
     // that ended is taken off again (a removal may have been cut short).
-    for sale in desk.gateway.unplaced() {
+    for sale in desk.book.unplaced() {
         tracing::info!(pos = %sale.pos, sale_id = %sale.sale_id, external_reference = %sale.external_reference,
             "attended order not known to be placed: placing it again");
         tracker.spawn(Arc::clone(&desk).run(AttendedJob::Place(sale), shutdown.clone()));
     }
-    for sale in desk.gateway.ended_placed() {
+    for sale in desk.book.ended_placed() {
         tracker.spawn(Arc::clone(&desk).run(AttendedJob::Remove(sale), shutdown.clone()));
     }
     // Renewals a stop interrupted: when the order was last placed is not
@@ -126,7 +126,7 @@ enum Retired {
 impl Desk {
     pub fn new(
         client: MpClient,
-        gateway: Arc<Gateway>,
+        book: Arc<Book>,
         api: AttendedApi,
         collector_id: u64,
         ctx: MpAccount,
@@ -137,7 +137,7 @@ impl Desk {
             replaced: Default::default(),
             renewing: Default::default(),
             client,
-            gateway,
+            book,
             api,
             collector_id,
             ctx,
@@ -221,7 +221,7 @@ impl Desk {
     }
 
     fn pos(&self, sale: &Sale) -> Option<&PosConfig> {
-        self.gateway.pos_config(sale.pos.as_str())
+        self.book.pos_config(sale.pos.as_str())
     }
 
     /// When an order placed at `now` stops being payable at Mercado Pago.
@@ -311,7 +311,7 @@ impl Desk {
         let Some(cfg) = self.pos(&sale) else { return };
         let mut attempt = 0u32;
         let placed = loop {
-            if !self.gateway.is_pending(&sale.pos, &sale.external_reference) {
+            if !self.book.is_pending(&sale.pos, &sale.external_reference) {
                 // Cancelled or expired before the order was placed: whatever
                 // an earlier attempt may have left is taken off.
                 return self.remove(&sale, None).await;
@@ -331,7 +331,7 @@ impl Desk {
                         reference: sale.external_reference.clone(),
                         reason: mp_message(&e),
                     };
-                    if let Err(e) = self.gateway.execute(&sale.pos, cmd).await {
+                    if let Err(e) = self.book.execute(&sale.pos, cmd).await {
                         tracing::error!(pos = %sale.pos, external_reference = %sale.external_reference,
                             error = %e, "cannot record that Mercado Pago refused the order");
                     }
@@ -348,7 +348,7 @@ impl Desk {
             reference: sale.external_reference.clone(),
             order: placed.order.clone(),
         };
-        match self.gateway.execute(&sale.pos, cmd).await {
+        match self.book.execute(&sale.pos, cmd).await {
             Ok(Outcome::Changed {
                 sale: placed_sale, ..
             }) => {
@@ -358,7 +358,7 @@ impl Desk {
                 // Placed for a sale that ended meanwhile (or was placed
                 // already, after a restart): an order nobody can pay for
                 // must not stay on the POS.
-                if !self.gateway.is_pending(&sale.pos, &sale.external_reference) {
+                if !self.book.is_pending(&sale.pos, &sale.external_reference) {
                     self.remove(&sale, placed.order.as_deref()).await;
                 } else {
                     self.keep_alive(&sale, placed.expires);
@@ -381,7 +381,7 @@ impl Desk {
             // order, not by POS).
             if self.api != AttendedApi::Orders
                 && self
-                    .gateway
+                    .book
                     .has_newer_sale(&sale.pos, &sale.external_reference)
             {
                 tracing::info!(pos = %sale.pos, external_reference = %sale.external_reference,
@@ -441,7 +441,7 @@ impl Desk {
     }
 
     async fn place_again(&self, sale: Sale) {
-        if !self.gateway.is_pending(&sale.pos, &sale.external_reference) {
+        if !self.book.is_pending(&sale.pos, &sale.external_reference) {
             return;
         }
         tracing::warn!(pos = %sale.pos, sale_id = %sale.sale_id, external_reference = %sale.external_reference,
@@ -452,7 +452,7 @@ impl Desk {
         match self.place_once(cfg, &sale, &create_key(&sale)).await {
             // Paid, cancelled or expired while the call ran: the order just
             // placed must not outlive the sale.
-            Ok(placed) if !self.gateway.is_pending(&sale.pos, &sale.external_reference) => {
+            Ok(placed) if !self.book.is_pending(&sale.pos, &sale.external_reference) => {
                 self.remove(&sale, placed.order.as_deref()).await;
             }
             Ok(_) => {
@@ -470,10 +470,10 @@ impl Desk {
 
     /// Pending attended sales whose order is placed.
     fn placed_pending(&self) -> Vec<Sale> {
-        self.gateway
+        self.book
             .pos_configs()
             .filter(|c| c.mode == PosMode::Attended)
-            .filter_map(|c| self.gateway.view(&c.id))
+            .filter_map(|c| self.book.view(&c.id))
             .filter_map(|v| v.state.current.clone())
             .filter(|s| s.state == SaleState::Pending && s.placed_at.is_some())
             .collect()
@@ -481,7 +481,7 @@ impl Desk {
 
     /// The sale as its POS has it now, if it is still pending.
     fn pending_sale(&self, pos: &PosId, reference: &ExternalReference) -> Option<Sale> {
-        self.gateway
+        self.book
             .view(pos)?
             .state
             .current
@@ -569,7 +569,7 @@ impl Desk {
                 Err(e) if e.is_transient() => {
                     let wait = backoff(attempt);
                     let late = now_millis().saturating_add(wait.as_millis() as i64) >= give_up_at;
-                    if !self.gateway.is_pending(&sale.pos, &sale.external_reference) {
+                    if !self.book.is_pending(&sale.pos, &sale.external_reference) {
                         // Ended meanwhile; an attempt whose answer was lost
                         // may have placed it.
                         self.remove(sale, None).await;
@@ -604,7 +604,7 @@ impl Desk {
             // Instore and legacy: the new order replaced the old one on the
             // POS, same reference; nothing else is live.
             None => {
-                if !self.gateway.is_pending(&sale.pos, &sale.external_reference) {
+                if !self.book.is_pending(&sale.pos, &sale.external_reference) {
                     // Paid or ended while the call ran: the order just placed
                     // must not outlive the sale.
                     self.remove(sale, None).await;
@@ -635,7 +635,7 @@ impl Desk {
             reference: sale.external_reference.clone(),
             order: new.clone(),
         };
-        match self.gateway.execute(&sale.pos, cmd).await {
+        match self.book.execute(&sale.pos, cmd).await {
             Ok(Outcome::Changed { .. }) => {}
             Ok(_) => {
                 // Paid (perhaps through the old order) or ended while the
@@ -714,8 +714,8 @@ impl Desk {
         let Some(facts) = order.facts(self.collector_id, sale.currency.code()) else {
             return Some(false);
         };
-        match self.gateway.settle(&facts, Some(raw), &status).await {
-            Ok(Settlement::Paid { .. }) => {
+        match self.book.settle(&facts, Some(raw), &status).await {
+            Ok(Verdict::Paid { .. }) => {
                 tracing::warn!(pos = %sale.pos, sale_id = %sale.sale_id, external_reference = %sale.external_reference,
                     order = id, "the old Orders API order was paid while its sale's order was placed again: sale paid");
                 Some(true)
@@ -769,7 +769,7 @@ impl Desk {
             reference: sale.external_reference.clone(),
             reason: why.clone(),
         };
-        match self.gateway.execute(&sale.pos, cmd).await {
+        match self.book.execute(&sale.pos, cmd).await {
             Ok(Outcome::Changed { .. }) => {
                 tracing::error!(pos = %sale.pos, sale_id = %sale.sale_id, external_reference = %sale.external_reference,
                     reason = %why, "attended order could not be placed again before it expired: sale rejected");

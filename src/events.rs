@@ -1,5 +1,5 @@
 //! The operator's event stream: one small record per thing that happened to
-//! a sale or a POS, sent where its log line is written (the gateway's
+//! a sale or a POS, sent where its log line is written (the book's
 //! `log_event`, rejections, presence, settlements, refunds), so the
 //! console's feed and the logs say the same thing. A bounded broadcast: a
 //! slow subscriber lags and is told how much it missed; the book never

@@ -2,7 +2,7 @@
 //!
 //! One sale's path through the modules:
 //! 1. `mqtt::inbound`: a device publishes a sale; it becomes a `Command`.
-//! 2. `gateway` + `orders`: the order book decides (pure rules in `orders`),
+//! 2. `book` + `orders`: the order book decides (pure rules in `orders`),
 //!    writes the change to the `store`, then shows it to polls.
 //! 3. `http::poll`: Mercado Pago polls the POS URL; `http::answer` renders.
 //! 4. `http::notifications` → `settlement`: a notification names a merchant
@@ -19,11 +19,12 @@
 pub mod admin;
 pub mod app;
 pub mod attended;
+pub mod book;
 pub mod config;
 pub mod demo;
 pub mod events;
-pub mod gateway;
 pub mod http;
+pub mod inbox;
 pub mod link;
 pub mod mercadopago;
 pub mod metrics;
@@ -33,6 +34,5 @@ pub mod orders;
 pub mod reconcile;
 pub mod refunds;
 pub mod registration;
-pub mod settlement;
 pub mod store;
 pub mod telemetry;

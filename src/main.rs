@@ -26,7 +26,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run the gateway (the default).
+    /// Run the book (the default).
     Serve,
     /// Run qrgate, the Mercado Pago simulator and two devices in one process,
     /// and tell the story of one fuel sale and one vending sale.

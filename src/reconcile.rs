@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::book::{now_millis, Book, Verdict};
 use crate::config::OrdersConfig;
-use crate::gateway::{now_millis, Gateway, Settlement};
 use crate::mercadopago::client::{MpClient, MpError};
 use crate::orders::settle::MerchantOrderFacts;
 use crate::orders::{ExternalReference, Sale, UnixMillis};
@@ -36,14 +36,14 @@ const RECHECKS_PER_ROUND: usize = 20;
 /// orders of its reference, each with its body and status.
 async fn search(
     client: &MpClient,
-    gateway: &Gateway,
+    book: &Book,
     sale: &Sale,
 ) -> Result<Vec<(MerchantOrderFacts, String, String)>, MpError> {
     match &sale.mp_order {
         Some(id) => client.order(id).await.map(|(order, raw)| {
             let status = order.status.clone().unwrap_or_default();
             order
-                .facts(gateway.collector_id(), sale.currency.code())
+                .facts(book.collector_id(), sale.currency.code())
                 .map(|facts| (facts, raw, status))
                 .into_iter()
                 .collect()
@@ -63,11 +63,11 @@ async fn search(
 /// Searches again the paid sales due: `Err` carries a rate limit's pause.
 async fn recheck_paid(
     client: &MpClient,
-    gateway: &Gateway,
+    book: &Book,
     after_secs: &[u64],
     now: UnixMillis,
 ) -> Result<(), Option<std::time::Duration>> {
-    let store = gateway.store();
+    let store = book.store();
     for (done, after) in after_secs.iter().enumerate() {
         let done = done as u32;
         let paid_before = now - (*after as i64).saturating_mul(1000);
@@ -83,7 +83,7 @@ async fn recheck_paid(
         };
         for r in due {
             let last = done as usize + 1 >= after_secs.len();
-            let sale = match gateway.find_sale(&r.external_reference).await {
+            let sale = match book.find_sale(&r.external_reference).await {
                 Ok(Some(s)) => s,
                 Ok(None) => {
                     let _ = store
@@ -96,19 +96,19 @@ async fn recheck_paid(
                     continue;
                 }
             };
-            match search(client, gateway, &sale).await {
+            match search(client, book, &sale).await {
                 Ok(found) => {
                     let mut owed = false;
                     for (facts, raw, status) in found {
-                        match gateway.settle(&facts, Some(raw), &status).await {
-                            Ok(Settlement::RefundDue { .. }) => owed = true,
+                        match book.settle(&facts, Some(raw), &status).await {
+                            Ok(Verdict::RefundDue { .. }) => owed = true,
                             Ok(_) => {}
                             Err(e) => tracing::error!(external_reference = %r.external_reference,
                                 merchant_order = %facts.id, error = %e, "paid sale searched again: could not settle"),
                         }
                     }
                     if owed {
-                        gateway.metrics().reconcile_closed.inc();
+                        book.metrics().reconcile_closed.inc();
                         tracing::warn!(pos = %sale.pos, sale_id = %sale.sale_id, external_reference = %r.external_reference,
                             "a paid sale searched again had a payment nobody notified: owed back");
                     }
@@ -151,7 +151,7 @@ pub fn due(
 
 pub async fn run(
     client: MpClient,
-    gateway: Arc<Gateway>,
+    book: Arc<Book>,
     cfg: OrdersConfig,
     shutdown: CancellationToken,
 ) {
@@ -170,7 +170,7 @@ pub async fn run(
         if now < paused_until {
             continue;
         }
-        let candidates = match gateway.store().unsettled_served(now - window_ms).await {
+        let candidates = match book.store().unsettled_served(now - window_ms).await {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(error = %e, "reconciliation cannot read the store");
@@ -192,14 +192,14 @@ pub async fn run(
             last.insert(reference.clone(), now);
             // An Orders API sale has its own order to look at; any other,
             // the merchant orders of its reference.
-            let found = search(&client, &gateway, &sale).await;
-            gateway.metrics().reconcile_runs.inc();
+            let found = search(&client, &book, &sale).await;
+            book.metrics().reconcile_runs.inc();
             match found {
                 Ok(found) => {
                     let count = found.len();
                     let mut outcomes = Vec::new();
                     for (facts, raw, status) in found {
-                        match gateway.settle(&facts, Some(raw), &status).await {
+                        match book.settle(&facts, Some(raw), &status).await {
                             Ok(s) => outcomes.push(s),
                             Err(e) => {
                                 tracing::error!(external_reference = %reference, merchant_order = %facts.id,
@@ -207,14 +207,12 @@ pub async fn run(
                             }
                         }
                     }
-                    let closed = outcomes
-                        .iter()
-                        .any(|o| matches!(o, Settlement::Paid { .. }));
+                    let closed = outcomes.iter().any(|o| matches!(o, Verdict::Paid { .. }));
                     let due = outcomes
                         .iter()
-                        .any(|o| matches!(o, Settlement::RefundDue { .. }));
+                        .any(|o| matches!(o, Verdict::RefundDue { .. }));
                     if closed || due {
-                        gateway.metrics().reconcile_closed.inc();
+                        book.metrics().reconcile_closed.inc();
                         tracing::warn!(pos = %sale.pos, sale_id = %sale.sale_id, external_reference = %reference,
                             merchant_orders = count, closed, refund_due = due,
                             "reconciliation found a payment whose notification never arrived");
@@ -240,7 +238,7 @@ pub async fn run(
         }
         if now_millis() >= paused_until {
             if let Err(retry_after) =
-                recheck_paid(&client, &gateway, &cfg.recheck_after_secs, now).await
+                recheck_paid(&client, &book, &cfg.recheck_after_secs, now).await
             {
                 let pause = retry_after.map_or(RATE_LIMIT_PAUSE, |d| d.as_millis() as i64);
                 tracing::warn!(

@@ -21,7 +21,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{Mutex, OnceCell};
 use tokio_util::sync::CancellationToken;
 
-use crate::gateway::{now_millis, Gateway};
+use crate::book::{now_millis, Book};
 use crate::mercadopago::client::{MpClient, MpError};
 use crate::money::Amount;
 use crate::orders::ledger::{Refund, RefundCall};
@@ -76,8 +76,8 @@ pub async fn make(
 
 /// qrgate's own refunds: whenever one comes due, and now and then for
 /// those whose call failed (or was cut by a crash).
-pub async fn run(client: MpClient, gateway: Arc<Gateway>, shutdown: CancellationToken) {
-    let wake = gateway.refunds_due();
+pub async fn run(client: MpClient, book: Arc<Book>, shutdown: CancellationToken) {
+    let wake = book.refunds_due();
     // Calls Mercado Pago refused (a final 4xx): left to the operator, not
     // repeated every round.
     let mut refused: HashSet<String> = HashSet::new();
@@ -90,13 +90,13 @@ pub async fn run(client: MpClient, gateway: Arc<Gateway>, shutdown: Cancellation
         }
         if pruned_at.elapsed() >= Duration::from_secs(3600) {
             pruned_at = Instant::now();
-            if let Err(e) = gateway.store().prune(now_millis() - KEEP_RECORDS).await {
+            if let Err(e) = book.store().prune(now_millis() - KEEP_RECORDS).await {
                 tracing::warn!(error = %e, "cannot forget old inbox entries and refund requests");
             }
         }
         // Operator requests a failure or a crash cut short are finished.
-        finish_unanswered(&client, &gateway, now_millis() - STALE_REQUEST).await;
-        let sales = match gateway.store().pending_auto_refunds().await {
+        finish_unanswered(&client, &book, now_millis() - STALE_REQUEST).await;
+        let sales = match book.store().pending_auto_refunds().await {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(error = %e, "cannot read refunds due from the store");
@@ -107,7 +107,7 @@ pub async fn run(client: MpClient, gateway: Arc<Gateway>, shutdown: Cancellation
             if shutdown.is_cancelled() {
                 return;
             }
-            refund_owed(&client, &gateway, &sale.external_reference, &mut refused).await;
+            refund_owed(&client, &book, &sale.external_reference, &mut refused).await;
         }
     }
 }
@@ -115,12 +115,12 @@ pub async fn run(client: MpClient, gateway: Arc<Gateway>, shutdown: Cancellation
 /// Refunds what one sale owes that qrgate refunds itself.
 async fn refund_owed(
     client: &MpClient,
-    gateway: &Gateway,
+    book: &Book,
     reference: &ExternalReference,
     refused: &mut HashSet<String>,
 ) {
-    let _turn = gateway.refund_turn(reference).await;
-    let sale = match gateway.find_sale(reference).await {
+    let _turn = book.refund_turn(reference).await;
+    let sale = match book.find_sale(reference).await {
         Ok(Some(s)) => s,
         Ok(None) => return,
         Err(e) => {
@@ -135,8 +135,7 @@ async fn refund_owed(
         }
         let result = make(client, &sale, &call, BY_QRGATE, None).await;
         let label = if result.is_ok() { "ok" } else { "error" };
-        gateway
-            .metrics()
+        book.metrics()
             .refunds
             .with_label_values(&["auto", label])
             .inc();
@@ -154,17 +153,17 @@ async fn refund_owed(
             }
         }
     }
-    record(gateway, &sale, &made).await;
+    record(book, &sale, &made).await;
 }
 
 /// Records refunds Mercado Pago made; `false` when the store failed (each
 /// call is repeated later with the same key, and Mercado Pago answers with
 /// the same refund).
-async fn record(gateway: &Gateway, sale: &Sale, made: &[(MpId, Refund)]) -> bool {
+async fn record(book: &Book, sale: &Sale, made: &[(MpId, Refund)]) -> bool {
     if made.is_empty() {
         return true;
     }
-    match gateway.record_refunds(&sale.external_reference, made).await {
+    match book.record_refunds(&sale.external_reference, made).await {
         Ok(_) => true,
         Err(e) => {
             for (payment, r) in made {
@@ -190,8 +189,8 @@ struct StoredPlan {
 const STALE_REQUEST: i64 = 120_000;
 
 /// Finishes operator requests left without an answer since before `before`.
-async fn finish_unanswered(client: &MpClient, gateway: &Gateway, before: i64) {
-    let pending = match gateway.store().unanswered_refund_requests().await {
+async fn finish_unanswered(client: &MpClient, book: &Book, before: i64) {
+    let pending = match book.store().unanswered_refund_requests().await {
         Ok(p) => p,
         Err(e) => {
             tracing::warn!(error = %e, "cannot read unfinished refund requests");
@@ -202,8 +201,8 @@ async fn finish_unanswered(client: &MpClient, gateway: &Gateway, before: i64) {
         let Ok(reference) = ExternalReference::parse(&r.external_reference) else {
             continue;
         };
-        let _turn = gateway.refund_turn(&reference).await;
-        let answer = finish(client, gateway, &r).await;
+        let _turn = book.refund_turn(&reference).await;
+        let answer = finish(client, book, &r).await;
         tracing::warn!(external_reference = %reference, status = answer.status,
             "an operator's refund request cut short was finished");
     }
@@ -212,7 +211,7 @@ async fn finish_unanswered(client: &MpClient, gateway: &Gateway, before: i64) {
 /// Makes the calls of a stored request (those already made are answered
 /// from Mercado Pago's memory of their keys), records them, and keeps and
 /// returns the final answer. The caller holds the sale's refund turn.
-async fn finish(client: &MpClient, gateway: &Gateway, r: &RefundRequest) -> Answer {
+async fn finish(client: &MpClient, book: &Book, r: &RefundRequest) -> Answer {
     let Ok(reference) = ExternalReference::parse(&r.external_reference) else {
         return fail(404, "unknown_sale", "no such sale");
     };
@@ -220,12 +219,12 @@ async fn finish(client: &MpClient, gateway: &Gateway, r: &RefundRequest) -> Answ
         Ok(p) => p,
         Err(e) => return fail(500, "internal_error", &format!("stored plan: {e}")),
     };
-    let sale = match gateway.find_sale(&reference).await {
+    let sale = match book.find_sale(&reference).await {
         Ok(Some(s)) => s,
         Ok(None) => return fail(404, "unknown_sale", "no such sale"),
         Err(e) => return fail(500, "internal_error", &e.to_string()),
     };
-    let metrics = gateway.metrics();
+    let metrics = book.metrics();
     let mut made = Vec::new();
     let mut failed = None;
     for call in &plan {
@@ -247,14 +246,14 @@ async fn finish(client: &MpClient, gateway: &Gateway, r: &RefundRequest) -> Answ
             }
         }
     }
-    if !record(gateway, &sale, &made).await {
+    if !record(book, &sale, &made).await {
         return fail(
             500,
             "internal_error",
             "the refund was made but could not be recorded; send the request again",
         );
     }
-    let after = match gateway.find_sale(&reference).await {
+    let after = match book.find_sale(&reference).await {
         Ok(Some(s)) => s,
         _ => sale,
     };
@@ -288,17 +287,17 @@ async fn finish(client: &MpClient, gateway: &Gateway, r: &RefundRequest) -> Answ
             &format!("Mercado Pago did not refund: {e}"),
         ),
     };
-    keep(gateway, r, &answer).await;
+    keep(book, r, &answer).await;
     answer
 }
 
 /// Keeps a final answer with its request.
-async fn keep(gateway: &Gateway, r: &RefundRequest, a: &Answer) {
+async fn keep(book: &Book, r: &RefundRequest, a: &Answer) {
     let done = RefundRequest {
         answer: Some((a.status, a.body.to_string())),
         ..r.clone()
     };
-    if let Err(e) = gateway.store().put_refund_request(done).await {
+    if let Err(e) = book.store().put_refund_request(done).await {
         tracing::error!(external_reference = %r.external_reference, error = %e,
             "cannot keep a refund request's answer: a repeat will ask Mercado Pago again (same keys, no second refund)");
     }
@@ -334,7 +333,7 @@ pub struct OperatorRefunds {
     one_at_a_time: Mutex<()>,
     slots: std::sync::Mutex<HashMap<String, Slot>>,
     client: MpClient,
-    gateway: Arc<Gateway>,
+    book: Arc<Book>,
 }
 
 /// A short, stable name for a request, for the keys sent to Mercado Pago.
@@ -348,12 +347,12 @@ fn tag(parts: &[&str]) -> String {
 }
 
 impl OperatorRefunds {
-    pub fn new(client: MpClient, gateway: Arc<Gateway>) -> OperatorRefunds {
+    pub fn new(client: MpClient, book: Arc<Book>) -> OperatorRefunds {
         OperatorRefunds {
             one_at_a_time: Mutex::new(()),
             slots: std::sync::Mutex::new(HashMap::new()),
             client,
-            gateway,
+            book,
         }
     }
 
@@ -411,7 +410,7 @@ impl OperatorRefunds {
         amount: &str,
         first_seen: i64,
     ) -> Result<(Option<RefundRequest>, String, String), StoreError> {
-        let store = self.gateway.store();
+        let store = self.book.store();
         if let Some(k) = client_key {
             let key = format!("key {reference} {k}");
             return Ok((
@@ -446,7 +445,7 @@ impl OperatorRefunds {
         first_seen: i64,
     ) -> Answer {
         let _one = self.one_at_a_time.lock().await;
-        let _turn = self.gateway.refund_turn(reference).await;
+        let _turn = self.book.refund_turn(reference).await;
         let (stored, key, tag) = match self.name(reference, client_key, amount, first_seen).await {
             Ok(n) => n,
             Err(e) => return fail(500, "internal_error", &e.to_string()),
@@ -458,23 +457,23 @@ impl OperatorRefunds {
                     body: serde_json::from_str(&body).unwrap_or(Value::Null),
                 },
                 // Cut short before: finish the same calls.
-                None => finish(&self.client, &self.gateway, &r).await,
+                None => finish(&self.client, &self.book, &r).await,
             };
         }
         // Another request for this sale cut short is finished first: what
         // it refunds is no longer in the ledger to plan from twice.
-        match self.gateway.store().unanswered_refund_requests().await {
+        match self.book.store().unanswered_refund_requests().await {
             Ok(open) => {
                 for r in open
                     .iter()
                     .filter(|r| r.external_reference == reference.as_str())
                 {
-                    finish(&self.client, &self.gateway, r).await;
+                    finish(&self.client, &self.book, r).await;
                 }
             }
             Err(e) => return fail(500, "internal_error", &e.to_string()),
         }
-        let sale = match self.gateway.find_sale(reference).await {
+        let sale = match self.book.find_sale(reference).await {
             Ok(Some(s)) => s,
             Ok(None) => return fail(404, "unknown_sale", "no such sale"),
             Err(e) => return fail(500, "internal_error", &e.to_string()),
@@ -495,7 +494,7 @@ impl OperatorRefunds {
                     RefundRefusal::BadAmount(_) => 400,
                 };
                 let a = fail(status, why.code(), &why.to_string());
-                keep(&self.gateway, &request, &a).await;
+                keep(&self.book, &request, &a).await;
                 return a;
             }
         };
@@ -509,14 +508,9 @@ impl OperatorRefunds {
             plan: serde_json::to_string(&stored).unwrap_or_default(),
             ..request
         };
-        if let Err(e) = self
-            .gateway
-            .store()
-            .put_refund_request(request.clone())
-            .await
-        {
+        if let Err(e) = self.book.store().put_refund_request(request.clone()).await {
             return fail(500, "internal_error", &e.to_string());
         }
-        finish(&self.client, &self.gateway, &request).await
+        finish(&self.client, &self.book, &request).await
     }
 }

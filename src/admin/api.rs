@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 use super::Admin;
-use crate::gateway::now_millis;
+use crate::book::now_millis;
 use crate::http::error;
 use crate::orders::{
     self, Command, ExternalReference, Outcome, PosMode, Presence, Rejection, Sale,
@@ -103,10 +103,10 @@ pub async fn metrics(req: HttpRequest, admin: web::Data<Admin>) -> HttpResponse 
     if let Err(r) = admin.auth.check(&req, false) {
         return r;
     }
-    let m = admin.gateway.metrics();
+    let m = admin.book.metrics();
     let (mut pending, mut undelivered, mut online, mut offline) = (0, 0, 0, 0);
-    for cfg in admin.gateway.pos_configs() {
-        let Some(view) = admin.gateway.view(&cfg.id) else {
+    for cfg in admin.book.pos_configs() {
+        let Some(view) = admin.book.view(&cfg.id) else {
             continue;
         };
         let s = view.state.current.as_ref();
@@ -123,7 +123,7 @@ pub async fn metrics(req: HttpRequest, admin: web::Data<Admin>) -> HttpResponse 
         }
     }
     // Money owed back is any sale's, not only a POS's current one.
-    let due = match admin.gateway.store().count_owing().await {
+    let due = match admin.book.store().count_owing().await {
         Ok(n) => i64::try_from(n).unwrap_or(i64::MAX),
         Err(e) => return internal(e),
     };
@@ -143,13 +143,13 @@ pub async fn pos(req: HttpRequest, admin: web::Data<Admin>) -> HttpResponse {
         return r;
     }
     let now = now_millis();
-    let mut configs: Vec<_> = admin.gateway.pos_configs().collect();
+    let mut configs: Vec<_> = admin.book.pos_configs().collect();
     configs.sort_by(|a, b| a.id.cmp(&b.id));
     let (mut pending, mut undelivered) = (0, 0);
     let list: Vec<Value> = configs
         .iter()
         .filter_map(|cfg| {
-            let view = admin.gateway.view(&cfg.id)?;
+            let view = admin.book.view(&cfg.id)?;
             let sale = view.state.current.as_ref();
             if let Some(s) = sale {
                 pending += usize::from(s.state == orders::SaleState::Pending);
@@ -171,7 +171,7 @@ pub async fn pos(req: HttpRequest, admin: web::Data<Admin>) -> HttpResponse {
         })
         .collect();
     // Money owed back may be any sale's, not only a POS's current one.
-    let store = admin.gateway.store();
+    let store = admin.book.store();
     let (due, owing) = match (
         store.count_owing().await,
         store
@@ -236,7 +236,7 @@ pub async fn sales(
         since,
         limit: q.limit.unwrap_or(50).clamp(1, 1000),
     };
-    match admin.gateway.store().sales(filter).await {
+    match admin.book.store().sales(filter).await {
         Ok(list) => {
             let now = now_millis();
             HttpResponse::Ok().json(json!({
@@ -252,10 +252,10 @@ pub async fn sale_detail(
     admin: &Admin,
     reference: &ExternalReference,
 ) -> Result<Option<Value>, HttpResponse> {
-    let Some(sale) = admin.gateway.find_sale(reference).await.map_err(internal)? else {
+    let Some(sale) = admin.book.find_sale(reference).await.map_err(internal)? else {
         return Ok(None);
     };
-    let store = admin.gateway.store();
+    let store = admin.book.store();
     let timeline = store.timeline(reference).await.map_err(internal)?;
     let seen = store
         .merchant_orders_of(reference)
@@ -333,7 +333,7 @@ pub async fn cancel(
         reference: reference.clone(),
         by: by.to_owned(),
     };
-    match admin.gateway.execute(&pos, cmd).await {
+    match admin.book.execute(&pos, cmd).await {
         Ok(Outcome::Changed { sale, .. }) => {
             HttpResponse::Ok().json(json!({"sale": summary(&sale, now_millis())}))
         }
@@ -348,7 +348,7 @@ pub async fn cancel(
                 state.as_str()
             ),
         ),
-        Ok(_) => match admin.gateway.find_sale(&reference).await {
+        Ok(_) => match admin.book.find_sale(&reference).await {
             Ok(Some(s)) => error(
                 StatusCode::CONFLICT,
                 "not_cancellable",
@@ -360,7 +360,7 @@ pub async fn cancel(
             Ok(None) => error(StatusCode::NOT_FOUND, "unknown_sale", "no such sale"),
             Err(e) => internal(e),
         },
-        Err(crate::gateway::GatewayError::UnknownPos(_)) => {
+        Err(crate::book::BookError::UnknownPos(_)) => {
             error(StatusCode::NOT_FOUND, "unknown_sale", "no such sale")
         }
         Err(e) => internal(e),
@@ -459,7 +459,7 @@ pub async fn events(
     }
     use tokio::sync::broadcast::error::RecvError;
     const KEEP_ALIVE: Duration = Duration::from_secs(15);
-    let rx = admin.gateway.events().subscribe();
+    let rx = admin.book.events().subscribe();
     let pos = q.into_inner().pos.filter(|p| !p.is_empty());
     let session = admin.auth.watch(&req);
     let first = web::Bytes::from_static(b": connected\n\n");

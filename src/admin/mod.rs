@@ -19,14 +19,14 @@ use std::time::Duration;
 use actix_web::{web, HttpServer};
 use tokio_util::sync::CancellationToken;
 
+use crate::book::Book;
 use crate::config::AdminConfig;
-use crate::gateway::Gateway;
 use crate::link::LinkState;
 use crate::mercadopago::client::MpClient;
 
 /// What the admin handlers share.
 pub struct Admin {
-    pub gateway: Arc<Gateway>,
+    pub book: Arc<Book>,
     pub link: Arc<LinkState>,
     pub timezone: chrono_tz::Tz,
     pub auth: auth::Auth,
@@ -39,15 +39,15 @@ pub struct Admin {
 pub fn serve(
     cfg: &AdminConfig,
     listener: TcpListener,
-    gateway: Arc<Gateway>,
+    book: Arc<Book>,
     client: MpClient,
     link: Arc<LinkState>,
     shutdown: CancellationToken,
 ) -> std::io::Result<actix_web::dev::Server> {
     let local = listener.local_addr()?;
     let admin = web::Data::new(Admin {
-        refunds: crate::refunds::OperatorRefunds::new(client, Arc::clone(&gateway)),
-        gateway,
+        refunds: crate::refunds::OperatorRefunds::new(client, Arc::clone(&book)),
+        book,
         link,
         timezone: cfg.timezone,
         auth: auth::Auth::new(cfg),

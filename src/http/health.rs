@@ -12,7 +12,7 @@ pub async fn healthz() -> HttpResponse {
 
 pub async fn readyz(shared: web::Data<State>) -> HttpResponse {
     let mut reasons = Vec::new();
-    if let Err(e) = shared.gateway.store().check_writable().await {
+    if let Err(e) = shared.book.store().check_writable().await {
         reasons.push(format!("store not writable: {e}"));
     }
     if !shared

@@ -17,10 +17,10 @@ use serde::Serialize;
 
 use std::sync::Arc;
 
+use crate::book::Book;
 use crate::config::Secret;
-use crate::gateway::Gateway;
+use crate::inbox::Inbox;
 use crate::link::LinkState;
-use crate::settlement::Inbox;
 
 /// Largest request body any endpoint reads.
 pub const MAX_BODY: usize = 16 * 1024;
@@ -34,7 +34,7 @@ pub struct ApiError<'a> {
 
 /// What the public listener's handlers share, built by whoever serves it.
 pub struct State {
-    pub gateway: Arc<Gateway>,
+    pub book: Arc<Book>,
     pub inbox: Inbox,
     pub link: Arc<LinkState>,
     pub poll_access: poll::PollAccess,

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use super::error;
 use super::signature::{self, SignatureError};
 use super::State;
-use crate::settlement::Resource;
+use crate::inbox::Resource;
 
 /// Mercado Pago's notifications are a few hundred bytes.
 pub const MAX_BODY: usize = 16 * 1024;
@@ -163,7 +163,7 @@ fn warn_refused(shared: &State, peer: Option<std::net::IpAddr>, kind: &'static s
 
 pub async fn receive(req: HttpRequest, body: web::Bytes, shared: web::Data<State>) -> HttpResponse {
     let peer = req.peer_addr().map(|a| a.ip());
-    let metrics = shared.gateway.metrics();
+    let metrics = shared.book.metrics();
     if let Some(ip) = peer {
         if !shared.limiter.allow(ip, std::time::Instant::now()) {
             warn_refused(

@@ -95,12 +95,12 @@ pub async fn poll(
         }
         return error(StatusCode::NOT_FOUND, "not_found", "no such endpoint");
     }
-    let answer = shared.gateway.poll(&pos);
-    let metrics = shared.gateway.metrics();
+    let answer = shared.book.poll(&pos);
+    let metrics = shared.book.metrics();
     metrics.poll(answer.kind);
     match answer.kind {
         "invalid" => {
-            let why = if shared.gateway.pos_config(&pos).is_some() {
+            let why = if shared.book.pos_config(&pos).is_some() {
                 "the POS is attended: Mercado Pago does not poll it, check its registered url"
             } else {
                 "no such POS is configured"

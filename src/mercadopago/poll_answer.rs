@@ -158,7 +158,7 @@ pub fn render(pos: &PosConfig, state: &PosState, ctx: &MpAccount) -> PollAnswer 
 mod tests {
     use super::*;
     use crate::money::Currency;
-    use crate::orders::book::{apply, Command, Given, LineRequest, Outcome, SaleRequest};
+    use crate::orders::rules::{apply, Command, Given, LineRequest, Outcome, SaleRequest};
     use crate::orders::{PosId, Presence, SaleId};
     use rust_decimal::Decimal;
     use std::str::FromStr;

@@ -27,8 +27,8 @@ use super::guard::{self, Marker};
 use super::inbound;
 use super::intake::{self, Admission, RateLimiter, Turns};
 use super::topics::{DeviceTopic, Topics};
+use crate::book::{Book, BookError, Publish};
 use crate::config::{Broker, MqttConfig, Secret};
-use crate::gateway::{Gateway, GatewayError, Publish};
 use crate::link::LinkState;
 use crate::orders::PosId;
 
@@ -45,14 +45,13 @@ pub struct Endpoint {
 pub fn spawn(
     cfg: &MqttConfig,
     endpoint: Endpoint,
-    gateway: Arc<Gateway>,
+    book: Arc<Book>,
     mut outbox: mpsc::UnboundedReceiver<Publish>,
     shutdown: CancellationToken,
     tracker: &TaskTracker,
 ) -> Arc<LinkState> {
     let cap = cfg.max_payload_bytes;
-    gateway
-        .refusals()
+    book.refusals()
         .set_per_minute(cfg.stored_rejections_per_minute);
     if let (Broker::External { .. }, Some((user, _))) = (&cfg.broker, &endpoint.login) {
         // deploy/mosquitto.conf ties every client id to its username
@@ -154,7 +153,7 @@ pub fn spawn(
     for _ in 0..WORKERS {
         tracker.spawn(worker(
             Arc::clone(&queue),
-            Arc::clone(&gateway),
+            Arc::clone(&book),
             cap,
             shutdown.clone(),
         ));
@@ -162,23 +161,23 @@ pub fn spawn(
     // Refusals summed over a minute become one line and one row each, once
     // the minute is over, and at shutdown.
     {
-        let gateway = Arc::clone(&gateway);
+        let book = Arc::clone(&book);
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(5));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
-                    _ = tick.tick() => gateway.flush_refusal_summaries(false).await,
+                    _ = tick.tick() => book.flush_refusal_summaries(false).await,
                     _ = shutdown.cancelled() => break,
                 }
             }
-            gateway.flush_refusal_summaries(true).await;
+            book.flush_refusal_summaries(true).await;
         });
     }
     let mut router = Router {
         topics: topics.clone(),
-        gateway: Arc::clone(&gateway),
+        book: Arc::clone(&book),
         queue,
         marker,
         limiter: RateLimiter::new(cfg.device_rate),
@@ -201,13 +200,13 @@ pub fn spawn(
                     failures = 0;
                     state.connected.store(true, Ordering::Release);
                     state.connections.fetch_add(1, Ordering::Relaxed);
-                    gateway.metrics().mqtt_connections.inc();
+                    book.metrics().mqtt_connections.inc();
                     tracing::info!(session_present = ack.session_present, "connected to the MQTT broker");
                     // Never await the client inside the event loop's task:
                     // its requests need this loop to be polled.
                     let client = client.clone();
                     let subs = subscriptions.clone();
-                    let gateway = Arc::clone(&gateway);
+                    let book = Arc::clone(&book);
                     tokio::spawn(async move {
                         let filters = subs
                             .into_iter()
@@ -215,7 +214,7 @@ pub fn spawn(
                         if let Err(e) = client.subscribe_many(filters).await {
                             tracing::warn!(error = %e, "cannot subscribe to device topics");
                         }
-                        for p in gateway.retained_states() {
+                        for p in book.retained_states() {
                             let _ = client
                                 .publish(p.topic, QoS::AtLeastOnce, true, p.payload)
                                 .await;
@@ -346,7 +345,7 @@ impl Strays {
 /// never awaited, so the loop reads the broker as fast as it sends.
 struct Router {
     topics: Topics,
-    gateway: Arc<Gateway>,
+    book: Arc<Book>,
     queue: Arc<Queue>,
     marker: Marker,
     limiter: RateLimiter,
@@ -394,7 +393,7 @@ impl Router {
             let _ = done.send(true);
             return;
         };
-        let Some(id) = self.gateway.pos_config(pos).map(|c| c.id.clone()) else {
+        let Some(id) = self.book.pos_config(pos).map(|c| c.id.clone()) else {
             // No state topic to answer on for a POS we do not know.
             if self.log_stray() {
                 tracing::warn!(pos = %inbound::cut(pos, 64), topic_kind = kind.as_str(), size,
@@ -415,7 +414,7 @@ impl Router {
                 },
             ),
             Admission::OverRate { tell } => {
-                self.gateway.metrics().device_messages_over_rate.inc();
+                self.book.metrics().device_messages_over_rate.inc();
                 // Refused unread, acknowledged at once (the broker must not
                 // deliver it again). A refused `cancel` or `sale` changes the
                 // device's sale: it must learn that it was not taken, so the
@@ -436,7 +435,7 @@ impl Router {
                     rate.per_sec,
                     rate.burst
                 );
-                self.gateway.reject_now(
+                self.book.reject_now(
                     &id,
                     sale_id.as_ref().map(|s| s.as_str()),
                     RATE_LIMITED,
@@ -453,12 +452,7 @@ impl Router {
 /// The refusal code of a message over its POS's rate.
 pub const RATE_LIMITED: &str = "rate_limited";
 
-async fn worker(
-    queue: Arc<Queue>,
-    gateway: Arc<Gateway>,
-    max_bytes: usize,
-    shutdown: CancellationToken,
-) {
+async fn worker(queue: Arc<Queue>, book: Arc<Book>, max_bytes: usize, shutdown: CancellationToken) {
     loop {
         let next = tokio::select! {
             biased;
@@ -472,7 +466,7 @@ async fn worker(
             dropped,
             done,
         } = job;
-        let handled = handle(&gateway, &pos, kind, &publish, dropped, max_bytes).await;
+        let handled = handle(&book, &pos, kind, &publish, dropped, max_bytes).await;
         queue.done(&pos);
         let _ = done.send(handled);
     }
@@ -482,7 +476,7 @@ async fn worker(
 /// that is stored (or there is nothing to store), `false` when it must be
 /// left unacknowledged for redelivery.
 async fn handle(
-    gateway: &Gateway,
+    book: &Book,
     pos: &PosId,
     kind: DeviceTopic,
     p: &rumqttc::Publish,
@@ -505,23 +499,22 @@ async fn handle(
         Err(r) => {
             // A broken presence message has no state to answer on.
             let tell = kind != DeviceTopic::Status;
-            gateway
-                .reject(
-                    pos,
-                    r.sale_id.as_ref().map(|s| s.as_str()),
-                    r.code,
-                    &r.message,
-                    tell,
-                    Some((kind.as_str(), arrived.size)),
-                )
-                .await;
+            book.reject(
+                pos,
+                r.sale_id.as_ref().map(|s| s.as_str()),
+                r.code,
+                &r.message,
+                tell,
+                Some((kind.as_str(), arrived.size)),
+            )
+            .await;
         }
         Ok(Some(cmd)) => {
             let mut attempt = 0u32;
             loop {
-                match gateway.execute(pos, cmd.clone()).await {
+                match book.execute(pos, cmd.clone()).await {
                     Ok(_) => break,
-                    Err(GatewayError::Store(e)) if attempt < 5 => {
+                    Err(BookError::Store(e)) if attempt < 5 => {
                         attempt += 1;
                         tracing::error!(pos = %pos, error = %e, attempt, "cannot store a device message; retrying");
                         tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;

@@ -9,7 +9,7 @@ use serde_json::value::RawValue;
 
 use super::topics::DeviceTopic;
 use crate::money::parse_plain_decimal;
-use crate::orders::book::{LineRequest, SaleRequest};
+use crate::orders::rules::{LineRequest, SaleRequest};
 use crate::orders::sale::Tax;
 use crate::orders::{Command, SaleId};
 use rust_decimal::Decimal;

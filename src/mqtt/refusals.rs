@@ -9,7 +9,7 @@
 //! summed; a minute that summed something becomes one summary (one log line,
 //! one row) once it is over.
 //!
-//! Pure bookkeeping behind one lock, the clock passed in: the gateway decides
+//! Pure bookkeeping behind one lock, the clock passed in: the book decides
 //! with it and does the writing.
 
 use std::collections::HashMap;

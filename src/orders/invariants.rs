@@ -14,11 +14,11 @@ use std::collections::{HashMap, HashSet};
 use proptest::prelude::*;
 use rust_decimal::Decimal;
 
-use super::book::{
+use super::ledger::{Refund, RefundCall, RefundOf};
+use super::rules::{
     apply, record_refunds, refund_plan, settle, Command, Given, LineRequest, Outcome, PosConfig,
     PosState, SaleEvent, SaleRequest,
 };
-use super::ledger::{Refund, RefundCall, RefundOf};
 use super::sale::{ExternalReference, MpId, PosId, PosKind, RefundReason, Sale, SaleId, SaleState};
 use super::settle::{MerchantOrderFacts, MerchantOrderStatus, PaymentFacts, PaymentStatus};
 use crate::money::Currency;
@@ -414,7 +414,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     order.push(sale.external_reference.clone());
                 }
                 store.insert(sale.external_reference.clone(), sale.clone());
-                // As the gateway does: only the current sale is shown.
+                // As the book does: only the current sale is shown.
                 let current = state.current.as_ref().map(|c| &c.external_reference);
                 let device = matches!(
                     op,

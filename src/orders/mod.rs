@@ -2,15 +2,15 @@
 //! that decide whether a merchant order pays one. No I/O, no async, the clock
 //! passed in.
 
-pub mod book;
 pub mod ledger;
+pub mod rules;
 pub mod sale;
 pub mod settle;
 
 #[cfg(test)]
 mod invariants;
 
-pub use book::{
+pub use rules::{
     apply, mp_external_id, record_refunds, refund_plan, refundable, settle, Command, Given,
     Outcome, PollProtocol, PosConfig, PosMode, PosState, Presence, RefundRefusal, Rejection,
     SaleEvent,

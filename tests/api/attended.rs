@@ -652,7 +652,7 @@ async fn an_instore_renewal_mercado_pago_refuses_ends_the_sale_with_mp_order_exp
     assert!(timeline.iter().any(|e| e == "refused"), "{timeline:?}");
     // The operator's console shows the sale rejected with the same reason.
     let sale = app
-        .app_gateway
+        .app_book
         .find_sale(&qrgate::orders::ExternalReference::parse(&reference).unwrap())
         .await
         .unwrap()

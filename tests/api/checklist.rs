@@ -71,7 +71,7 @@ async fn wait_seen(app: &TestApp, d: Dialect, order: &ScannedOrder) {
     };
     let deadline = tokio::time::Instant::now() + WAIT;
     while app
-        .app_gateway
+        .app_book
         .store()
         .merchant_order(&id)
         .await

@@ -87,7 +87,7 @@ async fn a_big_message_stops_nobody(app: &TestApp, broker_refuses: bool) {
 
     // Every refusal is kept for the operator, by name.
     let stored = app
-        .app_gateway
+        .app_book
         .store()
         .rejections("pump-1", 100)
         .await
@@ -252,7 +252,7 @@ async fn retained_device_messages_waiting_on_the_embedded_broker_open_nothing() 
     // An offline vending machine is not payable: its retained status was read.
     app.wait_poll("vending-1", "timeout").await;
     assert!(app
-        .app_gateway
+        .app_book
         .store()
         .rejections("vending-1", 10)
         .await

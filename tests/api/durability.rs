@@ -196,12 +196,7 @@ async fn without_auto_refund_a_late_payment_stays_refund_due_for_the_operator() 
         .await
         .unwrap();
     app.wait_event(&reference, "refund_due").await;
-    let pending = app
-        .app_gateway
-        .store()
-        .pending_auto_refunds()
-        .await
-        .unwrap();
+    let pending = app.app_book.store().pending_auto_refunds().await.unwrap();
     assert!(pending.is_empty(), "not refunded by qrgate: {pending:?}");
     assert!(app.mp.refunds().is_empty());
 }
@@ -228,11 +223,11 @@ async fn paid_is_repeated_until_the_device_confirms_delivery() {
         again.payment_id, first.payment_id,
         "the same message is repeated"
     );
-    assert_eq!(app.app_gateway.undelivered().len(), 1);
+    assert_eq!(app.app_book.undelivered().len(), 1);
 
     pump.delivered("1", true, None).await.unwrap();
     let deadline = tokio::time::Instant::now() + WAIT;
-    while !app.app_gateway.undelivered().is_empty() {
+    while !app.app_book.undelivered().is_empty() {
         assert!(
             tokio::time::Instant::now() < deadline,
             "delivery never recorded"
@@ -256,13 +251,13 @@ async fn a_newer_sale_stops_the_repeats_of_an_undelivered_paid_one() {
         .await
         .unwrap();
     state_of(&pump, "1", "paid").await;
-    assert_eq!(app.app_gateway.undelivered().len(), 1);
+    assert_eq!(app.app_book.undelivered().len(), 1);
     // A paid sale waiting for confirmation does not block the next one.
     pump.publish_sale("2", &fuel("1", "100"), None)
         .await
         .unwrap();
     state_of(&pump, "2", "pending").await;
-    assert!(app.app_gateway.undelivered().is_empty());
+    assert!(app.app_book.undelivered().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -390,7 +385,7 @@ async fn a_delivered_that_arrives_after_the_next_sale_still_confirms_its_own_sal
     // Sale 2 is untouched, and nothing was refused.
     assert_eq!(app.poll_kind("pump-1").await, "ok");
     assert!(app
-        .app_gateway
+        .app_book
         .store()
         .rejections("pump-1", 10)
         .await

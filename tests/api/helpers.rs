@@ -152,7 +152,7 @@ pub struct TestApp {
     pub prefix: String,
     pub mp: Simulator,
     pub config: Config,
-    pub app_gateway: Arc<qrgate::gateway::Gateway>,
+    pub app_book: Arc<qrgate::book::Book>,
     pub link: Arc<qrgate::link::LinkState>,
     stop: CancellationToken,
     done: Option<tokio::task::JoinHandle<()>>,
@@ -235,7 +235,7 @@ impl TestApp {
         let app = App::build_on(config.clone(), listener)
             .await
             .expect("app builds");
-        let app_gateway = app.gateway();
+        let app_book = app.book();
         let admin = app.admin_addr().map(|a| format!("http://{a}"));
         let link = app.link();
         let stop = app.shutdown_token();
@@ -249,7 +249,7 @@ impl TestApp {
             prefix,
             mp,
             config,
-            app_gateway,
+            app_book,
             link,
             stop,
             done: Some(done),
@@ -396,7 +396,7 @@ impl TestApp {
     /// The store's events of a sale, by name.
     pub async fn timeline(&self, reference: &str) -> Vec<String> {
         let r = ExternalReference::parse(reference).unwrap();
-        self.app_gateway
+        self.app_book
             .store()
             .timeline(&r)
             .await
@@ -428,7 +428,7 @@ impl TestApp {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
             if let Some(r) = self
-                .app_gateway
+                .app_book
                 .store()
                 .merchant_order(&qrgate::orders::MpId::Num(id))
                 .await
@@ -694,7 +694,7 @@ pub async fn wait_rejections(
 ) -> Vec<qrgate::store::RejectionRecord> {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let stored = app.app_gateway.store().rejections(pos, 100).await.unwrap();
+        let stored = app.app_book.store().rejections(pos, 100).await.unwrap();
         if stored.len() >= n {
             return stored;
         }

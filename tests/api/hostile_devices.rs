@@ -455,7 +455,7 @@ async fn refusals_over_the_rate_are_counted_and_summed_not_stored_one_by_one() {
     }
     acks.await.unwrap();
 
-    let metrics = Arc::clone(app.app_gateway.metrics());
+    let metrics = Arc::clone(app.app_book.metrics());
     let count =
         |reason: &str| metrics.device_rejections.with_label_values(&[reason]).get() as usize;
     wait_until("every message counted", || async {
@@ -476,7 +476,7 @@ async fn refusals_over_the_rate_are_counted_and_summed_not_stored_one_by_one() {
     assert!(told.len() * 50 < over, "{} told for {over}", told.len());
 
     // Stopping writes the summary of the minute under way.
-    let store = Arc::clone(app.app_gateway.store());
+    let store = Arc::clone(app.app_book.store());
     app.stop().await;
     let rows = wait_until("every refusal in the store, one by one or summed", || {
         let store = Arc::clone(&store);

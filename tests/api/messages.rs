@@ -93,7 +93,7 @@ async fn each_bad_message_kind_is_rejected_with_its_reason_and_changes_nothing()
     assert_eq!(after, before);
     // Each refusal is kept for the operator.
     let stored = app
-        .app_gateway
+        .app_book
         .store()
         .rejections("pump-1", 100)
         .await

@@ -123,7 +123,7 @@ async fn an_offline_pump_keeps_its_pending_sale_payable_but_times_out_when_idle(
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let view = app
-            .app_gateway
+            .app_book
             .view(&qrgate::orders::PosId::parse("pump-1").unwrap())
             .unwrap();
         if view.state.presence.is_offline() {
@@ -180,7 +180,7 @@ async fn readiness_fails_with_a_reason_when_the_broker_is_unreachable() {
 /// would.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poll_right_after_the_device_hears_pending_is_served() {
-    use qrgate::gateway::{BookSettings, Gateway};
+    use qrgate::book::{Book, BookSettings};
     use qrgate::mercadopago::order_body::MpAccount;
     use qrgate::mqtt::inbound::parse;
     use qrgate::mqtt::topics::{DeviceTopic, Topics};
@@ -194,8 +194,8 @@ async fn a_poll_right_after_the_device_hears_pending_is_served() {
     let store = Arc::new(SqliteStore::open(&dir.path().join("q.db"), false).unwrap());
     let (publish_tx, mut publish_rx) = tokio::sync::mpsc::unbounded_channel();
     let (served_tx, _served_rx) = tokio::sync::mpsc::unbounded_channel();
-    let gateway = Arc::new(
-        Gateway::load(
+    let book = Arc::new(
+        Book::load(
             vec![pos("pump-1", PosKind::Fuel)],
             store,
             MpAccount {
@@ -223,8 +223,8 @@ async fn a_poll_right_after_the_device_hears_pending_is_served() {
         Arc::new(AtomicBool::new(false)),
     );
     let device = {
-        let (gateway, heard, unserved, done) = (
-            Arc::clone(&gateway),
+        let (book, heard, unserved, done) = (
+            Arc::clone(&book),
             Arc::clone(&heard),
             Arc::clone(&unserved),
             Arc::clone(&done),
@@ -235,7 +235,7 @@ async fn a_poll_right_after_the_device_hears_pending_is_served() {
                     Ok(p)
                         if String::from_utf8_lossy(&p.payload).contains(r#""state":"pending""#) =>
                     {
-                        if gateway.poll("pump-1").status != 200 {
+                        if book.poll("pump-1").status != 200 {
                             unserved.fetch_add(1, Ordering::Relaxed);
                         }
                         heard.fetch_add(1, Ordering::Release);
@@ -260,7 +260,7 @@ async fn a_poll_right_after_the_device_hears_pending_is_served() {
             r#"{{"sale_id":"s{k}","items":[{{"title":"Super 95","quantity":"10","unit_price":"800.00"}}]}}"#
         );
         let cmd = parse(DeviceTopic::Sale, "pump-1", sale.as_bytes(), 16 * 1024).unwrap();
-        gateway.execute(&id, cmd).await.unwrap();
+        book.execute(&id, cmd).await.unwrap();
         tokio::time::timeout(WAIT, async {
             while heard.load(Ordering::Acquire) < k + 1 {
                 tokio::task::yield_now().await;
@@ -270,7 +270,7 @@ async fn a_poll_right_after_the_device_hears_pending_is_served() {
         .expect("the device hears pending");
         let cancel = format!(r#"{{"sale_id":"s{k}"}}"#);
         let cmd = parse(DeviceTopic::Cancel, "pump-1", cancel.as_bytes(), 16 * 1024).unwrap();
-        gateway.execute(&id, cmd).await.unwrap();
+        book.execute(&id, cmd).await.unwrap();
     }
     drop(stop);
     device.join().unwrap();

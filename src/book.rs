@@ -1,6 +1,6 @@
 //! The live order book: one view per POS in a `DashMap`, read by polls
-//! without locks, and changed only through [`Gateway::execute`] and
-//! [`Gateway::settle`], which decide with the pure rules of `orders`, write
+//! without locks, and changed only through [`Book::execute`] and
+//! [`Book::settle`], which decide with the pure rules of `orders`, write
 //! the change to the store, and only then make it visible and tell the
 //! device.
 //!
@@ -49,7 +49,7 @@ pub struct Publish {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum GatewayError {
+pub enum BookError {
     #[error("unknown POS {0:?}")]
     UnknownPos(String),
     #[error(transparent)]
@@ -74,7 +74,7 @@ pub enum AttendedJob {
 
 /// What became of a merchant order.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Settlement {
+pub enum Verdict {
     Paid {
         reference: ExternalReference,
     },
@@ -89,7 +89,7 @@ pub enum Settlement {
     Refused(String),
 }
 
-pub struct Gateway {
+pub struct Book {
     pos: HashMap<PosId, PosConfig>,
     locks: HashMap<PosId, Mutex<()>>,
     views: DashMap<PosId, Arc<PosView>>,
@@ -132,7 +132,7 @@ pub fn now_millis() -> UnixMillis {
     chrono::Utc::now().timestamp_millis()
 }
 
-impl Gateway {
+impl Book {
     /// Builds the book from the store's latest sale of each configured POS.
     pub async fn load(
         pos: Vec<PosConfig>,
@@ -141,7 +141,7 @@ impl Gateway {
         settings: BookSettings,
         publish: mpsc::UnboundedSender<Publish>,
         served: mpsc::UnboundedSender<(PosId, ExternalReference)>,
-    ) -> Result<Gateway, GatewayError> {
+    ) -> Result<Book, BookError> {
         let BookSettings {
             collector_id,
             auto_refund,
@@ -164,7 +164,7 @@ impl Gateway {
             tracing::warn!(pos = %pos, external_reference = %sale.external_reference, state = sale.state.as_str(),
                 "stored sale belongs to a POS that is no longer configured; ignored");
         }
-        Ok(Gateway {
+        Ok(Book {
             locks: pos.iter().map(|p| (p.id.clone(), Mutex::new(()))).collect(),
             pos: pos.into_iter().map(|p| (p.id.clone(), p)).collect(),
             views,
@@ -205,7 +205,7 @@ impl Gateway {
     pub async fn find_sale(
         &self,
         reference: &ExternalReference,
-    ) -> Result<Option<Sale>, GatewayError> {
+    ) -> Result<Option<Sale>, BookError> {
         if let Some(s) = reference
             .pos_id()
             .and_then(|p| self.view(&p))
@@ -431,7 +431,7 @@ impl Gateway {
         }
     }
 
-    /// [`Gateway::reject`] without waiting for the store, for the MQTT event
+    /// [`Book::reject`] without waiting for the store, for the MQTT event
     /// loop, which must never wait: the row (when kept) is written, and the
     /// device then told, in a task of its own.
     pub fn reject_now(
@@ -587,14 +587,14 @@ impl Gateway {
     }
 
     /// Applies a command to a POS: decide, store, show, tell.
-    pub async fn execute(&self, pos: &PosId, cmd: Command) -> Result<Outcome, GatewayError> {
+    pub async fn execute(&self, pos: &PosId, cmd: Command) -> Result<Outcome, BookError> {
         let (Some(cfg), Some(lock)) = (self.pos.get(pos), self.locks.get(pos)) else {
-            return Err(GatewayError::UnknownPos(pos.to_string()));
+            return Err(BookError::UnknownPos(pos.to_string()));
         };
         let _guard = lock.lock().await;
         let current = self
             .view(pos)
-            .ok_or_else(|| GatewayError::UnknownPos(pos.to_string()))?;
+            .ok_or_else(|| BookError::UnknownPos(pos.to_string()))?;
         // A `delivered` may arrive after the device's next sale (MQTT does
         // not order topics): it is for an older sale, found in the store.
         if let Command::Delivered {
@@ -614,7 +614,7 @@ impl Gateway {
                     .sale_by_device_id(pos.as_str(), sale_id.as_str())
                     .await?
                 {
-                    let outcome = orders::book::deliver(&older, *ok, reason.clone(), self.now());
+                    let outcome = orders::rules::deliver(&older, *ok, reason.clone(), self.now());
                     match &outcome {
                         Outcome::Changed { sale, event } => {
                             self.record(sale, event).await?;
@@ -696,7 +696,7 @@ impl Gateway {
         facts: &MerchantOrderFacts,
         raw: Option<String>,
         status: &str,
-    ) -> Result<Settlement, GatewayError> {
+    ) -> Result<Verdict, BookError> {
         let reference_text = facts.external_reference.clone();
         if let Some(body) = raw {
             self.store
@@ -725,7 +725,7 @@ impl Gateway {
         let foreign = || {
             tracing::warn!(merchant_order = %facts.id, external_reference = reference_text.as_deref(),
                 reason = "foreign_reference", "merchant order is not for one of our sales; it pays nothing");
-            Ok(Settlement::Refused("foreign_reference".into()))
+            Ok(Verdict::Refused("foreign_reference".into()))
         };
         let Some(reference) = reference_text
             .as_deref()
@@ -749,7 +749,7 @@ impl Gateway {
                     ..OpEvent::of_sale(sale, "notification", "")
                 });
                 self.check_attended_order(&locked, facts);
-                return Ok(Settlement::Refused(why.code().to_owned()));
+                return Ok(Verdict::Refused(why.code().to_owned()));
             }
         };
         let Outcome::Changed {
@@ -759,37 +759,37 @@ impl Gateway {
         else {
             tracing::info!(pos = %pos, sale_id = %sale.sale_id, external_reference = %reference,
                 merchant_order = %facts.id, "payments already recorded");
-            return Ok(Settlement::Duplicate);
+            return Ok(Verdict::Duplicate);
         };
         match self.record(&changed, &event).await {
             Ok(()) => {}
             Err(StoreError::AlreadyClosed(_)) => {
                 tracing::info!(pos = %pos, external_reference = %reference, merchant_order = %facts.id,
                     "sale already closed (store)");
-                return Ok(Settlement::Duplicate);
+                return Ok(Verdict::Duplicate);
             }
             Err(e @ StoreError::ForeignPayment { .. }) => {
                 tracing::error!(pos = %pos, external_reference = %reference, merchant_order = %facts.id,
                     error = %e, "a payment reported for this sale is another sale's: nothing recorded");
-                return Ok(Settlement::Refused("foreign_payment".into()));
+                return Ok(Verdict::Refused("foreign_payment".into()));
             }
             Err(e) => return Err(e.into()),
         }
         self.log_event(Some(sale), &changed, &event);
         self.wake_refunds(&changed);
         let settlement = match event {
-            SaleEvent::Paid { .. } => Settlement::Paid {
+            SaleEvent::Paid { .. } => Verdict::Paid {
                 reference: reference.clone(),
             },
-            SaleEvent::PaymentHeld => Settlement::Held {
+            SaleEvent::PaymentHeld => Verdict::Held {
                 reference: reference.clone(),
             },
-            _ => Settlement::RefundDue {
+            _ => Verdict::RefundDue {
                 reference: reference.clone(),
             },
         };
         // Money for a sale that is no longer payable tells the device nothing.
-        let publish = matches!(settlement, Settlement::Paid { .. });
+        let publish = matches!(settlement, Verdict::Paid { .. });
         if publish {
             self.follow_up(locked.cfg, &changed, &event);
         }
@@ -828,7 +828,7 @@ impl Gateway {
     async fn lock_sale(
         &self,
         reference: &ExternalReference,
-    ) -> Result<Option<Locked<'_>>, GatewayError> {
+    ) -> Result<Option<Locked<'_>>, BookError> {
         // Our references start with their POS id; anything else, or a POS
         // that is not configured, is not ours to settle.
         let Some(pos) = reference.pos_id() else {
@@ -840,7 +840,7 @@ impl Gateway {
         let guard = lock.lock().await;
         let view = self
             .view(&pos)
-            .ok_or_else(|| GatewayError::UnknownPos(pos.to_string()))?;
+            .ok_or_else(|| BookError::UnknownPos(pos.to_string()))?;
         let current = view
             .state
             .current
@@ -926,7 +926,7 @@ impl Gateway {
         &self,
         reference: &ExternalReference,
         made: &[(orders::MpId, Refund)],
-    ) -> Result<Option<Sale>, GatewayError> {
+    ) -> Result<Option<Sale>, BookError> {
         let Some(locked) = self.lock_sale(reference).await? else {
             return Ok(None);
         };
@@ -955,9 +955,9 @@ struct Locked<'a> {
 
 impl Locked<'_> {
     /// Makes a stored change visible when the sale is its POS's current one.
-    fn show(self, gateway: &Gateway, sale: Sale, publish: bool) {
+    fn show(self, book: &Book, sale: Sale, publish: bool) {
         if self.is_current {
-            gateway.commit(self.cfg, self.view.state.presence, sale, publish);
+            book.commit(self.cfg, self.view.state.presence, sale, publish);
         }
     }
 }
@@ -1187,7 +1187,7 @@ fn event_message(sale: &Sale, event: &SaleEvent) -> &'static str {
     }
 }
 
-impl Gateway {
+impl Book {
     /// The log lines and the console event of one stored sale event, saying
     /// the same thing; `before` is the sale as it was, for the ledger's news.
     fn log_event(&self, before: Option<&Sale>, sale: &Sale, event: &SaleEvent) {

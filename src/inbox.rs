@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::gateway::{now_millis, Gateway, GatewayError, Settlement};
+use crate::book::{now_millis, Book, BookError, Verdict};
 use crate::mercadopago::client::{MpClient, MpError};
 use crate::orders::settle::PaymentStatus;
 use crate::store::{InboxEntry, Store, StoreError};
@@ -214,7 +214,7 @@ const NOT_FOUND_EVERY: Duration = Duration::from_secs(600);
 /// Writes what a fetch came to, and says what comes next for the entry.
 async fn after_fetch(
     store: &Arc<dyn Store>,
-    gateway: &Gateway,
+    book: &Book,
     settings: InboxSettings,
     e: &InboxEntry,
     fetched: Fetched,
@@ -256,8 +256,7 @@ async fn after_fetch(
         }
     };
     if let Some((why, not_found)) = &failure {
-        gateway
-            .metrics()
+        book.metrics()
             .notifications
             .with_label_values(&["abandoned"])
             .inc();
@@ -292,12 +291,12 @@ async fn after_fetch(
 /// Starts the worker with the entries a stop left pending.
 pub async fn spawn(
     client: MpClient,
-    gateway: Arc<Gateway>,
+    book: Arc<Book>,
     settings: InboxSettings,
     shutdown: CancellationToken,
     tracker: &TaskTracker,
 ) -> Result<Inbox, StoreError> {
-    let store = Arc::clone(gateway.store());
+    let store = Arc::clone(book.store());
     let pending = store.inbox_pending().await?;
     if !pending.is_empty() {
         tracing::info!(
@@ -333,7 +332,7 @@ pub async fn spawn(
                 d = done_rx.recv() => {
                     let Some((e, fetched)) = d else { break };
                     let now = now_millis();
-                    let next = after_fetch(&store, &gateway, settings, &e, fetched, now).await;
+                    let next = after_fetch(&store, &book, settings, &e, fetched, now).await;
                     schedule.finished(&e, next, now);
                 }
                 _ = tokio::time::sleep(sleep), if next.is_some() => {}
@@ -341,7 +340,7 @@ pub async fn spawn(
             for e in schedule.take_due(now_millis()) {
                 let job = Fetch {
                     client: client.clone(),
-                    gateway: Arc::clone(&gateway),
+                    book: Arc::clone(&book),
                     done: done_tx.clone(),
                     shutdown: shutdown.clone(),
                 };
@@ -361,7 +360,7 @@ struct Lanes {
 /// One fetch of one inbox entry.
 struct Fetch {
     client: MpClient,
-    gateway: Arc<Gateway>,
+    book: Arc<Book>,
     done: mpsc::UnboundedSender<(InboxEntry, Fetched)>,
     shutdown: CancellationToken,
 }
@@ -383,8 +382,8 @@ impl Fetch {
         };
         // Its own task: a panic on some answer fails this fetch, not the
         // entry's bookkeeping.
-        let (client, gateway) = (self.client.clone(), Arc::clone(&self.gateway));
-        let mut fetch = tokio::spawn(async move { process(&client, &gateway, &r).await });
+        let (client, book) = (self.client.clone(), Arc::clone(&self.book));
+        let mut fetch = tokio::spawn(async move { process(&client, &book, &r).await });
         // A slow fetch gives its place up: the lane bounds how many fetches
         // start together, never how long the next notification waits
         // behind a slow one.
@@ -407,7 +406,7 @@ impl Fetch {
         } else {
             "failed"
         };
-        self.gateway
+        self.book
             .metrics()
             .notifications
             .with_label_values(&[label])
@@ -432,23 +431,23 @@ enum ProcessError {
     #[error(transparent)]
     Mp(#[from] MpError),
     #[error(transparent)]
-    Gateway(#[from] GatewayError),
+    Book(#[from] BookError),
 }
 
-fn word(s: &Settlement) -> &'static str {
+fn word(s: &Verdict) -> &'static str {
     match s {
-        Settlement::Paid { .. } => "paid",
-        Settlement::Held { .. } => "held",
-        Settlement::Duplicate => "duplicate",
-        Settlement::RefundDue { .. } => "refund_due",
-        Settlement::Refused(_) => "refused",
+        Verdict::Paid { .. } => "paid",
+        Verdict::Held { .. } => "held",
+        Verdict::Duplicate => "duplicate",
+        Verdict::RefundDue { .. } => "refund_due",
+        Verdict::Refused(_) => "refused",
     }
 }
 
 /// Fetches what a notification names and applies it; what it came to.
 async fn process(
     client: &MpClient,
-    gateway: &Gateway,
+    book: &Book,
     r: &Resource,
 ) -> Result<&'static str, ProcessError> {
     match r {
@@ -461,10 +460,10 @@ async fn process(
                 .as_deref()
                 .and_then(|r| crate::orders::ExternalReference::parse(r).ok())
                 .and_then(|r| r.pos_id())
-                .and_then(|p| gateway.pos_config(p.as_str()).map(|c| c.currency.code()))
+                .and_then(|p| book.pos_config(p.as_str()).map(|c| c.currency.code()))
                 .unwrap_or("");
-            match order.facts(gateway.collector_id(), currency) {
-                Some(facts) => Ok(word(&gateway.settle(&facts, Some(raw), &status).await?)),
+            match order.facts(book.collector_id(), currency) {
+                Some(facts) => Ok(word(&book.settle(&facts, Some(raw), &status).await?)),
                 None => {
                     tracing::warn!(order = %id, "the Orders API answered an order without a usable id; nothing settled");
                     Ok("unusable")
@@ -474,9 +473,7 @@ async fn process(
         Resource::MerchantOrder(id) => {
             let (mo, raw) = client.merchant_order(*id).await?;
             let status = mo.status.clone().unwrap_or_default();
-            Ok(word(
-                &gateway.settle(&mo.facts(), Some(raw), &status).await?,
-            ))
+            Ok(word(&book.settle(&mo.facts(), Some(raw), &status).await?))
         }
         Resource::Payment(id) => {
             let p = client.payment(*id).await?;
@@ -485,12 +482,12 @@ async fn process(
                 (Some(mo), _) => {
                     let (mo, raw) = client.merchant_order(mo).await?;
                     let status = mo.status.clone().unwrap_or_default();
-                    outcome = word(&gateway.settle(&mo.facts(), Some(raw), &status).await?);
+                    outcome = word(&book.settle(&mo.facts(), Some(raw), &status).await?);
                 }
                 (None, Some(reference)) => {
                     for (mo, raw) in client.search_merchant_orders(reference).await? {
                         let status = mo.status.clone().unwrap_or_default();
-                        outcome = word(&gateway.settle(&mo.facts(), Some(raw), &status).await?);
+                        outcome = word(&book.settle(&mo.facts(), Some(raw), &status).await?);
                     }
                 }
                 (None, None) => {
@@ -508,8 +505,8 @@ async fn process(
                 .iter()
                 .any(|f| f.status == PaymentStatus::Approved)
             {
-                let s = gateway.settle(&facts, None, "").await?;
-                if !matches!(s, Settlement::Duplicate | Settlement::Refused(_)) {
+                let s = book.settle(&facts, None, "").await?;
+                if !matches!(s, Verdict::Duplicate | Verdict::Refused(_)) {
                     outcome = word(&s);
                 }
             }
