@@ -12,7 +12,6 @@ use std::time::Instant;
 use qrgate::book::{Book, BookSettings};
 use qrgate::mercadopago::poll_answer::MpAccount;
 use qrgate::money::Currency;
-use qrgate::mqtt::topics::Topics;
 use qrgate::orders::rules::{LineRequest, SaleRequest};
 use qrgate::orders::{Command, PosConfig, PosId, PosKind, SaleId};
 use qrgate::store::{SqliteStore, Store};
@@ -51,7 +50,6 @@ async fn book(store: Arc<dyn Store>, pos: Vec<PosConfig>) -> Arc<Book> {
             BookSettings {
                 collector_id: 1,
                 auto_refund: false,
-                topics: Topics::new("qrgate"),
                 poll_protocol: qrgate::orders::PollProtocol::V1,
                 attended: None,
             },

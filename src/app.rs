@@ -19,8 +19,8 @@ use crate::inbox::{self, InboxSettings};
 use crate::link::LinkState;
 use crate::mercadopago::client::MpClient;
 use crate::mercadopago::poll_answer::MpAccount;
+use crate::mqtt::broker;
 use crate::mqtt::connection::{self, Endpoint};
-use crate::mqtt::{broker, topics::Topics};
 use crate::orders::Command;
 use crate::store::{SqliteStore, Store};
 
@@ -172,7 +172,6 @@ impl App {
                 BookSettings {
                     collector_id: config.mercadopago.collector_id,
                     auto_refund: config.orders.auto_refund,
-                    topics: Topics::new(&config.mqtt.topic_prefix),
                     poll_protocol: config.mercadopago.poll_protocol,
                     attended: any_attended.then_some(attended_tx),
                 },
@@ -250,9 +249,10 @@ impl App {
                         _ = tick.tick() => {}
                         _ = shutdown.cancelled() => break,
                     }
-                    for (p, reference) in book.undelivered() {
-                        tracing::debug!(external_reference = %reference, "paid_undelivered: paid republished");
-                        book.republish(p);
+                    for sale in book.undelivered() {
+                        tracing::debug!(pos = %sale.pos, external_reference = %sale.external_reference,
+                            "paid_undelivered: paid republished");
+                        book.republish(sale);
                     }
                 }
             });

@@ -39,7 +39,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const WATCH_EVERY: Duration = Duration::from_secs(5);
 /// The stable word that starts the reason of a sale ended because its order
 /// could not be placed again before Mercado Pago expired it (devices/README).
-pub const ORDER_EXPIRED: &str = "mp_order_expired";
+pub use crate::orders::sale::ORDER_EXPIRED;
 
 pub struct Desk {
     /// One job at a time per POS: the instore and legacy APIs put and take

@@ -26,8 +26,9 @@ use tokio_util::task::TaskTracker;
 use super::guard::{self, Marker};
 use super::inbound;
 use super::intake::{self, Admission, RateLimiter, Turns};
+use super::outbound;
 use super::topics::{DeviceTopic, Topics};
-use crate::book::{Book, BookError, Publish};
+use crate::book::{Book, BookError, Tell};
 use crate::config::{Broker, MqttConfig, Secret};
 use crate::link::LinkState;
 use crate::orders::PosId;
@@ -46,7 +47,7 @@ pub fn spawn(
     cfg: &MqttConfig,
     endpoint: Endpoint,
     book: Arc<Book>,
-    mut outbox: mpsc::UnboundedReceiver<Publish>,
+    mut outbox: mpsc::UnboundedReceiver<Tell>,
     shutdown: CancellationToken,
     tracker: &TaskTracker,
 ) -> Arc<LinkState> {
@@ -113,12 +114,14 @@ pub fn spawn(
     {
         let client = client.clone();
         let shutdown = shutdown.clone();
+        let topics = topics.clone();
         tracker.spawn(async move {
             loop {
-                let p = tokio::select! {
-                    p = outbox.recv() => match p { Some(p) => p, None => break },
+                let tell = tokio::select! {
+                    t = outbox.recv() => match t { Some(t) => t, None => break },
                     _ = shutdown.cancelled() => break,
                 };
+                let p = outbound::render(&tell, &topics);
                 if let Err(e) = client
                     .publish(p.topic.clone(), QoS::AtLeastOnce, p.retain, p.payload)
                     .await
@@ -207,6 +210,7 @@ pub fn spawn(
                     let client = client.clone();
                     let subs = subscriptions.clone();
                     let book = Arc::clone(&book);
+                    let topics = topics.clone();
                     tokio::spawn(async move {
                         let filters = subs
                             .into_iter()
@@ -214,7 +218,8 @@ pub fn spawn(
                         if let Err(e) = client.subscribe_many(filters).await {
                             tracing::warn!(error = %e, "cannot subscribe to device topics");
                         }
-                        for p in book.retained_states() {
+                        for tell in book.retained_states() {
+                            let p = outbound::render(&tell, &topics);
                             let _ = client
                                 .publish(p.topic, QoS::AtLeastOnce, true, p.payload)
                                 .await;

@@ -8,5 +8,4 @@ pub mod inbound;
 pub mod intake;
 pub mod logins;
 pub mod outbound;
-pub mod refusals;
 pub mod topics;

@@ -4,6 +4,9 @@
 
 use serde::Serialize;
 
+use super::topics::Topics;
+use crate::book::Tell;
+use crate::orders::sale::ORDER_EXPIRED;
 use crate::orders::{MpId, Sale, SaleState};
 
 #[derive(Serialize)]
@@ -34,6 +37,36 @@ struct StateJson<'a> {
     reason: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     message: Option<&'a str>,
+}
+
+/// A message for a device, ready to publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub retain: bool,
+}
+
+/// What the book tells a device, as the device contract writes it: a sale's
+/// state is retained, a rejection is not.
+pub fn render(tell: &Tell, topics: &Topics) -> Message {
+    match tell {
+        Tell::State(sale) => Message {
+            topic: topics.state(sale.pos.as_str()),
+            payload: state(sale),
+            retain: true,
+        },
+        Tell::Rejected {
+            pos,
+            sale_id,
+            code,
+            message,
+        } => Message {
+            topic: topics.state(pos.as_str()),
+            payload: rejected(sale_id.as_deref(), code, message),
+            retain: false,
+        },
+    }
 }
 
 /// The retained state of a sale.
@@ -77,9 +110,7 @@ pub fn state(sale: &Sale) -> Vec<u8> {
         // The only retained `rejected`: Mercado Pago refused the attended
         // order, or its order expired because it could not be placed again.
         reason: (sale.state == SaleState::Rejected).then(|| match sale.rejection.as_deref() {
-            Some(r) if r.starts_with(crate::attended::ORDER_EXPIRED) => {
-                crate::attended::ORDER_EXPIRED
-            }
+            Some(r) if r.starts_with(ORDER_EXPIRED) => ORDER_EXPIRED,
             _ => "mp_refused",
         }),
         message: sale.rejection.as_deref(),

@@ -341,6 +341,10 @@ impl<'de> Deserialize<'de> for MpId {
     }
 }
 
+/// The reason code of a sale whose attended order expired at Mercado Pago
+/// and could not be placed again: its device is told `rejected` with it.
+pub const ORDER_EXPIRED: &str = "mp_order_expired";
+
 /// How a sale was closed: the merchant order that paid it and the payment
 /// that reached its total (the one a device is told).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

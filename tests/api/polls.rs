@@ -183,7 +183,7 @@ async fn a_poll_right_after_the_device_hears_pending_is_served() {
     use qrgate::book::{Book, BookSettings};
     use qrgate::mercadopago::order_body::MpAccount;
     use qrgate::mqtt::inbound::parse;
-    use qrgate::mqtt::topics::{DeviceTopic, Topics};
+    use qrgate::mqtt::topics::DeviceTopic;
     use qrgate::orders::PollProtocol;
     use qrgate::orders::{PosId, PosKind};
     use qrgate::store::SqliteStore;
@@ -207,7 +207,6 @@ async fn a_poll_right_after_the_device_hears_pending_is_served() {
             BookSettings {
                 collector_id: 1,
                 auto_refund: false,
-                topics: Topics::new("qrgate"),
                 poll_protocol: PollProtocol::V1,
                 attended: None,
             },
@@ -232,8 +231,8 @@ async fn a_poll_right_after_the_device_hears_pending_is_served() {
         std::thread::spawn(move || {
             while !done.load(Ordering::Acquire) {
                 match publish_rx.try_recv() {
-                    Ok(p)
-                        if String::from_utf8_lossy(&p.payload).contains(r#""state":"pending""#) =>
+                    Ok(qrgate::book::Tell::State(sale))
+                        if sale.state == qrgate::orders::SaleState::Pending =>
                     {
                         if book.poll("pump-1").status != 200 {
                             unserved.fetch_add(1, Ordering::Relaxed);

@@ -8,6 +8,8 @@
 //! a cancel and a payment for the same POS cannot interleave, while other
 //! POS go on. No `DashMap` guard ever lives across an `.await`.
 
+pub mod rejections;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -18,9 +20,6 @@ use tokio::sync::{mpsc, Mutex, Notify};
 use crate::events::{Events, OpEvent};
 use crate::mercadopago::poll_answer::{self, MpAccount, PollAnswer};
 use crate::metrics::Metrics;
-use crate::mqtt::outbound;
-use crate::mqtt::refusals::{Ledger, SUMMARY_CODE};
-use crate::mqtt::topics::Topics;
 use crate::orders::ledger::Refund;
 use crate::orders::sale::RefundReason;
 use crate::orders::settle::{MerchantOrderFacts, PaymentStatus};
@@ -29,6 +28,7 @@ use crate::orders::{
     UnixMillis,
 };
 use crate::store::{MerchantOrderRecord, PaymentRecord, RejectionRecord, Store, StoreError};
+use rejections::{Tally, SUMMARY_CODE};
 
 /// A POS as polls see it: its state and the answer rendered from it.
 #[derive(Debug)]
@@ -40,12 +40,29 @@ pub struct PosView {
     served_asked: AtomicBool,
 }
 
-/// A message for a device, in the order it must be sent.
+/// What the book tells a device, in the order it must be told. The MQTT
+/// side (`mqtt::outbound`) turns it into a topic and a payload.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Publish {
-    pub topic: String,
-    pub payload: Vec<u8>,
-    pub retain: bool,
+pub enum Tell {
+    /// The state of its POS's current or last sale, which the broker keeps
+    /// for a device that reconnects.
+    State(Box<Sale>),
+    /// One of its messages was rejected; its sale's state stays as it was.
+    Rejected {
+        pos: PosId,
+        sale_id: Option<String>,
+        code: String,
+        message: String,
+    },
+}
+
+impl Tell {
+    pub fn pos(&self) -> &PosId {
+        match self {
+            Tell::State(sale) => &sale.pos,
+            Tell::Rejected { pos, .. } => pos,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -94,13 +111,12 @@ pub struct Book {
     locks: HashMap<PosId, Mutex<()>>,
     views: DashMap<PosId, Arc<PosView>>,
     store: Arc<dyn Store>,
-    ctx: MpAccount,
+    account: MpAccount,
     /// The answer for an unknown POS, in the account's default protocol.
     invalid: PollAnswer,
     collector_id: u64,
     auto_refund: bool,
-    topics: Topics,
-    publish: mpsc::UnboundedSender<Publish>,
+    publish: mpsc::UnboundedSender<Tell>,
     served: mpsc::UnboundedSender<(PosId, ExternalReference)>,
     attended: Option<mpsc::UnboundedSender<AttendedJob>>,
     refunds_due: Arc<Notify>,
@@ -109,15 +125,14 @@ pub struct Book {
     refund_turns: Vec<Mutex<()>>,
     events: Events,
     metrics: Arc<Metrics>,
-    /// Which device refusals are kept one by one (`mqtt::refusals`).
-    refusals: Ledger,
+    /// Which device refusals are kept one by one (`book::rejections`).
+    refusals: Tally,
 }
 
 /// What the book needs from the configuration besides the POS.
 pub struct BookSettings {
     pub collector_id: u64,
     pub auto_refund: bool,
-    pub topics: Topics,
     /// The account's default poll protocol, for POS we do not know.
     pub poll_protocol: orders::PollProtocol,
     /// Where attended POS's orders are placed and removed; `None` when no
@@ -137,15 +152,14 @@ impl Book {
     pub async fn load(
         pos: Vec<PosConfig>,
         store: Arc<dyn Store>,
-        ctx: MpAccount,
+        account: MpAccount,
         settings: BookSettings,
-        publish: mpsc::UnboundedSender<Publish>,
+        publish: mpsc::UnboundedSender<Tell>,
         served: mpsc::UnboundedSender<(PosId, ExternalReference)>,
     ) -> Result<Book, BookError> {
         let BookSettings {
             collector_id,
             auto_refund,
-            topics,
             poll_protocol,
             attended,
         } = settings;
@@ -158,7 +172,7 @@ impl Book {
                 presence: orders::Presence::Unknown,
                 current: by_pos.remove(&p.id),
             };
-            views.insert(p.id.clone(), Arc::new(view(p, state, &ctx)));
+            views.insert(p.id.clone(), Arc::new(view(p, state, &account)));
         }
         for (pos, sale) in by_pos {
             tracing::warn!(pos = %pos, external_reference = %sale.external_reference, state = sale.state.as_str(),
@@ -169,11 +183,10 @@ impl Book {
             pos: pos.into_iter().map(|p| (p.id.clone(), p)).collect(),
             views,
             store,
-            ctx,
+            account,
             invalid: poll_answer::invalid(poll_protocol),
             collector_id,
             auto_refund,
-            topics,
             publish,
             served,
             attended,
@@ -183,7 +196,7 @@ impl Book {
             metrics: Arc::new(Metrics::new()),
             // `[mqtt] stored_rejections_per_minute`'s default, until the
             // MQTT side sets the configured one.
-            refusals: Ledger::new(20),
+            refusals: Tally::new(20),
         })
     }
 
@@ -266,7 +279,7 @@ impl Book {
 
     /// Every POS's retained state, to republish after a (re)connection: the
     /// broker may have forgotten them (rumqttd keeps nothing across restarts).
-    pub fn retained_states(&self) -> Vec<Publish> {
+    pub fn retained_states(&self) -> Vec<Tell> {
         self.views
             .iter()
             .filter_map(|v| {
@@ -274,11 +287,7 @@ impl Book {
                     .current
                     .as_ref()
                     .filter(|s| self.shown_to_device(s))
-                    .map(|s| Publish {
-                        topic: self.topics.state(s.pos.as_str()),
-                        payload: outbound::state(s),
-                        retain: true,
-                    })
+                    .map(|s| Tell::State(Box::new(s.clone())))
             })
             .collect()
     }
@@ -390,23 +399,19 @@ impl Book {
             .collect()
     }
 
-    fn send(&self, p: Publish) {
+    fn send(&self, p: Tell) {
         // The receiver lives as long as the app; after shutdown there is
         // nobody left to tell.
         let _ = self.publish.send(p);
     }
 
     fn publish_state(&self, sale: &Sale) {
-        self.send(Publish {
-            topic: self.topics.state(sale.pos.as_str()),
-            payload: outbound::state(sale),
-            retain: true,
-        });
+        self.send(Tell::State(Box::new(sale.clone())));
     }
 
     /// A refused device message: counted, logged and stored for the operator
     /// (the first `[mqtt] stored_rejections_per_minute` of its POS in a
-    /// minute; the rest are summed, see `mqtt::refusals`), and (when `tell`)
+    /// minute; the rest are summed, see `book::rejections`), and (when `tell`)
     /// told to the device without touching its retained state. `received`
     /// names the message's topic kind and size when it was refused before
     /// reaching the book.
@@ -476,15 +481,16 @@ impl Book {
         message: &str,
         tell: bool,
         received: Option<(&str, usize)>,
-    ) -> (Option<RejectionRecord>, Option<Publish>) {
+    ) -> (Option<RejectionRecord>, Option<Tell>) {
         self.metrics
             .device_rejections
             .with_label_values(&[code])
             .inc();
-        let told = tell.then(|| Publish {
-            topic: self.topics.state(pos.as_str()),
-            payload: outbound::rejected(sale_id, code, message),
-            retain: false,
+        let told = tell.then(|| Tell::Rejected {
+            pos: pos.clone(),
+            sale_id: sale_id.map(str::to_owned),
+            code: code.to_owned(),
+            message: message.to_owned(),
         });
         let at = now_millis();
         if !self.refusals.admit(pos, code, at) {
@@ -514,7 +520,7 @@ impl Book {
     }
 
     /// Which refusals are kept one by one; `[mqtt]` sets its allowance.
-    pub fn refusals(&self) -> &Ledger {
+    pub fn refusals(&self) -> &Tally {
         &self.refusals
     }
 
@@ -570,7 +576,7 @@ impl Book {
             presence,
             current: Some(sale),
         };
-        let v = Arc::new(view(cfg, state, &self.ctx));
+        let v = Arc::new(view(cfg, state, &self.account));
         // Shown before told: a device may poll the moment it hears its state.
         self.views.insert(cfg.id.clone(), Arc::clone(&v));
         if let Some(s) = v.state.current.as_ref().filter(|_| publish) {
@@ -679,7 +685,7 @@ impl Book {
                     current: current.state.current.clone(),
                 };
                 self.views
-                    .insert(pos.clone(), Arc::new(view(cfg, state, &self.ctx)));
+                    .insert(pos.clone(), Arc::new(view(cfg, state, &self.account)));
             }
             Outcome::Nothing => {}
         }
@@ -892,7 +898,7 @@ impl Book {
 
     /// The `paid` state of every current sale whose device has not
     /// confirmed delivery: republished until it does (CONTRACT-NOTES).
-    pub fn undelivered(&self) -> Vec<(Publish, ExternalReference)> {
+    pub fn undelivered(&self) -> Vec<Sale> {
         self.views
             .iter()
             .filter_map(|v| {
@@ -900,22 +906,14 @@ impl Book {
                     .current
                     .as_ref()
                     .filter(|s| s.is_paid_undelivered())
-                    .map(|s| {
-                        (
-                            Publish {
-                                topic: self.topics.state(s.pos.as_str()),
-                                payload: outbound::state(s),
-                                retain: true,
-                            },
-                            s.external_reference.clone(),
-                        )
-                    })
+                    .cloned()
             })
             .collect()
     }
 
-    pub fn republish(&self, p: Publish) {
-        self.send(p);
+    /// Tells a sale's device its state again.
+    pub fn republish(&self, sale: Sale) {
+        self.send(Tell::State(Box::new(sale)));
     }
 
     /// Records refunds Mercado Pago made of a sale's payments (those not
@@ -962,8 +960,8 @@ impl Locked<'_> {
     }
 }
 
-fn view(cfg: &PosConfig, state: PosState, ctx: &MpAccount) -> PosView {
-    let answer = poll_answer::render(cfg, &state, ctx);
+fn view(cfg: &PosConfig, state: PosState, account: &MpAccount) -> PosView {
+    let answer = poll_answer::render(cfg, &state, account);
     let served = state.busy_sale().is_some_and(|s| s.served_at.is_some());
     PosView {
         state,

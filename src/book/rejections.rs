@@ -73,7 +73,7 @@ struct Windows {
 
 /// Per POS and minute: which refusals are kept one by one.
 #[derive(Debug)]
-pub struct Ledger {
+pub struct Tally {
     per_minute: AtomicU32,
     windows: Mutex<Windows>,
 }
@@ -91,9 +91,9 @@ fn summary(pos: PosId, w: Window) -> Option<Summary> {
     })
 }
 
-impl Ledger {
-    pub fn new(per_minute: u32) -> Ledger {
-        Ledger {
+impl Tally {
+    pub fn new(per_minute: u32) -> Tally {
+        Tally {
             per_minute: AtomicU32::new(per_minute),
             windows: Mutex::new(Windows::default()),
         }
@@ -184,7 +184,7 @@ mod tests {
 
     #[test]
     fn the_first_refusals_of_a_minute_are_kept_and_the_rest_summed_per_pos() {
-        let l = Ledger::new(3);
+        let l = Tally::new(3);
         let a = pos("pump-1");
         let b = pos("pump-2");
         let kept: Vec<bool> = (0..10)
@@ -218,7 +218,7 @@ mod tests {
 
     #[test]
     fn a_minute_ending_under_a_refusal_is_kept_for_the_next_take() {
-        let l = Ledger::new(1);
+        let l = Tally::new(1);
         let a = pos("pump-1");
         for i in 0..5 {
             l.admit(&a, if i % 2 == 0 { "busy" } else { "bad_json" }, T0 + i);
@@ -238,7 +238,7 @@ mod tests {
 
     #[test]
     fn zero_keeps_nothing_one_by_one() {
-        let l = Ledger::new(0);
+        let l = Tally::new(0);
         assert!(!l.admit(&pos("p"), "busy", T0));
         assert_eq!(l.take_ended(T0, true)[0].summed, 1);
     }
