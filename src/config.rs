@@ -1063,7 +1063,9 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
     }
     for (i, p) in raw.pos.iter().enumerate() {
         let key = |k: &str| format!("pos.{i}.{k}");
-        let id = PosId::parse(&p.id).map_err(|e| bad(&key("id"), e)).ok();
+        let id = PosId::parse(&p.id)
+            .map_err(|e| bad(&key("id"), e.to_string()))
+            .ok();
         let kind = match p.kind.as_str() {
             "fuel" => Some(PosKind::Fuel),
             "vending" => Some(PosKind::Vending),

@@ -4,7 +4,6 @@
 //! the book, the store or Mercado Pago, and render.
 
 // Helpers return the refusing response as their error: built once, sent as is.
-#![allow(clippy::result_large_err)]
 
 use std::time::Duration;
 
@@ -17,23 +16,23 @@ use tokio_util::sync::CancellationToken;
 
 use super::Admin;
 use crate::book::now_millis;
-use crate::http::error;
+use crate::http::ApiError;
 use crate::orders::{
     self, Command, ExternalReference, Outcome, PosMode, Presence, Rejection, Sale,
 };
 use crate::store::SaleFilter;
 
-fn internal(e: impl std::fmt::Display) -> HttpResponse {
+fn internal(e: impl std::fmt::Display) -> ApiError {
     tracing::error!(error = %e, "admin API failed");
-    error(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "internal_error",
-        "internal error (see the log)",
-    )
+    ApiError::Internal("internal error (see the log)".into())
 }
 
-fn parse_reference(text: &str) -> Result<ExternalReference, HttpResponse> {
-    ExternalReference::parse(text).map_err(|m| error(StatusCode::NOT_FOUND, "unknown_sale", &m))
+fn no_such_sale() -> ApiError {
+    ApiError::UnknownSale("no such sale".into())
+}
+
+fn parse_reference(text: &str) -> Result<ExternalReference, ApiError> {
+    ExternalReference::parse(text).map_err(|m| ApiError::UnknownSale(m.to_string()))
 }
 
 /// Money as text, with the currency's decimals.
@@ -99,10 +98,8 @@ fn ledger(sale: &Sale) -> Value {
     })
 }
 
-pub async fn metrics(req: HttpRequest, admin: web::Data<Admin>) -> HttpResponse {
-    if let Err(r) = admin.auth.check(&req, false) {
-        return r;
-    }
+pub async fn metrics(req: HttpRequest, admin: web::Data<Admin>) -> Result<HttpResponse, ApiError> {
+    admin.auth.check(&req, false)?;
     let m = admin.book.metrics();
     let (mut pending, mut undelivered, mut online, mut offline) = (0, 0, 0, 0);
     for cfg in admin.book.pos_configs() {
@@ -125,7 +122,7 @@ pub async fn metrics(req: HttpRequest, admin: web::Data<Admin>) -> HttpResponse 
     // Money owed back is any sale's, not only a POS's current one.
     let due = match admin.book.store().count_owing().await {
         Ok(n) => i64::try_from(n).unwrap_or(i64::MAX),
-        Err(e) => return internal(e),
+        Err(e) => return Err(internal(e)),
     };
     m.sales_pending.set(pending);
     m.sales_paid_undelivered.set(undelivered);
@@ -133,15 +130,13 @@ pub async fn metrics(req: HttpRequest, admin: web::Data<Admin>) -> HttpResponse 
     m.devices_online.set(online);
     m.devices_offline.set(offline);
     m.mqtt_connected.set(i64::from(admin.link.ready()));
-    HttpResponse::Ok()
+    Ok(HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
-        .body(m.render())
+        .body(m.render()))
 }
 
-pub async fn pos(req: HttpRequest, admin: web::Data<Admin>) -> HttpResponse {
-    if let Err(r) = admin.auth.check(&req, false) {
-        return r;
-    }
+pub async fn pos(req: HttpRequest, admin: web::Data<Admin>) -> Result<HttpResponse, ApiError> {
+    admin.auth.check(&req, false)?;
     let now = now_millis();
     let mut configs: Vec<_> = admin.book.pos_configs().collect();
     configs.sort_by(|a, b| a.id.cmp(&b.id));
@@ -183,14 +178,14 @@ pub async fn pos(req: HttpRequest, admin: web::Data<Admin>) -> HttpResponse {
             .await,
     ) {
         (Ok(n), Ok(owing)) => (n, owing),
-        (Err(e), _) | (_, Err(e)) => return internal(e),
+        (Err(e), _) | (_, Err(e)) => return Err(internal(e)),
     };
-    HttpResponse::Ok().json(json!({
+    Ok(HttpResponse::Ok().json(json!({
         "counts": {"pending": pending, "paid_undelivered": undelivered, "refund_due": due},
         "timezone": admin.timezone.name(),
         "pos": list,
         "owing": owing.iter().map(|s| summary(s, now)).collect::<Vec<_>>(),
-    }))
+    })))
 }
 
 #[derive(Deserialize)]
@@ -207,10 +202,8 @@ pub async fn sales(
     req: HttpRequest,
     q: web::Query<SalesQuery>,
     admin: web::Data<Admin>,
-) -> HttpResponse {
-    if let Err(r) = admin.auth.check(&req, false) {
-        return r;
-    }
+) -> Result<HttpResponse, ApiError> {
+    admin.auth.check(&req, false)?;
     let q = q.into_inner();
     let since = match q.since.as_deref().filter(|s| !s.is_empty()) {
         None => None,
@@ -221,11 +214,9 @@ pub async fn sales(
         }) {
             Some(v) => Some(v),
             None => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "bad_query",
-                    "since must be unix milliseconds or an RFC 3339 time",
-                )
+                return Err(ApiError::BadQuery(
+                    "since must be unix milliseconds or an RFC 3339 time".into(),
+                ))
             }
         },
     };
@@ -236,22 +227,18 @@ pub async fn sales(
         since,
         limit: q.limit.unwrap_or(50).clamp(1, 1000),
     };
-    match admin.book.store().sales(filter).await {
-        Ok(list) => {
-            let now = now_millis();
-            HttpResponse::Ok().json(json!({
-                "sales": list.iter().map(|s| summary(s, now)).collect::<Vec<_>>(),
-            }))
-        }
-        Err(e) => internal(e),
-    }
+    let list = admin.book.store().sales(filter).await.map_err(internal)?;
+    let now = now_millis();
+    Ok(HttpResponse::Ok().json(json!({
+        "sales": list.iter().map(|s| summary(s, now)).collect::<Vec<_>>(),
+    })))
 }
 
 /// A sale with its timeline and the merchant orders seen for it.
 pub async fn sale_detail(
     admin: &Admin,
     reference: &ExternalReference,
-) -> Result<Option<Value>, HttpResponse> {
+) -> Result<Option<Value>, ApiError> {
     let Some(sale) = admin.book.find_sale(reference).await.map_err(internal)? else {
         return Ok(None);
     };
@@ -298,18 +285,12 @@ pub async fn sale(
     req: HttpRequest,
     path: web::Path<String>,
     admin: web::Data<Admin>,
-) -> HttpResponse {
-    if let Err(r) = admin.auth.check(&req, false) {
-        return r;
-    }
-    let reference = match parse_reference(&path) {
-        Ok(r) => r,
-        Err(r) => return r,
-    };
-    match sale_detail(&admin, &reference).await {
-        Ok(Some(v)) => HttpResponse::Ok().json(v),
-        Ok(None) => error(StatusCode::NOT_FOUND, "unknown_sale", "no such sale"),
-        Err(r) => r,
+) -> Result<HttpResponse, ApiError> {
+    admin.auth.check(&req, false)?;
+    let reference = parse_reference(&path)?;
+    match sale_detail(&admin, &reference).await? {
+        Some(v) => Ok(HttpResponse::Ok().json(v)),
+        None => Err(no_such_sale()),
     }
 }
 
@@ -317,53 +298,34 @@ pub async fn cancel(
     req: HttpRequest,
     path: web::Path<String>,
     admin: web::Data<Admin>,
-) -> HttpResponse {
-    let by = match admin.auth.check(&req, true) {
-        Ok(by) => by,
-        Err(r) => return r,
-    };
-    let reference = match parse_reference(&path) {
-        Ok(r) => r,
-        Err(r) => return r,
-    };
-    let Some(pos) = reference.pos_id() else {
-        return error(StatusCode::NOT_FOUND, "unknown_sale", "no such sale");
-    };
+) -> Result<HttpResponse, ApiError> {
+    let by = admin.auth.check(&req, true)?;
+    let reference = parse_reference(&path)?;
+    let pos = reference.pos_id().ok_or_else(no_such_sale)?;
     let cmd = Command::CancelByOperator {
         reference: reference.clone(),
         by: by.to_owned(),
     };
     match admin.book.execute(&pos, cmd).await {
         Ok(Outcome::Changed { sale, .. }) => {
-            HttpResponse::Ok().json(json!({"sale": summary(&sale, now_millis())}))
+            Ok(HttpResponse::Ok().json(json!({"sale": summary(&sale, now_millis())})))
         }
         Ok(Outcome::Rejected {
             why: Rejection::NotCancellable { state },
             ..
-        }) => error(
-            StatusCode::CONFLICT,
-            "not_cancellable",
-            &format!(
-                "the sale is {} and can no longer be cancelled",
-                state.as_str()
-            ),
-        ),
-        Ok(_) => match admin.book.find_sale(&reference).await {
-            Ok(Some(s)) => error(
-                StatusCode::CONFLICT,
-                "not_cancellable",
-                &format!(
-                    "the sale is {} and is not its POS's current sale",
-                    s.state.as_str()
-                ),
-            ),
-            Ok(None) => error(StatusCode::NOT_FOUND, "unknown_sale", "no such sale"),
-            Err(e) => internal(e),
+        }) => Err(ApiError::NotCancellable(format!(
+            "the sale is {} and can no longer be cancelled",
+            state.as_str()
+        ))),
+        Ok(_) => match admin.book.find_sale(&reference).await.map_err(internal)? {
+            Some(s) => Err(ApiError::NotCancellable(format!(
+                "the sale is {} and is not its POS's current sale",
+                s.state.as_str()
+            ))),
+            None => Err(no_such_sale()),
         },
-        Err(crate::book::BookError::UnknownPos(_)) => {
-            error(StatusCode::NOT_FOUND, "unknown_sale", "no such sale")
-        }
-        Err(e) => internal(e),
+        Err(crate::book::BookError::UnknownPos(_)) => Err(no_such_sale()),
+        Err(e) => Err(internal(e)),
     }
 }
 
@@ -406,19 +368,10 @@ pub async fn refund(
     path: web::Path<String>,
     body: web::Bytes,
     admin: web::Data<Admin>,
-) -> HttpResponse {
-    let by = match admin.auth.check(&req, true) {
-        Ok(by) => by,
-        Err(r) => return r,
-    };
-    let reference = match parse_reference(&path) {
-        Ok(r) => r,
-        Err(r) => return r,
-    };
-    let asked = match requested_amount(&body) {
-        Ok(a) => a,
-        Err(m) => return error(StatusCode::BAD_REQUEST, "bad_request", m),
-    };
+) -> Result<HttpResponse, ApiError> {
+    let by = admin.auth.check(&req, true)?;
+    let reference = parse_reference(&path)?;
+    let asked = requested_amount(&body).map_err(|m| ApiError::BadRequest(m.to_string()))?;
     let given_key = req
         .headers()
         .get("idempotency-key")
@@ -429,10 +382,10 @@ pub async fn refund(
         .refunds
         .request(&reference, asked, by, given_key)
         .await;
-    HttpResponse::build(
+    Ok(HttpResponse::build(
         StatusCode::from_u16(answer.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
     )
-    .json(answer.body)
+    .json(answer.body))
 }
 
 #[derive(Deserialize)]
@@ -453,10 +406,8 @@ pub async fn events(
     req: HttpRequest,
     q: web::Query<EventsQuery>,
     admin: web::Data<Admin>,
-) -> HttpResponse {
-    if let Err(r) = admin.auth.check(&req, false) {
-        return r;
-    }
+) -> Result<HttpResponse, ApiError> {
+    admin.auth.check(&req, false)?;
     use tokio::sync::broadcast::error::RecvError;
     const KEEP_ALIVE: Duration = Duration::from_secs(15);
     let rx = admin.book.events().subscribe();
@@ -517,11 +468,11 @@ pub async fn events(
             }
         },
     );
-    HttpResponse::Ok()
+    Ok(HttpResponse::Ok()
         .content_type("text/event-stream")
         .insert_header(("Cache-Control", "no-cache"))
         .insert_header(("X-Accel-Buffering", "no"))
-        .streaming(stream)
+        .streaming(stream))
 }
 
 #[cfg(test)]

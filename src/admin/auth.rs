@@ -22,14 +22,13 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use actix_web::http::header::{HeaderValue, AUTHORIZATION, COOKIE, ORIGIN, RETRY_AFTER};
-use actix_web::http::StatusCode;
-use actix_web::{HttpRequest, HttpResponse};
+use actix_web::http::header::{AUTHORIZATION, COOKIE, ORIGIN};
+use actix_web::HttpRequest;
 use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{AdminConfig, Secret};
-use crate::http::error;
+use crate::http::ApiError;
 
 pub const COOKIE_NAME: &str = "qrgate_session";
 pub const CSRF_HEADER: &str = "x-csrf-token";
@@ -399,8 +398,7 @@ impl Auth {
     /// Who is asking (`token`, `console`, `local`), or the answer that
     /// refuses them. `changes` marks a state-changing request. `edge` has
     /// checked `Host`, and `Origin` when there is one.
-    #[allow(clippy::result_large_err)]
-    pub fn check(&self, req: &HttpRequest, changes: bool) -> Result<&'static str, HttpResponse> {
+    pub fn check(&self, req: &HttpRequest, changes: bool) -> Result<&'static str, ApiError> {
         let bearer = req
             .headers()
             .get(AUTHORIZATION)
@@ -431,10 +429,8 @@ impl Auth {
         // needs both its page's CSRF token and the page's Origin (browsers
         // send one on every POST; a cookie without it is replayed).
         if !has_origin {
-            return Err(error(
-                StatusCode::FORBIDDEN,
-                "origin",
-                "a state-changing request with the console's session must carry its Origin",
+            return Err(ApiError::Origin(
+                "a state-changing request with the console's session must carry its Origin".into(),
             ));
         }
         let given = req
@@ -445,40 +441,22 @@ impl Auth {
         if same(given, &session.csrf) {
             return Ok("console");
         }
-        Err(error(
-            StatusCode::FORBIDDEN,
-            "csrf",
-            "a state-changing request from the console needs its CSRF token",
+        Err(ApiError::Csrf(
+            "a state-changing request from the console needs its CSRF token".into(),
         ))
     }
 }
 
-pub fn unauthorized(lock: Option<Duration>) -> HttpResponse {
-    let mut r = error(
-        StatusCode::UNAUTHORIZED,
-        "unauthorized",
-        "the admin API needs the operator's token (Authorization: Bearer ...)",
-    );
-    r.headers_mut().insert(
-        actix_web::http::header::WWW_AUTHENTICATE,
-        HeaderValue::from_static("Bearer"),
-    );
-    if let Some(d) = lock {
-        r.headers_mut()
-            .insert(RETRY_AFTER, HeaderValue::from(whole_secs(d)));
+pub fn unauthorized(lock: Option<Duration>) -> ApiError {
+    ApiError::TokenNeeded {
+        retry_after: lock.map(whole_secs),
     }
-    r
 }
 
-pub fn rate_limited(wait: Duration) -> HttpResponse {
-    let secs = whole_secs(wait);
-    let mut r = error(
-        StatusCode::TOO_MANY_REQUESTS,
-        "rate_limited",
-        &format!("too many wrong tokens from this address: try again in {secs} s"),
-    );
-    r.headers_mut().insert(RETRY_AFTER, HeaderValue::from(secs));
-    r
+pub fn rate_limited(wait: Duration) -> ApiError {
+    ApiError::LockedOut {
+        retry_after: whole_secs(wait),
+    }
 }
 
 #[cfg(test)]

@@ -17,16 +17,16 @@
 //!   serves one protocol. Refused with 403. Whether a request may come
 //!   without one is the caller's to decide (`auth`).
 
+use actix_web::ResponseError;
 use std::net::{IpAddr, SocketAddr};
 
 use actix_web::body::{EitherBody, MessageBody};
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::header::{HeaderMap, HOST, ORIGIN};
-use actix_web::http::StatusCode;
 use actix_web::middleware::Next;
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{web, HttpRequest};
 
-use crate::http::error;
+use crate::http::ApiError;
 
 /// The local address of a connection, recorded when it is accepted
 /// (`HttpServer::on_connect`).
@@ -139,8 +139,7 @@ impl Edge {
     /// The request's authority when the console answers to it, else the
     /// refusal. An absolute request target (`GET http://name/`) must name
     /// one of its names too.
-    #[allow(clippy::result_large_err)]
-    pub fn host(&self, req: &HttpRequest) -> Result<Authority, HttpResponse> {
+    pub fn host(&self, req: &HttpRequest) -> Result<Authority, ApiError> {
         let local = req.conn_data::<LocalAddr>().map(|l| l.0.ip());
         let given = header(req.headers(), HOST);
         let target = req.uri().authority().map(|a| a.as_str());
@@ -158,16 +157,14 @@ impl Edge {
     }
 
     /// Refuses a request whose `Origin` is present and another origin.
-    #[allow(clippy::result_large_err)]
-    pub fn origin(&self, req: &HttpRequest, host: &Authority) -> Result<(), HttpResponse> {
+    pub fn origin(&self, req: &HttpRequest, host: &Authority) -> Result<(), ApiError> {
         match header(req.headers(), ORIGIN) {
             Some(o) if !same_origin(o, host) => {
                 tracing::warn!(origin = %shown(o), path = %req.path(),
                     "console request from another origin refused");
-                Err(error(
-                    StatusCode::FORBIDDEN,
-                    "origin",
-                    "the console takes requests only from its own pages (Origin is another site)",
+                Err(ApiError::Origin(
+                    "the console takes requests only from its own pages (Origin is another site)"
+                        .into(),
                 ))
             }
             _ => Ok(()),
@@ -175,17 +172,13 @@ impl Edge {
     }
 }
 
-fn misdirected(host: &str) -> HttpResponse {
+fn misdirected(host: &str) -> ApiError {
     tracing::warn!(host = %shown(host), "console request for another host name refused");
-    error(
-        StatusCode::MISDIRECTED_REQUEST,
-        "unknown_host",
-        &format!(
-            "this console answers only to its own names (loopback, its listen address and \
+    ApiError::UnknownHost(format!(
+        "this console answers only to its own names (loopback, its listen address and \
              [admin] hosts); {:?} is not one of them",
-            shown(host)
-        ),
-    )
+        shown(host)
+    ))
 }
 
 /// The middleware: `Host`, then `Origin`, before anything else runs.
@@ -199,14 +192,10 @@ pub async fn guard<B: MessageBody>(
             Err(r) => Some(r),
         },
         // Not reachable: the admin app always carries its state.
-        None => Some(error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal_error",
-            "internal error",
-        )),
+        None => Some(ApiError::Internal("internal error".into())),
     };
     match refused {
-        Some(r) => Ok(req.into_response(r).map_into_right_body()),
+        Some(e) => Ok(req.into_response(e.error_response()).map_into_right_body()),
         None => next
             .call(req)
             .await

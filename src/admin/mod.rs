@@ -12,6 +12,7 @@ pub mod auth;
 pub mod edge;
 pub mod page;
 
+use actix_web::ResponseError;
 use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::book::Book;
 use crate::config::AdminConfig;
+use crate::http::ApiError;
 use crate::link::LinkState;
 use crate::mercadopago::client::MpClient;
 
@@ -98,11 +100,5 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/api/sales/{reference}/cancel", web::post().to(api::cancel))
         .route("/api/sales/{reference}/refund", web::post().to(api::refund))
         .route("/api/events", web::get().to(api::events))
-        .default_service(web::to(|| async {
-            crate::http::error(
-                actix_web::http::StatusCode::NOT_FOUND,
-                "not_found",
-                "no such endpoint",
-            )
-        }));
+        .default_service(web::to(|| async { ApiError::NotFound.error_response() }));
 }

@@ -4,8 +4,10 @@
 //! With a token it runs in a login session (login, logout here); without
 //! one, in none.
 
+use crate::http::ApiError;
 use actix_web::http::header::{CACHE_CONTROL, LOCATION, ORIGIN, RETRY_AFTER, SET_COOKIE};
 use actix_web::http::StatusCode;
+use actix_web::ResponseError;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 
@@ -208,11 +210,10 @@ pub async fn logout(
     // Like every change made with the session: its page's Origin and CSRF
     // token, so no other page can log the operator out.
     if !req.headers().contains_key(ORIGIN) {
-        return crate::http::error(
-            StatusCode::FORBIDDEN,
-            "origin",
-            "a state-changing request with the console's session must carry its Origin",
-        );
+        return ApiError::Origin(
+            "a state-changing request with the console's session must carry its Origin".into(),
+        )
+        .error_response();
     }
     let given = req
         .headers()
@@ -222,11 +223,10 @@ pub async fn logout(
         .or_else(|| form.map(|f| f.into_inner().csrf))
         .unwrap_or_default();
     if !same(&given, &session.csrf) {
-        return crate::http::error(
-            StatusCode::FORBIDDEN,
-            "csrf",
-            "a state-changing request from the console needs its CSRF token",
-        );
+        return ApiError::Csrf(
+            "a state-changing request from the console needs its CSRF token".into(),
+        )
+        .error_response();
     }
     admin.auth.end(&session.id);
     tracing::info!("console logout");
@@ -243,7 +243,12 @@ pub async fn sale(
     };
     let reference = match crate::orders::ExternalReference::parse(&path) {
         Ok(r) => r,
-        Err(m) => return html(StatusCode::NOT_FOUND, shell("no such sale", "", &esc(&m))),
+        Err(m) => {
+            return html(
+                StatusCode::NOT_FOUND,
+                shell("no such sale", "", &esc(&m.to_string())),
+            )
+        }
     };
     let detail = match super::api::sale_detail(&admin, &reference).await {
         Ok(Some(v)) => v,
@@ -257,7 +262,7 @@ pub async fn sale(
                 ),
             )
         }
-        Err(r) => return r,
+        Err(e) => return e.error_response(),
     };
     let s = &detail["summary"];
     let text = |v: &serde_json::Value| esc(v.as_str().unwrap_or(""));

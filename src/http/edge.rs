@@ -320,8 +320,7 @@ fn rewrite(buf: &[u8], which: usize) -> Option<Rewrite> {
     let status_line_end = 9 + prefix.iter().position(|&b| b == b'\r')?;
     let rest = buf.get(9 + prefix.len()..head_end)?;
     let status = actix_web::http::StatusCode::from_u16(status).ok()?;
-    let (code, message) = super::error_code(status);
-    let body = serde_json::json!({ "code": code, "message": message }).to_string();
+    let body = super::ApiError::from_status(status).body();
     let mut bytes = Vec::with_capacity(head_end + body.len() + 64);
     bytes.extend_from_slice(&buf[..status_line_end]);
     bytes.extend_from_slice(
@@ -332,7 +331,7 @@ fn rewrite(buf: &[u8], which: usize) -> Option<Rewrite> {
         .as_bytes(),
     );
     bytes.extend_from_slice(rest);
-    bytes.extend_from_slice(body.as_bytes());
+    bytes.extend_from_slice(&body);
     Some(Rewrite {
         bytes,
         written: 0,

@@ -2,6 +2,7 @@
 //! endpoint, and health. Handlers extract, call the book or enqueue, render.
 
 pub mod edge;
+pub mod error;
 pub mod health;
 pub mod notifications;
 pub mod poll;
@@ -12,8 +13,10 @@ use actix_web::body::MessageBody;
 use actix_web::dev::ServiceResponse;
 use actix_web::http::header::CONTENT_TYPE;
 use actix_web::middleware::ErrorHandlerResponse;
-use actix_web::{web, HttpResponse};
-use serde::Serialize;
+use actix_web::web;
+use actix_web::ResponseError;
+
+pub use error::ApiError;
 
 use std::sync::Arc;
 
@@ -24,13 +27,6 @@ use crate::link::LinkState;
 
 /// Largest request body any endpoint reads.
 pub const MAX_BODY: usize = 16 * 1024;
-
-/// Our own endpoints' error body: a stable `code` and a `message`.
-#[derive(Serialize)]
-pub struct ApiError<'a> {
-    pub code: &'a str,
-    pub message: &'a str,
-}
 
 /// What the public listener's handlers share, built by whoever serves it.
 pub struct State {
@@ -43,30 +39,6 @@ pub struct State {
     pub signature_tolerance_secs: u64,
     /// Rate limits the warnings strangers can cause, per source.
     pub warnings: Arc<ratelimit::WarnLimiter>,
-}
-
-pub fn error(status: actix_web::http::StatusCode, code: &str, message: &str) -> HttpResponse {
-    HttpResponse::build(status).json(ApiError { code, message })
-}
-
-/// The stable code and message of an error actix produces by itself, for
-/// [`json_errors`] and for the answers actix-http writes before any
-/// handler (see [`edge`]).
-pub fn error_code(status: actix_web::http::StatusCode) -> (&'static str, &'static str) {
-    match status.as_u16() {
-        400 => ("bad_request", "the request could not be read"),
-        404 => ("not_found", "no such endpoint"),
-        405 => ("method_not_allowed", "method not allowed here"),
-        408 => ("request_timeout", "the request took too long"),
-        413 => ("payload_too_large", "the request body is too large"),
-        429 => ("rate_limited", "too many requests"),
-        431 => (
-            "request_header_fields_too_large",
-            "the request head is too large",
-        ),
-        500..=599 => ("internal_error", "internal error"),
-        _ => ("error", "the request failed"),
-    }
 }
 
 /// Errors actix-web produces itself (405, 413, 408...) become the same JSON
@@ -83,10 +55,8 @@ pub fn json_errors<B: MessageBody + 'static>(
     if ours {
         return Ok(ErrorHandlerResponse::Response(res.map_into_left_body()));
     }
-    let status = res.status();
-    let (code, message) = error_code(status);
+    let resp = ApiError::from_status(res.status()).error_response();
     let (req, _) = res.into_parts();
-    let resp = error(status, code, message);
     Ok(ErrorHandlerResponse::Response(
         ServiceResponse::new(req, resp).map_into_right_body(),
     ))
@@ -106,11 +76,5 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         )
         .route("/healthz", web::get().to(health::healthz))
         .route("/readyz", web::get().to(health::readyz))
-        .default_service(web::to(|| async {
-            error(
-                actix_web::http::StatusCode::NOT_FOUND,
-                "not_found",
-                "no such endpoint",
-            )
-        }));
+        .default_service(web::to(|| async { ApiError::NotFound.error_response() }));
 }

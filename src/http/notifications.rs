@@ -4,12 +4,12 @@
 //! happens after, in `settlement`.
 //! Nothing in a notification is trusted beyond the id it names.
 
-use actix_web::http::StatusCode;
+use actix_web::ResponseError;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 
-use super::error;
 use super::signature::{self, SignatureError};
+use super::ApiError;
 use super::State;
 use crate::inbox::Resource;
 
@@ -176,11 +176,7 @@ pub async fn receive(req: HttpRequest, body: web::Bytes, shared: web::Data<State
                 .notifications
                 .with_label_values(&["rate_limited"])
                 .inc();
-            return error(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                "too many requests",
-            );
+            return ApiError::RateLimited("too many requests".into()).error_response();
         }
     }
     // Read before the signature is checked: the signature is checked over
@@ -193,7 +189,7 @@ pub async fn receive(req: HttpRequest, body: web::Bytes, shared: web::Data<State
                 .notifications
                 .with_label_values(&["bad_notification"])
                 .inc();
-            return error(StatusCode::BAD_REQUEST, "bad_notification", &why);
+            return ApiError::BadNotification(why.to_string()).error_response();
         }
     };
     if let (Some(secret), Some(header)) = (&shared.webhook_secret, req.headers().get("x-signature"))
@@ -225,7 +221,7 @@ pub async fn receive(req: HttpRequest, body: web::Bytes, shared: web::Data<State
                 .notifications
                 .with_label_values(&["bad_signature"])
                 .inc();
-            return error(StatusCode::UNAUTHORIZED, "unauthorized", "unauthorized");
+            return ApiError::Unauthorized("unauthorized".into()).error_response();
         }
     }
     match parsed {
@@ -234,11 +230,7 @@ pub async fn receive(req: HttpRequest, body: web::Bytes, shared: web::Data<State
             if let Err(e) = shared.inbox.accept(&resource).await {
                 tracing::error!(topic = resource.topic(), id = %resource.id(), error = %e,
                     "cannot write a notification to the inbox; answered 503 so Mercado Pago sends it again");
-                return error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "unavailable",
-                    "try again later",
-                );
+                return ApiError::Unavailable("try again later".into()).error_response();
             }
             tracing::info!(topic = resource.topic(), id = %resource.id(), "notification received");
             metrics.notifications.with_label_values(&["accepted"]).inc();

@@ -5,6 +5,7 @@
 //! Once any POS has a key, an unknown POS gets that same 404, byte for byte:
 //! a different answer would tell which POS ids exist.
 
+use actix_web::ResponseError;
 use std::collections::HashMap;
 
 use actix_web::http::header::{HeaderName, HeaderValue, CONTENT_TYPE, USER_AGENT};
@@ -13,7 +14,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
-use super::error;
+use super::ApiError;
 use super::State;
 use crate::config::{PollKeys, Secret};
 use crate::orders::PosConfig;
@@ -93,7 +94,7 @@ pub async fn poll(
                 peer = peer.map(|p| p.to_string()), suppressed,
                 "poll without the right key answered 404");
         }
-        return error(StatusCode::NOT_FOUND, "not_found", "no such endpoint");
+        return ApiError::NotFound.error_response();
     }
     let answer = shared.book.poll(&pos);
     let metrics = shared.book.metrics();

@@ -120,7 +120,7 @@ pub fn sniff_sale_id(payload: &[u8]) -> Option<SaleId> {
 
 fn sale_id(raw: Option<String>) -> Result<SaleId, Refused> {
     let raw = raw.ok_or_else(|| refused("bad_message", "sale_id is missing", None))?;
-    SaleId::parse(&raw).map_err(|e| refused("bad_message", e, None))
+    SaleId::parse(&raw).map_err(|e| refused("bad_message", e.to_string(), None))
 }
 
 /// An item's taxes (Colombia's IVA): a few, each a short name and a

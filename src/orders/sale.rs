@@ -17,6 +17,18 @@ fn is_id_char(c: char) -> bool {
 }
 
 /// The external POS id: letters, digits, `-` and `_`, at most 40 characters.
+/// An id that breaks its rules: what it is and what it must be.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdError {
+    /// The POS id as given, cut to 64 characters.
+    #[error("POS id {0:?} must be 1 to {max} letters, digits, '-' or '_'", max = PosId::MAX_LEN)]
+    Pos(String),
+    #[error("sale_id must be 1 to {max} letters, digits, '-', '_' or '.'", max = SaleId::MAX_LEN)]
+    Sale,
+    #[error("external_reference must be 1 to {max} of [A-Za-z0-9_-]", max = ExternalReference::MAX_LEN)]
+    ExternalReference,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct PosId(String);
@@ -24,13 +36,9 @@ pub struct PosId(String);
 impl PosId {
     pub const MAX_LEN: usize = 40;
 
-    pub fn parse(s: &str) -> Result<PosId, String> {
+    pub fn parse(s: &str) -> Result<PosId, IdError> {
         if s.is_empty() || s.len() > Self::MAX_LEN || !s.chars().all(is_id_char) {
-            return Err(format!(
-                "POS id {:?} must be 1 to {} letters, digits, '-' or '_'",
-                s.chars().take(64).collect::<String>(),
-                Self::MAX_LEN
-            ));
+            return Err(IdError::Pos(s.chars().take(64).collect()));
         }
         Ok(PosId(s.to_owned()))
     }
@@ -41,7 +49,7 @@ impl PosId {
 }
 
 impl TryFrom<String> for PosId {
-    type Error = String;
+    type Error = IdError;
     fn try_from(s: String) -> Result<Self, Self::Error> {
         PosId::parse(&s)
     }
@@ -68,13 +76,10 @@ pub struct SaleId(String);
 impl SaleId {
     pub const MAX_LEN: usize = 64;
 
-    pub fn parse(s: &str) -> Result<SaleId, String> {
+    pub fn parse(s: &str) -> Result<SaleId, IdError> {
         if s.is_empty() || s.len() > Self::MAX_LEN || !s.chars().all(|c| is_id_char(c) || c == '.')
         {
-            return Err(format!(
-                "sale_id must be 1 to {} letters, digits, '-', '_' or '.'",
-                Self::MAX_LEN
-            ));
+            return Err(IdError::Sale);
         }
         Ok(SaleId(s.to_owned()))
     }
@@ -85,7 +90,7 @@ impl SaleId {
 }
 
 impl TryFrom<String> for SaleId {
-    type Error = String;
+    type Error = IdError;
     fn try_from(s: String) -> Result<Self, Self::Error> {
         SaleId::parse(&s)
     }
@@ -123,9 +128,9 @@ impl ExternalReference {
         ExternalReference(s)
     }
 
-    pub fn parse(s: &str) -> Result<ExternalReference, String> {
+    pub fn parse(s: &str) -> Result<ExternalReference, IdError> {
         if s.is_empty() || s.len() > Self::MAX_LEN || !s.chars().all(is_id_char) {
-            return Err("external_reference must be 1 to 64 of [A-Za-z0-9_-]".to_owned());
+            return Err(IdError::ExternalReference);
         }
         Ok(ExternalReference(s.to_owned()))
     }
@@ -154,7 +159,7 @@ fn push_base36(out: &mut String, mut n: u64, width: usize) {
 }
 
 impl TryFrom<String> for ExternalReference {
-    type Error = String;
+    type Error = IdError;
     fn try_from(s: String) -> Result<Self, Self::Error> {
         ExternalReference::parse(&s)
     }
