@@ -284,7 +284,7 @@ impl Gateway {
     }
 
     /// An attended sale is `pending` for its device only once its order is
-    /// on the POS at Mercado Pago (CONTRACT-NOTES).
+    /// on the POS at Mercado Pago (docs/decisions.md, "The device's state topic").
     fn shown_to_device(&self, sale: &Sale) -> bool {
         let attended = self
             .pos
@@ -891,7 +891,8 @@ impl Gateway {
     }
 
     /// The `paid` state of every current sale whose device has not
-    /// confirmed delivery: republished until it does (CONTRACT-NOTES).
+    /// confirmed delivery: republished until it does, the same message each
+    /// time (docs/decisions.md, "The device's state topic").
     pub fn undelivered(&self) -> Vec<(Publish, ExternalReference)> {
         self.views
             .iter()
