@@ -1,4 +1,4 @@
-//! The attended model's order desk (MP-API.md section 3): places the order
+//! The attended model's order desk (docs/mercadopago.md, "The attended model"): places the order
 //! of each pending sale on its POS at Mercado Pago before the device hears
 //! `pending`, takes it off when the sale is cancelled or expires, and puts
 //! it back if Mercado Pago dropped it while a customer retries a rejected

@@ -1253,7 +1253,8 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
             .ok()
     });
     if matches!(broker, Some(Broker::Embedded)) {
-        // rumqttd cannot confine a device to its own topics (CONTRACT-NOTES):
+        // rumqttd cannot confine a device to its own topics (docs/decisions.md,
+        // "Device confinement and the embedded broker"):
         // off loopback it takes an explicit choice.
         for (key, addr) in [
             ("mqtt.embedded_listen", embedded_listen),

@@ -74,7 +74,8 @@ pub async fn run() -> anyhow::Result<()> {
     config.mercadopago.access_token = Some(Secret::new(SimulatorConfig::default().access_token));
     config.mercadopago.collector_id = SimulatorConfig::default().collector_id;
     config.mqtt.embedded_listen = "127.0.0.1:0".parse()?;
-    // Only ports the OS picks (CONTRACT-NOTES, First run): no console.
+    // Only ports the OS picks, so the demo runs beside anything: no console
+    // (docs/decisions.md, "First run").
     config.admin.listen = None;
     config.store.path = dir.path().join("demo.db");
     let app = App::build_on(config, listener).await?;

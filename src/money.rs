@@ -1,6 +1,6 @@
 //! Currencies and exact amounts. No floats anywhere: every amount is a
-//! [`Decimal`] checked against its currency's decimals (MP-API.md, "Currencies
-//! by site") and rendered with exactly that many decimals.
+//! [`Decimal`] checked against its currency's decimals (docs/mercadopago.md,
+//! "Currencies") and rendered with exactly that many decimals.
 
 use std::fmt;
 use std::str::FromStr;
@@ -53,7 +53,7 @@ impl Currency {
     }
 
     /// Decimals a unit price may carry: at most 2 everywhere, none where the
-    /// currency is whole (CONTRACT-NOTES, Money).
+    /// currency is whole (docs/decisions.md, "Money").
     pub fn unit_price_decimals(self) -> u32 {
         self.decimals().min(2)
     }
@@ -289,7 +289,8 @@ pub fn amount(value: Decimal, currency: Currency) -> Result<Amount, MoneyError> 
 }
 
 /// A line's total: `quantity × unit_price`, rounded half-up to the currency's
-/// decimals, per line (CONTRACT-NOTES, Money).
+/// decimals, per line; the sale is the sum of the rounded lines
+/// (docs/decisions.md, "Money").
 pub fn line_total(quantity: Decimal, unit_price: Decimal, currency: Currency) -> Amount {
     let exact = quantity * unit_price;
     Amount::new(

@@ -10,7 +10,7 @@
 //! nothing the second time: a POS or store whose fields all match gets no
 //! call but its lookup.
 //!
-//! Decisions (CONTRACT-NOTES, "Mercado Pago dialects"): a POS without a store
+//! Decisions (docs/decisions.md, "Registering with Mercado Pago"): a POS without a store
 //! is an error naming it; a store that differs at MP is updated like a POS; a
 //! store create answered 400 `External_id-already-used` and a POS create
 //! answered 409 are looked up and used. One POS's failure never stops the

@@ -293,7 +293,7 @@ impl Book {
     }
 
     /// An attended sale is `pending` for its device only once its order is
-    /// on the POS at Mercado Pago (CONTRACT-NOTES).
+    /// on the POS at Mercado Pago (docs/decisions.md, "The device's state topic").
     fn shown_to_device(&self, sale: &Sale) -> bool {
         let attended = self
             .pos
@@ -897,7 +897,8 @@ impl Book {
     }
 
     /// The `paid` state of every current sale whose device has not
-    /// confirmed delivery: republished until it does (CONTRACT-NOTES).
+    /// confirmed delivery: republished until it does, the same message each
+    /// time (docs/decisions.md, "The device's state topic").
     pub fn undelivered(&self) -> Vec<Sale> {
         self.views
             .iter()

@@ -1,6 +1,7 @@
 //! A token bucket per source address for the notification endpoint. Sized
 //! so Mercado Pago's real bursts (dozens a second from few addresses after an
-//! outage) always pass (CONTRACT-NOTES: at least 100/s, burst 200).
+//! outage) always pass: at least 100/s per address, burst 200
+//! (docs/decisions.md, "Notifications").
 //!
 //! [`WarnLimiter`]: the same idea for the log. A warning that a stranger can
 //! cause (a wrong poll key, a malformed request, a bad signature...) is written

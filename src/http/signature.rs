@@ -1,4 +1,4 @@
-//! `x-signature` of panel-configured webhooks (MP-API.md section 2):
+//! `x-signature` of panel-configured webhooks (docs/mercadopago.md, "Signatures"):
 //! `ts=…,v1=<hex HMAC-SHA256>` over `id:{data.id};request-id:{x-request-id};ts:{ts};`,
 //! a part left out when its value is missing. MP's docs lowercase an
 //! alphanumeric `data.id` before signing while some SDKs kept its case: both

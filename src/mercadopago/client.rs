@@ -1,6 +1,6 @@
 //! Mercado Pago's API as qrgate calls it: bearer token, timeouts, and retries
 //! with backoff and jitter for what MP says to retry (timeouts, 5xx, 429);
-//! other 4xx are final (MP-API.md, "Errors").
+//! other 4xx are final (docs/mercadopago.md, "Errors").
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! Every order body qrgate sends Mercado Pago, rendered from one model of a
 //! sale: the v1 poll answer, the v2 poll answer (which is also the attended
 //! model's order), the legacy attended order and the Orders API order
-//! (MP-API.md sections 1 and 3). Pure functions: the same sale renders the
+//! (docs/mercadopago.md). Pure functions: the same sale renders the
 //! same bytes every time.
 
 use chrono::{DateTime, FixedOffset};
@@ -204,7 +204,8 @@ fn v2_order<'a>(
             .iter()
             .enumerate()
             .map(|(n, l)| V2Item {
-                // CONTRACT-NOTES: the line's 1-based number, the POS kind, `unit`.
+                // Defaults: the line's 1-based number, the POS kind, `unit`
+                // (docs/decisions.md, "Calls to Mercado Pago").
                 sku_number: l.sku.clone().unwrap_or_else(|| (n + 1).to_string()),
                 category: l.category.as_deref().unwrap_or(kind_word(kind)),
                 title: &l.title,

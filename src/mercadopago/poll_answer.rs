@@ -1,5 +1,5 @@
-//! Every answer to Mercado Pago's poll, rendered in one place (MP-API.md
-//! section 1), in the protocol each POS's account speaks. A POS's answer is
+//! Every answer to Mercado Pago's poll, rendered in one place (docs/mercadopago.md,
+//! "What the poll answers"), in the protocol each POS's account speaks. A POS's answer is
 //! rendered once per change of its state and kept as bytes, so every poll of
 //! the same sale returns the same body and a poll costs a map read.
 
@@ -61,7 +61,7 @@ struct V2Status<'a> {
 
 /// A v2 "nothing to pay yet" answer (HTTP 202), in MP's own spellings.
 /// `kind` keeps the v1 reason, since v2 has no code for an unknown POS or
-/// an offline device (CONTRACT-NOTES).
+/// an offline device: both wait, logged (docs/decisions.md, "Presence and polls").
 fn waiting_v2(kind: &'static str, message: &str) -> PollAnswer {
     let detail = match kind {
         "in_process" => "in_process",
@@ -105,7 +105,7 @@ fn attended(protocol: PollProtocol) -> PollAnswer {
     )
 }
 
-/// The answer for a known POS in `state` (CONTRACT-NOTES, Presence and polls).
+/// The answer for a known POS in `state` (docs/decisions.md, "Presence and polls").
 pub fn render(pos: &PosConfig, state: &PosState, ctx: &MpAccount) -> PollAnswer {
     let protocol = match pos.mode {
         PosMode::Unattended(p) => p,
@@ -139,7 +139,7 @@ pub fn render(pos: &PosConfig, state: &PosState, ctx: &MpAccount) -> PollAnswer 
         Some(_) => wait("in_process", "fuelling in progress: pay when it ends"),
         None if offline => wait("timeout", &format!("the {what} is offline")),
         // v2 tells a paid sale apart until the POS's next sale, refunded
-        // or not (CONTRACT-NOTES).
+        // or not (docs/decisions.md, "Presence and polls").
         None if protocol == PollProtocol::V2
             && state.current.as_ref().is_some_and(|s| {
                 matches!(

@@ -1,7 +1,7 @@
 //! A Mercado Pago simulator for qrgate's tests and `qrgate demo`, since MP's servers cannot be reached
 //! from a test run.
 //!
-//! It plays the three parts MP plays in the unattended QR model (`shared/MP-API.md`):
+//! It plays the three parts MP plays in the unattended QR model (docs/mercadopago.md):
 //! - the MP app: [`Simulator::scan`] polls a POS URL once, as a customer's phone does, and checks the
 //!   order answer the way MP would; every successful scan opens a new merchant order, as MP does;
 //! - MP's backend: [`Simulator::pay`] approves or rejects a payment and sends the IPN / webhook

@@ -89,7 +89,7 @@ pub fn spawn(
     };
     opts.set_keep_alive(Duration::from_secs(10));
     // A persistent session: what devices publish while qrgate is down waits
-    // for it at the broker (CONTRACT-NOTES, MQTT sessions).
+    // for it at the broker (docs/decisions.md, "MQTT sessions").
     opts.set_clean_session(false);
     opts.set_manual_acks(true);
     // Through the guard nothing larger arrives: a payload over the cap comes

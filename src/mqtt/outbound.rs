@@ -78,7 +78,8 @@ pub fn state(sale: &Sale) -> Vec<u8> {
         )
     });
     // A partial refund is `refunded` too for the device: `amount` is this
-    // refund, `refunded_total` all so far (CONTRACT-NOTES, Console).
+    // refund, `refunded_total` all so far (docs/decisions.md, "The console and
+    // the admin API").
     let refunded = matches!(
         sale.state,
         SaleState::Refunded | SaleState::PartiallyRefunded

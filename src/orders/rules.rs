@@ -52,7 +52,8 @@ pub fn mp_external_id(id: &PosId) -> String {
         .collect()
 }
 
-/// Which poll answer an unattended POS's account is set up for (MP-API.md §1).
+/// Which poll answer an unattended POS's account is set up for: MP's
+/// original v1 or the newer v2 (docs/mercadopago.md, "What the poll answers").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PollProtocol {
     V1,
@@ -70,7 +71,8 @@ pub enum PosMode {
 /// Whether the device speaks, as far as its retained `status` says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Presence {
-    /// Never published `status`: treated as online (CONTRACT-NOTES).
+    /// Never published `status`: treated as online, so devices that do not
+    /// speak presence still work (docs/decisions.md, "Presence and polls").
     Unknown,
     Online {
         since: UnixMillis,

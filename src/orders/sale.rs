@@ -177,8 +177,9 @@ impl fmt::Display for ExternalReference {
     }
 }
 
-/// What a POS sells, which decides how presence affects payment
-/// (CONTRACT-NOTES, Presence and polls).
+/// What a POS sells, which decides how presence affects payment: an offline
+/// pump's pending sale stays payable, an offline machine's does not
+/// (docs/decisions.md, "Presence and polls").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PosKind {

@@ -1,5 +1,5 @@
 //! Deciding whether what Mercado Pago says about a merchant order pays a sale
-//! (MP-API.md section 2, "Never trust the notification"). The facts come from
+//! (docs/mercadopago.md, "Never trust a notification"). The facts come from
 //! our own fetch of the merchant order, never from a notification's body.
 
 use rust_decimal::Decimal;
@@ -123,7 +123,7 @@ impl Refusal {
     }
 }
 
-/// Checks who a merchant order belongs to (MP-API.md section 2): our
+/// Checks who a merchant order belongs to (docs/mercadopago.md): our
 /// collector, this sale's reference, the sale's currency. Its approved
 /// payments, for the ledger; whether they pay the sale is the ledger's rule.
 pub fn verify(

@@ -1,4 +1,4 @@
-//! Mercado Pago's go-live checklist (MP-API.md section 4) run once per
+//! Mercado Pago's go-live checklist (docs/mercadopago.md) run once per
 //! dialect qrgate speaks: the v1 and v2 poll answers, and the attended model
 //! through the instore and the legacy APIs. The device does the same in
 //! every dialect; only how Mercado Pago gets the order differs.

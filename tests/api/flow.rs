@@ -1,4 +1,4 @@
-//! Mercado Pago's go-live checklist (MP-API.md section 4) and the life of a
+//! Mercado Pago's go-live checklist (docs/mercadopago.md) and the life of a
 //! sale from device to `paid`.
 
 use qrgate::mercadopago::simulator::{NotifyMode, PaymentOutcome};

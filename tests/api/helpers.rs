@@ -853,7 +853,7 @@ pub async fn slow_body_client(
     }
 }
 
-/// `x-signature` as Mercado Pago makes it (MP-API.md section 2): the `id:`
+/// `x-signature` as Mercado Pago makes it (docs/mercadopago.md, "Signatures"): the `id:`
 /// part is left out when `data_id` is `None`.
 pub fn mp_signature(data_id: Option<&str>, request_id: &str, ts: i64, secret: &str) -> String {
     use hmac::{Hmac, Mac};

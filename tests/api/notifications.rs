@@ -1,5 +1,5 @@
 //! Notifications: both shapes, duplicates, disorder, and everything that must
-//! close nothing (MP-API.md section 2).
+//! close nothing (docs/mercadopago.md, "Notifications").
 
 use qrgate::mercadopago::simulator::{NotifyMode, PaymentOutcome};
 use serde_json::json;

@@ -1,5 +1,5 @@
-//! The POS URL: every answer of MP-API.md section 1, and the presence rules
-//! of CONTRACT-NOTES.
+//! The POS URL: every answer of docs/mercadopago.md ("What the poll answers"),
+//! and the presence rules of docs/decisions.md ("Presence and polls").
 
 use crate::helpers::*;
 

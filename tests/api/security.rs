@@ -284,7 +284,8 @@ async fn with_a_webhook_secret_a_signed_notification_must_verify() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notifications_without_a_signature_are_still_taken_when_a_secret_is_set() {
-    // QR notifications cannot be signed (MP-API.md): the fetch is the proof.
+    // QR notifications cannot be signed (docs/decisions.md, "Notifications"):
+    // the fetch is the proof.
     let app =
         TestApp::spawn_with(|c| c.mercadopago.webhook_secret = Some(Secret::new("whsec"))).await;
     let vending = app.device("vending-1").await;

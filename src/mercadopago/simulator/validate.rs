@@ -1,4 +1,4 @@
-//! Reading order bodies as MP does: the POS URL's answers (v1 and v2, section 1 of `MP-API.md`) and
+//! Reading order bodies as MP does: the POS URL's answers (v1 and v2, docs/mercadopago.md) and
 //! the attended APIs' bodies, which are the same shapes (the instore `PUT` is the v2 body, the legacy
 //! `mpmobile` `POST` the v1 body without `collector_id`).
 //!
