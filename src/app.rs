@@ -217,7 +217,7 @@ impl App {
         ));
         if any_attended {
             crate::attended::spawn(
-                crate::attended::Desk::new(
+                crate::attended::Placer::new(
                     client.clone(),
                     Arc::clone(&book),
                     config.mercadopago.attended_api,

@@ -41,7 +41,7 @@ const WATCH_EVERY: Duration = Duration::from_secs(5);
 /// could not be placed again before Mercado Pago expired it (devices/README).
 pub use crate::orders::sale::ORDER_EXPIRED;
 
-pub struct Desk {
+pub struct Placer {
     /// One job at a time per POS: the instore and legacy APIs put and take
     /// "the order on this POS", whichever it is, so a late call for one sale
     /// must never land between the calls for the next.
@@ -66,7 +66,7 @@ pub struct Desk {
 }
 
 pub fn spawn(
-    mut desk: Desk,
+    mut desk: Placer,
     mut jobs: mpsc::UnboundedReceiver<AttendedJob>,
     shutdown: CancellationToken,
     tracker: &TaskTracker,
@@ -123,15 +123,15 @@ enum Retired {
     Watched,
 }
 
-impl Desk {
+impl Placer {
     pub fn new(
         client: MpClient,
         book: Arc<Book>,
         api: AttendedApi,
         collector_id: u64,
         ctx: MpAccount,
-    ) -> Desk {
-        Desk {
+    ) -> Placer {
+        Placer {
             lanes: Default::default(),
             checked: Default::default(),
             replaced: Default::default(),
@@ -149,7 +149,7 @@ impl Desk {
 
     /// How long orders live at Mercado Pago and when they are placed again
     /// (`[mercadopago] attended_order_lifetime_secs`, `attended_renew_lead_secs`).
-    pub fn with_order_life(mut self, life: AttendedOrderLife) -> Desk {
+    pub fn with_order_life(mut self, life: AttendedOrderLife) -> Placer {
         self.life = life;
         self
     }

@@ -26,7 +26,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::book::{now_millis, Book, BookError, Verdict};
 use crate::mercadopago::client::{MpClient, MpError};
-use crate::orders::settle::PaymentStatus;
+use crate::orders::merchant_order::PaymentStatus;
 use crate::store::{InboxEntry, Store, StoreError};
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -440,7 +440,7 @@ fn word(s: &Verdict) -> &'static str {
         Verdict::Held { .. } => "held",
         Verdict::Duplicate => "duplicate",
         Verdict::RefundDue { .. } => "refund_due",
-        Verdict::Refused(_) => "refused",
+        Verdict::Unpaid(_) => "refused",
     }
 }
 
@@ -506,7 +506,7 @@ async fn process(
                 .any(|f| f.status == PaymentStatus::Approved)
             {
                 let s = book.settle(&facts, None, "").await?;
-                if !matches!(s, Verdict::Duplicate | Verdict::Refused(_)) {
+                if !matches!(s, Verdict::Duplicate | Verdict::Unpaid(_)) {
                     outcome = word(&s);
                 }
             }

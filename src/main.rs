@@ -142,7 +142,7 @@ async fn pos(path: Option<PathBuf>, command: PosCmd) -> ExitCode {
     };
     match command {
         PosCmd::List => {
-            let report = registration::reconcile(&config, &api, true).await;
+            let report = registration::sync(&config, &api, true).await;
             say(&report.render_list());
             ExitCode::from(if report.failures() > 0 {
                 2
@@ -166,7 +166,7 @@ async fn pos(path: Option<PathBuf>, command: PosCmd) -> ExitCode {
                     }
                 }
             };
-            let report = registration::reconcile(&config, &api, dry_run).await;
+            let report = registration::sync(&config, &api, dry_run).await;
             say(&report.render_register());
             let mut ok = report.failures() == 0;
             if let Some(store) = store {

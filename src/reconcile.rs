@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::book::{now_millis, Book, Verdict};
 use crate::config::OrdersConfig;
 use crate::mercadopago::client::{MpClient, MpError};
-use crate::orders::settle::MerchantOrderFacts;
+use crate::orders::merchant_order::MerchantOrderFacts;
 use crate::orders::{ExternalReference, Sale, UnixMillis};
 
 /// How often a served sale is searched while it is fresh, and after.

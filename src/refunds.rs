@@ -25,7 +25,7 @@ use crate::book::{now_millis, Book};
 use crate::mercadopago::client::{MpClient, MpError};
 use crate::money::Amount;
 use crate::orders::ledger::{Refund, RefundCall};
-use crate::orders::{self, ExternalReference, MpId, RefundRefusal, Sale};
+use crate::orders::{self, CannotRefund, ExternalReference, MpId, Sale};
 use crate::store::{RefundRequest, StoreError};
 
 /// Who made a refund qrgate made by itself.
@@ -489,9 +489,9 @@ impl OperatorRefunds {
             Ok(p) => p,
             Err(why) => {
                 let status = match why {
-                    RefundRefusal::ExceedsPaid { .. } => 422,
-                    RefundRefusal::NotRefundable { .. } => 409,
-                    RefundRefusal::BadAmount(_) => 400,
+                    CannotRefund::ExceedsPaid { .. } => 422,
+                    CannotRefund::NotRefundable { .. } => 409,
+                    CannotRefund::BadAmount(_) => 400,
                 };
                 let a = fail(status, why.code(), &why.to_string());
                 keep(&self.book, &request, &a).await;

@@ -817,7 +817,7 @@ fn explain(e: &PosApiError, subject: Subject<'_>, collector_id: u64) -> String {
 
 /// Finds, creates and updates every store and POS the configuration needs;
 /// with `dry_run`, only finds them and says what it would do.
-pub async fn reconcile(config: &Config, api: &PosApi, dry_run: bool) -> Report {
+pub async fn sync(config: &Config, api: &PosApi, dry_run: bool) -> Report {
     let collector = config.mercadopago.collector_id;
     let configured: HashMap<&str, &MpStore> =
         config.stores.iter().map(|s| (s.id.as_str(), s)).collect();

@@ -21,8 +21,8 @@ use crate::events::{Events, OpEvent};
 use crate::mercadopago::poll_answer::{self, MpAccount, PollAnswer};
 use crate::metrics::Metrics;
 use crate::orders::ledger::Refund;
+use crate::orders::merchant_order::{MerchantOrderFacts, PaymentStatus};
 use crate::orders::sale::RefundReason;
-use crate::orders::settle::{MerchantOrderFacts, PaymentStatus};
 use crate::orders::{
     self, Command, ExternalReference, Given, Outcome, PosConfig, PosId, PosState, Sale, SaleEvent,
     UnixMillis,
@@ -103,7 +103,8 @@ pub enum Verdict {
     RefundDue {
         reference: ExternalReference,
     },
-    Refused(String),
+    /// The merchant order pays nothing: why.
+    Unpaid(String),
 }
 
 pub struct Book {
@@ -731,7 +732,7 @@ impl Book {
         let foreign = || {
             tracing::warn!(merchant_order = %facts.id, external_reference = reference_text.as_deref(),
                 reason = "foreign_reference", "merchant order is not for one of our sales; it pays nothing");
-            Ok(Verdict::Refused("foreign_reference".into()))
+            Ok(Verdict::Unpaid("foreign_reference".into()))
         };
         let Some(reference) = reference_text
             .as_deref()
@@ -755,7 +756,7 @@ impl Book {
                     ..OpEvent::of_sale(sale, "notification", "")
                 });
                 self.check_attended_order(&locked, facts);
-                return Ok(Verdict::Refused(why.code().to_owned()));
+                return Ok(Verdict::Unpaid(why.code().to_owned()));
             }
         };
         let Outcome::Changed {
@@ -777,7 +778,7 @@ impl Book {
             Err(e @ StoreError::ForeignPayment { .. }) => {
                 tracing::error!(pos = %pos, external_reference = %reference, merchant_order = %facts.id,
                     error = %e, "a payment reported for this sale is another sale's: nothing recorded");
-                return Ok(Verdict::Refused("foreign_payment".into()));
+                return Ok(Verdict::Unpaid("foreign_payment".into()));
             }
             Err(e) => return Err(e.into()),
         }

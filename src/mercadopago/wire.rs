@@ -9,7 +9,9 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::money::parse_decimal;
-use crate::orders::settle::{MerchantOrderFacts, MerchantOrderStatus, PaymentFacts, PaymentStatus};
+use crate::orders::merchant_order::{
+    MerchantOrderFacts, MerchantOrderStatus, PaymentFacts, PaymentStatus,
+};
 use crate::orders::MpId;
 
 /// An id that may come as a JSON number or a string ("captured real

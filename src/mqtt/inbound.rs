@@ -24,15 +24,15 @@ pub const MAX_REASON: usize = 200;
 
 /// Why a device message was refused before reaching the order book.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Refused {
+pub struct Rejected {
     pub code: &'static str,
     pub message: String,
     /// The sale the message named, when it could be read.
     pub sale_id: Option<SaleId>,
 }
 
-fn refused(code: &'static str, message: impl Into<String>, sale_id: Option<SaleId>) -> Refused {
-    Refused {
+fn rejected(code: &'static str, message: impl Into<String>, sale_id: Option<SaleId>) -> Rejected {
+    Rejected {
         code,
         message: message.into(),
         sale_id,
@@ -118,17 +118,17 @@ pub fn sniff_sale_id(payload: &[u8]) -> Option<SaleId> {
     SaleId::parse(v.sale_id.as_deref()?).ok()
 }
 
-fn sale_id(raw: Option<String>) -> Result<SaleId, Refused> {
-    let raw = raw.ok_or_else(|| refused("bad_message", "sale_id is missing", None))?;
-    SaleId::parse(&raw).map_err(|e| refused("bad_message", e.to_string(), None))
+fn sale_id(raw: Option<String>) -> Result<SaleId, Rejected> {
+    let raw = raw.ok_or_else(|| rejected("bad_message", "sale_id is missing", None))?;
+    SaleId::parse(&raw).map_err(|e| rejected("bad_message", e.to_string(), None))
 }
 
 /// An item's taxes (Colombia's IVA): a few, each a short name and a
 /// percentage between 0 and 100.
-fn taxes(n: usize, raw: Option<Vec<TaxJson>>, id: &SaleId) -> Result<Vec<Tax>, Refused> {
+fn taxes(n: usize, raw: Option<Vec<TaxJson>>, id: &SaleId) -> Result<Vec<Tax>, Rejected> {
     let raw = raw.unwrap_or_default();
     if raw.len() > MAX_TAXES {
-        return Err(refused(
+        return Err(rejected(
             "bad_message",
             format!("item {n} has more than {MAX_TAXES} taxes"),
             Some(id.clone()),
@@ -145,7 +145,7 @@ fn taxes(n: usize, raw: Option<Vec<TaxJson>>, id: &SaleId) -> Result<Vec<Tax>, R
                 .filter(|v| *v >= Decimal::ZERO && *v <= Decimal::ONE_HUNDRED);
             match (kind, value) {
                 (Some(kind), Some(value)) => Ok(Tax { kind, value }),
-                _ => Err(refused(
+                _ => Err(rejected(
                     "bad_message",
                     format!("item {n} has a tax without a short type or a value from 0 to 100"),
                     Some(id.clone()),
@@ -179,14 +179,14 @@ fn bounded(
     s: Option<String>,
     max: usize,
     sale: &SaleId,
-) -> Result<Option<String>, Refused> {
+) -> Result<Option<String>, Rejected> {
     match s {
-        Some(s) if s.chars().count() > max => Err(refused(
+        Some(s) if s.chars().count() > max => Err(rejected(
             "bad_message",
             format!("{what} is longer than {max} characters"),
             Some(sale.clone()),
         )),
-        Some(s) if s.chars().any(char::is_control) => Err(refused(
+        Some(s) if s.chars().any(char::is_control) => Err(rejected(
             "bad_message",
             format!("{what} has control characters"),
             Some(sale.clone()),
@@ -196,8 +196,8 @@ fn bounded(
     }
 }
 
-fn bad_json(e: serde_json::Error, payload: &[u8]) -> Refused {
-    refused(
+fn bad_json(e: serde_json::Error, payload: &[u8]) -> Rejected {
+    rejected(
         "bad_json",
         format!("not a valid message: {e}"),
         sniff_sale_id(payload),
@@ -210,9 +210,9 @@ pub fn parse(
     pos: &str,
     payload: &[u8],
     max_bytes: usize,
-) -> Result<Command, Refused> {
+) -> Result<Command, Rejected> {
     if payload.len() > max_bytes {
-        return Err(refused(
+        return Err(rejected(
             "payload_too_large",
             format!(
                 "message of {} bytes is over the {max_bytes}-byte cap",
@@ -227,7 +227,7 @@ pub fn parse(
             match text.trim_matches('"') {
                 "online" => Ok(Command::Presence { online: true }),
                 "offline" => Ok(Command::Presence { online: false }),
-                _ => Err(refused(
+                _ => Err(rejected(
                     "bad_message",
                     "status must be \"online\" or \"offline\"",
                     None,
@@ -249,7 +249,7 @@ pub fn parse(
                 serde_json::from_slice(payload).map_err(|e| bad_json(e, payload))?;
             let id = sale_id(v.sale_id)?;
             let ok = v.ok.ok_or_else(|| {
-                refused(
+                rejected(
                     "bad_message",
                     "delivered needs \"ok\": true or false",
                     Some(id.clone()),
@@ -266,12 +266,12 @@ pub fn parse(
             let v: SaleJson = serde_json::from_slice(payload).map_err(|e| bad_json(e, payload))?;
             if let Err(m) = plain_numbers(&v) {
                 let id = v.sale_id.as_deref().and_then(|s| SaleId::parse(s).ok());
-                return Err(refused("bad_amount", m, id));
+                return Err(rejected("bad_amount", m, id));
             }
             let id = sale_id(v.sale_id)?;
             if let Some(named) = v.pos_id.as_deref().or(v.pos.as_deref()) {
                 if named != pos {
-                    return Err(refused(
+                    return Err(rejected(
                         "pos_mismatch",
                         format!("the sale names POS {named:?} but was published on {pos}'s topic"),
                         Some(id),
@@ -280,14 +280,14 @@ pub fn parse(
             }
             let items = v.items.unwrap_or_default();
             if items.is_empty() {
-                return Err(refused(
+                return Err(rejected(
                     "bad_message",
                     "a sale needs at least one item",
                     Some(id),
                 ));
             }
             if items.len() > MAX_ITEMS {
-                return Err(refused(
+                return Err(rejected(
                     "bad_message",
                     format!("a sale has at most {MAX_ITEMS} items"),
                     Some(id),
@@ -297,21 +297,21 @@ pub fn parse(
             for (n, it) in items.into_iter().enumerate() {
                 let n = n + 1;
                 let title = bounded("title", it.title, MAX_TITLE, &id)?.ok_or_else(|| {
-                    refused(
+                    rejected(
                         "bad_message",
                         format!("item {n} has no title"),
                         Some(id.clone()),
                     )
                 })?;
                 let quantity = it.quantity.and_then(|q| q.value()).ok_or_else(|| {
-                    refused(
+                    rejected(
                         "bad_message",
                         format!("item {n} has no quantity"),
                         Some(id.clone()),
                     )
                 })?;
                 let unit_price = it.unit_price.and_then(|p| p.value()).ok_or_else(|| {
-                    refused(
+                    rejected(
                         "bad_message",
                         format!("item {n} has no unit_price"),
                         Some(id.clone()),
@@ -357,7 +357,7 @@ pub struct Arrived<'a> {
 /// What to do with a device message: a command; nothing, for an empty one
 /// (what clearing a retained message leaves, and it carries nothing); or a
 /// refusal that names the topic kind and the size.
-pub fn screen(m: &Arrived<'_>, max_bytes: usize) -> Result<Option<Command>, Refused> {
+pub fn screen(m: &Arrived<'_>, max_bytes: usize) -> Result<Option<Command>, Rejected> {
     if m.size == 0 {
         return Ok(None);
     }
@@ -376,13 +376,13 @@ pub fn screen(m: &Arrived<'_>, max_bytes: usize) -> Result<Option<Command>, Refu
         let why = "refused because it is retained: a broker delivers a retained message again \
                    to every new subscription (a qrgate restart), where it would act again; \
                    publish device messages without the retain flag (only status is retained)";
-        return Err(described(refused("retained", why, sale_id), m));
+        return Err(described(rejected("retained", why, sale_id), m));
     }
     let payload = match m.payload {
         Some(p) if p.len() <= max_bytes => p,
         _ => {
             let why = format!("over the {max_bytes}-byte cap");
-            return Err(described(refused("payload_too_large", why, None), m));
+            return Err(described(rejected("payload_too_large", why, None), m));
         }
     };
     parse(m.kind, m.pos, payload, max_bytes)
@@ -392,7 +392,7 @@ pub fn screen(m: &Arrived<'_>, max_bytes: usize) -> Result<Option<Command>, Refu
 
 /// The operator and the device read which message, how large, and why (cut
 /// short: it may quote what was sent); a retained one, how to clear it.
-fn described(mut r: Refused, m: &Arrived<'_>) -> Refused {
+fn described(mut r: Rejected, m: &Arrived<'_>) -> Rejected {
     let mut message = format!(
         "{} of {} bytes: {}",
         m.kind.as_str(),
@@ -422,7 +422,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn sale(payload: &str) -> Result<Command, Refused> {
+    fn sale(payload: &str) -> Result<Command, Rejected> {
         parse(DeviceTopic::Sale, "pump-1", payload.as_bytes(), 16 * 1024)
     }
 
@@ -592,7 +592,7 @@ mod tests {
                 assert!(
                     !matches!(
                         sale(&payload),
-                        Err(Refused {
+                        Err(Rejected {
                             code: "bad_amount",
                             ..
                         })
@@ -661,7 +661,7 @@ mod tests {
             assert!(
                 !matches!(
                     r,
-                    Err(Refused {
+                    Err(Rejected {
                         code: "retained",
                         ..
                     })

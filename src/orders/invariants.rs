@@ -15,12 +15,12 @@ use proptest::prelude::*;
 use rust_decimal::Decimal;
 
 use super::ledger::{Refund, RefundCall, RefundOf};
+use super::merchant_order::{MerchantOrderFacts, MerchantOrderStatus, PaymentFacts, PaymentStatus};
 use super::rules::{
     apply, record_refunds, refund_plan, settle, Command, Given, LineRequest, Outcome, PosConfig,
     PosState, SaleEvent, SaleRequest,
 };
 use super::sale::{ExternalReference, MpId, PosId, PosKind, RefundReason, Sale, SaleId, SaleState};
-use super::settle::{MerchantOrderFacts, MerchantOrderStatus, PaymentFacts, PaymentStatus};
 use crate::money::Currency;
 
 const COLLECTOR: u64 = 178;

@@ -3,16 +3,15 @@
 //! passed in.
 
 pub mod ledger;
+pub mod merchant_order;
 pub mod rules;
 pub mod sale;
-pub mod settle;
 
 #[cfg(test)]
 mod invariants;
 
 pub use rules::{
-    apply, mp_external_id, record_refunds, refund_plan, refundable, settle, Command, Given,
-    Outcome, PollProtocol, PosConfig, PosMode, PosState, Presence, RefundRefusal, Rejection,
-    SaleEvent,
+    apply, mp_external_id, record_refunds, refund_plan, refundable, settle, CannotRefund, Command,
+    Given, Outcome, PollProtocol, PosConfig, PosMode, PosState, Presence, Rejection, SaleEvent,
 };
 pub use sale::{ExternalReference, MpId, PosId, PosKind, Sale, SaleId, SaleState, UnixMillis};

@@ -5,8 +5,8 @@
 use rust_decimal::Decimal;
 
 use super::ledger::{Refund, RefundCall, RefundOf};
+use super::merchant_order::{self, MerchantOrderFacts, MerchantOrderStatus, Unpaid};
 use super::sale::*;
-use super::settle::{self, MerchantOrderFacts, MerchantOrderStatus, Refusal};
 use crate::money::{self, Amount, Currency, MoneyError};
 
 /// A POS as configured.
@@ -584,7 +584,7 @@ fn end(s: &Sale, state: SaleState, ctx: Given) -> Sale {
 /// Why the operator's refund of a sale is refused. `code` is the stable
 /// word of the admin API.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RefundRefusal {
+pub enum CannotRefund {
     /// Nothing is owed, and the sale is not paid (or all it kept went back).
     NotRefundable {
         state: SaleState,
@@ -597,29 +597,29 @@ pub enum RefundRefusal {
     BadAmount(MoneyError),
 }
 
-impl RefundRefusal {
+impl CannotRefund {
     pub fn code(&self) -> &'static str {
         match self {
-            RefundRefusal::NotRefundable { .. } => "not_refundable",
-            RefundRefusal::ExceedsPaid { .. } => "refund_exceeds_paid",
-            RefundRefusal::BadAmount(_) => "bad_amount",
+            CannotRefund::NotRefundable { .. } => "not_refundable",
+            CannotRefund::ExceedsPaid { .. } => "refund_exceeds_paid",
+            CannotRefund::BadAmount(_) => "bad_amount",
         }
     }
 }
 
-impl std::fmt::Display for RefundRefusal {
+impl std::fmt::Display for CannotRefund {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            RefundRefusal::NotRefundable { state } => write!(
+            CannotRefund::NotRefundable { state } => write!(
                 f,
                 "the sale is {} and owes nothing: only a paid sale, or money owed back, can be refunded",
                 state.as_str()
             ),
-            RefundRefusal::ExceedsPaid { asked, left } => write!(
+            CannotRefund::ExceedsPaid { asked, left } => write!(
                 f,
                 "the refund {asked} exceeds what is left to refund ({left})"
             ),
-            RefundRefusal::BadAmount(e) => write!(f, "{e}"),
+            CannotRefund::BadAmount(e) => write!(f, "{e}"),
         }
     }
 }
@@ -640,9 +640,9 @@ pub fn refund_plan(
     sale: &Sale,
     asked: Option<Decimal>,
     tag: &str,
-) -> Result<Vec<RefundCall>, RefundRefusal> {
+) -> Result<Vec<RefundCall>, CannotRefund> {
     let left = refundable(sale);
-    let not_refundable = || RefundRefusal::NotRefundable {
+    let not_refundable = || CannotRefund::NotRefundable {
         state: if left.is_zero() && sale.state == SaleState::PartiallyRefunded {
             SaleState::Refunded
         } else {
@@ -657,13 +657,13 @@ pub fn refund_plan(
         None => return Err(not_refundable()),
         Some(a) => {
             let a = money::amount(a, sale.currency)
-                .map_err(RefundRefusal::BadAmount)?
+                .map_err(CannotRefund::BadAmount)?
                 .value();
             if left.is_zero() {
                 return Err(not_refundable());
             }
             if a > left {
-                return Err(RefundRefusal::ExceedsPaid { asked: a, left });
+                return Err(CannotRefund::ExceedsPaid { asked: a, left });
             }
             a
         }
@@ -752,8 +752,8 @@ pub fn settle(
     mo: &MerchantOrderFacts,
     collector_id: u64,
     ctx: Given,
-) -> Result<Outcome, Refusal> {
-    let approved = settle::verify(sale, mo, collector_id)?;
+) -> Result<Outcome, Unpaid> {
+    let approved = merchant_order::verify(sale, mo, collector_id)?;
     let now = ctx.now;
     let mut s = sale.clone();
     if !sale.is_payable() {
@@ -784,7 +784,7 @@ pub fn settle(
         let ids: Vec<MpId> = approved.iter().map(|p| p.id.clone()).collect();
         if let Some(c) = s.ledger.close(&mo.id, &ids, total, now, ctx.auto_refund) {
             s.state = SaleState::Paid;
-            s.settled = Some(Settled {
+            s.settled = Some(Closing {
                 payment_id: c.payment,
                 merchant_order: mo.id.clone(),
                 paid: c.paid,
@@ -806,7 +806,7 @@ pub fn settle(
             event: SaleEvent::PaymentHeld,
         });
     }
-    Err(settle::why_not_closing(sale, mo, &approved))
+    Err(merchant_order::why_not_closing(sale, mo, &approved))
 }
 
 #[cfg(test)]
@@ -1053,7 +1053,7 @@ mod tests {
     }
 
     fn mo(id: u64, closed: bool, payments: &[(u64, &str)], reference: &str) -> MerchantOrderFacts {
-        use super::settle::{PaymentFacts, PaymentStatus};
+        use super::merchant_order::{PaymentFacts, PaymentStatus};
         MerchantOrderFacts {
             id: MpId::Num(id),
             status: if closed {

@@ -354,7 +354,7 @@ pub const ORDER_EXPIRED: &str = "mp_order_expired";
 /// How a sale was closed: the merchant order that paid it and the payment
 /// that reached its total (the one a device is told).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Settled {
+pub struct Closing {
     pub payment_id: MpId,
     /// The merchant order, or the Orders API's order, that was paid.
     pub merchant_order: MpId,
@@ -412,7 +412,7 @@ pub struct Sale {
     #[serde(default)]
     pub served_at: Option<UnixMillis>,
     #[serde(default)]
-    pub settled: Option<Settled>,
+    pub settled: Option<Closing>,
     #[serde(default)]
     pub delivered_at: Option<UnixMillis>,
     /// When Mercado Pago accepted the attended order placed for it.

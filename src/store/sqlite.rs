@@ -1736,7 +1736,7 @@ mod tests {
         assert_eq!(text.status, "processed");
         // The old sale is still closed: a second close is refused.
         let mut s = sale("pump-1", "pump-1-a", SaleState::Paid);
-        s.settled = Some(Settled {
+        s.settled = Some(Closing {
             payment_id: MpId::Num(90000000002),
             merchant_order: MpId::Num(30000000002),
             paid: Decimal::ONE,
@@ -1779,7 +1779,7 @@ mod tests {
             .await
             .unwrap();
         s.state = SaleState::Paid;
-        s.settled = Some(Settled {
+        s.settled = Some(Closing {
             payment_id: MpId::Num(9),
             merchant_order: MpId::Num(8),
             paid: Decimal::from(10),

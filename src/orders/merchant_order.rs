@@ -52,7 +52,7 @@ impl MerchantOrderFacts {
 
 /// Why a merchant order pays nothing. Each one is logged for the operator.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Refusal {
+pub enum Unpaid {
     ForeignCollector {
         collector: Option<u64>,
     },
@@ -75,50 +75,50 @@ pub enum Refusal {
     NoAmount,
 }
 
-impl std::fmt::Display for Refusal {
+impl std::fmt::Display for Unpaid {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Refusal::ForeignCollector { collector } => {
+            Unpaid::ForeignCollector { collector } => {
                 write!(
                     f,
                     "merchant order belongs to another collector ({collector:?})"
                 )
             }
-            Refusal::ForeignReference { external_reference } => write!(
+            Unpaid::ForeignReference { external_reference } => write!(
                 f,
                 "merchant order's external_reference {external_reference:?} is not this sale's"
             ),
-            Refusal::NotClosed { status } => {
+            Unpaid::NotClosed { status } => {
                 write!(
                     f,
                     "merchant order is {status}, not closed: it proves nothing"
                 )
             }
-            Refusal::NoApprovedPayment => f.write_str("merchant order has no approved payment"),
-            Refusal::CurrencyMismatch { expected, got } => {
+            Unpaid::NoApprovedPayment => f.write_str("merchant order has no approved payment"),
+            Unpaid::CurrencyMismatch { expected, got } => {
                 write!(f, "payment currency {got} is not the sale's {expected}")
             }
-            Refusal::ShortAmount { paid, total } => {
+            Unpaid::ShortAmount { paid, total } => {
                 write!(
                     f,
                     "approved payments add up to {paid}, short of the total {total}"
                 )
             }
-            Refusal::NoAmount => f.write_str("sale has no amount yet"),
+            Unpaid::NoAmount => f.write_str("sale has no amount yet"),
         }
     }
 }
 
-impl Refusal {
+impl Unpaid {
     pub fn code(&self) -> &'static str {
         match self {
-            Refusal::ForeignCollector { .. } => "foreign_collector",
-            Refusal::ForeignReference { .. } => "foreign_reference",
-            Refusal::NotClosed { .. } => "not_closed",
-            Refusal::NoApprovedPayment => "no_approved_payment",
-            Refusal::CurrencyMismatch { .. } => "currency_mismatch",
-            Refusal::ShortAmount { .. } => "short_amount",
-            Refusal::NoAmount => "no_amount",
+            Unpaid::ForeignCollector { .. } => "foreign_collector",
+            Unpaid::ForeignReference { .. } => "foreign_reference",
+            Unpaid::NotClosed { .. } => "not_closed",
+            Unpaid::NoApprovedPayment => "no_approved_payment",
+            Unpaid::CurrencyMismatch { .. } => "currency_mismatch",
+            Unpaid::ShortAmount { .. } => "short_amount",
+            Unpaid::NoAmount => "no_amount",
         }
     }
 }
@@ -130,14 +130,14 @@ pub fn verify(
     sale: &Sale,
     mo: &MerchantOrderFacts,
     collector_id: u64,
-) -> Result<Vec<Approved>, Refusal> {
+) -> Result<Vec<Approved>, Unpaid> {
     if mo.collector_id != Some(collector_id) {
-        return Err(Refusal::ForeignCollector {
+        return Err(Unpaid::ForeignCollector {
             collector: mo.collector_id,
         });
     }
     if mo.external_reference.as_deref() != Some(sale.external_reference.as_str()) {
-        return Err(Refusal::ForeignReference {
+        return Err(Unpaid::ForeignReference {
             external_reference: mo.external_reference.clone(),
         });
     }
@@ -153,7 +153,7 @@ pub fn verify(
                 amount: p.amount,
                 approved_at: p.approved_at,
             }),
-            other => Err(Refusal::CurrencyMismatch {
+            other => Err(Unpaid::CurrencyMismatch {
                 expected: expected.to_owned(),
                 got: other.unwrap_or("none").to_owned(),
             }),
@@ -163,28 +163,28 @@ pub fn verify(
 
 /// Why a verified merchant order closes nothing (its approved payments,
 /// if any, are held by the sale meanwhile).
-pub fn why_not_closing(sale: &Sale, mo: &MerchantOrderFacts, approved: &[Approved]) -> Refusal {
+pub fn why_not_closing(sale: &Sale, mo: &MerchantOrderFacts, approved: &[Approved]) -> Unpaid {
     match &mo.status {
         MerchantOrderStatus::Closed => {}
         MerchantOrderStatus::Opened => {
-            return Refusal::NotClosed {
+            return Unpaid::NotClosed {
                 status: "opened".into(),
             }
         }
         MerchantOrderStatus::Expired => {
-            return Refusal::NotClosed {
+            return Unpaid::NotClosed {
                 status: "expired".into(),
             }
         }
-        MerchantOrderStatus::Other(s) => return Refusal::NotClosed { status: s.clone() },
+        MerchantOrderStatus::Other(s) => return Unpaid::NotClosed { status: s.clone() },
     }
     let Some(total) = sale.amount else {
-        return Refusal::NoAmount;
+        return Unpaid::NoAmount;
     };
     if approved.is_empty() {
-        return Refusal::NoApprovedPayment;
+        return Unpaid::NoApprovedPayment;
     }
-    Refusal::ShortAmount {
+    Unpaid::ShortAmount {
         paid: approved.iter().map(|p| p.amount).sum(),
         total,
     }
