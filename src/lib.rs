@@ -1,20 +1,26 @@
 //! qrgate: Mercado Pago QR payments for fuel pumps and vending machines.
 //!
-//! One sale's path through the modules:
+//! One sale's path through the modules (docs/architecture.md walks it):
 //! 1. `mqtt::inbound`: a device publishes a sale; it becomes a `Command`.
-//! 2. `book` + `orders`: the order book decides (pure rules in `orders`),
-//!    writes the change to the `store`, then shows it to polls.
-//! 3. `http::poll`: Mercado Pago polls the POS URL; `http::answer` renders.
-//! 4. `http::notifications` → `settlement`: a notification names a merchant
-//!    order; it is fetched through `mercadopago::client` and settled.
-//! 5. `mqtt::outbound`: the device is told its sale's state.
+//! 2. `book` decides with the pure rules of `orders`, writes the change to
+//!    the `store`, then shows it to polls and says what to tell the device.
+//! 3. `http::poll`: Mercado Pago polls the POS URL; the answer was rendered
+//!    by `mercadopago::poll_answer` when the POS's state changed.
+//! 4. `http::notifications` → `inbox`: a notification names a merchant
+//!    order; it is fetched through `mercadopago::client` and the book
+//!    settles the sale with it.
+//! 5. `mqtt::outbound`: what the book tells the device becomes its topic and
+//!    payload.
 //!
 //! Beside them, `reconcile` searches for payments whose notifications never
-//! came, and `refunds` returns money for sales that could not take it.
+//! came, `refunds` returns money a sale owes, and `attended` places orders
+//! on POS for the attended model.
 //!
-//! `app` wires them; `config` types the settings; `money` keeps amounts exact.
-//! `registration` (`qrgate pos register`, `qrgate pos list`) makes the
-//! configured stores and POS exist at Mercado Pago.
+//! Imports point downward: `main`/`app`/`demo` wire; `http`, `admin` and
+//! `mqtt` are the edges; `inbox`, `reconcile`, `refunds`, `attended` and
+//! `registration` work with the book and Mercado Pago; `book` holds the live
+//! state; `mercadopago`, `store`, `config`, `metrics`, `events`, `link` and
+//! `telemetry` serve them; `orders` and `money` are the domain, with no I/O.
 
 pub mod admin;
 pub mod app;

@@ -1,7 +1,7 @@
 //! `POST /mp/notifications`: both shapes Mercado Pago sends (IPN
 //! `?topic=merchant_order&id=…` and webhooks `?type=payment&data.id=…` with a
 //! JSON body). It answers once the notification is in the inbox; the work
-//! happens after, in `settlement`.
+//! happens after, in `inbox`.
 //! Nothing in a notification is trusted beyond the id it names.
 
 use actix_web::ResponseError;
