@@ -20,6 +20,7 @@ pub mod admin;
 pub mod app;
 pub mod attended;
 pub mod config;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod events;
 pub mod gateway;
