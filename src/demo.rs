@@ -7,11 +7,11 @@ use std::net::TcpListener;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use mpsim::{PaymentOutcome, Scan, Simulator, SimulatorConfig};
 use qrgate_devices::{DeviceConfig, Item, Pump, VendingMachine};
 
 use crate::app::App;
 use crate::config::{Config, LogConfig, LogFormat, Secret};
-use crate::mercadopago::simulator::{PaymentOutcome, Scan, Simulator, SimulatorConfig};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -26,10 +26,7 @@ async fn scan(mp: &Simulator, url: &str) -> anyhow::Result<Scan> {
 }
 
 /// Polls like the Mercado Pago app until the POS serves an order.
-async fn scan_until_order(
-    mp: &Simulator,
-    url: &str,
-) -> anyhow::Result<crate::mercadopago::simulator::ScannedOrder> {
+async fn scan_until_order(mp: &Simulator, url: &str) -> anyhow::Result<mpsim::ScannedOrder> {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         if let Scan::Order(o) = scan(mp, url).await? {

@@ -27,6 +27,7 @@ pub mod app;
 pub mod attended;
 pub mod book;
 pub mod config;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod events;
 pub mod http;

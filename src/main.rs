@@ -1,5 +1,6 @@
-//! The `qrgate` command: `serve` (the default), `demo`, and `pos register` /
-//! `pos list` (stores and POS at Mercado Pago).
+//! The `qrgate` command: `serve` (the default), `demo` (with the default-on
+//! `demo` feature), and `pos register` / `pos list` (stores and POS at
+//! Mercado Pago).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -30,6 +31,7 @@ enum Cmd {
     Serve,
     /// Run qrgate, the Mercado Pago simulator and two devices in one process,
     /// and tell the story of one fuel sale and one vending sale.
+    #[cfg(feature = "demo")]
     Demo,
     /// The configured stores and POS at Mercado Pago.
     Pos {
@@ -66,6 +68,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command.unwrap_or(Cmd::Serve) {
         Cmd::Serve => runtime.block_on(serve(cli.config)),
+        #[cfg(feature = "demo")]
         Cmd::Demo => runtime.block_on(qrgate::demo::run()),
         Cmd::Pos { command } => return runtime.block_on(pos(cli.config, command)),
     };

@@ -191,6 +191,7 @@ fn the_embedded_broker_refuses_to_listen_beyond_loopback_unless_told_it_is_uncon
     assert!(err.contains("embedded_unconfined"), "{err}");
 }
 
+#[cfg(feature = "demo")]
 #[test]
 fn the_demo_tells_both_stories_to_paid_and_exits_0_leaving_no_files() {
     let dir = tempfile::tempdir().unwrap();

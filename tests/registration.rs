@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use qrgate::mercadopago::simulator::{ApiCall, Simulator, SimulatorConfig};
+use mpsim::{ApiCall, Simulator, SimulatorConfig};
 use qrgate::store::{SqliteStore, Store};
 use serde_json::json;
 

@@ -1,9 +1,7 @@
-//! Mercado Pago: its API client, its wire formats, and the simulator that
-//! stands in for it in tests and `qrgate demo`.
+//! Mercado Pago: its API client and its wire formats.
 
 pub mod client;
 pub mod order_body;
 pub mod poll_answer;
 pub mod pos_api;
-pub mod simulator;
 pub mod wire;

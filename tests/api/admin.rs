@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
+use mpsim::{NotifyMode, PaymentOutcome};
 use qrgate::config::Secret;
-use qrgate::mercadopago::simulator::{NotifyMode, PaymentOutcome};
 use rust_decimal::Decimal;
 use serde_json::Value;
 

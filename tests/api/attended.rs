@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use qrgate::mercadopago::simulator::{PaymentOutcome, Scan, SimulatorConfig};
+use mpsim::{PaymentOutcome, Scan, SimulatorConfig};
 use qrgate::orders::PosMode;
 
 use crate::helpers::*;
@@ -506,10 +506,7 @@ fn orders_api_expiry(order: &serde_json::Value) -> chrono::DateTime<chrono::Utc>
 
 /// The customer scans the POS until it is past `after`; every scan must find
 /// an order (an order gone while the sale is pending is the bug).
-async fn scan_after(
-    app: &TestApp,
-    after: chrono::DateTime<chrono::Utc>,
-) -> qrgate::mercadopago::simulator::ScannedOrder {
+async fn scan_after(app: &TestApp, after: chrono::DateTime<chrono::Utc>) -> mpsim::ScannedOrder {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let now = chrono::Utc::now();

@@ -6,8 +6,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use fantoccini::{Client, ClientBuilder, Locator};
+use mpsim::{NotifyMode, PaymentOutcome};
 use qrgate::config::Secret;
-use qrgate::mercadopago::simulator::{NotifyMode, PaymentOutcome};
 use serde_json::{json, Value};
 
 use crate::admin::{chromium, paid_sale};

@@ -6,8 +6,8 @@
 //! Item 6 (refund from the POS side) is the operator's refund, through the
 //! console's admin API.
 
+use mpsim::{NotifyMode, PaymentOutcome, Scan, ScannedOrder};
 use qrgate::config::{AttendedApi, Config};
-use qrgate::mercadopago::simulator::{NotifyMode, PaymentOutcome, Scan, ScannedOrder};
 use qrgate::orders::{MpId, PollProtocol, PosMode};
 use qrgate_devices::Device;
 

@@ -6,9 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use qrgate::mercadopago::simulator::{
-    NotifyMode, PaymentOutcome, Scan, Simulator, SimulatorConfig,
-};
+use mpsim::{NotifyMode, PaymentOutcome, Scan, Simulator, SimulatorConfig};
 use qrgate::orders::ExternalReference;
 use qrgate::store::{SqliteStore, Store};
 use qrgate_devices::{Device, DeviceConfig};
@@ -217,7 +215,7 @@ async fn scene() -> Option<Scene> {
     })
 }
 
-async fn scan(mp: &Simulator, url: &str) -> qrgate::mercadopago::simulator::ScannedOrder {
+async fn scan(mp: &Simulator, url: &str) -> mpsim::ScannedOrder {
     match mp.scan(url).await.unwrap() {
         Scan::Order(o) => o,
         other => panic!("{other:?}"),
@@ -416,12 +414,7 @@ async fn restarting_qrgate_restarts_its_embedded_broker_and_devices_read_their_s
 /// a pending sale of 100.00 on pump-1 scanned twice (two phones).
 async fn two_scans(
     orders: &str,
-) -> Option<(
-    Scene,
-    String,
-    qrgate::mercadopago::simulator::ScannedOrder,
-    qrgate::mercadopago::simulator::ScannedOrder,
-)> {
+) -> Option<(Scene, String, mpsim::ScannedOrder, mpsim::ScannedOrder)> {
     let broker = Mosquitto::start()?;
     let mp = Simulator::start(SimulatorConfig::default()).await.unwrap();
     let gate = Gate::with_orders(&mp, Some(broker.port), 0, orders, "", Vec::new());

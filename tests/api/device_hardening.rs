@@ -5,7 +5,7 @@
 
 use std::sync::atomic::Ordering;
 
-use qrgate::mercadopago::simulator::PaymentOutcome;
+use mpsim::PaymentOutcome;
 
 use crate::helpers::*;
 

@@ -4,16 +4,12 @@
 
 use std::time::Duration;
 
-use qrgate::mercadopago::simulator::{NotifyMode, PaymentOutcome};
+use mpsim::{NotifyMode, PaymentOutcome};
 
 use crate::helpers::*;
 
 /// Waits until `pred` holds for the simulator's recorded API calls.
-async fn wait_calls(
-    app: &TestApp,
-    what: &str,
-    pred: impl Fn(&[qrgate::mercadopago::simulator::ApiCall]) -> bool,
-) {
+async fn wait_calls(app: &TestApp, what: &str, pred: impl Fn(&[mpsim::ApiCall]) -> bool) {
     let deadline = tokio::time::Instant::now() + WAIT;
     while !pred(&app.mp.api_calls()) {
         assert!(

@@ -1,7 +1,7 @@
 //! Mercado Pago's go-live checklist (docs/mercadopago.md) and the life of a
 //! sale from device to `paid`.
 
-use qrgate::mercadopago::simulator::{NotifyMode, PaymentOutcome};
+use mpsim::{NotifyMode, PaymentOutcome};
 
 use crate::helpers::*;
 
@@ -234,7 +234,7 @@ async fn the_app_runs_its_own_embedded_broker() {
         .unwrap();
     state_of(&vending, "1", "pending").await;
     let order = match mp.scan(&format!("{base}/mp/pos/vending-1")).await.unwrap() {
-        qrgate::mercadopago::simulator::Scan::Order(o) => o,
+        mpsim::Scan::Order(o) => o,
         other => panic!("{other:?}"),
     };
     mp.pay(order.merchant_order_id, PaymentOutcome::Approved)

@@ -10,9 +10,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use mpsim::{Scan, ScannedOrder, Simulator, SimulatorConfig};
 use qrgate::app::App;
 use qrgate::config::{Broker, Config, Secret};
-use qrgate::mercadopago::simulator::{Scan, ScannedOrder, Simulator, SimulatorConfig};
 use qrgate::orders::{ExternalReference, PosConfig, PosId, PosKind};
 use qrgate_devices::{Device, DeviceConfig, Item, StateMessage};
 use rust_decimal::Decimal;

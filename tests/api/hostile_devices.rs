@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use qrgate::mercadopago::simulator::{PaymentOutcome, Scan, Simulator, SimulatorConfig};
+use mpsim::{PaymentOutcome, Scan, Simulator, SimulatorConfig};
 use qrgate_devices::{Device, DeviceConfig};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::sync::watch;

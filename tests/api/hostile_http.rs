@@ -6,8 +6,8 @@
 
 use std::net::IpAddr;
 
+use mpsim::{NotifyMode, PaymentOutcome, Simulator, SimulatorConfig};
 use qrgate::config::Secret;
-use qrgate::mercadopago::simulator::{NotifyMode, PaymentOutcome, Simulator, SimulatorConfig};
 
 use crate::crash::Gate;
 use crate::helpers::*;

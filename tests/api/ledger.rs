@@ -3,8 +3,8 @@
 //! operator's refund of what a sale owes, and a payment nobody notified. On
 //! Mosquitto and the simulator; the kill -9 cases are in crash.rs.
 
+use mpsim::{NotifyMode, PaymentOutcome};
 use qrgate::config::Config;
-use qrgate::mercadopago::simulator::{NotifyMode, PaymentOutcome};
 use qrgate_devices::Device;
 use rust_decimal::Decimal;
 use serde_json::Value;

@@ -1,6 +1,6 @@
 //! The core scenarios against a real Mosquitto, the broker stations run.
 
-use qrgate::mercadopago::simulator::PaymentOutcome;
+use mpsim::PaymentOutcome;
 
 use crate::helpers::*;
 

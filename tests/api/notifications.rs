@@ -1,7 +1,7 @@
 //! Notifications: both shapes, duplicates, disorder, and everything that must
 //! close nothing (docs/mercadopago.md, "Notifications").
 
-use qrgate::mercadopago::simulator::{NotifyMode, PaymentOutcome};
+use mpsim::{NotifyMode, PaymentOutcome};
 use serde_json::json;
 
 use crate::helpers::*;

@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
+use mpsim::{NotifyMode, PaymentOutcome, Scan};
 use qrgate::config::Secret;
-use qrgate::mercadopago::simulator::{NotifyMode, PaymentOutcome, Scan};
 use qrgate_devices::{Device, DeviceConfig};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, Transport};
 
@@ -372,7 +372,7 @@ async fn every_error_of_ours_is_json_with_a_stable_code_and_nothing_internal() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_reaches_the_logs_or_the_health_answers() {
     use crate::crash::Gate;
-    use qrgate::mercadopago::simulator::{Simulator, SimulatorConfig};
+    use mpsim::{Simulator, SimulatorConfig};
     const TOKEN: &str = "APP_USR-canary-token-7731";
     const POLL_KEY: &str = "pollkey-canary-8842";
     const DEVICE_PW: &str = "devpw-canary-9953";

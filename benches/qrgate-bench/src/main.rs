@@ -15,9 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use hdrhistogram::Histogram;
-use qrgate::mercadopago::simulator::{
-    NotifyMode, PaymentOutcome, Scan, Simulator, SimulatorConfig,
-};
+use mpsim::{NotifyMode, PaymentOutcome, Scan, Simulator, SimulatorConfig};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
