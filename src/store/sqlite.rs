@@ -1,8 +1,25 @@
-//! SQLite behind one writer thread. Writes queue up while a commit runs and
-//! go into the next transaction together (group commit), so durability costs
-//! one fsync per batch rather than per sale. Each write runs in a savepoint,
-//! so one refused write (a duplicate close) never undoes its neighbours.
+//! SQLite behind one writer thread: an actor whose messages are closures.
+//! Each `Store` method below is its SQL, handed as a closure to
+//! `SqliteStore::write` or `SqliteStore::read` and run on the thread
+//! that owns the connection; a new query is one method, nothing else.
+//!
+//! Group commit: calls queue up while a commit runs and go into the next
+//! transaction together (up to 512), so durability costs one fsync per
+//! batch rather than per sale.
+//!
+//! Savepoints: each write runs in a savepoint of its own, so one refused
+//! write (a duplicate close) never undoes its neighbours. A write is answered
+//! only once its batch is committed, and a failed commit fails every write
+//! of the batch: whatever qrgate acknowledges is durable first.
+//!
+//! Reads take their turn in the same queue and answer at once, from inside
+//! the batch's transaction: they see every write queued before them.
+//!
+//! A query that panics fails alone (see `guarded`). Dropping the store
+//! closes the queue: the thread still runs and commits every call already
+//! queued, then stops.
 
+use std::panic::{self, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc as std_mpsc;
@@ -186,132 +203,8 @@ CREATE TABLE IF NOT EXISTS merchant_orders (
 );
 "#;
 
-enum Op {
-    Record {
-        sale: Box<Sale>,
-        event: SaleEvent,
-        reply: oneshot::Sender<Result<(), StoreError>>,
-    },
-    MerchantOrder {
-        mo: MerchantOrderRecord,
-        reply: oneshot::Sender<Result<(), StoreError>>,
-    },
-    Health {
-        reply: oneshot::Sender<Result<(), StoreError>>,
-    },
-    Rejection {
-        r: RejectionRecord,
-        reply: oneshot::Sender<Result<(), StoreError>>,
-    },
-    Rejections {
-        pos: String,
-        limit: usize,
-        reply: oneshot::Sender<Result<Vec<RejectionRecord>, StoreError>>,
-    },
-    Latest {
-        reply: oneshot::Sender<Result<Vec<Sale>, StoreError>>,
-    },
-    Find {
-        reference: String,
-        reply: oneshot::Sender<Result<Option<Sale>, StoreError>>,
-    },
-    MerchantOrderGet {
-        id: MpId,
-        reply: oneshot::Sender<Result<Option<MerchantOrderRecord>, StoreError>>,
-    },
-    ByDeviceId {
-        pos: String,
-        sale_id: String,
-        reply: oneshot::Sender<Result<Vec<Sale>, StoreError>>,
-    },
-    Unsettled {
-        since: i64,
-        reply: oneshot::Sender<Result<Vec<Sale>, StoreError>>,
-    },
-    AutoRefunds {
-        reply: oneshot::Sender<Result<Vec<Sale>, StoreError>>,
-    },
-    Timeline {
-        reference: String,
-        reply: oneshot::Sender<Result<Vec<TimelineEntry>, StoreError>>,
-    },
-    Sales {
-        filter: SaleFilter,
-        reply: oneshot::Sender<Result<Vec<Sale>, StoreError>>,
-    },
-    Seen {
-        reference: String,
-        reply: oneshot::Sender<Result<Vec<MerchantOrderRecord>, StoreError>>,
-    },
-    // ---- POS registration ----
-    Registration {
-        r: Box<RegistrationRecord>,
-        reply: oneshot::Sender<Result<(), StoreError>>,
-    },
-    Registrations {
-        reply: oneshot::Sender<Result<Vec<RegistrationRecord>, StoreError>>,
-    },
-    // ---- the ledger's queues ----
-    CountOwing {
-        reply: oneshot::Sender<Result<u64, StoreError>>,
-    },
-    InboxAdd {
-        topic: String,
-        id: String,
-        now: i64,
-        reply: oneshot::Sender<Result<InboxEntry, StoreError>>,
-    },
-    InboxPending {
-        reply: oneshot::Sender<Result<Vec<InboxEntry>, StoreError>>,
-    },
-    InboxDone {
-        topic: String,
-        id: String,
-        generation: i64,
-        now: i64,
-        outcome: String,
-        reply: oneshot::Sender<Result<Option<i64>, StoreError>>,
-    },
-    InboxRetry {
-        topic: String,
-        id: String,
-        generation: i64,
-        attempts: u32,
-        next_at: i64,
-        error: String,
-        reply: oneshot::Sender<Result<(), StoreError>>,
-    },
-    RefundRequestGet {
-        key: String,
-        reply: oneshot::Sender<Result<Option<RefundRequest>, StoreError>>,
-    },
-    RefundRequestsUnanswered {
-        reply: oneshot::Sender<Result<Vec<RefundRequest>, StoreError>>,
-    },
-    RefundRequestPut {
-        r: RefundRequest,
-        reply: oneshot::Sender<Result<(), StoreError>>,
-    },
-    DueRechecks {
-        done: u32,
-        paid_before: i64,
-        limit: usize,
-        reply: oneshot::Sender<Result<Vec<Recheck>, StoreError>>,
-    },
-    RecheckDone {
-        reference: String,
-        done: u32,
-        last: bool,
-        reply: oneshot::Sender<Result<(), StoreError>>,
-    },
-    Prune {
-        before: i64,
-        reply: oneshot::Sender<Result<(), StoreError>>,
-    },
-}
-
 pub struct SqliteStore {
-    tx: std_mpsc::Sender<Op>,
+    tx: std_mpsc::Sender<Job>,
 }
 
 pub(super) fn db(e: rusqlite::Error) -> StoreError {
@@ -473,16 +366,179 @@ impl SqliteStore {
         Ok(SqliteStore { tx })
     }
 
-    async fn call<T>(
+    /// Runs `f` as a write in the next batch, in a savepoint of its own, and
+    /// answers once the batch is committed: `Ok` only if it is durable.
+    async fn write<T: Send + 'static>(
         &self,
-        make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let (reply, rx) = oneshot::channel();
+        let (reply, answer) = oneshot::channel();
+        let job: Job = Box::new(move |conn: &Connection, began: &Result<(), StoreError>| {
+            let r = began
+                .as_ref()
+                .map_err(|e| StoreError::Database(e.to_string()))
+                .and_then(|_| in_savepoint(conn, |c| guarded(c, f)));
+            let after_commit: Reply = Box::new(move |committed| drop(reply.send(committed.and(r))));
+            Some(after_commit)
+        });
+        self.enqueue(job, answer).await
+    }
+
+    /// Runs `f` as a read, in its turn among the writes, and answers at once.
+    /// It must not write: nothing would roll back its changes alone.
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        let job: Job = Box::new(move |conn: &Connection, _: &Result<(), StoreError>| {
+            drop(reply.send(guarded(conn, f)));
+            None
+        });
+        self.enqueue(job, answer).await
+    }
+
+    async fn enqueue<T>(
+        &self,
+        job: Job,
+        answer: oneshot::Receiver<Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
         self.tx
-            .send(make(reply))
+            .send(job)
             .map_err(|_| StoreError::Unavailable("the store thread has stopped".into()))?;
-        rx.await
+        answer
+            .await
             .map_err(|_| StoreError::Unavailable("the store thread has stopped".into()))?
+    }
+}
+
+// ---- The writer thread ----
+
+/// A call on the writer thread: its query and its reply channel, given the
+/// connection and whether the batch's transaction began. A read answers at
+/// once and returns `None`; a write returns its answer, held until the
+/// commit is known.
+type Job = Box<dyn FnOnce(&Connection, &Result<(), StoreError>) -> Option<Reply> + Send>;
+
+/// A write's answer, given the outcome of its batch's commit.
+type Reply = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+
+#[cfg(test)]
+thread_local! {
+    /// The commits this writer thread ran: how the tests see group commit.
+    static COMMITS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Writes after which the writer checkpoints itself: with no other writer,
+/// its checkpoint completes and the next write starts the WAL over, so the
+/// WAL stays bounded however busy the store is. Most frames are already
+/// copied by then, so it is short.
+const WRITER_CHECKPOINT_EVERY: usize = 2000;
+
+fn writer(conn: Connection, rx: std_mpsc::Receiver<Job>) {
+    const MAX_BATCH: usize = 512;
+    let mut since_checkpoint = 0;
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        since_checkpoint += batch.len();
+        run_batch(&conn, batch);
+        if since_checkpoint >= WRITER_CHECKPOINT_EVERY {
+            since_checkpoint = 0;
+            if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                tracing::warn!(error = %e, "WAL checkpoint failed; retried later");
+            }
+        }
+    }
+}
+
+fn run_batch(conn: &Connection, batch: Vec<Job>) {
+    let began = conn.execute_batch("BEGIN IMMEDIATE").map_err(db);
+    let mut pending = Vec::new();
+    for job in batch {
+        pending.extend(job(conn, &began));
+    }
+    let committed = match began {
+        Ok(()) => {
+            #[cfg(test)]
+            COMMITS.with(|n| n.set(n.get() + 1));
+            conn.execute_batch("COMMIT").map_err(db)
+        }
+        Err(e) => Err(e),
+    };
+    for reply in pending {
+        // A failed commit fails every write in it, whatever its own result.
+        reply(match &committed {
+            Ok(()) => Ok(()),
+            Err(e) => Err(StoreError::Database(format!("commit failed: {e}"))),
+        });
+    }
+    if committed.is_err() {
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+}
+
+/// Runs `f` inside a savepoint: its writes stay only if it succeeds.
+fn in_savepoint<T>(
+    conn: &Connection,
+    f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    conn.execute_batch("SAVEPOINT op").map_err(db)?;
+    let r = f(conn);
+    let end = if r.is_ok() {
+        "RELEASE op"
+    } else {
+        "ROLLBACK TO op; RELEASE op"
+    };
+    conn.execute_batch(end).map_err(db)?;
+    r
+}
+
+/// Runs a query so that a panic in it fails that query alone. Uncaught, it
+/// would unwind the writer thread: the batch's other writes would be lost
+/// uncommitted, and every call after would fail with "the store thread has
+/// stopped" while the service stayed up without a store.
+fn guarded<T>(
+    conn: &Connection,
+    f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    // Unwind-safe in fact: what a panicking write leaves half done is in the
+    // database, and its savepoint is rolled back like any failed write's; a
+    // read changes nothing; the connection's statements reset as they drop.
+    panic::catch_unwind(AssertUnwindSafe(|| f(conn))).unwrap_or_else(|payload| {
+        let what = payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        tracing::error!(panic = %what, "a store query panicked; it alone fails");
+        Err(StoreError::Database(format!("the query panicked: {what}")))
+    })
+}
+
+/// Copies the WAL into the database beside the writer. PASSIVE never blocks
+/// the writer; it is repeated at once until it has caught up. (Paced at one
+/// pass every 500 ms it never caught up under continuous writes, and the WAL
+/// grew by gigabytes: measured.)
+fn checkpoints(conn: Connection, alive: Arc<AtomicBool>) {
+    loop {
+        let running = alive.load(Ordering::Acquire);
+        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+            Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+        }) {
+            Ok((log, done)) if done < log => continue,
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed; retried"),
+        }
+        if !running {
+            return;
+        }
+        thread::sleep(std::time::Duration::from_millis(100));
     }
 }
 
@@ -733,97 +789,6 @@ fn parse_sale(reference: &str, body: &str) -> Result<Sale, StoreError> {
     })
 }
 
-/// Runs `f` inside a savepoint: its writes stay only if it succeeds.
-fn in_savepoint<T>(
-    conn: &Connection,
-    f: impl FnOnce(&Connection) -> Result<T, StoreError>,
-) -> Result<T, StoreError> {
-    conn.execute_batch("SAVEPOINT op").map_err(db)?;
-    let r = f(conn);
-    let end = if r.is_ok() {
-        "RELEASE op"
-    } else {
-        "ROLLBACK TO op; RELEASE op"
-    };
-    conn.execute_batch(end).map_err(db)?;
-    r
-}
-
-/// Copies the WAL into the database beside the writer. PASSIVE never blocks
-/// the writer; it is repeated at once until it has caught up. (Paced at one
-/// pass every 500 ms it never caught up under continuous writes, and the WAL
-/// grew by gigabytes: measured.)
-fn checkpoints(conn: Connection, alive: Arc<AtomicBool>) {
-    loop {
-        let running = alive.load(Ordering::Acquire);
-        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-            Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
-        }) {
-            Ok((log, done)) if done < log => continue,
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed; retried"),
-        }
-        if !running {
-            return;
-        }
-        thread::sleep(std::time::Duration::from_millis(100));
-    }
-}
-
-/// Writes after which the writer checkpoints itself: with no other writer,
-/// its checkpoint completes and the next write starts the WAL over, so the
-/// WAL stays bounded however busy the store is. Most frames are already
-/// copied by then, so it is short.
-const WRITER_CHECKPOINT_EVERY: usize = 2000;
-
-fn writer(conn: Connection, rx: std_mpsc::Receiver<Op>) {
-    const MAX_BATCH: usize = 512;
-    let mut since_checkpoint = 0;
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(op) => batch.push(op),
-                Err(_) => break,
-            }
-        }
-        since_checkpoint += batch.len();
-        run_batch(&conn, batch);
-        if since_checkpoint >= WRITER_CHECKPOINT_EVERY {
-            since_checkpoint = 0;
-            if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-                tracing::warn!(error = %e, "WAL checkpoint failed; retried later");
-            }
-        }
-    }
-}
-
-type Reply = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
-
-/// A write inside the batch's transaction, in a savepoint of its own: its
-/// answer goes out after the commit, and a failed commit fails it.
-fn write<T: Send + 'static>(
-    conn: &Connection,
-    began: &Result<(), StoreError>,
-    pending: &mut Vec<(Reply, Result<(), StoreError>)>,
-    reply: oneshot::Sender<Result<T, StoreError>>,
-    f: impl FnOnce(&Connection) -> Result<T, StoreError>,
-) {
-    let r = began
-        .as_ref()
-        .map_err(|e| StoreError::Database(e.to_string()))
-        .and_then(|_| in_savepoint(conn, f));
-    match r {
-        Ok(v) => pending.push((
-            Box::new(move |committed: Result<(), StoreError>| {
-                drop(reply.send(committed.map(|()| v)))
-            }),
-            Ok(()),
-        )),
-        Err(e) => pending.push((Box::new(move |_| drop(reply.send(Err(e)))), Ok(()))),
-    }
-}
-
 fn inbox_entry(r: &rusqlite::Row<'_>) -> rusqlite::Result<InboxEntry> {
     Ok(InboxEntry {
         topic: r.get(0)?,
@@ -851,450 +816,6 @@ fn refund_request(r: &rusqlite::Row<'_>) -> rusqlite::Result<RefundRequest> {
     })
 }
 
-fn inbox_add(c: &Connection, topic: &str, id: &str, now: i64) -> Result<InboxEntry, StoreError> {
-    // A pending entry folds the notification in (and is due now); a done
-    // one opens again: Mercado Pago has news about the resource.
-    c.execute(
-        "INSERT INTO inbox (topic, id, received_at, generation, attempts, next_at)
-         VALUES (?1, ?2, ?3, 1, 0, ?3)
-         ON CONFLICT (topic, id) DO UPDATE SET
-           generation = generation + 1,
-           next_at = min(next_at, excluded.next_at),
-           received_at = CASE WHEN done_at IS NULL THEN received_at ELSE excluded.received_at END,
-           attempts = CASE WHEN done_at IS NULL THEN attempts ELSE 0 END,
-           done_at = NULL, outcome = NULL",
-        params![topic, id, now],
-    )
-    .map_err(db)?;
-    c.query_row(
-        &format!("SELECT {INBOX_COLUMNS} FROM inbox WHERE topic = ?1 AND id = ?2"),
-        params![topic, id],
-        inbox_entry,
-    )
-    .map_err(db)
-}
-
-fn run_batch(conn: &Connection, batch: Vec<Op>) {
-    // Reads answer at once; writes answer only after the commit.
-    let mut pending: Vec<(Reply, Result<(), StoreError>)> = Vec::new();
-    let began = conn.execute_batch("BEGIN IMMEDIATE").map_err(db);
-    for op in batch {
-        match op {
-            Op::Record { sale, event, reply } => {
-                let r = began
-                    .as_ref()
-                    .map_err(|e| StoreError::Database(e.to_string()))
-                    .and_then(|_| in_savepoint(conn, |c| write_sale(c, &sale, &event)));
-                pending.push((Box::new(move |r| drop(reply.send(r))), r));
-            }
-            Op::MerchantOrder { mo, reply } => {
-                let r = began
-                    .as_ref()
-                    .map_err(|e| StoreError::Database(e.to_string()))
-                    .and_then(|_| {
-                        in_savepoint(conn, |c| {
-                            c.execute(
-                                "INSERT INTO merchant_orders (id, external_reference, status, body, seen_at)
-                                 VALUES (?1, ?2, ?3, ?4, ?5)
-                                 ON CONFLICT (id) DO UPDATE SET status = excluded.status,
-                                   body = excluded.body, seen_at = excluded.seen_at",
-                                params![sql_id(&mo.id), mo.external_reference, mo.status, mo.body, mo.seen_at],
-                            )
-                            .map_err(db)?;
-                            for p in &mo.payments {
-                                c.execute(
-                                    "INSERT INTO payments (id, merchant_order, external_reference, status, amount, currency, seen_at)
-                                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-                                     ON CONFLICT (id) DO UPDATE SET status = excluded.status,
-                                       amount = excluded.amount, seen_at = excluded.seen_at",
-                                    params![sql_id(&p.id), sql_id(&mo.id), mo.external_reference, p.status, p.amount, p.currency, mo.seen_at],
-                                )
-                                .map_err(db)?;
-                            }
-                            Ok(())
-                        })
-                    });
-                pending.push((Box::new(move |r| drop(reply.send(r))), r));
-            }
-            Op::Health { reply } => {
-                let r = began
-                    .as_ref()
-                    .map_err(|e| StoreError::Database(e.to_string()))
-                    .and_then(|_| {
-                        in_savepoint(conn, |c| {
-                            c.execute(
-                                "INSERT INTO health (id, at) VALUES (1, strftime('%s','now'))
-                                 ON CONFLICT (id) DO UPDATE SET at = excluded.at",
-                                [],
-                            )
-                            .map(|_| ())
-                            .map_err(db)
-                        })
-                    });
-                pending.push((Box::new(move |r| drop(reply.send(r))), r));
-            }
-            Op::Rejection { r, reply } => {
-                let res = began
-                    .as_ref()
-                    .map_err(|e| StoreError::Database(e.to_string()))
-                    .and_then(|_| {
-                        in_savepoint(conn, |c| {
-                            c.execute(
-                                "INSERT INTO device_rejections (pos, sale_id, code, message, at)
-                                 VALUES (?1, ?2, ?3, ?4, ?5)",
-                                params![r.pos, r.sale_id, r.code, r.message, r.at],
-                            )
-                            .map(|_| ())
-                            .map_err(db)
-                        })
-                    });
-                pending.push((Box::new(move |r| drop(reply.send(r))), res));
-            }
-            Op::Rejections { pos, limit, reply } => {
-                let r = (|| {
-                    let mut st = conn
-                        .prepare_cached(
-                            "SELECT pos, sale_id, code, message, at FROM device_rejections
-                             WHERE pos = ?1 ORDER BY seq DESC LIMIT ?2",
-                        )
-                        .map_err(db)?;
-                    let rows = st
-                        .query_map(params![pos, limit as i64], |r| {
-                            Ok(RejectionRecord {
-                                pos: r.get(0)?,
-                                sale_id: r.get(1)?,
-                                code: r.get(2)?,
-                                message: r.get(3)?,
-                                at: r.get(4)?,
-                            })
-                        })
-                        .map_err(db)?;
-                    rows.collect::<Result<Vec<_>, _>>().map_err(db)
-                })();
-                let _ = reply.send(r);
-            }
-            Op::Latest { reply } => {
-                let _ = reply.send(latest(conn));
-            }
-            Op::Find { reference, reply } => {
-                let r = conn
-                    .query_row(
-                        "SELECT body FROM sales WHERE external_reference = ?1",
-                        [&reference],
-                        |row| row.get::<_, String>(0),
-                    )
-                    .optional()
-                    .map_err(db)
-                    .and_then(|b| b.map(|b| parse_sale(&reference, &b)).transpose());
-                let _ = reply.send(r);
-            }
-            Op::ByDeviceId {
-                pos,
-                sale_id,
-                reply,
-            } => {
-                let _ = reply.send(bodies(
-                    conn,
-                    // Newest first along sales_by_pos, so the search stops
-                    // at the first match (a recent sale) instead of sorting
-                    // every sale the POS ever had.
-                    "SELECT external_reference, body FROM sales
-                     WHERE pos = ?1 AND sale_id = ?2 ORDER BY accepted_at DESC, rowid DESC LIMIT 1",
-                    params![pos, sale_id],
-                ));
-            }
-            Op::Unsettled { since, reply } => {
-                let _ = reply.send(bodies(
-                    conn,
-                    "SELECT external_reference, body FROM sales
-                     WHERE unsettled = 1 AND served_at >= ?1",
-                    params![since],
-                ));
-            }
-            Op::AutoRefunds { reply } => {
-                let _ = reply.send(bodies(
-                    conn,
-                    "SELECT external_reference, body FROM sales WHERE owes = 2",
-                    [],
-                ));
-            }
-            Op::MerchantOrderGet { id, reply } => {
-                let r = conn
-                    .query_row(
-                        "SELECT external_reference, status, body, seen_at FROM merchant_orders WHERE id = ?1",
-                        [sql_id(&id)],
-                        |row| {
-                            Ok(MerchantOrderRecord {
-                                id: id.clone(),
-                                external_reference: row.get(0)?,
-                                status: row.get(1)?,
-                                body: row.get(2)?,
-                                seen_at: row.get(3)?,
-                                payments: Vec::new(),
-                            })
-                        },
-                    )
-                    .optional()
-                    .map_err(db);
-                let _ = reply.send(r);
-            }
-            Op::Timeline { reference, reply } => {
-                let r = (|| {
-                    let mut st = conn
-                        .prepare(
-                            "SELECT at, event, detail FROM sale_events
-                             WHERE external_reference = ?1 ORDER BY seq",
-                        )
-                        .map_err(db)?;
-                    let rows = st
-                        .query_map([&reference], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-                        .map_err(db)?;
-                    rows.collect::<Result<Vec<_>, _>>().map_err(db)
-                })();
-                let _ = reply.send(r);
-            }
-            // ---- POS registration ----
-            Op::Registration { r, reply } => {
-                let res = began
-                    .as_ref()
-                    .map_err(|e| StoreError::Database(e.to_string()))
-                    .and_then(|_| in_savepoint(conn, |c| write_registration(c, &r)));
-                pending.push((Box::new(move |r| drop(reply.send(r))), res));
-            }
-            Op::Sales { filter, reply } => {
-                let _ = reply.send(bodies(
-                    conn,
-                    "SELECT external_reference, body FROM sales
-                     WHERE (?1 IS NULL OR pos = ?1) AND (?2 IS NULL OR state = ?2)
-                       AND (?3 IS NULL OR accepted_at >= ?3) AND (?5 = 0 OR owes > 0)
-                     ORDER BY accepted_at DESC, rowid DESC LIMIT ?4",
-                    params![
-                        filter.pos,
-                        filter.state,
-                        filter.since,
-                        filter.limit.min(10_000) as i64,
-                        filter.owing
-                    ],
-                ));
-            }
-            Op::Seen { reference, reply } => {
-                let _ = reply.send(seen(conn, &reference));
-            }
-            Op::Registrations { reply } => {
-                let _ = reply.send(read_registrations(conn));
-            }
-            Op::CountOwing { reply } => {
-                let r = conn
-                    .query_row("SELECT count(*) FROM sales WHERE owes > 0", [], |r| {
-                        r.get::<_, i64>(0)
-                    })
-                    .map(|n| n.max(0) as u64)
-                    .map_err(db);
-                let _ = reply.send(r);
-            }
-            Op::InboxAdd {
-                topic,
-                id,
-                now,
-                reply,
-            } => write(conn, &began, &mut pending, reply, |c| {
-                inbox_add(c, &topic, &id, now)
-            }),
-            Op::InboxPending { reply } => {
-                let r = (|| {
-                    let mut st = conn
-                        .prepare_cached(&format!(
-                            "SELECT {INBOX_COLUMNS} FROM inbox WHERE done_at IS NULL ORDER BY received_at"
-                        ))
-                        .map_err(db)?;
-                    let rows = st.query_map([], inbox_entry).map_err(db)?;
-                    rows.collect::<Result<Vec<_>, _>>().map_err(db)
-                })();
-                let _ = reply.send(r);
-            }
-            Op::InboxDone {
-                topic,
-                id,
-                generation,
-                now,
-                outcome,
-                reply,
-            } => write(conn, &began, &mut pending, reply, |c| {
-                let done = c
-                    .execute(
-                        "UPDATE inbox SET done_at = ?4, outcome = ?5, last_error = NULL
-                         WHERE topic = ?1 AND id = ?2 AND generation = ?3 AND done_at IS NULL",
-                        params![topic, id, generation, now, outcome],
-                    )
-                    .map_err(db)?;
-                if done > 0 {
-                    return Ok(None);
-                }
-                // Done already, or a newer notification is pending.
-                c.query_row(
-                    "SELECT generation FROM inbox WHERE topic = ?1 AND id = ?2 AND done_at IS NULL",
-                    params![topic, id],
-                    |r| r.get::<_, i64>(0),
-                )
-                .optional()
-                .map_err(db)
-            }),
-            Op::InboxRetry {
-                topic,
-                id,
-                generation,
-                attempts,
-                next_at,
-                error,
-                reply,
-            } => write(conn, &began, &mut pending, reply, |c| {
-                c.execute(
-                    "UPDATE inbox SET attempts = ?3, next_at = max(next_at, ?4), last_error = ?5
-                     WHERE topic = ?1 AND id = ?2 AND generation = ?6 AND done_at IS NULL",
-                    params![topic, id, attempts, next_at, error, generation],
-                )
-                .map(drop)
-                .map_err(db)
-            }),
-            Op::RefundRequestGet { key, reply } => {
-                let r = conn
-                    .query_row(
-                        "SELECT key, external_reference, plan, status, answer, at
-                         FROM refund_requests WHERE key = ?1",
-                        [&key],
-                        refund_request,
-                    )
-                    .optional()
-                    .map_err(db);
-                let _ = reply.send(r);
-            }
-            Op::RefundRequestsUnanswered { reply } => {
-                let r = (|| {
-                    let mut st = conn
-                        .prepare_cached(
-                            "SELECT key, external_reference, plan, status, answer, at
-                             FROM refund_requests WHERE status IS NULL ORDER BY at",
-                        )
-                        .map_err(db)?;
-                    let rows = st.query_map([], refund_request).map_err(db)?;
-                    rows.collect::<Result<Vec<_>, _>>().map_err(db)
-                })();
-                let _ = reply.send(r);
-            }
-            Op::RefundRequestPut { r, reply } => write(conn, &began, &mut pending, reply, |c| {
-                let (status, answer) = r.answer.clone().unzip();
-                c.execute(
-                    "INSERT INTO refund_requests (key, external_reference, plan, status, answer, at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                     ON CONFLICT (key) DO UPDATE SET plan = excluded.plan,
-                       status = excluded.status, answer = excluded.answer",
-                    params![r.key, r.external_reference, r.plan, status, answer, r.at],
-                )
-                .map(drop)
-                .map_err(db)
-            }),
-            Op::DueRechecks {
-                done,
-                paid_before,
-                limit,
-                reply,
-            } => {
-                let r = (|| {
-                    let mut st = conn
-                        .prepare_cached(
-                            "SELECT external_reference, paid_at, done FROM rechecks
-                             WHERE done = ?1 AND paid_at <= ?2 ORDER BY paid_at LIMIT ?3",
-                        )
-                        .map_err(db)?;
-                    let rows = st
-                        .query_map(params![done, paid_before, limit as i64], |r| {
-                            Ok((
-                                r.get::<_, String>(0)?,
-                                r.get::<_, i64>(1)?,
-                                r.get::<_, i64>(2)?,
-                            ))
-                        })
-                        .map_err(db)?
-                        .collect::<Result<Vec<_>, _>>()
-                        .map_err(db)?;
-                    Ok(rows
-                        .into_iter()
-                        .filter_map(|(reference, paid_at, done)| {
-                            Some(Recheck {
-                                external_reference: ExternalReference::parse(&reference).ok()?,
-                                paid_at,
-                                done: done.max(0) as u32,
-                            })
-                        })
-                        .collect())
-                })();
-                let _ = reply.send(r);
-            }
-            Op::RecheckDone {
-                reference,
-                done,
-                last,
-                reply,
-            } => write(conn, &began, &mut pending, reply, |c| {
-                if last {
-                    c.execute(
-                        "DELETE FROM rechecks WHERE external_reference = ?1",
-                        [&reference],
-                    )
-                } else {
-                    c.execute(
-                        "UPDATE rechecks SET done = ?2 WHERE external_reference = ?1",
-                        params![reference, done],
-                    )
-                }
-                .map(drop)
-                .map_err(db)
-            }),
-            Op::Prune { before, reply } => write(conn, &began, &mut pending, reply, |c| {
-                c.execute(
-                    "DELETE FROM inbox WHERE done_at IS NOT NULL AND done_at < ?1",
-                    [before],
-                )
-                .map_err(db)?;
-                c.execute(
-                    "DELETE FROM refund_requests WHERE status IS NOT NULL AND at < ?1",
-                    [before],
-                )
-                .map_err(db)?;
-                c.execute("DELETE FROM rechecks WHERE paid_at < ?1", [before])
-                    .map(drop)
-                    .map_err(db)
-            }),
-        }
-    }
-    let committed = match began {
-        Ok(()) => conn.execute_batch("COMMIT").map_err(db),
-        Err(e) => Err(e),
-    };
-    for (reply, r) in pending {
-        // A failed commit fails every write in it, whatever its own result.
-        let r = match &committed {
-            Ok(()) => r,
-            Err(e) => Err(StoreError::Database(format!("commit failed: {e}"))),
-        };
-        reply(r);
-    }
-    if committed.is_err() {
-        let _ = conn.execute_batch("ROLLBACK");
-    }
-}
-
-fn latest(conn: &Connection) -> Result<Vec<Sale>, StoreError> {
-    // rowid grows with each new sale, and an update keeps it: the highest
-    // rowid of a POS is its latest sale.
-    bodies(
-        conn,
-        "SELECT external_reference, body FROM sales
-         WHERE rowid IN (SELECT max(rowid) FROM sales GROUP BY pos)",
-        [],
-    )
-}
-
 /// An id as SQLite gave it back.
 pub(super) fn value_id(v: rusqlite::types::Value) -> Option<MpId> {
     match v {
@@ -1302,66 +823,6 @@ pub(super) fn value_id(v: rusqlite::types::Value) -> Option<MpId> {
         rusqlite::types::Value::Text(t) => MpId::parse(&t),
         _ => None,
     }
-}
-
-/// The merchant orders seen for a reference, with their payments.
-fn seen(conn: &Connection, reference: &str) -> Result<Vec<MerchantOrderRecord>, StoreError> {
-    let mut st = conn
-        .prepare_cached(
-            "SELECT id, status, body, seen_at FROM merchant_orders
-             WHERE external_reference = ?1 ORDER BY rowid",
-        )
-        .map_err(db)?;
-    let rows = st
-        .query_map([reference], |r| {
-            Ok((
-                r.get::<_, rusqlite::types::Value>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, i64>(3)?,
-            ))
-        })
-        .map_err(db)?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(db)?;
-    let mut pay = conn
-        .prepare_cached(
-            "SELECT id, status, amount, currency FROM payments WHERE merchant_order = ?1 ORDER BY rowid",
-        )
-        .map_err(db)?;
-    let mut out = Vec::new();
-    for (raw_id, status, body, seen_at) in rows {
-        let Some(id) = value_id(raw_id) else { continue };
-        let payments = pay
-            .query_map([sql_id(&id)], |r| {
-                Ok((
-                    r.get::<_, rusqlite::types::Value>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, Option<String>>(3)?,
-                ))
-            })
-            .map_err(db)?
-            .filter_map(Result::ok)
-            .filter_map(|(pid, status, amount, currency)| {
-                value_id(pid).map(|id| PaymentRecord {
-                    id,
-                    status,
-                    amount,
-                    currency,
-                })
-            })
-            .collect();
-        out.push(MerchantOrderRecord {
-            id,
-            external_reference: Some(reference.to_owned()),
-            status,
-            body,
-            seen_at,
-            payments,
-        });
-    }
-    Ok(out)
 }
 
 /// Sales from a query selecting (external_reference, body).
@@ -1387,17 +848,60 @@ fn bodies(
 #[async_trait]
 impl Store for SqliteStore {
     async fn record(&self, sale: &Sale, event: &SaleEvent) -> Result<(), StoreError> {
-        let sale = Box::new(sale.clone());
-        let event = event.clone();
-        self.call(|reply| Op::Record { sale, event, reply }).await
+        let (sale, event) = (sale.clone(), event.clone());
+        self.write(move |c| write_sale(c, &sale, &event)).await
     }
 
     async fn record_merchant_order(&self, mo: MerchantOrderRecord) -> Result<(), StoreError> {
-        self.call(|reply| Op::MerchantOrder { mo, reply }).await
+        self.write(move |c| {
+            c.execute(
+                "INSERT INTO merchant_orders (id, external_reference, status, body, seen_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (id) DO UPDATE SET status = excluded.status,
+                   body = excluded.body, seen_at = excluded.seen_at",
+                params![
+                    sql_id(&mo.id),
+                    mo.external_reference,
+                    mo.status,
+                    mo.body,
+                    mo.seen_at
+                ],
+            )
+            .map_err(db)?;
+            for p in &mo.payments {
+                c.execute(
+                    "INSERT INTO payments (id, merchant_order, external_reference, status, amount, currency, seen_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                     ON CONFLICT (id) DO UPDATE SET status = excluded.status,
+                       amount = excluded.amount, seen_at = excluded.seen_at",
+                    params![
+                        sql_id(&p.id),
+                        sql_id(&mo.id),
+                        mo.external_reference,
+                        p.status,
+                        p.amount,
+                        p.currency,
+                        mo.seen_at
+                    ],
+                )
+                .map_err(db)?;
+            }
+            Ok(())
+        })
+        .await
     }
 
     async fn record_rejection(&self, r: RejectionRecord) -> Result<(), StoreError> {
-        self.call(|reply| Op::Rejection { r, reply }).await
+        self.write(move |c| {
+            c.execute(
+                "INSERT INTO device_rejections (pos, sale_id, code, message, at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![r.pos, r.sale_id, r.code, r.message, r.at],
+            )
+            .map(|_| ())
+            .map_err(db)
+        })
+        .await
     }
 
     async fn rejections(
@@ -1406,25 +910,56 @@ impl Store for SqliteStore {
         limit: usize,
     ) -> Result<Vec<RejectionRecord>, StoreError> {
         let pos = pos.to_owned();
-        self.call(|reply| Op::Rejections { pos, limit, reply })
-            .await
+        self.read(move |c| {
+            let mut st = c
+                .prepare_cached(
+                    "SELECT pos, sale_id, code, message, at FROM device_rejections
+                     WHERE pos = ?1 ORDER BY seq DESC LIMIT ?2",
+                )
+                .map_err(db)?;
+            let rows = st
+                .query_map(params![pos, limit as i64], |r| {
+                    Ok(RejectionRecord {
+                        pos: r.get(0)?,
+                        sale_id: r.get(1)?,
+                        code: r.get(2)?,
+                        message: r.get(3)?,
+                        at: r.get(4)?,
+                    })
+                })
+                .map_err(db)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(db)
+        })
+        .await
     }
 
     async fn latest_sales(&self) -> Result<Vec<Sale>, StoreError> {
-        self.call(|reply| Op::Latest { reply }).await
+        self.read(|c| {
+            // rowid grows with each new sale, and an update keeps it: the
+            // highest rowid of a POS is its latest sale.
+            bodies(
+                c,
+                "SELECT external_reference, body FROM sales
+                 WHERE rowid IN (SELECT max(rowid) FROM sales GROUP BY pos)",
+                [],
+            )
+        })
+        .await
     }
 
     async fn sale(&self, reference: &ExternalReference) -> Result<Option<Sale>, StoreError> {
         let reference = reference.as_str().to_owned();
-        self.call(|reply| Op::Find { reference, reply }).await
-    }
-
-    async fn timeline(
-        &self,
-        reference: &ExternalReference,
-    ) -> Result<Vec<TimelineEntry>, StoreError> {
-        let reference = reference.as_str().to_owned();
-        self.call(|reply| Op::Timeline { reference, reply }).await
+        self.read(move |c| {
+            c.query_row(
+                "SELECT body FROM sales WHERE external_reference = ?1",
+                [&reference],
+                |row| row.get::<_, String>(0),
+            )
+            .optional()
+            .map_err(db)
+            .and_then(|b| b.map(|b| parse_sale(&reference, &b)).transpose())
+        })
+        .await
     }
 
     async fn sale_by_device_id(
@@ -1433,75 +968,115 @@ impl Store for SqliteStore {
         sale_id: &str,
     ) -> Result<Option<Sale>, StoreError> {
         let (pos, sale_id) = (pos.to_owned(), sale_id.to_owned());
-        self.call(|reply| Op::ByDeviceId {
-            pos,
-            sale_id,
-            reply,
+        self.read(move |c| {
+            bodies(
+                c,
+                // Newest first along sales_by_pos, so the search stops at
+                // the first match (a recent sale) instead of sorting every
+                // sale the POS ever had.
+                "SELECT external_reference, body FROM sales
+                 WHERE pos = ?1 AND sale_id = ?2 ORDER BY accepted_at DESC, rowid DESC LIMIT 1",
+                params![pos, sale_id],
+            )
         })
         .await
         .map(|mut v| v.pop())
     }
 
-    async fn unsettled_served(&self, since: i64) -> Result<Vec<Sale>, StoreError> {
-        self.call(|reply| Op::Unsettled { since, reply }).await
-    }
-
-    async fn pending_auto_refunds(&self) -> Result<Vec<Sale>, StoreError> {
-        self.call(|reply| Op::AutoRefunds { reply }).await
-    }
-
-    async fn merchant_order(&self, id: &MpId) -> Result<Option<MerchantOrderRecord>, StoreError> {
-        self.call(|reply| Op::MerchantOrderGet {
-            id: id.clone(),
-            reply,
+    async fn timeline(
+        &self,
+        reference: &ExternalReference,
+    ) -> Result<Vec<TimelineEntry>, StoreError> {
+        let reference = reference.as_str().to_owned();
+        self.read(move |c| {
+            let mut st = c
+                .prepare(
+                    "SELECT at, event, detail FROM sale_events
+                     WHERE external_reference = ?1 ORDER BY seq",
+                )
+                .map_err(db)?;
+            let rows = st
+                .query_map([&reference], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .map_err(db)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(db)
         })
         .await
     }
 
-    async fn check_writable(&self) -> Result<(), StoreError> {
-        self.call(|reply| Op::Health { reply }).await
+    async fn unsettled_served(&self, since: i64) -> Result<Vec<Sale>, StoreError> {
+        self.read(move |c| {
+            bodies(
+                c,
+                "SELECT external_reference, body FROM sales
+                 WHERE unsettled = 1 AND served_at >= ?1",
+                params![since],
+            )
+        })
+        .await
     }
 
-    // ---- POS registration ----
-
-    async fn record_registration(&self, r: RegistrationRecord) -> Result<(), StoreError> {
-        let r = Box::new(r);
-        self.call(|reply| Op::Registration { r, reply }).await
-    }
-
-    async fn sales(&self, filter: SaleFilter) -> Result<Vec<Sale>, StoreError> {
-        self.call(|reply| Op::Sales { filter, reply }).await
-    }
-
-    async fn merchant_orders_of(
-        &self,
-        reference: &ExternalReference,
-    ) -> Result<Vec<MerchantOrderRecord>, StoreError> {
-        let reference = reference.as_str().to_owned();
-        self.call(|reply| Op::Seen { reference, reply }).await
-    }
-
-    async fn registrations(&self) -> Result<Vec<RegistrationRecord>, StoreError> {
-        self.call(|reply| Op::Registrations { reply }).await
+    async fn pending_auto_refunds(&self) -> Result<Vec<Sale>, StoreError> {
+        self.read(|c| {
+            bodies(
+                c,
+                "SELECT external_reference, body FROM sales WHERE owes = 2",
+                [],
+            )
+        })
+        .await
     }
 
     async fn count_owing(&self) -> Result<u64, StoreError> {
-        self.call(|reply| Op::CountOwing { reply }).await
+        self.read(|c| {
+            c.query_row("SELECT count(*) FROM sales WHERE owes > 0", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map(|n| n.max(0) as u64)
+            .map_err(db)
+        })
+        .await
     }
+
+    // ---- The notification inbox ----
 
     async fn inbox_add(&self, topic: &str, id: &str, now: i64) -> Result<InboxEntry, StoreError> {
         let (topic, id) = (topic.to_owned(), id.to_owned());
-        self.call(|reply| Op::InboxAdd {
-            topic,
-            id,
-            now,
-            reply,
+        self.write(move |c| {
+            // A pending entry folds the notification in (and is due now); a
+            // done one opens again: Mercado Pago has news about the resource.
+            c.execute(
+                "INSERT INTO inbox (topic, id, received_at, generation, attempts, next_at)
+                 VALUES (?1, ?2, ?3, 1, 0, ?3)
+                 ON CONFLICT (topic, id) DO UPDATE SET
+                   generation = generation + 1,
+                   next_at = min(next_at, excluded.next_at),
+                   received_at = CASE WHEN done_at IS NULL THEN received_at ELSE excluded.received_at END,
+                   attempts = CASE WHEN done_at IS NULL THEN attempts ELSE 0 END,
+                   done_at = NULL, outcome = NULL",
+                params![topic, id, now],
+            )
+            .map_err(db)?;
+            c.query_row(
+                &format!("SELECT {INBOX_COLUMNS} FROM inbox WHERE topic = ?1 AND id = ?2"),
+                params![topic, id],
+                inbox_entry,
+            )
+            .map_err(db)
         })
         .await
     }
 
     async fn inbox_pending(&self) -> Result<Vec<InboxEntry>, StoreError> {
-        self.call(|reply| Op::InboxPending { reply }).await
+        self.read(|c| {
+            let mut st = c
+                .prepare_cached(&format!(
+                    "SELECT {INBOX_COLUMNS} FROM inbox WHERE done_at IS NULL ORDER BY received_at"
+                ))
+                .map_err(db)?;
+            let rows = st.query_map([], inbox_entry).map_err(db)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(db)
+        })
+        .await
     }
 
     async fn inbox_done(
@@ -1513,13 +1088,25 @@ impl Store for SqliteStore {
         outcome: &str,
     ) -> Result<Option<i64>, StoreError> {
         let (topic, id, outcome) = (topic.to_owned(), id.to_owned(), outcome.to_owned());
-        self.call(|reply| Op::InboxDone {
-            topic,
-            id,
-            generation,
-            now,
-            outcome,
-            reply,
+        self.write(move |c| {
+            let done = c
+                .execute(
+                    "UPDATE inbox SET done_at = ?4, outcome = ?5, last_error = NULL
+                     WHERE topic = ?1 AND id = ?2 AND generation = ?3 AND done_at IS NULL",
+                    params![topic, id, generation, now, outcome],
+                )
+                .map_err(db)?;
+            if done > 0 {
+                return Ok(None);
+            }
+            // Done already, or a newer notification is pending.
+            c.query_row(
+                "SELECT generation FROM inbox WHERE topic = ?1 AND id = ?2 AND done_at IS NULL",
+                params![topic, id],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()
+            .map_err(db)
         })
         .await
     }
@@ -1534,31 +1121,66 @@ impl Store for SqliteStore {
         error: &str,
     ) -> Result<(), StoreError> {
         let (topic, id, error) = (topic.to_owned(), id.to_owned(), error.to_owned());
-        self.call(|reply| Op::InboxRetry {
-            topic,
-            id,
-            generation,
-            attempts,
-            next_at,
-            error,
-            reply,
+        self.write(move |c| {
+            c.execute(
+                "UPDATE inbox SET attempts = ?3, next_at = max(next_at, ?4), last_error = ?5
+                 WHERE topic = ?1 AND id = ?2 AND generation = ?6 AND done_at IS NULL",
+                params![topic, id, attempts, next_at, error, generation],
+            )
+            .map(drop)
+            .map_err(db)
         })
         .await
     }
 
+    // ---- Operator refund requests ----
+
     async fn refund_request(&self, key: &str) -> Result<Option<RefundRequest>, StoreError> {
         let key = key.to_owned();
-        self.call(|reply| Op::RefundRequestGet { key, reply }).await
+        self.read(move |c| {
+            c.query_row(
+                "SELECT key, external_reference, plan, status, answer, at
+                 FROM refund_requests WHERE key = ?1",
+                [&key],
+                refund_request,
+            )
+            .optional()
+            .map_err(db)
+        })
+        .await
     }
 
     async fn unanswered_refund_requests(&self) -> Result<Vec<RefundRequest>, StoreError> {
-        self.call(|reply| Op::RefundRequestsUnanswered { reply })
-            .await
+        self.read(|c| {
+            let mut st = c
+                .prepare_cached(
+                    "SELECT key, external_reference, plan, status, answer, at
+                     FROM refund_requests WHERE status IS NULL ORDER BY at",
+                )
+                .map_err(db)?;
+            let rows = st.query_map([], refund_request).map_err(db)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(db)
+        })
+        .await
     }
 
     async fn put_refund_request(&self, r: RefundRequest) -> Result<(), StoreError> {
-        self.call(|reply| Op::RefundRequestPut { r, reply }).await
+        self.write(move |c| {
+            let (status, answer) = r.answer.clone().unzip();
+            c.execute(
+                "INSERT INTO refund_requests (key, external_reference, plan, status, answer, at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (key) DO UPDATE SET plan = excluded.plan,
+                   status = excluded.status, answer = excluded.answer",
+                params![r.key, r.external_reference, r.plan, status, answer, r.at],
+            )
+            .map(drop)
+            .map_err(db)
+        })
+        .await
     }
+
+    // ---- Searching paid sales again ----
 
     async fn due_rechecks(
         &self,
@@ -1566,11 +1188,34 @@ impl Store for SqliteStore {
         paid_before: i64,
         limit: usize,
     ) -> Result<Vec<Recheck>, StoreError> {
-        self.call(|reply| Op::DueRechecks {
-            done,
-            paid_before,
-            limit,
-            reply,
+        self.read(move |c| {
+            let mut st = c
+                .prepare_cached(
+                    "SELECT external_reference, paid_at, done FROM rechecks
+                     WHERE done = ?1 AND paid_at <= ?2 ORDER BY paid_at LIMIT ?3",
+                )
+                .map_err(db)?;
+            let rows = st
+                .query_map(params![done, paid_before, limit as i64], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, i64>(2)?,
+                    ))
+                })
+                .map_err(db)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(db)?;
+            Ok(rows
+                .into_iter()
+                .filter_map(|(reference, paid_at, done)| {
+                    Some(Recheck {
+                        external_reference: ExternalReference::parse(&reference).ok()?,
+                        paid_at,
+                        done: done.max(0) as u32,
+                    })
+                })
+                .collect())
         })
         .await
     }
@@ -1582,74 +1227,226 @@ impl Store for SqliteStore {
         last: bool,
     ) -> Result<(), StoreError> {
         let reference = reference.as_str().to_owned();
-        self.call(|reply| Op::RecheckDone {
-            reference,
-            done,
-            last,
-            reply,
+        self.write(move |c| {
+            if last {
+                c.execute(
+                    "DELETE FROM rechecks WHERE external_reference = ?1",
+                    [&reference],
+                )
+            } else {
+                c.execute(
+                    "UPDATE rechecks SET done = ?2 WHERE external_reference = ?1",
+                    params![reference, done],
+                )
+            }
+            .map(drop)
+            .map_err(db)
         })
         .await
     }
 
     async fn prune(&self, before: i64) -> Result<(), StoreError> {
-        self.call(|reply| Op::Prune { before, reply }).await
-    }
-}
-
-// ---- POS registration -------------------------------------------------------
-
-fn write_registration(conn: &Connection, r: &RegistrationRecord) -> Result<(), StoreError> {
-    conn.execute(
-        "INSERT INTO mp_registrations (pos, mp_external_id, store, mp_pos_id, url, qr_image,
-           qr_template_document, qr_template_image, action, at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
-         ON CONFLICT (pos) DO UPDATE SET mp_external_id = excluded.mp_external_id,
-           store = excluded.store, mp_pos_id = excluded.mp_pos_id, url = excluded.url,
-           qr_image = excluded.qr_image, qr_template_document = excluded.qr_template_document,
-           qr_template_image = excluded.qr_template_image, action = excluded.action,
-           at = excluded.at",
-        params![
-            r.pos,
-            r.mp_external_id,
-            r.store,
-            r.mp_pos_id as i64,
-            r.url,
-            r.qr_image,
-            r.qr_template_document,
-            r.qr_template_image,
-            r.action,
-            r.at
-        ],
-    )
-    .map(|_| ())
-    .map_err(db)
-}
-
-fn read_registrations(conn: &Connection) -> Result<Vec<RegistrationRecord>, StoreError> {
-    let mut st = conn
-        .prepare_cached(
-            "SELECT pos, mp_external_id, store, mp_pos_id, url, qr_image, qr_template_document,
-                    qr_template_image, action, at
-             FROM mp_registrations ORDER BY pos",
-        )
-        .map_err(db)?;
-    let rows = st
-        .query_map([], |r| {
-            Ok(RegistrationRecord {
-                pos: r.get(0)?,
-                mp_external_id: r.get(1)?,
-                store: r.get(2)?,
-                mp_pos_id: r.get::<_, i64>(3)? as u64,
-                url: r.get(4)?,
-                qr_image: r.get(5)?,
-                qr_template_document: r.get(6)?,
-                qr_template_image: r.get(7)?,
-                action: r.get(8)?,
-                at: r.get(9)?,
-            })
+        self.write(move |c| {
+            c.execute(
+                "DELETE FROM inbox WHERE done_at IS NOT NULL AND done_at < ?1",
+                [before],
+            )
+            .map_err(db)?;
+            c.execute(
+                "DELETE FROM refund_requests WHERE status IS NOT NULL AND at < ?1",
+                [before],
+            )
+            .map_err(db)?;
+            c.execute("DELETE FROM rechecks WHERE paid_at < ?1", [before])
+                .map(drop)
+                .map_err(db)
         })
-        .map_err(db)?;
-    rows.collect::<Result<Vec<_>, _>>().map_err(db)
+        .await
+    }
+
+    async fn merchant_order(&self, id: &MpId) -> Result<Option<MerchantOrderRecord>, StoreError> {
+        let id = id.clone();
+        self.read(move |c| {
+            c.query_row(
+                "SELECT external_reference, status, body, seen_at FROM merchant_orders WHERE id = ?1",
+                [sql_id(&id)],
+                |row| {
+                    Ok(MerchantOrderRecord {
+                        id: id.clone(),
+                        external_reference: row.get(0)?,
+                        status: row.get(1)?,
+                        body: row.get(2)?,
+                        seen_at: row.get(3)?,
+                        payments: Vec::new(),
+                    })
+                },
+            )
+            .optional()
+            .map_err(db)
+        })
+        .await
+    }
+
+    async fn sales(&self, filter: SaleFilter) -> Result<Vec<Sale>, StoreError> {
+        self.read(move |c| {
+            bodies(
+                c,
+                "SELECT external_reference, body FROM sales
+                 WHERE (?1 IS NULL OR pos = ?1) AND (?2 IS NULL OR state = ?2)
+                   AND (?3 IS NULL OR accepted_at >= ?3) AND (?5 = 0 OR owes > 0)
+                 ORDER BY accepted_at DESC, rowid DESC LIMIT ?4",
+                params![
+                    filter.pos,
+                    filter.state,
+                    filter.since,
+                    filter.limit.min(10_000) as i64,
+                    filter.owing
+                ],
+            )
+        })
+        .await
+    }
+
+    async fn merchant_orders_of(
+        &self,
+        reference: &ExternalReference,
+    ) -> Result<Vec<MerchantOrderRecord>, StoreError> {
+        let reference = reference.as_str().to_owned();
+        self.read(move |c| {
+            let mut st = c
+                .prepare_cached(
+                    "SELECT id, status, body, seen_at FROM merchant_orders
+                     WHERE external_reference = ?1 ORDER BY rowid",
+                )
+                .map_err(db)?;
+            let rows = st
+                .query_map([&reference], |r| {
+                    Ok((
+                        r.get::<_, rusqlite::types::Value>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, i64>(3)?,
+                    ))
+                })
+                .map_err(db)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(db)?;
+            let mut pay = c
+                .prepare_cached(
+                    "SELECT id, status, amount, currency FROM payments WHERE merchant_order = ?1 ORDER BY rowid",
+                )
+                .map_err(db)?;
+            let mut out = Vec::new();
+            for (raw_id, status, body, seen_at) in rows {
+                let Some(id) = value_id(raw_id) else { continue };
+                let payments = pay
+                    .query_map([sql_id(&id)], |r| {
+                        Ok((
+                            r.get::<_, rusqlite::types::Value>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, String>(2)?,
+                            r.get::<_, Option<String>>(3)?,
+                        ))
+                    })
+                    .map_err(db)?
+                    .filter_map(Result::ok)
+                    .filter_map(|(pid, status, amount, currency)| {
+                        value_id(pid).map(|id| PaymentRecord {
+                            id,
+                            status,
+                            amount,
+                            currency,
+                        })
+                    })
+                    .collect();
+                out.push(MerchantOrderRecord {
+                    id,
+                    external_reference: Some(reference.clone()),
+                    status,
+                    body,
+                    seen_at,
+                    payments,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn check_writable(&self) -> Result<(), StoreError> {
+        self.write(|c| {
+            c.execute(
+                "INSERT INTO health (id, at) VALUES (1, strftime('%s','now'))
+                 ON CONFLICT (id) DO UPDATE SET at = excluded.at",
+                [],
+            )
+            .map(|_| ())
+            .map_err(db)
+        })
+        .await
+    }
+
+    // ---- POS registration at Mercado Pago ----
+
+    async fn record_registration(&self, r: RegistrationRecord) -> Result<(), StoreError> {
+        self.write(move |c| {
+            c.execute(
+                "INSERT INTO mp_registrations (pos, mp_external_id, store, mp_pos_id, url, qr_image,
+                   qr_template_document, qr_template_image, action, at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                 ON CONFLICT (pos) DO UPDATE SET mp_external_id = excluded.mp_external_id,
+                   store = excluded.store, mp_pos_id = excluded.mp_pos_id, url = excluded.url,
+                   qr_image = excluded.qr_image, qr_template_document = excluded.qr_template_document,
+                   qr_template_image = excluded.qr_template_image, action = excluded.action,
+                   at = excluded.at",
+                params![
+                    r.pos,
+                    r.mp_external_id,
+                    r.store,
+                    r.mp_pos_id as i64,
+                    r.url,
+                    r.qr_image,
+                    r.qr_template_document,
+                    r.qr_template_image,
+                    r.action,
+                    r.at
+                ],
+            )
+            .map(|_| ())
+            .map_err(db)
+        })
+        .await
+    }
+
+    async fn registrations(&self) -> Result<Vec<RegistrationRecord>, StoreError> {
+        self.read(|c| {
+            let mut st = c
+                .prepare_cached(
+                    "SELECT pos, mp_external_id, store, mp_pos_id, url, qr_image, qr_template_document,
+                            qr_template_image, action, at
+                     FROM mp_registrations ORDER BY pos",
+                )
+                .map_err(db)?;
+            let rows = st
+                .query_map([], |r| {
+                    Ok(RegistrationRecord {
+                        pos: r.get(0)?,
+                        mp_external_id: r.get(1)?,
+                        store: r.get(2)?,
+                        mp_pos_id: r.get::<_, i64>(3)? as u64,
+                        url: r.get(4)?,
+                        qr_image: r.get(5)?,
+                        qr_template_document: r.get(6)?,
+                        qr_template_image: r.get(7)?,
+                        action: r.get(8)?,
+                        at: r.get(9)?,
+                    })
+                })
+                .map_err(db)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(db)
+        })
+        .await
+    }
 }
 
 #[cfg(test)]
@@ -1658,6 +1455,9 @@ mod tests {
     use crate::money::Currency;
     use crate::orders::sale::*;
     use rust_decimal::Decimal;
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::task::Poll;
 
     fn sale(pos: &str, reference: &str, state: SaleState) -> Sale {
         Sale {
@@ -1922,5 +1722,208 @@ mod tests {
         drop(store);
         let store = SqliteStore::open(&path, true).unwrap();
         assert_eq!(store.registrations().await.unwrap(), vec![r]);
+    }
+
+    // ---- The writer: group commit, savepoints, panics ----
+
+    type Call<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+    /// Polls a call once, which queues it, and hands it back to be awaited.
+    async fn queued<T>(mut call: Call<'_, T>) -> Call<'_, T> {
+        let waiting =
+            std::future::poll_fn(|cx| Poll::Ready(call.as_mut().poll(cx).is_pending())).await;
+        assert!(waiting, "answered while the writer was held");
+        call
+    }
+
+    /// Holds the writer thread until the sender is used: the calls queued
+    /// meanwhile make its next batch, all of them.
+    async fn hold(store: &SqliteStore) -> (std_mpsc::Sender<()>, Call<'_, ()>) {
+        let (release, held) = std_mpsc::channel::<()>();
+        let (started, running) = oneshot::channel();
+        let holding = queued(Box::pin(store.read(move |_| {
+            let _ = started.send(());
+            let _ = held.recv();
+            Ok(())
+        })))
+        .await;
+        running.await.unwrap();
+        (release, holding)
+    }
+
+    /// The commits the writer ran before the batch of this call.
+    async fn commits(store: &SqliteStore) -> usize {
+        store.read(|_| Ok(COMMITS.with(|n| n.get()))).await.unwrap()
+    }
+
+    fn rejection(n: i64) -> RejectionRecord {
+        RejectionRecord {
+            pos: "pump-1".into(),
+            sale_id: Some(n.to_string()),
+            code: "bad".into(),
+            message: "refused".into(),
+            at: n,
+        }
+    }
+
+    /// The `sale_id`s of pump-1's rejections, oldest first.
+    async fn rejected(store: &SqliteStore) -> Vec<Option<String>> {
+        let mut r: Vec<_> = store
+            .rejections("pump-1", 1000)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.sale_id)
+            .collect();
+        r.reverse();
+        r
+    }
+
+    #[tokio::test]
+    async fn writes_queued_while_the_writer_is_busy_share_one_commit() {
+        const WRITES: i64 = 100;
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("q.db"), true).unwrap();
+        let before = commits(&store).await;
+        let (release, holding) = hold(&store).await;
+        let mut writes = Vec::new();
+        for n in 0..WRITES {
+            writes.push(queued(store.record_rejection(rejection(n))).await);
+        }
+        release.send(()).unwrap();
+        holding.await.unwrap();
+        for w in writes {
+            w.await.unwrap();
+        }
+        // The batch that counted, the held one, then one for all the writes
+        // (a transaction per write would make 102).
+        assert_eq!(commits(&store).await - before, 3);
+        assert_eq!(rejected(&store).await.len(), WRITES as usize);
+    }
+
+    #[tokio::test]
+    async fn a_refused_write_undoes_only_itself_in_a_shared_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("q.db"), true).unwrap();
+        let mut s = sale("pump-1", "pump-1-a", SaleState::Pending);
+        store.record(&s, &SaleEvent::Accepted).await.unwrap();
+        s.state = SaleState::Paid;
+        s.settled = Some(Settled {
+            payment_id: MpId::Num(9),
+            merchant_order: MpId::Num(8),
+            paid: Decimal::from(10),
+            at: 2,
+        });
+        let paid = SaleEvent::Paid { overpaid: false };
+
+        let (release, holding) = hold(&store).await;
+        let first = queued(store.record_rejection(rejection(1))).await;
+        let close = queued(store.record(&s, &paid)).await;
+        let close_again = queued(store.record(&s, &paid)).await;
+        let half_done = queued(Box::pin(store.write(|c| {
+            c.execute(
+                "INSERT INTO device_rejections (pos, sale_id, code, message, at)
+                 VALUES ('pump-1', 'half', 'bad', 'undone', 0)",
+                [],
+            )
+            .map_err(db)?;
+            Err::<(), _>(StoreError::Database("refused after writing".into()))
+        })))
+        .await;
+        let last = queued(store.record_rejection(rejection(2))).await;
+        release.send(()).unwrap();
+        holding.await.unwrap();
+
+        first.await.unwrap();
+        close.await.unwrap();
+        let e = close_again.await.unwrap_err();
+        assert!(matches!(e, StoreError::AlreadyClosed(_)), "{e}");
+        let e = half_done.await.unwrap_err();
+        assert!(e.to_string().contains("refused after writing"), "{e}");
+        last.await.unwrap();
+        assert_eq!(
+            rejected(&store).await,
+            [Some("1".to_owned()), Some("2".to_owned())]
+        );
+        let events: Vec<_> = store
+            .timeline(&s.external_reference)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.1)
+            .collect();
+        assert_eq!(events, ["accepted", "paid"]);
+    }
+
+    #[tokio::test]
+    async fn a_query_that_panics_fails_alone_and_the_store_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("q.db"), true).unwrap();
+        let (release, holding) = hold(&store).await;
+        let first = queued(store.record_rejection(rejection(1))).await;
+        let write = queued(Box::pin(store.write(|c| -> Result<(), StoreError> {
+            c.execute(
+                "INSERT INTO device_rejections (pos, sale_id, code, message, at)
+                 VALUES ('pump-1', 'half', 'bad', 'undone', 0)",
+                [],
+            )
+            .map_err(db)?;
+            panic!("a bug in a write")
+        })))
+        .await;
+        let read =
+            queued(Box::pin(store.read(|_| -> Result<(), StoreError> {
+                panic!("a bug in a read")
+            })))
+            .await;
+        let last = queued(store.record_rejection(rejection(2))).await;
+        release.send(()).unwrap();
+        holding.await.unwrap();
+
+        first.await.unwrap();
+        let e = write.await.unwrap_err();
+        assert!(e.to_string().contains("a bug in a write"), "{e}");
+        let e = read.await.unwrap_err();
+        assert!(e.to_string().contains("a bug in a read"), "{e}");
+        last.await.unwrap();
+        assert_eq!(
+            rejected(&store).await,
+            [Some("1".to_owned()), Some("2".to_owned())]
+        );
+        store.record_rejection(rejection(3)).await.unwrap();
+        store.check_writable().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_failed_commit_fails_every_write_of_its_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("q.db"), true).unwrap();
+        let (release, holding) = hold(&store).await;
+        let first = queued(store.record_rejection(rejection(1))).await;
+        // Succeeds in its savepoint, but its deferred foreign key fails the
+        // COMMIT.
+        let breaks_commit = queued(Box::pin(store.write(|c| {
+            c.execute_batch(
+                "CREATE TABLE parent (id INTEGER PRIMARY KEY);
+                 CREATE TABLE child (p INTEGER REFERENCES parent (id) DEFERRABLE INITIALLY DEFERRED);
+                 INSERT INTO child VALUES (1);",
+            )
+            .map_err(db)
+        })))
+        .await;
+        let last = queued(store.record_rejection(rejection(2))).await;
+        release.send(()).unwrap();
+        holding.await.unwrap();
+
+        for w in [first, breaks_commit, last] {
+            let e = w.await.unwrap_err();
+            assert!(
+                matches!(&e, StoreError::Database(m) if m.starts_with("commit failed")),
+                "{e}"
+            );
+        }
+        assert!(rejected(&store).await.is_empty());
+        store.record_rejection(rejection(3)).await.unwrap();
+        assert_eq!(rejected(&store).await, [Some("3".to_owned())]);
     }
 }
