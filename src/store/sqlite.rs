@@ -1808,7 +1808,7 @@ mod tests {
         let mut s = sale("pump-1", "pump-1-a", SaleState::Pending);
         store.record(&s, &SaleEvent::Accepted).await.unwrap();
         s.state = SaleState::Paid;
-        s.settled = Some(Settled {
+        s.settled = Some(Closing {
             payment_id: MpId::Num(9),
             merchant_order: MpId::Num(8),
             paid: Decimal::from(10),
