@@ -357,8 +357,13 @@ async fn sale_and_cancel_during_a_flood(
         acked.load(Ordering::Relaxed),
         flood_handled(&gate.admin).await,
     );
-    eprintln!("{other} sold and cancelled with {sent} flood messages acknowledged, {handled} handled");
-    assert!(sent < FLOOD, "the flood was over before {other}'s cancel took");
+    eprintln!(
+        "{other} sold and cancelled with {sent} flood messages acknowledged, {handled} handled"
+    );
+    assert!(
+        sent < FLOOD,
+        "the flood was over before {other}'s cancel took"
+    );
     assert!(handled < FLOOD, "qrgate dealt with the whole flood first");
     // The flood was still going: the flooder goes on sending.
     wait_until("the flood going on after the cancel", || async {
@@ -374,7 +379,8 @@ async fn sale_and_cancel_during_a_flood(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn on_the_embedded_broker_a_device_flooding_as_fast_as_it_can_does_not_hold_up_another_pump() {
+async fn on_the_embedded_broker_a_device_flooding_as_fast_as_it_can_does_not_hold_up_another_pump()
+{
     let mp = Simulator::start(SimulatorConfig::default()).await.unwrap();
     let mqtt = free_port();
     let other = pump_sharing_pump_1s_worker();
@@ -384,7 +390,8 @@ async fn on_the_embedded_broker_a_device_flooding_as_fast_as_it_can_does_not_hol
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn on_mosquitto_as_deployed_a_device_flooding_as_fast_as_it_can_does_not_hold_up_another_pump() {
+async fn on_mosquitto_as_deployed_a_device_flooding_as_fast_as_it_can_does_not_hold_up_another_pump(
+) {
     let dir = tempfile::tempdir().unwrap();
     let other = pump_sharing_pump_1s_worker();
     let Some(broker) = deployed_mosquitto(
