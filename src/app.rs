@@ -100,7 +100,14 @@ impl App {
                     password,
                     client_id: m.client_id.clone(),
                 });
-                let at = broker::start(m.embedded_listen, m.max_payload_bytes, access, tls, own)?;
+                let at = broker::start_with(
+                    m.embedded_listen,
+                    m.max_payload_bytes,
+                    access,
+                    tls,
+                    own,
+                    m.embedded_ingress,
+                )?;
                 tracing::info!(listen = %at.addr, tls_listen = at.tls_addr.map(|a| a.to_string()),
                     devices = m.users.len(), "embedded MQTT broker listening");
                 if m.allow_anonymous {

@@ -206,6 +206,24 @@ pub struct Rate {
     pub burst: u32,
 }
 
+/// A login's allowance: packets a second on average, and at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Allowance {
+    pub per_sec: u32,
+    pub burst: u32,
+}
+
+impl Default for Allowance {
+    /// 200 times a POS's default rate: no device keeping to its own rate
+    /// waits, and 50 devices flooding at once add up to what qrgate reads.
+    fn default() -> Allowance {
+        Allowance {
+            per_sec: 1_000,
+            burst: 2_000,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct MqttConfig {
     pub broker: Broker,
@@ -236,6 +254,11 @@ pub struct MqttConfig {
     /// (`rate_limited`) before it is read, so one device cannot hold up the
     /// others.
     pub device_rate: Rate,
+    /// What one login may send the embedded broker: packets a second on
+    /// average, and at once (`embedded_ingress_per_sec`,
+    /// `embedded_ingress_burst`). Past it the broker reads the device more
+    /// slowly, so that no device fills it faster than qrgate reads it.
+    pub embedded_ingress: Allowance,
     /// Refusals of one POS kept one by one (a log line and a store row each)
     /// per minute; the rest are summed into one line and row per minute.
     pub stored_rejections_per_minute: u32,
@@ -449,6 +472,8 @@ struct RawMqtt {
     tls_ca: Option<String>,
     device_rate_per_sec: u32,
     device_burst: u32,
+    embedded_ingress_per_sec: u32,
+    embedded_ingress_burst: u32,
     stored_rejections_per_minute: u32,
 }
 
@@ -578,6 +603,10 @@ fn defaults() -> RawConfig {
             // sends what it kept: a burst of 50 lets that through.
             device_rate_per_sec: 5,
             device_burst: 50,
+            // 200 times a POS's rate, and a small fraction of what qrgate
+            // reads (mqtt::ingress).
+            embedded_ingress_per_sec: Allowance::default().per_sec,
+            embedded_ingress_burst: Allowance::default().burst,
             stored_rejections_per_minute: 20,
         },
         orders: RawOrders {
@@ -979,6 +1008,18 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
         bad(
             "mqtt.device_burst",
             "must be from 1 to 100000 messages".into(),
+        );
+    }
+    if !(1..=10_000_000).contains(&raw.mqtt.embedded_ingress_per_sec) {
+        bad(
+            "mqtt.embedded_ingress_per_sec",
+            "must be from 1 to 10000000 packets a second".into(),
+        );
+    }
+    if !(1..=10_000_000).contains(&raw.mqtt.embedded_ingress_burst) {
+        bad(
+            "mqtt.embedded_ingress_burst",
+            "must be from 1 to 10000000 packets".into(),
         );
     }
     if raw.mqtt.stored_rejections_per_minute > 10_000 {
@@ -1391,6 +1432,10 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
                 per_sec: raw.mqtt.device_rate_per_sec,
                 burst: raw.mqtt.device_burst,
             },
+            embedded_ingress: Allowance {
+                per_sec: raw.mqtt.embedded_ingress_per_sec,
+                burst: raw.mqtt.embedded_ingress_burst,
+            },
             stored_rejections_per_minute: raw.mqtt.stored_rejections_per_minute,
         },
         orders: OrdersConfig {
@@ -1603,6 +1648,43 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("mqtt.device_rate_per_sec"), "{e}");
+    }
+
+    #[test]
+    fn the_embedded_brokers_allowance_per_login_is_configurable_and_checked() {
+        let c = Config::defaults();
+        assert_eq!(
+            c.mqtt.embedded_ingress,
+            Allowance {
+                per_sec: 1000,
+                burst: 2000
+            }
+        );
+        let c = load_env(
+            &format!("[mqtt]\nallow_anonymous = true\nembedded_ingress_per_sec = 7\nembedded_ingress_burst = 9\n{PUMP}"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                c.mqtt.embedded_ingress.per_sec,
+                c.mqtt.embedded_ingress.burst
+            ),
+            (7, 9)
+        );
+        for bad in [
+            "embedded_ingress_per_sec = 0",
+            "embedded_ingress_burst = 0",
+            "embedded_ingress_burst = 10000001",
+        ] {
+            let key = bad.split(' ').next().unwrap();
+            let e = load_env(
+                &format!("[mqtt]\nallow_anonymous = true\n{bad}\n{PUMP}"),
+                &[],
+            )
+            .unwrap_err();
+            assert!(e.to_string().contains(&format!("mqtt.{key}")), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -1,7 +1,10 @@
 //! The embedded broker: rumqttd on its own OS thread (its `start` blocks
 //! forever and builds its own runtimes; inside a tokio task it hangs). It has
-//! no shutdown API, so it lives as long as the process. qrgate connects to it
-//! over TCP like any device. With logins required, a client id belongs to its
+//! no shutdown API, so it lives as long as the process. rumqttd listens on a
+//! loopback port of its own; devices reach it through `ingress`, which holds
+//! each login to an allowance, so that no device can fill the broker faster
+//! than qrgate reads it. qrgate's own client connects to rumqttd's port over
+//! TCP (`ingress::direct`). With logins required, a client id belongs to its
 //! login (`logins`): no device can take over qrgate's session.
 
 use std::collections::HashMap;
@@ -11,9 +14,10 @@ use std::time::{Duration, Instant};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings, TlsConfig};
+use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
 
 use super::inbound;
+use super::ingress::{self, Allowance};
 use super::logins::{Logins, Refusal, RefusalLog};
 use crate::config::Secret;
 
@@ -53,8 +57,11 @@ pub struct Tls {
 /// Where the started broker listens.
 #[derive(Clone, Copy, Debug)]
 pub struct Listening {
+    /// Where devices connect.
     pub addr: SocketAddr,
     pub tls_addr: Option<SocketAddr>,
+    /// rumqttd itself, on loopback: qrgate's own client, never a device.
+    pub internal: SocketAddr,
 }
 
 /// Takes a port (0 picks one) and releases it for rumqttd, which binds
@@ -155,8 +162,16 @@ fn connections(max_payload_bytes: usize, check: Option<&Arc<LoginCheck>>) -> Con
     c
 }
 
-/// Starts rumqttd on `listen` (and `tls`) and waits until it accepts
-/// connections. Port 0 picks a free port; the addresses used are returned.
+/// Binds a device listener here, where a taken port can still stop the
+/// start-up.
+fn bind(listen: SocketAddr) -> Result<TcpListener, BrokerError> {
+    TcpListener::bind(listen).map_err(|e| BrokerError::PortTaken {
+        addr: listen,
+        reason: e.to_string(),
+    })
+}
+
+/// [`start_with`] with the default allowance per login.
 pub fn start(
     listen: SocketAddr,
     max_payload_bytes: usize,
@@ -164,7 +179,40 @@ pub fn start(
     tls: Option<Tls>,
     own: Option<OwnLogin>,
 ) -> Result<Listening, BrokerError> {
-    let addr = claim(listen)?;
+    start_with(
+        listen,
+        max_payload_bytes,
+        access,
+        tls,
+        own,
+        Allowance::default(),
+    )
+}
+
+/// Starts rumqttd and the devices' listeners on `listen` (and `tls`), each
+/// login's packets let through at `allowance` (`ingress`), and waits until it
+/// accepts connections. Port 0 picks a free port; the addresses used are
+/// returned.
+pub fn start_with(
+    listen: SocketAddr,
+    max_payload_bytes: usize,
+    access: Access,
+    tls: Option<Tls>,
+    own: Option<OwnLogin>,
+    allowance: Allowance,
+) -> Result<Listening, BrokerError> {
+    let plain = bind(listen)?;
+    let tls_listener = tls.as_ref().map(|t| bind(t.listen)).transpose()?;
+    let addr = plain
+        .local_addr()
+        .map_err(|e| BrokerError::Start(e.to_string()))?;
+    let tls_addr = tls_listener
+        .as_ref()
+        .map(|l| l.local_addr())
+        .transpose()
+        .map_err(|e| BrokerError::Start(e.to_string()))?;
+    let internal = claim(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+    let logins_checked = matches!(access, Access::Users(_));
     let check = match access {
         Access::Anonymous => None,
         Access::Users(devices) => Some(Arc::new(LoginCheck {
@@ -176,34 +224,18 @@ pub fn start(
             log: Mutex::new(RefusalLog::default()),
         })),
     };
-    let tls_addr = tls.as_ref().map(|t| claim(t.listen)).transpose()?;
     let mut v4 = HashMap::new();
     v4.insert(
         "qrgate".to_owned(),
         ServerSettings {
             name: "qrgate-mqtt".to_owned(),
-            listen: addr,
+            listen: internal,
+            // TLS is ended in `ingress`, which relays to this port.
             tls: None,
             next_connection_delay_ms: 1,
             connections: connections(max_payload_bytes, check.as_ref()),
         },
     );
-    if let (Some(t), Some(tls_addr)) = (&tls, tls_addr) {
-        v4.insert(
-            "qrgate-tls".to_owned(),
-            ServerSettings {
-                name: "qrgate-mqtts".to_owned(),
-                listen: tls_addr,
-                tls: Some(TlsConfig::Rustls {
-                    capath: None,
-                    certpath: t.cert.display().to_string(),
-                    keypath: t.key.display().to_string(),
-                }),
-                next_connection_delay_ms: 1,
-                connections: connections(max_payload_bytes, check.as_ref()),
-            },
-        );
-    }
     let config = Config {
         id: 0,
         router: RouterConfig {
@@ -236,31 +268,63 @@ pub fn start(
         .map_err(|e| BrokerError::Start(e.to_string()))?;
 
     let deadline = Instant::now() + Duration::from_secs(10);
-    let mut untuned: Vec<SocketAddr> = std::iter::once(addr).chain(tls_addr).collect();
+    let mut untuned = true;
     let mut spoke_at: Option<Instant> = None;
+    let listening = Listening {
+        addr,
+        tls_addr,
+        internal,
+    };
+    let devices = |tls_listener: Option<TcpListener>| {
+        // A TLS listener whose certificate cannot be used is reported and
+        // left out; the plain one still serves (as rumqttd did).
+        let tls = match (tls_listener, &tls) {
+            (Some(l), Some(t)) => match ingress::tls_acceptor(&t.cert, &t.key) {
+                Ok(acceptor) => Some((l, acceptor)),
+                Err(e) => {
+                    tracing::error!(listen = %t.listen, error = %e,
+                        "the embedded broker's TLS listener cannot start");
+                    None
+                }
+            },
+            _ => None,
+        };
+        ingress::start(
+            ingress::Listeners { plain, tls },
+            internal,
+            allowance,
+            logins_checked,
+            max_packet_size(max_payload_bytes),
+        )
+        .map_err(|e| BrokerError::Start(e.to_string()))
+    };
+    let mut devices = Some((devices, tls_listener));
     loop {
-        // Before any device connects, when we can: see `nodelay_on_listener`.
-        untuned.retain(|a| match nodelay_on_listener(*a) {
-            Ok(set) => !set,
-            Err(e) => {
-                tracing::warn!(listener = %a, error = %e, "cannot set TCP_NODELAY on the \
-                    embedded broker's listener: its messages may wait up to 40 ms (Nagle)");
-                false
-            }
-        });
-        if spoke_at.is_none() && speaks_mqtt(addr, own.as_ref()) {
+        // Before anyone connects, when we can: see `nodelay_on_listener`.
+        if untuned {
+            untuned = match nodelay_on_listener(internal) {
+                Ok(set) => !set,
+                Err(e) => {
+                    tracing::warn!(listener = %internal, error = %e, "cannot set TCP_NODELAY on the \
+                        embedded broker's listener: its messages may wait up to 40 ms (Nagle)");
+                    false
+                }
+            };
+        }
+        if spoke_at.is_none() && speaks_mqtt(internal, own.as_ref()) {
             spoke_at = Some(Instant::now());
         }
         if let Some(at) = spoke_at {
-            if untuned.is_empty() {
-                return Ok(Listening { addr, tls_addr });
-            }
-            // A listener that never came up (a TLS one with a bad key) is
-            // rumqttd's to report; it does not hold up the start.
-            if at.elapsed() > Duration::from_secs(1) {
-                tracing::warn!(listeners = ?untuned, "embedded broker listener not found: \
-                    TCP_NODELAY not set on it");
-                return Ok(Listening { addr, tls_addr });
+            if !untuned || at.elapsed() > Duration::from_secs(1) {
+                if untuned {
+                    tracing::warn!(listener = %internal, "embedded broker listener not found: \
+                        TCP_NODELAY not set on it");
+                }
+                // Devices come in once the broker answers.
+                if let Some((start_devices, tls_listener)) = devices.take() {
+                    start_devices(tls_listener)?;
+                }
+                return Ok(listening);
             }
         }
         if Instant::now() > deadline {

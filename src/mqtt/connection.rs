@@ -80,7 +80,11 @@ pub fn spawn(
         Err(e) => {
             tracing::error!(error = %e, "cannot start the MQTT relay: connecting directly, where \
                 one oversize device message breaks qrgate's broker connection");
-            let mut opts = MqttOptions::new(cfg.client_id.clone(), endpoint.host, endpoint.port);
+            let (host, port) = match super::ingress::direct(&endpoint.host, endpoint.port) {
+                Some(broker) => (broker.ip().to_string(), broker.port()),
+                None => (endpoint.host, endpoint.port),
+            };
+            let mut opts = MqttOptions::new(cfg.client_id.clone(), host, port);
             if let Some(ca) = endpoint.tls_ca {
                 opts.set_transport(rumqttc::Transport::tls(ca, None, None));
             }

@@ -14,7 +14,9 @@
 //!   token bucket per POS (`[mqtt] device_rate_per_sec`, `device_burst`). A
 //!   message over it costs a hash lookup and a counter: it is refused,
 //!   counted and acknowledged at once, so qrgate drains the broker as fast as a
-//!   device can fill it, and a POS can only ever queue its burst.
+//!   device can fill it (at the embedded broker, which takes messages faster
+//!   than anyone reads them, a device fills it no faster than its login's
+//!   allowance: `ingress`), and a POS can only ever queue its burst.
 //! - [`Turns`]: the messages a POS may send wait in its own queue; workers take
 //!   POS in turn, one message at a time, and a POS is on one worker at a time
 //!   (its messages keep their order). A POS with a backlog goes to the back

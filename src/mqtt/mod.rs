@@ -5,6 +5,7 @@ pub mod broker;
 pub mod connection;
 pub mod guard;
 pub mod inbound;
+pub mod ingress;
 pub mod intake;
 pub mod logins;
 pub mod outbound;

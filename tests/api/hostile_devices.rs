@@ -258,20 +258,28 @@ async fn on_mosquitto_as_deployed_a_device_with_qrgates_client_id_takes_nothing_
     );
 }
 
-/// A flood: `count` messages at `per_sec` from one device, each a `cancel`
-/// qrgate must refuse, on `topic`. Returns how many the broker acknowledged
-/// so far.
+/// A flood that no run gets to the end of: the flooder still has messages
+/// to send whenever the test looks.
+const FLOOD: usize = 1_000_000;
+
+/// One device publishing `cancel`s qrgate must refuse on `topic`, as fast as
+/// its client can (QoS 1, 1,000 in flight: the broker's acknowledgements are
+/// its only brake), until `FLOOD` are acknowledged or the test ends. Returns
+/// how many the broker acknowledged so far.
+///
+/// `ahead`: at most this many messages sent beyond those qrgate has dealt with
+/// (read from its metrics at `admin`), for a broker that drops what qrgate has
+/// not read beyond a queue's length (Mosquitto as deployed: 10,000).
 fn flood(
     port: u16,
     login: Option<(&str, &str)>,
     topic: String,
-    count: usize,
-    per_sec: u64,
+    ahead: Option<(String, usize)>,
 ) -> Arc<AtomicUsize> {
     let acked = Arc::new(AtomicUsize::new(0));
     let mut opts = MqttOptions::new(format!("pump-1-flood-{}", free_port()), "127.0.0.1", port);
     opts.set_keep_alive(Duration::from_secs(30));
-    opts.set_inflight(100);
+    opts.set_inflight(1000);
     if let Some((u, p)) = login {
         opts.set_credentials(u, p);
     }
@@ -280,18 +288,31 @@ fn flood(
     tokio::spawn(async move {
         while let Ok(e) = events.poll().await {
             if let Event::Incoming(Packet::PubAck(_)) = e {
-                if a.fetch_add(1, Ordering::Relaxed) + 1 >= count {
+                if a.fetch_add(1, Ordering::Relaxed) + 1 >= FLOOD {
                     break;
                 }
             }
         }
     });
+    let handled = Arc::new(AtomicUsize::new(0));
+    if let Some((admin, _)) = &ahead {
+        let (admin, h) = (admin.clone(), Arc::clone(&handled));
+        tokio::spawn(async move {
+            // Until qrgate is gone, at the test's end.
+            while let Some(n) = try_flood_handled(&admin).await {
+                h.store(n, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+    }
+    let window = ahead.map(|(_, w)| w);
     tokio::spawn(async move {
-        // The load's pace, not a synchronisation.
-        let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / per_sec));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-        for i in 0..count {
-            tick.tick().await;
+        for i in 0..FLOOD {
+            if let Some(window) = window {
+                while i > handled.load(Ordering::Relaxed) + window {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
             let body = format!(r#"{{"sale_id":"f{i}"}}"#);
             if client
                 .publish(topic.clone(), QoS::AtLeastOnce, false, body)
@@ -303,6 +324,23 @@ fn flood(
         }
     });
     acked
+}
+
+/// [`flood_handled`], or `None` once qrgate no longer answers.
+async fn try_flood_handled(admin: &str) -> Option<usize> {
+    let text = reqwest::get(format!("{admin}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    let n: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("qrgate_device_rejections_total"))
+        .filter(|l| l.contains("reason=\"unknown_sale\"") || l.contains("reason=\"rate_limited\""))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum();
+    Some(n as usize)
 }
 
 /// The flood's messages qrgate has dealt with: each is refused, as
@@ -320,87 +358,89 @@ async fn flood_handled(admin: &str) -> usize {
     n as usize
 }
 
-/// While pump-1 floods (2,000 messages a second, 10,000 in all), another
-/// pump's sale is cancelled in the flood's last second: its `cancelled` must
-/// come while the flood still goes on (the flooder has messages left to send,
-/// and qrgate has not dealt with them all), that is, within the next 2,000
-/// flood messages. Its `cancel` arrives behind 8,000 flood messages at the
-/// broker (rumqttd queues one `cancel` subscription for all POS) and, before,
-/// behind pump-1's backlog in their shared worker: qrgate stored each flood
-/// message before reading the next, kept up with about 1,000 a second at
-/// best on this machine, and the other pump's `cancel` waited for the
-/// backlog. (At 1,000 a second the old code sometimes kept up; a device
-/// publishing as fast as it can does not stop at that.)
-async fn cancel_during_a_flood(
+/// While pump-1 floods as fast as its client can, another pump sells and
+/// cancels: its `pending` and then its `cancelled` must come while the flood
+/// still goes on (the flooder has messages left to send, and sends more
+/// afterwards; qrgate has not dealt with them all). Fairness is shown by that
+/// order of events, not by a time.
+///
+/// On rumqttd alone this failed: the broker took the flood far faster than
+/// qrgate could read it, every POS's `cancel` queued behind it in the one log
+/// of the `cancel` filter, and the other pump's `sale` was not sent to qrgate
+/// at all while that log had messages left (rumqttd hands a subscriber's
+/// free slots to the filter it served last; docs/hostile-devices.md).
+async fn sale_and_cancel_during_a_flood(
     gate: &Gate,
     port: u16,
     other: &str,
     logins: Option<[(&str, &str); 2]>,
+    ahead: Option<usize>,
 ) {
-    const FLOOD: usize = 10_000;
-    const PER_SEC: usize = 2_000;
     let login = |i: usize| logins.map(|l| l[i]);
     let mut victim = DeviceConfig::new("127.0.0.1", port, other).without_presence();
     if let Some((u, p)) = login(1) {
         victim = victim.credentials(u, p);
     }
     let victim = Device::connect(victim).await.unwrap();
-    victim
-        .publish_sale("v1", &fuel("10", "100"), None)
-        .await
-        .unwrap();
-    state_of(&victim, "v1", "pending").await;
 
     let acked = flood(
         port,
         login(0),
         "qrgate/pos/pump-1/cancel".into(),
-        FLOOD,
-        PER_SEC as u64,
+        ahead.map(|w| (gate.admin.clone(), w)),
     );
-    wait_until("the flood's last second", || async {
-        (acked.load(Ordering::Relaxed) >= FLOOD - PER_SEC).then_some(())
+    // Under way: past any burst a limit allows, and reaching qrgate.
+    wait_until("the flood under way", || async {
+        let handled = flood_handled(&gate.admin).await;
+        (acked.load(Ordering::Relaxed) >= 5_000 && handled >= 1_000).then_some(())
     })
     .await;
+    victim
+        .publish_sale("v1", &fuel("10", "100"), None)
+        .await
+        .unwrap();
+    state_of(&victim, "v1", "pending").await;
     victim.cancel("v1").await.unwrap();
     state_of(&victim, "v1", "cancelled").await;
     let (sent, handled) = (
         acked.load(Ordering::Relaxed),
         flood_handled(&gate.admin).await,
     );
-    eprintln!("{other} cancelled with {sent} of {FLOOD} flood messages sent, {handled} handled");
+    eprintln!(
+        "{other} sold and cancelled with {sent} flood messages acknowledged, {handled} handled"
+    );
     assert!(
         sent < FLOOD,
         "the flood was over before {other}'s cancel took"
     );
     assert!(handled < FLOOD, "qrgate dealt with the whole flood first");
-    assert_eq!(ready_now(gate).await, 200);
-
-    // Every flood message is accounted for, and pump-2 sells again.
-    wait_until("the whole flood dealt with", || async {
-        (flood_handled(&gate.admin).await >= FLOOD).then_some(())
+    // The flood was still going: the flooder goes on sending.
+    wait_until("the flood going on after the cancel", || async {
+        (acked.load(Ordering::Relaxed) > sent).then_some(())
     })
     .await;
-    assert_eq!(flood_handled(&gate.admin).await, FLOOD);
-    victim
-        .publish_sale("v2", &fuel("1", "100"), None)
-        .await
-        .unwrap();
-    state_of(&victim, "v2", "pending").await;
+    assert_eq!(ready_now(gate).await, 200);
+    assert_eq!(
+        metric(&gate.admin, "qrgate_mqtt_connections_total", "").await,
+        1.0,
+        "qrgate's connection was never cut"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn on_the_embedded_broker_a_flooding_device_does_not_hold_up_another_pumps_cancel() {
+async fn on_the_embedded_broker_a_device_flooding_as_fast_as_it_can_does_not_hold_up_another_pump()
+{
     let mp = Simulator::start(SimulatorConfig::default()).await.unwrap();
     let mqtt = free_port();
     let other = pump_sharing_pump_1s_worker();
     let gate = Gate::with(&mp, None, mqtt, &two_pumps(&other, false), Vec::new());
     gate.ready().await;
-    cancel_during_a_flood(&gate, mqtt, &other, None).await;
+    sale_and_cancel_during_a_flood(&gate, mqtt, &other, None, None).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn on_mosquitto_as_deployed_a_flooding_device_does_not_hold_up_another_pumps_cancel() {
+async fn on_mosquitto_as_deployed_a_device_flooding_as_fast_as_it_can_does_not_hold_up_another_pump(
+) {
     let dir = tempfile::tempdir().unwrap();
     let other = pump_sharing_pump_1s_worker();
     let Some(broker) = deployed_mosquitto(
@@ -422,7 +462,13 @@ async fn on_mosquitto_as_deployed_a_flooding_device_does_not_hold_up_another_pum
     );
     gate.ready().await;
     let logins = [("pump-1", P1), (other.as_str(), P2)];
-    cancel_during_a_flood(&gate, broker.port, &other, Some(logins)).await;
+    // Mosquitto takes a flood at its own pace (some 40,000 a second here) and
+    // keeps at most 10,000 messages for qrgate (deploy/mosquitto.conf): past
+    // that it drops them, another POS's too. A release qrgate reads faster
+    // than that (the bench's `flood` part); the debug build under test does
+    // not always, so the flooder here never gets more than 5,000 ahead of
+    // what qrgate has dealt with.
+    sale_and_cancel_during_a_flood(&gate, broker.port, &other, Some(logins), Some(5_000)).await;
 }
 
 /// A device far over its rate: every message is counted, few are stored

@@ -62,7 +62,31 @@ struct Qrgate {
 }
 
 impl Qrgate {
+    /// For the parts that measure capacity: each of their MQTT connections
+    /// is many devices at once (a `Fleet`), which the embedded broker's
+    /// allowance per login (`[mqtt] embedded_ingress_per_sec`, set for one
+    /// device) would pace; it is opened up here. The flood part keeps it as
+    /// deployed (`start_as_deployed`).
     fn start(pos: usize, broker: &BrokerChoice, api_base: &str, dir: &Path) -> Result<Qrgate> {
+        Qrgate::start_with(pos, broker, api_base, dir, true)
+    }
+
+    fn start_as_deployed(
+        pos: usize,
+        broker: &BrokerChoice,
+        api_base: &str,
+        dir: &Path,
+    ) -> Result<Qrgate> {
+        Qrgate::start_with(pos, broker, api_base, dir, false)
+    }
+
+    fn start_with(
+        pos: usize,
+        broker: &BrokerChoice,
+        api_base: &str,
+        dir: &Path,
+        open_ingress: bool,
+    ) -> Result<Qrgate> {
         let http = free_port();
         let admin = free_port();
         let mqtt = match broker {
@@ -86,7 +110,7 @@ broker = "{broker_line}"
 embedded_listen = "127.0.0.1:{mqtt}"
 allow_anonymous = true
 client_id = "qrgate-bench"
-[orders]
+{ingress}[orders]
 ttl_secs = 0
 reconcile_after_secs = 600
 [store]
@@ -98,7 +122,12 @@ filter = "info"
 # The console is on by default: measured with it on.
 listen = "127.0.0.1:{admin}"
 "#,
-            db = dir.join("qrgate.db").display()
+            db = dir.join("qrgate.db").display(),
+            ingress = if open_ingress {
+                "embedded_ingress_per_sec = 10000000\nembedded_ingress_burst = 10000000\n"
+            } else {
+                ""
+            },
         );
         for i in 0..pos {
             let kind = if i % 2 == 0 { "fuel" } else { "vending" };
@@ -835,14 +864,20 @@ async fn mix(sim: &Simulator, secs: u64, broker: &BrokerChoice, pos_count: usize
 /// (`p0`, its own connection) publishes `cancel`s as fast as its client can,
 /// QoS 1 with 1,000 in flight. Measured: from publishing a `sale` or a
 /// `cancel` of another POS to its `pending` or `cancelled` state arriving.
+/// qrgate is configured as deployed (the embedded broker's allowance per
+/// login at its default); each of the 4 loops has its own connection, a
+/// controller for a quarter of the POS.
 async fn flood(sim: &Simulator, broker: &BrokerChoice, secs: u64) -> Result<Value> {
     const POS: usize = 1000;
     let dir = tempfile::tempdir()?;
-    let q = Qrgate::start(POS, broker, &sim.base_url(), dir.path())?;
+    let q = Qrgate::start_as_deployed(POS, broker, &sim.base_url(), dir.path())?;
     q.ready().await?;
-    let fleet = Fleet::connect(q.mqtt_port, "bench-flood-others").await?;
+    let mut fleets = Vec::new();
+    for l in 0..4 {
+        fleets.push(Fleet::connect(q.mqtt_port, &format!("bench-flood-others-{l}")).await?);
+    }
     let phase = |flooding: bool| {
-        let fleet = fleet.clone();
+        let fleets = fleets.clone();
         async move {
             let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
             let acked = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -886,7 +921,7 @@ async fn flood(sim: &Simulator, broker: &BrokerChoice, secs: u64) -> Result<Valu
             let errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
             let mut loops = Vec::new();
             for l in 0..4usize {
-                let (fleet, h, errors) = (fleet.clone(), Arc::clone(&h), Arc::clone(&errors));
+                let (fleet, h, errors) = (fleets[l].clone(), Arc::clone(&h), Arc::clone(&errors));
                 let tag = if flooding { "f" } else { "q" };
                 loops.push(tokio::spawn(async move {
                     let mut k = 0usize;
@@ -1103,12 +1138,20 @@ fn print_table(r: &Value) {
     ] {
         if let Some(f) = r.get(key).filter(|v| !v.is_null()) {
             println!(
-                "| another POS's sale/cancel → its state while one device floods ({} msg/s), {name}: p50 / p99 ms (without the flood) | {:.1} / {:.1} ({:.1} / {:.1}) | | |",
+                "| another POS's sale/cancel → its state while one device floods ({} msg/s), {name}: p50 / p99 ms, measurements, errors (without the flood) | {:.1} / {:.1}, {}, {} ({:.1} / {:.1}, {}, {}) | | |",
                 f["flooded"]["flood_per_sec"],
                 f["flooded"]["p50_ms"].as_f64().unwrap_or(0.0),
                 f["flooded"]["p99_ms"].as_f64().unwrap_or(0.0),
+                f["flooded"]["messages"],
+                f["flooded"]["errors"],
                 f["quiet"]["p50_ms"].as_f64().unwrap_or(0.0),
                 f["quiet"]["p99_ms"].as_f64().unwrap_or(0.0),
+                f["quiet"]["messages"],
+                f["quiet"]["errors"],
+            );
+            println!(
+                "| … flood messages qrgate refused over the POS's rate / summed | {} / {} | | |",
+                f["over_rate"], f["summed"]
             );
         }
     }
