@@ -110,7 +110,7 @@ async fn devices_can_reach_the_embedded_broker_over_tls() {
         )
         .await
         .unwrap();
-    let pending = tokio::time::timeout(WAIT, async {
+    let pending = wait_for_event("pending over TLS", async {
         loop {
             match events.poll().await {
                 Ok(Event::Incoming(Packet::Publish(p))) => {
@@ -124,8 +124,7 @@ async fn devices_can_reach_the_embedded_broker_over_tls() {
             }
         }
     })
-    .await
-    .expect("pending over TLS");
+    .await;
     assert_eq!(pending["sale_id"], "tls-1");
     app.stop().await;
 }
