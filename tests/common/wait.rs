@@ -110,9 +110,16 @@ where
 /// over incoming packets that returns at the one wanted) and returns its
 /// output. Fails, naming `what`, when it does not come within [`WAIT`].
 pub async fn wait_for_event<T>(what: impl Display, event: impl Future<Output = T>) -> T {
-    tokio::time::timeout(WAIT, event)
+    try_wait_for_event(event)
         .await
-        .unwrap_or_else(|_| panic!("never saw {what} within {WAIT:?}"))
+        .unwrap_or_else(|| panic!("never saw {what} within {WAIT:?}"))
+}
+
+/// [`wait_for_event`] that answers `None` instead of failing, for a caller
+/// that names what came instead (the event future is dropped by then, so
+/// what it borrowed is free again).
+pub async fn try_wait_for_event<T>(event: impl Future<Output = T>) -> Option<T> {
+    tokio::time::timeout(WAIT, event).await.ok()
 }
 
 /// [`wait_for`] for code that cannot await (a broker started from a plain
