@@ -1,6 +1,6 @@
 //! The console in a real browser: headless Chromium driven over WebDriver
 //! (chromedriver) against the real app, broker, device and Mercado Pago
-//! simulator. Every wait is for a condition, with a deadline.
+//! simulator. Every wait is for a condition (`wait_for`).
 
 use std::process::{Child, Command, Stdio};
 
