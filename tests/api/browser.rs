@@ -145,6 +145,14 @@ impl Browser {
         }
     }
 
+    /// Waits until the page shows the login form.
+    async fn login_form_shown(&self) {
+        wait_for("the login form", || async {
+            self.c().find(Locator::Id("token")).await.is_ok()
+        })
+        .await;
+    }
+
     /// The `data-state` of a POS row's sale cell.
     async fn row_state_is(&self, pos: &str, want: &str) {
         self.wait_for(
@@ -236,12 +244,7 @@ async fn browser_login_refuses_a_wrong_token_and_the_right_one_opens_the_console
     let base = app.admin.clone().unwrap();
     b.c().goto(&format!("{base}/")).await.unwrap();
     // No session: the login form, not the console.
-    b.c()
-        .wait()
-        .at_most(WAIT)
-        .for_element(Locator::Id("token"))
-        .await
-        .unwrap();
+    b.login_form_shown().await;
     assert!(b.c().find(Locator::Id("pos")).await.is_err());
 
     log_in(&b, "not-the-token").await;
@@ -276,19 +279,9 @@ async fn browser_log_out_button_ends_the_session_and_shows_the_login_form() {
         .await
         .unwrap();
     // The login form, and it stays: the session is over, not just hidden.
-    b.c()
-        .wait()
-        .at_most(WAIT)
-        .for_element(Locator::Id("token"))
-        .await
-        .unwrap();
+    b.login_form_shown().await;
     b.c().goto(&format!("{base}/")).await.unwrap();
-    b.c()
-        .wait()
-        .at_most(WAIT)
-        .for_element(Locator::Id("token"))
-        .await
-        .unwrap();
+    b.login_form_shown().await;
     assert!(b.c().find(Locator::Id("pos")).await.is_err());
     b.close().await;
 }
