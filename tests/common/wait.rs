@@ -11,6 +11,13 @@
 //! A fixed sleep is left only where there is nothing to wait on (the pace of
 //! a load, or a check that something does *not* happen), with a comment
 //! saying so at the sleep.
+//!
+//! No test pauses tokio's clock: every in-process test talks to a broker on
+//! its own thread and over sockets, and a paused clock jumps ahead whenever
+//! the runtime waits on them (tried on the sale-TTL and paid-repeat tests:
+//! the devices' 10 s connect timeout fired at once). Most of qrgate's TTLs
+//! and schedules read `chrono::Utc::now()` or `std::time::Instant` anyway.
+//! A test of a TTL or a schedule waits for its effect, in real time.
 
 #![allow(dead_code)] // each test binary uses its own part of it
 
@@ -119,6 +126,9 @@ pub async fn wait_for_event<T>(what: impl Display, event: impl Future<Output = T
 /// that names what came instead (the event future is dropped by then, so
 /// what it borrowed is free again).
 pub async fn try_wait_for_event<T>(event: impl Future<Output = T>) -> Option<T> {
+    // On tokio's clock: the wall clock, as no test pauses time (a paused
+    // clock jumps while the runtime waits on a broker's thread or a socket,
+    // which is all these tests do).
     tokio::time::timeout(WAIT, event).await.ok()
 }
 
