@@ -3,7 +3,9 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::time::Duration;
+
+#[path = "common/wait.rs"]
+mod wait;
 
 const BIN: &str = env!("CARGO_BIN_EXE_qrgate");
 
@@ -94,15 +96,12 @@ fn serve_logs_where_it_listens_answers_polls_and_exits_0_on_sigterm() {
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            let r = reqwest::get(format!("http://{http}/readyz")).await;
-            if r.is_ok_and(|r| r.status() == 200) {
-                break;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "never ready");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait::wait_for("qrgate ready", || async {
+            reqwest::get(format!("http://{http}/readyz"))
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        })
+        .await;
         let r = reqwest::get(format!("http://{http}/mp/pos/pump-7"))
             .await
             .unwrap();

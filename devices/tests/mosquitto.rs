@@ -9,12 +9,14 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+#[path = "../../tests/common/wait.rs"]
+mod wait;
+
 use qrgate_devices::{Device, DeviceConfig, DeviceError, Item, Pump, StateMessage, VendingMachine};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
-
-const WAIT: Duration = Duration::from_secs(15);
+use wait::{try_wait_for_event, wait_for_blocking, wait_for_event, WAIT};
 
 struct Broker {
     child: Child,
@@ -75,21 +77,13 @@ impl Broker {
     }
 
     fn wait_ready(&mut self) {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("poll mosquitto") {
-                panic!("mosquitto on port {} exited early: {status}", self.port);
+        let (port, child) = (self.port, &mut self.child);
+        wait_for_blocking(format!("mosquitto listening on port {port}"), || {
+            if let Some(status) = child.try_wait().expect("poll mosquitto") {
+                panic!("mosquitto on port {port} exited early: {status}");
             }
-            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "mosquitto did not listen on port {} in time",
-                self.port
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            TcpStream::connect(("127.0.0.1", port)).map(drop)
+        });
     }
 
     fn config(&self, pos_id: &str) -> DeviceConfig {
@@ -172,6 +166,8 @@ impl Observer {
                     }),
                     Ok(_) => continue,
                     Err(_) => {
+                        // The pace of reconnecting (rumqttc reconnects on the
+                        // next poll): nothing to wait on.
                         tokio::time::sleep(Duration::from_millis(100)).await;
                         continue;
                     }
@@ -194,15 +190,17 @@ impl Observer {
             .subscribe(filter, QoS::AtLeastOnce)
             .await
             .unwrap();
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            match tokio::time::timeout_at(deadline, self.events.recv()).await {
-                Ok(Some(ObservedEvent::SubAck)) => return,
-                Ok(Some(ObservedEvent::Msg(m))) => self.buffered.push_back(m),
-                Ok(None) => panic!("observer event loop ended"),
-                Err(_) => panic!("no SUBACK for {filter}"),
+        let (events, buffered) = (&mut self.events, &mut self.buffered);
+        wait_for_event(format!("the SUBACK for {filter}"), async {
+            loop {
+                match events.recv().await {
+                    Some(ObservedEvent::SubAck) => return,
+                    Some(ObservedEvent::Msg(m)) => buffered.push_back(m),
+                    None => panic!("observer event loop ended"),
+                }
             }
-        }
+        })
+        .await;
     }
 
     async fn wait_msg(&mut self, what: &str, pred: impl Fn(&Msg) -> bool) -> Msg {
@@ -213,20 +211,23 @@ impl Observer {
             }
             seen.push(format!("{} {}", m.topic, m.text()));
         }
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            match tokio::time::timeout_at(deadline, self.events.recv()).await {
-                Ok(Some(ObservedEvent::Msg(m))) => {
-                    if pred(&m) {
-                        return m;
+        let events = &mut self.events;
+        let got = try_wait_for_event(async {
+            loop {
+                match events.recv().await {
+                    Some(ObservedEvent::Msg(m)) => {
+                        if pred(&m) {
+                            return m;
+                        }
+                        seen.push(format!("{} {}", m.topic, m.text()));
                     }
-                    seen.push(format!("{} {}", m.topic, m.text()));
+                    Some(ObservedEvent::SubAck) => {}
+                    None => panic!("observer event loop ended"),
                 }
-                Ok(Some(ObservedEvent::SubAck)) => {}
-                Ok(None) => panic!("observer event loop ended"),
-                Err(_) => panic!("observer never saw {what}; saw {seen:?}"),
             }
-        }
+        })
+        .await;
+        got.unwrap_or_else(|| panic!("observer never saw {what}; saw {seen:?}"))
     }
 
     async fn wait_on(&mut self, topic: &str) -> Msg {

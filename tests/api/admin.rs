@@ -326,15 +326,13 @@ async fn the_event_stream_delivers_what_the_logs_say() {
         .await
         .unwrap();
     let mut seen = String::new();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !seen.contains("\"kind\":\"accepted\"") {
-        let chunk = tokio::time::timeout_at(deadline, stream.chunk())
-            .await
-            .expect("an event within the wait")
-            .unwrap()
-            .unwrap();
-        seen.push_str(std::str::from_utf8(&chunk).unwrap());
-    }
+    wait_for_event("the accepted event on the stream", async {
+        while !seen.contains("\"kind\":\"accepted\"") {
+            let chunk = stream.chunk().await.unwrap().unwrap();
+            seen.push_str(std::str::from_utf8(&chunk).unwrap());
+        }
+    })
+    .await;
     let line = seen
         .lines()
         .find(|l| l.starts_with("data: ") && l.contains("\"accepted\""))

@@ -27,14 +27,6 @@ fn puts(app: &TestApp) -> Vec<u16> {
         .collect()
 }
 
-async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !cond() {
-        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_final_4xx_rejects_the_sale_with_mercado_pagos_message_and_frees_the_pos() {
     let app = TestApp::spawn_with(attended).await;
@@ -75,7 +67,10 @@ async fn outages_and_429s_are_retried_and_the_device_hears_pending_only_once_pla
         .publish_sale("1", &snack("1000"), None)
         .await
         .unwrap();
-    wait_for("a 429 and a 503 answered", || puts(&app).len() >= 2).await;
+    wait_for("a 429 and a 503 answered", || async {
+        puts(&app).len() >= 2
+    })
+    .await;
     // The sale is stored, its order is not at Mercado Pago: the device has
     // heard nothing of it.
     let heard = device.drain();
@@ -134,7 +129,10 @@ async fn the_order_expires_with_the_sale_and_is_removed() {
             .filter(|c| c.method == "DELETE" && c.path.contains(&format!("/pos/{MP_POS}/orders")))
             .count()
     };
-    wait_for("the expired sale's order removed", || deletes() > 0).await;
+    wait_for("the expired sale's order removed", || async {
+        deletes() > 0
+    })
+    .await;
     assert_eq!(deletes(), 1);
     assert!(app.mp.attended_order(MP_POS).is_none());
     assert!(pending.external_reference.is_some());
@@ -154,7 +152,7 @@ async fn a_payment_for_a_removed_order_is_a_late_payment_owed_back() {
     };
     device.cancel("1").await.unwrap();
     state_of(&device, "1", "cancelled").await;
-    wait_for("the order removed", || {
+    wait_for("the order removed", || async {
         app.mp.attended_order(MP_POS).is_none()
     })
     .await;
@@ -200,7 +198,7 @@ async fn an_order_mercado_pago_dropped_is_placed_again_after_a_rejected_payment(
         .pay(order.merchant_order_id, PaymentOutcome::Rejected)
         .await
         .unwrap();
-    wait_for("the order placed again", || {
+    wait_for("the order placed again", || async {
         app.mp.attended_order(MP_POS).is_some()
     })
     .await;
@@ -252,23 +250,14 @@ async fn an_orders_api_create_retried_after_a_lost_answer_makes_one_order() {
         .publish_sale("1", &snack("1000"), None)
         .await
         .unwrap();
-    wait_for("a create attempted", || {
-        app.mp
-            .api_calls()
-            .iter()
-            .any(|c| c.method == "POST" && c.path == "/v1/orders")
-    })
-    .await;
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    let creates = || calls(&app, "POST", "/v1/orders");
+    // The first create's answer is lost: qrgate sends it again (the calls
+    // are recorded as they arrive, before the simulator's delay).
+    wait_for("the create sent again", || async { creates() >= 2 }).await;
     app.mp.set_latency("/v1/orders", Duration::ZERO);
     let pending = state_of(&device, "1", "pending").await;
     let reference = pending.external_reference.unwrap();
-    let creates = app
-        .mp
-        .api_calls()
-        .into_iter()
-        .filter(|c| c.method == "POST" && c.path == "/v1/orders")
-        .count();
+    let creates = creates();
     assert!(creates >= 2, "the create was not retried: {creates}");
     let orders = app.mp.orders_api_orders_for(&reference);
     assert_eq!(orders.len(), 1, "{orders:?}");
@@ -295,7 +284,7 @@ async fn a_cancelled_orders_api_sale_cancels_its_order() {
         .to_owned();
     device.cancel("1").await.unwrap();
     state_of(&device, "1", "cancelled").await;
-    wait_for("the order canceled", || {
+    wait_for("the order canceled", || async {
         app.mp.orders_api_order(&id).unwrap()["status"] == "canceled"
     })
     .await;
@@ -447,7 +436,7 @@ async fn an_order_not_yet_placed_when_qrgate_stops_is_placed_at_the_next_start()
         .publish_sale("1", &snack("1000"), None)
         .await
         .unwrap();
-    wait_for("a placement attempted", || !puts(&app).is_empty()).await;
+    wait_for("a placement attempted", || async { !puts(&app).is_empty() }).await;
     let app = app.restart().await;
     app.mp.clear_failures();
     let pending = state_of(&device, "1", "pending").await;
@@ -507,22 +496,16 @@ fn orders_api_expiry(order: &serde_json::Value) -> chrono::DateTime<chrono::Utc>
 /// The customer scans the POS until it is past `after`; every scan must find
 /// an order (an order gone while the sale is pending is the bug).
 async fn scan_after(app: &TestApp, after: chrono::DateTime<chrono::Utc>) -> mpsim::ScannedOrder {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
+    wait_for(format!("a scan past {after}"), || async {
         let now = chrono::Utc::now();
         match app.mp.scan_attended(MP_POS).await.unwrap() {
-            Scan::Order(order) if now > after => return order,
-            Scan::Order(_) => {}
+            Scan::Order(order) => (now > after).then_some(order),
             Scan::Waiting { kind, .. } => {
                 panic!("the pending sale has nothing to pay at Mercado Pago: {kind}")
             }
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never scanned past {after}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -586,21 +569,16 @@ async fn an_orders_api_order_is_replaced_before_it_expires_and_a_later_scan_pays
     let first_expiry = orders_api_expiry(&first);
     // Past the first order's expiry, the customer scans and pays (scanning
     // again if the order they saw was replaced in between, as they would).
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let paid_order = loop {
+    let paid_order = wait_for("an order paid", || async {
         let order = scan_after(&app, first_expiry).await;
         assert_eq!(order.external_reference, reference);
         let id = order.order_id.clone().expect("an Orders API order");
-        if app
-            .mp
+        app.mp
             .pay_order(&id, PaymentOutcome::Approved)
             .await
-            .is_ok()
-        {
-            break id;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "never paid");
-    };
+            .map(|_| id)
+    })
+    .await;
     let paid = state_of(&device, "1", "paid").await;
     assert_eq!(paid.order_id.as_deref(), Some(paid_order.as_str()));
     // A new order for the same sale each time, the old one cancelled: one
@@ -611,7 +589,7 @@ async fn an_orders_api_order_is_replaced_before_it_expires_and_a_later_scan_pays
         "canceled"
     );
     // Nothing else is left to pay for the sale.
-    wait_for("no other order payable", || {
+    wait_for("no other order payable", || async {
         app.mp
             .orders_api_orders_for(&reference)
             .iter()
@@ -657,7 +635,7 @@ async fn an_instore_renewal_mercado_pago_refuses_ends_the_sale_with_mp_order_exp
     assert_eq!(sale.state, qrgate::orders::SaleState::Rejected);
     assert_eq!(sale.rejection.as_deref(), Some(message.as_str()));
     // The old order is taken off: nobody pays a sale that is over.
-    wait_for("the old order removed", || {
+    wait_for("the old order removed", || async {
         app.mp.attended_order(MP_POS).is_none()
     })
     .await;
@@ -732,7 +710,7 @@ async fn a_payment_on_the_old_orders_api_order_while_the_new_one_is_created_pays
     // customer, who had the old one open, pays it.
     app.mp
         .set_latency("/v1/orders", Duration::from_millis(1500));
-    wait_for("the new order created at Mercado Pago", || {
+    wait_for("the new order created at Mercado Pago", || async {
         calls(&app, "POST", "/v1/orders") == 2
     })
     .await;
@@ -743,7 +721,7 @@ async fn a_payment_on_the_old_orders_api_order_while_the_new_one_is_created_pays
     let paid = state_of(&device, "1", "paid").await;
     assert_eq!(paid.order_id.as_deref(), Some(old_id.as_str()));
     // The new order, which nobody needs any more, is cancelled.
-    wait_for("the new order cancelled", || {
+    wait_for("the new order cancelled", || async {
         app.mp
             .orders_api_orders_for(&reference)
             .iter()
@@ -778,7 +756,7 @@ async fn a_legacy_order_is_placed_again_within_mercado_pagos_ten_minutes() {
         .unwrap();
     let pending = state_of(&device, "1", "pending").await;
     let legacy = format!("/mpmobile/instore/qr/178106235/{MP_POS}");
-    wait_for("the legacy order placed again", || {
+    wait_for("the legacy order placed again", || async {
         calls(&app, "POST", &legacy) >= 2
     })
     .await;

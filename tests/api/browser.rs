@@ -1,9 +1,8 @@
 //! The console in a real browser: headless Chromium driven over WebDriver
 //! (chromedriver) against the real app, broker, device and Mercado Pago
-//! simulator. Every wait is for a condition, with a deadline.
+//! simulator. Every wait is for a condition (`wait_for`).
 
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
 use fantoccini::{Client, ClientBuilder, Locator};
 use mpsim::{NotifyMode, PaymentOutcome};
@@ -77,20 +76,12 @@ impl Browser {
             profile: tempfile::tempdir().unwrap(),
         };
         let url = format!("http://127.0.0.1:{port}");
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let up = reqwest::get(format!("{url}/status"))
+        wait_for(format!("chromedriver answering on {url}"), || async {
+            reqwest::get(format!("{url}/status"))
                 .await
-                .is_ok_and(|r| r.status().is_success());
-            if up {
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "chromedriver answers on {url}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+                .is_ok_and(|r| r.status().is_success())
+        })
+        .await;
         let caps = json!({
             "browserName": "chrome",
             "goog:chromeOptions": {
@@ -134,25 +125,32 @@ impl Browser {
 
     /// Waits until `read` (the page as the test sees it) says `want`.
     async fn wait_for(&self, what: &str, want: &str, read: impl AsyncRead) {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        let mut last = String::new();
-        loop {
+        let seen = try_wait_for(|| async {
             match read.read(self.c()).await {
-                Some(v) if v == want => return,
-                Some(v) => last = v,
-                None => {}
+                Some(v) if v == want => Ok(()),
+                Some(v) => Err(format!("{v:?}")),
+                None => Err("nothing".to_owned()),
             }
-            if tokio::time::Instant::now() > deadline {
-                let shot = self.c().screenshot().await.unwrap_or_default();
-                let png = target_dir().join("console-failure.png");
-                let _ = std::fs::write(&png, shot);
-                panic!(
-                    "{what}: wanted {want:?}, last seen {last:?} (page: {})",
-                    png.display()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        })
+        .await;
+        if let Err(last) = seen {
+            let shot = self.c().screenshot().await.unwrap_or_default();
+            let png = target_dir().join("console-failure.png");
+            let _ = std::fs::write(&png, shot);
+            panic!(
+                "{what}: wanted {want:?}, last seen {} (page: {})",
+                last.unwrap_or_else(|| "nothing".to_owned()),
+                png.display()
+            );
         }
+    }
+
+    /// Waits until the page shows the login form.
+    async fn login_form_shown(&self) {
+        wait_for("the login form", || async {
+            self.c().find(Locator::Id("token")).await.is_ok()
+        })
+        .await;
     }
 
     /// The `data-state` of a POS row's sale cell.
@@ -246,12 +244,7 @@ async fn browser_login_refuses_a_wrong_token_and_the_right_one_opens_the_console
     let base = app.admin.clone().unwrap();
     b.c().goto(&format!("{base}/")).await.unwrap();
     // No session: the login form, not the console.
-    b.c()
-        .wait()
-        .at_most(WAIT)
-        .for_element(Locator::Id("token"))
-        .await
-        .unwrap();
+    b.login_form_shown().await;
     assert!(b.c().find(Locator::Id("pos")).await.is_err());
 
     log_in(&b, "not-the-token").await;
@@ -286,19 +279,9 @@ async fn browser_log_out_button_ends_the_session_and_shows_the_login_form() {
         .await
         .unwrap();
     // The login form, and it stays: the session is over, not just hidden.
-    b.c()
-        .wait()
-        .at_most(WAIT)
-        .for_element(Locator::Id("token"))
-        .await
-        .unwrap();
+    b.login_form_shown().await;
     b.c().goto(&format!("{base}/")).await.unwrap();
-    b.c()
-        .wait()
-        .at_most(WAIT)
-        .for_element(Locator::Id("token"))
-        .await
-        .unwrap();
+    b.login_form_shown().await;
     assert!(b.c().find(Locator::Id("pos")).await.is_err());
     b.close().await;
 }
@@ -519,20 +502,9 @@ async fn browser_refunds_what_a_sale_owes_and_its_attention_clears() {
     let asked = b.click_and_confirm("#refund-owed").await.unwrap();
     assert!(asked.contains("100.00"), "{asked}");
     // The page reloads on the refund's event: nothing owed, no button.
-    wait_until("the refund recorded", || async {
-        (app.timeline(&reference)
-            .await
-            .iter()
-            .any(|e| e == "refunded"))
-        .then_some(())
-    })
-    .await;
-    wait_until("the owed button gone", || async {
-        b.c()
-            .find(Locator::Id("refund-owed"))
-            .await
-            .is_err()
-            .then_some(())
+    app.wait_event(&reference, "refunded").await;
+    wait_for("the owed button gone", || async {
+        b.c().find(Locator::Id("refund-owed")).await.is_err()
     })
     .await;
     let refunds = app.mp.refunds();

@@ -69,21 +69,15 @@ async fn wait_seen(app: &TestApp, d: Dialect, order: &ScannedOrder) {
         (Dialect::Orders, Some(id)) => MpId::Text(id.clone()),
         _ => MpId::Num(order.merchant_order_id),
     };
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while app
-        .app_book
-        .store()
-        .merchant_order(&id)
-        .await
-        .unwrap()
-        .is_none()
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{d:?}: {id} never fetched"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    wait_for(format!("{d:?}: {id} fetched"), || async {
+        app.app_book
+            .store()
+            .merchant_order(&id)
+            .await
+            .unwrap()
+            .is_some()
+    })
+    .await;
 }
 
 /// One scan as the customer's app makes it in this dialect.
@@ -123,19 +117,16 @@ fn waits(d: Dialect, s: &Scan) -> bool {
     }
 }
 
-async fn wait_until_waits(app: &TestApp, d: Dialect) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
+async fn wait_nothing_to_pay(app: &TestApp, d: Dialect) {
+    wait_for(format!("{d:?}: scans waiting again"), || async {
         let s = scan(app, d).await;
         if waits(d, &s) {
-            return;
+            Ok(())
+        } else {
+            Err(format!("{s:?}"))
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{d:?}: scans never waited again; last: {s:?}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    })
+    .await
 }
 
 async fn checklist(d: Dialect) {
@@ -252,7 +243,7 @@ async fn checklist(d: Dialect) {
             other => panic!("v2 after payment: {other:?}"),
         }
     } else {
-        wait_until_waits(&app, d).await;
+        wait_nothing_to_pay(&app, d).await;
     }
 
     // 7. A sale cancelled (the customer paid cash): later scans wait again.
@@ -261,7 +252,7 @@ async fn checklist(d: Dialect) {
     scan_order(&app, d).await;
     device.cancel("2").await.unwrap();
     state_of(&device, "2", "cancelled").await;
-    wait_until_waits(&app, d).await;
+    wait_nothing_to_pay(&app, d).await;
     if attended(d) {
         assert!(
             app.mp.attended_order(MP_POS).is_none(),

@@ -286,16 +286,11 @@ async fn guessing_the_token_locks_the_source_out_for_longer_each_time() {
 
     // Guessing on: refusals until the lock ends, then the next wrong token
     // is looked at and locks the source out twice as long.
-    let mut refused = 0;
-    let r = loop {
+    let r = wait_for("the first lock to end", || async {
         let r = login(&guesser, "guess-7").await.unwrap();
-        if r.status() != 429 {
-            break r;
-        }
-        refused += 1;
-        assert!(refused < 10_000, "the first lock never ended");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+        (r.status() != 429).then_some(r)
+    })
+    .await;
     assert_eq!(r.status(), 401);
     assert_eq!(retry_after(&r), Some(2), "the second lock is longer");
     // During it no token from this source is looked at, the right one
@@ -317,8 +312,8 @@ async fn guessing_the_token_locks_the_source_out_for_longer_each_time() {
     // Another source is not held up by this one.
     console_login(&console_client("127.0.0.2"), &base, OPERATOR_TOKEN).await;
     // Once it ends, the right token is let in.
-    wait_until("the second lock to end", || async {
-        (login(&guesser, OPERATOR_TOKEN).await.unwrap().status() == 303).then_some(())
+    wait_for("the second lock to end", || async {
+        login(&guesser, OPERATOR_TOKEN).await.unwrap().status() == 303
     })
     .await;
 }
@@ -381,7 +376,7 @@ async fn a_short_admin_token_stops_the_real_binary_at_start_naming_its_variable(
             .unwrap(),
     );
     // It ends by itself; a qrgate that answers /readyz took the token.
-    let status = wait_until("qrgate to stop or to serve", || {
+    let status = wait_for("qrgate to stop or to serve", || {
         let exited = child.0.try_wait().unwrap();
         async move {
             if exited.is_none() {

@@ -125,19 +125,8 @@ filter = "info"
     }
 
     pub async fn ready(&self) {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            if let Ok(r) = reqwest::get(format!("{}/readyz", self.base)).await {
-                if r.status() == 200 {
-                    return;
-                }
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "qrgate never became ready"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let http = reqwest::Client::new();
+        wait_for("qrgate ready", || readyz(&http, &self.base)).await;
     }
 
     /// SIGKILL: no shutdown code runs.
@@ -315,11 +304,10 @@ async fn killed_while_fetching_a_notified_merchant_order_the_payment_is_found_af
     s.mp.pay(order.merchant_order_id, PaymentOutcome::Approved)
         .await
         .unwrap();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !s.mp.api_calls().iter().any(|c| c.path == path) {
-        assert!(tokio::time::Instant::now() < deadline, "no fetch started");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_for("the fetch started", || async {
+        s.mp.api_calls().iter().any(|c| c.path == path)
+    })
+    .await;
     s.gate.kill9();
     s.mp.set_latency(&path, Duration::ZERO);
     s.gate.start();
@@ -345,16 +333,12 @@ async fn killed_between_fetch_and_close_the_sale_ends_paid_once_whatever_was_sto
     s.mp.pay(order.merchant_order_id, PaymentOutcome::Approved)
         .await
         .unwrap();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !s
-        .mp
-        .api_calls()
-        .iter()
-        .any(|c| c.path == path && c.status == 200)
-    {
-        assert!(tokio::time::Instant::now() < deadline, "no fetch answered");
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    wait_for("the fetch answered", || async {
+        s.mp.api_calls()
+            .iter()
+            .any(|c| c.path == path && c.status == 200)
+    })
+    .await;
     s.gate.kill9();
     s.gate.start();
     s.gate.ready().await;
@@ -367,11 +351,10 @@ async fn killed_between_fetch_and_close_the_sale_ends_paid_once_whatever_was_sto
         .unwrap();
     paid_exactly_once(&s, "1", &reference).await;
     s.pump.delivered("1", true, None).await.unwrap();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while s.gate.count(&reference, "delivered").await == 0 {
-        assert!(tokio::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_for("the delivery recorded", || async {
+        s.gate.count(&reference, "delivered").await > 0
+    })
+    .await;
     assert_eq!(s.gate.count(&reference, "paid").await, 1);
 }
 
@@ -517,8 +500,8 @@ async fn cut_short(s: &mut Scene, url: &str, path: &str, key: &str, amount: &str
                 .await;
         }
     });
-    wait_until("Mercado Pago made the refund", || async {
-        (s.mp.refunds().len() == n).then_some(())
+    wait_for("Mercado Pago made the refund", || async {
+        s.mp.refunds().len() == n
     })
     .await;
     s.gate.kill9();
@@ -548,18 +531,15 @@ async fn a_second_merchant_order_notified_while_its_fetch_stalls_is_refunded_aft
         s.mp.pay(second.merchant_order_id, PaymentOutcome::Approved)
             .await
             .unwrap();
-    wait_until("the fetch of the second merchant order", || async {
-        s.mp.api_calls()
-            .iter()
-            .any(|c| c.path == path)
-            .then_some(())
+    wait_for("the fetch of the second merchant order", || async {
+        s.mp.api_calls().iter().any(|c| c.path == path)
     })
     .await;
     s.gate.kill9();
     s.mp.set_latency(&path, Duration::ZERO);
     s.gate.start();
     s.gate.ready().await;
-    let made = wait_until("the late payment refunded", || async {
+    let made = wait_for("the late payment refunded", || async {
         let r = s.mp.refunds();
         (!r.is_empty()).then_some(r)
     })

@@ -10,15 +10,15 @@ use crate::helpers::*;
 
 /// Waits until `pred` holds for the simulator's recorded API calls.
 async fn wait_calls(app: &TestApp, what: &str, pred: impl Fn(&[mpsim::ApiCall]) -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !pred(&app.mp.api_calls()) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never saw {what}: {:?}",
-            app.mp.api_calls()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_for(what, || async {
+        let calls = app.mp.api_calls();
+        if pred(&calls) {
+            Ok(())
+        } else {
+            Err(format!("{calls:?}"))
+        }
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -222,14 +222,10 @@ async fn paid_is_repeated_until_the_device_confirms_delivery() {
     assert_eq!(app.app_book.undelivered().len(), 1);
 
     pump.delivered("1", true, None).await.unwrap();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !app.app_book.undelivered().is_empty() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "delivery never recorded"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_for("the delivery recorded", || async {
+        app.app_book.undelivered().is_empty()
+    })
+    .await;
     assert_eq!(app.timeline(&reference).await.last().unwrap(), "delivered");
 }
 
@@ -276,15 +272,14 @@ async fn a_failed_delivery_with_auto_refund_refunds_the_payment() {
         .await
         .unwrap();
     machine.wait_paid_and_dispense("1", WAIT).await.unwrap();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while app.mp.refunds().is_empty() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{:?}",
-            app.timeline(&reference).await
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_for("a refund made", || async {
+        if app.mp.refunds().is_empty() {
+            Err(format!("{:?}", app.timeline(&reference).await))
+        } else {
+            Ok(())
+        }
+    })
+    .await;
     assert_eq!(app.mp.refunds()[0].payment_id, payment);
     app.wait_event(&reference, "refunded").await;
 }
@@ -369,15 +364,15 @@ async fn a_delivered_that_arrives_after_the_next_sale_still_confirms_its_own_sal
         .unwrap();
     state_of(&pump, "2", "pending").await;
     pump.delivered("1", true, None).await.unwrap();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while app.timeline(&reference).await.last().map(String::as_str) != Some("delivered") {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{:?}",
-            app.timeline(&reference).await
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_for("sale 1 delivered last", || async {
+        let events = app.timeline(&reference).await;
+        if events.last().map(String::as_str) == Some("delivered") {
+            Ok(())
+        } else {
+            Err(format!("{events:?}"))
+        }
+    })
+    .await;
     // Sale 2 is untouched, and nothing was refused.
     assert_eq!(app.poll_kind("pump-1").await, "ok");
     assert!(app

@@ -18,7 +18,7 @@ use qrgate_devices::{Device, DeviceConfig, Item, StateMessage};
 use rust_decimal::Decimal;
 use tokio_util::sync::CancellationToken;
 
-pub const WAIT: Duration = Duration::from_secs(15);
+pub use crate::wait::{try_wait_for, wait_for, wait_for_blocking, wait_for_event, WAIT};
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 static SHARED_BROKER: OnceLock<u16> = OnceLock::new();
@@ -92,14 +92,9 @@ impl Mosquitto {
             .stderr(Stdio::null())
             .spawn()
             .expect("mosquitto starts");
-        let deadline = std::time::Instant::now() + WAIT;
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "mosquitto did not listen"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for_blocking(format!("mosquitto listening on {port}"), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).map(drop)
+        });
         child
     }
 
@@ -298,19 +293,7 @@ impl TestApp {
     }
 
     pub async fn wait_ready(&self) {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            if let Ok(r) = self.http.get(format!("{}/readyz", self.base)).send().await {
-                if r.status() == 200 {
-                    return;
-                }
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "app never became ready"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_for("the app ready", || readyz(&self.http, &self.base)).await;
     }
 
     pub fn pos_url(&self, pos: &str) -> String {
@@ -366,8 +349,7 @@ impl TestApp {
     /// Polls until the answer is `kind` (state reaches polls through the
     /// store first, so a device's message shows after a moment).
     pub async fn wait_poll(&self, pos: &str, kind: &str) -> (u16, serde_json::Value, String) {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
+        wait_for(format!("a poll of {pos} answered {kind}"), || async {
             let (s, v, t) = self.poll(pos).await;
             let k = if s == 200 {
                 "ok"
@@ -375,14 +357,12 @@ impl TestApp {
                 v["error"]["type"].as_str().unwrap_or("?")
             };
             if k == kind {
-                return (s, v, t);
+                Ok((s, v, t))
+            } else {
+                Err(format!("{s} {t}"))
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "poll of {pos} never answered {kind}; last: {s} {t}"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        })
+        .await
     }
 
     /// A customer scans the QR: the simulator polls and opens a merchant order.
@@ -408,40 +388,29 @@ impl TestApp {
 
     /// Waits until the store has recorded `event` for the sale.
     pub async fn wait_event(&self, reference: &str, event: &str) {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
+        wait_for(format!("sale {reference} recording {event}"), || async {
             let events = self.timeline(reference).await;
             if events.iter().any(|e| e == event) {
-                return;
+                Ok(())
+            } else {
+                Err(format!("{events:?}"))
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "sale {reference} never recorded {event}: {events:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        })
+        .await
     }
 
     /// Waits until the store has seen merchant order `id` (a notification
     /// was fully processed), and returns its recorded status.
     pub async fn wait_merchant_order_seen(&self, id: u64) -> String {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            if let Some(r) = self
-                .app_book
+        wait_for(format!("merchant order {id} processed"), || async {
+            self.app_book
                 .store()
                 .merchant_order(&qrgate::orders::MpId::Num(id))
                 .await
                 .unwrap()
-            {
-                return r.status;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "merchant order {id} never processed"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+                .map(|r| r.status)
+        })
+        .await
     }
 
     pub async fn stop(mut self) {
@@ -466,7 +435,8 @@ pub fn snack(price: &str) -> Vec<Item> {
     vec![Item::new("Chips", "1", price)]
 }
 
-/// Waits for the device's `state` of `sale_id`.
+/// Waits for the device's `state` of `sale_id`: an event (the device's own
+/// queue of the messages it heard), under the same guard as [`wait_for`].
 pub async fn state_of(device: &Device, sale_id: &str, state: &str) -> StateMessage {
     device
         .wait_for(sale_id, state, WAIT)
@@ -527,19 +497,8 @@ impl BareApp {
     }
 
     pub async fn wait_ready(&self) {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            if let Ok(r) = reqwest::get(format!("{}/readyz", self.base)).await {
-                if r.status() == 200 {
-                    return;
-                }
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "app never became ready"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let http = reqwest::Client::new();
+        wait_for("the app ready", || readyz(&http, &self.base)).await;
     }
 
     /// Stops gracefully; the app must end without error.
@@ -549,20 +508,13 @@ impl BareApp {
     }
 }
 
-/// Waits until `probe` returns something, and returns it; `what` names what
-/// was awaited when it never comes.
-pub async fn wait_until<T, F, Fut>(what: &str, mut probe: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        if let Some(v) = probe().await {
-            return v;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "never saw {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
+/// A probe for [`wait_for`]: `/readyz` at `base` answers 200 (else what it
+/// answered).
+pub async fn readyz(http: &reqwest::Client, base: &str) -> Result<(), String> {
+    match http.get(format!("{base}/readyz")).send().await {
+        Ok(r) if r.status() == 200 => Ok(()),
+        Ok(r) => Err(format!("/readyz answered {}", r.status())),
+        Err(e) => Err(e.to_string()),
     }
 }
 
@@ -692,18 +644,15 @@ pub async fn wait_rejections(
     pos: &str,
     n: usize,
 ) -> Vec<qrgate::store::RejectionRecord> {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
+    wait_for(format!("{n} refusals for {pos}"), || async {
         let stored = app.app_book.store().rejections(pos, 100).await.unwrap();
         if stored.len() >= n {
-            return stored;
+            Ok(stored)
+        } else {
+            Err(format!("{stored:?}"))
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{pos} never had {n} refusals: {stored:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    })
+    .await
 }
 
 /// The operator's token the console tests configure (at least 16
@@ -754,14 +703,10 @@ pub async fn console_csrf(client: &reqwest::Client, base: &str, cookie: &str) ->
 
 /// Reads an open event stream until the server ends it.
 pub async fn stream_ends(mut stream: reqwest::Response) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        match tokio::time::timeout_at(deadline, stream.chunk()).await {
-            Ok(Ok(Some(_))) => continue,
-            Ok(Ok(None)) | Ok(Err(_)) => return,
-            Err(_) => panic!("the event stream never ended"),
-        }
-    }
+    wait_for_event("the end of the event stream", async {
+        while let Ok(Some(_)) = stream.chunk().await {}
+    })
+    .await;
 }
 
 // ---- Hostile HTTP clients (hostile_http.rs) ---------------------------------
@@ -834,6 +779,8 @@ pub async fn slow_body_client(
     }
     let mut answer = Vec::new();
     let mut buf = [0u8; 1024];
+    // The pace of the slow client (what is tested), and its hang guard: a
+    // connection still open after it is the answer `StillOpen`.
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     let give_up = tokio::time::sleep(WAIT * 2);
     tokio::pin!(give_up);

@@ -301,6 +301,7 @@ fn flood(
             // Until qrgate is gone, at the test's end.
             while let Some(n) = try_flood_handled(&admin).await {
                 h.store(n, Ordering::Relaxed);
+                // The sampling pace of a load generator, not a synchronisation.
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         });
@@ -310,6 +311,7 @@ fn flood(
         for i in 0..FLOOD {
             if let Some(window) = window {
                 while i > handled.load(Ordering::Relaxed) + window {
+                    // The flooder's own flow control: it waits for qrgate.
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
             }
@@ -390,7 +392,7 @@ async fn sale_and_cancel_during_a_flood(
         ahead.map(|w| (gate.admin.clone(), w)),
     );
     // Under way: past any burst a limit allows, and reaching qrgate.
-    wait_until("the flood under way", || async {
+    wait_for("the flood under way", || async {
         let handled = flood_handled(&gate.admin).await;
         (acked.load(Ordering::Relaxed) >= 5_000 && handled >= 1_000).then_some(())
     })
@@ -415,7 +417,7 @@ async fn sale_and_cancel_during_a_flood(
     );
     assert!(handled < FLOOD, "qrgate dealt with the whole flood first");
     // The flood was still going: the flooder goes on sending.
-    wait_until("the flood going on after the cancel", || async {
+    wait_for("the flood going on after the cancel", || async {
         (acked.load(Ordering::Relaxed) > sent).then_some(())
     })
     .await;
@@ -504,7 +506,7 @@ async fn refusals_over_the_rate_are_counted_and_summed_not_stored_one_by_one() {
     let metrics = Arc::clone(app.app_book.metrics());
     let count =
         |reason: &str| metrics.device_rejections.with_label_values(&[reason]).get() as usize;
-    wait_until("every message counted", || async {
+    wait_for("every message counted", || async {
         (count("unknown_sale") + count("rate_limited") >= SENT).then_some(())
     })
     .await;
@@ -524,7 +526,7 @@ async fn refusals_over_the_rate_are_counted_and_summed_not_stored_one_by_one() {
     // Stopping writes the summary of the minute under way.
     let store = Arc::clone(app.app_book.store());
     app.stop().await;
-    let rows = wait_until("every refusal in the store, one by one or summed", || {
+    let rows = wait_for("every refusal in the store, one by one or summed", || {
         let store = Arc::clone(&store);
         async move {
             let rows = store.rejections("pump-1", 100_000).await.unwrap();

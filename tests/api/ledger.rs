@@ -60,7 +60,7 @@ async fn detail(app: &TestApp, reference: &str) -> Value {
 
 /// Waits until the sale's ledger owes nothing and has refunded `total`.
 async fn settled(app: &TestApp, reference: &str, total: &str) -> Value {
-    wait_until(&format!("{reference} refunded {total} in all"), || async {
+    wait_for(&format!("{reference} refunded {total} in all"), || async {
         let v = detail(app, reference).await;
         (v["ledger"]["refunded"] == total && v["ledger"]["owed"] == "0.00").then_some(v)
     })
@@ -194,7 +194,7 @@ async fn a_second_merchant_order_notified_during_an_outage_is_refunded_afterward
         .await
         .unwrap();
     // More failed fetches than the five tries the notification used to get.
-    wait_until("six failed fetches", || async {
+    wait_for("six failed fetches", || async {
         let failed = s
             .app
             .mp
@@ -202,7 +202,7 @@ async fn a_second_merchant_order_notified_during_an_outage_is_refunded_afterward
             .iter()
             .filter(|c| c.path == path && c.status == 500)
             .count();
-        (failed >= 6).then_some(())
+        failed >= 6
     })
     .await;
     assert!(s.app.mp.refunds().is_empty());
@@ -330,11 +330,10 @@ async fn one_pos_slow_merchant_orders_do_not_hold_up_another_pos_notification() 
     for (id, _) in &slow {
         s.app.mp.notify_merchant_order(*id).await.unwrap();
     }
-    wait_until("every slow fetch under way", || async {
+    wait_for("every slow fetch under way", || async {
         let calls = s.app.mp.api_calls();
         slow.iter()
             .all(|(_, path)| calls.iter().any(|c| &c.path == path))
-            .then_some(())
     })
     .await;
     // Another POS's customer pays: its notification is not queued behind them.
@@ -401,7 +400,7 @@ async fn a_notification_that_only_ever_gets_404_is_given_up_after_the_reconcile_
         .unwrap();
     assert_eq!(r.status(), 200);
     let metrics = format!("{}/metrics", admin(&s.app));
-    wait_until("the notification given up", || async {
+    wait_for("the notification given up", || async {
         let text = reqwest::get(&metrics).await.ok()?.text().await.ok()?;
         text.lines()
             .any(|l| l.starts_with("qrgate_notifications_total{result=\"abandoned\"} 1"))

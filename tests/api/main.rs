@@ -19,3 +19,5 @@ mod mosquitto;
 mod notifications;
 mod polls;
 mod security;
+#[path = "../common/wait.rs"]
+mod wait;

@@ -120,21 +120,15 @@ async fn an_offline_pump_keeps_its_pending_sale_payable_but_times_out_when_idle(
     // Post-pay: the fuel is in the tank, the sale stays payable offline.
     let observer = app.device("pump-1").await;
     drop(observer);
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let view = app
-            .app_book
+    wait_for("the last will", || async {
+        app.app_book
             .view(&qrgate::orders::PosId::parse("pump-1").unwrap())
-            .unwrap();
-        if view.state.presence.is_offline() {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never saw the last will"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+            .unwrap()
+            .state
+            .presence
+            .is_offline()
+    })
+    .await;
     assert_eq!(app.poll_kind("pump-1").await, "ok");
 }
 
@@ -260,13 +254,13 @@ async fn a_poll_right_after_the_device_hears_pending_is_served() {
         );
         let cmd = parse(DeviceTopic::Sale, "pump-1", sale.as_bytes(), 16 * 1024).unwrap();
         book.execute(&id, cmd).await.unwrap();
-        tokio::time::timeout(WAIT, async {
+        // Spun on, not polled every few milliseconds: a thousand sales.
+        wait_for_event("the device hearing pending", async {
             while heard.load(Ordering::Acquire) < k + 1 {
                 tokio::task::yield_now().await;
             }
         })
-        .await
-        .expect("the device hears pending");
+        .await;
         let cancel = format!(r#"{{"sale_id":"s{k}"}}"#);
         let cmd = parse(DeviceTopic::Cancel, "pump-1", cancel.as_bytes(), 16 * 1024).unwrap();
         book.execute(&id, cmd).await.unwrap();

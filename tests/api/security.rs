@@ -110,7 +110,7 @@ async fn devices_can_reach_the_embedded_broker_over_tls() {
         )
         .await
         .unwrap();
-    let pending = tokio::time::timeout(WAIT, async {
+    let pending = wait_for_event("pending over TLS", async {
         loop {
             match events.poll().await {
                 Ok(Event::Incoming(Packet::Publish(p))) => {
@@ -124,8 +124,7 @@ async fn devices_can_reach_the_embedded_broker_over_tls() {
             }
         }
     })
-    .await
-    .expect("pending over TLS");
+    .await;
     assert_eq!(pending["sale_id"], "tls-1");
     app.stop().await;
 }
@@ -178,7 +177,10 @@ async fn with_a_poll_key_a_poll_without_it_is_404_and_serves_nothing() {
     pump.publish_sale("1", &fuel("1", "100"), None)
         .await
         .unwrap();
-    state_of(&pump, "1", "pending").await;
+    let reference = state_of(&pump, "1", "pending")
+        .await
+        .external_reference
+        .unwrap();
     for query in [
         "",
         "?key=",
@@ -195,7 +197,25 @@ async fn with_a_poll_key_a_poll_without_it_is_404_and_serves_nothing() {
         assert!(body.contains("\"code\":\"not_found\""), "{body}");
     }
     // Nobody was served: the device was never told a customer is paying.
+    // Bounded by a marker: a sale of vending-1 served after those polls goes
+    // through the queue a `served` of theirs would have gone through first.
+    let vending = app.device("vending-1").await;
+    vending
+        .publish_sale("marker", &snack("10"), None)
+        .await
+        .unwrap();
+    state_of(&vending, "marker", "pending").await;
+    let served = format!("{}?key=k-global", app.pos_url("vending-1"));
+    assert_eq!(reqwest::get(served).await.unwrap().status(), 200);
+    vending
+        .wait_state(WAIT, |m| m.is_for("marker") && m.served)
+        .await
+        .unwrap();
+    let timeline = app.timeline(&reference).await;
+    assert!(!timeline.iter().any(|e| e == "served"), "{timeline:?}");
     assert!(pump.drain().iter().all(|m| !m.served));
+    vending.cancel("marker").await.unwrap();
+    state_of(&vending, "marker", "cancelled").await;
 
     let keyed = format!("{}?storeid=6232&key=k-pump", app.pos_url("pump-1"));
     match app.mp.scan(&keyed).await.unwrap() {
