@@ -56,15 +56,6 @@ pub enum Tell {
     },
 }
 
-impl Tell {
-    pub fn pos(&self) -> &PosId {
-        match self {
-            Tell::State(sale) => &sale.pos,
-            Tell::Rejected { pos, .. } => pos,
-        }
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum BookError {
     #[error("unknown POS {0:?}")]

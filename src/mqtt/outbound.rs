@@ -70,7 +70,7 @@ pub fn render(tell: &Tell, topics: &Topics) -> Message {
 }
 
 /// The retained state of a sale.
-pub fn state(sale: &Sale) -> Vec<u8> {
+fn state(sale: &Sale) -> Vec<u8> {
     let settled = sale.settled.as_ref().filter(|_| {
         matches!(
             sale.state,
@@ -120,7 +120,7 @@ pub fn state(sale: &Sale) -> Vec<u8> {
 }
 
 /// A refusal: `reason` is the stable code, `message` says what to fix.
-pub fn rejected(sale_id: Option<&str>, reason: &str, message: &str) -> Vec<u8> {
+fn rejected(sale_id: Option<&str>, reason: &str, message: &str) -> Vec<u8> {
     let body = StateJson {
         sale_id,
         external_reference: None,
