@@ -12,7 +12,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::book::{now_millis, Book, BookSettings};
+use crate::book::{Book, BookSettings};
+use crate::clock::Clock;
 use crate::config::Secret;
 use crate::config::{Broker, Config};
 use crate::inbox::{self, InboxSettings};
@@ -55,6 +56,16 @@ impl App {
     /// Builds on a listener bound by the caller (tests bind port 0 first, to
     /// put the real port in `public_url`).
     pub async fn build_on(config: Config, listener: TcpListener) -> anyhow::Result<App> {
+        App::build_timed(config, listener, Clock::system()).await
+    }
+
+    /// Builds on the caller's listener with the caller's clock: tests of
+    /// TTLs and schedules move it forward rather than wait.
+    pub async fn build_timed(
+        config: Config,
+        listener: TcpListener,
+        clock: Clock,
+    ) -> anyhow::Result<App> {
         install_crypto();
         // The console's port is checked before anything starts, too.
         let admin_listener = match config.admin.listen {
@@ -181,6 +192,7 @@ impl App {
                     auto_refund: config.orders.auto_refund,
                     poll_protocol: config.mercadopago.poll_protocol,
                     attended: any_attended.then_some(attended_tx),
+                    clock: clock.clone(),
                 },
                 publish_tx,
                 served_tx,
@@ -248,12 +260,9 @@ impl App {
             let shutdown = shutdown.clone();
             let every = Duration::from_secs(config.orders.paid_republish_secs);
             tracker.spawn(async move {
-                let mut tick = tokio::time::interval(every);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                tick.tick().await;
                 loop {
                     tokio::select! {
-                        _ = tick.tick() => {}
+                        _ = book.clock().sleep(every) => {}
                         _ = shutdown.cancelled() => break,
                     }
                     for sale in book.undelivered() {
@@ -286,14 +295,12 @@ impl App {
             let book = Arc::clone(&book);
             let shutdown = shutdown.clone();
             tracker.spawn(async move {
-                let mut tick = tokio::time::interval(Duration::from_millis(250));
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     tokio::select! {
-                        _ = tick.tick() => {}
+                        _ = book.clock().sleep(Duration::from_millis(250)) => {}
                         _ = shutdown.cancelled() => break,
                     }
-                    for pos in book.expired(now_millis()) {
+                    for pos in book.expired(book.clock().now_millis()) {
                         if let Err(e) = book.execute(&pos, Command::Expire).await {
                             tracing::error!(pos = %pos, error = %e, "cannot expire a sale");
                         }

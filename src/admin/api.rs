@@ -15,7 +15,6 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 use super::Admin;
-use crate::book::now_millis;
 use crate::http::ApiError;
 use crate::orders::{
     self, Command, ExternalReference, Outcome, PosMode, Presence, Rejection, Sale,
@@ -137,7 +136,7 @@ pub async fn metrics(req: HttpRequest, admin: web::Data<Admin>) -> Result<HttpRe
 
 pub async fn pos(req: HttpRequest, admin: web::Data<Admin>) -> Result<HttpResponse, ApiError> {
     admin.auth.check(&req, false)?;
-    let now = now_millis();
+    let now = admin.book.clock().now_millis();
     let mut configs: Vec<_> = admin.book.pos_configs().collect();
     configs.sort_by(|a, b| a.id.cmp(&b.id));
     let (mut pending, mut undelivered) = (0, 0);
@@ -228,7 +227,7 @@ pub async fn sales(
         limit: q.limit.unwrap_or(50).clamp(1, 1000),
     };
     let list = admin.book.store().sales(filter).await.map_err(internal)?;
-    let now = now_millis();
+    let now = admin.book.clock().now_millis();
     Ok(HttpResponse::Ok().json(json!({
         "sales": list.iter().map(|s| summary(s, now)).collect::<Vec<_>>(),
     })))
@@ -258,7 +257,7 @@ pub async fn sale_detail(
     };
     Ok(Some(json!({
         "sale": sale,
-        "summary": summary(&sale, now_millis()),
+        "summary": summary(&sale, admin.book.clock().now_millis()),
         "refundable": Some(orders::refundable(&sale)).filter(|v| *v > Decimal::ZERO).map(|v| money(&sale, v)),
         "owed": Some(sale.ledger.owed()).filter(|v| *v > Decimal::ZERO).map(|v| money(&sale, v)),
         "ledger": ledger(&sale),
@@ -307,9 +306,8 @@ pub async fn cancel(
         by: by.to_owned(),
     };
     match admin.book.execute(&pos, cmd).await {
-        Ok(Outcome::Changed { sale, .. }) => {
-            Ok(HttpResponse::Ok().json(json!({"sale": summary(&sale, now_millis())})))
-        }
+        Ok(Outcome::Changed { sale, .. }) => Ok(HttpResponse::Ok()
+            .json(json!({"sale": summary(&sale, admin.book.clock().now_millis())}))),
         Ok(Outcome::Rejected {
             why: Rejection::NotCancellable { state },
             ..
@@ -427,23 +425,19 @@ pub async fn events(
             let keep_alive = tokio::time::Instant::now() + KEEP_ALIVE;
             loop {
                 // Wake at the session's end too, to close the stream then.
-                let (wake, ended) = match &session {
-                    Some((id, ended)) => match admin.auth.deadline(id) {
-                        Some(end) => (
-                            keep_alive.min(tokio::time::Instant::from_std(end)),
-                            ended.clone(),
-                        ),
+                let (left, ended) = match &session {
+                    Some((id, ended)) => match admin.auth.time_left(id) {
+                        Some(left) => (Some(left), ended.clone()),
                         None => return None,
                     },
-                    None => (keep_alive, CancellationToken::new()),
+                    None => (None, CancellationToken::new()),
                 };
                 let got = tokio::select! {
                     _ = admin.shutdown.cancelled() => return None,
                     _ = ended.cancelled() => return None,
-                    _ = tokio::time::sleep_until(wake) => {
-                        if tokio::time::Instant::now() < keep_alive {
-                            continue;
-                        }
+                    // Look again: the session may have been used meanwhile.
+                    _ = admin.book.clock().sleep(left.unwrap_or(KEEP_ALIVE)), if left.is_some() => continue,
+                    _ = tokio::time::sleep_until(keep_alive) => {
                         return Some((Ok(web::Bytes::from_static(b": keep-alive\n\n")), (None, rx, admin, pos, session)));
                     }
                     r = rx.recv() => r,

@@ -47,12 +47,13 @@ pub fn serve(
     shutdown: CancellationToken,
 ) -> std::io::Result<actix_web::dev::Server> {
     let local = listener.local_addr()?;
+    let clock = book.clock().clone();
     let admin = web::Data::new(Admin {
         refunds: crate::refunds::OperatorRefunds::new(client, Arc::clone(&book)),
         book,
         link,
         timezone: cfg.timezone,
-        auth: auth::Auth::new(cfg),
+        auth: auth::Auth::new(cfg, clock),
         edge: edge::Edge::new(&cfg.hosts, local),
         shutdown,
     });
