@@ -17,6 +17,7 @@ mod ledger;
 mod messages;
 mod mosquitto;
 mod notifications;
+mod operator_view;
 mod polls;
 mod security;
 #[path = "../common/wait.rs"]
