@@ -47,8 +47,12 @@ impl App {
     pub async fn build(config: Config) -> anyhow::Result<App> {
         // Bind HTTP before anything starts in the background, so a taken
         // port fails the start cleanly.
-        let listener = TcpListener::bind(config.http.listen)
-            .with_context(|| format!("cannot listen for HTTP on {}", config.http.listen))?;
+        let listener = TcpListener::bind(config.http.listen).with_context(|| {
+            format!(
+                "cannot listen for HTTP on {} (key `http.listen`)",
+                config.http.listen
+            )
+        })?;
         App::build_on(config, listener).await
     }
 
@@ -344,7 +348,7 @@ impl App {
             }
         };
 
-        tracing::info!(listen = %http_addr, pos_url = %format!("{}/mp/pos/{{pos_id}}", config.http.public_url),
+        tracing::info!(listen = %http_addr, pos_url = %config.http.pos_url_shown(),
             notification_url = %config.http.notification_url(), "HTTP listening");
         tracing::info!(count = config.pos.len(), pos = %config.pos.iter().map(|p| p.id.as_str()).collect::<Vec<_>>().join(","),
             "points of sale configured");
