@@ -58,7 +58,7 @@ impl App {
 
     /// Builds on a listener bound by the caller (tests bind port 0 first, to
     /// put the real port in `public_url`).
-    pub async fn build_on(config: Config, listener: TcpListener) -> anyhow::Result<App> {
+    pub async fn build_on(mut config: Config, listener: TcpListener) -> anyhow::Result<App> {
         install_crypto();
         // The console's port is checked before anything starts, too.
         let admin_listener = match config.admin.listen {
@@ -75,6 +75,11 @@ impl App {
             })?,
         );
         let http_addr = listener.local_addr()?;
+        // Unset, public_url is the listener's: its real port, when the OS
+        // picked it.
+        if config.http.public_url_follows_listen && config.http.listen.port() == 0 {
+            config.http.public_url = format!("http://{http_addr}");
+        }
 
         let (endpoint, mqtt_addr, mqtt_tls_addr) = match &config.mqtt.broker {
             Broker::Embedded => {

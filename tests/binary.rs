@@ -295,8 +295,16 @@ impl Serving {
         v["message"].as_str().is_some_and(|m| m.contains(text))
     }
 
-    /// SIGTERM, then the exit status.
+    /// SIGTERM once serving (qrgate listens for it from then on), then the
+    /// exit status.
     fn stop(mut self) -> Option<i32> {
+        wait::wait_for_blocking("HTTP listening", || {
+            self.lines
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|l| l.contains("HTTP listening"))
+        });
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.0.id().to_string()])
             .status();
@@ -342,9 +350,17 @@ fn without_a_config_file_serve_runs_the_development_defaults_warning_in_json_wit
         "{text}"
     );
     let http = serving.wait_line("HTTP listening", |v| v["message"] == "HTTP listening");
-    // public_url follows http.listen when unset (the bound port is 0 here).
+    // public_url follows http.listen when unset: the port the OS picked.
+    let listen = http["listen"].as_str().unwrap();
+    assert!(!listen.ends_with(":0"), "{http}");
     assert_eq!(
-        http["pos_url"], "http://127.0.0.1:0/mp/pos/{pos_id}",
+        http["pos_url"],
+        format!("http://{listen}/mp/pos/{{pos_id}}"),
+        "{http}"
+    );
+    assert_eq!(
+        http["notification_url"],
+        format!("http://{listen}/mp/notifications"),
         "{http}"
     );
     // Piped stdout under `auto`: JSON lines (json_lines parses every one) and
@@ -462,6 +478,31 @@ fn the_demo_refuses_a_config_file_and_says_what_to_run_instead() {
     let (code, out, err) = run(&["demo", "--config", "/etc/qrgate/qrgate.toml"], &[]);
     assert_eq!(code, 2, "{out}{err}");
     assert!(err.contains("qrgate serve --config"), "{err}");
+}
+
+#[test]
+fn a_username_without_a_password_is_warned_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "");
+    // No broker there: the warning comes before any connection.
+    let nothing = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = nothing.local_addr().unwrap().port();
+    drop(nothing);
+    let serving = Serving::start(
+        &["--config", config.to_str().unwrap()],
+        &[
+            ("QRGATE_MQTT__BROKER", &format!("mqtt://127.0.0.1:{port}")),
+            ("QRGATE_MQTT__USERNAME", "qrgate"),
+        ],
+    );
+    let warning = serving.wait_line("the missing password warning", |v| {
+        v["level"] == "WARN" && Serving::message_has(v, "[mqtt] username")
+    });
+    assert!(
+        Serving::message_has(&warning, "QRGATE_MQTT_PASSWORD"),
+        "{warning}"
+    );
+    assert_eq!(serving.stop(), Some(0));
 }
 
 #[test]
