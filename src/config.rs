@@ -41,26 +41,8 @@ pub const ADMIN_TOKEN_ENV: &str = "QRGATE_ADMIN_TOKEN";
 /// The environment variable that holds the webhook signing secret.
 pub const WEBHOOK_SECRET_ENV: &str = "QRGATE_MP_WEBHOOK_SECRET";
 
-/// The environment variable that holds the token `/metrics` asks of scrapers.
+/// The environment variable that holds the read-only token of `/metrics`.
 pub const METRICS_TOKEN_ENV: &str = "QRGATE_METRICS_TOKEN";
-
-/// Replaces `[log] filter` when set.
-pub const LOG_FILTER_ENV: &str = "RUST_LOG";
-
-/// Every environment variable qrgate reads, with its default, for `--help`
-/// and docs/operations.md (a test holds the two together).
-pub const ENVIRONMENT: &[(&str, &str)] = &[
-    (CONFIG_ENV, "the configuration file, when --config is not given (default: /etc/qrgate/qrgate.toml if it exists, else the development defaults)"),
-    (ACCESS_TOKEN_ENV, "Mercado Pago's access token (default: none; payments cannot be verified)"),
-    (WEBHOOK_SECRET_ENV, "the secret of panel-configured webhooks (default: none)"),
-    (ADMIN_TOKEN_ENV, "the operator's token, 16 characters or more (default: none; console on loopback only)"),
-    (METRICS_TOKEN_ENV, "the token /metrics asks of scrapers (default: none)"),
-    (MQTT_PASSWORD_ENV, "qrgate's password at an external broker (default: none)"),
-    ("<VAR>_FILE", "a file holding the secret <VAR> (any variable above, or one a config key names)"),
-    (secrets::CREDENTIALS_DIRECTORY_ENV, "systemd's credentials: <VAR> lower-cased without QRGATE_ (mp_access_token), and device_passwords"),
-    ("QRGATE_<SECTION>__<KEY>", "overrides one config key (QRGATE_HTTP__LISTEN=0.0.0.0:8080)"),
-    (LOG_FILTER_ENV, "replaces [log] filter (default: info)"),
-];
 
 /// A value that must never reach a log, an error or a response.
 #[derive(Clone, PartialEq, Eq)]
@@ -80,6 +62,24 @@ impl fmt::Debug for Secret {
         f.write_str("Secret(***)")
     }
 }
+
+/// Replaces `[log] filter` when set.
+pub const LOG_FILTER_ENV: &str = "RUST_LOG";
+
+/// Every environment variable qrgate reads, with its default, for `--help`
+/// and docs/operations.md (a test holds the two together).
+pub const ENVIRONMENT: &[(&str, &str)] = &[
+    (CONFIG_ENV, "the configuration file, when --config is not given (default: /etc/qrgate/qrgate.toml if it exists, else the development defaults)"),
+    (ACCESS_TOKEN_ENV, "Mercado Pago's access token (default: none; payments cannot be verified)"),
+    (WEBHOOK_SECRET_ENV, "the secret of panel-configured webhooks (default: none)"),
+    (ADMIN_TOKEN_ENV, "the operator's token, 16 characters or more (default: none; console on loopback only)"),
+    (METRICS_TOKEN_ENV, "a read-only token for /metrics alone (default: none)"),
+    (MQTT_PASSWORD_ENV, "qrgate's password at an external broker (default: none)"),
+    ("<VAR>_FILE", "a file holding the secret <VAR> (any variable above, or one a config key names)"),
+    (secrets::CREDENTIALS_DIRECTORY_ENV, "systemd's credentials: <VAR> lower-cased without QRGATE_ (mp_access_token), and device_passwords"),
+    ("QRGATE_<SECTION>__<KEY>", "overrides one config key (QRGATE_HTTP__LISTEN=0.0.0.0:8080)"),
+    (LOG_FILTER_ENV, "replaces [log] filter (default: info)"),
+];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Broker {
@@ -357,7 +357,7 @@ pub struct AdminConfig {
     pub timezone: chrono_tz::Tz,
     /// From `QRGATE_ADMIN_TOKEN`; without it only loopback is allowed.
     pub token: Option<Secret>,
-    /// From `QRGATE_METRICS_TOKEN`: what a scraper of `/metrics` presents.
+    /// From `QRGATE_METRICS_TOKEN`: reads `/metrics`, nothing else.
     pub metrics_token: Option<Secret>,
     /// Names the console answers to besides loopback and its listen
     /// address (lowercase, no port): a `Host` outside them is refused, so a
@@ -942,20 +942,19 @@ fn validate(
     let serving = purpose == Purpose::Serve;
     let sources = secrets::Sources::new(env);
     // Secrets' own errors name their variable, not a key.
-    let mut secret_errors = Vec::new();
-    let mut secret = |name: &str| match sources.get(name) {
+    let secret_errors = std::cell::RefCell::new(Vec::new());
+    let secret = |name: &str| match sources.get(name) {
         Ok(found) => found.map(|(s, _)| s),
         Err(e) => {
-            secret_errors.push(e);
+            secret_errors.borrow_mut().push(e);
             None
         }
     };
     let access_token = secret(ACCESS_TOKEN_ENV);
     let webhook_secret = secret(WEBHOOK_SECRET_ENV);
-    let mut serving_secret = |name: &str| if serving { secret(name) } else { None };
+    let serving_secret = |name: &str| if serving { secret(name) } else { None };
     let mqtt_password = serving_secret(MQTT_PASSWORD_ENV);
     let admin_token = serving_secret(ADMIN_TOKEN_ENV);
-    let metrics_token = serving_secret(METRICS_TOKEN_ENV);
     let mut errors = Vec::new();
     let mut bad = |key: &str, msg: String| errors.push(format!("key `{key}`: {msg}"));
     let nonempty_key = |k: &Option<String>| k.as_deref().filter(|k| !k.is_empty()).map(Secret::new);
@@ -973,6 +972,7 @@ fn validate(
             ),
         );
     }
+    let metrics_token = secret(METRICS_TOKEN_ENV);
     let admin_hosts: Vec<String> = raw
         .admin
         .hosts
@@ -1502,8 +1502,10 @@ fn validate(
                 .map_err(|e| vec![format!("{origin}: cannot be read: {e}")])
                 .and_then(|text| secrets::device_passwords(&text, &origin));
             match logins {
-                Ok(logins) => add_logins(&mut users, logins, &origin, &mut secret_errors),
-                Err(e) => secret_errors.extend(e),
+                Ok(logins) => {
+                    add_logins(&mut users, logins, &origin, &mut secret_errors.borrow_mut())
+                }
+                Err(e) => secret_errors.borrow_mut().extend(e),
             }
         }
     }
@@ -1613,7 +1615,7 @@ fn validate(
         );
     }
 
-    errors.extend(secret_errors);
+    errors.extend(secret_errors.into_inner());
     if !errors.is_empty() {
         return Err(ConfigError(errors));
     }
