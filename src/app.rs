@@ -48,8 +48,12 @@ impl App {
     pub async fn build(config: Config) -> anyhow::Result<App> {
         // Bind HTTP before anything starts in the background, so a taken
         // port fails the start cleanly.
-        let listener = TcpListener::bind(config.http.listen)
-            .with_context(|| format!("cannot listen for HTTP on {}", config.http.listen))?;
+        let listener = TcpListener::bind(config.http.listen).with_context(|| {
+            format!(
+                "cannot listen for HTTP on {} (key `http.listen`)",
+                config.http.listen
+            )
+        })?;
         App::build_on(config, listener).await
     }
 
@@ -62,7 +66,7 @@ impl App {
     /// Builds on the caller's listener with the caller's clock: tests of
     /// TTLs and schedules move it forward rather than wait.
     pub async fn build_timed(
-        config: Config,
+        mut config: Config,
         listener: TcpListener,
         clock: Clock,
     ) -> anyhow::Result<App> {
@@ -82,6 +86,11 @@ impl App {
             })?,
         );
         let http_addr = listener.local_addr()?;
+        // Unset, public_url is the listener's: its real port, when the OS
+        // picked it.
+        if config.http.public_url_follows_listen && config.http.listen.port() == 0 {
+            config.http.public_url = format!("http://{http_addr}");
+        }
 
         let (endpoint, mqtt_addr, mqtt_tls_addr) = match &config.mqtt.broker {
             Broker::Embedded => {
@@ -351,7 +360,7 @@ impl App {
             }
         };
 
-        tracing::info!(listen = %http_addr, pos_url = %format!("{}/mp/pos/{{pos_id}}", config.http.public_url),
+        tracing::info!(listen = %http_addr, pos_url = %config.http.pos_url_shown(),
             notification_url = %config.http.notification_url(), "HTTP listening");
         tracing::info!(count = config.pos.len(), pos = %config.pos.iter().map(|p| p.id.as_str()).collect::<Vec<_>>().join(","),
             "points of sale configured");

@@ -404,7 +404,12 @@ async fn a_short_admin_token_stops_the_real_binary_at_start_naming_its_variable(
         .unwrap()
         .read_to_string(&mut stdout)
         .unwrap();
-    assert_eq!(status.code(), Some(1), "{stderr}");
+    // A configuration error: EX_CONFIG.
+    assert_eq!(
+        status.code(),
+        Some(i32::from(qrgate::config::EX_CONFIG)),
+        "{stderr}"
+    );
     assert!(
         stderr.contains("invalid configuration")
             && stderr.contains(qrgate::config::ADMIN_TOKEN_ENV)
