@@ -31,6 +31,7 @@ pub mod config;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod events;
+pub mod healthcheck;
 pub mod http;
 pub mod inbox;
 pub mod link;
@@ -42,5 +43,6 @@ pub mod orders;
 pub mod reconcile;
 pub mod refunds;
 pub mod registration;
+pub mod service;
 pub mod store;
 pub mod telemetry;

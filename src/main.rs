@@ -1,6 +1,6 @@
 //! The `qrgate` command: `serve` (the default), `demo` (with the default-on
-//! `demo` feature), and `pos register` / `pos list` (stores and POS at
-//! Mercado Pago).
+//! `demo` feature), `pos register` / `pos list` (stores and POS at
+//! Mercado Pago) and `health` (asks a running qrgate whether it is ready).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -33,6 +33,10 @@ enum Cmd {
     /// and tell the story of one fuel sale and one vending sale.
     #[cfg(feature = "demo")]
     Demo,
+    /// Ask the running qrgate (its HTTP listener, from the same
+    /// configuration) whether it can take sales: exit status 0 when ready,
+    /// 1 otherwise, with one line saying why. For container health checks.
+    Health,
     /// The configured stores and POS at Mercado Pago.
     Pos {
         #[command(subcommand)]
@@ -71,6 +75,7 @@ fn main() -> ExitCode {
         #[cfg(feature = "demo")]
         Cmd::Demo => runtime.block_on(qrgate::demo::run()),
         Cmd::Pos { command } => return runtime.block_on(pos(cli.config, command)),
+        Cmd::Health => return runtime.block_on(qrgate::healthcheck::run(cli.config.as_deref())),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -104,6 +109,7 @@ async fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
     }
     let app = App::build(config).await?;
     let token = app.shutdown_token();
+    qrgate::service::spawn(app.http_addr(), app.book().store().clone(), token.clone());
     tokio::spawn(stop_on_signal(token));
     app.run_until_stopped().await
 }
@@ -211,5 +217,6 @@ async fn stop_on_signal(token: CancellationToken) {
     {
         let _ = tokio::signal::ctrl_c().await;
     }
+    qrgate::service::stopping();
     token.cancel();
 }
