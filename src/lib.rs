@@ -16,8 +16,9 @@
 //! came, `refunds` returns money a sale owes, and `attended` places orders
 //! on POS for the attended model.
 //!
-//! Imports point downward: `main`/`app`/`demo` wire; `http`, `admin` and
-//! `mqtt` are the edges; `inbox`, `reconcile`, `refunds`, `attended` and
+//! Imports point downward: `main`/`app`/`demo` wire, with `service` (the
+//! service manager's notify protocol) and `healthcheck` (`qrgate health`);
+//! `http`, `admin` and `mqtt` are the edges; `inbox`, `reconcile`, `refunds`, `attended` and
 //! `registration` work with the book and Mercado Pago; `book` holds the live
 //! state; `mercadopago`, `store`, `config`, `metrics`, `events`, `link` and
 //! `telemetry` serve them; `orders` and `money` are the domain, with no I/O.

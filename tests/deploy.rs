@@ -295,6 +295,10 @@ async fn qrgate_health_exits_0_when_ready_1_with_the_reason_when_unready_and_1_w
     // listener (the image's wildcard address, reached on loopback).
     let running = with(&env, "QRGATE_HTTP__LISTEN", &qrgate.listen.to_string());
     assert!(qrgate.listen.ip().is_unspecified(), "{}", qrgate.listen);
+    assert!(
+        station.path("var/lib/qrgate/qrgate.db").exists(),
+        "the store is not in the image's state directory"
+    );
     let (code, out, err) = health(&running);
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(out.starts_with("ready:"), "{out}");
@@ -423,6 +427,57 @@ fn the_unit_keeps_the_store_in_its_state_directory_and_loads_the_secrets_as_cred
             "{secret}"
         );
     }
+}
+
+/// compose/mosquitto.conf is deploy/mosquitto.conf in a container: every
+/// setting the same but the host's paths and addresses, and the ACL file
+/// itself shared.
+#[test]
+fn the_compose_broker_keeps_every_setting_of_the_station_broker_but_its_paths() {
+    let settings = |file: &str| -> Vec<String> {
+        std::fs::read_to_string(format!("{DEPLOY}/{file}"))
+            .unwrap()
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(str::to_owned)
+            .collect()
+    };
+    let station = settings("mosquitto.conf");
+    let compose = settings("compose/mosquitto.conf");
+    let key = |l: &str| l.split_whitespace().next().unwrap_or("").to_owned();
+    // Host paths and addresses, said again for the container; the pid file
+    // is the host service manager's.
+    let placed = [
+        "log_dest",
+        "persistence_location",
+        "password_file",
+        "acl_file",
+        "listener",
+    ];
+    for line in station.iter().filter(|l| key(l) != "pid_file") {
+        if placed.contains(&key(line).as_str()) {
+            assert!(compose.iter().any(|l| key(l) == key(line)), "no {line:?}");
+        } else {
+            assert!(
+                compose.contains(line),
+                "compose/mosquitto.conf lacks {line:?}"
+            );
+        }
+    }
+    let compose_yaml = std::fs::read_to_string(format!("{DEPLOY}/compose.yaml")).unwrap();
+    for line in &compose {
+        if let Some(path) = line
+            .strip_prefix("acl_file ")
+            .or(line.strip_prefix("password_file "))
+        {
+            assert!(
+                compose_yaml.contains(&format!(":{path}:ro")),
+                "{path} is not mounted"
+            );
+        }
+    }
+    assert!(compose_yaml.contains("./mosquitto.acl:/mosquitto/config/qrgate.acl:ro"));
 }
 
 #[tokio::test]
