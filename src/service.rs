@@ -37,8 +37,8 @@ pub fn spawn(http: SocketAddr, store: Arc<dyn Store>, shutdown: CancellationToke
     }
     let addr = healthcheck::local_addr(http);
     tokio::spawn(ready(addr, shutdown.clone()));
-    if let Some(timeout) = sd_notify::watchdog_enabled() {
-        tokio::spawn(watchdog(addr, store, timeout, shutdown));
+    if let Some(every) = sd_notify::watchdog_enabled().and_then(ping_every) {
+        tokio::spawn(watchdog(addr, store, every, shutdown));
     }
 }
 
@@ -83,6 +83,32 @@ async fn ready(addr: SocketAddr, shutdown: CancellationToken) {
     tracing::info!("service manager told: ready");
 }
 
+/// Whether qrgate still answers: its listener at `addr` answers `/healthz`
+/// with 200 and its store's writer answers a write within `within` (an
+/// error is an answer). What the watchdog pings for.
+pub async fn alive(
+    client: &reqwest::Client,
+    addr: SocketAddr,
+    store: &dyn Store,
+    within: Duration,
+) -> Result<(), String> {
+    healthcheck::ask(client, addr, "/healthz").await?;
+    match tokio::time::timeout(within, store.check_writable()).await {
+        Ok(_) => Ok(()),
+        Err(_) => Err(format!(
+            "the store did not answer within {} ms",
+            within.as_millis()
+        )),
+    }
+}
+
+/// Half the watchdog's timeout, as sd_watchdog_enabled(3) advises; none
+/// for `WATCHDOG_USEC=0`, which no unit sets and which would make a timer of
+/// no period.
+fn ping_every(timeout: Duration) -> Option<Duration> {
+    Some(timeout / 2).filter(|every| !every.is_zero())
+}
+
 /// Pings at half the unit's `WatchdogSec`, each time only after the public
 /// listener answered `/healthz` and the store's writer answered a write
 /// (an error counts as an answer: a full disk is for `/readyz` to report,
@@ -91,10 +117,9 @@ async fn ready(addr: SocketAddr, shutdown: CancellationToken) {
 async fn watchdog(
     addr: SocketAddr,
     store: Arc<dyn Store>,
-    timeout: Duration,
+    every: Duration,
     shutdown: CancellationToken,
 ) {
-    let every = timeout / 2;
     let client = match healthcheck::client(every) {
         Ok(c) => c,
         Err(e) => {
@@ -111,17 +136,7 @@ async fn watchdog(
             _ = tick.tick() => {}
             _ = shutdown.cancelled() => return,
         }
-        let alive = async {
-            healthcheck::ask(&client, addr, "/healthz").await?;
-            match tokio::time::timeout(every, store.check_writable()).await {
-                Ok(_) => Ok(()),
-                Err(_) => Err(format!(
-                    "the store did not answer within {} ms",
-                    every.as_millis()
-                )),
-            }
-        };
-        match alive.await {
+        match alive(&client, addr, store.as_ref(), every).await {
             Ok(()) => {
                 send(&[NotifyState::Watchdog]);
                 if failing {
@@ -136,5 +151,19 @@ async fn watchdog(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_watchdog_is_pinged_at_half_its_timeout_and_a_zero_timeout_starts_nothing() {
+        assert_eq!(
+            ping_every(Duration::from_secs(30)),
+            Some(Duration::from_secs(15))
+        );
+        assert_eq!(ping_every(Duration::ZERO), None);
     }
 }

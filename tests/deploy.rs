@@ -14,6 +14,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
+use std::time::Duration;
 
 #[path = "common/wait.rs"]
 mod wait;
@@ -427,6 +428,40 @@ fn the_unit_keeps_the_store_in_its_state_directory_and_loads_the_secrets_as_cred
             "{secret}"
         );
     }
+}
+
+/// What the watchdog pings for: the real app's listener and store answer;
+/// a listener that takes connections and never answers (a hung qrgate, seen
+/// from outside) does not.
+#[tokio::test]
+async fn the_watchdog_counts_qrgate_alive_only_while_its_listener_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = qrgate::config::Config::defaults();
+    config.http.listen = "127.0.0.1:0".parse().unwrap();
+    config.admin.listen = None;
+    config.mqtt.embedded_listen = "127.0.0.1:0".parse().unwrap();
+    config.store.path = dir.path().join("q.db");
+    let app = qrgate::app::App::build(config).await.unwrap();
+    let addr = app.http_addr();
+    let store = app.book().store().clone();
+    let stop = app.shutdown_token();
+    let running = tokio::spawn(app.run_until_stopped());
+
+    let within = Duration::from_millis(500);
+    let client = qrgate::healthcheck::client(within).unwrap();
+    wait::wait_for("qrgate alive", || {
+        qrgate::service::alive(&client, addr, store.as_ref(), within)
+    })
+    .await;
+
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let why = qrgate::service::alive(&client, hung.local_addr().unwrap(), store.as_ref(), within)
+        .await
+        .unwrap_err();
+    assert!(why.contains("timed out"), "{why}");
+
+    stop.cancel();
+    running.await.unwrap().unwrap();
 }
 
 /// compose/mosquitto.conf is deploy/mosquitto.conf in a container: every
