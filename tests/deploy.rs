@@ -22,21 +22,53 @@ mod wait;
 const BIN: &str = env!("CARGO_BIN_EXE_qrgate");
 const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy");
 
-/// The `ENV` of the Containerfile's last stage (the runtime image), in order.
-fn image_env() -> Vec<(String, String)> {
+/// The Containerfile's last stage (the runtime image), continued lines
+/// joined.
+fn runtime_stage() -> String {
     let text = std::fs::read_to_string(format!("{DEPLOY}/Containerfile")).unwrap();
     let joined = text.replace("\\\n", " ");
-    let runtime = joined
+    let (_, stage) = joined
         .rsplit_once("\nFROM ")
-        .map(|(_, stage)| stage)
         .expect("the Containerfile has stages");
-    runtime
+    stage.to_owned()
+}
+
+/// The runtime image's instruction `name`: the rest of its line.
+fn instruction(name: &str) -> Vec<String> {
+    runtime_stage()
         .lines()
-        .filter_map(|l| l.trim().strip_prefix("ENV "))
+        .filter_map(|l| l.trim().strip_prefix(name)?.strip_prefix(' '))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The image's `ENV`, in order.
+fn image_env() -> Vec<(String, String)> {
+    instruction("ENV")
+        .iter()
         .flat_map(|l| l.split_whitespace())
         .filter_map(|kv| kv.split_once('='))
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect()
+}
+
+/// A JSON array: exec form, as the image has no shell.
+fn exec_form(text: &str) -> Vec<String> {
+    serde_json::from_str(text.trim())
+        .unwrap_or_else(|e| panic!("not exec form (a JSON array): {text}: {e}"))
+}
+
+/// The image's `instruction` in exec form: its argv.
+fn image_argv(instruction_name: &str) -> Vec<String> {
+    let line = &instruction(instruction_name)[0];
+    match instruction_name {
+        "HEALTHCHECK" => exec_form(
+            line.split_once(" CMD ")
+                .expect("HEALTHCHECK ... CMD [...]")
+                .1,
+        ),
+        _ => exec_form(line),
+    }
 }
 
 /// One station's files, laid out as in the image: the example
@@ -105,11 +137,12 @@ struct Qrgate {
 }
 
 impl Qrgate {
-    /// Starts `qrgate serve` with exactly `env` (nothing inherited) and waits
-    /// for its "HTTP listening" line.
+    /// Starts qrgate as the image does (`CMD`: `serve`) with exactly `env`
+    /// (nothing inherited) and waits for its "HTTP listening" line.
     fn start(env: &[(String, String)]) -> Qrgate {
+        // The image's ENTRYPOINT is the binary; its CMD the arguments.
         let mut child = Command::new(BIN)
-            .arg("serve")
+            .args(image_argv("CMD"))
             .env_clear()
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
@@ -181,10 +214,13 @@ async fn wait_ready(url: &str) {
     .await;
 }
 
-/// `qrgate health` with `env`: (exit code, stdout, stderr).
+/// The image's `HEALTHCHECK` with `env`, this build's binary in place of
+/// the image's: (exit code, stdout, stderr).
 fn health(env: &[(String, String)]) -> (Option<i32>, String, String) {
+    let check = image_argv("HEALTHCHECK");
+    assert_eq!(check[..1], image_argv("ENTRYPOINT"), "another program");
     let out = Command::new(BIN)
-        .arg("health")
+        .args(&check[1..])
         .env_clear()
         .envs(env.iter().map(|(k, v)| (k, v)))
         .output()
