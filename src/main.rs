@@ -33,9 +33,8 @@ enum Cmd {
     /// and tell the story of one fuel sale and one vending sale.
     #[cfg(feature = "demo")]
     Demo,
-    /// Ask the running qrgate (its HTTP listener, from the same
-    /// configuration) whether it can take sales: exit status 0 when ready,
-    /// 1 otherwise, with one line saying why. For container health checks.
+    /// Ask the running qrgate's /readyz whether it can take sales: exit 0
+    /// when ready, 1 otherwise, with one line saying why (health checks).
     Health,
     /// The configured stores and POS at Mercado Pago.
     Pos {
