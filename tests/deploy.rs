@@ -551,6 +551,71 @@ fn the_compose_broker_keeps_every_setting_of_the_station_broker_but_its_paths() 
     assert!(compose_yaml.contains("./mosquitto.acl:/mosquitto/config/qrgate.acl:ro"));
 }
 
+/// compose/mosquitto.conf runs: the real Mosquitto, with its container
+/// paths under a temporary root and its listener on a free loopback port,
+/// takes qrgate's login from the password file and the ACL compose mounts,
+/// and qrgate becomes ready on it.
+#[tokio::test]
+async fn qrgate_becomes_ready_on_the_compose_broker_with_its_password_file_and_acl() {
+    use std::os::unix::fs::PermissionsExt;
+    if !installed("mosquitto", "-h", "QRGATE_REQUIRE_MOSQUITTO") {
+        return;
+    }
+    let station = Station::new();
+    let root = station.path("mosquitto");
+    std::fs::create_dir_all(root.join("config")).unwrap();
+    std::fs::create_dir_all(root.join("data")).unwrap();
+    // Started as root, Mosquitto drops to its own user: it must read its
+    // files and write its persistence.
+    let mode =
+        |p: &Path, m: u32| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+    for dir in [station.path(""), root.clone(), root.join("config")] {
+        mode(&dir, 0o755);
+    }
+    mode(&root.join("data"), 0o777);
+    let passwd = root.join("config/qrgate.passwd");
+    let made = Command::new("mosquitto_passwd")
+        .args(["-c", "-b"])
+        .arg(&passwd)
+        .args(["qrgate", "compose-secret"])
+        .status()
+        .unwrap();
+    assert!(made.success());
+    mode(&passwd, 0o644);
+    std::fs::copy(
+        format!("{DEPLOY}/mosquitto.acl"),
+        root.join("config/qrgate.acl"),
+    )
+    .unwrap();
+    let port = free_port();
+    let conf = std::fs::read_to_string(format!("{DEPLOY}/compose/mosquitto.conf"))
+        .unwrap()
+        .replace("/mosquitto/", &format!("{}/", root.display()))
+        .replace(
+            "\nlistener 1883\n",
+            &format!("\nlistener {port} 127.0.0.1\n"),
+        );
+    assert!(conf.contains(&format!("listener {port} ")), "{conf}");
+    std::fs::write(root.join("mosquitto.conf"), conf).unwrap();
+    let _mosquitto = Killed(
+        Command::new("mosquitto")
+            .arg("-c")
+            .arg(root.join("mosquitto.conf"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+
+    let env = with(
+        &station.env(),
+        "QRGATE_MQTT__BROKER",
+        &format!("mqtt://127.0.0.1:{port}"),
+    );
+    let qrgate = Qrgate::start(&with(&env, "QRGATE_MQTT_PASSWORD", "compose-secret"));
+    wait_ready(&qrgate.url("/readyz")).await;
+}
+
 #[tokio::test]
 async fn caddy_forwards_only_mp_to_qrgate_and_answers_everything_else_404() {
     if !installed("caddy", "version", "QRGATE_REQUIRE_CADDY") {
