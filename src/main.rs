@@ -1,7 +1,8 @@
-//! The `qrgate` command: `serve` (the default), `check-config`, `demo` (with
-//! the default-on `demo` feature), and `pos register` / `pos list` (stores
-//! and POS at Mercado Pago). A configuration error exits 78 (`EX_CONFIG`)
-//! whatever the subcommand.
+//! The `qrgate` command: `serve` (the default), `check-config`, `health`
+//! (asks a running qrgate whether it is ready), `demo` (with the default-on
+//! `demo` feature), and `pos register` / `pos list` (stores and POS at
+//! Mercado Pago). A configuration error exits 78 (`EX_CONFIG`) whatever the
+//! subcommand but `health`, which a container engine reads as 0 or 1.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -39,6 +40,9 @@ enum Cmd {
     /// and tell the story of one fuel sale and one vending sale.
     #[cfg(feature = "demo")]
     Demo,
+    /// Ask the running qrgate's /readyz whether it can take sales: exit 0
+    /// when ready, 1 otherwise, with one line saying why (health checks).
+    Health,
     /// The configured stores and POS at Mercado Pago.
     Pos {
         #[command(subcommand)]
@@ -105,6 +109,7 @@ fn main() -> ExitCode {
         #[cfg(feature = "demo")]
         Cmd::Demo => runtime.block_on(qrgate::demo::run()),
         Cmd::Pos { command } => return runtime.block_on(pos(path, command)),
+        Cmd::Health => return runtime.block_on(qrgate::healthcheck::run(path.as_deref())),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -169,6 +174,7 @@ async fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
     }
     let app = App::build(config).await?;
     let token = app.shutdown_token();
+    qrgate::service::spawn(app.http_addr(), app.book().store().clone(), token.clone());
     tokio::spawn(stop_on_signal(token));
     app.run_until_stopped().await
 }
@@ -280,5 +286,6 @@ async fn stop_on_signal(token: CancellationToken) {
     {
         let _ = tokio::signal::ctrl_c().await;
     }
+    qrgate::service::stopping();
     token.cancel();
 }
