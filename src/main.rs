@@ -1,6 +1,6 @@
-//! The `qrgate` command: `serve` (the default), `demo` (with the default-on
-//! `demo` feature), and `pos register` / `pos list` (stores and POS at
-//! Mercado Pago).
+//! The `qrgate` command: `serve` (the default), `demo` and `simulator` (with
+//! the default-on `demo` feature), and `pos register` / `pos list` (stores and
+//! POS at Mercado Pago).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -33,6 +33,10 @@ enum Cmd {
     /// and tell the story of one fuel sale and one vending sale.
     #[cfg(feature = "demo")]
     Demo,
+    /// The Mercado Pago simulator on its own (the `mpsim` command): `qrgate
+    /// simulator` serves it, `qrgate simulator scan|pay|notify|…` drives it.
+    #[cfg(feature = "demo")]
+    Simulator(mpsim::cli::Args),
     /// The configured stores and POS at Mercado Pago.
     Pos {
         #[command(subcommand)]
@@ -70,6 +74,8 @@ fn main() -> ExitCode {
         Cmd::Serve => runtime.block_on(serve(cli.config)),
         #[cfg(feature = "demo")]
         Cmd::Demo => runtime.block_on(qrgate::demo::run()),
+        #[cfg(feature = "demo")]
+        Cmd::Simulator(args) => return runtime.block_on(mpsim::cli::run(args)),
         Cmd::Pos { command } => return runtime.block_on(pos(cli.config, command)),
     };
     match result {

@@ -187,11 +187,14 @@ pub async fn run(args: Args) -> ExitCode {
 }
 
 async fn serve(options: Serve) -> ExitCode {
+    // One line per scan, payment, notification and refund; actix's own start and stop lines
+    // say nothing a device maker needs. RUST_LOG replaces this filter.
     let _ = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,actix_server=warn")),
         )
         .with_target(false)
         .try_init();
@@ -379,13 +382,18 @@ fn describe(kind: &str, answer: &Value) -> String {
             }
         }
         "withhold-notifications" => format!(
-            "notifications withheld: {} ({} waiting; `mpsim notify` sends them)",
+            "notifications withheld: {}{}",
             if answer["withholding"] == true {
                 "on"
             } else {
                 "off"
             },
-            text("withheld")
+            match answer["withheld"].as_u64() {
+                Some(waiting) if waiting > 0 => {
+                    format!(" ({waiting} waiting; `mpsim notify` sends them)")
+                }
+                _ => String::new(),
+            }
         ),
         "refund" => format!(
             "refund {} of payment {}: {} of {} {} refunded, payment {} ({})",
