@@ -1,8 +1,9 @@
 //! The `qrgate` command: `serve` (the default), `check-config`, `health`
-//! (asks a running qrgate whether it is ready), `demo` (with the default-on
-//! `demo` feature), and `pos register` / `pos list` (stores and POS at
-//! Mercado Pago). A configuration error exits 78 (`EX_CONFIG`) whatever the
-//! subcommand but `health`, which a container engine reads as 0 or 1.
+//! (asks a running qrgate whether it is ready), `demo` and `simulator` (with
+//! the default-on `demo` feature), and `pos register` / `pos list` (stores
+//! and POS at Mercado Pago). A configuration error exits 78 (`EX_CONFIG`)
+//! whatever the subcommand but `health`, which a container engine reads as
+//! 0 or 1.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -43,6 +44,10 @@ enum Cmd {
     /// Ask the running qrgate's /readyz whether it can take sales: exit 0
     /// when ready, 1 otherwise, with one line saying why (health checks).
     Health,
+    /// The Mercado Pago simulator on its own (the `mpsim` command): `qrgate
+    /// simulator` serves it, `qrgate simulator scan|pay|notify|…` drives it.
+    #[cfg(feature = "demo")]
+    Simulator(mpsim::cli::Args),
     /// The configured stores and POS at Mercado Pago.
     Pos {
         #[command(subcommand)]
@@ -110,6 +115,8 @@ fn main() -> ExitCode {
         Cmd::Demo => runtime.block_on(qrgate::demo::run()),
         Cmd::Pos { command } => return runtime.block_on(pos(path, command)),
         Cmd::Health => return runtime.block_on(qrgate::healthcheck::run(path.as_deref())),
+        #[cfg(feature = "demo")]
+        Cmd::Simulator(args) => return runtime.block_on(mpsim::cli::run(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
