@@ -336,7 +336,7 @@ async fn the_largest_mqtt_message_costs_qrgate_next_to_no_memory() {
 /// publish cut ("early eof"). Each of 3,200 clients here connects through
 /// the door, publishes a retained QoS 1 message and leaves cleanly, 32 at a
 /// time. Before the door left the closing to the broker, 6 to 12 of them were
-/// cut per run (4 runs; 2 and 3 going straight to rumqttd); since, none (3
+/// cut per run (4 runs; 2 and 3 going straight to rumqttd); since, none (5
 /// runs). A race, so a measurement, on a broker of its own:
 /// `cargo test --test api -- --ignored --exact device_hardening::clients_leaving_cleanly_never_cut_off_one_arriving --nocapture`
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
