@@ -44,6 +44,60 @@ async fn first_line(child: &mut Child) -> (Value, Lines<BufReader<ChildStdout>>)
     (value, lines)
 }
 
+/// Runs `qrgate serve` on `config` until it says where it listens: the
+/// process and its HTTP, console and broker addresses; or, when it stops
+/// first, what it printed on stderr.
+async fn serve(
+    config: &std::path::Path,
+    token: &str,
+) -> Result<(Child, String, String, String), String> {
+    let mut qrgate = Command::new(BIN)
+        .arg("--config")
+        .arg(config)
+        .arg("serve")
+        .env_remove("QRGATE_CONFIG")
+        .env_remove("RUST_LOG")
+        .env("QRGATE_MP_ACCESS_TOKEN", token)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stdout = qrgate.stdout.take().expect("stdout is piped");
+    let mut lines = BufReader::new(stdout).lines();
+    let (mut http, mut admin, mut mqtt) = (None, None, None);
+    loop {
+        let next = wait::wait_for_event("qrgate's listening lines", lines.next_line()).await;
+        let Some(text) = next.unwrap() else {
+            let mut why = String::new();
+            if let Some(mut err) = qrgate.stderr.take() {
+                use tokio::io::AsyncReadExt;
+                let _ = err.read_to_string(&mut why).await;
+            }
+            return Err(why);
+        };
+        let line: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        let listen = line["listen"].as_str().map(str::to_owned);
+        match line["message"].as_str() {
+            Some("HTTP listening") => http = listen,
+            Some("console and admin API listening") => admin = listen,
+            Some("embedded MQTT broker listening") => mqtt = listen,
+            _ => {}
+        }
+        if let (Some(h), Some(a), Some(m)) = (&http, &admin, &mqtt) {
+            let found = (h.clone(), a.clone(), m.clone());
+            // The rest of the log is read so that qrgate never blocks on it;
+            // stderr too.
+            tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+            if let Some(err) = qrgate.stderr.take() {
+                let mut err = BufReader::new(err).lines();
+                tokio::spawn(async move { while let Ok(Some(_)) = err.next_line().await {} });
+            }
+            return Ok((qrgate, found.0, found.1, found.2));
+        }
+    }
+}
+
 impl Station {
     /// Starts the simulator on a port the OS picks, registers pump-1 there
     /// with `qrgate pos register`, and starts qrgate on it. `orders` is the
@@ -65,74 +119,55 @@ impl Station {
 
         // qrgate's HTTP port must be known before it starts: it is in the
         // POS url registered at Mercado Pago and in every notification_url.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let dir = tempfile::tempdir().unwrap();
-        let config = write_config(&dir, port, &base_url, orders);
-        let register = Command::new(BIN)
-            .arg("--config")
-            .arg(&config)
-            .args(["pos", "register"])
-            .env_remove("QRGATE_CONFIG")
-            .env_remove("RUST_LOG")
-            .env("QRGATE_MP_ACCESS_TOKEN", &token)
-            .output()
-            .await
-            .unwrap();
-        assert!(
-            register.status.success(),
-            "{}{}",
-            String::from_utf8_lossy(&register.stdout),
-            String::from_utf8_lossy(&register.stderr)
-        );
-
-        let mut qrgate = Command::new(BIN)
-            .arg("--config")
-            .arg(&config)
-            .arg("serve")
-            .env_remove("QRGATE_CONFIG")
-            .env_remove("RUST_LOG")
-            .env("QRGATE_MP_ACCESS_TOKEN", &token)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let (mut line, mut lines) = first_line(&mut qrgate).await;
-        let (mut http, mut admin, mut mqtt) = (None, None, None);
-        loop {
-            let listen = line["listen"].as_str().map(str::to_owned);
-            match line["message"].as_str() {
-                Some("HTTP listening") => http = listen,
-                Some("console and admin API listening") => admin = listen,
-                Some("embedded MQTT broker listening") => mqtt = listen,
-                _ => {}
+        // A port the OS picked and released may be taken again by another
+        // test before qrgate binds it: then qrgate says `http.listen` and
+        // exits, and the station starts over on another port.
+        for _ in 0..5 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let dir = tempfile::tempdir().unwrap();
+            let config = write_config(&dir, port, &base_url, orders);
+            let register = Command::new(BIN)
+                .arg("--config")
+                .arg(&config)
+                .args(["pos", "register"])
+                .env_remove("QRGATE_CONFIG")
+                .env_remove("RUST_LOG")
+                .env("QRGATE_MP_ACCESS_TOKEN", &token)
+                .output()
+                .await
+                .unwrap();
+            assert!(
+                register.status.success(),
+                "{}{}",
+                String::from_utf8_lossy(&register.stdout),
+                String::from_utf8_lossy(&register.stderr)
+            );
+            match serve(&config, &token).await {
+                Ok((qrgate, http, admin, mqtt)) => {
+                    let station = Station {
+                        sim: base_url,
+                        http: format!("http://{http}"),
+                        admin: format!("http://{admin}"),
+                        mqtt: mqtt.parse().unwrap(),
+                        _processes: [sim, qrgate],
+                        _dir: dir,
+                    };
+                    let ready = format!("{}/readyz", station.http);
+                    wait_for("qrgate ready", || async {
+                        reqwest::get(&ready).await.is_ok_and(|r| r.status() == 200)
+                    })
+                    .await;
+                    return station;
+                }
+                Err(why) if why.contains("http.listen") => continue,
+                Err(why) => panic!("qrgate stopped before it listened: {why}"),
             }
-            if let (Some(http), Some(admin), Some(mqtt)) = (&http, &admin, &mqtt) {
-                // The rest of the log is read so that qrgate never blocks on it.
-                tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-                let station = Station {
-                    sim: base_url,
-                    http: format!("http://{http}"),
-                    admin: format!("http://{admin}"),
-                    mqtt: mqtt.parse().unwrap(),
-                    _processes: [sim, qrgate],
-                    _dir: dir,
-                };
-                let ready = format!("{}/readyz", station.http);
-                wait_for("qrgate ready", || async {
-                    reqwest::get(&ready).await.is_ok_and(|r| r.status() == 200)
-                })
-                .await;
-                return station;
-            }
-            let next = wait::wait_for_event("qrgate's listening lines", lines.next_line()).await;
-            let text = next.unwrap().expect("qrgate stopped before it listened");
-            line = serde_json::from_str(&text).unwrap_or(Value::Null);
         }
+        panic!("five HTTP ports in a row were taken before qrgate could bind them");
     }
 
     /// `qrgate simulator --json ARGS` against this station's simulator: its
