@@ -575,6 +575,7 @@ pub fn serve(
                     srv.call(req)
                 })
                 .app_data(shared.clone())
+                .app_data(shared.readiness.clone())
                 .configure(super::routes);
             let http = HttpService::build()
                 .keep_alive(KeepAlive::default())
