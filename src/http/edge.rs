@@ -553,6 +553,12 @@ pub fn serve(
         max_connections = per_worker * workers,
         max_connections_per_address = config.max_connections_per_address,
         request_timeout_secs = config.request_timeout.as_secs(),
+        trusted_proxies = %config
+            .trusted_proxies
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
         "HTTP edge limits"
     );
     let request_timeout = config.request_timeout;
