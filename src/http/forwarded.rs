@@ -96,6 +96,7 @@ impl TrustedProxies {
                 return Said::Unusable;
             }
         }
+        let hops = all.len();
         let mut last = None;
         for hop in all.into_iter().rev().take(MAX_HOPS) {
             let Some(ip) = hop.map(canonical) else {
@@ -105,6 +106,9 @@ impl TrustedProxies {
                 return Said::Client(ip);
             }
             last = Some(ip);
+        }
+        if hops > MAX_HOPS {
+            return Said::Unusable;
         }
         // Every hop is a proxy of ours: the left-most is as far as it goes.
         last.map_or(Said::Unusable, Said::Client)
@@ -274,10 +278,19 @@ mod tests {
         );
         assert_eq!(t.client(local, &raw), local);
         // A chain longer than anyone's proxies.
-        let long = vec!["127.0.0.1"; 200].join(",");
+        for n in [33, 200] {
+            let long = vec!["127.0.0.1"; n].join(",");
+            assert_eq!(
+                t.client(local, &headers(&[("x-forwarded-for", &long)])),
+                local
+            );
+        }
+        let mut long = vec!["127.0.0.1"; 40];
+        long[3] = "203.0.113.1";
         assert_eq!(
-            t.client(local, &headers(&[("x-forwarded-for", &long)])),
-            local
+            t.client(local, &headers(&[("x-forwarded-for", &long.join(","))])),
+            local,
+            "a client past the 32nd hop is not believed either"
         );
     }
 
