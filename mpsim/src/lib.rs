@@ -7,7 +7,8 @@
 //! - MP's backend: [`Simulator::pay`] approves or rejects a payment and sends the IPN / webhook
 //!   notifications to the order's `notification_url`;
 //! - MP's API at [`Simulator::base_url`]: `GET /merchant_orders/{id}`, `GET /merchant_orders/search`,
-//!   `GET /v1/payments/{id}`, `POST /v1/payments/{id}/refunds` and the attended model's
+//!   `GET /v1/payments/{id}`, `POST /v1/payments/{id}/refunds`, `GET /users/me` (the token's account),
+//!   and the attended model's
 //!   `PUT`/`DELETE .../pos/{pos}/orders`, with bodies shaped like captured real ones (noise fields,
 //!   `null`s, `order.id` as a string in payments, amounts as exact JSON numbers).
 //!
@@ -1539,6 +1540,17 @@ fn answer(shared: &Shared, req: &HttpRequest, path: &str, body: &[u8]) -> HttpRe
         return response;
     }
     match (method, segments.as_slice()) {
+        // The account the token belongs to, as MP's SDKs read it: the
+        // cheapest call that needs a valid token.
+        ("GET", ["users", "me"]) => json_response(
+            StatusCode::OK,
+            serde_json::json!({
+                "id": shared.config.collector_id,
+                "nickname": "TESTSIMULATOR",
+                "site_id": site_id(&shared.config.site_currency),
+            })
+            .to_string(),
+        ),
         ("GET", ["merchant_orders", "search"]) => search(shared, req.query_string()),
         ("GET", ["merchant_orders", id]) => {
             let state = shared.lock();
@@ -2515,6 +2527,24 @@ mod tests {
         let statuses: Vec<u16> = sim.api_calls().iter().map(|c| c.status).collect();
         assert_eq!(statuses, [401, 401, 200]);
         assert_eq!(sim.api_calls()[2].path, path);
+    }
+
+    #[tokio::test]
+    async fn users_me_names_the_tokens_account_and_refuses_another_token() {
+        let (sim, _pos) = start().await;
+        let (status, _, _) = call(
+            &sim,
+            reqwest::Method::GET,
+            "/users/me",
+            Some("wrong"),
+            &[],
+            "",
+        )
+        .await;
+        assert_eq!(status, 401);
+        let (status, body) = get(&sim, "/users/me").await;
+        assert_eq!(status, 200);
+        assert_eq!(json(&body)["id"], 178_106_235);
     }
 
     #[tokio::test]

@@ -10,15 +10,18 @@ pub mod crash;
 mod device_hardening;
 mod durability;
 mod flow;
+mod health;
 mod helpers;
 mod hostile_devices;
 mod hostile_http;
 mod ledger;
 mod messages;
+mod metrics;
 mod mosquitto;
 mod notifications;
 mod operator_view;
 mod polls;
+mod proxy;
 mod security;
 #[path = "../common/wait.rs"]
 mod wait;
