@@ -413,6 +413,9 @@ async fn browser_cancel_button_cancels_a_pending_sale_end_to_end() {
         .external_reference
         .unwrap();
     app.scan("pump-1").await;
+    pump.wait_state(WAIT, |m| m.state == "pending" && m.served)
+        .await
+        .unwrap();
     b.c()
         .goto(&format!("{}/sales/{served}", app.admin.clone().unwrap()))
         .await

@@ -128,6 +128,18 @@ async fn station(ids: &[String]) -> (TestApp, BTreeSet<String>) {
         .await
         .unwrap();
     state_of(&device, "1", "paid").await;
+    // The start-up check of the access token is a Mercado Pago call of its
+    // own: counted once it is done, on either app.
+    wait_for("the access token checked", || async {
+        let v: serde_json::Value = reqwest::get(format!("{}/readyz", app.base))
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        (v["mercadopago"] == "ok").then_some(())
+    })
+    .await;
     let s = series(&app).await;
     (app, s)
 }

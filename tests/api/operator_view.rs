@@ -128,7 +128,11 @@ async fn the_sale_page_shows_payment_ids_why_a_payment_was_rejected_and_the_list
         .external_reference
         .unwrap();
     let order = app.scan("pump-1").await;
-    // Served: cancelling now warns that the customer may be paying.
+    // Served (recorded off the poll path: the device hears it once it is):
+    // cancelling now warns that the customer may be paying.
+    pump.wait_state(WAIT, |m| m.state == "pending" && m.served)
+        .await
+        .unwrap();
     let (_, html) = page(&format!("{base}/sales/{reference}")).await;
     assert!(
         html.contains("id=\"cancel\" class=\"danger\" data-served=\"true\""),
