@@ -1,6 +1,6 @@
 //! The `qrgate` command: `serve` (the default), `demo` (with the default-on
-//! `demo` feature), and `pos register` / `pos list` (stores and POS at
-//! Mercado Pago).
+//! `demo` feature), `pos register` / `pos list` (stores and POS at
+//! Mercado Pago), and `backup` (an online copy of the store).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -33,6 +33,15 @@ enum Cmd {
     /// and tell the story of one fuel sale and one vending sale.
     #[cfg(feature = "demo")]
     Demo,
+    /// Copy the live database to PATH, consistently, while qrgate serves.
+    /// Exit status: 0 done, 78 a configuration error, 1 anything else.
+    Backup {
+        /// Where the copy goes (a new file; see --force).
+        path: PathBuf,
+        /// Replace PATH if it exists.
+        #[arg(long)]
+        force: bool,
+    },
     /// The configured stores and POS at Mercado Pago.
     Pos {
         #[command(subcommand)]
@@ -71,6 +80,7 @@ fn main() -> ExitCode {
         #[cfg(feature = "demo")]
         Cmd::Demo => runtime.block_on(qrgate::demo::run()),
         Cmd::Pos { command } => return runtime.block_on(pos(cli.config, command)),
+        Cmd::Backup { path, force } => return backup(cli.config.as_deref(), &path, force),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -184,6 +194,35 @@ async fn pos(path: Option<PathBuf>, command: PosCmd) -> ExitCode {
             } else {
                 error
             }
+        }
+    }
+}
+
+/// `qrgate backup PATH`: the store `serve` would open, copied online.
+fn backup(config: Option<&std::path::Path>, to: &std::path::Path, force: bool) -> ExitCode {
+    /// sysexits.h's EX_CONFIG, as systemd and scripts read it.
+    const CONFIG_ERROR: u8 = 78;
+    let config = match Config::load(config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("qrgate: {e}");
+            return ExitCode::from(CONFIG_ERROR);
+        }
+    };
+    match qrgate::store::backup::backup(&config.store.path, to, force) {
+        Ok(copied) => {
+            println!(
+                "qrgate: {} backed up to {} ({} pages, {} bytes)",
+                config.store.path.display(),
+                to.display(),
+                copied.pages,
+                copied.bytes
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("qrgate: {e}");
+            ExitCode::FAILURE
         }
     }
 }

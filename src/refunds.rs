@@ -31,9 +31,6 @@ use crate::store::{RefundRequest, StoreError};
 /// Who made a refund qrgate made by itself.
 pub const BY_QRGATE: &str = "qrgate";
 
-/// How long finished refund requests and done notifications are kept.
-const KEEP_RECORDS: i64 = 48 * 3600 * 1000;
-
 /// Makes one refund call, and the refund as Mercado Pago made it (its
 /// amount, when the answer says it; what was asked, otherwise).
 pub async fn make(
@@ -81,18 +78,11 @@ pub async fn run(client: MpClient, book: Arc<Book>, shutdown: CancellationToken)
     // Calls Mercado Pago refused (a final 4xx): left to the operator, not
     // repeated every round.
     let mut refused: HashSet<String> = HashSet::new();
-    let mut pruned_at = Instant::now() - Duration::from_secs(3600);
     loop {
         tokio::select! {
             _ = wake.notified() => {}
             _ = tokio::time::sleep(Duration::from_secs(30)) => {}
             _ = shutdown.cancelled() => return,
-        }
-        if pruned_at.elapsed() >= Duration::from_secs(3600) {
-            pruned_at = Instant::now();
-            if let Err(e) = book.store().prune(now_millis() - KEEP_RECORDS).await {
-                tracing::warn!(error = %e, "cannot forget old inbox entries and refund requests");
-            }
         }
         // Operator requests a failure or a crash cut short are finished.
         finish_unanswered(&client, &book, now_millis() - STALE_REQUEST).await;
@@ -306,7 +296,7 @@ async fn keep(book: &Book, r: &RefundRequest, a: &Answer) {
 /// How long a repeat without an `Idempotency-Key` is answered from the first.
 const REPEAT_WINDOW: Duration = Duration::from_secs(60);
 /// How long an `Idempotency-Key`'s answer is kept in memory (the store
-/// keeps it for [`KEEP_RECORDS`]).
+/// keeps it for [`crate::retention::KEEP_RECORDS`]).
 const KEY_WINDOW: Duration = Duration::from_secs(24 * 3600);
 
 /// An answer of the admin API: status and JSON body.

@@ -3,6 +3,7 @@
 
 mod admin;
 mod attended;
+mod backup;
 mod browser;
 mod checklist;
 mod console_edge;
@@ -18,6 +19,7 @@ mod messages;
 mod mosquitto;
 mod notifications;
 mod polls;
+mod retention;
 mod security;
 #[path = "../common/wait.rs"]
 mod wait;
