@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use mpsim::{NotifyMode, PaymentOutcome};
+use mpsim::NotifyMode;
 use qrgate::orders::ExternalReference;
 
 use crate::helpers::*;
@@ -30,22 +30,9 @@ async fn run_backup(db: &std::path::Path, args: &[&str]) -> (i32, String, String
     )
 }
 
-/// One whole sale on `pos`: accepted, scanned, paid, delivered.
+/// One whole sale on `device`: accepted, scanned, paid, delivered.
 async fn sell(app: &TestApp, device: &qrgate_devices::Device, sale_id: &str) -> String {
-    device
-        .publish_sale(sale_id, &snack("10.00"), None)
-        .await
-        .unwrap();
-    let reference = state_of(device, sale_id, "pending")
-        .await
-        .external_reference
-        .unwrap();
-    let order = app.scan(device.pos_id()).await;
-    app.mp
-        .pay(order.merchant_order_id, PaymentOutcome::Approved)
-        .await
-        .unwrap();
-    state_of(device, sale_id, "paid").await;
+    let (reference, _, _) = app.paid_sale(device, sale_id, &snack("10.00")).await;
     device.delivered(sale_id, true, None).await.unwrap();
     app.wait_event(&reference, "delivered").await;
     reference

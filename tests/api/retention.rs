@@ -51,20 +51,7 @@ async fn an_old_ended_sale_leaves_with_its_rows_into_the_archive_and_one_owing_a
     let vending = app.device("vending-1").await;
 
     // Old and ended: paid, delivered, and the pump sold again since.
-    pump.publish_sale("1", &fuel("10", "100.00"), None)
-        .await
-        .unwrap();
-    let paid_ref = state_of(&pump, "1", "pending")
-        .await
-        .external_reference
-        .unwrap();
-    let order = app.scan("pump-1").await;
-    let payment = app
-        .mp
-        .pay(order.merchant_order_id, PaymentOutcome::Approved)
-        .await
-        .unwrap();
-    state_of(&pump, "1", "paid").await;
+    let (paid_ref, order, payment) = app.paid_sale(&pump, "1", &fuel("10", "100.00")).await;
     pump.delivered("1", true, None).await.unwrap();
     app.wait_event(&paid_ref, "delivered").await;
 
@@ -203,19 +190,7 @@ async fn a_paid_sale_stays_while_undelivered_and_while_a_search_after_payment_is
     let app = TestApp::spawn().await;
     app.mp.set_notify_mode(NotifyMode::Ipn);
     let pump = app.device("pump-1").await;
-    pump.publish_sale("1", &fuel("10", "100.00"), None)
-        .await
-        .unwrap();
-    let reference = state_of(&pump, "1", "pending")
-        .await
-        .external_reference
-        .unwrap();
-    let order = app.scan("pump-1").await;
-    app.mp
-        .pay(order.merchant_order_id, PaymentOutcome::Approved)
-        .await
-        .unwrap();
-    state_of(&pump, "1", "paid").await;
+    let (reference, _, _) = app.paid_sale(&pump, "1", &fuel("10", "100.00")).await;
     // A newer sale exists; the paid one is not delivered yet.
     pump.publish_sale("2", &fuel("1", "100.00"), None)
         .await
