@@ -26,9 +26,12 @@ use crate::store::{RetentionCandidate, RetentionPage, Store, StoreError};
 pub const KEEP_RECORDS: i64 = 48 * 3600 * 1000;
 
 /// Candidates read per page.
-const PAGE: usize = 200;
+const PAGE: usize = 100;
 /// Sales removed per write.
-const CHUNK: usize = 50;
+const CHUNK: usize = 10;
+/// The pause after each write of a pass: the writer's queue drains between
+/// them, so a pass never stands between a sale and its commit for long.
+const BREATHE: Duration = Duration::from_millis(5);
 /// Refused device messages removed per write.
 const REJECTIONS_CHUNK: usize = 1000;
 
@@ -117,6 +120,7 @@ impl Retention {
                         .map(|c| (c.sale.external_reference.clone(), c.sale.updated_at))
                         .collect::<Vec<(ExternalReference, i64)>>();
                     swept.sales += store.forget_sales(sales).await?;
+                    tokio::time::sleep(BREATHE).await;
                 }
             }
             if !full {
@@ -129,6 +133,7 @@ impl Retention {
             if n < REJECTIONS_CHUNK {
                 break;
             }
+            tokio::time::sleep(BREATHE).await;
         }
         store.prune(now.saturating_sub(KEEP_RECORDS)).await?;
         Ok(swept)
