@@ -31,7 +31,7 @@ const PAGE: usize = 100;
 const CHUNK: usize = 10;
 /// The pause after each write of a pass: the writer's queue drains between
 /// them, so a pass never stands between a sale and its commit for long.
-const BREATHE: Duration = Duration::from_millis(5);
+const BREATHE: Duration = Duration::from_millis(20);
 /// Refused device messages removed per write.
 const REJECTIONS_CHUNK: usize = 1000;
 
