@@ -52,6 +52,7 @@ async fn book(store: Arc<dyn Store>, pos: Vec<PosConfig>) -> Arc<Book> {
                 auto_refund: false,
                 poll_protocol: qrgate::orders::PollProtocol::V1,
                 attended: None,
+                clock: qrgate::clock::Clock::system(),
             },
             publish,
             served,

@@ -12,7 +12,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::book::{now_millis, Book, BookSettings};
+use crate::book::{Book, BookSettings};
+use crate::clock::Clock;
 use crate::config::Secret;
 use crate::config::{Broker, Config};
 use crate::inbox::{self, InboxSettings};
@@ -48,14 +49,28 @@ impl App {
     pub async fn build(config: Config) -> anyhow::Result<App> {
         // Bind HTTP before anything starts in the background, so a taken
         // port fails the start cleanly.
-        let listener = TcpListener::bind(config.http.listen)
-            .with_context(|| format!("cannot listen for HTTP on {}", config.http.listen))?;
+        let listener = TcpListener::bind(config.http.listen).with_context(|| {
+            format!(
+                "cannot listen for HTTP on {} (key `http.listen`)",
+                config.http.listen
+            )
+        })?;
         App::build_on(config, listener).await
     }
 
     /// Builds on a listener bound by the caller (tests bind port 0 first, to
     /// put the real port in `public_url`).
     pub async fn build_on(config: Config, listener: TcpListener) -> anyhow::Result<App> {
+        App::build_timed(config, listener, Clock::system()).await
+    }
+
+    /// Builds on the caller's listener with the caller's clock: tests of
+    /// TTLs and schedules move it forward rather than wait.
+    pub async fn build_timed(
+        mut config: Config,
+        listener: TcpListener,
+        clock: Clock,
+    ) -> anyhow::Result<App> {
         install_crypto();
         // The console's port is checked before anything starts, too.
         let admin_listener = match config.admin.listen {
@@ -77,6 +92,11 @@ impl App {
             .with_context(|| format!("cannot open the store {}", config.store.path.display()))?,
         );
         let http_addr = listener.local_addr()?;
+        // Unset, public_url is the listener's: its real port, when the OS
+        // picked it.
+        if config.http.public_url_follows_listen && config.http.listen.port() == 0 {
+            config.http.public_url = format!("http://{http_addr}");
+        }
 
         let (endpoint, mqtt_addr, mqtt_tls_addr) = match &config.mqtt.broker {
             Broker::Embedded => {
@@ -187,6 +207,7 @@ impl App {
                     auto_refund: config.orders.auto_refund,
                     poll_protocol: config.mercadopago.poll_protocol,
                     attended: any_attended.then_some(attended_tx),
+                    clock: clock.clone(),
                 },
                 publish_tx,
                 served_tx,
@@ -246,6 +267,7 @@ impl App {
         tracker.spawn(crate::retention::run(
             Arc::clone(&store),
             crate::retention::Retention::new(&config.store, &config.orders),
+            clock.clone(),
             shutdown.clone(),
         ));
         tracker.spawn(crate::refunds::run(
@@ -259,12 +281,9 @@ impl App {
             let shutdown = shutdown.clone();
             let every = Duration::from_secs(config.orders.paid_republish_secs);
             tracker.spawn(async move {
-                let mut tick = tokio::time::interval(every);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                tick.tick().await;
                 loop {
                     tokio::select! {
-                        _ = tick.tick() => {}
+                        _ = book.clock().sleep(every) => {}
                         _ = shutdown.cancelled() => break,
                     }
                     for sale in book.undelivered() {
@@ -297,14 +316,12 @@ impl App {
             let book = Arc::clone(&book);
             let shutdown = shutdown.clone();
             tracker.spawn(async move {
-                let mut tick = tokio::time::interval(Duration::from_millis(250));
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     tokio::select! {
-                        _ = tick.tick() => {}
+                        _ = book.clock().sleep(Duration::from_millis(250)) => {}
                         _ = shutdown.cancelled() => break,
                     }
-                    for pos in book.expired(now_millis()) {
+                    for pos in book.expired(book.clock().now_millis()) {
                         if let Err(e) = book.execute(&pos, Command::Expire).await {
                             tracing::error!(pos = %pos, error = %e, "cannot expire a sale");
                         }
@@ -355,7 +372,7 @@ impl App {
             }
         };
 
-        tracing::info!(listen = %http_addr, pos_url = %format!("{}/mp/pos/{{pos_id}}", config.http.public_url),
+        tracing::info!(listen = %http_addr, pos_url = %config.http.pos_url_shown(),
             notification_url = %config.http.notification_url(), "HTTP listening");
         tracing::info!(count = config.pos.len(), pos = %config.pos.iter().map(|p| p.id.as_str()).collect::<Vec<_>>().join(","),
             "points of sale configured");

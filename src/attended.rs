@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::book::{now_millis, AttendedJob, Book, Verdict};
+use crate::book::{AttendedJob, Book, Verdict};
 use crate::config::{AttendedApi, AttendedOrderLife};
 use crate::mercadopago::client::{MpClient, MpError};
 use crate::mercadopago::order_body::{self, MpAccount};
@@ -237,7 +237,7 @@ impl Placer {
         key: &str,
     ) -> Result<Placement, MpError> {
         let pos = &cfg.mp_external_id;
-        let now = now_millis();
+        let now = self.book.clock().now_millis();
         let expires = self.order_expiry(now, sale.expires_at);
         match self.api {
             AttendedApi::Instore => {
@@ -532,8 +532,7 @@ impl Placer {
             let Some(at) = renew_at(expires, sale.expires_at, self.life.renew_lead_secs) else {
                 return;
             };
-            let wait = u64::try_from(at.saturating_sub(now_millis())).unwrap_or(0);
-            tokio::time::sleep(Duration::from_millis(wait)).await;
+            self.book.clock().sleep_until(at).await;
             let lane = self.lane(pos);
             let _turn = lane.lock().await;
             // Read again under the lane: a payment, a cancel or a new order
@@ -557,7 +556,7 @@ impl Placer {
         // An order already past its expiry (qrgate was stopped) still gets
         // the lead time to be placed again.
         let lead_ms = secs_ms(self.life.renew_lead_secs);
-        let give_up_at = expires.max(now_millis().saturating_add(lead_ms));
+        let give_up_at = expires.max(self.book.clock().now_millis().saturating_add(lead_ms));
         let old = sale.mp_order.clone();
         let key = old.as_deref().map_or_else(|| create_key(sale), renew_key);
         // Noted first: from here on the order may land after the payment.
@@ -568,7 +567,12 @@ impl Placer {
                 Ok(placed) => break placed,
                 Err(e) if e.is_transient() => {
                     let wait = backoff(attempt);
-                    let late = now_millis().saturating_add(wait.as_millis() as i64) >= give_up_at;
+                    let late = self
+                        .book
+                        .clock()
+                        .now_millis()
+                        .saturating_add(wait.as_millis() as i64)
+                        >= give_up_at;
                     if !self.book.is_pending(&sale.pos, &sale.external_reference) {
                         // Ended meanwhile; an attempt whose answer was lost
                         // may have placed it.

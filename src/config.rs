@@ -1,7 +1,8 @@
 //! Typed configuration: built-in defaults < TOML file < `QRGATE_` environment
 //! (`QRGATE_HTTP__LISTEN=...`: section and key joined by `__`), then checked
 //! into types. Every bad key is reported by name, all at once, before anything
-//! binds. Secrets come only from the environment.
+//! binds. Secrets never come from the file: the environment, a file it names
+//! or a systemd credential holds each one (`secrets`).
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -15,6 +16,19 @@ use serde::{Deserialize, Serialize};
 use crate::money::{Currency, Site};
 use crate::orders::{mp_external_id, PollProtocol, PosConfig, PosId, PosKind, PosMode};
 
+pub mod secrets;
+
+/// The exit status of every subcommand stopped by its configuration
+/// (sysexits' `EX_CONFIG`), so a supervisor can tell it from a crash.
+pub const EX_CONFIG: u8 = 78;
+
+/// The configuration file, when `--config` is not given.
+pub const CONFIG_ENV: &str = "QRGATE_CONFIG";
+
+/// The configuration file when neither `--config` nor `QRGATE_CONFIG` names
+/// one.
+pub const SYSTEM_CONFIG: &str = "/etc/qrgate/qrgate.toml";
+
 /// The environment variable that holds Mercado Pago's access token.
 pub const ACCESS_TOKEN_ENV: &str = "QRGATE_MP_ACCESS_TOKEN";
 
@@ -26,6 +40,9 @@ pub const ADMIN_TOKEN_ENV: &str = "QRGATE_ADMIN_TOKEN";
 
 /// The environment variable that holds the webhook signing secret.
 pub const WEBHOOK_SECRET_ENV: &str = "QRGATE_MP_WEBHOOK_SECRET";
+
+/// The environment variable that holds the read-only token of `/metrics`.
+pub const METRICS_TOKEN_ENV: &str = "QRGATE_METRICS_TOKEN";
 
 /// A value that must never reach a log, an error or a response.
 #[derive(Clone, PartialEq, Eq)]
@@ -46,6 +63,24 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// Replaces `[log] filter` when set.
+pub const LOG_FILTER_ENV: &str = "RUST_LOG";
+
+/// Every environment variable qrgate reads, with its default, for `--help`
+/// and docs/operations.md (a test holds the two together).
+pub const ENVIRONMENT: &[(&str, &str)] = &[
+    (CONFIG_ENV, "the configuration file, when --config is not given (default: /etc/qrgate/qrgate.toml if it exists, else the development defaults)"),
+    (ACCESS_TOKEN_ENV, "Mercado Pago's access token (default: none; payments cannot be verified)"),
+    (WEBHOOK_SECRET_ENV, "the secret of panel-configured webhooks (default: none)"),
+    (ADMIN_TOKEN_ENV, "the operator's token, 16 characters or more (default: none; console on loopback only)"),
+    (METRICS_TOKEN_ENV, "a read-only token for /metrics alone (default: none)"),
+    (MQTT_PASSWORD_ENV, "qrgate's password at an external broker (default: none)"),
+    ("<VAR>_FILE", "a file holding the secret <VAR> (any variable above, or one a config key names)"),
+    (secrets::CREDENTIALS_DIRECTORY_ENV, "systemd's credentials: <VAR> lower-cased without QRGATE_ (mp_access_token), and device_passwords"),
+    ("QRGATE_<SECTION>__<KEY>", "overrides one config key (QRGATE_HTTP__LISTEN=0.0.0.0:8080)"),
+    (LOG_FILTER_ENV, "replaces [log] filter (default: info)"),
+];
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Broker {
     /// rumqttd inside the process, listening on `embedded_listen`.
@@ -56,7 +91,9 @@ pub enum Broker {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
-    Pretty,
+    /// JSON when stdout is not a terminal (a service, a pipe), text when it is.
+    Auto,
+    Text,
     Json,
 }
 
@@ -65,6 +102,8 @@ pub struct HttpConfig {
     pub listen: SocketAddr,
     /// Base of the URLs we hand to Mercado Pago, without a trailing `/`.
     pub public_url: String,
+    /// `[http] public_url` is not set: `public_url` is `listen`'s.
+    pub public_url_follows_listen: bool,
     /// The `key` a poll must carry, per POS (its own, or the global one).
     pub poll_keys: PollKeys,
     pub notification_rate_per_sec: u32,
@@ -95,6 +134,16 @@ impl PollKeys {
 impl HttpConfig {
     pub fn notification_url(&self) -> String {
         format!("{}/mp/notifications", self.public_url)
+    }
+
+    /// The POS URLs' pattern as logs show it: the poll key masked.
+    pub fn pos_url_shown(&self) -> String {
+        let keyed = self.poll_keys.global.is_some() || !self.poll_keys.per_pos.is_empty();
+        format!(
+            "{}/mp/pos/{{pos_id}}{}",
+            self.public_url,
+            if keyed { "?key=***" } else { "" }
+        )
     }
 }
 
@@ -317,6 +366,8 @@ pub struct AdminConfig {
     pub timezone: chrono_tz::Tz,
     /// From `QRGATE_ADMIN_TOKEN`; without it only loopback is allowed.
     pub token: Option<Secret>,
+    /// From `QRGATE_METRICS_TOKEN`: reads `/metrics`, nothing else.
+    pub metrics_token: Option<Secret>,
     /// Names the console answers to besides loopback and its listen
     /// address (lowercase, no port): a `Host` outside them is refused, so a
     /// DNS-rebinding page cannot reach the console under its own name.
@@ -395,7 +446,9 @@ struct RawMpStore {
 #[serde(deny_unknown_fields)]
 struct RawHttp {
     listen: String,
-    public_url: String,
+    /// `None`: `http://` and `listen`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    public_url: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     poll_key: Option<String>,
     notification_rate_per_sec: u32,
@@ -471,6 +524,9 @@ struct RawMqtt {
     embedded_unconfined: bool,
     #[serde(default)]
     users: Vec<RawUser>,
+    /// Device logins, `username:password` lines.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    device_passwords_file: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     embedded_tls_listen: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -576,7 +632,7 @@ fn defaults() -> RawConfig {
         },
         http: RawHttp {
             listen: "127.0.0.1:8080".into(),
-            public_url: "http://127.0.0.1:8080".into(),
+            public_url: None,
             poll_key: None,
             notification_rate_per_sec: 100,
             notification_burst: 200,
@@ -605,6 +661,7 @@ fn defaults() -> RawConfig {
             allow_anonymous: false,
             embedded_unconfined: false,
             users: Vec::new(),
+            device_passwords_file: None,
             embedded_tls_listen: None,
             tls_cert: None,
             tls_key: None,
@@ -638,7 +695,7 @@ fn defaults() -> RawConfig {
             checkpoints: true,
         },
         log: RawLog {
-            format: "pretty".into(),
+            format: "auto".into(),
             filter: "info".into(),
         },
         pos: vec![
@@ -661,62 +718,201 @@ fn defaults() -> RawConfig {
 /// premium fuel in pesos fits; a typo with three extra zeros does not.
 const DEFAULT_MAX_AMOUNT: i64 = 10_000_000;
 
+/// What a configuration is loaded for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// `serve` and `check-config`: every secret the file names must be there.
+    Serve,
+    /// `pos register` and `pos list` talk only to Mercado Pago: the console's
+    /// token and the MQTT passwords are neither needed nor checked.
+    Registration,
+}
+
+/// The configuration file: `--config`, else `QRGATE_CONFIG`, else `system`
+/// when it exists (`SYSTEM_CONFIG`; tests pass their own); `None` runs the
+/// development defaults.
+pub fn locate(
+    flag: Option<&Path>,
+    env: &dyn Fn(&str) -> Option<String>,
+    system: &Path,
+) -> Option<PathBuf> {
+    flag.map(Path::to_owned)
+        .or_else(|| {
+            env(CONFIG_ENV)
+                .filter(|v| !v.trim().is_empty())
+                .map(PathBuf::from)
+        })
+        .or_else(|| system.exists().then(|| system.to_owned()))
+}
+
 impl Config {
     /// The first-run configuration, with nothing from file or environment.
     pub fn defaults() -> Config {
-        validate(first_run(defaults()), &|_| None).expect("built-in defaults are valid")
+        validate(first_run(defaults()), &|_| None, Purpose::Serve)
+            .expect("built-in defaults are valid")
     }
 
     /// Loads `path` (if any) over the defaults, then the `QRGATE_*__*`
-    /// environment, then the access token from its own variable.
+    /// environment, then the secrets.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
         Config::load_with(path, &|name| std::env::var(name).ok())
     }
 
-    /// `load`, reading secrets through `env` (tests pass their own).
+    /// `load`, reading the environment through `env` (tests pass their own).
     pub fn load_with(
         path: Option<&Path>,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
-        let base = match path {
-            None => first_run(defaults()),
-            Some(_) => defaults(),
-        };
-        let mut figment = Figment::from(Serialized::defaults(base));
-        if let Some(p) = path {
-            if !p.exists() {
-                return Err(ConfigError(vec![format!(
-                    "config file {} does not exist",
-                    p.display()
-                )]));
+        Config::load_for(path, env, Purpose::Serve)
+    }
+
+    /// `load_with` for `purpose`.
+    pub fn load_for(
+        path: Option<&Path>,
+        env: &dyn Fn(&str) -> Option<String>,
+        purpose: Purpose,
+    ) -> Result<Config, ConfigError> {
+        validate(extract(path)?, env, purpose)
+    }
+
+    /// What `qrgate check-config` prints: the effective configuration as
+    /// TOML, every secret in it masked, then where each secret comes from.
+    pub fn check(
+        path: Option<&Path>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<String, ConfigError> {
+        let raw = extract(path)?;
+        let config = validate(raw.clone(), env, Purpose::Serve)?;
+        Ok(render_effective(raw, &config, env))
+    }
+
+    /// What an operator should know at every start, one warning each.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let (Broker::External { .. }, Some(user), None) =
+            (&self.mqtt.broker, &self.mqtt.username, &self.mqtt.password)
+        {
+            out.push(format!(
+                "[mqtt] username is {user:?} but no password is set ({MQTT_PASSWORD_ENV}, \
+                 {MQTT_PASSWORD_ENV}_FILE or the credential {}): qrgate logs in with an empty one",
+                secrets::credential_name(MQTT_PASSWORD_ENV)
+            ));
+        }
+        if !is_loopback(&self.http.listen) {
+            let unkeyed: Vec<&str> = self
+                .pos
+                .iter()
+                .filter(|p| p.mode != PosMode::Attended)
+                .filter(|p| self.http.poll_keys.for_pos(&p.id).is_none())
+                .map(|p| p.id.as_str())
+                .collect();
+            if !unkeyed.is_empty() {
+                out.push(format!(
+                    "HTTP listens on {} with no poll key for {} POS ({}): anyone who guesses a POS URL \
+                     can read its orders; set [http] poll_key (QRGATE_HTTP__POLL_KEY)",
+                    self.http.listen,
+                    unkeyed.len(),
+                    unkeyed
+                        .iter()
+                        .take(5)
+                        .copied()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
             }
-            figment = figment.merge(Toml::file(p));
+            if self.http.public_url_follows_listen {
+                out.push(format!(
+                    "[http] public_url is not set: the POS URLs and notification_url use {}, \
+                     which Mercado Pago cannot reach; set [http] public_url",
+                    self.http.public_url
+                ));
+            }
         }
-        // Only `SECTION__KEY` variables are overrides; QRGATE_CONFIG,
-        // QRGATE_MP_ACCESS_TOKEN and the like are not keys.
-        figment = figment.merge(
-            Env::prefixed("QRGATE_")
-                .filter(|k| k.as_str().contains("__"))
-                .split("__"),
-        );
-        let raw: RawConfig = figment.extract().map_err(|e| {
-            ConfigError(
-                e.into_iter()
-                    .map(|e| {
-                        let key = e.path.join(".");
-                        if key.is_empty() {
-                            format!("{}", e.kind)
-                        } else {
-                            format!("key `{key}`: {}", e.kind)
+        out
+    }
+}
+
+/// The defaults, the file and the `QRGATE_SECTION__KEY` environment, merged.
+fn extract(path: Option<&Path>) -> Result<RawConfig, ConfigError> {
+    let base = match path {
+        None => first_run(defaults()),
+        Some(_) => defaults(),
+    };
+    let mut figment = Figment::from(Serialized::defaults(base));
+    if let Some(p) = path {
+        if !p.exists() {
+            return Err(ConfigError(vec![format!(
+                "config file {} does not exist",
+                p.display()
+            )]));
+        }
+        figment = figment.merge(Toml::file(p));
+    }
+    // Only `SECTION__KEY` variables are overrides; QRGATE_CONFIG,
+    // QRGATE_MP_ACCESS_TOKEN and the like are not keys.
+    figment = figment.merge(
+        Env::prefixed("QRGATE_")
+            .filter(|k| k.as_str().contains("__"))
+            .split("__"),
+    );
+    let raw: RawConfig = figment.extract().map_err(|e| {
+        ConfigError(
+            e.into_iter()
+                .map(|e| {
+                    let key = e.path.join(".");
+                    if let figment::error::Kind::UnknownField(field, _) = &e.kind {
+                        // The path names the field itself.
+                        let table = key.strip_suffix(field.as_str()).unwrap_or(&key);
+                        if let Some(how) = secret_home(table.trim_end_matches('.'), field) {
+                            return format!(
+                                "key `{key}`: secrets are never read from the configuration file; {how}"
+                            );
                         }
-                    })
-                    .collect(),
-            )
-        })?;
-        if raw.pos.iter().any(|p| p.id.is_empty() && p.kind.is_empty()) {
-            return Err(ConfigError(vec!["key `pos`: empty entry".into()]));
-        }
-        validate(raw, env)
+                    }
+                    if key.is_empty() {
+                        format!("{}", e.kind)
+                    } else {
+                        format!("key `{key}`: {}", e.kind)
+                    }
+                })
+                .collect(),
+        )
+    })?;
+    if raw.pos.iter().any(|p| p.id.is_empty() && p.kind.is_empty()) {
+        return Err(ConfigError(vec!["key `pos`: empty entry".into()]));
+    }
+    Ok(raw)
+}
+
+/// Where a secret written as a file key (`field` in the table at `key`)
+/// belongs instead; `None` for a key that is no secret.
+fn secret_home(key: &str, field: &str) -> Option<String> {
+    let var = |v: &str| {
+        format!(
+            "set {v} (or {v}_FILE, or the credential {})",
+            secrets::credential_name(v)
+        )
+    };
+    let section = key.split('.').next().unwrap_or("");
+    // `mqtt.users.0`, `pos.3`: an entry of a list.
+    let entry = key.contains('.') || section == "pos";
+    match (section, entry, field) {
+        ("mercadopago", false, "access_token" | "token") => Some(var(ACCESS_TOKEN_ENV)),
+        ("mercadopago", false, "webhook_secret") => Some(var(WEBHOOK_SECRET_ENV)),
+        ("mqtt", false, "password") => Some(var(MQTT_PASSWORD_ENV)),
+        ("admin", false, "token") => Some(var(ADMIN_TOKEN_ENV)),
+        ("admin" | "http", false, "metrics_token") => Some(var(METRICS_TOKEN_ENV)),
+        ("pos", _, "password" | "device_password") => Some(
+            "name the variable that holds it with device_password_env, or list it in \
+             [mqtt] device_passwords_file"
+                .into(),
+        ),
+        ("mqtt", true, "password") => Some(
+            "name the variable that holds it with password_env, or list it in \
+             [mqtt] device_passwords_file"
+                .into(),
+        ),
+        _ => None,
     }
 }
 
@@ -753,16 +949,31 @@ fn is_loopback(addr: &SocketAddr) -> bool {
     addr.ip().is_loopback()
 }
 
-fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+fn validate(
+    raw: RawConfig,
+    env: &dyn Fn(&str) -> Option<String>,
+    purpose: Purpose,
+) -> Result<Config, ConfigError> {
+    let serving = purpose == Purpose::Serve;
+    let sources = secrets::Sources::new(env);
+    // Secrets' own errors name their variable, not a key.
+    let secret_errors = std::cell::RefCell::new(Vec::new());
+    let secret = |name: &str| match sources.get(name) {
+        Ok(found) => found.map(|(s, _)| s),
+        Err(e) => {
+            secret_errors.borrow_mut().push(e);
+            None
+        }
+    };
+    let access_token = secret(ACCESS_TOKEN_ENV);
+    let webhook_secret = secret(WEBHOOK_SECRET_ENV);
+    let serving_secret = |name: &str| if serving { secret(name) } else { None };
+    let mqtt_password = serving_secret(MQTT_PASSWORD_ENV);
+    let admin_token = serving_secret(ADMIN_TOKEN_ENV);
     let mut errors = Vec::new();
     let mut bad = |key: &str, msg: String| errors.push(format!("key `{key}`: {msg}"));
-    let secret = |name: &str| env(name).filter(|t| !t.trim().is_empty()).map(Secret::new);
-    let access_token = secret(ACCESS_TOKEN_ENV);
-    let mqtt_password = secret(MQTT_PASSWORD_ENV);
-    let webhook_secret = secret(WEBHOOK_SECRET_ENV);
     let nonempty_key = |k: &Option<String>| k.as_deref().filter(|k| !k.is_empty()).map(Secret::new);
 
-    let admin_token = secret(ADMIN_TOKEN_ENV);
     if admin_token
         .as_ref()
         .is_some_and(|t| t.expose().trim().chars().count() < ADMIN_TOKEN_MIN_CHARS)
@@ -776,6 +987,7 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
             ),
         );
     }
+    let metrics_token = secret(METRICS_TOKEN_ENV);
     let admin_hosts: Vec<String> = raw
         .admin
         .hosts
@@ -806,7 +1018,7 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
     let admin_listen = match raw.admin.listen.trim() {
         "" => None,
         text => match text.parse::<SocketAddr>() {
-            Ok(addr) if !addr.ip().is_loopback() && admin_token.is_none() => {
+            Ok(addr) if !addr.ip().is_loopback() && admin_token.is_none() && serving => {
                 bad(
                     "admin.listen",
                     format!(
@@ -853,7 +1065,11 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
             )
         })
         .ok();
-    let public_url = raw.http.public_url.trim_end_matches('/').to_owned();
+    let public_url_follows_listen = raw.http.public_url.is_none();
+    let public_url = match &raw.http.public_url {
+        Some(url) => url.trim_end_matches('/').to_owned(),
+        None => format!("http://{}", raw.http.listen.trim()),
+    };
     if !(public_url.starts_with("http://") || public_url.starts_with("https://")) {
         bad(
             "http.public_url",
@@ -1050,14 +1266,16 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
         );
     }
     let format = match raw.log.format.as_str() {
-        "pretty" => LogFormat::Pretty,
+        "auto" => LogFormat::Auto,
+        // `pretty` is what `text` was called before `auto` came.
+        "text" | "pretty" => LogFormat::Text,
         "json" => LogFormat::Json,
         other => {
             bad(
                 "log.format",
-                format!("{other:?} must be \"pretty\" or \"json\""),
+                format!("{other:?} must be \"auto\", \"text\" or \"json\""),
             );
-            LogFormat::Pretty
+            LogFormat::Auto
         }
     };
     if raw.orders.paid_republish_secs == 0 {
@@ -1116,16 +1334,17 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
     let mut per_pos_keys = std::collections::HashMap::new();
     let mut seen = std::collections::HashSet::new();
     for (i, u) in raw.mqtt.users.iter().enumerate() {
-        match secret(&u.password_env) {
+        match serving_secret(&u.password_env) {
             Some(pw) if !u.username.is_empty() => users.push((u.username.clone(), pw)),
             Some(_) => bad(
                 &format!("mqtt.users.{i}.username"),
                 "must not be empty".into(),
             ),
-            None => bad(
+            None if serving => bad(
                 &format!("mqtt.users.{i}.password_env"),
-                format!("environment variable {} is not set", u.password_env),
+                not_set(&u.password_env),
             ),
+            None => {}
         }
     }
     if raw.pos.is_empty() {
@@ -1269,12 +1488,10 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
                 bad(&key("id"), format!("{id} is configured twice"));
             }
             if let Some(var) = &p.device_password_env {
-                match secret(var) {
+                match serving_secret(var) {
                     Some(pw) => users.push((id.as_str().to_owned(), pw)),
-                    None => bad(
-                        &key("device_password_env"),
-                        format!("environment variable {var} is not set"),
-                    ),
+                    None if serving => bad(&key("device_password_env"), not_set(var)),
+                    None => {}
                 }
             }
             if let Some(k) = nonempty_key(&p.poll_key) {
@@ -1294,6 +1511,33 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
         }
     }
 
+    if serving {
+        let file = raw.mqtt.device_passwords_file.as_deref().map(PathBuf::from);
+        let credential = sources.credential(secrets::DEVICE_PASSWORDS_CREDENTIAL);
+        for (path, origin) in [
+            file.map(|p| {
+                let o = format!("[mqtt] device_passwords_file {}", p.display());
+                (p, o)
+            }),
+            credential.map(|p| {
+                let o = format!("credential {}", secrets::DEVICE_PASSWORDS_CREDENTIAL);
+                (p, o)
+            }),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let logins = std::fs::read_to_string(&path)
+                .map_err(|e| vec![format!("{origin}: cannot be read: {e}")])
+                .and_then(|text| secrets::device_passwords(&text, &origin));
+            match logins {
+                Ok(logins) => {
+                    add_logins(&mut users, logins, &origin, &mut secret_errors.borrow_mut())
+                }
+                Err(e) => secret_errors.borrow_mut().extend(e),
+            }
+        }
+    }
     if mqtt_password.is_some() && raw.mqtt.username.as_deref().is_none_or(str::is_empty) {
         bad(
             "mqtt.username",
@@ -1344,7 +1588,7 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
                 "needs mqtt.tls_cert and mqtt.tls_key".into(),
             );
         }
-        if !raw.mqtt.allow_anonymous && users.is_empty() {
+        if !raw.mqtt.allow_anonymous && users.is_empty() && serving {
             bad("mqtt.allow_anonymous", "the embedded broker needs device credentials \
                 ([[pos]] device_password_env or [[mqtt.users]]), or allow_anonymous = true for development".into());
         }
@@ -1400,6 +1644,7 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
         );
     }
 
+    errors.extend(secret_errors.into_inner());
     if !errors.is_empty() {
         return Err(ConfigError(errors));
     }
@@ -1412,6 +1657,7 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
             listen: admin_listen,
             timezone,
             token: admin_token,
+            metrics_token,
             hosts: admin_hosts,
             session_idle: std::time::Duration::from_secs(raw.admin.session_idle_secs),
             max_sessions: raw.admin.max_sessions,
@@ -1420,6 +1666,7 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
         http: HttpConfig {
             listen,
             public_url,
+            public_url_follows_listen,
             poll_keys: PollKeys {
                 global: nonempty_key(&raw.http.poll_key),
                 per_pos: per_pos_keys,
@@ -1491,6 +1738,92 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
         stores,
         registration,
     })
+}
+
+/// The effective configuration as TOML (what `check-config` prints): every
+/// poll key masked, `public_url` as derived, then each secret's source.
+fn render_effective(
+    mut raw: RawConfig,
+    config: &Config,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> String {
+    let mask = |v: &mut Option<String>| {
+        if v.as_deref().is_some_and(|k| !k.is_empty()) {
+            *v = Some("***".into());
+        }
+    };
+    mask(&mut raw.http.poll_key);
+    raw.pos.iter_mut().for_each(|p| mask(&mut p.poll_key));
+    raw.http.public_url = Some(config.http.public_url.clone());
+    let mut out = String::from(
+        "# qrgate's effective configuration: built-in defaults < file < QRGATE_SECTION__KEY\n",
+    );
+    match toml::to_string_pretty(&raw) {
+        Ok(text) => out.push_str(&text),
+        Err(e) => out.push_str(&format!("# (cannot be shown as TOML: {e})\n")),
+    }
+    out.push_str("\n# Secrets: never read from the file, never shown\n");
+    let sources = secrets::Sources::new(env);
+    let named = raw
+        .mqtt
+        .users
+        .iter()
+        .map(|u| u.password_env.as_str())
+        .chain(
+            raw.pos
+                .iter()
+                .filter_map(|p| p.device_password_env.as_deref()),
+        );
+    for var in [
+        ACCESS_TOKEN_ENV,
+        WEBHOOK_SECRET_ENV,
+        ADMIN_TOKEN_ENV,
+        METRICS_TOKEN_ENV,
+        MQTT_PASSWORD_ENV,
+    ]
+    .into_iter()
+    .chain(named)
+    {
+        let line = match sources.get(var) {
+            Ok(Some((_, origin))) => format!("# {var} = \"***\"  (from {origin})\n"),
+            Ok(None) => format!("# {var}: not set\n"),
+            Err(e) => format!("# {e}\n"),
+        };
+        out.push_str(&line);
+    }
+    out.push_str(&format!(
+        "# device logins at the embedded broker: {}\n",
+        config.mqtt.users.len()
+    ));
+    out
+}
+
+/// The error of a secret that no source holds.
+fn not_set(var: &str) -> String {
+    format!(
+        "{var} is not set (nor {var}_FILE, nor the credential {})",
+        secrets::credential_name(var)
+    )
+}
+
+/// Adds a password file's logins to `users`; a login both there and
+/// elsewhere must have the same password.
+fn add_logins(
+    users: &mut Vec<(String, Secret)>,
+    logins: Vec<(String, Secret)>,
+    origin: &str,
+    errors: &mut Vec<String>,
+) {
+    for (user, pw) in logins {
+        match users.iter().find(|(u, _)| *u == user) {
+            Some((_, known)) if *known == pw => {}
+            Some(_) => errors.push(format!(
+                "{origin}: the login {user:?} has another password elsewhere \
+                 (device_password_env, password_env or another file); keep one"
+            )),
+            None => users.push((user, pw)),
+        }
+    }
 }
 
 fn parse_mqtt_url(s: &str) -> Option<(String, u16, bool)> {
@@ -1942,6 +2275,9 @@ mod tests {
         .unwrap_or_else(|e| panic!("{e}"));
         assert!(matches!(c.mqtt.broker, Broker::External { .. }));
         assert!(c.pos.len() >= 2);
+        let text = std::fs::read_to_string(path).unwrap();
+        assert!(text.lines().any(|l| l == "[admin]"), "no [admin] section");
+        assert_eq!(c.admin.listen, Some("127.0.0.1:9090".parse().unwrap()));
     }
 
     #[test]
@@ -2075,6 +2411,343 @@ mod tests {
             .to_string();
         assert!(!err.contains("fifteen-chars-x"), "{err}");
         assert!(load_env(&with_anon(""), &[(ADMIN_TOKEN_ENV, "sixteen-chars-xy")]).is_ok());
+    }
+
+    #[test]
+    fn the_file_is_found_through_the_flag_then_qrgate_config_then_the_system_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let system = dir.path().join("qrgate.toml");
+        let flag = Path::new("/from/flag.toml");
+        let env_set = |name: &str| (name == CONFIG_ENV).then(|| "/from/env.toml".to_owned());
+        let env_unset = |_: &str| None;
+        let missing = dir.path().join("absent.toml");
+        assert_eq!(locate(Some(flag), &env_set, &system).as_deref(), Some(flag));
+        assert_eq!(
+            locate(None, &env_set, &missing),
+            Some(PathBuf::from("/from/env.toml"))
+        );
+        assert_eq!(locate(None, &env_unset, &missing), None);
+        std::fs::write(&system, "").unwrap();
+        assert_eq!(locate(None, &env_unset, &system), Some(system.clone()));
+        assert_eq!(
+            locate(None, &env_set, &system),
+            Some(PathBuf::from("/from/env.toml")),
+            "QRGATE_CONFIG wins over the system path"
+        );
+    }
+
+    #[test]
+    fn a_secret_written_in_the_file_is_refused_naming_the_variable_to_use() {
+        for (text, var) in [
+            ("[mercadopago]\naccess_token = \"APP_USR-9\"\n", ACCESS_TOKEN_ENV),
+            ("[mercadopago]\nwebhook_secret = \"APP_USR-9\"\n", WEBHOOK_SECRET_ENV),
+            ("[mqtt]\npassword = \"APP_USR-9\"\n", MQTT_PASSWORD_ENV),
+            ("[admin]\ntoken = \"APP_USR-9\"\n", ADMIN_TOKEN_ENV),
+            ("[admin]\nmetrics_token = \"APP_USR-9\"\n", METRICS_TOKEN_ENV),
+            (
+                "[[pos]]\nid = \"p\"\nkind = \"fuel\"\npassword = \"APP_USR-9\"\n",
+                "device_password_env",
+            ),
+            (
+                "[[mqtt.users]]\nusername = \"m\"\npassword_env = \"X\"\npassword = \"APP_USR-9\"\n",
+                "password_env",
+            ),
+        ] {
+            let e = load_env(text, &[]).unwrap_err().to_string();
+            assert!(e.contains(var), "{text}: {e}");
+            assert!(e.contains("never read from the configuration file"), "{e}");
+            assert!(!e.contains("APP_USR-9"), "{e}");
+        }
+    }
+
+    #[test]
+    fn secrets_come_from_files_and_credentials_and_sources_that_disagree_stop_the_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let creds = dir.path().join("creds");
+        std::fs::create_dir(&creds).unwrap();
+        for (name, value) in [
+            ("mp_access_token", "APP_USR-cred\n"),
+            ("mp_webhook_secret", "whsec\n"),
+            ("admin_token", "sixteen-chars-xy\n"),
+            ("metrics_token", "scrape-me\n"),
+            ("mqtt_password", "q-secret\n"),
+            ("pump1_pw", "p1\n"),
+        ] {
+            std::fs::write(creds.join(name), value).unwrap();
+        }
+        let file = dir.path().join("token");
+        std::fs::write(&file, "APP_USR-cred\n").unwrap();
+        let creds_dir = creds.display().to_string();
+        let text = format!(
+            "[mqtt]\nbroker = \"mqtt://b\"\nusername = \"qrgate\"\n{PUMP}device_password_env = \"PUMP1_PW\"\n"
+        );
+        let c = load_env(&text, &[("CREDENTIALS_DIRECTORY", &creds_dir)]).unwrap();
+        assert_eq!(c.mercadopago.access_token.unwrap().expose(), "APP_USR-cred");
+        assert_eq!(c.mercadopago.webhook_secret.unwrap().expose(), "whsec");
+        assert_eq!(c.admin.token.unwrap().expose(), "sixteen-chars-xy");
+        assert_eq!(c.admin.metrics_token.unwrap().expose(), "scrape-me");
+        assert_eq!(c.mqtt.password.unwrap().expose(), "q-secret");
+        assert_eq!(c.mqtt.users[0].1.expose(), "p1");
+
+        let file_var = format!("{ACCESS_TOKEN_ENV}_FILE");
+        let path = file.display().to_string();
+        let c = load_env(PUMP_ANON, &[(&file_var, &path)]).unwrap();
+        assert_eq!(c.mercadopago.access_token.unwrap().expose(), "APP_USR-cred");
+        let e = load_env(
+            PUMP_ANON,
+            &[(&file_var, &path), (ACCESS_TOKEN_ENV, "APP_USR-other")],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains(&file_var) && e.contains("different"), "{e}");
+        assert!(
+            !e.contains("APP_USR-other") && !e.contains("APP_USR-cred"),
+            "{e}"
+        );
+        let e = load_env(PUMP_ANON, &[(&file_var, "/nonexistent/token")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&file_var), "{e}");
+    }
+
+    const PUMP_ANON: &str =
+        "[mqtt]\nallow_anonymous = true\n[[pos]]\nid = \"pump-1\"\nkind = \"fuel\"\n";
+
+    #[test]
+    fn device_passwords_come_from_one_file_or_credential_and_a_bad_line_is_named_by_number() {
+        let dir = tempfile::tempdir().unwrap();
+        let list = dir.path().join("devices");
+        std::fs::write(
+            &list,
+            "# station devices\npump-1:p1-secret\n\nvending-1:v1-secret\n",
+        )
+        .unwrap();
+        let text = format!(
+            "[mqtt]\ndevice_passwords_file = \"{}\"\n{PUMP}[[pos]]\nid = \"vending-1\"\nkind = \"vending\"\n",
+            list.display()
+        );
+        let c = load_env(&text, &[]).unwrap();
+        let users: Vec<(&str, &str)> = c
+            .mqtt
+            .users
+            .iter()
+            .map(|(u, p)| (u.as_str(), p.expose()))
+            .collect();
+        assert_eq!(users, [("pump-1", "p1-secret"), ("vending-1", "v1-secret")]);
+        // The same login through a variable too: the same password passes,
+        // another is refused.
+        let both = format!("{text}device_password_env = \"V1\"\n");
+        assert_eq!(
+            load_env(&both, &[("V1", "v1-secret")])
+                .unwrap()
+                .mqtt
+                .users
+                .len(),
+            2
+        );
+        let e = load_env(&both, &[("V1", "other")]).unwrap_err().to_string();
+        assert!(e.contains("vending-1") && !e.contains("v1-secret"), "{e}");
+
+        std::fs::write(&list, "pump-1:p1-secret\nvending-1 v1-secret\n").unwrap();
+        let e = load_env(&text, &[]).unwrap_err().to_string();
+        assert!(
+            e.contains("device_passwords_file") && e.contains("line 2"),
+            "{e}"
+        );
+        assert!(!e.contains("v1-secret"), "{e}");
+
+        // systemd's credential `device_passwords` serves the same purpose.
+        let creds = dir.path().join("creds");
+        std::fs::create_dir(&creds).unwrap();
+        std::fs::write(creds.join("device_passwords"), "pump-1:p1-secret\n").unwrap();
+        let c = load_env(
+            PUMP,
+            &[("CREDENTIALS_DIRECTORY", &creds.display().to_string())],
+        )
+        .unwrap();
+        assert_eq!(c.mqtt.users[0].0, "pump-1");
+    }
+
+    #[test]
+    fn registration_needs_neither_the_consoles_token_nor_mqtt_passwords() {
+        let text = format!(
+            "[admin]\nlisten = \"0.0.0.0:9090\"\n[mqtt]\nusername = \"qrgate\"\n{PUMP}device_password_env = \"PUMP1_PW\"\n"
+        );
+        let load = |purpose| {
+            let mut f = tempfile::NamedTempFile::new().unwrap();
+            f.write_all(text.as_bytes()).unwrap();
+            Config::load_for(Some(f.path()), &|_| None, purpose)
+        };
+        let e = load(Purpose::Serve).unwrap_err().to_string();
+        assert!(e.contains(ADMIN_TOKEN_ENV) && e.contains("PUMP1_PW"), "{e}");
+        let c = load(Purpose::Registration).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.pos.len(), 1);
+    }
+
+    #[test]
+    fn the_log_format_is_auto_by_default_and_text_or_json_when_chosen() {
+        assert_eq!(Config::defaults().log.format, LogFormat::Auto);
+        for (value, format) in [
+            ("auto", LogFormat::Auto),
+            ("text", LogFormat::Text),
+            ("pretty", LogFormat::Text),
+            ("json", LogFormat::Json),
+        ] {
+            let c = load_env(&format!("{PUMP_ANON}[log]\nformat = \"{value}\"\n"), &[]).unwrap();
+            assert_eq!(c.log.format, format, "{value}");
+        }
+        let e = load_env(&format!("{PUMP_ANON}[log]\nformat = \"xml\"\n"), &[]).unwrap_err();
+        assert!(e.to_string().contains("log.format"), "{e}");
+    }
+
+    #[test]
+    fn public_url_follows_http_listen_unless_set_and_the_shown_pos_url_masks_the_key() {
+        let c = load_env(
+            &format!("[http]\nlisten = \"127.0.0.1:8181\"\n{PUMP_ANON}"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.http.public_url, "http://127.0.0.1:8181");
+        assert!(c.http.public_url_follows_listen);
+        assert_eq!(
+            c.http.pos_url_shown(),
+            "http://127.0.0.1:8181/mp/pos/{pos_id}"
+        );
+        let c = load_env(
+            &format!(
+                "[http]\npublic_url = \"https://s.example\"\npoll_key = \"k-s3cret\"\n{PUMP_ANON}"
+            ),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            c.http.pos_url_shown(),
+            "https://s.example/mp/pos/{pos_id}?key=***"
+        );
+        assert!(!c.http.public_url_follows_listen);
+    }
+
+    #[test]
+    fn start_up_warnings_name_a_username_without_password_and_unkeyed_pos_off_loopback() {
+        assert!(Config::defaults().warnings().is_empty());
+        let c = load_env(
+            &format!("[mqtt]\nbroker = \"mqtt://b\"\nusername = \"qrgate\"\n{PUMP}"),
+            &[],
+        )
+        .unwrap();
+        let w = c.warnings().join("\n");
+        assert!(
+            w.contains("[mqtt] username") && w.contains(MQTT_PASSWORD_ENV),
+            "{w}"
+        );
+        let c = load_env(
+            &format!("[http]\nlisten = \"0.0.0.0:8080\"\n{PUMP_ANON}"),
+            &[],
+        )
+        .unwrap();
+        let w = c.warnings().join("\n");
+        assert!(w.contains("poll_key") && w.contains("pump-1"), "{w}");
+        assert!(w.contains("public_url"), "{w}");
+        let keyed = load_env(
+            &format!("[http]\nlisten = \"0.0.0.0:8080\"\npublic_url = \"https://s.example\"\npoll_key = \"k\"\n{PUMP_ANON}"),
+            &[],
+        )
+        .unwrap();
+        assert!(keyed.warnings().is_empty(), "{:?}", keyed.warnings());
+    }
+
+    #[test]
+    fn check_config_prints_the_effective_configuration_with_every_secret_masked() {
+        let text = format!(
+            "[http]\npoll_key = \"pk-global-s3cret\"\n{PUMP_ANON}poll_key = \"pk-pump-s3cret\"\n"
+        );
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        let env = |name: &str| match name {
+            ACCESS_TOKEN_ENV => Some("APP_USR-s3cret".to_owned()),
+            ADMIN_TOKEN_ENV => Some("admin-token-s3cret".to_owned()),
+            _ => None,
+        };
+        let out = Config::check(Some(f.path()), &env).unwrap();
+        for secret in [
+            "pk-global-s3cret",
+            "pk-pump-s3cret",
+            "APP_USR-s3cret",
+            "admin-token-s3cret",
+        ] {
+            assert!(!out.contains(secret), "{secret} shown in:\n{out}");
+        }
+        assert!(out.contains("poll_key = \"***\""), "{out}");
+        assert!(
+            out.contains(&format!("# {ACCESS_TOKEN_ENV} = \"***\"")),
+            "{out}"
+        );
+        assert!(
+            out.contains(&format!("# {WEBHOOK_SECRET_ENV}: not set")),
+            "{out}"
+        );
+        assert!(
+            out.contains("public_url = \"http://127.0.0.1:8080\""),
+            "{out}"
+        );
+        // What it prints is a configuration qrgate reads back.
+        let mut back = tempfile::NamedTempFile::new().unwrap();
+        back.write_all(out.replace("\"***\"", "\"k\"").as_bytes())
+            .unwrap();
+        assert!(
+            Config::load_with(Some(back.path()), &|_| None).is_ok(),
+            "{out}"
+        );
+        let e = Config::check(Some(Path::new("/nonexistent.toml")), &env).unwrap_err();
+        assert!(e.to_string().contains("does not exist"), "{e}");
+    }
+
+    #[test]
+    fn every_environment_variable_the_code_reads_is_listed_and_documented() {
+        let docs = include_str!("../docs/operations.md");
+        let table: Vec<&str> = docs
+            .split("### Environment variables")
+            .nth(1)
+            .and_then(|rest| rest.split("\n#").next())
+            .expect("docs/operations.md has a section \"Environment variables\"")
+            .lines()
+            .filter(|l| l.starts_with("| `"))
+            .collect();
+        for (name, _) in ENVIRONMENT {
+            assert!(
+                table.iter().any(|l| l.contains(&format!("`{name}`"))),
+                "{name} is not in docs/operations.md's table"
+            );
+        }
+        // Every QRGATE_ name written in the code (not `SECTION__KEY`
+        // overrides, which the table covers as one row).
+        let mut dirs = vec![PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/src"))];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    dirs.push(path);
+                    continue;
+                }
+                let code = std::fs::read_to_string(&path).unwrap_or_default();
+                for (i, _) in code.match_indices("QRGATE_") {
+                    let name: String = code[i..]
+                        .chars()
+                        .take_while(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == '_')
+                        .collect();
+                    if name.contains("__") || name == "QRGATE_" {
+                        continue;
+                    }
+                    // `<VAR>_FILE` is one row for every secret.
+                    let name = name.strip_suffix("_FILE").unwrap_or(&name).to_owned();
+                    assert!(
+                        ENVIRONMENT.iter().any(|(n, _)| *n == name),
+                        "{name} ({}) is read but not in config::ENVIRONMENT",
+                        path.display()
+                    );
+                }
+            }
+        }
     }
 
     #[test]

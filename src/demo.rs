@@ -58,7 +58,7 @@ fn waiting(s: &Scan) -> String {
 
 pub async fn run() -> anyhow::Result<()> {
     crate::telemetry::init(&LogConfig {
-        format: LogFormat::Pretty,
+        format: LogFormat::Text,
         filter: "warn".into(),
     });
     let mp = Simulator::start(SimulatorConfig::default()).await?;

@@ -24,7 +24,8 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::book::{now_millis, Book, BookError, Verdict};
+use crate::book::{Book, BookError, Verdict};
+use crate::clock::Clock;
 use crate::mercadopago::client::{MpClient, MpError};
 use crate::orders::merchant_order::PaymentStatus;
 use crate::store::{InboxEntry, Store, StoreError};
@@ -69,6 +70,7 @@ impl Resource {
 pub struct Inbox {
     store: Arc<dyn Store>,
     wake: mpsc::UnboundedSender<InboxEntry>,
+    clock: Clock,
 }
 
 impl Inbox {
@@ -78,7 +80,7 @@ impl Inbox {
     pub async fn accept(&self, r: &Resource) -> Result<(), StoreError> {
         let entry = self
             .store
-            .inbox_add(r.topic(), &r.id(), now_millis())
+            .inbox_add(r.topic(), &r.id(), self.clock.now_millis())
             .await?;
         // Only fails after shutdown; the entry waits in the store.
         let _ = self.wake.send(entry);
@@ -297,6 +299,8 @@ pub async fn spawn(
     tracker: &TaskTracker,
 ) -> Result<Inbox, StoreError> {
     let store = Arc::clone(book.store());
+    let clock = book.clock().clone();
+    let worker_clock = clock.clone();
     let pending = store.inbox_pending().await?;
     if !pending.is_empty() {
         tracing::info!(
@@ -314,15 +318,13 @@ pub async fn spawn(
     let worker_store = Arc::clone(&store);
     tracker.spawn(async move {
         let store = worker_store;
+        let clock = worker_clock;
         let mut schedule = Schedule::default();
         for e in pending {
             schedule.put(e);
         }
         loop {
             let next = schedule.next_at();
-            let sleep = next.map_or(Duration::from_secs(3600), |at| {
-                Duration::from_millis((at - now_millis()).clamp(0, 3_600_000) as u64)
-            });
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 e = woken.recv() => {
@@ -331,13 +333,13 @@ pub async fn spawn(
                 }
                 d = done_rx.recv() => {
                     let Some((e, fetched)) = d else { break };
-                    let now = now_millis();
+                    let now = clock.now_millis();
                     let next = after_fetch(&store, &book, settings, &e, fetched, now).await;
                     schedule.finished(&e, next, now);
                 }
-                _ = tokio::time::sleep(sleep), if next.is_some() => {}
+                _ = clock.sleep_until(next.unwrap_or(i64::MAX)), if next.is_some() => {}
             }
-            for e in schedule.take_due(now_millis()) {
+            for e in schedule.take_due(clock.now_millis()) {
                 let job = Fetch {
                     client: client.clone(),
                     book: Arc::clone(&book),
@@ -348,7 +350,7 @@ pub async fn spawn(
             }
         }
     });
-    Ok(Inbox { store, wake })
+    Ok(Inbox { store, wake, clock })
 }
 
 #[derive(Clone)]

@@ -27,6 +27,7 @@ pub mod admin;
 pub mod app;
 pub mod attended;
 pub mod book;
+pub mod clock;
 pub mod config;
 #[cfg(feature = "demo")]
 pub mod demo;

@@ -1,15 +1,16 @@
-//! The `qrgate` command: `serve` (the default), `demo` (with the default-on
-//! `demo` feature), `pos register` / `pos list` (stores and POS at
-//! Mercado Pago), and `backup` (an online copy of the store).
+//! The `qrgate` command: `serve` (the default), `check-config`, `demo` (with
+//! the default-on `demo` feature), `pos register` / `pos list` (stores
+//! and POS at Mercado Pago), and `backup` (an online copy of the store). A
+//! configuration error exits 78 (`EX_CONFIG`) whatever the subcommand.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use qrgate::app::App;
-use qrgate::config::Config;
+use qrgate::config::{self, Config, ConfigError, Purpose, EX_CONFIG};
 
 #[derive(Parser)]
 #[command(
@@ -18,8 +19,10 @@ use qrgate::config::Config;
     about = "Mercado Pago QR payments for fuel pumps and vending machines"
 )]
 struct Cli {
-    /// A TOML configuration file; without one, built-in defaults run.
-    #[arg(long, global = true, env = "QRGATE_CONFIG")]
+    /// The TOML configuration file. Without it: QRGATE_CONFIG, else
+    /// /etc/qrgate/qrgate.toml when it exists, else the development defaults
+    /// (loopback only).
+    #[arg(long, global = true, value_name = "PATH")]
     config: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Cmd>,
@@ -29,6 +32,9 @@ struct Cli {
 enum Cmd {
     /// Run the book (the default).
     Serve,
+    /// Check the configuration and print it as qrgate would run it, every
+    /// secret masked. Exit status: 0 when valid, 78 when not.
+    CheckConfig,
     /// Run qrgate, the Mercado Pago simulator and two devices in one process,
     /// and tell the story of one fuel sale and one vending sale.
     #[cfg(feature = "demo")]
@@ -63,8 +69,35 @@ enum PosCmd {
     List,
 }
 
+/// `--help`'s list of the environment qrgate reads.
+fn environment_help() -> String {
+    let mut out = String::from("Environment:\n");
+    for (name, meaning) in config::ENVIRONMENT {
+        out.push_str(&format!("  {name}\n      {meaning}\n"));
+    }
+    out.push_str(&format!(
+        "\nExit status: {EX_CONFIG} on a configuration error, whatever the subcommand."
+    ));
+    out
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().after_help(environment_help()).get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let command = cli.command.unwrap_or(Cmd::Serve);
+    #[cfg(feature = "demo")]
+    if matches!(command, Cmd::Demo) && cli.config.is_some() {
+        eprintln!(
+            "qrgate: `qrgate demo` runs on its own configuration (ports the OS picks, a temporary \
+             store, simulators); it takes no --config. Use `qrgate serve --config PATH`."
+        );
+        return ExitCode::from(2);
+    }
+    let path = config::locate(
+        cli.config.as_deref(),
+        &|name| std::env::var(name).ok(),
+        Path::new(config::SYSTEM_CONFIG),
+    );
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -75,18 +108,42 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = match cli.command.unwrap_or(Cmd::Serve) {
-        Cmd::Serve => runtime.block_on(serve(cli.config)),
+    let result = match command {
+        Cmd::Serve => runtime.block_on(serve(path)),
+        Cmd::CheckConfig => return check_config(path.as_deref()),
         #[cfg(feature = "demo")]
         Cmd::Demo => runtime.block_on(qrgate::demo::run()),
-        Cmd::Pos { command } => return runtime.block_on(pos(cli.config, command)),
-        Cmd::Backup { path, force } => return backup(cli.config.as_deref(), &path, force),
+        Cmd::Pos { command } => return runtime.block_on(pos(path, command)),
+        Cmd::Backup { path: to, force } => return backup(path.as_deref(), &to, force),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("qrgate: {e:#}");
-            ExitCode::FAILURE
+            if e.downcast_ref::<ConfigError>().is_some() {
+                ExitCode::from(EX_CONFIG)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+/// `qrgate check-config`: the effective configuration on stdout, or the
+/// errors on stderr.
+fn check_config(path: Option<&Path>) -> ExitCode {
+    match Config::check(path, &|name| std::env::var(name).ok()) {
+        Ok(text) => {
+            match path {
+                Some(p) => println!("# file: {}", p.display()),
+                None => println!("# no configuration file: the development defaults"),
+            }
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("qrgate: {e}");
+            ExitCode::from(EX_CONFIG)
         }
     }
 }
@@ -97,7 +154,15 @@ async fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
     qrgate::telemetry::init(&config.log);
     match &path {
         Some(p) => tracing::info!(config = %p.display(), "configuration loaded"),
-        None => tracing::info!("no configuration file: running on built-in defaults (embedded broker, demo POS pump-1 and vending-1)"),
+        None => tracing::warn!(
+            "no configuration file (--config, {} or {}): running the development defaults, on \
+             loopback only: embedded broker taking anonymous clients, demo POS pump-1 and vending-1",
+            config::CONFIG_ENV,
+            config::SYSTEM_CONFIG
+        ),
+    }
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
     }
     // Before anything opens a descriptor that counts against it: every
     // public connection holds one, and slow clients hold theirs the longest.
@@ -128,16 +193,20 @@ async fn pos(path: Option<PathBuf>, command: PosCmd) -> ExitCode {
         PosCmd::List => 2,
         PosCmd::Register { .. } => 1,
     });
-    let config = match Config::load(path.as_deref()) {
+    // Only Mercado Pago's secrets: the console's token and the MQTT
+    // passwords belong to `serve`.
+    let env = |name: &str| std::env::var(name).ok();
+    let config = match Config::load_for(path.as_deref(), &env, Purpose::Registration) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("qrgate: {e}");
-            return error;
+            return ExitCode::from(EX_CONFIG);
         }
     };
     // Warnings (retried calls) go to stderr, apart from the table.
     let _ = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
@@ -199,14 +268,15 @@ async fn pos(path: Option<PathBuf>, command: PosCmd) -> ExitCode {
 }
 
 /// `qrgate backup PATH`: the store `serve` would open, copied online.
-fn backup(config: Option<&std::path::Path>, to: &std::path::Path, force: bool) -> ExitCode {
-    /// sysexits.h's EX_CONFIG, as systemd and scripts read it.
-    const CONFIG_ERROR: u8 = 78;
-    let config = match Config::load(config) {
+fn backup(config: Option<&Path>, to: &Path, force: bool) -> ExitCode {
+    // Only the store's path is needed: a backup run from cron need not hold
+    // the service's secrets (the console's token, MQTT passwords).
+    let env = |name: &str| std::env::var(name).ok();
+    let config = match Config::load_for(config, &env, Purpose::Registration) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("qrgate: {e}");
-            return ExitCode::from(CONFIG_ERROR);
+            return ExitCode::from(EX_CONFIG);
         }
     };
     match qrgate::store::backup::backup(&config.store.path, to, force) {

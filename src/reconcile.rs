@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::book::{now_millis, Book, Verdict};
+use crate::book::{Book, Verdict};
 use crate::config::OrdersConfig;
 use crate::mercadopago::client::{MpClient, MpError};
 use crate::orders::merchant_order::MerchantOrderFacts;
@@ -159,14 +159,13 @@ pub async fn run(
     let window_ms = (cfg.reconcile_window_secs as i64).saturating_mul(1000);
     let mut last: HashMap<ExternalReference, UnixMillis> = HashMap::new();
     let mut paused_until: UnixMillis = 0;
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let clock = book.clock().clone();
     loop {
         tokio::select! {
-            _ = tick.tick() => {}
+            _ = clock.sleep(Duration::from_secs(1)) => {}
             _ = shutdown.cancelled() => return,
         }
-        let now = now_millis();
+        let now = clock.now_millis();
         if now < paused_until {
             continue;
         }
@@ -227,7 +226,7 @@ pub async fn run(
                         pause_ms = pause,
                         "Mercado Pago rate limits reconciliation; pausing it"
                     );
-                    paused_until = now_millis() + pause;
+                    paused_until = clock.now_millis() + pause;
                     break;
                 }
                 Err(e) => {
@@ -236,7 +235,7 @@ pub async fn run(
                 }
             }
         }
-        if now_millis() >= paused_until {
+        if clock.now_millis() >= paused_until {
             if let Err(retry_after) =
                 recheck_paid(&client, &book, &cfg.recheck_after_secs, now).await
             {
@@ -245,7 +244,7 @@ pub async fn run(
                     pause_ms = pause,
                     "Mercado Pago rate limits reconciliation; pausing it"
                 );
-                paused_until = now_millis() + pause;
+                paused_until = clock.now_millis() + pause;
             }
         }
     }

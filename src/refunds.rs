@@ -21,7 +21,8 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{Mutex, OnceCell};
 use tokio_util::sync::CancellationToken;
 
-use crate::book::{now_millis, Book};
+use crate::book::Book;
+use crate::clock::Clock;
 use crate::mercadopago::client::{MpClient, MpError};
 use crate::money::Amount;
 use crate::orders::ledger::{Refund, RefundCall};
@@ -39,6 +40,7 @@ pub async fn make(
     call: &RefundCall,
     by: &str,
     request: Option<&str>,
+    clock: &Clock,
 ) -> Result<Refund, MpError> {
     let amount = Amount::new(call.amount, sale.currency).to_string();
     let made = match (&call.merchant_order, &call.payment) {
@@ -64,7 +66,7 @@ pub async fn make(
     Ok(Refund {
         id: made.id,
         amount: made.amount.unwrap_or(call.amount),
-        at: now_millis(),
+        at: clock.now_millis(),
         by: by.to_owned(),
         of: call.of,
         request: request.map(str::to_owned),
@@ -78,14 +80,15 @@ pub async fn run(client: MpClient, book: Arc<Book>, shutdown: CancellationToken)
     // Calls Mercado Pago refused (a final 4xx): left to the operator, not
     // repeated every round.
     let mut refused: HashSet<String> = HashSet::new();
+    let clock = book.clock().clone();
     loop {
         tokio::select! {
             _ = wake.notified() => {}
-            _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+            _ = clock.sleep(Duration::from_secs(30)) => {}
             _ = shutdown.cancelled() => return,
         }
         // Operator requests a failure or a crash cut short are finished.
-        finish_unanswered(&client, &book, now_millis() - STALE_REQUEST).await;
+        finish_unanswered(&client, &book, clock.now_millis() - STALE_REQUEST).await;
         let sales = match book.store().pending_auto_refunds().await {
             Ok(s) => s,
             Err(e) => {
@@ -123,7 +126,7 @@ async fn refund_owed(
         if refused.contains(&call.key) {
             continue;
         }
-        let result = make(client, &sale, &call, BY_QRGATE, None).await;
+        let result = make(client, &sale, &call, BY_QRGATE, None, book.clock()).await;
         let label = if result.is_ok() { "ok" } else { "error" };
         book.metrics()
             .refunds
@@ -218,7 +221,7 @@ async fn finish(client: &MpClient, book: &Book, r: &RefundRequest) -> Answer {
     let mut made = Vec::new();
     let mut failed = None;
     for call in &plan {
-        match make(client, &sale, call, &by, Some(&r.key)).await {
+        match make(client, &sale, call, &by, Some(&r.key), book.clock()).await {
             Ok(refund) => {
                 metrics.refunds.with_label_values(&["operator", "ok"]).inc();
                 made.push((call.payment.clone(), refund));
@@ -349,11 +352,12 @@ impl OperatorRefunds {
     /// The slot of a request, new or remembered: (first seen, its answer).
     fn slot(&self, key: String, keep: Duration) -> (i64, Arc<OnceCell<Answer>>) {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
+        let clock = self.book.clock();
+        let now = clock.instant();
         slots.retain(|_, (at, _, keep, _)| now.duration_since(*at) < *keep);
         let s = slots
             .entry(key)
-            .or_insert_with(|| (now, now_millis(), keep, Arc::new(OnceCell::new())));
+            .or_insert_with(|| (now, clock.now_millis(), keep, Arc::new(OnceCell::new())));
         (s.1, Arc::clone(&s.3))
     }
 
@@ -473,7 +477,7 @@ impl OperatorRefunds {
             external_reference: reference.to_string(),
             plan: String::new(),
             answer: None,
-            at: now_millis(),
+            at: self.book.clock().now_millis(),
         };
         let plan = match orders::refund_plan(&sale, asked, &tag) {
             Ok(p) => p,

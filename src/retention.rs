@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::Clock;
 use crate::config::{OrdersConfig, StoreConfig};
 use crate::orders::{ExternalReference, SaleState};
 use crate::store::{RetentionCandidate, RetentionPage, Store, StoreError};
@@ -228,17 +229,16 @@ fn append_synced(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Runs a pass at start and then every [`Retention::every`], until shutdown.
-pub async fn run(store: Arc<dyn Store>, retention: Retention, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(retention.every());
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+/// Runs a pass at start and then every [`Retention::every`] of `clock`,
+/// until shutdown.
+pub async fn run(
+    store: Arc<dyn Store>,
+    retention: Retention,
+    clock: Clock,
+    shutdown: CancellationToken,
+) {
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = shutdown.cancelled() => return,
-        }
-        let now = chrono::Utc::now().timestamp_millis();
-        match retention.pass(store.as_ref(), now).await {
+        match retention.pass(store.as_ref(), clock.now_millis()).await {
             Ok(s) if s.sales > 0 || s.rejections > 0 => tracing::info!(
                 sales = s.sales,
                 kept = s.kept,
@@ -248,6 +248,10 @@ pub async fn run(store: Arc<dyn Store>, retention: Retention, shutdown: Cancella
             ),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "retention pass failed; retried at the next"),
+        }
+        tokio::select! {
+            _ = clock.sleep(retention.every()) => {}
+            _ = shutdown.cancelled() => return,
         }
     }
 }

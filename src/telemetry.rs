@@ -1,6 +1,8 @@
 //! Logs for operators: one line per event, with the fields they search by
 //! (`pos`, `sale_id`, `external_reference`, `merchant_order`, `payment`),
-//! pretty or JSON. `RUST_LOG` overrides the configured filter. The embedded
+//! text or JSON (`auto`: JSON unless stdout is a terminal, so a service's
+//! journal or collector gets JSON and a person at a terminal reads text).
+//! `RUST_LOG` overrides the configured filter. The embedded
 //! broker's own logs are off by default (it reports every device disconnect as
 //! an error); `RUST_LOG=info,rumqttd=warn` shows them.
 //!
@@ -52,16 +54,27 @@ pub fn init(cfg: &LogConfig) {
         _ => EnvFilter::try_new(format!("{},{QUIET}", cfg.filter)),
     }
     .unwrap_or_else(|_| EnvFilter::new(format!("info,{QUIET}")));
+    let terminal = std::io::stdout().is_terminal();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
         // Colours are escape sequences: only for a terminal, never in a file.
-        .with_ansi(std::io::stdout().is_terminal())
+        .with_ansi(terminal)
         .fmt_fields(SafeFields);
-    let _ = match cfg.format {
+    let _ = match resolve(cfg.format, terminal) {
         LogFormat::Json => builder.event_format(SafeJson).try_init(),
-        LogFormat::Pretty => builder.try_init(),
+        _ => builder.try_init(),
     };
+}
+
+/// The format `auto` stands for: text for a person at a terminal, JSON for
+/// anything else.
+fn resolve(format: LogFormat, terminal: bool) -> LogFormat {
+    match format {
+        LogFormat::Auto if terminal => LogFormat::Text,
+        LogFormat::Auto => LogFormat::Json,
+        chosen => chosen,
+    }
 }
 
 /// Prose fields (our own sentences, which may quote an excerpt they have
@@ -409,7 +422,7 @@ mod tests {
     use super::*;
 
     fn pretty(build: impl FnOnce()) -> String {
-        log_with(LogFormat::Pretty, build)
+        log_with(LogFormat::Text, build)
     }
 
     fn json(build: impl FnOnce()) -> String {
@@ -438,13 +451,23 @@ mod tests {
             .with_ansi(false)
             .fmt_fields(SafeFields);
         match format {
-            LogFormat::Pretty => tracing::subscriber::with_default(builder.finish(), build),
             LogFormat::Json => {
                 tracing::subscriber::with_default(builder.event_format(SafeJson).finish(), build)
             }
+            _ => tracing::subscriber::with_default(builder.finish(), build),
         }
         let bytes = buf.0.lock().unwrap().clone();
         String::from_utf8(bytes).unwrap()
+    }
+
+    #[test]
+    fn auto_is_text_at_a_terminal_and_json_elsewhere_and_a_chosen_format_stays() {
+        assert_eq!(resolve(LogFormat::Auto, true), LogFormat::Text);
+        assert_eq!(resolve(LogFormat::Auto, false), LogFormat::Json);
+        for terminal in [true, false] {
+            assert_eq!(resolve(LogFormat::Json, terminal), LogFormat::Json);
+            assert_eq!(resolve(LogFormat::Text, terminal), LogFormat::Text);
+        }
     }
 
     const NASTY: &str =

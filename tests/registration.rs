@@ -117,6 +117,7 @@ path = "{}"
             .args(args)
             .env_remove("QRGATE_CONFIG")
             .env_remove("RUST_LOG")
+            .env_remove("QRGATE_ADMIN_TOKEN")
             .env("QRGATE_MP_ACCESS_TOKEN", TOKEN)
             .output()
             .await
@@ -492,7 +493,38 @@ async fn two_pos_with_the_same_mp_external_id_stop_the_command_naming_both() {
         );
         assert!(run.calls.is_empty(), "nothing reaches Mercado Pago");
     }
-    assert_eq!(st.run(&["pos", "list"]).await.code, 2);
+    // A configuration error, whatever the subcommand (EX_CONFIG).
+    assert_eq!(st.run(&["pos", "list"]).await.code, 78);
+}
+
+/// A station's real file: the console off loopback (it needs the operator's
+/// token to serve) and devices with passwords. Registering needs neither.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pos_register_and_list_need_neither_the_consoles_token_nor_device_passwords() {
+    let st = Station::new(&format!(
+        "{STATION}{STORE}\n[admin]\nlisten = \"0.0.0.0:0\"\n"
+    ))
+    .await;
+    let text = std::fs::read_to_string(&st.config)
+        .unwrap()
+        .replace("allow_anonymous = true", "allow_anonymous = false")
+        .replace(
+            "id = \"pump-1\"\n",
+            "id = \"pump-1\"\ndevice_password_env = \"QRGATE_TEST_PUMP1_PW\"\n",
+        );
+    std::fs::write(&st.config, text).unwrap();
+    // `serve` with this file stops on both missing secrets...
+    let serve = st.run(&["check-config"]).await;
+    assert_eq!(serve.code, 78, "{serve:#?}");
+    assert!(
+        serve.err.contains("QRGATE_ADMIN_TOKEN") && serve.err.contains("QRGATE_TEST_PUMP1_PW"),
+        "{serve:#?}"
+    );
+    // ...registration needs only Mercado Pago's token.
+    let run = st.run(&["pos", "register"]).await;
+    assert_eq!(run.code, 0, "{run:#?}");
+    let list = st.run(&["pos", "list"]).await;
+    assert_eq!(list.code, 0, "{list:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

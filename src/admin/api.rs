@@ -15,12 +15,11 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 use super::Admin;
-use crate::book::now_millis;
 use crate::http::ApiError;
 use crate::orders::{
     self, Command, ExternalReference, Outcome, PosMode, Presence, Rejection, Sale,
 };
-use crate::store::SaleFilter;
+use crate::store::{RejectionRecord, SaleFilter};
 
 fn internal(e: impl std::fmt::Display) -> ApiError {
     tracing::error!(error = %e, "admin API failed");
@@ -66,6 +65,36 @@ pub fn summary(sale: &Sale, now: i64) -> Value {
         "served": sale.served_at.is_some(),
         "refunded_total": (sale.refunded_total() > Decimal::ZERO).then(|| money(sale, sale.refunded_total())),
         "owed": (sale.ledger.owed() > Decimal::ZERO).then(|| money(sale, sale.ledger.owed())),
+    })
+}
+
+/// What the console says of a POS's device: `online`, `offline`, or
+/// `never_seen` when it never said whether it is there. A device that sends
+/// sales without speaking presence is payable (treated as online), but the
+/// operator is told it never reported itself: `no_presence`.
+pub fn device_seen(presence: Presence, has_sale: bool) -> &'static str {
+    match presence {
+        Presence::Online { .. } => "online",
+        Presence::Offline { .. } => "offline",
+        Presence::Unknown if has_sale => "no_presence",
+        Presence::Unknown => "never_seen",
+    }
+}
+
+/// Times as the console writes them everywhere: the configured zone, to the
+/// second, the zone named once per page.
+pub fn local_time(tz: chrono_tz::Tz, ms: i64) -> Option<String> {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|d| d.with_timezone(&tz).format("%Y-%m-%d %H:%M:%S").to_string())
+}
+
+fn rejection_json(r: &RejectionRecord, tz: chrono_tz::Tz) -> Value {
+    json!({
+        "code": r.code,
+        "sale_id": r.sale_id,
+        "message": r.message,
+        "at": r.at,
+        "local": local_time(tz, r.at),
     })
 }
 
@@ -137,9 +166,18 @@ pub async fn metrics(req: HttpRequest, admin: web::Data<Admin>) -> Result<HttpRe
 
 pub async fn pos(req: HttpRequest, admin: web::Data<Admin>) -> Result<HttpResponse, ApiError> {
     admin.auth.check(&req, false)?;
-    let now = now_millis();
+    let now = admin.book.clock().now_millis();
     let mut configs: Vec<_> = admin.book.pos_configs().collect();
     configs.sort_by(|a, b| a.id.cmp(&b.id));
+    let mut last: std::collections::HashMap<String, RejectionRecord> = admin
+        .book
+        .store()
+        .latest_rejections()
+        .await
+        .map_err(internal)?
+        .into_iter()
+        .map(|r| (r.pos.clone(), r))
+        .collect();
     let (mut pending, mut undelivered) = (0, 0);
     let list: Vec<Value> = configs
         .iter()
@@ -160,8 +198,10 @@ pub async fn pos(req: HttpRequest, admin: web::Data<Admin>) -> Result<HttpRespon
                 "kind": cfg.kind.as_str(),
                 "mode": match cfg.mode { PosMode::Attended => "attended", PosMode::Unattended(_) => "unattended" },
                 "online": online,
+                "device": device_seen(view.state.presence, sale.is_some()),
                 "since": since,
                 "sale": sale.map(|s| summary(s, now)),
+                "last_rejection": last.remove(cfg.id.as_str()).map(|r| rejection_json(&r, admin.timezone)),
             }))
         })
         .collect();
@@ -228,7 +268,7 @@ pub async fn sales(
         limit: q.limit.unwrap_or(50).clamp(1, 1000),
     };
     let list = admin.book.store().sales(filter).await.map_err(internal)?;
-    let now = now_millis();
+    let now = admin.book.clock().now_millis();
     Ok(HttpResponse::Ok().json(json!({
         "sales": list.iter().map(|s| summary(s, now)).collect::<Vec<_>>(),
     })))
@@ -249,16 +289,10 @@ pub async fn sale_detail(
         .await
         .map_err(internal)?;
     let tz = admin.timezone;
-    let local = |ms: i64| {
-        chrono::DateTime::from_timestamp_millis(ms).map(|d| {
-            d.with_timezone(&tz)
-                .format("%Y-%m-%d %H:%M:%S %Z")
-                .to_string()
-        })
-    };
+    let local = |ms: i64| local_time(tz, ms);
     Ok(Some(json!({
         "sale": sale,
-        "summary": summary(&sale, now_millis()),
+        "summary": summary(&sale, admin.book.clock().now_millis()),
         "refundable": Some(orders::refundable(&sale)).filter(|v| *v > Decimal::ZERO).map(|v| money(&sale, v)),
         "owed": Some(sale.ledger.owed()).filter(|v| *v > Decimal::ZERO).map(|v| money(&sale, v)),
         "ledger": ledger(&sale),
@@ -276,9 +310,86 @@ pub async fn sale_detail(
             "local": local(mo.seen_at),
             "payments": mo.payments.iter().map(|p| json!({
                 "id": p.id, "status": p.status, "amount": p.amount, "currency": p.currency,
+                "status_detail": status_detail(&mo.body, &p.id),
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
     })))
+}
+
+/// A payment's `status_detail` (why Mercado Pago rejected it, say
+/// `cc_rejected_insufficient_amount`), read from the merchant order's body as
+/// fetched: the stored payment rows keep only what settles the sale.
+fn status_detail(body: &str, id: &orders::MpId) -> Option<String> {
+    let mo: Value = serde_json::from_str(body).ok()?;
+    let want = id.to_string();
+    mo["payments"].as_array()?.iter().find_map(|p| {
+        let pid = match &p["id"] {
+            Value::Number(n) => n.to_string(),
+            Value::String(s) => s.clone(),
+            _ => return None,
+        };
+        (pid == want)
+            .then(|| p["status_detail"].as_str().map(str::to_owned))
+            .flatten()
+    })
+}
+
+/// A POS, its device, its current sale, its stored device rejections
+/// (newest first) and its latest sales.
+pub async fn pos_detail(admin: &Admin, id: &str) -> Result<Option<Value>, ApiError> {
+    let Some(cfg) = admin.book.pos_configs().find(|c| c.id.as_str() == id) else {
+        return Ok(None);
+    };
+    let Some(view) = admin.book.view(&cfg.id) else {
+        return Ok(None);
+    };
+    let now = admin.book.clock().now_millis();
+    let store = admin.book.store();
+    let rejections = store
+        .rejections(cfg.id.as_str(), 100)
+        .await
+        .map_err(internal)?;
+    let sales = store
+        .sales(SaleFilter {
+            pos: Some(cfg.id.to_string()),
+            limit: 20,
+            ..SaleFilter::default()
+        })
+        .await
+        .map_err(internal)?;
+    let sale = view.state.current.as_ref();
+    let since = match view.state.presence {
+        Presence::Online { since } | Presence::Offline { since } => Some(since),
+        Presence::Unknown => None,
+    };
+    Ok(Some(json!({
+        "id": cfg.id,
+        "kind": cfg.kind.as_str(),
+        "mode": match cfg.mode { PosMode::Attended => "attended", PosMode::Unattended(_) => "unattended" },
+        "device": device_seen(view.state.presence, sale.is_some()),
+        "since": since,
+        "since_local": since.and_then(|ms| local_time(admin.timezone, ms)),
+        "sale": sale.map(|s| summary(s, now)),
+        "timezone": admin.timezone.name(),
+        "rejections": rejections.iter().map(|r| rejection_json(r, admin.timezone)).collect::<Vec<_>>(),
+        "sales": sales.iter().map(|s| {
+            let mut v = summary(s, now);
+            v["accepted_local"] = json!(local_time(admin.timezone, s.accepted_at));
+            v
+        }).collect::<Vec<_>>(),
+    })))
+}
+
+pub async fn pos_one(
+    req: HttpRequest,
+    path: web::Path<String>,
+    admin: web::Data<Admin>,
+) -> Result<HttpResponse, ApiError> {
+    admin.auth.check(&req, false)?;
+    match pos_detail(&admin, &path).await? {
+        Some(v) => Ok(HttpResponse::Ok().json(v)),
+        None => Err(ApiError::UnknownPos(format!("no POS {:?}", path.as_str()))),
+    }
 }
 
 pub async fn sale(
@@ -307,9 +418,8 @@ pub async fn cancel(
         by: by.to_owned(),
     };
     match admin.book.execute(&pos, cmd).await {
-        Ok(Outcome::Changed { sale, .. }) => {
-            Ok(HttpResponse::Ok().json(json!({"sale": summary(&sale, now_millis())})))
-        }
+        Ok(Outcome::Changed { sale, .. }) => Ok(HttpResponse::Ok()
+            .json(json!({"sale": summary(&sale, admin.book.clock().now_millis())}))),
         Ok(Outcome::Rejected {
             why: Rejection::NotCancellable { state },
             ..
@@ -427,23 +537,19 @@ pub async fn events(
             let keep_alive = tokio::time::Instant::now() + KEEP_ALIVE;
             loop {
                 // Wake at the session's end too, to close the stream then.
-                let (wake, ended) = match &session {
-                    Some((id, ended)) => match admin.auth.deadline(id) {
-                        Some(end) => (
-                            keep_alive.min(tokio::time::Instant::from_std(end)),
-                            ended.clone(),
-                        ),
+                let (left, ended) = match &session {
+                    Some((id, ended)) => match admin.auth.time_left(id) {
+                        Some(left) => (Some(left), ended.clone()),
                         None => return None,
                     },
-                    None => (keep_alive, CancellationToken::new()),
+                    None => (None, CancellationToken::new()),
                 };
                 let got = tokio::select! {
                     _ = admin.shutdown.cancelled() => return None,
                     _ = ended.cancelled() => return None,
-                    _ = tokio::time::sleep_until(wake) => {
-                        if tokio::time::Instant::now() < keep_alive {
-                            continue;
-                        }
+                    // Look again: the session may have been used meanwhile.
+                    _ = admin.book.clock().sleep(left.unwrap_or(KEEP_ALIVE)), if left.is_some() => continue,
+                    _ = tokio::time::sleep_until(keep_alive) => {
                         return Some((Ok(web::Bytes::from_static(b": keep-alive\n\n")), (None, rx, admin, pos, session)));
                     }
                     r = rx.recv() => r,

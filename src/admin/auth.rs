@@ -22,6 +22,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use crate::clock::Clock;
+
 use actix_web::http::header::{AUTHORIZATION, COOKIE, ORIGIN};
 use actix_web::HttpRequest;
 use subtle::ConstantTimeEq;
@@ -139,14 +141,14 @@ impl Sessions {
         Some(e.csrf.clone())
     }
 
-    /// When session `id` ends if nothing uses it, without using it.
-    fn deadline(&mut self, id: &str, now: Instant) -> Option<Instant> {
+    /// How long session `id` lasts if nothing uses it, without using it.
+    fn time_left(&mut self, id: &str, now: Instant) -> Option<Duration> {
         let e = self.by_id.get(id)?;
         if self.expired(e, now) {
             self.remove(id);
             return None;
         }
-        Some(e.last_seen + self.idle)
+        Some((e.last_seen + self.idle).saturating_duration_since(now))
     }
 }
 
@@ -250,10 +252,12 @@ pub struct Auth {
     sessions: Mutex<Sessions>,
     guesses: Mutex<Guesses>,
     secure_cookies: bool,
+    /// Sessions' idle ends and lockouts are read on it (tests move it).
+    clock: Clock,
 }
 
 impl Auth {
-    pub fn new(cfg: &AdminConfig) -> Auth {
+    pub fn new(cfg: &AdminConfig, clock: Clock) -> Auth {
         Auth {
             token: cfg.token.clone(),
             sessions: Mutex::new(Sessions {
@@ -263,6 +267,7 @@ impl Auth {
             }),
             guesses: Mutex::new(Guesses::default()),
             secure_cookies: cfg.secure_cookies,
+            clock,
         }
     }
 
@@ -277,7 +282,7 @@ impl Auth {
             return Attempt::Wrong { lock: None };
         };
         let src = source(req.peer_addr().map(|a| a.ip()));
-        let now = Instant::now();
+        let now = self.clock.instant();
         // Look, compare and count under one lock: parallel guesses cannot
         // all slip in before the first of them is counted.
         let mut guesses = lock(&self.guesses);
@@ -304,7 +309,7 @@ impl Auth {
 
     /// A new login session (the token was right).
     pub fn new_session(&self) -> Session {
-        let (s, evicted) = lock(&self.sessions).create(Instant::now());
+        let (s, evicted) = lock(&self.sessions).create(self.clock.instant());
         if evicted > 0 {
             tracing::info!(
                 evicted,
@@ -377,7 +382,7 @@ impl Auth {
     pub fn session(&self, req: &HttpRequest) -> Option<Session> {
         self.token.as_ref()?;
         let id = Self::cookie_id(req)?;
-        let csrf = lock(&self.sessions).touch(&id, Instant::now())?;
+        let csrf = lock(&self.sessions).touch(&id, self.clock.instant())?;
         Some(Session { id, csrf })
     }
 
@@ -390,9 +395,10 @@ impl Auth {
         Some((id, ended))
     }
 
-    /// When session `id` ends if nothing uses it; `None` once it has.
-    pub fn deadline(&self, id: &str) -> Option<Instant> {
-        lock(&self.sessions).deadline(id, Instant::now())
+    /// How long session `id` lasts if nothing uses it; `None` once it has
+    /// ended.
+    pub fn time_left(&self, id: &str) -> Option<Duration> {
+        lock(&self.sessions).time_left(id, self.clock.instant())
     }
 
     /// Who is asking (`token`, `console`, `local`), or the answer that
@@ -532,10 +538,10 @@ mod tests {
         assert!(s.touch(&b.id, t0 + Duration::from_secs(3)).is_none());
         assert!(s.touch(&c.id, t0 + Duration::from_secs(3)).is_some());
         assert_eq!(
-            s.deadline(&a.id, t0 + Duration::from_secs(3)),
-            Some(t0 + Duration::from_secs(12))
+            s.time_left(&a.id, t0 + Duration::from_secs(3)),
+            Some(Duration::from_secs(9))
         );
         assert!(s.touch(&a.id, t0 + Duration::from_secs(12)).is_none());
-        assert!(s.deadline(&a.id, t0 + Duration::from_secs(12)).is_none());
+        assert!(s.time_left(&a.id, t0 + Duration::from_secs(12)).is_none());
     }
 }

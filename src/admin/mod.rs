@@ -47,12 +47,13 @@ pub fn serve(
     shutdown: CancellationToken,
 ) -> std::io::Result<actix_web::dev::Server> {
     let local = listener.local_addr()?;
+    let clock = book.clock().clone();
     let admin = web::Data::new(Admin {
         refunds: crate::refunds::OperatorRefunds::new(client, Arc::clone(&book)),
         book,
         link,
         timezone: cfg.timezone,
-        auth: auth::Auth::new(cfg),
+        auth: auth::Auth::new(cfg, clock),
         edge: edge::Edge::new(&cfg.hosts, local),
         shutdown,
     });
@@ -91,10 +92,12 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/login", web::post().to(page::login))
         .route("/logout", web::post().to(page::logout))
         .route("/sales/{reference}", web::get().to(page::sale))
+        .route("/pos/{id}", web::get().to(page::pos))
         .route("/assets/console.css", web::get().to(page::css))
         .route("/assets/console.js", web::get().to(page::js))
         .route("/metrics", web::get().to(api::metrics))
         .route("/api/pos", web::get().to(api::pos))
+        .route("/api/pos/{id}", web::get().to(api::pos_one))
         .route("/api/sales", web::get().to(api::sales))
         .route("/api/sales/{reference}", web::get().to(api::sale))
         .route("/api/sales/{reference}/cancel", web::post().to(api::cancel))

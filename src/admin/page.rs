@@ -26,6 +26,46 @@ fn esc(s: &str) -> String {
         .replace('\'', "&#39;")
 }
 
+/// A timeline event's detail as an operator reads it: `amount 100.00 ·
+/// payment id 123`, nested fields by their path, lists joined; never JSON.
+pub fn readable(detail: &serde_json::Value) -> String {
+    use serde_json::Value;
+    fn walk(prefix: &str, v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::Null => {}
+            Value::Object(m) => {
+                for (k, v) in m {
+                    let key = k.replace('_', " ");
+                    let path = if prefix.is_empty() {
+                        key
+                    } else {
+                        format!("{prefix} {key}")
+                    };
+                    walk(&path, v, out);
+                }
+            }
+            Value::Array(items) => {
+                let mut parts = Vec::new();
+                for item in items {
+                    let mut inner = Vec::new();
+                    walk("", item, &mut inner);
+                    if !inner.is_empty() {
+                        parts.push(inner.join(" "));
+                    }
+                }
+                if !parts.is_empty() {
+                    out.push(format!("{prefix} {}", parts.join(", ")).trim().to_owned());
+                }
+            }
+            Value::String(t) => out.push(format!("{prefix} {t}").trim().to_owned()),
+            other => out.push(format!("{prefix} {other}").trim().to_owned()),
+        }
+    }
+    let mut out = Vec::new();
+    walk("", detail, &mut out);
+    out.join(" · ")
+}
+
 fn shell(title: &str, head: &str, body: &str) -> String {
     format!(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
@@ -107,13 +147,15 @@ pub async fn index(req: HttpRequest, admin: web::Data<Admin>) -> HttpResponse {
         <span>paid, undelivered <b id=\"count-paid_undelivered\">0</b></span>\
         <span>refund due <b id=\"count-refund_due\">0</b></span>\
         <span id=\"live\" class=\"off\">offline</span></div>{}</header>\
-        <main data-page=\"index\"><table id=\"pos\"><thead><tr><th>POS</th><th>kind</th><th>device</th>\
-        <th>sale</th><th>amount</th><th>age</th></tr></thead><tbody></tbody></table>\
+        <main data-page=\"index\"><p class=\"zone\">Times in {zone}.</p>\
+        <table id=\"pos\"><thead><tr><th>POS</th><th>kind</th><th>device</th>\
+        <th>sale</th><th>amount</th><th>age</th><th>last rejection</th></tr></thead><tbody></tbody></table>\
         <h2>Owed back</h2><table id=\"owing\"><thead><tr><th>sale</th><th>POS</th><th>state</th>\
         <th>owed</th><th>age</th></tr></thead><tbody></tbody></table>\
         <h2>Events <select id=\"feed-pos\"><option value=\"\">all POS</option></select></h2>\
         <ol id=\"feed\"></ol></main>",
-        logout_form(session.as_ref())
+        logout_form(session.as_ref()),
+        zone = esc(admin.timezone.name()),
     );
     page(&admin, session.as_ref(), "qrgate console", &body)
 }
@@ -269,10 +311,10 @@ pub async fn sale(
     let mut rows = String::new();
     for e in detail["timeline"].as_array().into_iter().flatten() {
         rows.push_str(&format!(
-            "<tr><td>{}</td><td>{}</td><td><code>{}</code></td></tr>",
+            "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
             text(&e["local"]),
             text(&e["event"]),
-            esc(&e["detail"].to_string())
+            esc(&readable(&e["detail"]))
         ));
     }
     let mut orders = String::new();
@@ -282,27 +324,69 @@ pub async fn sale(
             .into_iter()
             .flatten()
             .map(|p| {
+                let detail = p["status_detail"]
+                    .as_str()
+                    .map(|d| format!(" (<span class=\"status-detail\">{}</span>)", esc(d)))
+                    .unwrap_or_default();
                 format!(
-                    "payment {} {} {}",
-                    esc(&p["id"].to_string()),
+                    "payment <span class=\"payment-id\">{}</span> {}{detail} {}",
+                    esc(&id_text(&p["id"])),
                     text(&p["status"]),
                     text(&p["amount"])
                 )
             })
             .collect();
         orders.push_str(&format!(
-            "<li>{} <b>{}</b> {} ({})</li>",
-            esc(&mo["id"].to_string()),
+            "<li>merchant order {} <b>{}</b> {} (seen {})</li>",
+            esc(&id_text(&mo["id"])),
             text(&mo["status"]),
             pays.join(", "),
             text(&mo["local"])
         ));
     }
     let state = s["state"].as_str().unwrap_or("");
+    // A sale Mercado Pago already showed to a phone may be being paid right
+    // now: the page says so before the operator cancels it.
     let cancel = if state == "pending" || state == "in_process" {
-        "<button id=\"cancel\" class=\"danger\">Cancel sale</button>"
+        format!(
+            "<button id=\"cancel\" class=\"danger\" data-served=\"{}\">Cancel sale</button>",
+            s["served"].as_bool().unwrap_or(false)
+        )
     } else {
-        ""
+        String::new()
+    };
+    let attention = s["attention"]
+        .as_str()
+        .map(|a| {
+            format!(
+                "<dt>attention</dt><dd id=\"sale-attention\" class=\"state {a}\">{a}</dd>",
+                a = esc(a)
+            )
+        })
+        .unwrap_or_default();
+    let mut payments = String::new();
+    for p in detail["ledger"]["payments"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        payments.push_str(&format!(
+            "<tr><td class=\"payment-id\">{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            esc(&id_text(&p["payment_id"])),
+            esc(&id_text(&p["merchant_order"])),
+            text(&p["amount"]),
+            text(&p["kept"]),
+            text(&p["owed"]),
+            text(&p["refunded"]),
+        ));
+    }
+    let payments = if payments.is_empty() {
+        "<p>No approved payment.</p>".to_owned()
+    } else {
+        format!(
+            "<table id=\"payments\"><thead><tr><th>payment</th><th>merchant order</th><th>amount</th>\
+             <th>kept</th><th>owed back</th><th>refunded</th></tr></thead><tbody>{payments}</tbody></table>"
+        )
     };
     // What is owed goes back first, whole; what the sale kept, by amount.
     let owed = if detail["owed"].is_string() {
@@ -335,10 +419,11 @@ pub async fn sale(
         "<header><h1><a href=\"/\">qrgate</a> / sale {reference}</h1>{logout}</header>\
          <main data-page=\"sale\" data-reference=\"{reference}\">\
          <dl><dt>POS</dt><dd>{}</dd><dt>device sale id</dt><dd>{}</dd>\
-         <dt>state</dt><dd id=\"sale-state\" class=\"state {state}\">{state}</dd>\
+         <dt>state</dt><dd id=\"sale-state\" class=\"state {state}\">{state}</dd>{attention}\
          <dt>amount</dt><dd>{} {}</dd><dt>refunded</dt><dd id=\"refunded-total\">{}</dd></dl>\
          <div class=\"actions\">{cancel}{refund}<p id=\"action-result\"></p></div>\
-         <h2>Timeline ({})</h2><table id=\"timeline\"><tbody>{rows}</tbody></table>\
+         <h2>Payments</h2>{payments}\
+         <h2>Timeline</h2><p class=\"zone\">Times in {}.</p><table id=\"timeline\"><tbody>{rows}</tbody></table>\
          <h2>Merchant orders and payments seen</h2><ul id=\"orders\">{orders}</ul></main>",
         text(&s["pos"]),
         text(&s["sale_id"]),
@@ -359,6 +444,98 @@ pub async fn sale(
         &format!("sale {reference}"),
         &body,
     )
+}
+
+/// An id as the page shows it: a number or a text, never JSON quotes.
+fn id_text(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => String::new(),
+        other => other.to_string(),
+    }
+}
+
+/// A POS's page: its device, its current sale, the device messages qrgate
+/// refused (newest first) and its latest sales.
+pub async fn pos(
+    req: HttpRequest,
+    path: web::Path<String>,
+    admin: web::Data<Admin>,
+) -> HttpResponse {
+    let Some(session) = session_for(&admin, &req) else {
+        return login_page(StatusCode::OK, None);
+    };
+    let detail = match super::api::pos_detail(&admin, &path).await {
+        Ok(Some(v)) => v,
+        Ok(None) => {
+            return html(
+                StatusCode::NOT_FOUND,
+                shell(
+                    "no such POS",
+                    "",
+                    "<main><p>No such POS.</p><a href=\"/\">back</a></main>",
+                ),
+            )
+        }
+        Err(e) => return e.error_response(),
+    };
+    let text = |v: &serde_json::Value| esc(v.as_str().unwrap_or(""));
+    let mut rejections = String::new();
+    for r in detail["rejections"].as_array().into_iter().flatten() {
+        rejections.push_str(&format!(
+            "<tr><td>{}</td><td class=\"code\">{}</td><td>{}</td><td>{}</td></tr>",
+            text(&r["local"]),
+            text(&r["code"]),
+            text(&r["sale_id"]),
+            text(&r["message"]),
+        ));
+    }
+    let rejections = if rejections.is_empty() {
+        "<p id=\"no-rejections\">No device message was refused.</p>".to_owned()
+    } else {
+        format!(
+            "<table id=\"rejections\"><thead><tr><th>when</th><th>code</th><th>sale id</th><th>why</th></tr></thead>\
+             <tbody>{rejections}</tbody></table>"
+        )
+    };
+    let mut sales = String::new();
+    for s in detail["sales"].as_array().into_iter().flatten() {
+        let state = s["attention"]
+            .as_str()
+            .or(s["state"].as_str())
+            .unwrap_or("");
+        sales.push_str(&format!(
+            "<tr><td>{}</td><td><a href=\"/sales/{r}\">{r}</a></td><td>{}</td><td class=\"state {state}\">{state}</td><td>{} {}</td></tr>",
+            text(&s["accepted_local"]),
+            text(&s["sale_id"]),
+            text(&s["amount"]),
+            text(&s["currency"]),
+            r = text(&s["external_reference"]),
+            state = esc(state),
+        ));
+    }
+    let device = match detail["device"].as_str().unwrap_or("") {
+        "never_seen" => "never seen".to_owned(),
+        "no_presence" => "no presence reported".to_owned(),
+        other => match detail["since_local"].as_str() {
+            Some(since) => format!("{} since {}", esc(other), esc(since)),
+            None => esc(other),
+        },
+    };
+    let id = text(&detail["id"]);
+    let body = format!(
+        "<header><h1><a href=\"/\">qrgate</a> / POS {id}</h1>{logout}</header>\
+         <main data-page=\"pos\" data-pos=\"{id}\"><p class=\"zone\">Times in {zone}.</p>\
+         <dl><dt>kind</dt><dd>{}</dd><dt>mode</dt><dd>{}</dd><dt>device</dt><dd id=\"device\">{device}</dd></dl>\
+         <h2>Refused device messages</h2>{rejections}\
+         <h2>Latest sales</h2><table id=\"sales\"><thead><tr><th>accepted</th><th>sale</th><th>sale id</th>\
+         <th>state</th><th>amount</th></tr></thead><tbody>{sales}</tbody></table></main>",
+        text(&detail["kind"]),
+        text(&detail["mode"]),
+        logout = logout_form(session.as_ref()),
+        zone = text(&detail["timezone"]),
+    );
+    page(&admin, session.as_ref(), &format!("POS {id}"), &body)
 }
 
 pub async fn css() -> HttpResponse {

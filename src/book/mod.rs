@@ -17,6 +17,7 @@ use std::sync::Arc;
 use dashmap::DashMap;
 use tokio::sync::{mpsc, Mutex, Notify};
 
+use crate::clock::Clock;
 use crate::events::{Events, OpEvent};
 use crate::mercadopago::poll_answer::{self, MpAccount, PollAnswer};
 use crate::metrics::Metrics;
@@ -119,6 +120,7 @@ pub struct Book {
     metrics: Arc<Metrics>,
     /// Which device refusals are kept one by one (`book::rejections`).
     refusals: Tally,
+    clock: Clock,
 }
 
 /// What the book needs from the configuration besides the POS.
@@ -130,14 +132,12 @@ pub struct BookSettings {
     /// Where attended POS's orders are placed and removed; `None` when no
     /// POS is attended.
     pub attended: Option<mpsc::UnboundedSender<AttendedJob>>,
+    /// The time every TTL and schedule reads (tests move it forward).
+    pub clock: Clock,
 }
 
 /// Stripes of the per-sale refund turn.
 const REFUND_TURNS: usize = 64;
-
-pub fn now_millis() -> UnixMillis {
-    chrono::Utc::now().timestamp_millis()
-}
 
 impl Book {
     /// Builds the book from the store's latest sale of each configured POS.
@@ -154,6 +154,7 @@ impl Book {
             auto_refund,
             poll_protocol,
             attended,
+            clock,
         } = settings;
         let latest = store.latest_sales().await?;
         let mut by_pos: HashMap<PosId, Sale> =
@@ -189,6 +190,7 @@ impl Book {
             // `[mqtt] stored_rejections_per_minute`'s default, until the
             // MQTT side sets the configured one.
             refusals: Tally::new(20),
+            clock,
         })
     }
 
@@ -199,6 +201,11 @@ impl Book {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// The time the book and the tasks around it read.
+    pub fn clock(&self) -> &Clock {
+        &self.clock
     }
 
     /// Every configured POS.
@@ -484,7 +491,7 @@ impl Book {
             code: code.to_owned(),
             message: message.to_owned(),
         });
-        let at = now_millis();
+        let at = self.clock.now_millis();
         if !self.refusals.admit(pos, code, at) {
             self.metrics.device_rejections_summed.inc();
             return (None, told);
@@ -520,7 +527,7 @@ impl Book {
     /// and ended minute in which refusals were summed; with `all`, the
     /// current minute's too (at shutdown).
     pub async fn flush_refusal_summaries(&self, all: bool) {
-        let now = now_millis();
+        let now = self.clock.now_millis();
         for s in self.refusals.take_ended(now, all) {
             let detail = s.message();
             let reasons: Vec<String> = s.reasons.iter().map(|(r, n)| format!("{r}:{n}")).collect();
@@ -578,7 +585,7 @@ impl Book {
 
     fn now(&self) -> Given {
         Given {
-            now: now_millis(),
+            now: self.clock.now_millis(),
             random: rand::random(),
             auto_refund: self.auto_refund,
         }
@@ -664,7 +671,7 @@ impl Book {
                 };
                 tracing::info!(pos = %pos, online = !p.is_offline(), "{said}");
                 self.events.emit(OpEvent {
-                    at: now_millis(),
+                    at: self.clock.now_millis(),
                     pos: pos.to_string(),
                     sale_id: None,
                     external_reference: None,
@@ -703,7 +710,7 @@ impl Book {
                     external_reference: reference_text.clone(),
                     status: status.to_owned(),
                     body,
-                    seen_at: now_millis(),
+                    seen_at: self.clock.now_millis(),
                     payments: facts
                         .payments
                         .iter()
@@ -741,7 +748,7 @@ impl Book {
                 tracing::info!(pos = %pos, sale_id = %sale.sale_id, external_reference = %reference,
                     merchant_order = %facts.id, reason = why.code(), detail = %why, "merchant order closes nothing");
                 self.events.emit(OpEvent {
-                    at: now_millis(),
+                    at: self.clock.now_millis(),
                     kind: "notification".into(),
                     detail: format!("merchant order {} closes nothing: {why}", facts.id),
                     ..OpEvent::of_sale(sale, "notification", "")
@@ -922,7 +929,7 @@ impl Book {
             return Ok(None);
         };
         let Some(Outcome::Changed { sale, event }) =
-            orders::record_refunds(&locked.sale, made, now_millis())
+            orders::record_refunds(&locked.sale, made, self.clock.now_millis())
         else {
             return Ok(Some(locked.sale.clone()));
         };

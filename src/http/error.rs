@@ -18,6 +18,9 @@ pub enum ApiError {
     /// The console or the admin API named a sale that is not there.
     #[error("{0}")]
     UnknownSale(String),
+    /// The console or the admin API named a POS that is not configured.
+    #[error("{0}")]
+    UnknownPos(String),
     #[error("{0}")]
     BadRequest(String),
     /// A console query parameter that cannot be read.
@@ -80,6 +83,7 @@ impl ApiError {
         match self {
             ApiError::NotFound => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::UnknownSale(_) => (StatusCode::NOT_FOUND, "unknown_sale"),
+            ApiError::UnknownPos(_) => (StatusCode::NOT_FOUND, "unknown_pos"),
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             ApiError::BadQuery(_) => (StatusCode::BAD_REQUEST, "bad_query"),
             ApiError::BadNotification(_) => (StatusCode::BAD_REQUEST, "bad_notification"),

@@ -102,6 +102,7 @@ pub fn spawn(
     let max = guard::max_incoming_packet(cap);
     opts.set_max_packet_size(max, max);
     opts.set_inflight(200);
+    let login_user = endpoint.login.as_ref().map(|(user, _)| user.clone());
     if let Some((user, password)) = endpoint.login {
         opts.set_credentials(user, password.expose().to_owned());
     }
@@ -197,6 +198,8 @@ pub fn spawn(
     let subscriptions = topics.subscriptions();
     tracker.spawn(async move {
         let mut failures: u32 = 0;
+        // Consecutive refusals of qrgate's own login.
+        let mut refusals: u32 = 0;
         loop {
             let event = tokio::select! {
                 e = eventloop.poll() => e,
@@ -205,6 +208,7 @@ pub fn spawn(
             match event {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     failures = 0;
+                    refusals = 0;
                     state.connected.store(true, Ordering::Release);
                     state.connections.fetch_add(1, Ordering::Relaxed);
                     book.metrics().mqtt_connections.inc();
@@ -247,7 +251,15 @@ pub fn spawn(
                     let step = Duration::from_millis(100).saturating_mul(1 << failures.min(6));
                     let wait = step.min(Duration::from_secs(5));
                     let wait = wait.mul_f64(rand::thread_rng().gen_range(0.5..1.0));
-                    if failures == 1 || failures % 20 == 0 {
+                    if let Some(code) = refused_login(&e) {
+                        refusals = refusals.saturating_add(1);
+                        // Nothing works until the operator fixes it: said
+                        // at once, then less and less often, never dropped.
+                        if refusals.is_power_of_two() || refusals % 64 == 0 {
+                            tracing::error!(attempts = refusals, code = ?code,
+                                "{}", refused_login_message(login_user.as_deref()));
+                        }
+                    } else if failures == 1 || failures % 20 == 0 {
                         tracing::warn!(error = %e, failures, "MQTT broker connection lost; reconnecting");
                     }
                     tokio::select! {
@@ -260,6 +272,36 @@ pub fn spawn(
         let _ = tokio::time::timeout(Duration::from_secs(1), client.disconnect()).await;
     });
     link
+}
+
+/// The broker's refusal of qrgate's own login, if `e` is one.
+fn refused_login(e: &rumqttc::ConnectionError) -> Option<rumqttc::ConnectReturnCode> {
+    use rumqttc::ConnectReturnCode::{BadUserNamePassword, NotAuthorized};
+    match e {
+        rumqttc::ConnectionError::ConnectionRefused(
+            code @ (BadUserNamePassword | NotAuthorized),
+        ) => Some(*code),
+        _ => None,
+    }
+}
+
+/// What to fix when the broker refuses qrgate's login.
+fn refused_login_message(user: Option<&str>) -> String {
+    use crate::config::{secrets::credential_name, MQTT_PASSWORD_ENV};
+    let password = format!(
+        "{MQTT_PASSWORD_ENV} (or {MQTT_PASSWORD_ENV}_FILE, or the credential {})",
+        credential_name(MQTT_PASSWORD_ENV)
+    );
+    match user {
+        Some(user) => format!(
+            "the MQTT broker refused qrgate's login as {user:?}: check [mqtt] username and {password} \
+             against the broker's password file; retrying"
+        ),
+        None => format!(
+            "the MQTT broker refused qrgate's anonymous login: set [mqtt] username and {password} \
+             to a login the broker knows; retrying"
+        ),
+    }
 }
 
 /// A device message waiting for its POS's turn, and where to say it was

@@ -163,6 +163,10 @@ pub trait Store: Send + Sync + 'static {
     async fn rejections(&self, pos: &str, limit: usize)
         -> Result<Vec<RejectionRecord>, StoreError>;
 
+    /// Each POS's latest refused device message (POS that have none are
+    /// absent).
+    async fn latest_rejections(&self) -> Result<Vec<RejectionRecord>, StoreError>;
+
     /// Each POS's latest sale, to rebuild the order book at start.
     async fn latest_sales(&self) -> Result<Vec<Sale>, StoreError>;
 

@@ -441,6 +441,16 @@ type Job = Box<dyn FnOnce(&Connection, &Result<(), StoreError>) -> Option<Reply>
 /// A write's answer, given the outcome of its batch's commit.
 type Reply = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 
+fn rejection_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RejectionRecord> {
+    Ok(RejectionRecord {
+        pos: r.get(0)?,
+        sale_id: r.get(1)?,
+        code: r.get(2)?,
+        message: r.get(3)?,
+        at: r.get(4)?,
+    })
+}
+
 #[cfg(test)]
 thread_local! {
     /// The commits this writer thread ran: how the tests see group commit.
@@ -1099,16 +1109,23 @@ impl Store for SqliteStore {
                 )
                 .map_err(db)?;
             let rows = st
-                .query_map(params![pos, limit as i64], |r| {
-                    Ok(RejectionRecord {
-                        pos: r.get(0)?,
-                        sale_id: r.get(1)?,
-                        code: r.get(2)?,
-                        message: r.get(3)?,
-                        at: r.get(4)?,
-                    })
-                })
+                .query_map(params![pos, limit as i64], rejection_row)
                 .map_err(db)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(db)
+        })
+        .await
+    }
+
+    async fn latest_rejections(&self) -> Result<Vec<RejectionRecord>, StoreError> {
+        self.read(|c| {
+            // One row per POS, through the (pos, seq) index.
+            let mut st = c
+                .prepare_cached(
+                    "SELECT pos, sale_id, code, message, at FROM device_rejections
+                     WHERE seq IN (SELECT MAX(seq) FROM device_rejections GROUP BY pos)",
+                )
+                .map_err(db)?;
+            let rows = st.query_map([], rejection_row).map_err(db)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(db)
         })
         .await
@@ -2080,6 +2097,36 @@ mod tests {
             .collect();
         r.reverse();
         r
+    }
+
+    #[tokio::test]
+    async fn the_latest_rejection_of_each_pos_is_one_row_per_pos() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("q.db"), false).unwrap();
+        for (pos, n) in [
+            ("pump-1", 1),
+            ("pump-2", 2),
+            ("pump-1", 3),
+            ("pump-2", 4),
+            ("pump-1", 5),
+        ] {
+            store
+                .record_rejection(RejectionRecord {
+                    pos: pos.into(),
+                    ..rejection(n)
+                })
+                .await
+                .unwrap();
+        }
+        let mut latest: Vec<_> = store
+            .latest_rejections()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.pos, r.at))
+            .collect();
+        latest.sort();
+        assert_eq!(latest, [("pump-1".to_owned(), 5), ("pump-2".to_owned(), 4)]);
     }
 
     #[tokio::test]

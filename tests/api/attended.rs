@@ -102,24 +102,26 @@ async fn outages_and_429s_are_retried_and_the_device_hears_pending_only_once_pla
 async fn the_order_expires_with_the_sale_and_is_removed() {
     let app = TestApp::spawn_with(|c| {
         attended(c);
-        c.pos[1].ttl_secs = Some(1);
+        c.pos[1].ttl_secs = Some(300);
     })
     .await;
     let device = app.device(POS).await;
+    let before = chrono::Utc::now();
     device
         .publish_sale("1", &snack("1000"), None)
         .await
         .unwrap();
     let pending = state_of(&device, "1", "pending").await;
     let body = app.mp.attended_order(MP_POS).expect("placed");
-    // MP drops the order when the sale expires.
+    // MP drops the order when the sale expires: 300 s after it was accepted.
     let expiration = body["expiration_date"].as_str().unwrap().to_owned();
     let at = chrono::DateTime::parse_from_rfc3339(&expiration).unwrap();
-    let accepted = chrono::Utc::now() - chrono::Duration::seconds(5);
+    let ttl = chrono::Duration::seconds(300);
     assert!(
-        at > accepted && at < chrono::Utc::now() + chrono::Duration::seconds(2),
+        at >= before + ttl - chrono::Duration::seconds(1) && at <= chrono::Utc::now() + ttl,
         "{expiration}"
     );
+    app.clock.advance(Duration::from_secs(300));
     state_of(&device, "1", "expired").await;
     // qrgate takes it off itself rather than rely on MP's clock.
     let deletes = || {
@@ -602,7 +604,7 @@ async fn an_orders_api_order_is_replaced_before_it_expires_and_a_later_scan_pays
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instore_renewal_mercado_pago_refuses_ends_the_sale_with_mp_order_expired() {
-    let app = TestApp::spawn_with(|c| never_expiring(c, 10, 8)).await;
+    let app = TestApp::spawn_with(|c| never_expiring(c, 600, 60)).await;
     let device = app.device(POS).await;
     device
         .publish_sale("1", &snack("1000"), None)
@@ -610,8 +612,9 @@ async fn an_instore_renewal_mercado_pago_refuses_ends_the_sale_with_mp_order_exp
         .unwrap();
     let pending = state_of(&device, "1", "pending").await;
     let reference = pending.external_reference.clone().unwrap();
-    // Placed again 2 s after the first placement, when Mercado Pago refuses.
+    // Placed again 540 s after the first placement, when Mercado Pago refuses.
     app.mp.fail_next(ORDERS, 400, 1);
+    app.clock.advance(Duration::from_secs(540));
     let rejected = state_of(&device, "1", "rejected").await;
     assert_eq!(rejected.reason.as_deref(), Some("mp_order_expired"));
     let message = rejected.message().unwrap_or_default().to_owned();
@@ -650,7 +653,7 @@ async fn an_instore_renewal_mercado_pago_refuses_ends_the_sale_with_mp_order_exp
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_orders_api_renewal_mercado_pago_refuses_ends_the_sale_and_cancels_the_old_order() {
     let app = TestApp::spawn_with(|c| {
-        never_expiring(c, 10, 8);
+        never_expiring(c, 600, 60);
         c.mercadopago.attended_api = qrgate::config::AttendedApi::Orders;
     })
     .await;
@@ -665,8 +668,10 @@ async fn an_orders_api_renewal_mercado_pago_refuses_ends_the_sale_and_cancels_th
         .as_str()
         .unwrap()
         .to_owned();
-    // Replaced 2 s after the first order was created, when Mercado Pago refuses.
+    // Replaced 540 s after the first order was created, when Mercado Pago
+    // refuses.
     app.mp.fail_next("/v1/orders", 400, 1);
+    app.clock.advance(Duration::from_secs(540));
     let rejected = state_of(&device, "1", "rejected").await;
     assert_eq!(rejected.reason.as_deref(), Some("mp_order_expired"));
     let message = rejected.message().unwrap_or_default().to_owned();
@@ -742,10 +747,10 @@ async fn a_payment_on_the_old_orders_api_order_while_the_new_one_is_created_pays
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_legacy_order_is_placed_again_within_mercado_pagos_ten_minutes() {
-    // Legacy orders live Mercado Pago's 10 minutes: renewed 598 s ahead, the
-    // order is placed again every 2 s here.
+    // Legacy orders live Mercado Pago's 10 minutes: renewed 60 s ahead, the
+    // order is placed again 540 s after it was first placed.
     let app = TestApp::spawn_with(|c| {
-        never_expiring(c, 600, 598);
+        never_expiring(c, 600, 60);
         c.mercadopago.attended_api = qrgate::config::AttendedApi::Legacy;
     })
     .await;
@@ -756,6 +761,8 @@ async fn a_legacy_order_is_placed_again_within_mercado_pagos_ten_minutes() {
         .unwrap();
     let pending = state_of(&device, "1", "pending").await;
     let legacy = format!("/mpmobile/instore/qr/178106235/{MP_POS}");
+    assert_eq!(calls(&app, "POST", &legacy), 1);
+    app.clock.advance(Duration::from_secs(540));
     wait_for("the legacy order placed again", || async {
         calls(&app, "POST", &legacy) >= 2
     })

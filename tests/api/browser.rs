@@ -298,6 +298,9 @@ async fn browser_rows_follow_a_sale_live_from_pending_to_paid() {
         .await
         .unwrap();
     b.row_state_is("pump-1", "idle").await;
+    // No device has said it is there yet.
+    b.text_is("#pos-vending-1 td[data-device]", "never seen")
+        .await;
     // Subscribed to the stream before the sale, so its events reach the page.
     b.text_is("#live", "live").await;
     b.mark().await;
@@ -334,9 +337,20 @@ async fn browser_rows_follow_a_sale_live_from_pending_to_paid() {
     assert!(b.still_marked().await, "the page was not reloaded");
     // The feed shows the events, newest first.
     let feed = b.c().find(Locator::Id("feed")).await.unwrap();
+    let text = feed.text().await.unwrap();
+    assert!(text.contains("vending-1"), "the event feed names the POS");
+    // Times as the server writes them: `2026-12-03 14:05:09`.
+    let first = text.lines().next().unwrap_or_default();
+    let stamp: Vec<char> = first.chars().take(19).collect();
     assert!(
-        feed.text().await.unwrap().contains("vending-1"),
-        "the event feed names the POS"
+        stamp.len() == 19
+            && stamp.iter().enumerate().all(|(i, c)| match i {
+                4 | 7 => *c == '-',
+                10 => *c == ' ',
+                13 | 16 => *c == ':',
+                _ => c.is_ascii_digit(),
+            }),
+        "{first}"
     );
     let png = b.c().screenshot().await.unwrap();
     assert!(png.len() > 1000);
@@ -377,6 +391,8 @@ async fn browser_cancel_button_cancels_a_pending_sale_end_to_end() {
     b.text_is("#sale-state", "pending").await;
     let asked = b.click_and_confirm("#cancel").await.unwrap();
     assert!(asked.contains(&reference), "{asked}");
+    // Nobody scanned it: no customer can be paying.
+    assert!(!asked.contains("may be paying"), "{asked}");
 
     state_of(&pump, "21", "cancelled").await;
     // The page reloads on the sale's event: cancelled, no more button.
@@ -387,6 +403,24 @@ async fn browser_cancel_button_cancels_a_pending_sale_end_to_end() {
         .timeline(&reference)
         .await
         .contains(&"cancelled_by_operator".to_owned()));
+
+    // A sale Mercado Pago has shown to a phone: the operator is warned.
+    pump.publish_sale("22", &fuel("2", "100.00"), None)
+        .await
+        .unwrap();
+    let served = state_of(&pump, "22", "pending")
+        .await
+        .external_reference
+        .unwrap();
+    app.scan("pump-1").await;
+    b.c()
+        .goto(&format!("{}/sales/{served}", app.admin.clone().unwrap()))
+        .await
+        .unwrap();
+    b.text_is("#sale-state", "pending").await;
+    let asked = b.click_and_confirm("#cancel").await.unwrap();
+    assert!(asked.contains("may be paying"), "{asked}");
+    state_of(&pump, "22", "cancelled").await;
     b.close().await;
 }
 

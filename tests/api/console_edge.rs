@@ -286,11 +286,8 @@ async fn guessing_the_token_locks_the_source_out_for_longer_each_time() {
 
     // Guessing on: refusals until the lock ends, then the next wrong token
     // is looked at and locks the source out twice as long.
-    let r = wait_for("the first lock to end", || async {
-        let r = login(&guesser, "guess-7").await.unwrap();
-        (r.status() != 429).then_some(r)
-    })
-    .await;
+    app.clock.advance(qrgate::admin::auth::FIRST_LOCK);
+    let r = login(&guesser, "guess-7").await.unwrap();
     assert_eq!(r.status(), 401);
     assert_eq!(retry_after(&r), Some(2), "the second lock is longer");
     // During it no token from this source is looked at, the right one
@@ -312,10 +309,9 @@ async fn guessing_the_token_locks_the_source_out_for_longer_each_time() {
     // Another source is not held up by this one.
     console_login(&console_client("127.0.0.2"), &base, OPERATOR_TOKEN).await;
     // Once it ends, the right token is let in.
-    wait_for("the second lock to end", || async {
-        login(&guesser, OPERATOR_TOKEN).await.unwrap().status() == 303
-    })
-    .await;
+    app.clock.advance(qrgate::admin::auth::FIRST_LOCK * 2);
+    let r = login(&guesser, OPERATOR_TOKEN).await.unwrap();
+    assert_eq!(r.status(), 303);
 }
 
 /// A child process killed when the test ends, however it ends.
@@ -408,7 +404,12 @@ async fn a_short_admin_token_stops_the_real_binary_at_start_naming_its_variable(
         .unwrap()
         .read_to_string(&mut stdout)
         .unwrap();
-    assert_eq!(status.code(), Some(1), "{stderr}");
+    // A configuration error: EX_CONFIG.
+    assert_eq!(
+        status.code(),
+        Some(i32::from(qrgate::config::EX_CONFIG)),
+        "{stderr}"
+    );
     assert!(
         stderr.contains("invalid configuration")
             && stderr.contains(qrgate::config::ADMIN_TOKEN_ENV)
@@ -425,7 +426,7 @@ async fn a_short_admin_token_stops_the_real_binary_at_start_naming_its_variable(
 async fn an_idle_session_ends_and_its_event_stream_closes_then() {
     let app = TestApp::spawn_with(|c| {
         with_token(c);
-        c.admin.session_idle = Duration::from_secs(2);
+        c.admin.session_idle = Duration::from_secs(1800);
     })
     .await;
     let base = admin(&app);
@@ -438,7 +439,9 @@ async fn an_idle_session_ends_and_its_event_stream_closes_then() {
         .await
         .unwrap();
     assert_eq!(stream.status(), 200, "the new session works");
-    // The stream does not keep its session alive: it ends with it.
+    // The stream does not keep its session alive: it ends with it, half an
+    // hour later.
+    app.clock.advance(Duration::from_secs(1800));
     stream_ends(stream).await;
     let r = http
         .get(format!("{base}/api/pos"))

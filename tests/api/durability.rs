@@ -199,7 +199,7 @@ async fn without_auto_refund_a_late_payment_stays_refund_due_for_the_operator() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paid_is_repeated_until_the_device_confirms_delivery() {
-    let app = TestApp::spawn_with(|c| c.orders.paid_republish_secs = 1).await;
+    let app = TestApp::spawn_with(|c| c.orders.paid_republish_secs = 10).await;
     let pump = app.device("pump-1").await;
     pump.publish_sale("1", &fuel("1", "100"), None)
         .await
@@ -214,6 +214,7 @@ async fn paid_is_repeated_until_the_device_confirms_delivery() {
         .await
         .unwrap();
     let first = state_of(&pump, "1", "paid").await;
+    app.clock.advance(Duration::from_secs(10));
     let again = state_of(&pump, "1", "paid").await;
     assert_eq!(
         again.payment_id, first.payment_id,

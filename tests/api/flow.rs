@@ -1,6 +1,8 @@
 //! Mercado Pago's go-live checklist (docs/mercadopago.md) and the life of a
 //! sale from device to `paid`.
 
+use std::time::Duration;
+
 use mpsim::{NotifyMode, PaymentOutcome};
 
 use crate::helpers::*;
@@ -115,7 +117,7 @@ async fn a_cancelled_sale_makes_later_scans_wait_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sale_nobody_pays_expires_and_polls_answer_unavailable() {
     let app = TestApp::spawn_with(|c| {
-        c.pos[1].ttl_secs = Some(1);
+        c.pos[1].ttl_secs = Some(300);
     })
     .await;
     let vending = app.device("vending-1").await;
@@ -124,6 +126,14 @@ async fn a_sale_nobody_pays_expires_and_polls_answer_unavailable() {
         .await
         .unwrap();
     state_of(&vending, "1", "pending").await;
+    // Nearly the whole TTL passes: still pending, still offered.
+    app.clock.advance(Duration::from_secs(299));
+    app.scan("vending-1").await;
+    vending
+        .wait_state(WAIT, |m| m.state == "pending" && m.served)
+        .await
+        .unwrap();
+    app.clock.advance(Duration::from_secs(1));
     let expired = state_of(&vending, "1", "expired").await;
     assert!(expired.external_reference.is_some());
     assert_eq!(app.poll_kind("vending-1").await, "unavailable");

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use mpsim::{Scan, ScannedOrder, Simulator, SimulatorConfig};
 use qrgate::app::App;
+use qrgate::clock::Clock;
 use qrgate::config::{Broker, Config, Secret};
 use qrgate::orders::{ExternalReference, PosConfig, PosId, PosKind};
 use qrgate_devices::{Device, DeviceConfig, Item, StateMessage};
@@ -148,6 +149,9 @@ pub struct TestApp {
     pub mp: Simulator,
     pub config: Config,
     pub app_book: Arc<qrgate::book::Book>,
+    /// The app's clock: a TTL or schedule test moves it forward instead of
+    /// waiting (restarts keep it).
+    pub clock: Clock,
     pub link: Arc<qrgate::link::LinkState>,
     stop: CancellationToken,
     done: Option<tokio::task::JoinHandle<()>>,
@@ -183,7 +187,7 @@ impl TestApp {
     pub async fn spawn_on(broker: Where, tweak: impl FnOnce(&mut Config)) -> TestApp {
         let mp = Simulator::start(SimulatorConfig::default()).await.unwrap();
         let dir = Arc::new(tempfile::tempdir().unwrap());
-        TestApp::start(broker, mp, dir, None, None, tweak).await
+        TestApp::start(broker, mp, dir, None, None, Clock::adjustable(), tweak).await
     }
 
     async fn start(
@@ -192,6 +196,7 @@ impl TestApp {
         dir: Arc<tempfile::TempDir>,
         prefix: Option<String>,
         http: Option<std::net::SocketAddr>,
+        clock: Clock,
         tweak: impl FnOnce(&mut Config),
     ) -> TestApp {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
@@ -227,7 +232,7 @@ impl TestApp {
         ];
         tweak(&mut config);
         let prefix = config.mqtt.topic_prefix.clone();
-        let app = App::build_on(config.clone(), listener)
+        let app = App::build_timed(config.clone(), listener, clock.clone())
             .await
             .expect("app builds");
         let app_book = app.book();
@@ -250,6 +255,7 @@ impl TestApp {
             done: Some(done),
             dir,
             http: reqwest::Client::new(),
+            clock,
         };
         t.wait_ready().await;
         t
@@ -269,6 +275,7 @@ impl TestApp {
             Arc::clone(&self.dir),
             Some(self.prefix.clone()),
             Some(config.http.listen),
+            self.clock.clone(),
             move |c| {
                 c.pos = config.pos;
                 c.orders = config.orders;
@@ -285,10 +292,19 @@ impl TestApp {
         prefix: String,
         config: Config,
     ) -> TestApp {
-        TestApp::start(Where::Port(port), mp, dir, Some(prefix), None, move |c| {
-            c.pos = config.pos;
-            c.orders = config.orders;
-        })
+        let clock = Clock::adjustable();
+        TestApp::start(
+            Where::Port(port),
+            mp,
+            dir,
+            Some(prefix),
+            None,
+            clock,
+            move |c| {
+                c.pos = config.pos;
+                c.orders = config.orders;
+            },
+        )
         .await
     }
 
@@ -556,6 +572,7 @@ impl TestApp {
             Arc::clone(&self.dir),
             Some(self.prefix.clone()),
             Some(config.http.listen),
+            self.clock.clone(),
             move |c| {
                 c.pos = config.pos;
                 c.orders = config.orders;

@@ -3,6 +3,8 @@
 //! operator's refund of what a sale owes, and a payment nobody notified. On
 //! Mosquitto and the simulator; the kill -9 cases are in crash.rs.
 
+use std::time::Duration;
+
 use mpsim::{NotifyMode, PaymentOutcome};
 use qrgate::config::Config;
 use qrgate_devices::Device;
@@ -170,7 +172,7 @@ async fn a_sale_paid_sixty_and_forty_that_is_not_delivered_gets_both_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_merchant_order_notified_during_an_outage_is_refunded_afterwards() {
-    let Some(s) = station(|c| c.orders.notification_retry_max_secs = 1).await else {
+    let Some(s) = station(|c| c.orders.notification_retry_max_secs = 60).await else {
         return;
     };
     let reference = sale_of_100(&s).await;
@@ -193,8 +195,10 @@ async fn a_second_merchant_order_notified_during_an_outage_is_refunded_afterward
         .pay(second.merchant_order_id, PaymentOutcome::Approved)
         .await
         .unwrap();
-    // More failed fetches than the five tries the notification used to get.
+    // More failed fetches than the five tries the notification used to get;
+    // each retry comes at most a minute after the last.
     wait_for("six failed fetches", || async {
+        s.app.clock.advance(Duration::from_secs(60));
         let failed = s
             .app
             .mp
@@ -207,6 +211,7 @@ async fn a_second_merchant_order_notified_during_an_outage_is_refunded_afterward
     .await;
     assert!(s.app.mp.refunds().is_empty());
     s.app.mp.clear_failures();
+    s.app.clock.advance(Duration::from_secs(60));
     settled(&s.app, &reference, "100.00").await;
     let made = s.app.mp.refunds();
     assert_eq!(made.len(), 1, "{made:?}");
@@ -274,7 +279,7 @@ async fn without_auto_refund_the_operator_refunds_what_a_sale_owes_and_attention
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paid_sale_is_searched_again_and_a_payment_nobody_notified_is_refunded() {
-    let Some(s) = station(|c| c.orders.recheck_after_secs = vec![1]).await else {
+    let Some(s) = station(|c| c.orders.recheck_after_secs = vec![600]).await else {
         return;
     };
     let reference = sale_of_100(&s).await;
@@ -295,6 +300,8 @@ async fn a_paid_sale_is_searched_again_and_a_payment_nobody_notified_is_refunded
         .pay(second.merchant_order_id, PaymentOutcome::Approved)
         .await
         .unwrap();
+    // Ten minutes after the sale was paid it is searched again.
+    s.app.clock.advance(Duration::from_secs(600));
     settled(&s.app, &reference, "100.00").await;
     let made = s.app.mp.refunds();
     assert_eq!(made.len(), 1, "{made:?}");
@@ -322,9 +329,7 @@ async fn one_pos_slow_merchant_orders_do_not_hold_up_another_pos_notification() 
     for _ in 0..24 {
         let order = s.app.scan("pump-1").await;
         let path = format!("/merchant_orders/{}", order.merchant_order_id);
-        s.app
-            .mp
-            .set_latency(&path, std::time::Duration::from_secs(60));
+        s.app.mp.set_latency(&path, Duration::from_secs(60));
         slow.push((order.merchant_order_id, path));
     }
     for (id, _) in &slow {
@@ -355,7 +360,7 @@ async fn one_pos_slow_merchant_orders_do_not_hold_up_another_pos_notification() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_merchant_order_mercado_pago_answers_404_for_at_first_is_fetched_until_it_knows_it() {
-    let Some(s) = station(|c| c.orders.notification_retry_max_secs = 1).await else {
+    let Some(s) = station(|c| c.orders.notification_retry_max_secs = 60).await else {
         return;
     };
     sale_of_100(&s).await;
@@ -368,6 +373,16 @@ async fn a_merchant_order_mercado_pago_answers_404_for_at_first_is_fetched_until
         .pay(order.merchant_order_id, PaymentOutcome::Approved)
         .await
         .unwrap();
+    // Each retry comes at most a minute after the last.
+    wait_for("the merchant order fetched whole", || async {
+        s.app.clock.advance(Duration::from_secs(60));
+        s.app
+            .mp
+            .api_calls()
+            .iter()
+            .any(|c| c.path == path && c.status == 200)
+    })
+    .await;
     state_of(&s.pump, "1", "paid").await;
     let not_found = s
         .app
@@ -382,9 +397,8 @@ async fn a_merchant_order_mercado_pago_answers_404_for_at_first_is_fetched_until
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_notification_that_only_ever_gets_404_is_given_up_after_the_reconcile_window() {
     let Some(s) = station(|c| {
-        c.orders.notification_retry_max_secs = 1;
         c.orders.reconcile_after_secs = 0;
-        c.orders.reconcile_window_secs = 2;
+        c.orders.reconcile_window_secs = 86_400;
     })
     .await
     else {
@@ -399,6 +413,17 @@ async fn a_notification_that_only_ever_gets_404_is_given_up_after_the_reconcile_
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+    // The first fetch got its 404 and the entry waits for the next.
+    wait_for("the first 404 noted", || async {
+        let pending = s.app.app_book.store().inbox_pending().await.ok()?;
+        pending
+            .iter()
+            .any(|e| e.id == "4242424242" && e.attempts >= 1)
+            .then_some(())
+    })
+    .await;
+    // A day later, past the reconcile window, the next 404 gives it up.
+    s.app.clock.advance(Duration::from_secs(86_400));
     let metrics = format!("{}/metrics", admin(&s.app));
     wait_for("the notification given up", || async {
         let text = reqwest::get(&metrics).await.ok()?.text().await.ok()?;

@@ -18,6 +18,7 @@ mod ledger;
 mod messages;
 mod mosquitto;
 mod notifications;
+mod operator_view;
 mod polls;
 mod retention;
 mod security;

@@ -203,6 +203,7 @@ async fn a_poll_right_after_the_device_hears_pending_is_served() {
                 auto_refund: false,
                 poll_protocol: PollProtocol::V1,
                 attended: None,
+                clock: qrgate::clock::Clock::system(),
             },
             publish_tx,
             served_tx,

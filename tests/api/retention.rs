@@ -4,7 +4,6 @@
 //! stands 90 days ahead instead of waiting.
 
 use mpsim::{NotifyMode, PaymentOutcome};
-use qrgate::book::now_millis;
 use qrgate::orders::{ExternalReference, MpId};
 use qrgate::retention::Retention;
 
@@ -81,9 +80,9 @@ async fn an_old_ended_sale_leaves_with_its_rows_into_the_archive_and_one_owing_a
     state_of(&vending, "2", "cancelled").await;
 
     // Everything above ended before `horizon`; everything below after it.
-    let horizon = now_millis() + 1;
+    let horizon = app.clock.now_millis() + 1;
     wait_for("the clock past the horizon", || async {
-        now_millis() > horizon
+        app.clock.now_millis() > horizon
     })
     .await;
     pump.publish_sale("2", &fuel("1", "100.00"), None)
@@ -202,7 +201,7 @@ async fn a_paid_sale_stays_while_undelivered_and_while_a_search_after_payment_is
     // kept).
     let mut kept = app.config.store.clone();
     kept.retain = std::time::Duration::from_secs(3600);
-    let later = now_millis() + 3 * 3_600_000;
+    let later = app.clock.now_millis() + 3 * 3_600_000;
     let store = app.app_book.store();
     let pass = |rechecks: Vec<u64>| {
         let mut orders = app.config.orders.clone();

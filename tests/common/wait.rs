@@ -15,9 +15,10 @@
 //! No test pauses tokio's clock: every in-process test talks to a broker on
 //! its own thread and over sockets, and a paused clock jumps ahead whenever
 //! the runtime waits on them (tried on the sale-TTL and paid-repeat tests:
-//! the devices' 10 s connect timeout fired at once). Most of qrgate's TTLs
-//! and schedules read `chrono::Utc::now()` or `std::time::Instant` anyway.
-//! A test of a TTL or a schedule waits for its effect, in real time.
+//! the devices' 10 s connect timeout fired at once). A test of a TTL or a
+//! schedule moves the app's own clock instead (`TestApp::clock`, a
+//! `qrgate::clock::Clock::adjustable`): every TTL and schedule of qrgate
+//! reads it, so the test advances it by the TTL and waits for the effect.
 
 #![allow(dead_code)] // each test binary uses its own part of it
 

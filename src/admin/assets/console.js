@@ -8,7 +8,11 @@ const csrf = csrfMeta ? csrfMeta.content : "";
 const ended = r => { if (r.status === 401) { location.assign("/"); return true; } return false; };
 const tz = document.querySelector('meta[name="timezone"]').content;
 const main = document.querySelector("main");
-const fmt = ms => ms ? new Date(ms).toLocaleString(undefined, {timeZone: tz}) : "";
+// Times are written one way everywhere, as the server writes them:
+// "2026-12-03 14:05:09" in the console's zone (named once per page).
+const stamp = new Intl.DateTimeFormat("sv-SE", {timeZone: tz, year: "numeric", month: "2-digit", day: "2-digit", hour: "2-digit", minute: "2-digit", second: "2-digit", hourCycle: "h23"});
+const fmt = ms => ms ? stamp.format(new Date(ms)) : "";
+const devices = {online: "online", offline: "offline", never_seen: "never seen", no_presence: "no presence reported"};
 const age = s => s < 60 ? s + " s" : s < 3600 ? Math.floor(s / 60) + " min" : Math.floor(s / 3600) + " h";
 function el(tag, text, cls) { const e = document.createElement(tag); if (text !== undefined) e.textContent = text; if (cls) e.className = cls; return e; }
 
@@ -22,14 +26,21 @@ async function refreshPos() {
   const sel = document.getElementById("feed-pos");
   for (const p of data.pos) {
     const tr = el("tr"); tr.id = "pos-" + p.id; tr.dataset.pos = p.id;
-    tr.append(el("td", p.id), el("td", p.kind + (p.mode === "attended" ? " (attended)" : "")));
-    tr.append(el("td", (p.online ? "online" : "offline") + (p.since ? " since " + fmt(p.since) : ""), p.online ? "" : "offline"));
+    const name = el("td"); const link = el("a", p.id); link.href = "/pos/" + encodeURIComponent(p.id); name.append(link);
+    tr.append(name, el("td", p.kind + (p.mode === "attended" ? " (attended)" : "")));
+    const device = el("td", (devices[p.device] || p.device) + (p.since ? " since " + fmt(p.since) : ""), p.device === "online" ? "" : "offline");
+    device.dataset.device = p.device;
+    tr.append(device);
     const s = p.sale;
     const state = s ? (s.attention || s.state) : "idle";
     const td = el("td", "", "state " + state);
     if (s) { const a = el("a", state); a.href = "/sales/" + s.external_reference; td.append(a); } else td.textContent = "idle";
     td.dataset.state = state;
     tr.append(td, el("td", s && s.amount ? s.amount + " " + s.currency : ""), el("td", s ? age(s.age_secs) : ""));
+    const r = p.last_rejection;
+    const rej = el("td", r ? r.code + " at " + fmt(r.at) : "", r ? "rejection" : "");
+    if (r) rej.title = r.message;
+    tr.append(rej);
     body.append(tr);
     if (![...sel.options].some(o => o.value === p.id)) { const o = el("option", p.id); o.value = p.id; sel.append(o); }
   }
@@ -90,7 +101,9 @@ if (main.dataset.page === "index") {
 } else if (main.dataset.page === "sale") {
   const ref = main.dataset.reference;
   const cancel = document.getElementById("cancel");
-  if (cancel) cancel.onclick = () => { if (confirm("Cancel sale " + ref + "?")) act("/api/sales/" + ref + "/cancel"); };
+  // Mercado Pago showed a served sale to a phone: its customer may be paying.
+  const warn = c => c.dataset.served === "true" ? "Mercado Pago already showed this sale to a customer, who may be paying it right now. A payment after the cancel is owed back. " : "";
+  if (cancel) cancel.onclick = () => { if (confirm(warn(cancel) + "Cancel sale " + ref + "?")) act("/api/sales/" + ref + "/cancel"); };
   const owed = document.getElementById("refund-owed");
   if (owed) owed.onclick = () => {
     if (confirm("Refund the " + owed.dataset.owed + " sale " + ref + " owes to the customer?")) act("/api/sales/" + ref + "/refund", null);
@@ -105,4 +118,6 @@ if (main.dataset.page === "index") {
     if (confirm("Refund " + what + " of sale " + ref + " to the customer?")) act("/api/sales/" + ref + "/refund", amount ? {amount} : null);
   };
   live(ev => { if (ev && ev.external_reference === ref) setTimeout(() => location.reload(), 300); });
+} else if (main.dataset.page === "pos") {
+  live(ev => { if (ev && ev.pos === main.dataset.pos) setTimeout(() => location.reload(), 300); });
 }
