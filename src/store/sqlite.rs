@@ -567,11 +567,12 @@ fn guarded<T>(
 /// is repeated. Repeating it at once then spun a core for as long as the
 /// reader stayed (measured: a whole core). So a pass that makes no progress,
 /// or finds the database busy, waits, from 50 ms doubling to 5 s; a pass
-/// that caught up waits for the next commit.
+/// that caught up waits for the next commit, and 100 ms more.
 fn checkpoints(conn: Connection, writes: std_mpsc::Receiver<()>) {
     use std::time::Duration;
     const FIRST_WAIT: Duration = Duration::from_millis(50);
     const LONGEST_WAIT: Duration = Duration::from_secs(5);
+    const CAUGHT_UP_PAUSE: Duration = Duration::from_millis(100);
     let mut wait = FIRST_WAIT;
     let mut last: Option<(i64, i64)> = None;
     loop {
@@ -583,12 +584,17 @@ fn checkpoints(conn: Connection, writes: std_mpsc::Receiver<()>) {
             ))
         });
         let stalled = match pass {
-            // Caught up: nothing to do until the writer commits again.
+            // Caught up: nothing to do until the writer commits again, and
+            // then not at once: a checkpoint per commit would add its two
+            // fsyncs to every commit's.
             Ok((0, log, done)) if done >= log => {
                 wait = FIRST_WAIT;
                 last = None;
                 match writes.recv() {
-                    Ok(()) => continue,
+                    Ok(()) => {
+                        thread::sleep(CAUGHT_UP_PAUSE);
+                        continue;
+                    }
                     // The writer stopped: its last commit is checkpointed.
                     Err(_) => return,
                 }
