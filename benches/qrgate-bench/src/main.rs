@@ -146,7 +146,8 @@ listen = "127.0.0.1:{admin}"
                 .map(|d| format!("retain_days = {d}\n"))
                 .unwrap_or_default(),
             ingress = if open_ingress {
-                "embedded_ingress_per_sec = 10000000\nembedded_ingress_burst = 10000000\n"
+                "embedded_ingress_per_sec = 10000000\nembedded_ingress_burst = 10000000\n\
+                 device_rate_per_sec = 10000\ndevice_burst = 100000\n"
             } else {
                 ""
             },
