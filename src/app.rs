@@ -275,6 +275,20 @@ impl App {
             Arc::clone(&book),
             shutdown.clone(),
         ));
+        let token_status = Arc::new(crate::mercadopago::account_check::TokenStatus::default());
+        tracker.spawn(crate::mercadopago::account_check::run(
+            client.clone(),
+            Arc::clone(&token_status),
+            Arc::clone(book.metrics()),
+            config.mercadopago.token_check,
+            shutdown.clone(),
+        ));
+        let readiness = crate::http::health::Readiness::new(
+            Arc::clone(&store),
+            Arc::clone(&link),
+            token_status,
+            Arc::clone(book.metrics()),
+        );
         // Repeats `paid` until the device confirms it acted on it.
         {
             let book = Arc::clone(&book);
@@ -342,6 +356,10 @@ impl App {
             webhook_secret: config.mercadopago.webhook_secret.clone(),
             signature_tolerance_secs: config.mercadopago.signature_tolerance_secs,
             warnings: Arc::new(crate::http::ratelimit::WarnLimiter::new()),
+            proxies: crate::http::forwarded::TrustedProxies::new(
+                config.http.trusted_proxies.clone(),
+            ),
+            readiness: web::Data::new(readiness.clone()),
         });
         tracker.spawn(crate::http::edge::report_suppressed(
             Arc::clone(&shared.warnings),
@@ -359,6 +377,7 @@ impl App {
                     Arc::clone(&book),
                     client.clone(),
                     Arc::clone(&link),
+                    readiness,
                     shutdown.clone(),
                 )?;
                 tracing::info!(listen = %addr, console = %format!("http://{addr}/"),

@@ -115,6 +115,9 @@ pub struct HttpConfig {
     /// Open connections one source may hold (an IPv6 source is its /64);
     /// `0`: no cap.
     pub max_connections_per_address: u32,
+    /// Peers whose `X-Forwarded-For` / `Forwarded` name the client
+    /// (`http::forwarded`); empty: every peer is the client.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 /// Secrets in the POS URLs registered with Mercado Pago, so the URL of a
@@ -167,6 +170,9 @@ pub struct MercadoPagoConfig {
     /// How long attended orders live at Mercado Pago, and when qrgate
     /// places them again.
     pub attended_order: AttendedOrderLife,
+    /// How often the access token is checked against Mercado Pago
+    /// (`mercadopago::account_check`); `None`: never.
+    pub token_check: Option<std::time::Duration>,
 }
 
 /// Which Mercado Pago API places orders on attended POS.
@@ -459,6 +465,8 @@ struct RawHttp {
     /// `notification_burst` when that is larger.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     max_connections_per_address: Option<u32>,
+    #[serde(default)]
+    trusted_proxies: Vec<String>,
 }
 
 fn default_request_timeout_secs() -> u64 {
@@ -492,6 +500,13 @@ struct RawMp {
     attended_order_lifetime_secs: u64,
     #[serde(default = "default_attended_renew_lead_secs")]
     attended_renew_lead_secs: u64,
+    #[serde(default = "default_token_check_secs")]
+    token_check_secs: u64,
+}
+
+/// Five minutes: a revoked token shows within one, at one cheap call each.
+fn default_token_check_secs() -> u64 {
+    300
 }
 
 fn default_attended_order_lifetime_secs() -> u64 {
@@ -638,6 +653,7 @@ fn defaults() -> RawConfig {
             notification_burst: 200,
             request_timeout_secs: default_request_timeout_secs(),
             max_connections_per_address: None,
+            trusted_proxies: Vec::new(),
         },
         mercadopago: RawMp {
             api_base: "https://api.mercadopago.com".into(),
@@ -650,6 +666,7 @@ fn defaults() -> RawConfig {
             site: None,
             attended_order_lifetime_secs: default_attended_order_lifetime_secs(),
             attended_renew_lead_secs: default_attended_renew_lead_secs(),
+            token_check_secs: default_token_check_secs(),
         },
         mqtt: RawMqtt {
             broker: "embedded".into(),
@@ -988,6 +1005,36 @@ fn validate(
         );
     }
     let metrics_token = secret(METRICS_TOKEN_ENV);
+    if metrics_token
+        .as_ref()
+        .is_some_and(|t| t.expose().trim().chars().count() < ADMIN_TOKEN_MIN_CHARS)
+    {
+        bad(
+            METRICS_TOKEN_ENV,
+            format!(
+                "the metrics token must be at least {ADMIN_TOKEN_MIN_CHARS} characters \
+                 (make one with `openssl rand -hex 16`)"
+            ),
+        );
+    }
+    let trusted_proxies: Vec<ipnet::IpNet> = raw
+        .http
+        .trusted_proxies
+        .iter()
+        .filter_map(|text| match parse_cidr(text) {
+            Some(net) => Some(net),
+            None => {
+                bad(
+                    "http.trusted_proxies",
+                    format!(
+                        "{:?} is not an address or a CIDR block like \"127.0.0.1/32\" or \"fd00::/8\"",
+                        text.chars().take(64).collect::<String>()
+                    ),
+                );
+                None
+            }
+        })
+        .collect();
     let admin_hosts: Vec<String> = raw
         .admin
         .hosts
@@ -1675,6 +1722,7 @@ fn validate(
             notification_burst: raw.http.notification_burst,
             request_timeout: std::time::Duration::from_secs(raw.http.request_timeout_secs),
             max_connections_per_address: per_address,
+            trusted_proxies,
         },
         mercadopago: MercadoPagoConfig {
             api_base,
@@ -1688,6 +1736,8 @@ fn validate(
             attended_api,
             site,
             attended_order,
+            token_check: (raw.mercadopago.token_check_secs > 0)
+                .then(|| std::time::Duration::from_secs(raw.mercadopago.token_check_secs)),
         },
         mqtt: MqttConfig {
             broker,
@@ -1824,6 +1874,20 @@ fn add_logins(
             None => users.push((user, pw)),
         }
     }
+}
+
+/// A `[http] trusted_proxies` entry: a CIDR block, or one address (its
+/// own block); host bits are cleared.
+fn parse_cidr(text: &str) -> Option<ipnet::IpNet> {
+    let text = text.trim();
+    text.parse::<ipnet::IpNet>()
+        .ok()
+        .or_else(|| {
+            text.parse::<std::net::IpAddr>()
+                .ok()
+                .map(ipnet::IpNet::from)
+        })
+        .map(|n| n.trunc())
 }
 
 fn parse_mqtt_url(s: &str) -> Option<(String, u16, bool)> {
@@ -2469,7 +2533,7 @@ mod tests {
             ("mp_access_token", "APP_USR-cred\n"),
             ("mp_webhook_secret", "whsec\n"),
             ("admin_token", "sixteen-chars-xy\n"),
-            ("metrics_token", "scrape-me\n"),
+            ("metrics_token", "scrape-me-scrape-me\n"),
             ("mqtt_password", "q-secret\n"),
             ("pump1_pw", "p1\n"),
         ] {
@@ -2485,7 +2549,10 @@ mod tests {
         assert_eq!(c.mercadopago.access_token.unwrap().expose(), "APP_USR-cred");
         assert_eq!(c.mercadopago.webhook_secret.unwrap().expose(), "whsec");
         assert_eq!(c.admin.token.unwrap().expose(), "sixteen-chars-xy");
-        assert_eq!(c.admin.metrics_token.unwrap().expose(), "scrape-me");
+        assert_eq!(
+            c.admin.metrics_token.unwrap().expose(),
+            "scrape-me-scrape-me"
+        );
         assert_eq!(c.mqtt.password.unwrap().expose(), "q-secret");
         assert_eq!(c.mqtt.users[0].1.expose(), "p1");
 
@@ -2748,6 +2815,59 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn trusted_proxies_are_cidr_blocks_checked_at_load() {
+        assert!(Config::defaults().http.trusted_proxies.is_empty());
+        let c = load_toml(
+            "[mqtt]\nallow_anonymous = true\n[http]\ntrusted_proxies = [\"127.0.0.1\", \"10.1.2.3/8\", \"fd00::/8\", \"::1\"]\n",
+        )
+        .unwrap();
+        let shown: Vec<String> = c
+            .http
+            .trusted_proxies
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(shown, ["127.0.0.1/32", "10.0.0.0/8", "fd00::/8", "::1/128"]);
+        for bad in ["10.0.0.0/33", "proxy.local", "10.0.0.0/", ""] {
+            let e = load_toml(&format!(
+                "[mqtt]\nallow_anonymous = true\n[http]\ntrusted_proxies = [\"{bad}\"]\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains("http.trusted_proxies") && e.contains("CIDR"),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_metrics_token_is_its_own_secret_and_the_token_check_can_be_off() {
+        let anon = "[mqtt]\nallow_anonymous = true\n";
+        let c = load_env(anon, &[(METRICS_TOKEN_ENV, "metrics-only-0123")]).unwrap();
+        assert_eq!(
+            c.admin.metrics_token,
+            Some(Secret::new("metrics-only-0123"))
+        );
+        assert_eq!(c.admin.token, None);
+        let err = load_env(anon, &[(METRICS_TOKEN_ENV, "tiny-tok")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(METRICS_TOKEN_ENV) && !err.contains("tiny-tok"),
+            "{err}"
+        );
+        assert_eq!(
+            Config::defaults().mercadopago.token_check,
+            Some(std::time::Duration::from_secs(300))
+        );
+        let off =
+            load_toml("[mqtt]\nallow_anonymous = true\n[mercadopago]\ntoken_check_secs = 0\n")
+                .unwrap();
+        assert_eq!(off.mercadopago.token_check, None);
     }
 
     #[test]

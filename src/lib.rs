@@ -17,8 +17,9 @@
 //! on POS for the attended model, and `retention` moves ended sales out of
 //! the live database.
 //!
-//! Imports point downward: `main`/`app`/`demo` wire; `http`, `admin` and
-//! `mqtt` are the edges; `inbox`, `reconcile`, `refunds`, `attended` and
+//! Imports point downward: `main`/`app`/`demo` wire, with `service` (the
+//! service manager's notify protocol) and `healthcheck` (`qrgate health`);
+//! `http`, `admin` and `mqtt` are the edges; `inbox`, `reconcile`, `refunds`, `attended` and
 //! `registration` work with the book and Mercado Pago; `book` holds the live
 //! state; `mercadopago`, `store`, `config`, `metrics`, `events`, `link` and
 //! `telemetry` serve them; `orders` and `money` are the domain, with no I/O.
@@ -32,6 +33,7 @@ pub mod config;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod events;
+pub mod healthcheck;
 pub mod http;
 pub mod inbox;
 pub mod link;
@@ -44,5 +46,6 @@ pub mod reconcile;
 pub mod refunds;
 pub mod registration;
 pub mod retention;
+pub mod service;
 pub mod store;
 pub mod telemetry;

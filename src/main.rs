@@ -1,7 +1,9 @@
-//! The `qrgate` command: `serve` (the default), `check-config`, `demo` (with
-//! the default-on `demo` feature), `pos register` / `pos list` (stores
-//! and POS at Mercado Pago), and `backup` (an online copy of the store). A
-//! configuration error exits 78 (`EX_CONFIG`) whatever the subcommand.
+//! The `qrgate` command: `serve` (the default), `check-config`, `health`
+//! (asks a running qrgate whether it is ready), `demo` and `simulator` (with
+//! the default-on `demo` feature), `pos register` / `pos list` (stores and
+//! POS at Mercado Pago), and `backup` (an online copy of the store). A
+//! configuration error exits 78 (`EX_CONFIG`) whatever the subcommand but
+//! `health`, which a container engine reads as 0 or 1.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -48,6 +50,13 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
+    /// Ask the running qrgate's /readyz whether it can take sales: exit 0
+    /// when ready, 1 otherwise, with one line saying why (health checks).
+    Health,
+    /// The Mercado Pago simulator on its own (the `mpsim` command): `qrgate
+    /// simulator` serves it, `qrgate simulator scan|pay|notify|…` drives it.
+    #[cfg(feature = "demo")]
+    Simulator(mpsim::cli::Args),
     /// The configured stores and POS at Mercado Pago.
     Pos {
         #[command(subcommand)]
@@ -115,6 +124,9 @@ fn main() -> ExitCode {
         Cmd::Demo => runtime.block_on(qrgate::demo::run()),
         Cmd::Pos { command } => return runtime.block_on(pos(path, command)),
         Cmd::Backup { path: to, force } => return backup(path.as_deref(), &to, force),
+        Cmd::Health => return runtime.block_on(qrgate::healthcheck::run(path.as_deref())),
+        #[cfg(feature = "demo")]
+        Cmd::Simulator(args) => return runtime.block_on(mpsim::cli::run(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -179,6 +191,7 @@ async fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
     }
     let app = App::build(config).await?;
     let token = app.shutdown_token();
+    qrgate::service::spawn(app.http_addr(), app.book().store().clone(), token.clone());
     tokio::spawn(stop_on_signal(token));
     app.run_until_stopped().await
 }
@@ -320,5 +333,6 @@ async fn stop_on_signal(token: CancellationToken) {
     {
         let _ = tokio::signal::ctrl_c().await;
     }
+    qrgate::service::stopping();
     token.cancel();
 }

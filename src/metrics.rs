@@ -3,11 +3,19 @@
 //! costs an atomic increment and a histogram observation, no allocation
 //! and no label lookup. Gauges that describe the book (pending sales,
 //! devices online, MQTT link) are read from it when scraped.
+//!
+//! No series has a POS, a sale or any other open-ended label: a station's
+//! series are the same whatever its number of POS (per-POS detail is the
+//! console's). Mercado Pago's paths are labelled by their shape only
+//! ([`endpoint_of`]).
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+#[cfg(target_os = "linux")]
+mod process;
 
 /// The poll answers counted without a label lookup.
 const POLL_ANSWERS: [&str; 6] = [
@@ -48,7 +56,14 @@ pub struct Metrics {
     pub devices_online: IntGauge,
     pub devices_offline: IntGauge,
     pub mqtt_connected: IntGauge,
-    pub pos_busy: IntGaugeVec,
+    /// Configured POS with a sale `in_process` or `pending`.
+    pub pos_busy: IntGauge,
+    /// Sales served to Mercado Pago's poll and not yet paid or closed.
+    pub sales_served_unpaid: IntGauge,
+    /// 1 while Mercado Pago refuses the access token.
+    pub mp_token_refused: IntGauge,
+    /// Writes `/readyz` made to see that the store is writable.
+    pub store_probes: IntCounter,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -103,15 +118,22 @@ impl Metrics {
         .expect("valid metric");
         r.register(Box::new(mp_seconds.clone()))
             .expect("unique metric");
-        let pos_busy = IntGaugeVec::new(
-            Opts::new(
-                "qrgate_pos_sale_busy",
-                "1 while a configured POS has a sale in_process or pending.",
-            ),
-            &["pos"],
+        let build = IntGaugeVec::new(
+            Opts::new("qrgate_build_info", "1, labelled with the running build."),
+            &["version", "profile"],
         )
         .expect("valid metric");
-        r.register(Box::new(pos_busy.clone()))
+        r.register(Box::new(build.clone())).expect("unique metric");
+        let profile = if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        };
+        build
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), profile])
+            .set(1);
+        #[cfg(target_os = "linux")]
+        r.register(Box::new(process::Process::new()))
             .expect("unique metric");
         Metrics {
             polls,
@@ -220,7 +242,26 @@ impl Metrics {
                 "qrgate_mqtt_connected",
                 "1 while qrgate is connected and subscribed to the broker.",
             ),
-            pos_busy,
+            pos_busy: gauge(
+                &r,
+                "qrgate_pos_busy",
+                "Configured POS with a sale in_process or pending.",
+            ),
+            sales_served_unpaid: gauge(
+                &r,
+                "qrgate_sales_served_unpaid",
+                "Sales served to Mercado Pago's poll (a customer scanned) and not yet paid or closed.",
+            ),
+            mp_token_refused: gauge(
+                &r,
+                "qrgate_mp_token_refused",
+                "1 while Mercado Pago refuses the access token (QRGATE_MP_ACCESS_TOKEN).",
+            ),
+            store_probes: counter(
+                &r,
+                "qrgate_store_probes_total",
+                "Writes /readyz made to check the store (at most one a second).",
+            ),
             registry: r,
         }
     }
@@ -254,17 +295,39 @@ impl Metrics {
     }
 }
 
-/// A bounded label for a Mercado Pago path: ids (any segment with a digit,
-/// but the API version) become `:id`, the query is dropped.
+/// The words of Mercado Pago's paths that qrgate calls; any other segment
+/// is an id (a payment's, a store's, a POS's...).
+const PATH_WORDS: [&str; 17] = [
+    "merchant_orders",
+    "search",
+    "v1",
+    "payments",
+    "refunds",
+    "refund",
+    "orders",
+    "cancel",
+    "instore",
+    "qr",
+    "seller",
+    "collectors",
+    "stores",
+    "pos",
+    "mpmobile",
+    "users",
+    "me",
+];
+
+/// A bounded label for a Mercado Pago path: every segment that is not one
+/// of [`PATH_WORDS`] becomes `:id` (a POS id without a digit is still an
+/// id), the query is dropped.
 pub fn endpoint_of(path: &str) -> String {
     let path = path.split('?').next().unwrap_or("");
     path.split('/')
         .map(|seg| {
-            let version = seg.len() == 2 && seg.starts_with('v');
-            if !version && seg.bytes().any(|b| b.is_ascii_digit()) {
-                ":id"
-            } else {
+            if seg.is_empty() || PATH_WORDS.contains(&seg) {
                 seg
+            } else {
+                ":id"
             }
         })
         .collect::<Vec<_>>()
@@ -286,6 +349,46 @@ mod tests {
             endpoint_of("/merchant_orders/search?external_reference=pump-1-x"),
             "/merchant_orders/search"
         );
+        // POS and store ids without a digit are ids all the same.
+        assert_eq!(
+            endpoint_of("/instore/qr/seller/collectors/178106235/stores/north/pos/kiosk/orders"),
+            "/instore/qr/seller/collectors/:id/stores/:id/pos/:id/orders"
+        );
+        assert_eq!(
+            endpoint_of("/mpmobile/instore/qr/178106235/pumpa"),
+            "/mpmobile/instore/qr/:id/:id"
+        );
+        assert_eq!(endpoint_of("/users/me"), "/users/me");
+        assert_eq!(endpoint_of("/pos?external_id=kiosk"), "/pos");
+    }
+
+    #[test]
+    fn the_build_and_the_process_are_described() {
+        let text = Metrics::new().render();
+        let profile = if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        };
+        let build = format!(
+            "qrgate_build_info{{profile=\"{profile}\",version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert!(text.contains(&build), "{text}");
+        #[cfg(target_os = "linux")]
+        for name in [
+            "process_cpu_seconds_total ",
+            "process_resident_memory_bytes ",
+            "process_open_fds ",
+        ] {
+            let line = text
+                .lines()
+                .find(|l| l.starts_with(name))
+                .unwrap_or_else(|| panic!("{name} in {text}"));
+            let value: f64 = line[name.len()..].parse().unwrap();
+            let can_be_zero = name.starts_with("process_cpu");
+            assert!(value > 0.0 || (can_be_zero && value == 0.0), "{line}");
+        }
     }
 
     #[test]

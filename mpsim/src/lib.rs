@@ -7,7 +7,8 @@
 //! - MP's backend: [`Simulator::pay`] approves or rejects a payment and sends the IPN / webhook
 //!   notifications to the order's `notification_url`;
 //! - MP's API at [`Simulator::base_url`]: `GET /merchant_orders/{id}`, `GET /merchant_orders/search`,
-//!   `GET /v1/payments/{id}`, `POST /v1/payments/{id}/refunds` and the attended model's
+//!   `GET /v1/payments/{id}`, `POST /v1/payments/{id}/refunds`, `GET /users/me` (the token's account),
+//!   and the attended model's
 //!   `PUT`/`DELETE .../pos/{pos}/orders`, with bodies shaped like captured real ones (noise fields,
 //!   `null`s, `order.id` as a string in payments, amounts as exact JSON numbers).
 //!
@@ -43,6 +44,10 @@
 //! payment id, "amount": "10.00"}]}`; 409 unless `processed`). [`Simulator::pay_order`] pays it and
 //! sends the `order` webhook to [`Simulator::set_orders_webhook_url`]; the order sits on its POS's
 //! attended slot, so [`Simulator::scan_attended`] shows it (with `merchant_order_id` 0 and `order_id`).
+//!
+//! Standalone (`cli`, `control`): `mpsim serve` (and `qrgate simulator`) serves all this on an address
+//! of its own, with a control API under `/_sim/` that plays the app and MP's backend for scripts and
+//! device makers (docs/simulator.md); [`Simulator::start_on`] serves on a listener the caller bound.
 //!
 //! Test levers ([`Simulator::fail_next`], [`Simulator::set_latency`], [`Simulator::insert_merchant_order`],
 //! [`NotifyMode`], [`Simulator::set_allowed_url_hosts`], [`Simulator::set_known_categories`],
@@ -92,9 +97,15 @@
 //! - The v2 answer's amounts must be JSON numbers, `unit_measure` is required, `sponsor.id` must be a
 //!   number; the v1 answer and legacy body keep v1's looseness (numbers or decimal strings).
 //!
+//! - Notifications withheld ([`Simulator::withhold_notifications`]) are kept in the order they would
+//!   have gone, and [`Simulator::release_notifications`] sends them all at once; a notification
+//!   asked for by name (`notify_*`) is sent even while withholding.
+//! - A merchant order expires only when told ([`Simulator::expire_merchant_order`]): `status` and
+//!   `order_status` read `expired` and it can no longer be paid; a closed one cannot expire.
+//!
 //! Not simulated: OAuth and `client-id`; `x-signature` on webhooks; MP's
 //! own retries of failed notifications (a failed delivery is recorded, and a test re-sends with
-//! `notify_*`); notifications after refunds; merchant order expiry (`expired`), chargebacks, `pending`
+//! `notify_*`); notifications after refunds; merchant orders expiring by themselves, chargebacks, `pending`
 //! payment flows beyond [`PaymentOutcome::InProcess`]; `marketplace_fee` and `loyalty`; MP's
 //! poll cadence (each [`Simulator::scan`] is one poll, the test decides how many); store deletion and
 //! business-hours validation.
@@ -114,6 +125,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 mod attended;
+pub mod cli;
+mod control;
 mod orders_api;
 mod registry;
 mod validate;
@@ -189,8 +202,21 @@ pub enum PaymentOutcome {
     ApprovedAmount(Decimal),
     /// `rejected` / `cc_rejected_other_reason`; the merchant order stays `opened`.
     Rejected,
+    /// `rejected` with this `status_detail` (MP's reason: `cc_rejected_insufficient_amount`,
+    /// `cc_rejected_call_for_authorize`…); the merchant order stays `opened`.
+    RejectedWith(String),
     /// `in_process` / `pending_contingency`: counts toward nothing.
     InProcess,
+}
+
+impl PaymentOutcome {
+    /// The `status_detail` of a rejection (MP's default reason when none is named).
+    fn rejection_detail(&self) -> &str {
+        match self {
+            PaymentOutcome::RejectedWith(detail) => detail,
+            _ => "cc_rejected_other_reason",
+        }
+    }
 }
 
 /// One poll of a POS URL, as the MP app sees it.
@@ -234,6 +260,14 @@ pub struct ApiCall {
     /// Path and query, as received.
     pub path: String,
     pub status: u16,
+}
+
+/// What became of the notifications of one payment.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Dispatched {
+    pub sent: Vec<SentNotification>,
+    /// Held back by [`Simulator::withhold_notifications`].
+    pub withheld: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -289,16 +323,28 @@ impl Drop for Inner {
 impl Simulator {
     /// Binds 127.0.0.1 on a port the OS picks and serves MP's API there on the current tokio runtime.
     pub async fn start(config: SimulatorConfig) -> std::io::Result<Simulator> {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-        let port = listener.local_addr()?.port();
+        Simulator::start_on(std::net::TcpListener::bind("127.0.0.1:0")?, config).await
+    }
+
+    /// Serves MP's API, and the control API under `/_sim/` (`control`), on a listener the caller
+    /// bound: the standalone simulator binds the address it is given.
+    pub async fn start_on(
+        listener: std::net::TcpListener,
+        config: SimulatorConfig,
+    ) -> std::io::Result<Simulator> {
+        let address = listener.local_addr()?;
         let shared = Arc::new(Shared {
             config,
             state: Mutex::new(State::new()),
         });
         let data = web::Data::from(Arc::clone(&shared));
+        let control = web::Data::new(control::Handle::default());
+        let control_data = control.clone();
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(data.clone())
+                .app_data(control_data.clone())
+                .service(web::scope(control::PREFIX).default_service(web::to(control::handle)))
                 .default_service(web::to(api))
         })
         .listen(listener)?
@@ -319,16 +365,25 @@ impl Simulator {
             .connect_timeout(Duration::from_secs(5))
             .build()
             .map_err(std::io::Error::other)?;
-        let base_url = format!("http://127.0.0.1:{port}");
+        // A wildcard address is reached on loopback.
+        let host = match address.ip() {
+            ip if ip.is_unspecified() && ip.is_ipv4() => "127.0.0.1".to_owned(),
+            ip if ip.is_unspecified() => "[::1]".to_owned(),
+            std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+            ip => ip.to_string(),
+        };
+        let base_url = format!("http://{host}:{}", address.port());
         tracing::info!(%base_url, "Mercado Pago simulator listening");
-        Ok(Simulator {
+        let simulator = Simulator {
             inner: Arc::new(Inner {
                 shared,
                 base_url,
                 handle,
                 client,
             }),
-        })
+        };
+        control.attach(&simulator);
+        Ok(simulator)
     }
 
     pub fn base_url(&self) -> String {
@@ -479,6 +534,7 @@ impl Simulator {
                 date_created: now.clone(),
                 last_updated: now,
                 attended_pos,
+                expired: false,
             };
             state
                 .merchant_orders
@@ -513,12 +569,22 @@ impl Simulator {
         }
     }
 
-    /// The customer pays the merchant order; notifications go out per [`NotifyMode`] before this returns.
+    /// The customer pays the merchant order; notifications go out per [`NotifyMode`] before this returns
+    /// (or are held back while [`Simulator::withhold_notifications`] is on).
     pub async fn pay(
         &self,
         merchant_order_id: u64,
         outcome: PaymentOutcome,
     ) -> Result<u64, SimError> {
+        Ok(self.pay_notifying(merchant_order_id, outcome).await?.0)
+    }
+
+    /// [`Simulator::pay`], saying what became of the notifications.
+    async fn pay_notifying(
+        &self,
+        merchant_order_id: u64,
+        outcome: PaymentOutcome,
+    ) -> Result<(u64, Dispatched), SimError> {
         let (payment_id, notification_url, mode) = {
             let mut state = self.inner.shared.lock();
             state.record_payment(merchant_order_id, &outcome, &self.inner.shared.config)?
@@ -542,15 +608,66 @@ impl Simulator {
                 }
             }
         }
+        Ok((payment_id, self.dispatch(outgoing).await))
+    }
+
+    /// Sends these notifications concurrently, as MP does, or holds them back while withholding.
+    async fn dispatch(&self, outgoing: Vec<Outgoing>) -> Dispatched {
+        {
+            let mut state = self.inner.shared.lock();
+            if state.withhold {
+                for notification in &outgoing {
+                    tracing::info!(url = %notification.url, "simulated notification withheld");
+                }
+                let withheld = outgoing.len();
+                state.withheld.extend(outgoing);
+                return Dispatched {
+                    sent: Vec::new(),
+                    withheld,
+                };
+            }
+        }
+        self.deliver_all(outgoing).await
+    }
+
+    async fn deliver_all(&self, outgoing: Vec<Outgoing>) -> Dispatched {
         let mut tasks = tokio::task::JoinSet::new();
         for notification in outgoing {
             let client = self.inner.client.clone();
             let shared = Arc::clone(&self.inner.shared);
-            tasks.spawn(deliver(client, shared, notification));
+            tasks.spawn(async move {
+                let url = notification.url.clone();
+                let status = deliver(client, shared, notification).await.ok();
+                SentNotification { url, status }
+            });
         }
         // A failed delivery is recorded in `notifications_sent`; it is not pay()'s failure.
-        while tasks.join_next().await.is_some() {}
-        Ok(payment_id)
+        let mut sent = Vec::new();
+        while let Some(done) = tasks.join_next().await {
+            if let Ok(notification) = done {
+                sent.push(notification);
+            }
+        }
+        Dispatched { sent, withheld: 0 }
+    }
+
+    /// While on, the notifications of payments are kept instead of sent (the "notifications late"
+    /// case, as opposed to [`NotifyMode::None`]'s lost ones); [`Simulator::release_notifications`]
+    /// sends them. Turning it off sends nothing by itself.
+    pub fn withhold_notifications(&self, on: bool) {
+        self.inner.shared.lock().withhold = on;
+    }
+
+    /// Whether notifications are withheld, and how many wait.
+    pub fn withheld_notifications(&self) -> (bool, usize) {
+        let state = self.inner.shared.lock();
+        (state.withhold, state.withheld.len())
+    }
+
+    /// Sends every withheld notification now, concurrently.
+    pub async fn release_notifications(&self) -> Vec<SentNotification> {
+        let outgoing = std::mem::take(&mut self.inner.shared.lock().withheld);
+        self.deliver_all(outgoing).await.sent
     }
 
     pub fn set_notify_mode(&self, mode: NotifyMode) {
@@ -711,6 +828,79 @@ impl Simulator {
         self.inner.shared.lock().failures.clear();
     }
 
+    /// MP gives up on an unpaid merchant order: it reads `expired` and can no longer be paid. A closed
+    /// one cannot expire.
+    pub fn expire_merchant_order(&self, merchant_order_id: u64) -> Result<(), SimError> {
+        let mut state = self.inner.shared.lock();
+        let closed = match state.merchant_orders.get(&merchant_order_id) {
+            Some(Stored::Sim(order)) if order.expired => {
+                return Err(SimError::InvalidOrder(format!(
+                    "merchant order {merchant_order_id} expired already"
+                )))
+            }
+            Some(Stored::Sim(order)) => state.totals(order).paid >= order.total_amount,
+            Some(Stored::Raw(_)) => {
+                return Err(SimError::InvalidOrder(format!(
+                    "merchant order {merchant_order_id} was inserted by a test: served as given"
+                )))
+            }
+            None => return Err(SimError::UnknownMerchantOrder(merchant_order_id)),
+        };
+        if closed {
+            return Err(SimError::InvalidOrder(format!(
+                "merchant order {merchant_order_id} is closed: it cannot expire"
+            )));
+        }
+        if let Some(Stored::Sim(order)) = state.merchant_orders.get_mut(&merchant_order_id) {
+            order.expired = true;
+            order.last_updated = mp_time(Utc::now());
+        }
+        tracing::info!(
+            merchant_order = merchant_order_id,
+            "simulated merchant order expired"
+        );
+        Ok(())
+    }
+
+    /// Whether a customer could still pay this merchant order: scanned here, not expired, not paid
+    /// in full.
+    pub fn merchant_order_payable(&self, merchant_order_id: u64) -> bool {
+        let state = self.inner.shared.lock();
+        match state.merchant_orders.get(&merchant_order_id) {
+            Some(Stored::Sim(order)) => {
+                !order.expired && state.totals(order).paid < order.total_amount
+            }
+            _ => false,
+        }
+    }
+
+    /// A refund made at MP itself (the seller's panel, not qrgate's API call): `amount`, or all
+    /// that is left of the payment. Returns the refund's id. MP's checks are those of
+    /// `POST /v1/payments/{id}/refunds`.
+    pub fn refund_payment(
+        &self,
+        payment_id: u64,
+        amount: Option<Decimal>,
+    ) -> Result<u64, SimError> {
+        let mut state = self.inner.shared.lock();
+        make_refund(
+            &mut state,
+            &self.inner.shared.config,
+            payment_id,
+            amount,
+            None,
+        )
+        .map_err(|error| match error.status {
+            404 => SimError::UnknownPayment(payment_id),
+            _ => SimError::InvalidOrder(error.message),
+        })?;
+        Ok(state
+            .refunds
+            .last()
+            .map(|refund| refund.record.refund_id)
+            .unwrap_or_default())
+    }
+
     /// Answers under `path_prefix` are delayed by `delay` (zero removes it). The call takes effect
     /// when received, so a client that times out has still, say, refunded: as with a lost answer.
     pub fn set_latency(&self, path_prefix: &str, delay: Duration) {
@@ -755,6 +945,8 @@ struct State {
     latencies: Vec<(String, Duration)>,
     notify_mode: NotifyMode,
     notify_on_open: bool,
+    withhold: bool,
+    withheld: Vec<Outgoing>,
     registry: registry::Registry,
     require_registered_pos: bool,
     orders_api: orders_api::OrdersApi,
@@ -795,6 +987,8 @@ struct MerchantOrder {
     date_created: String,
     last_updated: String,
     attended_pos: Option<String>,
+    /// MP gave up on it unpaid ([`Simulator::expire_merchant_order`]).
+    expired: bool,
 }
 
 #[derive(Clone)]
@@ -878,6 +1072,8 @@ impl State {
             latencies: Vec::new(),
             notify_mode: NotifyMode::default(),
             notify_on_open: false,
+            withhold: false,
+            withheld: Vec::new(),
             registry: registry::Registry::new(),
             require_registered_pos: false,
             orders_api: orders_api::OrdersApi::default(),
@@ -924,6 +1120,11 @@ impl State {
             }
             Some(Stored::Sim(order)) => order,
         };
+        if order.expired {
+            return Err(SimError::InvalidOrder(format!(
+                "merchant order {merchant_order_id} expired: nothing to pay"
+            )));
+        }
         let left = order.total_amount - self.totals(order).paid;
         let owed = if left > Decimal::ZERO {
             left
@@ -943,7 +1144,9 @@ impl State {
                 )))
             }
             PaymentOutcome::ApprovedAmount(amount) => (*amount, "approved", "accredited"),
-            PaymentOutcome::Rejected => (owed, "rejected", "cc_rejected_other_reason"),
+            PaymentOutcome::Rejected | PaymentOutcome::RejectedWith(_) => {
+                (owed, "rejected", outcome.rejection_detail())
+            }
             PaymentOutcome::InProcess => (owed, "in_process", "pending_contingency"),
         };
         let now = mp_time(Utc::now());
@@ -1073,7 +1276,10 @@ impl State {
     fn render_sim_order(&self, order: &MerchantOrder, config: &SimulatorConfig) -> String {
         let decimals = currency_decimals(&order.currency_id);
         let totals = self.totals(order);
-        let (status, order_status) = order_state(order.total_amount, &totals);
+        let (status, order_status) = match order_state(order.total_amount, &totals) {
+            ("opened", _) if order.expired => ("expired", "expired"),
+            state => state,
+        };
         let payments = order
             .payment_ids
             .iter()
@@ -1334,6 +1540,17 @@ fn answer(shared: &Shared, req: &HttpRequest, path: &str, body: &[u8]) -> HttpRe
         return response;
     }
     match (method, segments.as_slice()) {
+        // The account the token belongs to, as MP's SDKs read it: the
+        // cheapest call that needs a valid token.
+        ("GET", ["users", "me"]) => json_response(
+            StatusCode::OK,
+            serde_json::json!({
+                "id": shared.config.collector_id,
+                "nickname": "TESTSIMULATOR",
+                "site_id": site_id(&shared.config.site_currency),
+            })
+            .to_string(),
+        ),
         ("GET", ["merchant_orders", "search"]) => search(shared, req.query_string()),
         ("GET", ["merchant_orders", id]) => {
             let state = shared.lock();
@@ -1437,9 +1654,9 @@ fn refund(shared: &Shared, req: &HttpRequest, payment_id: u64, body: &[u8]) -> H
             return json_response(StatusCode::CREATED, first.clone());
         }
     }
-    let Some(payment) = state.payments.get(&payment_id) else {
+    if !state.payments.contains_key(&payment_id) {
         return mp_error(404, "Payment not found", "not_found");
-    };
+    }
     let requested = match std::str::from_utf8(body).map(str::trim) {
         Ok("") => None,
         Ok(text) => match serde_json::from_str::<RefundBody>(text) {
@@ -1452,25 +1669,43 @@ fn refund(shared: &Shared, req: &HttpRequest, payment_id: u64, body: &[u8]) -> H
         },
         Err(_) => return mp_error(400, "invalid body", "bad_request"),
     };
+    match make_refund(&mut state, &shared.config, payment_id, requested, key) {
+        Ok(answer) => json_response(StatusCode::CREATED, answer),
+        Err(error) => error.response(),
+    }
+}
+
+/// Refunds `requested` (all that is left when `None`) of an approved payment, as MP's refund call
+/// does; the answer is MP's refund JSON.
+fn make_refund(
+    state: &mut State,
+    config: &SimulatorConfig,
+    payment_id: u64,
+    requested: Option<Decimal>,
+    key: Option<String>,
+) -> Result<String, MpError> {
+    let Some(payment) = state.payments.get(&payment_id) else {
+        return Err(MpError::new(404, "Payment not found", "not_found"));
+    };
     if payment.status != "approved" {
-        return mp_error(
+        return Err(MpError::new(
             400,
             &format!("payment status {} cannot be refunded", payment.status),
             "bad_request",
-        );
+        ));
     }
     let decimals = currency_decimals(&payment.currency_id);
     let left = payment.amount - payment.refunded;
     let amount = requested.unwrap_or(left);
     if amount <= Decimal::ZERO || amount.normalize().scale() > decimals {
-        return mp_error(400, "invalid refund amount", "bad_request");
+        return Err(MpError::new(400, "invalid refund amount", "bad_request"));
     }
     if amount > left {
-        return mp_error(
+        return Err(MpError::new(
             400,
             "the refund amount exceeds the amount available to refund",
             "bad_request",
-        );
+        ));
     }
     let merchant_order_id = payment.merchant_order_id;
     let refund_id = state.next_refund_id;
@@ -1499,7 +1734,7 @@ fn refund(shared: &Shared, req: &HttpRequest, payment_id: u64, body: &[u8]) -> H
         amount,
         date_created: now,
     };
-    let answer = to_json(&refund_json(&stored, &shared.config, decimals));
+    let answer = to_json(&refund_json(&stored, config, decimals));
     state.refunds.push(stored);
     if let Some(key) = key {
         state
@@ -1507,7 +1742,7 @@ fn refund(shared: &Shared, req: &HttpRequest, payment_id: u64, body: &[u8]) -> H
             .insert((payment_id, key), answer.clone());
     }
     tracing::info!(payment = payment_id, refund = refund_id, %amount, "simulated refund");
-    json_response(StatusCode::CREATED, answer)
+    Ok(answer)
 }
 
 fn is_collector(shared: &Shared, user_id: &str) -> bool {
@@ -2292,6 +2527,24 @@ mod tests {
         let statuses: Vec<u16> = sim.api_calls().iter().map(|c| c.status).collect();
         assert_eq!(statuses, [401, 401, 200]);
         assert_eq!(sim.api_calls()[2].path, path);
+    }
+
+    #[tokio::test]
+    async fn users_me_names_the_tokens_account_and_refuses_another_token() {
+        let (sim, _pos) = start().await;
+        let (status, _, _) = call(
+            &sim,
+            reqwest::Method::GET,
+            "/users/me",
+            Some("wrong"),
+            &[],
+            "",
+        )
+        .await;
+        assert_eq!(status, 401);
+        let (status, body) = get(&sim, "/users/me").await;
+        assert_eq!(status, 200);
+        assert_eq!(json(&body)["id"], 178_106_235);
     }
 
     #[tokio::test]

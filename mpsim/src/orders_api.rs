@@ -98,7 +98,8 @@ struct ApiOrder {
 struct ApiPayment {
     id: String,
     status: &'static str,
-    status_detail: &'static str,
+    /// MP's reason, which a rejection may name (`cc_rejected_insufficient_amount`…).
+    status_detail: String,
     paid: Decimal,
     refunded: Decimal,
 }
@@ -142,7 +143,7 @@ impl ApiOrder {
         let payment_status = if status == "expired" {
             ("expired", "expired")
         } else {
-            (self.payment.status, self.payment.status_detail)
+            (self.payment.status, self.payment.status_detail.as_str())
         };
         payment.insert("status".to_owned(), Value::from(payment_status.0));
         payment.insert("status_detail".to_owned(), Value::from(payment_status.1));
@@ -436,7 +437,7 @@ fn create(shared: &Shared, key: &str, body: &[u8]) -> HttpResponse {
         payment: ApiPayment {
             id: ulid_like("PAY"),
             status: "created",
-            status_detail: "ready_to_process",
+            status_detail: "ready_to_process".to_owned(),
             paid: Decimal::ZERO,
             refunded: Decimal::ZERO,
         },
@@ -792,7 +793,7 @@ fn cancel(shared: &Shared, id: &str) -> (u16, String) {
     order.status = "canceled";
     order.status_detail = "canceled";
     order.payment.status = "canceled";
-    order.payment.status_detail = "canceled";
+    order.payment.status_detail = "canceled".to_owned();
     order.touch();
     let answer = order.render(shared.config.collector_id).to_string();
     let pos = order.external_pos_id.clone();
@@ -869,10 +870,10 @@ fn refund(shared: &Shared, id: &str, key: &str, body: &[u8]) -> (u16, String) {
         order.status = "refunded";
         order.status_detail = "refunded";
         order.payment.status = "refunded";
-        order.payment.status_detail = "refunded";
+        order.payment.status_detail = "refunded".to_owned();
     } else {
         order.status_detail = "partially_refunded";
-        order.payment.status_detail = "partially_refunded";
+        order.payment.status_detail = "partially_refunded".to_owned();
     }
     order.touch();
     let answer = order.render(shared.config.collector_id).to_string();
@@ -937,6 +938,15 @@ impl Simulator {
         order_id: &str,
         outcome: PaymentOutcome,
     ) -> Result<String, SimError> {
+        Ok(self.pay_order_notifying(order_id, outcome).await?.0)
+    }
+
+    /// [`Simulator::pay_order`], saying what became of the webhooks.
+    pub(super) async fn pay_order_notifying(
+        &self,
+        order_id: &str,
+        outcome: PaymentOutcome,
+    ) -> Result<(String, Dispatched), SimError> {
         let payment_id = {
             let mut state = self.inner.shared.lock();
             let Some(order) = state.orders_api.orders.get_mut(order_id) else {
@@ -963,20 +973,20 @@ impl Simulator {
                     order.status = "processed";
                     order.status_detail = "accredited";
                     order.payment.status = "processed";
-                    order.payment.status_detail = "accredited";
+                    order.payment.status_detail = "accredited".to_owned();
                     order.payment.paid = paid;
                 }
-                PaymentOutcome::Rejected => {
+                PaymentOutcome::Rejected | PaymentOutcome::RejectedWith(_) => {
                     order.status = "created";
                     order.status_detail = "created";
                     order.payment.status = "failed";
-                    order.payment.status_detail = "cc_rejected_other_reason";
+                    order.payment.status_detail = outcome.rejection_detail().to_owned();
                 }
                 PaymentOutcome::InProcess => {
                     order.status = "action_required";
                     order.status_detail = "in_process";
                     order.payment.status = "action_required";
-                    order.payment.status_detail = "in_process";
+                    order.payment.status_detail = "in_process".to_owned();
                 }
             }
             order.touch();
@@ -993,23 +1003,15 @@ impl Simulator {
             NotifyMode::Ipn | NotifyMode::Webhook | NotifyMode::Both => 1,
             NotifyMode::Duplicated(n) => n,
         };
-        let mut tasks = tokio::task::JoinSet::new();
-        for _ in 0..times {
-            if let Some(notification) = self.order_notification(order_id) {
-                tasks.spawn(deliver(
-                    self.inner.client.clone(),
-                    Arc::clone(&self.inner.shared),
-                    notification,
-                ));
-            }
-        }
-        while tasks.join_next().await.is_some() {}
-        Ok(payment_id)
+        let outgoing = (0..times)
+            .filter_map(|_| self.order_notification(order_id))
+            .collect();
+        Ok((payment_id, self.dispatch(outgoing).await))
     }
 
     /// The `order` webhook for the order as it is now, or `None` (recorded in
     /// [`Simulator::unsent_order_notifications`]) when no webhook url is set.
-    fn order_notification(&self, order_id: &str) -> Option<Outgoing> {
+    pub(super) fn order_notification(&self, order_id: &str) -> Option<Outgoing> {
         let mut state = self.inner.shared.lock();
         let collector = self.inner.shared.config.collector_id;
         let order = state.orders_api.orders.get(order_id)?;

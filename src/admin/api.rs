@@ -127,19 +127,58 @@ fn ledger(sale: &Sale) -> Value {
     })
 }
 
+/// Who may read `/metrics` (docs/decisions.md, "The console and the admin
+/// API"): the metrics token, a program on the station itself (a loopback
+/// peer that no proxy speaks for, without a token), or whoever may use the
+/// admin API. A wrong bearer token is refused, from loopback too.
+fn metrics_reader(req: &HttpRequest, admin: &Admin) -> Result<&'static str, ApiError> {
+    let bearer = req
+        .headers()
+        .get(actix_web::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match (bearer, &admin.metrics_token) {
+        (Some(given), Some(token)) if super::auth::same(given, token.expose()) => {
+            return Ok("metrics_token")
+        }
+        // Without an operator's token nothing else could make it right.
+        (Some(_), Some(_)) if !admin.auth.needs_login() => {
+            return Err(super::auth::unauthorized(None))
+        }
+        (None, _) if on_this_machine(req) => return Ok("local"),
+        _ => {}
+    }
+    admin.auth.check(req, false)
+}
+
+/// A loopback peer that no proxy speaks for: a proxy on the same machine
+/// is loopback too, and says whom it forwards.
+fn on_this_machine(req: &HttpRequest) -> bool {
+    let loopback = req
+        .peer_addr()
+        .is_some_and(|a| super::edge::canonical(a.ip()).is_loopback());
+    let h = req.headers();
+    loopback
+        && !["forwarded", "x-forwarded-for", "x-real-ip"]
+            .iter()
+            .any(|name| h.contains_key(*name))
+}
+
 pub async fn metrics(req: HttpRequest, admin: web::Data<Admin>) -> Result<HttpResponse, ApiError> {
-    admin.auth.check(&req, false)?;
+    metrics_reader(&req, &admin)?;
     let m = admin.book.metrics();
     let (mut pending, mut undelivered, mut online, mut offline) = (0, 0, 0, 0);
+    let (mut busy, mut served) = (0, 0);
     for cfg in admin.book.pos_configs() {
         let Some(view) = admin.book.view(&cfg.id) else {
             continue;
         };
         let s = view.state.current.as_ref();
-        let busy = view.state.busy_sale().is_some();
-        m.pos_busy
-            .with_label_values(&[cfg.id.as_str()])
-            .set(i64::from(busy));
+        busy += i64::from(view.state.busy_sale().is_some());
+        served += i64::from(
+            s.is_some_and(|s| s.served_at.is_some() && s.state == orders::SaleState::Pending),
+        );
         pending += i64::from(s.is_some_and(|s| s.state == orders::SaleState::Pending));
         undelivered += i64::from(s.is_some_and(|s| s.is_paid_undelivered()));
         if view.state.presence.is_offline() {
@@ -159,6 +198,8 @@ pub async fn metrics(req: HttpRequest, admin: web::Data<Admin>) -> Result<HttpRe
     m.devices_online.set(online);
     m.devices_offline.set(offline);
     m.mqtt_connected.set(i64::from(admin.link.ready()));
+    m.pos_busy.set(busy);
+    m.sales_served_unpaid.set(served);
     Ok(HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
         .body(m.render()))
@@ -223,6 +264,7 @@ pub async fn pos(req: HttpRequest, admin: web::Data<Admin>) -> Result<HttpRespon
     Ok(HttpResponse::Ok().json(json!({
         "counts": {"pending": pending, "paid_undelivered": undelivered, "refund_due": due},
         "timezone": admin.timezone.name(),
+        "mercadopago": admin.token_status.get().as_str(),
         "pos": list,
         "owing": owing.iter().map(|s| summary(s, now)).collect::<Vec<_>>(),
     })))

@@ -1,11 +1,14 @@
 //! The operator's side, on its own listener (`[admin] listen`), never the
-//! public one: the console page (`page`), the admin API (`api`) and
-//! `/metrics`. Every request first passes the edge (`edge`: its `Host` must
-//! be one of the console's names, its `Origin`, if any, the console's own),
+//! public one: the console page (`page`), the admin API (`api`),
+//! `/metrics` and the health checks. Every request first passes the edge
+//! (`edge`: its `Host` must be one of the console's names, its `Origin`, if
+//! any, the console's own),
 //! then who may use it (`auth`): with `QRGATE_ADMIN_TOKEN` set, a bearer
 //! header for API clients, or a session cookie from the login form for the
 //! page, whose state-changing calls also carry the session's CSRF token;
 //! without a token (loopback only, checked at start) no session at all.
+//! `/metrics` has its own readers besides (`api::metrics_reader`), and
+//! `/healthz` and `/readyz` need nobody.
 
 pub mod api;
 pub mod auth;
@@ -21,9 +24,11 @@ use actix_web::{web, HttpServer};
 use tokio_util::sync::CancellationToken;
 
 use crate::book::Book;
-use crate::config::AdminConfig;
+use crate::config::{AdminConfig, Secret};
+use crate::http::health::Readiness;
 use crate::http::ApiError;
 use crate::link::LinkState;
+use crate::mercadopago::account_check::TokenStatus;
 use crate::mercadopago::client::MpClient;
 
 /// What the admin handlers share.
@@ -35,6 +40,10 @@ pub struct Admin {
     pub edge: edge::Edge,
     pub refunds: crate::refunds::OperatorRefunds,
     pub shutdown: CancellationToken,
+    /// `QRGATE_METRICS_TOKEN`: reads `/metrics`, nothing else.
+    pub metrics_token: Option<Secret>,
+    /// Whether Mercado Pago takes the access token.
+    pub token_status: Arc<TokenStatus>,
 }
 
 /// Starts the admin server on a listener bound by the caller.
@@ -44,6 +53,7 @@ pub fn serve(
     book: Arc<Book>,
     client: MpClient,
     link: Arc<LinkState>,
+    readiness: Readiness,
     shutdown: CancellationToken,
 ) -> std::io::Result<actix_web::dev::Server> {
     let local = listener.local_addr()?;
@@ -56,7 +66,10 @@ pub fn serve(
         auth: auth::Auth::new(cfg, clock),
         edge: edge::Edge::new(&cfg.hosts, local),
         shutdown,
+        metrics_token: cfg.metrics_token.clone(),
+        token_status: readiness.token(),
     });
+    let readiness = web::Data::new(readiness);
     Ok(HttpServer::new(move || {
         actix_web::App::new()
             .wrap(
@@ -66,6 +79,7 @@ pub fn serve(
             // Outermost: nothing answers a foreign Host or Origin.
             .wrap(actix_web::middleware::from_fn(edge::guard))
             .app_data(admin.clone())
+            .app_data(readiness.clone())
             .configure(routes)
     })
     // On a wildcard listen, the console answers to the address each
@@ -96,6 +110,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/assets/console.css", web::get().to(page::css))
         .route("/assets/console.js", web::get().to(page::js))
         .route("/metrics", web::get().to(api::metrics))
+        .route("/healthz", web::get().to(crate::http::health::healthz))
+        .route("/readyz", web::get().to(crate::http::health::readyz))
         .route("/api/pos", web::get().to(api::pos))
         .route("/api/pos/{id}", web::get().to(api::pos_one))
         .route("/api/sales", web::get().to(api::sales))

@@ -13,6 +13,7 @@ use serde::Deserialize;
 
 use super::auth::{same, whole_secs, Attempt, Session, CSRF_HEADER};
 use super::Admin;
+use crate::mercadopago::account_check::TokenState;
 
 const CSS: &str = include_str!("assets/console.css");
 const JS: &str = include_str!("assets/console.js");
@@ -147,6 +148,8 @@ pub async fn index(req: HttpRequest, admin: web::Data<Admin>) -> HttpResponse {
         <span>paid, undelivered <b id=\"count-paid_undelivered\">0</b></span>\
         <span>refund due <b id=\"count-refund_due\">0</b></span>\
         <span id=\"live\" class=\"off\">offline</span></div>{}</header>\
+        <p id=\"mp-banner\" class=\"banner\"{banner}>Mercado Pago refuses the access token \
+        (QRGATE_MP_ACCESS_TOKEN): no payment can be verified and no sale closes until it is replaced.</p>\
         <main data-page=\"index\"><p class=\"zone\">Times in {zone}.</p>\
         <table id=\"pos\"><thead><tr><th>POS</th><th>kind</th><th>device</th>\
         <th>sale</th><th>amount</th><th>age</th><th>last rejection</th></tr></thead><tbody></tbody></table>\
@@ -156,6 +159,8 @@ pub async fn index(req: HttpRequest, admin: web::Data<Admin>) -> HttpResponse {
         <ol id=\"feed\"></ol></main>",
         logout_form(session.as_ref()),
         zone = esc(admin.timezone.name()),
+        // The page's script shows or hides it as the state changes.
+        banner = if admin.token_status.get() == TokenState::Refused { "" } else { " hidden" },
     );
     page(&admin, session.as_ref(), "qrgate console", &body)
 }

@@ -553,6 +553,12 @@ pub fn serve(
         max_connections = per_worker * workers,
         max_connections_per_address = config.max_connections_per_address,
         request_timeout_secs = config.request_timeout.as_secs(),
+        trusted_proxies = %config
+            .trusted_proxies
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
         "HTTP edge limits"
     );
     let request_timeout = config.request_timeout;
@@ -575,6 +581,7 @@ pub fn serve(
                     srv.call(req)
                 })
                 .app_data(shared.clone())
+                .app_data(shared.readiness.clone())
                 .configure(super::routes);
             let http = HttpService::build()
                 .keep_alive(KeepAlive::default())

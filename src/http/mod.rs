@@ -3,6 +3,7 @@
 
 pub mod edge;
 pub mod error;
+pub mod forwarded;
 pub mod health;
 pub mod notifications;
 pub mod poll;
@@ -39,6 +40,19 @@ pub struct State {
     pub signature_tolerance_secs: u64,
     /// Rate limits the warnings strangers can cause, per source.
     pub warnings: Arc<ratelimit::WarnLimiter>,
+    /// Whose proxy headers name the client (`[http] trusted_proxies`).
+    pub proxies: forwarded::TrustedProxies,
+    /// What `/readyz` looks at, shared with the admin listener.
+    pub readiness: web::Data<health::Readiness>,
+}
+
+impl State {
+    /// The client a request is counted and logged under: its peer, or the
+    /// client a trusted proxy names.
+    pub fn client(&self, req: &actix_web::HttpRequest) -> Option<std::net::IpAddr> {
+        let peer = req.peer_addr()?.ip();
+        Some(self.proxies.client(peer, req.headers()))
+    }
 }
 
 /// Errors actix-web produces itself (405, 413, 408...) become the same JSON

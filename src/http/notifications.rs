@@ -162,7 +162,9 @@ fn warn_refused(shared: &State, peer: Option<std::net::IpAddr>, kind: &'static s
 }
 
 pub async fn receive(req: HttpRequest, body: web::Bytes, shared: web::Data<State>) -> HttpResponse {
-    let peer = req.peer_addr().map(|a| a.ip());
+    // Behind a trusted proxy, the client it names: Mercado Pago keeps its
+    // own bucket instead of sharing the proxy's with everybody.
+    let peer = shared.client(&req);
     let metrics = shared.book.metrics();
     if let Some(ip) = peer {
         if !shared.limiter.allow(ip, std::time::Instant::now()) {

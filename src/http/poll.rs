@@ -88,7 +88,7 @@ pub async fn poll(
     if let Err(why) = shared.poll_access.check(&pos, req.query_string()) {
         // Anybody can cause this one: rate-limited per source. The log's
         // formatter truncates and escapes the id and the user agent.
-        let peer = req.peer_addr().map(|a| a.ip());
+        let peer = shared.client(&req);
         if let Some(suppressed) = shared.warnings.allow(peer, "poll_key", started) {
             tracing::warn!(pos = %pos, reason = why, user_agent = user_agent(&req),
                 peer = peer.map(|p| p.to_string()), suppressed,
@@ -106,7 +106,7 @@ pub async fn poll(
             } else {
                 "no such POS is configured"
             };
-            let peer = req.peer_addr().map(|a| a.ip());
+            let peer = shared.client(&req);
             if let Some(suppressed) = shared.warnings.allow(peer, "poll_invalid", started) {
                 tracing::warn!(pos = %pos, user_agent = user_agent(&req), status = answer.status,
                     reason = why, peer = peer.map(|p| p.to_string()), suppressed, "poll answered invalid");
@@ -115,7 +115,7 @@ pub async fn poll(
         // v2 has no code for these: the customer sees Waiting_for_order.
         // Anybody may poll a POS without a key: counted per source too.
         "timeout" if answer.status == 202 => {
-            let peer = req.peer_addr().map(|a| a.ip());
+            let peer = shared.client(&req);
             if let Some(suppressed) = shared.warnings.allow(peer, "poll_offline", started) {
                 tracing::info!(pos = %pos, reason = "device offline", suppressed,
                     "v2 poll answered Waiting_for_order");

@@ -295,6 +295,7 @@ pub fn start_with(
             allowance,
             logins_checked,
             max_packet_size(max_payload_bytes),
+            ingress::CONNECT_TIMEOUT,
         )
         .map_err(|e| BrokerError::Start(e.to_string()))
     };

@@ -37,6 +37,11 @@
 //!   connection or a bucket not yet full, so at most one per configured login.
 //! - **TLS** is ended here (`[mqtt] embedded_tls_listen`); the broker only has
 //!   the loopback port, which qrgate's own client uses directly (`direct`).
+//! - **Leaving.** A device's DISCONNECT is the last thing passed on, and the
+//!   broker, not the relay, ends the connection (`Left::Disconnected`).
+//! - **Refusals** (not MQTT, no CONNECT in time, a failed TLS handshake) are
+//!   logged at WARN with the peer's address: the first of each kind in a
+//!   minute, then a count ([`Warnings`]).
 
 use std::collections::HashMap;
 use std::io;
@@ -61,7 +66,10 @@ pub const MAX_CONNECTIONS_PER_LOGIN: usize = 8;
 /// per connected device, measured).
 const CHUNK: usize = 2 * 1024;
 /// Time for a TLS handshake and the CONNECT, as rumqttd gives the CONNECT.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time the broker has to close a connection whose device sent DISCONNECT
+/// (it does at once; this bounds a connection the broker forgot).
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A token bucket, in thousandths of a packet.
 #[derive(Debug)]
@@ -252,6 +260,11 @@ impl Framer {
         self.len == 0 && self.body == 0
     }
 
+    /// Whether the bytes stepped over so far end with a whole DISCONNECT.
+    pub fn after_disconnect(&self) -> bool {
+        self.at_start() && self.header[0] >> 4 == 14
+    }
+
     /// Looks at the start of `input` (not empty): says what it is and, but
     /// for `Starts`, how much was consumed (`Within(n)`: n bytes; `Header`:
     /// one byte).
@@ -360,7 +373,10 @@ struct Ingress {
     logins_checked: bool,
     /// The largest CONNECT read (the broker's packet limit).
     max_connect: usize,
+    /// Time for a TLS handshake and the CONNECT ([`CONNECT_TIMEOUT`]).
+    connect_timeout: Duration,
     connections: Arc<Semaphore>,
+    warnings: Warnings,
 }
 
 /// Where the relay listens, and what it needs.
@@ -413,13 +429,15 @@ pub fn direct(host: &str, port: u16) -> Option<SocketAddr> {
 }
 
 /// Starts the relay on its own thread (like rumqttd, it lives as long as the
-/// process). `broker`: rumqttd's loopback listener.
+/// process). `broker`: rumqttd's loopback listener. It logs where the
+/// caller's thread logs.
 pub fn start(
     listeners: Listeners,
     broker: SocketAddr,
     allowance: Allowance,
     logins_checked: bool,
     max_connect: usize,
+    connect_timeout: Duration,
 ) -> io::Result<()> {
     {
         let mut routes = routes().lock().unwrap_or_else(|e| e.into_inner());
@@ -437,15 +455,20 @@ pub fn start(
         logins: Arc::new(Logins::new(allowance)),
         logins_checked,
         max_connect,
+        connect_timeout,
         connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+        warnings: Warnings::default(),
     });
+    let logs = tracing::dispatcher::get_default(|d| d.clone());
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     std::thread::Builder::new()
         .name("qrgate-ingress".into())
         .spawn(move || {
+            let _logs = tracing::dispatcher::set_default(&logs);
             runtime.block_on(async move {
+                tokio::spawn(summaries(Arc::clone(&ingress)));
                 let plain = match TcpListener::from_std(listeners.plain) {
                     Ok(l) => l,
                     Err(e) => {
@@ -472,7 +495,7 @@ pub fn start(
 async fn accept(ingress: Arc<Ingress>, listener: TcpListener, tls: Option<TlsAcceptor>) {
     let mut full_logged = false;
     loop {
-        let (socket, _) = match listener.accept().await {
+        let (socket, peer) = match listener.accept().await {
             Ok(a) => a,
             Err(e) => {
                 // Out of descriptors, typically: the device retries.
@@ -499,27 +522,181 @@ async fn accept(ingress: Arc<Ingress>, listener: TcpListener, tls: Option<TlsAcc
             let device: Box<dyn Stream> = match tls {
                 None => Box::new(socket),
                 Some(acceptor) => {
-                    match tokio::time::timeout(CONNECT_TIMEOUT, acceptor.accept(socket)).await {
+                    match tokio::time::timeout(ingress.connect_timeout, acceptor.accept(socket))
+                        .await
+                    {
                         Ok(Ok(s)) => Box::new(s),
                         Ok(Err(e)) => {
-                            tracing::debug!(error = %e, "TLS handshake with a device failed");
+                            ingress.refused(peer, Refusal::TlsHandshake, &e.to_string());
                             return;
                         }
-                        Err(_) => return,
+                        Err(_) => {
+                            ingress.refused(peer, Refusal::ConnectTimeout, "no TLS handshake");
+                            return;
+                        }
                     }
                 }
             };
-            if let Err(e) = ingress.serve(device, permit).await {
-                tracing::debug!(error = %e, "device connection closed");
+            if let Err(e) = ingress.serve(device, peer, permit).await {
+                tracing::debug!(%peer, error = %e, "device connection closed");
             }
         });
     }
 }
 
+/// Why the door closed a device's connection itself: a device's firmware or
+/// certificate to fix, or a stranger probing the port. Either way a stranger
+/// can cause it, so it is written once a minute per kind with the peer's
+/// address, and the rest counted ([`Warnings`]); never what the device sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// What it sent does not frame as MQTT, or does not start with a CONNECT
+    /// the broker would read.
+    Malformed,
+    /// No TLS handshake and CONNECT within the time allowed.
+    ConnectTimeout,
+    /// Its TLS handshake failed.
+    TlsHandshake,
+}
+
+impl Refusal {
+    const ALL: [Refusal; 3] = [
+        Refusal::Malformed,
+        Refusal::ConnectTimeout,
+        Refusal::TlsHandshake,
+    ];
+
+    pub fn reason(self) -> &'static str {
+        match self {
+            Refusal::Malformed => "malformed",
+            Refusal::ConnectTimeout => "connect_timeout",
+            Refusal::TlsHandshake => "tls_handshake",
+        }
+    }
+
+    fn what(self) -> &'static str {
+        match self {
+            Refusal::Malformed => "device connection closed by the embedded broker: not MQTT",
+            Refusal::ConnectTimeout => {
+                "device connection closed by the embedded broker: no CONNECT in time"
+            }
+            Refusal::TlsHandshake => {
+                "device connection closed by the embedded broker: TLS handshake failed"
+            }
+        }
+    }
+}
+
+/// Per kind of [`Refusal`], the minute under way: whether its first was
+/// written, and how many more came.
+#[derive(Default)]
+struct Warnings {
+    minute: Mutex<[Tally; Refusal::ALL.len()]>,
+}
+
+#[derive(Clone, Copy, Default)]
+struct Tally {
+    written: bool,
+    more: u64,
+    last_peer: Option<SocketAddr>,
+}
+
+impl Warnings {
+    fn minute(&self) -> std::sync::MutexGuard<'_, [Tally; Refusal::ALL.len()]> {
+        self.minute.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `true` when this one is to be written (the first of its kind this
+    /// minute); otherwise it is counted.
+    fn note(&self, refusal: Refusal, peer: SocketAddr) -> bool {
+        let mut minute = self.minute();
+        let tally = &mut minute[refusal as usize];
+        if !tally.written {
+            tally.written = true;
+            return true;
+        }
+        tally.more += 1;
+        tally.last_peer = Some(peer);
+        false
+    }
+
+    /// Ends the minute: each kind with more than its first written, how many
+    /// more, and the last one's peer.
+    fn drain(&self) -> Vec<(Refusal, u64, Option<SocketAddr>)> {
+        let mut minute = self.minute();
+        Refusal::ALL
+            .into_iter()
+            .filter_map(|r| {
+                let tally = std::mem::take(&mut minute[r as usize]);
+                (tally.more > 0).then_some((r, tally.more, tally.last_peer))
+            })
+            .collect()
+    }
+}
+
+/// Writes, once a minute, how many refusals of each kind were only counted.
+async fn summaries(ingress: Arc<Ingress>) {
+    let mut every = tokio::time::interval(Duration::from_secs(60));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick is at once.
+    every.tick().await;
+    loop {
+        every.tick().await;
+        for (refusal, more, last_peer) in ingress.warnings.drain() {
+            tracing::warn!(
+                reason = refusal.reason(),
+                more,
+                last_peer = last_peer.map(|p| p.to_string()),
+                "{} ({more} more in the last minute, counted)",
+                refusal.what()
+            );
+        }
+    }
+}
+
+/// Why the relay ended a connection, when not because a side closed it.
+#[derive(Debug, thiserror::Error)]
+enum Cut {
+    #[error("{reason}: {detail}", reason = .0.reason(), detail = .1)]
+    Refused(Refusal, String),
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+impl From<Malformed> for Cut {
+    fn from(_: Malformed) -> Cut {
+        Cut::Refused(
+            Refusal::Malformed,
+            "a remaining length of more than four bytes".into(),
+        )
+    }
+}
+
+/// How the device's side of a connection ended.
+enum Left {
+    /// It closed, or may not stay: its end goes to the broker as it came.
+    Closed,
+    /// It sent a DISCONNECT: the broker is left to end the connection.
+    Disconnected,
+}
+
 impl Ingress {
+    fn refused(&self, peer: SocketAddr, refusal: Refusal, detail: &str) {
+        if self.warnings.note(refusal, peer) {
+            tracing::warn!(
+                %peer,
+                reason = refusal.reason(),
+                detail,
+                "{} (the first of the minute; the rest are counted)",
+                refusal.what()
+            );
+        }
+    }
+
     async fn serve(
         &self,
         device: Box<dyn Stream>,
+        peer: SocketAddr,
         _permit: OwnedSemaphorePermit,
     ) -> io::Result<()> {
         let broker = TcpStream::connect(self.broker).await?;
@@ -534,10 +711,14 @@ impl Ingress {
             let mut accepted_tx = Some(accepted_tx);
             let mut head = Vec::with_capacity(4);
             let mut buf = vec![0u8; CHUNK];
+            // A device gone is `up`'s to notice; meanwhile the broker is read
+            // to its end, so that it is always the one to close (see
+            // `Left::Disconnected`).
+            let mut device_gone = None;
             loop {
                 let n = from_broker.read(&mut buf).await?;
                 if n == 0 {
-                    return Ok::<_, io::Error>(());
+                    return device_gone.map_or(Ok(()), Err);
                 }
                 if let Some(tx) = accepted_tx.take() {
                     head.extend_from_slice(&buf[..n.min(4 - head.len())]);
@@ -547,8 +728,13 @@ impl Ingress {
                         accepted_tx = Some(tx);
                     }
                 }
-                to_device.write_all(&buf[..n]).await?;
-                to_device.flush().await?;
+                if device_gone.is_none() {
+                    let written = match to_device.write_all(&buf[..n]).await {
+                        Ok(()) => to_device.flush().await,
+                        Err(e) => Err(e),
+                    };
+                    device_gone = written.err();
+                }
             }
         };
 
@@ -556,18 +742,18 @@ impl Ingress {
             let mut buf = vec![0u8; CHUNK];
             // The CONNECT, whole, and whatever came after it.
             let (mut connect, connect_len, body_at) = tokio::time::timeout(
-                CONNECT_TIMEOUT,
+                self.connect_timeout,
                 read_connect(&mut from_device, &mut buf, self.max_connect),
             )
             .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no CONNECT in time"))??;
+            .map_err(|_| Cut::Refused(Refusal::ConnectTimeout, "no CONNECT".into()))??;
             let name = connect_username(&connect[body_at..connect_len]);
             to_broker.write_all(&connect[..connect_len]).await?;
             // Nothing more is read from the device until the broker has
             // accepted the login: only then is its bucket the login's.
             if !matches!(accepted_rx.await, Ok(true)) {
                 // Refused: the broker closes the connection (`down`).
-                return std::future::pending::<io::Result<()>>().await;
+                return std::future::pending::<Result<Left, Cut>>().await;
             }
             let name = if self.logins_checked {
                 name.filter(|n| !n.is_empty())
@@ -578,12 +764,14 @@ impl Ingress {
                 tracing::warn!(username = %super::inbound::cut(name.as_deref().unwrap_or(""), 64),
                     max = MAX_CONNECTIONS_PER_LOGIN,
                     "a device login has all the connections it may open; closing a new one");
-                return Ok(());
+                return Ok(Left::Closed);
             };
             let mut framer = Framer::default();
             let rest = connect.split_off(connect_len);
             drop(connect);
-            relay(&mut framer, &claim, &rest, &mut to_broker).await?;
+            if let Relayed::Disconnect = relay(&mut framer, &claim, &rest, &mut to_broker).await? {
+                return Ok(Left::Disconnected);
+            }
             drop(rest);
             loop {
                 let n = from_device.read(&mut buf).await?;
@@ -591,21 +779,52 @@ impl Ingress {
                     // Closed as the device closed it, so that the broker reads
                     // a DISCONNECT before the end (no last will then).
                     to_broker.shutdown().await?;
-                    return Ok::<_, io::Error>(());
+                    return Ok(Left::Closed);
                 }
-                relay(&mut framer, &claim, &buf[..n], &mut to_broker).await?;
+                if let Relayed::Disconnect =
+                    relay(&mut framer, &claim, &buf[..n], &mut to_broker).await?
+                {
+                    return Ok(Left::Disconnected);
+                }
             }
         };
         tokio::pin!(down, up);
-        tokio::select! {
-            r = &mut down => r,
-            r = &mut up => {
-                r?;
+        let ended: Result<(), Cut> = tokio::select! {
+            r = &mut down => r.map_err(Cut::Io),
+            r = &mut up => match r {
                 // The broker closes its side in turn; what it still says
                 // goes to the device meanwhile.
-                let _ = tokio::time::timeout(Duration::from_secs(1), &mut down).await;
+                Ok(Left::Closed) => {
+                    let _ = tokio::time::timeout(Duration::from_secs(1), &mut down).await;
+                    Ok(())
+                }
+                // rumqttd forgets a connection when it reads its DISCONNECT,
+                // and gives its number to the next one to connect; its link
+                // to the device then ends on its own. If the link reads the
+                // end of the stream first, it reports that number gone once
+                // more, and the router drops whichever connection holds it
+                // now: another device's, just after its CONNACK, with what it
+                // publishes. So the relay never ends a connection whose
+                // device said DISCONNECT: it stops reading the device and
+                // waits for the broker to close (docs/decisions.md).
+                Ok(Left::Disconnected) => {
+                    if tokio::time::timeout(LEAVE_TIMEOUT, &mut down).await.is_err() {
+                        tracing::debug!(%peer, "the broker kept a connection open after its DISCONNECT");
+                    }
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            },
+        };
+        match ended {
+            // Written while the device's socket is still open: it sees the
+            // end after the line is in the log.
+            Err(Cut::Refused(refusal, detail)) => {
+                self.refused(peer, refusal, &detail);
                 Ok(())
             }
+            Err(Cut::Io(e)) => Err(e),
+            Ok(()) => Ok(()),
         }
     }
 }
@@ -635,15 +854,16 @@ async fn read_connect(
     from_device: &mut (impl AsyncRead + Unpin),
     buf: &mut [u8],
     max: usize,
-) -> io::Result<(Vec<u8>, usize, usize)> {
+) -> Result<(Vec<u8>, usize, usize), Cut> {
+    let malformed = |detail: &str| Cut::Refused(Refusal::Malformed, detail.into());
     let mut data = Vec::new();
     loop {
-        if let Some((first, remaining, header)) = fixed_header(&data).map_err(invalid)? {
+        if let Some((first, remaining, header)) = fixed_header(&data)? {
             if first >> 4 != 1 {
-                return Err(invalid("the first packet is not a CONNECT"));
+                return Err(malformed("the first packet is not a CONNECT"));
             }
             if remaining > max {
-                return Err(invalid("a CONNECT over the packet limit"));
+                return Err(malformed("a CONNECT over the packet limit"));
             }
             if data.len() >= header + remaining {
                 return Ok((data, header + remaining, header));
@@ -651,29 +871,34 @@ async fn read_connect(
         }
         let n = from_device.read(buf).await?;
         if n == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
+            return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
         }
         data.extend_from_slice(&buf[..n]);
     }
 }
 
-fn invalid(e: impl std::fmt::Display) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, e.to_string())
+/// What [`relay`] passed on.
+enum Relayed {
+    /// All of it.
+    All,
+    /// Everything up to the end of a DISCONNECT; nothing after it.
+    Disconnect,
 }
 
 /// Passes `input` on to the broker, waiting for the login's bucket before
 /// each charged packet: what precedes it goes first, so the broker never
-/// waits for bytes the relay holds.
+/// waits for bytes the relay holds. Stops after a DISCONNECT: the device
+/// may send nothing after it.
 async fn relay(
     framer: &mut Framer,
     claim: &Claim,
     input: &[u8],
     to_broker: &mut (impl AsyncWrite + Unpin),
-) -> io::Result<()> {
+) -> Result<Relayed, Cut> {
     let mut at = 0;
     let mut sent = 0;
     while at < input.len() {
-        match framer.step(&input[at..]).map_err(invalid)? {
+        match framer.step(&input[at..])? {
             Step::Starts(first) => {
                 if charged(first) {
                     if sent < at {
@@ -687,11 +912,15 @@ async fn relay(
             Step::Within(n) => at += n,
             Step::Header(_) => at += 1,
         }
+        if framer.after_disconnect() {
+            to_broker.write_all(&input[sent..at]).await?;
+            return Ok(Relayed::Disconnect);
+        }
     }
     if sent < input.len() {
         to_broker.write_all(&input[sent..]).await?;
     }
-    Ok(())
+    Ok(Relayed::All)
 }
 
 #[cfg(test)]
@@ -720,18 +949,7 @@ mod tests {
         body.extend_from_slice(topic.as_bytes());
         body.extend_from_slice(&[0, 1]);
         body.extend(std::iter::repeat_n(b'x', payload_len));
-        let mut p = vec![0x32];
-        let mut n = body.len();
-        loop {
-            let b = (n % 128) as u8;
-            n /= 128;
-            p.push(if n > 0 { b | 0x80 } else { b });
-            if n == 0 {
-                break;
-            }
-        }
-        p.extend_from_slice(&body);
-        p
+        packet(0x32, &body)
     }
 
     #[test]
@@ -869,5 +1087,208 @@ mod tests {
         let a = logins.claim(None).unwrap();
         let b = logins.claim(None).unwrap();
         assert!(!Arc::ptr_eq(&a.bucket, &b.bucket));
+    }
+
+    /// A packet with this first byte around `body`.
+    fn packet(first: u8, body: &[u8]) -> Vec<u8> {
+        let mut p = vec![first];
+        let mut n = body.len();
+        loop {
+            let b = (n % 128) as u8;
+            n /= 128;
+            p.push(if n > 0 { b | 0x80 } else { b });
+            if n == 0 {
+                break;
+            }
+        }
+        p.extend_from_slice(body);
+        p
+    }
+
+    /// Starts a door in front of `broker`; where devices connect.
+    fn door(broker: SocketAddr, connect_timeout: Duration) -> SocketAddr {
+        let plain = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = plain.local_addr().unwrap();
+        let listeners = Listeners { plain, tls: None };
+        start(
+            listeners,
+            broker,
+            Allowance::default(),
+            false,
+            64 * 1024,
+            connect_timeout,
+        )
+        .unwrap();
+        addr
+    }
+
+    /// What the door logs, from the test's thread (the door logs where the
+    /// thread that started it does).
+    #[derive(Clone, Default)]
+    struct Logs(Arc<Mutex<Vec<u8>>>);
+
+    impl io::Write for Logs {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Logs {
+        fn capture() -> (Logs, tracing::subscriber::DefaultGuard) {
+            let logs = Logs::default();
+            let writer = logs.clone();
+            let subscriber = tracing_subscriber::fmt()
+                .with_writer(move || writer.clone())
+                .with_ansi(false)
+                .with_max_level(tracing::Level::INFO)
+                .finish();
+            (logs, tracing::subscriber::set_default(subscriber))
+        }
+
+        fn lines(&self, containing: &str) -> Vec<String> {
+            String::from_utf8_lossy(&self.0.lock().unwrap())
+                .lines()
+                .filter(|l| l.contains(containing))
+                .map(str::to_owned)
+                .collect()
+        }
+    }
+
+    /// Reads until the door closes the connection: what came before.
+    async fn until_closed(s: &mut TcpStream) -> Vec<u8> {
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut got))
+            .await
+            .expect("the door closes the connection");
+        got
+    }
+
+    /// rumqttd forgets a connection on its DISCONNECT and reuses its number;
+    /// a link that then reads the end of the stream drops the number's new
+    /// owner (a device just connected, with its publish). So after a
+    /// DISCONNECT the door sends the broker nothing, not even the end of
+    /// the stream the device closed at once, until the broker closes.
+    /// Here a listener stands in for rumqttd, to see what the door sends it.
+    #[tokio::test]
+    async fn after_a_disconnect_the_door_sends_nothing_and_lets_the_broker_close() {
+        let broker = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let door = door(broker.local_addr().unwrap(), CONNECT_TIMEOUT);
+        let mut device = TcpStream::connect(door).await.unwrap();
+        let connect = packet(0x10, &connect_body(4, None, false));
+        device.write_all(&connect).await.unwrap();
+        let (mut at_broker, _) = broker.accept().await.unwrap();
+        let mut got = vec![0; connect.len()];
+        at_broker.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, connect);
+        at_broker.write_all(&[0x20, 2, 0, 0]).await.unwrap();
+        let mut connack = [0; 4];
+        device.read_exact(&mut connack).await.unwrap();
+
+        // A publish and a DISCONNECT, then the end of the stream at once, as
+        // a device leaving cleanly does (with a stray PINGREQ before the end).
+        let mut leaving = publish("a/b", 5);
+        leaving.extend([0xE0, 0]);
+        let said = leaving.len();
+        leaving.extend([0xC0, 0]);
+        device.write_all(&leaving).await.unwrap();
+        device.shutdown().await.unwrap();
+        let mut got = vec![0; said];
+        at_broker.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, leaving[..said]);
+        // Nothing more has come, and the stream has not ended.
+        let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 16];
+        let now = socket2::SockRef::from(&at_broker).recv(&mut probe);
+        assert!(
+            matches!(&now, Err(e) if e.kind() == io::ErrorKind::WouldBlock),
+            "{now:?}"
+        );
+        // The broker ends the connection: nothing came after the DISCONNECT.
+        at_broker.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        at_broker.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"");
+        // And the device's side is closed after the broker's.
+        assert_eq!(until_closed(&mut device).await, b"");
+    }
+
+    /// A device whose stream is not MQTT is logged at WARN with its address
+    /// (never what it sent), the first of the minute; the next is counted.
+    #[tokio::test]
+    async fn a_device_stream_that_is_not_mqtt_is_logged_at_warn_once_a_minute() {
+        let (logs, _guard) = Logs::capture();
+        let listening = crate::mqtt::broker::start(
+            "127.0.0.1:0".parse().unwrap(),
+            16 * 1024,
+            crate::mqtt::broker::Access::Anonymous,
+            None,
+            None,
+        )
+        .unwrap();
+        let mut peers = Vec::new();
+        for _ in 0..2 {
+            let mut device = TcpStream::connect(listening.addr).await.unwrap();
+            peers.push(device.local_addr().unwrap().to_string());
+            let connect = packet(0x10, &connect_body(4, None, false));
+            device.write_all(&connect).await.unwrap();
+            let mut connack = [0; 4];
+            device.read_exact(&mut connack).await.unwrap();
+            assert_eq!(connack, [0x20, 2, 0, 0]);
+            // A remaining length of five bytes, and what would be a secret.
+            device
+                .write_all(&[
+                    0x30, 0xff, 0xff, 0xff, 0xff, 0x01, b'h', b'u', b'n', b't', b'e', b'r', b'2',
+                ])
+                .await
+                .unwrap();
+            until_closed(&mut device).await;
+        }
+        let warned = logs.lines("not MQTT");
+        assert_eq!(warned.len(), 1, "{warned:?}");
+        let line = &warned[0];
+        assert!(line.contains("WARN"), "{line}");
+        assert!(line.contains(&format!("peer={}", peers[0])), "{line}");
+        assert!(line.contains("reason=\"malformed\""), "{line}");
+        assert!(logs.lines("hunter2").is_empty());
+    }
+
+    /// A device that connects and says nothing is logged at WARN when the
+    /// door gives up on its CONNECT.
+    #[tokio::test]
+    async fn a_device_that_sends_no_connect_in_time_is_logged_at_warn() {
+        let (logs, _guard) = Logs::capture();
+        // Never reached: the CONNECT is awaited first.
+        let broker = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let door = door(broker.local_addr().unwrap(), Duration::from_millis(50));
+        let mut device = TcpStream::connect(door).await.unwrap();
+        let peer = device.local_addr().unwrap().to_string();
+        assert_eq!(until_closed(&mut device).await, b"");
+        let warned = logs.lines("no CONNECT in time");
+        assert_eq!(warned.len(), 1, "{warned:?}");
+        assert!(warned[0].contains("WARN"), "{}", warned[0]);
+        assert!(warned[0].contains(&format!("peer={peer}")), "{}", warned[0]);
+        assert!(
+            warned[0].contains("reason=\"connect_timeout\""),
+            "{}",
+            warned[0]
+        );
+    }
+
+    #[test]
+    fn the_first_refusal_of_a_minute_is_written_and_the_rest_counted() {
+        let w = Warnings::default();
+        let a: SocketAddr = "10.0.0.1:1000".parse().unwrap();
+        let b: SocketAddr = "10.0.0.2:2000".parse().unwrap();
+        assert!(w.note(Refusal::Malformed, a));
+        assert!(!w.note(Refusal::Malformed, a));
+        assert!(!w.note(Refusal::Malformed, b));
+        assert!(w.note(Refusal::ConnectTimeout, a), "another kind");
+        assert_eq!(w.drain(), vec![(Refusal::Malformed, 2, Some(b))]);
+        // A new minute: its first is written again.
+        assert!(w.drain().is_empty());
+        assert!(w.note(Refusal::Malformed, b));
     }
 }

@@ -160,7 +160,12 @@ async fn readiness_fails_with_a_reason_when_the_broker_is_unreachable() {
     let r = reqwest::get(format!("{base}/readyz")).await.unwrap();
     assert_eq!(r.status(), 503);
     let body = r.text().await.unwrap();
-    assert!(body.contains("MQTT broker not connected"), "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        v["reasons"],
+        serde_json::json!(["broker_not_connected"]),
+        "{body}"
+    );
     let r = reqwest::get(format!("{base}/healthz")).await.unwrap();
     assert_eq!(r.status(), 200);
     app.stop().await;

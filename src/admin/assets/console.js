@@ -21,6 +21,7 @@ async function refreshPos() {
   if (ended(r) || !r.ok) return;
   const data = await r.json();
   for (const k of ["pending", "paid_undelivered", "refund_due"]) document.getElementById("count-" + k).textContent = data.counts[k];
+  document.getElementById("mp-banner").hidden = data.mercadopago !== "token_refused";
   const body = document.querySelector("#pos tbody");
   body.replaceChildren();
   const sel = document.getElementById("feed-pos");
