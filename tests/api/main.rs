@@ -22,8 +22,8 @@ mod mosquitto;
 mod notifications;
 mod operator_view;
 mod polls;
-mod retention;
 mod proxy;
+mod retention;
 mod security;
 #[path = "../common/wait.rs"]
 mod wait;
