@@ -42,6 +42,7 @@ pub struct App {
     link: Arc<LinkState>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
+    db_lock: crate::store::DbLock,
 }
 
 impl App {
@@ -80,10 +81,15 @@ impl App {
             })?),
             None => None,
         };
+        // One qrgate per database: taken before the store opens.
+        let db_lock = crate::store::DbLock::take(&config.store.path, listener.local_addr()?)?;
         let store: Arc<dyn Store> = Arc::new(
-            SqliteStore::open(&config.store.path, config.store.fsync).with_context(|| {
-                format!("cannot open the store {}", config.store.path.display())
-            })?,
+            SqliteStore::open_with(
+                &config.store.path,
+                config.store.fsync,
+                config.store.checkpoints,
+            )
+            .with_context(|| format!("cannot open the store {}", config.store.path.display()))?,
         );
         let http_addr = listener.local_addr()?;
         // Unset, public_url is the listener's: its real port, when the OS
@@ -258,6 +264,12 @@ impl App {
                 &tracker,
             );
         }
+        tracker.spawn(crate::retention::run(
+            Arc::clone(&store),
+            crate::retention::Retention::new(&config.store, &config.orders),
+            clock.clone(),
+            shutdown.clone(),
+        ));
         tracker.spawn(crate::refunds::run(
             client.clone(),
             Arc::clone(&book),
@@ -401,6 +413,7 @@ impl App {
             link,
             shutdown,
             tracker,
+            db_lock,
         })
     }
 
@@ -463,6 +476,7 @@ impl App {
             tracing::error!(error = %e, "store could not be flushed at shutdown");
         }
         tracing::info!("stopped");
+        drop(self.db_lock);
         Ok(())
     }
 }

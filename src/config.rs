@@ -345,6 +345,15 @@ pub struct StoreConfig {
     /// fsync at every commit (SQLite `synchronous = FULL`); off only for
     /// measurements.
     pub fsync: bool,
+    /// Ended sales leave the live database this long after they ended
+    /// (`retain_days`).
+    pub retain: std::time::Duration,
+    /// Sales leaving the live database are first written to a dated JSON
+    /// Lines file under `archive/` beside it.
+    pub archive: bool,
+    /// qrgate checkpoints the WAL itself; off when another process does
+    /// (Litestream).
+    pub checkpoints: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -573,6 +582,9 @@ struct RawOrders {
 struct RawStore {
     path: String,
     fsync: bool,
+    retain_days: f64,
+    archive: bool,
+    checkpoints: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -695,6 +707,9 @@ fn defaults() -> RawConfig {
         store: RawStore {
             path: "qrgate.db".into(),
             fsync: true,
+            retain_days: 90.0,
+            archive: false,
+            checkpoints: true,
         },
         log: RawLog {
             format: "auto".into(),
@@ -1346,6 +1361,20 @@ fn validate(
     if raw.store.path.trim().is_empty() {
         bad("store.path", "must name a database file".into());
     }
+    // A day or a fraction of one (tests and benchmarks use minutes), up to
+    // a hundred years.
+    let retain = match raw.store.retain_days {
+        d if (0.0001..=36_500.0).contains(&d) => {
+            std::time::Duration::from_millis((d * 86_400_000.0).round() as u64)
+        }
+        d => {
+            bad(
+                "store.retain_days",
+                format!("{d} must be a number of days from 0.0001 to 36500"),
+            );
+            std::time::Duration::ZERO
+        }
+    };
 
     let mut pos = Vec::new();
     let mut users: Vec<(String, Secret)> = Vec::new();
@@ -1747,6 +1776,9 @@ fn validate(
         store: StoreConfig {
             path: PathBuf::from(raw.store.path),
             fsync: raw.store.fsync,
+            retain,
+            archive: raw.store.archive,
+            checkpoints: raw.store.checkpoints,
         },
         log: LogConfig {
             format,
@@ -1980,6 +2012,28 @@ mod tests {
     }
 
     const PUMP: &str = "[[pos]]\nid = \"pump-1\"\nkind = \"fuel\"\n";
+
+    #[test]
+    fn store_retention_is_90_days_unless_set_in_days_or_a_fraction_of_one() {
+        let day = std::time::Duration::from_secs(86_400);
+        let c = Config::defaults();
+        assert_eq!(c.store.retain, day * 90);
+        assert!(!c.store.archive && c.store.checkpoints);
+        let text =
+            |store: &str| format!("[mqtt]\nallow_anonymous = true\n[store]\n{store}\n{PUMP}");
+        let c = load_toml(&text(
+            "retain_days = 30\narchive = true\ncheckpoints = false",
+        ))
+        .unwrap();
+        assert_eq!(c.store.retain, day * 30);
+        assert!(c.store.archive && !c.store.checkpoints);
+        let c = load_toml(&text("retain_days = 0.002")).unwrap();
+        assert_eq!(c.store.retain, std::time::Duration::from_millis(172_800));
+        for bad in ["retain_days = 0", "retain_days = -1", "retain_days = 40000"] {
+            let e = load_toml(&text(bad)).unwrap_err().to_string();
+            assert!(e.contains("store.retain_days"), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn a_config_file_with_the_embedded_broker_needs_device_credentials_or_says_anonymous() {

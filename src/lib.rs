@@ -13,8 +13,9 @@
 //!    payload.
 //!
 //! Beside them, `reconcile` searches for payments whose notifications never
-//! came, `refunds` returns money a sale owes, and `attended` places orders
-//! on POS for the attended model.
+//! came, `refunds` returns money a sale owes, `attended` places orders
+//! on POS for the attended model, and `retention` moves ended sales out of
+//! the live database.
 //!
 //! Imports point downward: `main`/`app`/`demo` wire, with `service` (the
 //! service manager's notify protocol) and `healthcheck` (`qrgate health`);
@@ -44,6 +45,7 @@ pub mod orders;
 pub mod reconcile;
 pub mod refunds;
 pub mod registration;
+pub mod retention;
 pub mod service;
 pub mod store;
 pub mod telemetry;

@@ -1,9 +1,9 @@
 //! The `qrgate` command: `serve` (the default), `check-config`, `health`
 //! (asks a running qrgate whether it is ready), `demo` and `simulator` (with
-//! the default-on `demo` feature), and `pos register` / `pos list` (stores
-//! and POS at Mercado Pago). A configuration error exits 78 (`EX_CONFIG`)
-//! whatever the subcommand but `health`, which a container engine reads as
-//! 0 or 1.
+//! the default-on `demo` feature), `pos register` / `pos list` (stores and
+//! POS at Mercado Pago), and `backup` (an online copy of the store). A
+//! configuration error exits 78 (`EX_CONFIG`) whatever the subcommand but
+//! `health`, which a container engine reads as 0 or 1.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -41,6 +41,15 @@ enum Cmd {
     /// and tell the story of one fuel sale and one vending sale.
     #[cfg(feature = "demo")]
     Demo,
+    /// Copy the live database to PATH, consistently, while qrgate serves.
+    /// Exit status: 0 done, 78 a configuration error, 1 anything else.
+    Backup {
+        /// Where the copy goes (a new file; see --force).
+        path: PathBuf,
+        /// Replace PATH if it exists.
+        #[arg(long)]
+        force: bool,
+    },
     /// Ask the running qrgate's /readyz whether it can take sales: exit 0
     /// when ready, 1 otherwise, with one line saying why (health checks).
     Health,
@@ -114,6 +123,7 @@ fn main() -> ExitCode {
         #[cfg(feature = "demo")]
         Cmd::Demo => runtime.block_on(qrgate::demo::run()),
         Cmd::Pos { command } => return runtime.block_on(pos(path, command)),
+        Cmd::Backup { path: to, force } => return backup(path.as_deref(), &to, force),
         Cmd::Health => return runtime.block_on(qrgate::healthcheck::run(path.as_deref())),
         #[cfg(feature = "demo")]
         Cmd::Simulator(args) => return runtime.block_on(mpsim::cli::run(args)),
@@ -266,6 +276,36 @@ async fn pos(path: Option<PathBuf>, command: PosCmd) -> ExitCode {
             } else {
                 error
             }
+        }
+    }
+}
+
+/// `qrgate backup PATH`: the store `serve` would open, copied online.
+fn backup(config: Option<&Path>, to: &Path, force: bool) -> ExitCode {
+    // Only the store's path is needed: a backup run from cron need not hold
+    // the service's secrets (the console's token, MQTT passwords).
+    let env = |name: &str| std::env::var(name).ok();
+    let config = match Config::load_for(config, &env, Purpose::Registration) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("qrgate: {e}");
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
+    match qrgate::store::backup::backup(&config.store.path, to, force) {
+        Ok(copied) => {
+            println!(
+                "qrgate: {} backed up to {} ({} pages, {} bytes)",
+                config.store.path.display(),
+                to.display(),
+                copied.pages,
+                copied.bytes
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("qrgate: {e}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -32,9 +32,6 @@ use crate::store::{RefundRequest, StoreError};
 /// Who made a refund qrgate made by itself.
 pub const BY_QRGATE: &str = "qrgate";
 
-/// How long finished refund requests and done notifications are kept.
-const KEEP_RECORDS: i64 = 48 * 3600 * 1000;
-
 /// Makes one refund call, and the refund as Mercado Pago made it (its
 /// amount, when the answer says it; what was asked, otherwise).
 pub async fn make(
@@ -84,18 +81,11 @@ pub async fn run(client: MpClient, book: Arc<Book>, shutdown: CancellationToken)
     // repeated every round.
     let mut refused: HashSet<String> = HashSet::new();
     let clock = book.clock().clone();
-    let mut pruned_at = clock.instant() - Duration::from_secs(3600);
     loop {
         tokio::select! {
             _ = wake.notified() => {}
             _ = clock.sleep(Duration::from_secs(30)) => {}
             _ = shutdown.cancelled() => return,
-        }
-        if clock.instant().duration_since(pruned_at) >= Duration::from_secs(3600) {
-            pruned_at = clock.instant();
-            if let Err(e) = book.store().prune(clock.now_millis() - KEEP_RECORDS).await {
-                tracing::warn!(error = %e, "cannot forget old inbox entries and refund requests");
-            }
         }
         // Operator requests a failure or a crash cut short are finished.
         finish_unanswered(&client, &book, clock.now_millis() - STALE_REQUEST).await;
@@ -309,7 +299,7 @@ async fn keep(book: &Book, r: &RefundRequest, a: &Answer) {
 /// How long a repeat without an `Idempotency-Key` is answered from the first.
 const REPEAT_WINDOW: Duration = Duration::from_secs(60);
 /// How long an `Idempotency-Key`'s answer is kept in memory (the store
-/// keeps it for [`KEEP_RECORDS`]).
+/// keeps it for [`crate::retention::KEEP_RECORDS`]).
 const KEY_WINDOW: Duration = Duration::from_secs(24 * 3600);
 
 /// An answer of the admin API: status and JSON body.

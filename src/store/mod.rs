@@ -3,13 +3,16 @@
 //! book is rebuilt from it at start. Behind a trait because a second engine
 //! is planned; SQLite (WAL, fsync per commit) is the embedded default.
 
+pub mod backup;
 mod legacy;
+mod lock;
 mod sqlite;
 
 use async_trait::async_trait;
 
 use crate::orders::{ExternalReference, MpId, Sale, SaleEvent};
 
+pub use lock::{lock_path, DbLock, Holder, LockError};
 pub use sqlite::SqliteStore;
 
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +114,38 @@ pub struct Recheck {
     pub paid_at: i64,
     /// How many searches were made since it was paid.
     pub done: u32,
+}
+
+/// Where a page of retention candidates starts and what it holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetentionPage {
+    /// Only sales whose last change is older (unix millis).
+    pub ended_before: i64,
+    /// The last candidate of the previous page: (its last change, its row).
+    pub after: (i64, i64),
+    pub limit: usize,
+    /// How many searches after payment are configured: a sale searched
+    /// fewer times still has one due.
+    pub rechecks: u32,
+    /// Read each candidate's whole record, for the archive.
+    pub with_records: bool,
+}
+
+/// A sale that may leave the live database, and what decides it.
+#[derive(Debug, Clone)]
+pub struct RetentionCandidate {
+    pub sale: Sale,
+    /// Where the next page starts: (its last change, its row).
+    pub position: (i64, i64),
+    /// A newer sale of its POS exists (the latest one is the device's
+    /// retained state and stays).
+    pub superseded: bool,
+    /// A search of it after it was paid is still due.
+    pub rechecking: bool,
+    /// An operator's refund of it went out and has no final answer yet.
+    pub refunding: bool,
+    /// Its timeline, ledger rows and merchant orders, when asked for.
+    pub record: Option<serde_json::Value>,
 }
 
 #[async_trait]
@@ -226,6 +261,26 @@ pub trait Store: Send + Sync + 'static {
     async fn prune(&self, before: i64) -> Result<(), StoreError>;
 
     async fn merchant_order(&self, id: &MpId) -> Result<Option<MerchantOrderRecord>, StoreError>;
+
+    // ---- Retention ----
+
+    /// Sales last changed before `page.ended_before`, in the order they last
+    /// changed, from just after `page.after`: at most `page.limit`, each with
+    /// what retention must know beyond its body.
+    async fn retention_candidates(
+        &self,
+        page: RetentionPage,
+    ) -> Result<Vec<RetentionCandidate>, StoreError>;
+
+    /// Removes each sale with its timeline, ledger, closing and merchant
+    /// orders, if it has not changed since `updated_at` and no operator's
+    /// refund of it is under way; how many were removed.
+    async fn forget_sales(&self, sales: Vec<(ExternalReference, i64)>)
+        -> Result<usize, StoreError>;
+
+    /// Removes up to `limit` of the oldest refused device messages kept from
+    /// before `before`; how many were removed.
+    async fn forget_rejections(&self, before: i64, limit: usize) -> Result<usize, StoreError>;
 
     /// Sales for the operator, newest first.
     async fn sales(&self, filter: SaleFilter) -> Result<Vec<Sale>, StoreError>;

@@ -21,9 +21,7 @@
 
 use std::panic::{self, AssertUnwindSafe};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc as std_mpsc;
-use std::sync::Arc;
 use std::thread;
 
 use async_trait::async_trait;
@@ -34,7 +32,8 @@ use rust_decimal::Decimal;
 
 use super::{
     InboxEntry, MerchantOrderRecord, PaymentRecord, Recheck, RefundRequest, RegistrationRecord,
-    RejectionRecord, SaleFilter, Store, StoreError, TimelineEntry,
+    RejectionRecord, RetentionCandidate, RetentionPage, SaleFilter, Store, StoreError,
+    TimelineEntry,
 };
 use crate::orders::ledger::RefundOf;
 use crate::orders::{ExternalReference, MpId, Sale, SaleEvent};
@@ -150,6 +149,13 @@ CREATE TABLE IF NOT EXISTS device_rejections (
 );
 CREATE INDEX IF NOT EXISTS device_rejections_by_pos ON device_rejections (pos, seq);
 CREATE TABLE IF NOT EXISTS health (id INTEGER PRIMARY KEY CHECK (id = 1), at INTEGER NOT NULL);
+-- Retention walks sales by their last change and removes a sale's rows from
+-- every table that names it.
+CREATE INDEX IF NOT EXISTS sales_by_update ON sales (updated_at);
+CREATE INDEX IF NOT EXISTS ledger_payments_by_sale ON ledger_payments (external_reference);
+CREATE INDEX IF NOT EXISTS ledger_refunds_by_sale ON ledger_refunds (external_reference);
+CREATE INDEX IF NOT EXISTS merchant_orders_by_sale ON merchant_orders (external_reference);
+CREATE INDEX IF NOT EXISTS payments_by_sale ON payments (external_reference);
 -- POS registration at Mercado Pago (`qrgate pos register`): one row per POS.
 CREATE TABLE IF NOT EXISTS mp_registrations (
     pos                  TEXT PRIMARY KEY,
@@ -327,6 +333,16 @@ pub(super) fn sql_id(id: &MpId) -> rusqlite::types::Value {
 impl SqliteStore {
     /// Opens (creating if needed) the database file and starts its writer.
     pub fn open(path: &Path, fsync: bool) -> Result<SqliteStore, StoreError> {
+        SqliteStore::open_with(path, fsync, true)
+    }
+
+    /// `open`; without `checkpoints`, qrgate never checkpoints the WAL
+    /// itself and leaves it to another process (Litestream).
+    pub fn open_with(
+        path: &Path,
+        fsync: bool,
+        own_checkpoints: bool,
+    ) -> Result<SqliteStore, StoreError> {
         let conn = Connection::open(path)
             .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
         conn.pragma_update(None, "journal_mode", "WAL")
@@ -347,19 +363,21 @@ impl SqliteStore {
         checkpointer
             .busy_timeout(std::time::Duration::from_secs(5))
             .map_err(db)?;
-        let alive = Arc::new(AtomicBool::new(true));
         let (tx, rx) = std_mpsc::channel();
-        let writer_alive = Arc::clone(&alive);
+        // One pending wake-up is enough: the checkpointer looks at the whole
+        // WAL each time. The writer drops it when it stops, which tells the
+        // checkpointer to finish.
+        let (wrote, writes) = std_mpsc::sync_channel(1);
         thread::Builder::new()
             .name("qrgate-store".into())
-            .spawn(move || {
-                writer(conn, rx);
-                writer_alive.store(false, Ordering::Release);
-            })
+            .spawn(move || writer(conn, rx, wrote, own_checkpoints))
             .map_err(|e| StoreError::Unavailable(format!("cannot start the store thread: {e}")))?;
+        if !own_checkpoints {
+            return Ok(SqliteStore { tx });
+        }
         thread::Builder::new()
             .name("qrgate-checkpoint".into())
-            .spawn(move || checkpoints(checkpointer, alive))
+            .spawn(move || checkpoints(checkpointer, writes))
             .map_err(|e| {
                 StoreError::Unavailable(format!("cannot start the checkpoint thread: {e}"))
             })?;
@@ -445,7 +463,12 @@ thread_local! {
 /// copied by then, so it is short.
 const WRITER_CHECKPOINT_EVERY: usize = 2000;
 
-fn writer(conn: Connection, rx: std_mpsc::Receiver<Job>) {
+fn writer(
+    conn: Connection,
+    rx: std_mpsc::Receiver<Job>,
+    wrote: std_mpsc::SyncSender<()>,
+    own_checkpoints: bool,
+) {
     const MAX_BATCH: usize = 512;
     let mut since_checkpoint = 0;
     while let Ok(first) = rx.recv() {
@@ -458,7 +481,9 @@ fn writer(conn: Connection, rx: std_mpsc::Receiver<Job>) {
         }
         since_checkpoint += batch.len();
         run_batch(&conn, batch);
-        if since_checkpoint >= WRITER_CHECKPOINT_EVERY {
+        // Full means a wake-up is already waiting.
+        let _ = wrote.try_send(());
+        if own_checkpoints && since_checkpoint >= WRITER_CHECKPOINT_EVERY {
             since_checkpoint = 0;
             if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
                 tracing::warn!(error = %e, "WAL checkpoint failed; retried later");
@@ -532,23 +557,76 @@ fn guarded<T>(
 }
 
 /// Copies the WAL into the database beside the writer. PASSIVE never blocks
-/// the writer; it is repeated at once until it has caught up. (Paced at one
-/// pass every 500 ms it never caught up under continuous writes, and the WAL
-/// grew by gigabytes: measured.)
-fn checkpoints(conn: Connection, alive: Arc<AtomicBool>) {
+/// the writer; it is repeated at once while it makes progress, until it has
+/// caught up. (Paced at one pass every 500 ms it never caught up under
+/// continuous writes, and the WAL grew by gigabytes: measured.)
+///
+/// A checkpoint cannot copy frames a reader may still need: while another
+/// connection holds a read transaction (`qrgate backup`, Litestream, an
+/// operator's `sqlite3`), it stops short at the same frame however often it
+/// is repeated. Repeating it at once then spun a core for as long as the
+/// reader stayed (measured: a whole core). So a pass that makes no progress,
+/// or finds the database busy, waits, from 50 ms doubling to 5 s; a pass
+/// that caught up waits for the next commit, and 100 ms more.
+fn checkpoints(conn: Connection, writes: std_mpsc::Receiver<()>) {
+    use std::time::Duration;
+    const FIRST_WAIT: Duration = Duration::from_millis(50);
+    const LONGEST_WAIT: Duration = Duration::from_secs(5);
+    const CAUGHT_UP_PAUSE: Duration = Duration::from_millis(100);
+    let mut wait = FIRST_WAIT;
+    let mut last: Option<(i64, i64)> = None;
     loop {
-        let running = alive.load(Ordering::Acquire);
-        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-            Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
-        }) {
-            Ok((log, done)) if done < log => continue,
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed; retried"),
+        let pass = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        });
+        let stalled = match pass {
+            // Caught up: nothing to do until the writer commits again, and
+            // then not at once: a checkpoint per commit would add its two
+            // fsyncs to every commit's.
+            Ok((0, log, done)) if done >= log => {
+                wait = FIRST_WAIT;
+                last = None;
+                match writes.recv() {
+                    Ok(()) => {
+                        thread::sleep(CAUGHT_UP_PAUSE);
+                        continue;
+                    }
+                    // The writer stopped: its last commit is checkpointed.
+                    Err(_) => return,
+                }
+            }
+            Ok((busy, log, done)) => {
+                let progressed = busy == 0 && last.is_none_or(|(l, d)| done > d || log < l);
+                last = Some((log, done));
+                !progressed
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "WAL checkpoint failed; retried");
+                true
+            }
+        };
+        if !stalled {
+            wait = FIRST_WAIT;
+            continue;
         }
-        if !running {
-            return;
+        // A commit does not release a reader: the pause is waited out whole.
+        let until = std::time::Instant::now() + wait;
+        loop {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            match writes.recv_timeout(left) {
+                Ok(()) => continue,
+                Err(std_mpsc::RecvTimeoutError::Timeout) => break,
+                Err(std_mpsc::RecvTimeoutError::Disconnected) => {
+                    let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+                    return;
+                }
+            }
         }
-        thread::sleep(std::time::Duration::from_millis(100));
+        wait = (wait * 2).min(LONGEST_WAIT);
     }
 }
 
@@ -833,6 +911,115 @@ pub(super) fn value_id(v: rusqlite::types::Value) -> Option<MpId> {
         rusqlite::types::Value::Text(t) => MpId::parse(&t),
         _ => None,
     }
+}
+
+/// Everything the database keeps about one sale besides its body, as one
+/// JSON object: the archive's line (with the sale added by retention).
+fn sale_record(c: &Connection, reference: &str) -> Result<serde_json::Value, StoreError> {
+    use serde_json::{json, Value};
+    fn rows(
+        c: &Connection,
+        sql: &str,
+        reference: &str,
+        row: impl Fn(&rusqlite::Row<'_>) -> rusqlite::Result<Value>,
+    ) -> Result<Vec<Value>, StoreError> {
+        let mut st = c.prepare_cached(sql).map_err(db)?;
+        let out = st
+            .query_map([reference], row)
+            .map_err(db)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db);
+        out
+    }
+    // Stored JSON goes out as JSON, and anything unreadable as the text it is.
+    let json_text = |t: String| serde_json::from_str(&t).unwrap_or(Value::String(t));
+    let id = |v: rusqlite::types::Value| match v {
+        rusqlite::types::Value::Integer(n) => json!(n),
+        rusqlite::types::Value::Text(t) => json!(t),
+        _ => Value::Null,
+    };
+    let timeline = rows(
+        c,
+        "SELECT at, event, detail FROM sale_events WHERE external_reference = ?1 ORDER BY seq",
+        reference,
+        |r| {
+            Ok(
+                json!({"at": r.get::<_, i64>(0)?, "event": r.get::<_, String>(1)?,
+                      "detail": json_text(r.get(2)?)}),
+            )
+        },
+    )?;
+    let ledger_payments = rows(
+        c,
+        "SELECT payment_id, merchant_order, amount, seen_at FROM ledger_payments
+         WHERE external_reference = ?1 ORDER BY rowid",
+        reference,
+        |r| {
+            Ok(
+                json!({"payment_id": id(r.get(0)?), "merchant_order": id(r.get(1)?),
+                      "amount": r.get::<_, String>(2)?, "seen_at": r.get::<_, i64>(3)?}),
+            )
+        },
+    )?;
+    let refunds = rows(
+        c,
+        "SELECT refund_id, payment_id, amount, of, by, at FROM ledger_refunds
+         WHERE external_reference = ?1 ORDER BY rowid",
+        reference,
+        |r| {
+            Ok(
+                json!({"refund_id": id(r.get(0)?), "payment_id": id(r.get(1)?),
+                      "amount": r.get::<_, String>(2)?, "of": r.get::<_, String>(3)?,
+                      "by": r.get::<_, String>(4)?, "at": r.get::<_, i64>(5)?}),
+            )
+        },
+    )?;
+    let mut merchant_orders = rows(
+        c,
+        "SELECT id, status, body, seen_at FROM merchant_orders
+         WHERE external_reference = ?1 ORDER BY rowid",
+        reference,
+        |r| {
+            Ok(
+                json!({"id": id(r.get(0)?), "status": r.get::<_, String>(1)?,
+                      "body": json_text(r.get(2)?), "seen_at": r.get::<_, i64>(3)?}),
+            )
+        },
+    )?;
+    let payments = rows(
+        c,
+        "SELECT id, merchant_order, status, amount, currency, seen_at FROM payments
+         WHERE external_reference = ?1 ORDER BY rowid",
+        reference,
+        |r| {
+            Ok(json!({"id": id(r.get(0)?), "merchant_order": id(r.get(1)?),
+                      "status": r.get::<_, String>(2)?, "amount": r.get::<_, String>(3)?,
+                      "currency": r.get::<_, Option<String>>(4)?, "seen_at": r.get::<_, i64>(5)?}))
+        },
+    )?;
+    for mo in &mut merchant_orders {
+        let of_it: Vec<Value> = payments
+            .iter()
+            .filter(|p| p["merchant_order"] == mo["id"])
+            .cloned()
+            .collect();
+        mo["payments"] = Value::Array(of_it);
+    }
+    let closing = c
+        .query_row(
+            "SELECT payment_id, merchant_order, at FROM closings WHERE external_reference = ?1",
+            [reference],
+            |r| Ok(json!({"payment_id": id(r.get(0)?), "merchant_order": id(r.get(1)?), "at": r.get::<_, i64>(2)?})),
+        )
+        .optional()
+        .map_err(db)?;
+    Ok(json!({
+        "timeline": timeline,
+        "closing": closing,
+        "ledger_payments": ledger_payments,
+        "ledger_refunds": refunds,
+        "merchant_orders": merchant_orders,
+    }))
 }
 
 /// Sales from a query selecting (external_reference, body).
@@ -1277,6 +1464,128 @@ impl Store for SqliteStore {
             c.execute("DELETE FROM rechecks WHERE paid_at < ?1", [before])
                 .map(drop)
                 .map_err(db)
+        })
+        .await
+    }
+
+    async fn retention_candidates(
+        &self,
+        page: RetentionPage,
+    ) -> Result<Vec<RetentionCandidate>, StoreError> {
+        self.read(move |c| {
+            let mut st = c
+                .prepare_cached(
+                    "SELECT s.updated_at, s.rowid, s.external_reference, s.body,
+                       EXISTS (SELECT 1 FROM sales l WHERE l.pos = s.pos AND l.accepted_at >= s.accepted_at
+                               AND l.rowid <> s.rowid AND (l.accepted_at > s.accepted_at OR l.rowid > s.rowid)),
+                       EXISTS (SELECT 1 FROM rechecks r WHERE r.external_reference = s.external_reference
+                               AND r.done < ?4),
+                       EXISTS (SELECT 1 FROM refund_requests q WHERE q.external_reference = s.external_reference
+                               AND q.status IS NULL)
+                     FROM sales s
+                     WHERE s.updated_at < ?1 AND (s.updated_at, s.rowid) > (?2, ?3)
+                     ORDER BY s.updated_at, s.rowid LIMIT ?5",
+                )
+                .map_err(db)?;
+            let rows = st
+                .query_map(
+                    params![
+                        page.ended_before,
+                        page.after.0,
+                        page.after.1,
+                        page.rechecks,
+                        page.limit as i64
+                    ],
+                    |r| {
+                        Ok((
+                            (r.get::<_, i64>(0)?, r.get::<_, i64>(1)?),
+                            r.get::<_, String>(2)?,
+                            r.get::<_, String>(3)?,
+                            [r.get::<_, bool>(4)?, r.get::<_, bool>(5)?, r.get::<_, bool>(6)?],
+                        ))
+                    },
+                )
+                .map_err(db)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(db)?;
+            let mut out = Vec::with_capacity(rows.len());
+            for (position, reference, body, [superseded, rechecking, refunding]) in rows {
+                let sale = parse_sale(&reference, &body)?;
+                let record = if page.with_records {
+                    Some(sale_record(c, &reference)?)
+                } else {
+                    None
+                };
+                out.push(RetentionCandidate {
+                    sale,
+                    position,
+                    superseded,
+                    rechecking,
+                    refunding,
+                    record,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn forget_sales(
+        &self,
+        sales: Vec<(ExternalReference, i64)>,
+    ) -> Result<usize, StoreError> {
+        self.write(move |c| {
+            let mut forgotten = 0;
+            for (reference, updated_at) in &sales {
+                let reference = reference.as_str();
+                let gone = c
+                    .prepare_cached(
+                        "DELETE FROM sales WHERE external_reference = ?1 AND updated_at = ?2
+                         AND NOT EXISTS (SELECT 1 FROM refund_requests q
+                                         WHERE q.external_reference = ?1 AND q.status IS NULL)",
+                    )
+                    .and_then(|mut st| st.execute(params![reference, updated_at]))
+                    .map_err(db)?;
+                if gone == 0 {
+                    continue;
+                }
+                forgotten += 1;
+                for sql in [
+                    // Done notifications about its merchant orders (or
+                    // orders) and payments, which name no sale themselves.
+                    "DELETE FROM inbox WHERE done_at IS NOT NULL AND topic IN ('merchant_order', 'order')
+                       AND id IN (SELECT CAST(id AS TEXT) FROM merchant_orders WHERE external_reference = ?1)",
+                    "DELETE FROM inbox WHERE done_at IS NOT NULL AND topic = 'payment'
+                       AND id IN (SELECT CAST(id AS TEXT) FROM payments WHERE external_reference = ?1)",
+                    "DELETE FROM sale_events WHERE external_reference = ?1",
+                    "DELETE FROM closings WHERE external_reference = ?1",
+                    "DELETE FROM ledger_payments WHERE external_reference = ?1",
+                    "DELETE FROM ledger_refunds WHERE external_reference = ?1",
+                    "DELETE FROM rechecks WHERE external_reference = ?1",
+                    "DELETE FROM refund_requests WHERE external_reference = ?1",
+                    "DELETE FROM payments WHERE external_reference = ?1",
+                    "DELETE FROM merchant_orders WHERE external_reference = ?1",
+                ] {
+                    c.prepare_cached(sql)
+                        .and_then(|mut st| st.execute([reference]))
+                        .map_err(db)?;
+                }
+            }
+            Ok(forgotten)
+        })
+        .await
+    }
+
+    async fn forget_rejections(&self, before: i64, limit: usize) -> Result<usize, StoreError> {
+        self.write(move |c| {
+            // Oldest first by `seq` (the order they were kept), so the
+            // search stops within the first `limit` rows.
+            c.execute(
+                "DELETE FROM device_rejections WHERE seq IN
+                   (SELECT seq FROM device_rejections ORDER BY seq LIMIT ?2) AND at < ?1",
+                params![before, limit as i64],
+            )
+            .map_err(db)
         })
         .await
     }

@@ -429,6 +429,29 @@ impl TestApp {
         .await
     }
 
+    /// A sale accepted, scanned and paid on `device`: its reference, the
+    /// merchant order scanned and the payment.
+    pub async fn paid_sale(
+        &self,
+        device: &Device,
+        sale_id: &str,
+        items: &[Item],
+    ) -> (String, ScannedOrder, u64) {
+        device.publish_sale(sale_id, items, None).await.unwrap();
+        let reference = state_of(device, sale_id, "pending")
+            .await
+            .external_reference
+            .unwrap();
+        let order = self.scan(device.pos_id()).await;
+        let payment = self
+            .mp
+            .pay(order.merchant_order_id, mpsim::PaymentOutcome::Approved)
+            .await
+            .unwrap();
+        state_of(device, sale_id, "paid").await;
+        (reference, order, payment)
+    }
+
     pub async fn stop(mut self) {
         self.stop.cancel();
         if let Some(d) = self.done.take() {

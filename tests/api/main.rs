@@ -3,6 +3,7 @@
 
 mod admin;
 mod attended;
+mod backup;
 mod browser;
 mod checklist;
 mod console_edge;
@@ -22,6 +23,7 @@ mod notifications;
 mod operator_view;
 mod polls;
 mod proxy;
+mod retention;
 mod security;
 #[path = "../common/wait.rs"]
 mod wait;

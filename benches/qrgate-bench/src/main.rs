@@ -87,6 +87,20 @@ impl Qrgate {
         dir: &Path,
         open_ingress: bool,
     ) -> Result<Qrgate> {
+        Qrgate::start_retaining(pos, broker, api_base, dir, open_ingress, None)
+    }
+
+    /// `start_with`; with `retain_days`, ended sales leave the store that
+    /// long after they ended, and paid sales are not searched again (the
+    /// searches would keep them for two hours).
+    fn start_retaining(
+        pos: usize,
+        broker: &BrokerChoice,
+        api_base: &str,
+        dir: &Path,
+        open_ingress: bool,
+        retain_days: Option<f64>,
+    ) -> Result<Qrgate> {
         let http = free_port();
         let admin = free_port();
         let mqtt = match broker {
@@ -113,9 +127,9 @@ client_id = "qrgate-bench"
 {ingress}[orders]
 ttl_secs = 0
 reconcile_after_secs = 600
-[store]
+{rechecks}[store]
 path = "{db}"
-[log]
+{retain}[log]
 format = "json"
 filter = "info"
 [admin]
@@ -123,8 +137,17 @@ filter = "info"
 listen = "127.0.0.1:{admin}"
 "#,
             db = dir.join("qrgate.db").display(),
+            rechecks = if retain_days.is_some() {
+                "recheck_after_secs = []\n"
+            } else {
+                ""
+            },
+            retain = retain_days
+                .map(|d| format!("retain_days = {d}\n"))
+                .unwrap_or_default(),
             ingress = if open_ingress {
-                "embedded_ingress_per_sec = 10000000\nembedded_ingress_burst = 10000000\n"
+                "embedded_ingress_per_sec = 10000000\nembedded_ingress_burst = 10000000\n\
+                 device_rate_per_sec = 10000\ndevice_burst = 100000\n"
             } else {
                 ""
             },
@@ -723,7 +746,22 @@ async fn memory_without_broker(sim: &Simulator, port: u16) -> Result<Value> {
 // ---------------------------------------------------------------------------
 // 5. Sustained mix.
 
-async fn mix(sim: &Simulator, secs: u64, broker: &BrokerChoice, pos_count: usize) -> Result<Value> {
+/// The database's size on disk: the file and its WAL.
+fn store_bytes(dir: &Path) -> u64 {
+    ["qrgate.db", "qrgate.db-wal"]
+        .iter()
+        .filter_map(|f| std::fs::metadata(dir.join(f)).ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+async fn mix(
+    sim: &Simulator,
+    secs: u64,
+    broker: &BrokerChoice,
+    pos_count: usize,
+    retain_days: Option<f64>,
+) -> Result<Value> {
     let tmp = tempfile::tempdir()?;
     // QRGATE_BENCH_KEEP=1 keeps qrgate's log and database for a look after.
     let (_tmp, dir) = if std::env::var("QRGATE_BENCH_KEEP").is_ok() {
@@ -734,7 +772,7 @@ async fn mix(sim: &Simulator, secs: u64, broker: &BrokerChoice, pos_count: usize
         let path = tmp.path().to_path_buf();
         (Some(tmp), path)
     };
-    let q = Qrgate::start(pos_count, broker, &sim.base_url(), &dir)?;
+    let q = Qrgate::start_retaining(pos_count, broker, &sim.base_url(), &dir, true, retain_days)?;
     q.ready().await?;
     let fleet = Fleet::connect(q.mqtt_port, "bench-mix").await?;
     sim.set_notify_mode(NotifyMode::Ipn);
@@ -747,6 +785,19 @@ async fn mix(sim: &Simulator, secs: u64, broker: &BrokerChoice, pos_count: usize
     let paid = Arc::new(std::sync::atomic::AtomicU64::new(0));
     // The failed cycles, to find them in qrgate's log and store.
     let failures: Arc<Mutex<Vec<Value>>> = Arc::new(Mutex::new(Vec::new()));
+    // The store's size, once a window, to see whether it levels off.
+    let sizes = {
+        let dir = dir.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(window);
+            let mut mib = Vec::new();
+            while Instant::now() < end {
+                tick.tick().await;
+                mib.push((store_bytes(&dir) as f64 / 1048576.0 * 10.0).round() / 10.0);
+            }
+            mib
+        })
+    };
     let mut tasks = Vec::new();
     for i in 0..pos_count {
         let (fleet, sim, base) = (fleet.clone(), sim.clone(), q.base.clone());
@@ -831,6 +882,8 @@ async fn mix(sim: &Simulator, secs: u64, broker: &BrokerChoice, pos_count: usize
         let _ = t.await;
     }
     let elapsed = start.elapsed().as_secs_f64();
+    let mut store_mib = sizes.await.unwrap_or_default();
+    store_mib.push((store_bytes(&dir) as f64 / 1048576.0 * 10.0).round() / 10.0);
     let started = started.load(std::sync::atomic::Ordering::Relaxed);
     let paid = paid.load(std::sync::atomic::Ordering::Relaxed);
     let ws = windows.lock().map(|w| w.clone()).unwrap_or_default();
@@ -853,6 +906,8 @@ async fn mix(sim: &Simulator, secs: u64, broker: &BrokerChoice, pos_count: usize
         "failures": failures.lock().map(|f| f.clone()).unwrap_or_default(),
         "notifications_not_delivered": sim.notifications_sent().iter().filter(|n| n.status != Some(200)).count(),
         "sale_to_paid_over_time": over_time,
+        "retain_days": retain_days,
+        "store_mib_over_time": store_mib,
     }))
 }
 
@@ -1164,6 +1219,17 @@ fn print_table(r: &Value) {
             "| sustained mix: MQTT connections of qrgate / of the bench (1 = never dropped) | {} / {} | | |",
             m["qrgate_mqtt_connects"], m["bench_mqtt_connects"]
         );
+        println!(
+            "| sustained mix: store size, MiB, once a window (retain_days {}) | {} | | |",
+            m["retain_days"],
+            m["store_mib_over_time"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|v| v.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
         for w in m["sale_to_paid_over_time"].as_array().into_iter().flatten() {
             println!(
                 "| mix from {} s: sale → paid p50 / p99 ms ({} cycles) | {:.1} / {:.1} | | |",
@@ -1192,7 +1258,7 @@ async fn main() -> Result<()> {
     // 100,000-POS scale. Its numbers mean nothing.
     let smoke = mode == "smoke";
     if !matches!(mode, "all" | "quick" | "smoke") {
-        bail!("usage: qrgate-bench [all|quick|smoke] [--only PART] [--out FILE] [--mix-secs N] [--mix-broker embedded|mosquitto]; PART: polls|servable|notify|scale|devices|mix|flood|console");
+        bail!("usage: qrgate-bench [all|quick|smoke] [--only PART] [--out FILE] [--mix-secs N] [--mix-broker embedded|mosquitto] [--mix-retain-days D]; PART: polls|servable|notify|scale|devices|mix|flood|console");
     }
     let flag = |name: &str| {
         args.iter()
@@ -1211,6 +1277,9 @@ async fn main() -> Result<()> {
         } else {
             600
         });
+    // `--mix-retain-days D`: the mix with `[store] retain_days = D`, to see
+    // the store's size level off.
+    let mix_retain: Option<f64> = flag("--mix-retain-days").and_then(|s| s.parse().ok());
     let sales = if smoke {
         30
     } else if quick {
@@ -1309,13 +1378,20 @@ async fn main() -> Result<()> {
         if flag("--mix-broker").as_deref() == Some("mosquitto") {
             eprintln!("sustained mix ({mix_secs} s, Mosquitto)...");
             let (mut m, port) = start_mosquitto()?;
-            r["mix"] = mix(&sim, mix_secs, &BrokerChoice::External(port), mix_pos).await?;
+            r["mix"] = mix(
+                &sim,
+                mix_secs,
+                &BrokerChoice::External(port),
+                mix_pos,
+                mix_retain,
+            )
+            .await?;
             r["mix"]["broker"] = json!("mosquitto");
             let _ = m.kill();
             let _ = m.wait();
         } else {
             eprintln!("sustained mix ({mix_secs} s)...");
-            r["mix"] = mix(&sim, mix_secs, &BrokerChoice::Embedded, mix_pos).await?;
+            r["mix"] = mix(&sim, mix_secs, &BrokerChoice::Embedded, mix_pos, mix_retain).await?;
             r["mix"]["broker"] = json!("embedded");
         }
     }
