@@ -975,8 +975,8 @@ async fn flood(sim: &Simulator, broker: &BrokerChoice, secs: u64) -> Result<Valu
             let h = Arc::new(Mutex::new(hist()));
             let errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
             let mut loops = Vec::new();
-            for l in 0..4usize {
-                let (fleet, h, errors) = (fleets[l].clone(), Arc::clone(&h), Arc::clone(&errors));
+            for (l, fleet) in fleets.iter().enumerate().take(4) {
+                let (fleet, h, errors) = (fleet.clone(), Arc::clone(&h), Arc::clone(&errors));
                 let tag = if flooding { "f" } else { "q" };
                 loops.push(tokio::spawn(async move {
                     let mut k = 0usize;
