@@ -385,14 +385,19 @@ pub async fn sale(
             text(&p["refunded"]),
         ));
     }
-    let payments = if payments.is_empty() {
-        "<p>No approved payment.</p>".to_owned()
-    } else {
-        format!(
-            "<table id=\"payments\"><thead><tr><th>payment</th><th>merchant order</th><th>amount</th>\
-             <th>kept</th><th>owed back</th><th>refunded</th></tr></thead><tbody>{payments}</tbody></table>"
-        )
-    };
+    let payments = table_or(
+        "payments",
+        &[
+            "payment",
+            "merchant order",
+            "amount",
+            "kept",
+            "owed back",
+            "refunded",
+        ],
+        &payments,
+        "<p>No approved payment.</p>",
+    );
     // What is owed goes back first, whole; what the sale kept, by amount.
     let owed = if detail["owed"].is_string() {
         format!(
@@ -451,6 +456,19 @@ pub async fn sale(
     )
 }
 
+/// A table of `rows` (rendered `<tr>`s) under `heads`, or `empty` when
+/// there are none.
+fn table_or(id: &str, heads: &[&str], rows: &str, empty: &str) -> String {
+    if rows.is_empty() {
+        return empty.to_owned();
+    }
+    let heads: String = heads
+        .iter()
+        .map(|h| format!("<th>{}</th>", esc(h)))
+        .collect();
+    format!("<table id=\"{id}\"><thead><tr>{heads}</tr></thead><tbody>{rows}</tbody></table>")
+}
+
 /// An id as the page shows it: a number or a text, never JSON quotes.
 fn id_text(v: &serde_json::Value) -> String {
     match v {
@@ -495,14 +513,12 @@ pub async fn pos(
             text(&r["message"]),
         ));
     }
-    let rejections = if rejections.is_empty() {
-        "<p id=\"no-rejections\">No device message was refused.</p>".to_owned()
-    } else {
-        format!(
-            "<table id=\"rejections\"><thead><tr><th>when</th><th>code</th><th>sale id</th><th>why</th></tr></thead>\
-             <tbody>{rejections}</tbody></table>"
-        )
-    };
+    let rejections = table_or(
+        "rejections",
+        &["when", "code", "sale id", "why"],
+        &rejections,
+        "<p id=\"no-rejections\">No device message was refused.</p>",
+    );
     let mut sales = String::new();
     for s in detail["sales"].as_array().into_iter().flatten() {
         let state = s["attention"]
