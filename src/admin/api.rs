@@ -345,35 +345,43 @@ pub async fn sale_detail(
             "event": event,
             "detail": serde_json::from_str::<Value>(detail).unwrap_or(Value::Null),
         })).collect::<Vec<_>>(),
-        "merchant_orders": seen.iter().map(|mo| json!({
-            "id": mo.id,
-            "status": mo.status,
-            "seen_at": mo.seen_at,
-            "local": local(mo.seen_at),
-            "payments": mo.payments.iter().map(|p| json!({
-                "id": p.id, "status": p.status, "amount": p.amount, "currency": p.currency,
-                "status_detail": status_detail(&mo.body, &p.id),
-            })).collect::<Vec<_>>(),
-        })).collect::<Vec<_>>(),
+        "merchant_orders": seen.iter().map(|mo| {
+            let details = status_details(&mo.body);
+            json!({
+                "id": mo.id,
+                "status": mo.status,
+                "seen_at": mo.seen_at,
+                "local": local(mo.seen_at),
+                "payments": mo.payments.iter().map(|p| json!({
+                    "id": p.id, "status": p.status, "amount": p.amount, "currency": p.currency,
+                    "status_detail": details.get(&p.id.to_string()),
+                })).collect::<Vec<_>>(),
+            })
+        }).collect::<Vec<_>>(),
     })))
 }
 
-/// A payment's `status_detail` (why Mercado Pago rejected it, say
-/// `cc_rejected_insufficient_amount`), read from the merchant order's body as
-/// fetched: the stored payment rows keep only what settles the sale.
-fn status_detail(body: &str, id: &orders::MpId) -> Option<String> {
-    let mo: Value = serde_json::from_str(body).ok()?;
-    let want = id.to_string();
-    mo["payments"].as_array()?.iter().find_map(|p| {
-        let pid = match &p["id"] {
-            Value::Number(n) => n.to_string(),
-            Value::String(s) => s.clone(),
-            _ => return None,
-        };
-        (pid == want)
-            .then(|| p["status_detail"].as_str().map(str::to_owned))
-            .flatten()
-    })
+/// Each payment's `status_detail` by payment id (why Mercado Pago rejected
+/// it, say `cc_rejected_insufficient_amount`), read once from the merchant
+/// order's body as fetched: the stored payment rows keep only what settles
+/// the sale.
+fn status_details(body: &str) -> std::collections::HashMap<String, String> {
+    let Ok(mo) = serde_json::from_str::<Value>(body) else {
+        return Default::default();
+    };
+    mo["payments"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| {
+            let id = match &p["id"] {
+                Value::Number(n) => n.to_string(),
+                Value::String(s) => s.clone(),
+                _ => return None,
+            };
+            Some((id, p["status_detail"].as_str()?.to_owned()))
+        })
+        .collect()
 }
 
 /// A POS, its device, its current sale, its stored device rejections
