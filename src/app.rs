@@ -98,7 +98,7 @@ impl App {
             config.http.public_url = format!("http://{http_addr}");
         }
 
-        let (endpoint, mqtt_addr, mqtt_tls_addr) = match &config.mqtt.broker {
+        let (endpoint, mqtt_addr, mqtt_tls_addr, door) = match &config.mqtt.broker {
             Broker::Embedded => {
                 let m = &config.mqtt;
                 // qrgate's own login, new at every start, known only here.
@@ -151,7 +151,7 @@ impl App {
                     login,
                     tls_ca: None,
                 };
-                (endpoint, at.addr, at.tls_addr)
+                (endpoint, at.addr, at.tls_addr, Some(at.door))
             }
             Broker::External { host, port, tls } => {
                 let addr = tokio::net::lookup_host((host.as_str(), *port))
@@ -178,7 +178,7 @@ impl App {
                     login,
                     tls_ca,
                 };
-                (endpoint, addr, None)
+                (endpoint, addr, None, None)
             }
         };
 
@@ -223,6 +223,20 @@ impl App {
             shutdown.clone(),
             &tracker,
         );
+        if let Some(door) = door {
+            // The embedded broker keeps no session across restarts: a device
+            // let in before qrgate subscribed could sell to no one.
+            let (link, shutdown) = (Arc::clone(&link), shutdown.clone());
+            tracker.spawn(async move {
+                tokio::select! {
+                    _ = link.until_ready() => {
+                        door.open();
+                        tracing::info!("the embedded broker takes device connections");
+                    }
+                    _ = shutdown.cancelled() => {}
+                }
+            });
+        }
         let client = MpClient::new(&config.mercadopago)?.with_metrics(Arc::clone(book.metrics()));
         // The inbox retries with its own backoff, across restarts: one
         // attempt per fetch.

@@ -4,6 +4,8 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use tokio::sync::Notify;
+
 /// Whether qrgate is connected to the broker and subscribed to the device
 /// topics.
 #[derive(Debug, Default)]
@@ -12,10 +14,32 @@ pub struct LinkState {
     pub subscribed: AtomicBool,
     /// CONNACKs received: more than one means the connection was lost.
     pub connections: AtomicU64,
+    /// Woken each time qrgate has subscribed.
+    pub subscribed_now: Notify,
 }
 
 impl LinkState {
     pub fn ready(&self) -> bool {
         self.connected.load(Ordering::Acquire) && self.subscribed.load(Ordering::Acquire)
+    }
+
+    /// Records a subscription acknowledged by the broker.
+    pub fn set_subscribed(&self) {
+        self.subscribed.store(true, Ordering::Release);
+        self.subscribed_now.notify_waiters();
+    }
+
+    /// Returns once qrgate is connected and subscribed.
+    pub async fn until_ready(&self) {
+        loop {
+            let woken = self.subscribed_now.notified();
+            tokio::pin!(woken);
+            // Registered before the check, so a subscription in between wakes it.
+            woken.as_mut().enable();
+            if self.ready() {
+                return;
+            }
+            woken.await;
+        }
     }
 }

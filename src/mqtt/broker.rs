@@ -55,13 +55,16 @@ pub struct Tls {
 }
 
 /// Where the started broker listens.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Listening {
     /// Where devices connect.
     pub addr: SocketAddr,
     pub tls_addr: Option<SocketAddr>,
     /// rumqttd itself, on loopback: qrgate's own client, never a device.
     pub internal: SocketAddr,
+    /// Held by [`start_with`] until its caller opens it (once qrgate's own
+    /// client has subscribed); open from the start with [`start`].
+    pub door: Arc<ingress::Door>,
 }
 
 /// Takes a port (0 picks one) and releases it for rumqttd, which binds
@@ -171,7 +174,8 @@ fn bind(listen: SocketAddr) -> Result<TcpListener, BrokerError> {
     })
 }
 
-/// [`start_with`] with the default allowance per login.
+/// [`start_with`] with the default allowance per login and the door open:
+/// a broker for clients that are not qrgate's (tests, benchmarks).
 pub fn start(
     listen: SocketAddr,
     max_payload_bytes: usize,
@@ -187,12 +191,13 @@ pub fn start(
         own,
         Allowance::default(),
     )
+    .inspect(|l| l.door.open())
 }
 
 /// Starts rumqttd and the devices' listeners on `listen` (and `tls`), each
 /// login's packets let through at `allowance` (`ingress`), and waits until it
 /// accepts connections. Port 0 picks a free port; the addresses used are
-/// returned.
+/// returned. Devices are held at the door until the caller opens it.
 pub fn start_with(
     listen: SocketAddr,
     max_payload_bytes: usize,
@@ -270,10 +275,12 @@ pub fn start_with(
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut untuned = true;
     let mut spoke_at: Option<Instant> = None;
+    let door = Arc::new(ingress::Door::default());
     let listening = Listening {
         addr,
         tls_addr,
         internal,
+        door: Arc::clone(&door),
     };
     let devices = |tls_listener: Option<TcpListener>| {
         // A TLS listener whose certificate cannot be used is reported and
@@ -292,6 +299,7 @@ pub fn start_with(
         ingress::start(
             ingress::Listeners { plain, tls },
             internal,
+            Arc::clone(&door),
             allowance,
             logins_checked,
             max_packet_size(max_payload_bytes),

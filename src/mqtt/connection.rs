@@ -235,7 +235,7 @@ pub fn spawn(
                     });
                 }
                 Ok(Event::Incoming(Packet::SubAck(_))) => {
-                    state.subscribed.store(true, Ordering::Release);
+                    state.set_subscribed();
                     tracing::info!("subscribed to device topics");
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {

@@ -39,6 +39,11 @@
 //!   the loopback port, which qrgate's own client uses directly (`direct`).
 //! - **Leaving.** A device's DISCONNECT is the last thing passed on, and the
 //!   broker, not the relay, ends the connection (`Left::Disconnected`).
+//! - **Held until qrgate listens.** At start-up the door takes no device
+//!   connection until qrgate's own client has subscribed ([`Door`]): the
+//!   embedded broker keeps no session across restarts, so a sale a device
+//!   published in between would reach no one and never be answered. Devices
+//!   wait in the listen backlog meanwhile (milliseconds).
 //! - **Refusals** (not MQTT, no CONNECT in time, a failed TLS handshake) are
 //!   logged at WARN with the peer's address: the first of each kind in a
 //!   minute, then a count ([`Warnings`]).
@@ -46,13 +51,14 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use rumqttc::tokio_rustls::TlsAcceptor;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 
 pub use crate::config::Allowance;
 
@@ -365,9 +371,50 @@ pub fn connect_username(body: &[u8]) -> Option<String> {
 trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Stream for T {}
 
+/// Whether the door takes device connections yet: held at start-up until
+/// whoever started the broker opens it, once and for good.
+#[derive(Debug, Default)]
+pub struct Door {
+    open: AtomicBool,
+    opened: Notify,
+}
+
+impl Door {
+    /// A door that takes connections from the start.
+    pub fn open_now() -> Arc<Door> {
+        let door = Arc::new(Door::default());
+        door.open();
+        door
+    }
+
+    pub fn open(&self) {
+        self.open.store(true, Ordering::Release);
+        self.opened.notify_waiters();
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// Returns once the door is open.
+    pub async fn opened(&self) {
+        loop {
+            let notified = self.opened.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so an `open` in between is seen.
+            notified.as_mut().enable();
+            if self.is_open() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
 /// The relay's shared state.
 struct Ingress {
     broker: SocketAddr,
+    door: Arc<Door>,
     logins: Arc<Logins>,
     /// Whether the broker checks logins: only then is a username someone's.
     logins_checked: bool,
@@ -434,6 +481,7 @@ pub fn direct(host: &str, port: u16) -> Option<SocketAddr> {
 pub fn start(
     listeners: Listeners,
     broker: SocketAddr,
+    door: Arc<Door>,
     allowance: Allowance,
     logins_checked: bool,
     max_connect: usize,
@@ -452,6 +500,7 @@ pub fn start(
     }
     let ingress = Arc::new(Ingress {
         broker,
+        door,
         logins: Arc::new(Logins::new(allowance)),
         logins_checked,
         max_connect,
@@ -493,6 +542,7 @@ pub fn start(
 }
 
 async fn accept(ingress: Arc<Ingress>, listener: TcpListener, tls: Option<TlsAcceptor>) {
+    ingress.door.opened().await;
     let mut full_logged = false;
     loop {
         let (socket, peer) = match listener.accept().await {
@@ -1113,6 +1163,7 @@ mod tests {
         start(
             listeners,
             broker,
+            Door::open_now(),
             Allowance::default(),
             false,
             64 * 1024,
@@ -1165,6 +1216,41 @@ mod tests {
             .await
             .expect("the door closes the connection");
         got
+    }
+
+    /// At start-up the door is held until qrgate has subscribed: a device
+    /// that connects meanwhile waits in the backlog, its CONNECT unread,
+    /// and goes on to the broker once the door opens.
+    #[tokio::test]
+    async fn a_held_door_lets_a_waiting_device_in_once_it_opens() {
+        let broker = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let plain = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = plain.local_addr().unwrap();
+        let held = Arc::new(Door::default());
+        start(
+            Listeners { plain, tls: None },
+            broker.local_addr().unwrap(),
+            Arc::clone(&held),
+            Allowance::default(),
+            false,
+            64 * 1024,
+            CONNECT_TIMEOUT,
+        )
+        .unwrap();
+        let mut device = TcpStream::connect(addr).await.unwrap();
+        let connect = packet(0x10, &connect_body(4, None, false));
+        device.write_all(&connect).await.unwrap();
+        let early = futures_util::FutureExt::now_or_never(broker.accept());
+        assert!(early.is_none(), "nothing reaches the broker while held");
+        assert!(!held.is_open());
+
+        held.open();
+        let (mut at_broker, _) = broker.accept().await.unwrap();
+        let mut got = vec![0; connect.len()];
+        at_broker.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, connect);
+        // Opening is for good: opened() no longer waits.
+        held.opened().await;
     }
 
     /// rumqttd forgets a connection on its DISCONNECT and reuses its number;

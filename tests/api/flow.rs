@@ -231,6 +231,8 @@ async fn sales_survive_a_restart_and_polls_answer_the_same_body() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_app_runs_its_own_embedded_broker() {
     let app = BareApp::start(|_| {}).await;
+    // Not waited ready: a device that connects while qrgate starts is held at
+    // the door until qrgate has subscribed, so its first sale is heard.
     let (mp, base, port) = (&app.mp, &app.base, app.mqtt_port);
 
     let vending = qrgate_devices::Device::connect(
