@@ -213,6 +213,9 @@ impl Schedule {
 const NOT_FOUND_SLOW_AFTER: i64 = 5 * 60_000;
 const NOT_FOUND_EVERY: Duration = Duration::from_secs(600);
 
+/// Ended fetches written together at most (one batch of the store's).
+const DONE_BATCH: usize = 256;
+
 /// Writes what a fetch came to, and says what comes next for the entry.
 async fn after_fetch(
     store: &Arc<dyn Store>,
@@ -332,10 +335,29 @@ pub async fn spawn(
                     schedule.woken(e);
                 }
                 d = done_rx.recv() => {
-                    let Some((e, fetched)) = d else { break };
+                    let Some(first) = d else { break };
+                    // Every fetch that ended meanwhile is written at once:
+                    // the store commits them in one batch, where one commit
+                    // each let the inbox fall behind a busy station.
+                    let mut ended = vec![first];
+                    while ended.len() < DONE_BATCH {
+                        match done_rx.try_recv() {
+                            Ok(d) => ended.push(d),
+                            Err(_) => break,
+                        }
+                    }
                     let now = clock.now_millis();
-                    let next = after_fetch(&store, &book, settings, &e, fetched, now).await;
-                    schedule.finished(&e, next, now);
+                    let (entries, fetched): (Vec<_>, Vec<_>) = ended.into_iter().unzip();
+                    let nexts = futures_util::future::join_all(
+                        entries
+                            .iter()
+                            .zip(fetched)
+                            .map(|(e, f)| after_fetch(&store, &book, settings, e, f, now)),
+                    )
+                    .await;
+                    for (e, next) in entries.iter().zip(nexts) {
+                        schedule.finished(e, next, now);
+                    }
                 }
                 _ = clock.sleep_until(next.unwrap_or(i64::MAX)), if next.is_some() => {}
             }

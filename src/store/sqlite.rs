@@ -359,6 +359,11 @@ impl SqliteStore {
         // thread of their own does them (see `checkpoints`).
         conn.pragma_update(None, "wal_autocheckpoint", 0)
             .map_err(db)?;
+        // SQLite reuses the WAL rather than shrinking it, so one burst would
+        // hold its size on disk for good; past this, the writer truncates it
+        // when it starts the log over after a checkpoint.
+        conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)
+            .map_err(db)?;
         let checkpointer = Connection::open(path).map_err(db)?;
         checkpointer
             .busy_timeout(std::time::Duration::from_secs(5))
@@ -462,6 +467,10 @@ thread_local! {
 /// WAL stays bounded however busy the store is. Most frames are already
 /// copied by then, so it is short.
 const WRITER_CHECKPOINT_EVERY: usize = 2000;
+
+/// The WAL's size on disk after a checkpoint let the writer start it over
+/// (`journal_size_limit`).
+const WAL_SIZE_LIMIT: i64 = 16 * 1024 * 1024;
 
 fn writer(
     conn: Connection,
@@ -2133,6 +2142,50 @@ mod tests {
             .collect();
         latest.sort();
         assert_eq!(latest, [("pump-1".to_owned(), 5), ("pump-2".to_owned(), 4)]);
+    }
+
+    /// A reader holding a snapshot (a backup, an operator's sqlite3) keeps
+    /// checkpoints from passing it, so the WAL grows behind it; once it has
+    /// gone and the checkpoints caught up, the WAL goes back to its limit on
+    /// disk rather than keeping its largest size for good.
+    #[tokio::test]
+    async fn the_wal_shrinks_back_to_its_limit_once_a_reader_that_held_it_goes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.db");
+        let wal = dir.path().join("q.db-wal");
+        let store = SqliteStore::open(&path, false).unwrap();
+        let wal_size = || std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+        let limit = WAL_SIZE_LIMIT as u64;
+        let reader = Connection::open(&path).unwrap();
+        reader.execute_batch("BEGIN").unwrap();
+        let _: i64 = reader
+            .query_row("SELECT count(*) FROM sales", [], |r| r.get(0))
+            .unwrap();
+        let mut n = 0;
+        let write = async |n: usize| {
+            let s = sale("pump-1", &format!("pump-1-{n}"), SaleState::Pending);
+            store.record(&s, &SaleEvent::Accepted).await.unwrap();
+        };
+        while wal_size() <= 2 * limit {
+            write(n).await;
+            n += 1;
+        }
+        let grown = wal_size();
+        reader.execute_batch("COMMIT").unwrap();
+        drop(reader);
+        // Each write is an event the checkpoints follow; without the limit
+        // the WAL would keep its size through all of them.
+        let bound = n + 2 * WRITER_CHECKPOINT_EVERY;
+        while wal_size() > limit {
+            assert!(
+                n < bound,
+                "the WAL is still {} bytes after {} writes since the reader left (grown to {grown})",
+                wal_size(),
+                bound - 2 * WRITER_CHECKPOINT_EVERY
+            );
+            write(n).await;
+            n += 1;
+        }
     }
 
     #[tokio::test]
