@@ -1,0 +1,140 @@
+//! Two books on one store, as two qrgate instances will be: a change is
+//! decided on the POS's version each book last saw, and the store refuses
+//! one decided on a state that moved on since. The book then reads the POS
+//! again and decides again, so a stale instance never acts on what it
+//! believed.
+
+use qrgate::book::{Book, Tell, Verdict};
+use qrgate::mqtt::inbound::parse;
+use qrgate::mqtt::topics::DeviceTopic;
+use qrgate::orders::merchant_order::{
+    MerchantOrderFacts, MerchantOrderStatus, PaymentFacts, PaymentStatus,
+};
+use qrgate::orders::{MpId, Outcome, PosConfig, PosId, PosKind, SaleState};
+use qrgate::store::{SqliteStore, Store};
+use rust_decimal::Decimal;
+use tokio::sync::mpsc;
+
+use crate::helpers::{bare_book, pos};
+
+struct Instance {
+    book: Book,
+    told: mpsc::UnboundedReceiver<Tell>,
+}
+
+async fn instance(path: &std::path::Path, cfg: PosConfig) -> Instance {
+    let (book, told) = bare_book(path, vec![cfg]).await;
+    Instance { book, told }
+}
+
+fn sale(sale_id: &str, price: &str) -> qrgate::orders::Command {
+    let body = format!(
+        r#"{{"sale_id":"{sale_id}","items":[{{"title":"Super 95","quantity":"1","unit_price":"{price}"}}]}}"#
+    );
+    parse(DeviceTopic::Sale, "pump-1", body.as_bytes(), 16 * 1024).unwrap()
+}
+
+fn told_states(i: &mut Instance) -> Vec<(String, SaleState)> {
+    let mut out = Vec::new();
+    while let Ok(t) = i.told.try_recv() {
+        if let Tell::State(s) = t {
+            out.push((s.sale_id.as_str().to_owned(), s.state));
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sale_decided_on_a_stale_view_is_decided_again_and_refused_busy() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.db");
+    let id = PosId::parse("pump-1").unwrap();
+    let mut a = instance(&path, pos("pump-1", PosKind::Fuel)).await;
+    let mut b = instance(&path, pos("pump-1", PosKind::Fuel)).await;
+
+    let first = a.book.execute(&id, sale("1", "100.00")).await.unwrap();
+    assert!(matches!(first, Outcome::Changed { .. }), "{first:?}");
+    assert_eq!(told_states(&mut a), [("1".to_owned(), SaleState::Pending)]);
+
+    // B still shows the POS idle: its sale would be accepted there, but the
+    // store holds A's pending sale, so B decides again on it.
+    assert!(b.book.view(&id).unwrap().state.current.is_none());
+    let second = b.book.execute(&id, sale("2", "250.00")).await.unwrap();
+    match &second {
+        Outcome::Rejected { why, .. } => assert_eq!(why.code(), "busy", "{second:?}"),
+        other => panic!("B accepted a second sale on a busy POS: {other:?}"),
+    }
+    let seen = b.book.view(&id).unwrap();
+    let current = seen.state.current.as_ref().expect("B read A's sale");
+    assert_eq!(current.sale_id.as_str(), "1");
+    assert_eq!(seen.version, 1);
+    assert_eq!(seen.answer.status, 200, "B's polls now serve A's sale");
+    // Nothing of sale 2 was stored, and B told the device no state of it.
+    let store = SqliteStore::open(&path, false).unwrap();
+    let head = store.pos_head("pump-1").await.unwrap();
+    assert_eq!(head.version, 1);
+    assert_eq!(head.latest.unwrap().sale_id.as_str(), "1");
+    assert!(told_states(&mut b).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payment_of_a_sale_cancelled_elsewhere_settled_on_a_stale_view_is_owed_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.db");
+    let id = PosId::parse("pump-1").unwrap();
+    let mut a = instance(&path, pos("pump-1", PosKind::Fuel)).await;
+    a.book.execute(&id, sale("1", "100.00")).await.unwrap();
+    let reference = a
+        .book
+        .view(&id)
+        .unwrap()
+        .state
+        .current
+        .as_ref()
+        .unwrap()
+        .external_reference
+        .clone();
+    // B starts after the sale and cancels it; A's view still has it pending.
+    let b = instance(&path, pos("pump-1", PosKind::Fuel)).await;
+    let cancel = parse(DeviceTopic::Cancel, "pump-1", br#"{"sale_id":"1"}"#, 1024).unwrap();
+    let cancelled = b.book.execute(&id, cancel).await.unwrap();
+    assert!(
+        matches!(cancelled, Outcome::Changed { .. }),
+        "{cancelled:?}"
+    );
+    told_states(&mut a);
+
+    let paid_in_full = MerchantOrderFacts {
+        id: MpId::Num(7001),
+        status: MerchantOrderStatus::Closed,
+        external_reference: Some(reference.as_str().to_owned()),
+        collector_id: Some(1),
+        payments: vec![PaymentFacts {
+            id: MpId::Num(9001),
+            status: PaymentStatus::Approved,
+            amount: Decimal::new(10000, 2),
+            currency: Some("ARS".into()),
+            approved_at: Some(1),
+        }],
+    };
+    let verdict = a.book.settle(&paid_in_full, None, "closed").await.unwrap();
+    assert!(
+        matches!(verdict, Verdict::RefundDue { .. }),
+        "a payment of a sale cancelled on another instance must be owed back, not pay it: {verdict:?}"
+    );
+    assert!(
+        !told_states(&mut a)
+            .iter()
+            .any(|(_, s)| *s == SaleState::Paid),
+        "A told the device `paid` for a cancelled sale"
+    );
+    let stored = SqliteStore::open(&path, false)
+        .unwrap()
+        .sale(&reference)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.state, SaleState::Cancelled);
+    assert!(!stored.ledger.owed().is_zero(), "the payment is owed back");
+    assert_eq!(a.book.view(&id).unwrap().version, 3);
+}
