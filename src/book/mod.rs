@@ -653,7 +653,10 @@ impl Book {
         let _guard = lock.lock().await;
         let mut attempts = 0;
         loop {
-            match self.execute_locked(cfg, pos, cmd.clone()).await {
+            match self
+                .execute_locked(cfg, pos, cmd.clone(), attempts > 0)
+                .await
+            {
                 Err(BookError::Store(stale @ StoreError::Stale { .. }))
                     if attempts < STALE_RETRIES =>
                 {
@@ -665,12 +668,15 @@ impl Book {
         }
     }
 
-    /// [`Book::execute`] with the POS's lock held: one decision.
+    /// [`Book::execute`] with the POS's lock held: one decision. `again`:
+    /// a decision made again after a stale one, on a change stored
+    /// elsewhere, whose device was told by whoever stored it.
     async fn execute_locked(
         &self,
         cfg: &PosConfig,
         pos: &PosId,
         cmd: Command,
+        again: bool,
     ) -> Result<Outcome, BookError> {
         let current = self
             .view(pos)
@@ -726,6 +732,9 @@ impl Book {
                 self.commit(cfg, current.state.presence, sale.clone(), publish, version);
                 self.follow_up(cfg, sale, event);
             }
+            // The same message, applied by another instance in between:
+            // the device heard its state from there.
+            Outcome::Republish if again => {}
             Outcome::Republish => {
                 if let Some(s) = current
                     .state

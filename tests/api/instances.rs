@@ -138,3 +138,38 @@ async fn a_payment_of_a_sale_cancelled_elsewhere_settled_on_a_stale_view_is_owed
     assert!(!stored.ledger.owed().is_zero(), "the payment is owed back");
     assert_eq!(a.book.view(&id).unwrap().version, 3);
 }
+
+/// Every instance hears every device message: the second to apply it
+/// finds it applied and tells the device nothing again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_device_message_applied_by_two_books_is_stored_once_and_told_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.db");
+    let id = PosId::parse("pump-1").unwrap();
+    let mut a = instance(&path, pos("pump-1", PosKind::Fuel)).await;
+    let mut b = instance(&path, pos("pump-1", PosKind::Fuel)).await;
+    a.book.execute(&id, sale("1", "100.00")).await.unwrap();
+    let again = b.book.execute(&id, sale("1", "100.00")).await.unwrap();
+    assert_eq!(again, Outcome::Republish);
+    let cancel = || parse(DeviceTopic::Cancel, "pump-1", br#"{"sale_id":"1"}"#, 1024).unwrap();
+    a.book.execute(&id, cancel()).await.unwrap();
+    assert_eq!(
+        b.book.execute(&id, cancel()).await.unwrap(),
+        Outcome::Republish
+    );
+
+    assert_eq!(
+        told_states(&mut a),
+        [
+            ("1".to_owned(), SaleState::Pending),
+            ("1".to_owned(), SaleState::Cancelled)
+        ]
+    );
+    assert!(told_states(&mut b).is_empty(), "B told the device again");
+    let head = SqliteStore::open(&path, false)
+        .unwrap()
+        .pos_head("pump-1")
+        .await
+        .unwrap();
+    assert_eq!(head.version, 2, "one change each: accepted, cancelled");
+}
