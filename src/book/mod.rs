@@ -124,6 +124,9 @@ pub struct Book {
     /// Which device refusals are kept one by one (`book::rejections`).
     refusals: Tally,
     clock: Clock,
+    /// POS whose change stored elsewhere was heard of and not read yet: the
+    /// version heard. Polls of them read the store first.
+    behind: DashMap<PosId, u64>,
 }
 
 /// What the book needs from the configuration besides the POS.
@@ -201,6 +204,7 @@ impl Book {
             // MQTT side sets the configured one.
             refusals: Tally::new(20),
             clock,
+            behind: DashMap::new(),
         })
     }
 
@@ -320,6 +324,71 @@ impl Book {
             }
         }
         view.answer.clone()
+    }
+
+    /// The version of a change to the POS stored elsewhere that was heard
+    /// of and not read yet ([`Book::follow`]).
+    pub fn behind(&self, id: &str) -> Option<u64> {
+        let id = PosId::parse(id).ok()?;
+        self.behind.get(&id).map(|v| *v)
+    }
+
+    /// Follows a change another instance stored: version `version` of POS
+    /// `pos`. The view is read again from the store (under the POS's lock)
+    /// unless it is there already; the device was told by whoever stored
+    /// it. Until then the POS is behind, and polls of it wait for this.
+    pub async fn follow(&self, pos: &str, version: u64) -> Result<(), BookError> {
+        let Ok(id) = PosId::parse(pos) else {
+            return Ok(());
+        };
+        let (Some(cfg), Some(lock)) = (self.pos.get(&id), self.locks.get(&id)) else {
+            return Ok(());
+        };
+        if self.view(&id).is_some_and(|v| v.version >= version) {
+            return Ok(());
+        }
+        self.behind
+            .entry(id.clone())
+            .and_modify(|v| *v = (*v).max(version))
+            .or_insert(version);
+        let _guard = lock.lock().await;
+        if self.view(&id).is_none_or(|v| v.version < version) {
+            let head = self.store.pos_head(pos).await?;
+            let presence = self
+                .view(&id)
+                .map_or(orders::Presence::Unknown, |v| v.state.presence);
+            let state = PosState {
+                presence,
+                current: head.latest,
+            };
+            tracing::debug!(
+                pos,
+                version = head.version,
+                "followed a change stored elsewhere"
+            );
+            self.views.insert(
+                id.clone(),
+                Arc::new(view(cfg, state, &self.account, head.version)),
+            );
+        }
+        let now = self.view(&id).map_or(0, |v| v.version);
+        self.behind.remove_if(&id, |_, heard| *heard <= now);
+        Ok(())
+    }
+
+    /// Follows every POS whose stored version is past its view's: after the
+    /// feed of changes was lost for a while (a reconnection), when what
+    /// changed meanwhile is not known. The number of POS read again.
+    pub async fn catch_up(&self) -> Result<usize, BookError> {
+        let mut read = 0;
+        for (pos, version) in self.store.pos_versions().await? {
+            let Ok(id) = PosId::parse(&pos) else { continue };
+            if self.view(&id).is_some_and(|v| v.version < version) {
+                self.follow(&pos, version).await?;
+                read += 1;
+            }
+        }
+        Ok(read)
     }
 
     /// Every POS's retained state, to republish after a (re)connection: the

@@ -173,3 +173,51 @@ async fn the_same_device_message_applied_by_two_books_is_stored_once_and_told_on
         .unwrap();
     assert_eq!(head.version, 2, "one change each: accepted, cancelled");
 }
+
+/// A book hears of a change stored elsewhere (PostgreSQL's notifications,
+/// when instances share it) and follows it: its polls serve the sale the
+/// other book accepted, and after a gap in what it heard, catching up reads
+/// every POS that moved on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_book_follows_changes_stored_elsewhere_and_catches_up_after_a_gap() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.db");
+    let (one, two) = (
+        PosId::parse("pump-1").unwrap(),
+        PosId::parse("pump-2").unwrap(),
+    );
+    let both = || vec![pos("pump-1", PosKind::Fuel), pos("pump-2", PosKind::Fuel)];
+    let (a, _) = bare_book(&path, both()).await;
+    let (b, mut b_told) = bare_book(&path, both()).await;
+
+    a.execute(&one, sale("1", "100.00")).await.unwrap();
+    assert_eq!(b.poll("pump-1").status, 400, "not heard of yet");
+    b.follow("pump-1", 1).await.unwrap();
+    assert_eq!(b.poll("pump-1").status, 200);
+    assert_eq!(
+        b.poll("pump-1").body,
+        a.poll("pump-1").body,
+        "the same bytes"
+    );
+    assert_eq!(b.behind("pump-1"), None);
+    assert!(
+        b_told.try_recv().is_err(),
+        "following tells the device nothing"
+    );
+
+    // Changes B never heard of: caught up from the store's versions.
+    let cancel = parse(DeviceTopic::Cancel, "pump-1", br#"{"sale_id":"1"}"#, 1024).unwrap();
+    a.execute(&one, cancel).await.unwrap();
+    let on_two = parse(
+        DeviceTopic::Sale,
+        "pump-2",
+        br#"{"sale_id":"7","items":[{"title":"Diesel","quantity":"2","unit_price":"50.00"}]}"#,
+        16 * 1024,
+    )
+    .unwrap();
+    a.execute(&two, on_two).await.unwrap();
+    assert_eq!(b.catch_up().await.unwrap(), 2);
+    assert_eq!(b.poll("pump-1").status, 400);
+    assert_eq!(b.poll("pump-2").body, a.poll("pump-2").body);
+    assert_eq!(b.catch_up().await.unwrap(), 0, "nothing left to read");
+}
