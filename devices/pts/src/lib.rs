@@ -1,0 +1,6 @@
+//! A bridge from Technotrade's PTS-2 forecourt controller to qrgate, and a
+//! PTS-2 simulator to test it against.
+//!
+//! - [`jsonpts`]: the protocol's wire types, its error table; no I/O.
+
+pub mod jsonpts;
