@@ -380,6 +380,25 @@ impl PumpMachine {
         out
     }
 
+    /// An action the bridge could not carry out (the broker did not take
+    /// the message): what can be said again is, at the next status.
+    pub fn unsent(&mut self, action: &Action) {
+        if let Action::Presence(_) = action {
+            self.presence = None;
+        }
+        let Some(s) = self.sale.as_mut() else { return };
+        match action {
+            Action::Progress { sale_id } | Action::Sale(Sale { sale_id, .. })
+                if *sale_id == s.sale_id && matches!(s.qr, Qr::Unknown | Qr::InProcess) =>
+            {
+                s.told = Told::Nothing;
+            }
+            Action::Cancel { sale_id } if *sale_id == s.sale_id => s.qr = Qr::Unknown,
+            // `delivered` is said again when qrgate repeats `paid`.
+            _ => {}
+        }
+    }
+
     /// The outcome of an [`Action::Lock`].
     pub fn locked(&mut self, ok: bool) {
         if let Some(s) = self.sale.as_mut() {

@@ -10,13 +10,17 @@
 //! - [`jsonpts`]: the protocol's wire types, its error table; no I/O.
 //! - [`decide`]: what the bridge does for one pump, as a function of what the
 //!   controller says and what qrgate says; no I/O.
+//! - [`config`]: the bridge's TOML configuration, checked whole.
 //! - [`auth`]: HTTP basic and digest authentication, both sides.
 //! - [`controller`]: one jsonPTS call to the controller, over HTTP(S) with a
 //!   pinned certificate or over the controller's own WebSocket (remote mode).
+//! - [`bridge`]: the loop that polls, decides, publishes and closes.
 //! - [`sim`]: the PTS-2 simulator (HTTP(S), auth, pumps, the error table,
 //!   remote mode) for tests and the demo.
 
 pub mod auth;
+pub mod bridge;
+pub mod config;
 pub mod controller;
 pub mod decide;
 pub mod jsonpts;
