@@ -416,6 +416,15 @@ pos_id = "pump-2"
     }
 
     #[test]
+    fn the_example_configuration_reads() {
+        let text = include_str!("../qrgate-pts.example.toml");
+        let c = parse(text, |_| Some("x".into())).unwrap();
+        assert_eq!(c.pumps.len(), 2);
+        assert_eq!(c.payment_form, Some(4));
+        assert_eq!(c.pumps[1].nozzles, ["Super 95", "Diesel"]);
+    }
+
+    #[test]
     fn every_bad_key_is_named_at_once() {
         let bad = GOOD
             .replace("currency = \"ARS\"", "currency = \"pesos\"")
