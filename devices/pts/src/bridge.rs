@@ -384,6 +384,14 @@ impl Run {
             Request::PumpUnlock { pump }
         };
         match self.controller.one(request).await {
+            // Not locked (any more): the close released it, which is the point.
+            Ok(p)
+                if !lock
+                    && p.error()
+                        .is_some_and(|e| e.code == code::PUMP_IS_NOT_LOCKED_BY_USER) =>
+            {
+                Ok(())
+            }
             Ok(p) => p.error().map_or(Ok(()), |e| Err(e.to_string())),
             Err(e) => Err(e.to_string()),
         }

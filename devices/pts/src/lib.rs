@@ -17,11 +17,15 @@
 //! - [`bridge`]: the loop that polls, decides, publishes and closes.
 //! - [`sim`]: the PTS-2 simulator (HTTP(S), auth, pumps, the error table,
 //!   remote mode) for tests and the demo.
+//! - [`demo`] (feature `demo`): `qrgate-pts demo`, a pump paid by QR end to
+//!   end against the real `qrgate` and the Mercado Pago simulator.
 
 pub mod auth;
 pub mod bridge;
 pub mod config;
 pub mod controller;
 pub mod decide;
+#[cfg(feature = "demo")]
+pub mod demo;
 pub mod jsonpts;
 pub mod sim;

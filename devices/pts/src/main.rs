@@ -33,6 +33,15 @@ enum Command {
         #[arg(long, env = "QRGATE_PTS_CONFIG")]
         config: std::path::PathBuf,
     },
+    /// A pump on the simulated PTS-2 paid by QR, end to end: the Mercado
+    /// Pago simulator, the `qrgate` binary, the PTS-2 simulator and the
+    /// bridge, on ports the OS picks; prints the story and exits.
+    #[cfg(feature = "demo")]
+    Demo {
+        /// The `qrgate` binary (default: beside this one, else on PATH).
+        #[arg(long)]
+        qrgate: Option<std::path::PathBuf>,
+    },
     /// Runs the PTS-2 simulator (user `qrgate`, password `secret`) until
     /// interrupted; prints its URL and, with --tls, the certificate's
     /// SHA-256 to pin.
@@ -66,12 +75,31 @@ fn load(path: &std::path::Path) -> Result<config::BridgeConfig, String> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The demo tells its own story; the bridge's log would bury it.
+    #[cfg(feature = "demo")]
+    let quiet = matches!(cli.command, Command::Demo { .. });
+    #[cfg(not(feature = "demo"))]
+    let quiet = false;
+    let default = if quiet { "warn" } else { "info" };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default.into()),
         )
         .init();
-    match Cli::parse().command {
+    match cli.command {
+        #[cfg(feature = "demo")]
+        Command::Demo { qrgate } => {
+            let qrgate = qrgate.unwrap_or_else(qrgate_pts::demo::qrgate_beside_me);
+            match qrgate_pts::demo::run(&qrgate, |line| println!("{line}")).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("qrgate-pts demo: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::CheckConfig { config } => match load(&config) {
             Ok(c) => {
                 println!("{}: ok, {} pump(s)", config.display(), c.pumps.len());
