@@ -296,7 +296,6 @@ pub struct PaymentPart {
 #[serde(rename_all = "PascalCase")]
 pub struct PumpTransactionRef {
     pub pump: u16,
-    #[serde(default)]
     pub transaction: Option<u32>,
 }
 
@@ -365,33 +364,19 @@ pub struct PaymentRequest {
 pub struct IdleStatus {
     pub pump: u16,
     /// Before R68 the only nozzle field; kept beside `Nozzle` since.
-    #[serde(default)]
     pub nozzle_up: Option<u8>,
-    #[serde(default)]
     pub nozzle: Option<u8>,
-    #[serde(default)]
     pub transaction: Option<u32>,
-    #[serde(default)]
     pub request: Option<String>,
-    #[serde(default)]
     pub user: Option<String>,
-    #[serde(default)]
     pub last_transaction: Option<u32>,
-    #[serde(default)]
     pub last_date_time_start: Option<String>,
-    #[serde(default)]
     pub last_date_time: Option<String>,
-    #[serde(default)]
     pub last_nozzle: Option<u8>,
-    #[serde(default)]
     pub last_fuel_grade_name: Option<String>,
-    #[serde(default)]
     pub last_volume: Option<Num>,
-    #[serde(default)]
     pub last_price: Option<Num>,
-    #[serde(default)]
     pub last_amount: Option<Num>,
-    #[serde(default)]
     pub last_user: Option<String>,
 }
 
@@ -409,49 +394,33 @@ impl IdleStatus {
 #[serde(rename_all = "PascalCase")]
 pub struct TransactionStatus {
     pub pump: u16,
-    #[serde(default)]
     pub nozzle: Option<u8>,
     /// Since R67, and only with nozzles linked to fuel grades.
-    #[serde(default)]
     pub fuel_grade_id: Option<u16>,
-    #[serde(default)]
     pub fuel_grade_name: Option<String>,
     pub transaction: u32,
-    #[serde(default)]
     pub volume: Option<Num>,
     /// Since R18.
     #[serde(rename = "TCVolume", default)]
     pub tc_volume: Option<Num>,
-    #[serde(default)]
     pub price: Option<Num>,
-    #[serde(default)]
     pub amount: Option<Num>,
     /// Since R68; absent when the controller has no value for it.
-    #[serde(default)]
     pub date_time_start: Option<String>,
     /// End of filling (end of transaction only), since R68.
-    #[serde(default)]
     pub date_time: Option<String>,
-    #[serde(default)]
     pub total_volume: Option<Num>,
-    #[serde(default)]
     pub total_amount: Option<Num>,
     /// Since P113.
-    #[serde(default)]
     pub flow_rate: Option<u32>,
     /// Since P114 (filling).
-    #[serde(default)]
     pub is_suspended: Option<bool>,
     /// End of transaction only, since P90: the nozzle up now, not the
     /// transaction's.
-    #[serde(default)]
     pub nozzle_up: Option<u8>,
     /// P98 to P112 only.
-    #[serde(default)]
     pub payment_form_id: Option<u8>,
-    #[serde(default)]
     pub tag: Option<String>,
-    #[serde(default)]
     pub user: Option<String>,
 }
 
@@ -461,19 +430,12 @@ pub struct TransactionStatus {
 #[serde(rename_all = "PascalCase")]
 pub struct OfflineStatus {
     pub pump: u16,
-    #[serde(default)]
     pub state: Option<String>,
-    #[serde(default)]
     pub transaction: Option<u32>,
-    #[serde(default)]
     pub volume: Option<Num>,
-    #[serde(default)]
     pub price: Option<Num>,
-    #[serde(default)]
     pub amount: Option<Num>,
-    #[serde(default)]
     pub date_time_start: Option<String>,
-    #[serde(default)]
     pub last_transaction: Option<u32>,
 }
 
@@ -538,20 +500,13 @@ pub struct TransactionInformation {
     /// `WaitingNozzleUpForAuthorization`, `Authorized`, `Filling`,
     /// `EndOfTransaction` (since R68), `Finished`, `Not found`.
     pub state: String,
-    #[serde(default)]
     pub date_time_start: Option<String>,
-    #[serde(default)]
     pub date_time: Option<String>,
-    #[serde(default)]
     pub volume: Option<Num>,
-    #[serde(default)]
     pub amount: Option<Num>,
     /// Since P113, where the controller has it.
-    #[serde(default)]
     pub is_paid: Option<bool>,
-    #[serde(default)]
     pub is_offline: Option<bool>,
-    #[serde(default)]
     pub user_id: Option<u32>,
 }
 
@@ -580,25 +535,15 @@ pub struct PaymentConfirmation {
 pub struct UploadedTransaction {
     pub pump: u16,
     pub transaction: u32,
-    #[serde(default)]
     pub date_time_start: Option<String>,
-    #[serde(default)]
     pub date_time: Option<String>,
-    #[serde(default)]
     pub nozzle: Option<u8>,
-    #[serde(default)]
     pub fuel_grade_name: Option<String>,
-    #[serde(default)]
     pub volume: Option<Num>,
-    #[serde(default)]
     pub price: Option<Num>,
-    #[serde(default)]
     pub amount: Option<Num>,
-    #[serde(default)]
     pub user_id: Option<u32>,
-    #[serde(default)]
     pub is_paid: Option<bool>,
-    #[serde(default)]
     pub configuration_id: Option<String>,
 }
 
@@ -609,14 +554,10 @@ pub struct UploadedPayment {
     pub payment_transaction: u64,
     pub pump: u16,
     pub pump_transaction: u32,
-    #[serde(default)]
     pub pump_transaction_date_time: Option<String>,
     pub amount: Num,
-    #[serde(default)]
     pub payment_form_id: Option<u8>,
-    #[serde(default)]
     pub payment_form_name: Option<String>,
-    #[serde(default)]
     pub is_refunded: Option<bool>,
 }
 

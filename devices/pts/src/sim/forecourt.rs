@@ -549,29 +549,33 @@ pub fn render(v: &Value) -> String {
     out
 }
 
-fn status(id: u32, n: u16, p: &Pump) -> Value {
-    let grade = |data: &mut Value| {
-        if let (Some((gid, name)), Some(obj)) = (&p.grade, data.as_object_mut()) {
-            obj.insert("FuelGradeId".into(), json!(gid));
-            obj.insert("FuelGradeName".into(), json!(name));
+/// A transaction's volume, amount, price and start, each key after `prefix`
+/// (`Last` in idle statuses), added to the object `data`.
+fn add_transaction(data: &mut Value, prefix: &str, t: &Transaction) {
+    if let Some(obj) = data.as_object_mut() {
+        for (key, value) in [
+            ("Volume", num(t.volume)),
+            ("Amount", num(t.amount())),
+            ("Price", num(t.price)),
+            ("DateTimeStart", json!(t.start)),
+        ] {
+            obj.insert(format!("{prefix}{key}"), value);
         }
-    };
+    }
+}
+
+fn status(id: u32, n: u16, p: &Pump) -> Value {
     let (kind, mut data) = if p.offline {
         let mut data = json!({ "Pump": n });
-        if let (Phase::Filling(t) | Phase::EndOfTransaction(t), Some(obj)) =
-            (&p.phase, data.as_object_mut())
-        {
+        if let Phase::Filling(t) | Phase::EndOfTransaction(t) = &p.phase {
             let state = if matches!(p.phase, Phase::Filling(_)) {
                 "Filling"
             } else {
                 "EndOfTransaction"
             };
-            obj.insert("State".into(), json!(state));
-            obj.insert("Transaction".into(), json!(t.number));
-            obj.insert("Volume".into(), json!(num(t.volume)));
-            obj.insert("Amount".into(), json!(num(t.amount())));
-            obj.insert("Price".into(), json!(num(t.price)));
-            obj.insert("DateTimeStart".into(), json!(t.start));
+            data["State"] = json!(state);
+            data["Transaction"] = json!(t.number);
+            add_transaction(&mut data, "", t);
         }
         ("PumpOfflineStatus", data)
     } else {
@@ -582,13 +586,10 @@ fn status(id: u32, n: u16, p: &Pump) -> Value {
                     "Request": "", "User": p.locked_by.clone().unwrap_or_default(),
                     "LastTransaction": p.last.as_ref().map_or(0, |t| t.number),
                 });
-                if let (Some(t), Some(obj)) = (&p.last, data.as_object_mut()) {
-                    obj.insert("LastVolume".into(), json!(num(t.volume)));
-                    obj.insert("LastAmount".into(), json!(num(t.amount())));
-                    obj.insert("LastPrice".into(), json!(num(t.price)));
-                    obj.insert("LastDateTimeStart".into(), json!(t.start));
-                    obj.insert("LastDateTime".into(), json!(t.end));
-                    obj.insert("LastUser".into(), json!(t.user));
+                if let Some(t) = &p.last {
+                    add_transaction(&mut data, "Last", t);
+                    data["LastDateTime"] = json!(t.end);
+                    data["LastUser"] = json!(t.user);
                 }
                 ("PumpIdleStatus", data)
             }
@@ -613,7 +614,10 @@ fn status(id: u32, n: u16, p: &Pump) -> Value {
             ),
         }
     };
-    grade(&mut data);
+    if let Some((gid, name)) = &p.grade {
+        data["FuelGradeId"] = json!(gid);
+        data["FuelGradeName"] = json!(name);
+    }
     json!({ "Id": id, "Type": kind, "Data": data })
 }
 
