@@ -593,25 +593,21 @@ fn status(id: u32, n: u16, p: &Pump) -> Value {
                 }
                 ("PumpIdleStatus", data)
             }
-            Phase::Filling(t) => (
-                "PumpFillingStatus",
-                json!({
-                    "Pump": n, "Nozzle": t.nozzle, "Volume": num(t.volume),
-                    "TCVolume": num(Decimal::ZERO), "Price": num(t.price),
-                    "Amount": num(t.amount()), "Transaction": t.number,
-                    "DateTimeStart": t.start, "FlowRate": 40, "IsSuspended": false, "User": t.user,
-                }),
-            ),
-            Phase::EndOfTransaction(t) => (
-                "PumpEndOfTransactionStatus",
-                json!({
-                    "Pump": n, "Nozzle": t.nozzle, "Volume": num(t.volume),
-                    "TCVolume": num(Decimal::ZERO), "Price": num(t.price),
-                    "Amount": num(t.amount()), "Transaction": t.number,
-                    "DateTimeStart": t.start, "DateTime": t.end, "NozzleUp": 0,
-                    "FlowRate": 40, "User": t.user,
-                }),
-            ),
+            Phase::Filling(t) | Phase::EndOfTransaction(t) => {
+                let mut data = json!({
+                    "Pump": n, "Nozzle": t.nozzle, "TCVolume": num(Decimal::ZERO),
+                    "Transaction": t.number, "FlowRate": 40, "User": t.user,
+                });
+                add_transaction(&mut data, "", t);
+                if matches!(p.phase, Phase::Filling(_)) {
+                    data["IsSuspended"] = json!(false);
+                    ("PumpFillingStatus", data)
+                } else {
+                    data["DateTime"] = json!(t.end);
+                    data["NozzleUp"] = json!(0);
+                    ("PumpEndOfTransactionStatus", data)
+                }
+            }
         }
     };
     if let Some((gid, name)) = &p.grade {
