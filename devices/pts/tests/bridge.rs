@@ -181,6 +181,22 @@ fn http(sim: &Simulator, scheme: Scheme) -> Link {
     }
 }
 
+/// A broker, the simulator as `sim` sets it up, the test's qrgate and a
+/// bridge calling the simulator; `None` when Mosquitto is not installed.
+async fn station(
+    sim: SimConfig,
+    payment_form: Option<u8>,
+) -> Option<(Broker, Simulator, Qrgate, Bridge)> {
+    let broker = Broker::start()?;
+    let scheme = sim.scheme;
+    let sim = Simulator::start(sim).await.unwrap();
+    let q = Qrgate::connect(broker.port).await;
+    let bridge = Bridge::start(config(&broker, http(&sim, scheme), payment_form))
+        .await
+        .unwrap();
+    Some((broker, sim, q, bridge))
+}
+
 /// A filling of `litres` on `pump`, until the POS's sale: its sale id.
 async fn fill(sim: &Simulator, q: &mut Qrgate, pump: u16, litres: &str) -> (String, Value) {
     let pos = format!("pump-{pump}");
@@ -200,19 +216,13 @@ fn state(sale_id: &str, state: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pump_filled_and_paid_by_qr_is_closed_on_the_controller_then_delivered() {
-    let Some(broker) = Broker::start() else {
-        return;
-    };
-    let sim = Simulator::start(SimConfig {
+    let sim = SimConfig {
         tls: true,
         ..SimConfig::new()
-    })
-    .await
-    .unwrap();
-    let mut q = Qrgate::connect(broker.port).await;
-    let _bridge = Bridge::start(config(&broker, http(&sim, Scheme::Digest), Some(4)))
-        .await
-        .unwrap();
+    };
+    let Some((_broker, sim, mut q, _bridge)) = station(sim, Some(4)).await else {
+        return;
+    };
     assert_eq!(q.next("pump-1", "status").await, "online");
 
     let (sale_id, sale) = fill(&sim, &mut q, 1, "32.10").await;
@@ -238,19 +248,13 @@ async fn a_pump_filled_and_paid_by_qr_is_closed_on_the_controller_then_delivered
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shop_closing_or_paying_a_transaction_cancels_its_sale_or_owes_its_payment_back() {
-    let Some(broker) = Broker::start() else {
-        return;
-    };
-    let sim = Simulator::start(SimConfig {
+    let sim = SimConfig {
         scheme: Scheme::Basic,
         ..SimConfig::new()
-    })
-    .await
-    .unwrap();
-    let mut q = Qrgate::connect(broker.port).await;
-    let _bridge = Bridge::start(config(&broker, http(&sim, Scheme::Basic), None))
-        .await
-        .unwrap();
+    };
+    let Some((_broker, sim, mut q, _bridge)) = station(sim, None).await else {
+        return;
+    };
 
     // Paid in cash, closed by the shop: the sale is withdrawn.
     let (first, _) = fill(&sim, &mut q, 1, "5").await;
@@ -279,14 +283,9 @@ async fn the_shop_closing_or_paying_a_transaction_cancels_its_sale_or_owes_its_p
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_served_sale_locks_its_transaction_against_cash_and_an_offline_pump_says_so() {
-    let Some(broker) = Broker::start() else {
+    let Some((_broker, sim, mut q, _bridge)) = station(SimConfig::new(), None).await else {
         return;
     };
-    let sim = Simulator::start(SimConfig::new()).await.unwrap();
-    let mut q = Qrgate::connect(broker.port).await;
-    let _bridge = Bridge::start(config(&broker, http(&sim, Scheme::Digest), None))
-        .await
-        .unwrap();
     let (sale_id, _) = fill(&sim, &mut q, 2, "1.5").await;
     q.tell(
         "pump-2",
@@ -318,14 +317,9 @@ async fn a_served_sale_locks_its_transaction_against_cash_and_an_offline_pump_sa
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_bridge_keeps_the_sale_id_and_closes_only_once_paid() {
-    let Some(broker) = Broker::start() else {
+    let Some((broker, sim, mut q, bridge)) = station(SimConfig::new(), None).await else {
         return;
     };
-    let sim = Simulator::start(SimConfig::new()).await.unwrap();
-    let mut q = Qrgate::connect(broker.port).await;
-    let bridge = Bridge::start(config(&broker, http(&sim, Scheme::Digest), None))
-        .await
-        .unwrap();
     let (sale_id, _) = fill(&sim, &mut q, 1, "3").await;
     q.tell("pump-1", state(&sale_id, "pending")).await;
     bridge.stop();
