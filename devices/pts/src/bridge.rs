@@ -26,6 +26,10 @@ use crate::jsonpts::{
     UniqueIdentifier, Upload,
 };
 
+/// `PumpGetStatus` requests in one message (10 JSON tokens each; the
+/// controller reads up to 600).
+const PUMPS_PER_MESSAGE: usize = 40;
+
 /// Failed polls in a row after which the pumps are told offline: one lost
 /// answer is not an outage.
 const OFFLINE_AFTER: u32 = 3;
@@ -212,7 +216,7 @@ async fn controller_id(cfg: &BridgeConfig, controller: &Controller) -> String {
                 said = true;
             }
             Err(e) if !said => {
-                error!("cannot ask the controller its id, retrying: {e}");
+                warn!("cannot ask the controller its id yet, retrying: {e}");
                 said = true;
             }
             _ => {}
@@ -231,7 +235,20 @@ impl Run {
             })
             .collect();
         let now = chrono::Local::now().format("%Y%m%d%H%M%S").to_string();
-        match self.controller.call(&requests).await {
+        // The controller reads messages of up to 600 JSON tokens: about 50
+        // of these requests.
+        let mut answers = Vec::with_capacity(requests.len());
+        let mut failed = None;
+        for chunk in requests.chunks(PUMPS_PER_MESSAGE) {
+            match self.controller.call(chunk).await {
+                Ok(packets) => answers.extend(packets),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        match failed.map_or(Ok(answers), Err) {
             Ok(packets) => {
                 if self.failures >= OFFLINE_AFTER {
                     info!("the controller answers again");

@@ -27,7 +27,11 @@ pub(super) async fn run(sim: Weak<Inner>, url: String) {
             tracing::error!(%url, "not a WebSocket URL");
             return;
         };
-        let (login, perms) = sim_now.inner.config.users[0].clone();
+        // The user the controller logs in with (`UserId`): the first one.
+        let Some((login, perms)) = sim_now.inner.config.users.first().cloned() else {
+            tracing::error!("the simulator has no user to connect with");
+            return;
+        };
         let headers = request.headers_mut();
         for (name, value) in [
             ("X-Pts-Id", sim_now.id()),
