@@ -679,7 +679,7 @@ fn ledger_news(sale: &Sale) -> (Vec<serde_json::Value>, Vec<serde_json::Value>) 
     (owed, refunds)
 }
 
-fn event_detail(sale: &Sale, event: &SaleEvent) -> String {
+pub(super) fn event_detail(sale: &Sale, event: &SaleEvent) -> String {
     let (owed, refunds) = ledger_news(sale);
     let mut v = match event {
         SaleEvent::Accepted | SaleEvent::Priced => serde_json::json!({
@@ -879,7 +879,7 @@ fn write_sale(conn: &Connection, sale: &Sale, event: &SaleEvent) -> Result<(), S
     Ok(())
 }
 
-fn parse_sale(reference: &str, body: &str) -> Result<Sale, StoreError> {
+pub(super) fn parse_sale(reference: &str, body: &str) -> Result<Sale, StoreError> {
     serde_json::from_str(body).map_err(|e| StoreError::Corrupt {
         reference: reference.to_owned(),
         reason: e.to_string(),
