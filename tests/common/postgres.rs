@@ -393,10 +393,40 @@ impl Postgres {
         self.child.as_ref().map_or(0, Child::id)
     }
 
-    /// Sends the server a signal (SIGSTOP freezes it, SIGCONT thaws it).
+    /// Sends the server and every process it started (each session's
+    /// backend is one, in a process group of its own) a signal: SIGSTOP
+    /// freezes it all, SIGCONT thaws it.
     pub fn signal(&self, signal: i32) {
-        // SAFETY: kill sends a signal to our own child.
-        assert_eq!(unsafe { libc::kill(self.pid() as i32, signal) }, 0);
+        let server = self.pid();
+        let children = std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| {
+                let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+                let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+                // The parent's pid is the second field after the command name.
+                let ppid: u32 = stat[stat.rfind(')')? + 2..]
+                    .split(' ')
+                    .nth(1)?
+                    .parse()
+                    .ok()?;
+                (ppid == server).then_some(pid)
+            });
+        for pid in std::iter::once(server).chain(children.collect::<Vec<_>>()) {
+            // SAFETY: kill sends a signal to our own child or its children.
+            unsafe { libc::kill(pid as i32, signal) };
+        }
+    }
+
+    /// Stops the server and starts it again on the same port, as a restart
+    /// of the service does: every session ends.
+    pub fn restart(&mut self) {
+        let port = self.port;
+        self.stop();
+        assert!(
+            self.serve(port),
+            "port {port} was taken while PostgreSQL restarted"
+        );
     }
 
     /// Stops the server (a fast shutdown) and waits for it to end.

@@ -59,7 +59,16 @@ pub struct PgStore {
 pub(crate) fn pg(e: tokio_postgres::Error) -> StoreError {
     match e.as_db_error() {
         Some(db) => StoreError::Database(format!("{} ({})", db.message(), db.code().code())),
-        None => StoreError::Unavailable(format!("PostgreSQL: {e}")),
+        None => {
+            // tokio-postgres says what failed, its sources why.
+            let mut why = format!("PostgreSQL: {e}");
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                why.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            StoreError::Unavailable(why)
+        }
     }
 }
 
