@@ -681,7 +681,14 @@ fn backup_names_pg_dump_and_check_config_shows_the_url_and_where_the_password_co
 async fn record_throughput_on_each_engine() {
     const SALES: usize = 2_000;
     let dir = tempfile::tempdir().unwrap();
-    let pg = postgres::shared();
+    // A server of its own, durable as in production.
+    let pg = Postgres::start();
+    if let Some(pg) = &pg {
+        pg.psql("postgres", "ALTER SYSTEM SET fsync = on");
+        pg.psql("postgres", "ALTER SYSTEM SET full_page_writes = on");
+        pg.psql("postgres", "SELECT pg_reload_conf()");
+        assert_eq!(pg.psql("postgres", "SHOW fsync"), "on");
+    }
     for writers in [1usize, 16] {
         let mut engines: Vec<(&str, std::sync::Arc<dyn Store>)> = vec![(
             "sqlite (fsync on)",
@@ -689,9 +696,9 @@ async fn record_throughput_on_each_engine() {
                 SqliteStore::open(&dir.path().join(format!("w{writers}.db")), true).unwrap(),
             ),
         )];
-        if let Some(pg) = pg {
+        if let Some(pg) = &pg {
             engines.push((
-                "postgresql (fsync off)",
+                "postgresql (fsync on)",
                 std::sync::Arc::new(PgStore::connect(&pg.fresh_url()).await.unwrap()),
             ));
         }

@@ -191,6 +191,13 @@ impl Postgres {
             ),
         )
         .unwrap();
+        // In the configuration file rather than on the command line, so
+        // that a measurement can turn fsync back on (ALTER SYSTEM).
+        let mut conf = std::fs::OpenOptions::new()
+            .append(true)
+            .open(pg.data().join("postgresql.conf"))
+            .unwrap();
+        std::io::Write::write_all(&mut conf, b"\nfsync = off\nfull_page_writes = off\n").unwrap();
         pg.certificates();
         for attempt in 1..=5 {
             let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -300,8 +307,6 @@ impl Postgres {
             .args(["-p", &port.to_string()])
             .args(["-k", self.dir.to_str().unwrap()])
             .args(["-c", "listen_addresses=127.0.0.1"])
-            .args(["-c", "fsync=off"])
-            .args(["-c", "full_page_writes=off"])
             .args(["-c", "max_connections=300"])
             .args(["-c", "ssl=on"])
             .stdout(Stdio::null())

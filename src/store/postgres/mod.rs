@@ -216,10 +216,7 @@ fn open_sale_taken(e: &StoreError, sale: &Sale) -> Option<StoreError> {
     }
 }
 
-async fn write_ledger(
-    tx: &deadpool_postgres::Transaction<'_>,
-    sale: &Sale,
-) -> Result<(), StoreError> {
+async fn write_ledger<C: GenericClient>(tx: &C, sale: &Sale) -> Result<(), StoreError> {
     let reference = sale.external_reference.as_str();
     for p in sale.ledger.payments() {
         let id = text_id(&p.id);
@@ -266,8 +263,23 @@ async fn write_ledger(
     Ok(())
 }
 
-async fn write_sale(
-    tx: &deadpool_postgres::Transaction<'_>,
+/// Whether an event writes more than its sale's row and its timeline entry
+/// (a closing, ledger rows): then it needs a transaction of its own.
+fn writes_ledger(event: &SaleEvent) -> bool {
+    matches!(
+        event,
+        SaleEvent::Paid { .. }
+            | SaleEvent::PaymentHeld
+            | SaleEvent::RefundDue
+            | SaleEvent::Refunded { .. }
+            | SaleEvent::RefundedByOperator { .. }
+    )
+}
+
+/// Writes a sale and the event that changed it; in `tx`, a transaction,
+/// whenever [`writes_ledger`].
+async fn write_sale<C: GenericClient>(
+    tx: &C,
     sale: &Sale,
     event: &SaleEvent,
 ) -> Result<(), StoreError> {
@@ -300,25 +312,25 @@ async fn write_sale(
         .await?;
     }
     // Only the events that add payments or refunds touch the ledger tables.
-    if matches!(
-        event,
-        SaleEvent::Paid { .. }
-            | SaleEvent::PaymentHeld
-            | SaleEvent::RefundDue
-            | SaleEvent::Refunded { .. }
-            | SaleEvent::RefundedByOperator { .. }
-    ) {
+    if writes_ledger(event) {
         write_ledger(tx, sale).await?;
     }
     let (unsettled, owes) = sale_columns(sale);
     let body = serde_json::to_string(sale).map_err(|e| StoreError::Database(e.to_string()))?;
+    // The row and its event in one statement: one round trip, and atomic
+    // on its own when no transaction wraps it.
     exec(
         tx,
-        "INSERT INTO sales (external_reference, pos, sale_id, state, accepted_at, updated_at, served_at, unsettled, body, owes)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
-         ON CONFLICT (external_reference) DO UPDATE SET
-           state = excluded.state, updated_at = excluded.updated_at, served_at = excluded.served_at,
-           unsettled = excluded.unsettled, body = excluded.body, owes = excluded.owes",
+        "WITH written AS (
+           INSERT INTO sales (external_reference, pos, sale_id, state, accepted_at, updated_at, served_at,
+                              unsettled, body, owes)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+           ON CONFLICT (external_reference) DO UPDATE SET
+             state = excluded.state, updated_at = excluded.updated_at, served_at = excluded.served_at,
+             unsettled = excluded.unsettled, body = excluded.body, owes = excluded.owes
+           RETURNING external_reference)
+         INSERT INTO sale_events (external_reference, at, event, detail)
+         SELECT external_reference, $6, $11, $12 FROM written",
         &[
             &reference,
             &sale.pos.as_str(),
@@ -330,21 +342,12 @@ async fn write_sale(
             &unsettled,
             &body,
             &owes,
-        ],
-    )
-    .await
-    .map_err(|e| open_sale_taken(&e, sale).unwrap_or(e))?;
-    exec(
-        tx,
-        "INSERT INTO sale_events (external_reference, at, event, detail) VALUES ($1, $2, $3, $4)",
-        &[
-            &reference,
-            &sale.updated_at,
             &event.name(),
             &event_detail(sale, event),
         ],
     )
-    .await?;
+    .await
+    .map_err(|e| open_sale_taken(&e, sale).unwrap_or(e))?;
     Ok(())
 }
 
@@ -493,6 +496,9 @@ impl Store for PgStore {
     async fn record(&self, sale: &Sale, event: &SaleEvent) -> Result<(), StoreError> {
         self.timed(async {
             let mut c = self.conn().await?;
+            if !writes_ledger(event) {
+                return write_sale(&c, sale, event).await;
+            }
             let tx = c.transaction().await.map_err(pg)?;
             write_sale(&tx, sale, event).await?;
             tx.commit().await.map_err(pg)
