@@ -16,9 +16,7 @@ use std::time::Instant;
 use mpsim::{PaymentOutcome, Scan, Simulator, SimulatorConfig};
 use qrgate::app::App;
 use qrgate::config::{Broker, Config, Secret};
-use qrgate::orders::{
-    ExternalReference, PosConfig, PosId, PosKind, Sale, SaleEvent, SaleId, SaleState,
-};
+use qrgate::orders::{ExternalReference, PosConfig, PosId, PosKind, SaleEvent, SaleState};
 use qrgate::store::postgres::{migrate, PgTarget};
 use qrgate::store::{PgLock, PgStore, SqliteStore, Store, StoreError};
 use qrgate_devices::{Device, DeviceConfig, Item};
@@ -26,10 +24,13 @@ use rust_decimal::Decimal;
 
 #[path = "common/postgres.rs"]
 mod postgres;
+#[path = "common/sales.rs"]
+mod sales;
 #[path = "common/wait.rs"]
 mod wait;
 
 use postgres::{Postgres, SECURED_PASSWORD, SECURED_ROLE};
+use sales::sale;
 use wait::{wait_for, wait_for_event, WAIT};
 
 const BIN: &str = env!("CARGO_BIN_EXE_qrgate");
@@ -40,28 +41,6 @@ async fn client(url: &str) -> tokio_postgres::Client {
     let (client, connection) = config.connect(tls).await.unwrap();
     tokio::spawn(connection);
     client
-}
-
-fn sale(pos: &str, reference: &str, sale_id: &str, state: SaleState) -> Sale {
-    Sale {
-        external_reference: ExternalReference::parse(reference).unwrap(),
-        pos: PosId::parse(pos).unwrap(),
-        sale_id: SaleId::parse(sale_id).unwrap(),
-        currency: qrgate::money::Currency::Ars,
-        state,
-        lines: vec![],
-        amount: Some(Decimal::from(10)),
-        accepted_at: 1,
-        expires_at: None,
-        served_at: None,
-        settled: None,
-        delivered_at: None,
-        placed_at: None,
-        mp_order: None,
-        rejection: None,
-        ledger: Default::default(),
-        updated_at: 1,
-    }
 }
 
 #[tokio::test]
@@ -138,11 +117,11 @@ async fn four_qrgates_opening_one_new_database_at_once_migrate_it_once() {
 async fn a_pos_has_one_open_sale_per_device_sale_id_in_the_database() {
     let Some(pg) = postgres::shared() else { return };
     let store = PgStore::connect(&pg.fresh_url()).await.unwrap();
-    let mut first = sale("pump-1", "pump-1-a", "5", SaleState::Pending);
+    let mut first = sale("pump-1", "pump-1-a", "5", SaleState::Pending, 1);
     store.record(&first, &SaleEvent::Accepted).await.unwrap();
     // A second writer accepting the same device sale (the same message
     // delivered twice) is refused by the database itself.
-    let twice = sale("pump-1", "pump-1-b", "5", SaleState::Pending);
+    let twice = sale("pump-1", "pump-1-b", "5", SaleState::Pending, 1);
     let e = store
         .record(&twice, &SaleEvent::Accepted)
         .await
@@ -160,7 +139,7 @@ async fn a_pos_has_one_open_sale_per_device_sale_id_in_the_database() {
     // is a new sale.
     store
         .record(
-            &sale("pump-2", "pump-2-a", "5", SaleState::Pending),
+            &sale("pump-2", "pump-2-a", "5", SaleState::Pending, 1),
             &SaleEvent::Accepted,
         )
         .await
@@ -168,6 +147,19 @@ async fn a_pos_has_one_open_sale_per_device_sale_id_in_the_database() {
     first.state = SaleState::Cancelled;
     store.record(&first, &SaleEvent::Cancelled).await.unwrap();
     store.record(&twice, &SaleEvent::Accepted).await.unwrap();
+}
+
+/// Whether a connection to `url` is encrypted, as the server sees it.
+async fn encrypted(url: &str) -> bool {
+    client(url)
+        .await
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
 }
 
 #[tokio::test]
@@ -181,29 +173,11 @@ async fn tls_require_and_verify_full_encrypt_and_verify_full_checks_the_certific
         format!("sslmode=verify-full&sslrootcert={ca}"),
     ] {
         let url = format!("{base}?{query}");
-        let c = client(&url).await;
-        let ssl: bool = c
-            .query_one(
-                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        assert!(ssl, "{query}: not encrypted");
+        assert!(encrypted(&url).await, "{query}: not encrypted");
         let store = PgStore::connect(&url).await.unwrap();
         store.check_writable().await.unwrap();
     }
-    let plain = client(&format!("{base}?sslmode=disable")).await;
-    let ssl: bool = plain
-        .query_one(
-            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert!(!ssl);
+    assert!(!encrypted(&format!("{base}?sslmode=disable")).await);
     // A certificate from a CA nobody trusts, or for another name, is refused.
     let refused = [
         format!("{base}?sslmode=verify-full"),
@@ -289,7 +263,7 @@ async fn a_frozen_or_stopped_postgresql_makes_the_store_answer_unavailable_then_
         store.check_writable()
     })
     .await;
-    let s = sale("pump-1", "pump-1-a", "1", SaleState::Pending);
+    let s = sale("pump-1", "pump-1-a", "1", SaleState::Pending, 1);
     store.record(&s, &SaleEvent::Accepted).await.unwrap();
 }
 
@@ -714,6 +688,7 @@ async fn record_throughput_on_each_engine() {
                                 &format!("pump-{w}-{n}"),
                                 &n.to_string(),
                                 SaleState::Cancelled,
+                                1,
                             );
                             store.record(&s, &SaleEvent::Accepted).await.unwrap();
                         }

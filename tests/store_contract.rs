@@ -17,15 +17,18 @@ use std::sync::Arc;
 
 use qrgate::orders::ledger::{Ledger, LedgerPayment, Owed, Refund, RefundOf};
 use qrgate::orders::sale::{Closing, RefundReason};
-use qrgate::orders::{ExternalReference, MpId, PosId, Sale, SaleEvent, SaleId, SaleState};
+use qrgate::orders::{ExternalReference, MpId, Sale, SaleEvent, SaleState};
 use qrgate::store::{
     MerchantOrderRecord, PaymentRecord, PgStore, RefundRequest, RegistrationRecord,
     RejectionRecord, RetentionPage, SaleFilter, SqliteStore, Store, StoreError,
 };
 use rust_decimal::Decimal;
+use sales::sale;
 
 #[path = "common/postgres.rs"]
 mod postgres;
+#[path = "common/sales.rs"]
+mod sales;
 #[path = "common/wait.rs"]
 mod wait;
 
@@ -98,28 +101,6 @@ contract!(
 
 fn reference(r: &str) -> ExternalReference {
     ExternalReference::parse(r).unwrap()
-}
-
-fn sale(pos: &str, reference: &str, sale_id: &str, state: SaleState, at: i64) -> Sale {
-    Sale {
-        external_reference: ExternalReference::parse(reference).unwrap(),
-        pos: PosId::parse(pos).unwrap(),
-        sale_id: SaleId::parse(sale_id).unwrap(),
-        currency: qrgate::money::Currency::Ars,
-        state,
-        lines: vec![],
-        amount: Some(Decimal::from(10)),
-        accepted_at: at,
-        expires_at: None,
-        served_at: None,
-        settled: None,
-        delivered_at: None,
-        placed_at: None,
-        mp_order: None,
-        rejection: None,
-        ledger: Ledger::default(),
-        updated_at: at,
-    }
 }
 
 /// A ledger payment of `amount`, kept whole by its sale.
@@ -973,67 +954,64 @@ async fn the_operator_filters_sales_by_pos_state_owing_and_time_newest_first(eng
     }];
     owing.ledger = Ledger::from_payments(vec![late]);
     store.record(&owing, &SaleEvent::RefundDue).await.unwrap();
-    let find = |filter: SaleFilter| {
-        let store = Arc::clone(&store);
-        async move { references(store.sales(filter).await.unwrap()) }
-    };
     let all = SaleFilter {
         limit: 100,
         ..SaleFilter::default()
     };
-    assert_eq!(
-        find(all.clone()).await,
-        ["pump-2-d", "pump-2-c", "pump-1-b", "pump-1-a"]
-    );
-    assert_eq!(
-        find(SaleFilter {
-            limit: 2,
-            ..all.clone()
-        })
-        .await,
-        ["pump-2-d", "pump-2-c"]
-    );
-    assert_eq!(
-        find(SaleFilter {
-            pos: Some("pump-1".into()),
-            ..all.clone()
-        })
-        .await,
-        ["pump-1-b", "pump-1-a"]
-    );
-    assert_eq!(
-        find(SaleFilter {
-            state: Some("pending".into()),
-            ..all.clone()
-        })
-        .await,
-        ["pump-2-c", "pump-1-b"]
-    );
-    assert_eq!(
-        find(SaleFilter {
-            owing: true,
-            ..all.clone()
-        })
-        .await,
-        ["pump-2-d"]
-    );
-    assert_eq!(
-        find(SaleFilter {
-            since: Some(3),
-            ..all.clone()
-        })
-        .await,
-        ["pump-2-d", "pump-2-c"]
-    );
-    assert_eq!(
-        find(SaleFilter {
-            pos: Some("pump-1".into()),
-            state: Some("paid".into()),
-            ..all
-        })
-        .await,
-        Vec::<String>::new()
-    );
+    let pump1 = Some("pump-1".to_owned());
+    let cases = [
+        (
+            all.clone(),
+            vec!["pump-2-d", "pump-2-c", "pump-1-b", "pump-1-a"],
+        ),
+        (
+            SaleFilter {
+                limit: 2,
+                ..all.clone()
+            },
+            vec!["pump-2-d", "pump-2-c"],
+        ),
+        (
+            SaleFilter {
+                pos: pump1.clone(),
+                ..all.clone()
+            },
+            vec!["pump-1-b", "pump-1-a"],
+        ),
+        (
+            SaleFilter {
+                state: Some("pending".into()),
+                ..all.clone()
+            },
+            vec!["pump-2-c", "pump-1-b"],
+        ),
+        (
+            SaleFilter {
+                owing: true,
+                ..all.clone()
+            },
+            vec!["pump-2-d"],
+        ),
+        (
+            SaleFilter {
+                since: Some(3),
+                ..all.clone()
+            },
+            vec!["pump-2-d", "pump-2-c"],
+        ),
+        (
+            SaleFilter {
+                pos: pump1,
+                state: Some("paid".into()),
+                ..all
+            },
+            vec![],
+        ),
+    ];
+    for (filter, expected) in cases {
+        let found = references(store.sales(filter.clone()).await.unwrap());
+        assert_eq!(found, expected, "{filter:?}");
+    }
 }
 
 async fn a_pos_registration_replaces_the_previous_one_and_survives_reopening(engine: Engine) {

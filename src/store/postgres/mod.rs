@@ -101,17 +101,9 @@ async fn exec<C: GenericClient>(c: &C, sql: &str, params: Params<'_>) -> Result<
     c.execute(&st, params).await.map_err(pg)
 }
 
-/// Sales from a query selecting (external_reference, body).
-async fn bodies<C: GenericClient>(
-    c: &C,
-    sql: &str,
-    params: Params<'_>,
-) -> Result<Vec<Sale>, StoreError> {
-    rows(c, sql, params)
-        .await?
-        .iter()
-        .map(|r| parse_sale(&col::<String>(r, 0)?, &col::<String>(r, 1)?))
-        .collect()
+/// A sale from a row selecting (external_reference, body).
+fn sale_row(r: &Row) -> Result<Sale, StoreError> {
+    parse_sale(&col::<String>(r, 0)?, &col::<String>(r, 1)?)
 }
 
 /// An id as the database keeps it: its text.
@@ -199,6 +191,30 @@ impl PgStore {
 
     async fn conn(&self) -> Result<deadpool_postgres::Client, StoreError> {
         self.pool.get().await.map_err(pool_error)
+    }
+
+    /// One query on its own, each row read by `row`.
+    async fn select<T>(
+        &self,
+        sql: &str,
+        params: Params<'_>,
+        row: impl Fn(&Row) -> Result<T, StoreError>,
+    ) -> Result<Vec<T>, StoreError> {
+        self.timed(async {
+            let c = self.conn().await?;
+            rows(&c, sql, params).await?.iter().map(row).collect()
+        })
+        .await
+    }
+
+    /// One statement on its own, committed when it returns: the rows it
+    /// changed.
+    async fn execute(&self, sql: &str, params: Params<'_>) -> Result<u64, StoreError> {
+        self.timed(async {
+            let c = self.conn().await?;
+            exec(&c, sql, params).await
+        })
+        .await
     }
 }
 
@@ -537,17 +553,12 @@ impl Store for PgStore {
     }
 
     async fn record_rejection(&self, r: RejectionRecord) -> Result<(), StoreError> {
-        self.timed(async {
-            let c = self.conn().await?;
-            exec(
-                &c,
-                "INSERT INTO device_rejections (pos, sale_id, code, message, at) VALUES ($1, $2, $3, $4, $5)",
-                &[&r.pos, &r.sale_id, &r.code, &r.message, &r.at],
-            )
-            .await
-            .map(drop)
-        })
+        self.execute(
+            "INSERT INTO device_rejections (pos, sale_id, code, message, at) VALUES ($1, $2, $3, $4, $5)",
+            &[&r.pos, &r.sale_id, &r.code, &r.message, &r.at],
+        )
         .await
+        .map(drop)
     }
 
     async fn rejections(
@@ -555,67 +566,45 @@ impl Store for PgStore {
         pos: &str,
         limit: usize,
     ) -> Result<Vec<RejectionRecord>, StoreError> {
-        self.timed(async {
-            let c = self.conn().await?;
-            rows(
-                &c,
-                "SELECT pos, sale_id, code, message, at FROM device_rejections
-                 WHERE pos = $1 ORDER BY seq DESC LIMIT $2",
-                &[&pos, &(limit as i64)],
-            )
-            .await?
-            .iter()
-            .map(rejection_row)
-            .collect()
-        })
+        self.select(
+            "SELECT pos, sale_id, code, message, at FROM device_rejections
+             WHERE pos = $1 ORDER BY seq DESC LIMIT $2",
+            &[&pos, &(limit as i64)],
+            rejection_row,
+        )
         .await
     }
 
     async fn latest_rejections(&self) -> Result<Vec<RejectionRecord>, StoreError> {
-        self.timed(async {
-            let c = self.conn().await?;
-            // One row per POS, through the (pos, seq) index.
-            rows(
-                &c,
-                "SELECT DISTINCT ON (pos) pos, sale_id, code, message, at FROM device_rejections
-                 ORDER BY pos, seq DESC",
-                &[],
-            )
-            .await?
-            .iter()
-            .map(rejection_row)
-            .collect()
-        })
+        // One row per POS, through the (pos, seq) index.
+        self.select(
+            "SELECT DISTINCT ON (pos) pos, sale_id, code, message, at FROM device_rejections
+             ORDER BY pos, seq DESC",
+            &[],
+            rejection_row,
+        )
         .await
     }
 
     async fn latest_sales(&self) -> Result<Vec<Sale>, StoreError> {
-        self.timed(async {
-            let c = self.conn().await?;
-            // seq grows with each new sale, and an update keeps it: the
-            // highest seq of a POS is its latest sale.
-            bodies(
-                &c,
-                "SELECT DISTINCT ON (pos) external_reference, body FROM sales ORDER BY pos, seq DESC",
-                &[],
-            )
-            .await
-        })
+        // seq grows with each new sale, and an update keeps it: the highest
+        // seq of a POS is its latest sale.
+        self.select(
+            "SELECT DISTINCT ON (pos) external_reference, body FROM sales ORDER BY pos, seq DESC",
+            &[],
+            sale_row,
+        )
         .await
     }
 
     async fn sale(&self, reference: &ExternalReference) -> Result<Option<Sale>, StoreError> {
-        self.timed(async {
-            let c = self.conn().await?;
-            bodies(
-                &c,
-                "SELECT external_reference, body FROM sales WHERE external_reference = $1",
-                &[&reference.as_str()],
-            )
-            .await
-            .map(|mut v| v.pop())
-        })
+        self.select(
+            "SELECT external_reference, body FROM sales WHERE external_reference = $1",
+            &[&reference.as_str()],
+            sale_row,
+        )
         .await
+        .map(|mut v| v.pop())
     }
 
     async fn sale_by_device_id(
@@ -623,120 +612,88 @@ impl Store for PgStore {
         pos: &str,
         sale_id: &str,
     ) -> Result<Option<Sale>, StoreError> {
-        self.timed(async {
-            let c = self.conn().await?;
-            bodies(
-                &c,
-                "SELECT external_reference, body FROM sales
-                 WHERE pos = $1 AND sale_id = $2 ORDER BY accepted_at DESC, seq DESC LIMIT 1",
-                &[&pos, &sale_id],
-            )
-            .await
-            .map(|mut v| v.pop())
-        })
+        self.select(
+            "SELECT external_reference, body FROM sales
+             WHERE pos = $1 AND sale_id = $2 ORDER BY accepted_at DESC, seq DESC LIMIT 1",
+            &[&pos, &sale_id],
+            sale_row,
+        )
         .await
+        .map(|mut v| v.pop())
     }
 
     async fn timeline(
         &self,
         reference: &ExternalReference,
     ) -> Result<Vec<TimelineEntry>, StoreError> {
-        self.timed(async {
-            let c = self.conn().await?;
-            rows(
-                &c,
-                "SELECT at, event, detail FROM sale_events WHERE external_reference = $1 ORDER BY seq",
-                &[&reference.as_str()],
-            )
-            .await?
-            .iter()
-            .map(|r| Ok((col(r, 0)?, col(r, 1)?, col(r, 2)?)))
-            .collect()
-        })
+        self.select(
+            "SELECT at, event, detail FROM sale_events WHERE external_reference = $1 ORDER BY seq",
+            &[&reference.as_str()],
+            |r| Ok((col(r, 0)?, col(r, 1)?, col(r, 2)?)),
+        )
         .await
     }
 
     async fn unsettled_served(&self, since: i64) -> Result<Vec<Sale>, StoreError> {
-        self.timed(async {
-            let c = self.conn().await?;
-            bodies(
-                &c,
-                "SELECT external_reference, body FROM sales WHERE unsettled AND served_at >= $1",
-                &[&since],
-            )
-            .await
-        })
+        self.select(
+            "SELECT external_reference, body FROM sales WHERE unsettled AND served_at >= $1",
+            &[&since],
+            sale_row,
+        )
         .await
     }
 
     async fn pending_auto_refunds(&self) -> Result<Vec<Sale>, StoreError> {
-        self.timed(async {
-            let c = self.conn().await?;
-            bodies(
-                &c,
-                "SELECT external_reference, body FROM sales WHERE owes = 2",
-                &[],
-            )
-            .await
-        })
+        self.select(
+            "SELECT external_reference, body FROM sales WHERE owes = 2",
+            &[],
+            sale_row,
+        )
         .await
     }
 
     async fn count_owing(&self) -> Result<u64, StoreError> {
-        self.timed(async {
-            let c = self.conn().await?;
-            let r = rows(&c, "SELECT count(*) FROM sales WHERE owes > 0", &[]).await?;
-            let n: i64 = r.first().map(|r| col(r, 0)).transpose()?.unwrap_or(0);
-            Ok(n.max(0) as u64)
-        })
-        .await
+        let n = self
+            .select("SELECT count(*) FROM sales WHERE owes > 0", &[], |r| {
+                col::<i64>(r, 0)
+            })
+            .await?;
+        Ok(n.first().copied().unwrap_or(0).max(0) as u64)
     }
 
     // ---- The notification inbox ----
 
     async fn inbox_add(&self, topic: &str, id: &str, now: i64) -> Result<InboxEntry, StoreError> {
-        self.timed(async {
-            let c = self.conn().await?;
-            // A pending entry folds the notification in (and is due now); a
-            // done one opens again: Mercado Pago has news about the resource.
-            let r = rows(
-                &c,
-                &format!(
-                    "INSERT INTO inbox (topic, id, received_at, generation, attempts, next_at)
-                     VALUES ($1, $2, $3, 1, 0, $3)
-                     ON CONFLICT (topic, id) DO UPDATE SET
-                       generation = inbox.generation + 1,
-                       next_at = LEAST(inbox.next_at, excluded.next_at),
-                       received_at = CASE WHEN inbox.done_at IS NULL THEN inbox.received_at ELSE excluded.received_at END,
-                       attempts = CASE WHEN inbox.done_at IS NULL THEN inbox.attempts ELSE 0 END,
-                       done_at = NULL, outcome = NULL
-                     RETURNING {INBOX_COLUMNS}"
-                ),
-                &[&topic, &id, &now],
-            )
-            .await?;
-            r.first()
-                .map(inbox_entry)
-                .unwrap_or_else(|| Err(StoreError::Database("the inbox returned no row".into())))
-        })
-        .await
+        // A pending entry folds the notification in (and is due now); a done
+        // one opens again: Mercado Pago has news about the resource.
+        self.select(
+            &format!(
+                "INSERT INTO inbox (topic, id, received_at, generation, attempts, next_at)
+                 VALUES ($1, $2, $3, 1, 0, $3)
+                 ON CONFLICT (topic, id) DO UPDATE SET
+                   generation = inbox.generation + 1,
+                   next_at = LEAST(inbox.next_at, excluded.next_at),
+                   received_at = CASE WHEN inbox.done_at IS NULL THEN inbox.received_at ELSE excluded.received_at END,
+                   attempts = CASE WHEN inbox.done_at IS NULL THEN inbox.attempts ELSE 0 END,
+                   done_at = NULL, outcome = NULL
+                 RETURNING {INBOX_COLUMNS}"
+            ),
+            &[&topic, &id, &now],
+            inbox_entry,
+        )
+        .await?
+        .pop()
+        .ok_or_else(|| StoreError::Database("the inbox returned no row".into()))
     }
 
     async fn inbox_pending(&self) -> Result<Vec<InboxEntry>, StoreError> {
-        self.timed(async {
-            let c = self.conn().await?;
-            rows(
-                &c,
-                &format!(
-                    "SELECT {INBOX_COLUMNS} FROM inbox WHERE done_at IS NULL ORDER BY received_at"
-                ),
-                &[],
-            )
-            .await?
-            .iter()
-            .map(inbox_entry)
-            .collect()
-        })
+        self.select(
+            &format!(
+                "SELECT {INBOX_COLUMNS} FROM inbox WHERE done_at IS NULL ORDER BY received_at"
+            ),
+            &[],
+            inbox_entry,
+        )
         .await
     }
 
@@ -787,86 +744,62 @@ impl Store for PgStore {
         next_at: i64,
         error: &str,
     ) -> Result<(), StoreError> {
-        self.timed(async {
-            let c = self.conn().await?;
-            exec(
-                &c,
-                "UPDATE inbox SET attempts = $3, next_at = GREATEST(next_at, $4), last_error = $5
-                 WHERE topic = $1 AND id = $2 AND generation = $6 AND done_at IS NULL",
-                &[
-                    &topic,
-                    &id,
-                    &i64::from(attempts),
-                    &next_at,
-                    &error,
-                    &generation,
-                ],
-            )
-            .await
-            .map(drop)
-        })
+        self.execute(
+            "UPDATE inbox SET attempts = $3, next_at = GREATEST(next_at, $4), last_error = $5
+             WHERE topic = $1 AND id = $2 AND generation = $6 AND done_at IS NULL",
+            &[
+                &topic,
+                &id,
+                &i64::from(attempts),
+                &next_at,
+                &error,
+                &generation,
+            ],
+        )
         .await
+        .map(drop)
     }
 
     // ---- Operator refund requests ----
 
     async fn refund_request(&self, key: &str) -> Result<Option<RefundRequest>, StoreError> {
-        self.timed(async {
-            let c = self.conn().await?;
-            rows(
-                &c,
-                "SELECT key, external_reference, plan, status, answer, at FROM refund_requests WHERE key = $1",
-                &[&key],
-            )
-            .await?
-            .first()
-            .map(refund_request)
-            .transpose()
-        })
+        self.select(
+            "SELECT key, external_reference, plan, status, answer, at FROM refund_requests WHERE key = $1",
+            &[&key],
+            refund_request,
+        )
         .await
+        .map(|mut v| v.pop())
     }
 
     async fn unanswered_refund_requests(&self) -> Result<Vec<RefundRequest>, StoreError> {
-        self.timed(async {
-            let c = self.conn().await?;
-            rows(
-                &c,
-                "SELECT key, external_reference, plan, status, answer, at
-                 FROM refund_requests WHERE status IS NULL ORDER BY at",
-                &[],
-            )
-            .await?
-            .iter()
-            .map(refund_request)
-            .collect()
-        })
+        self.select(
+            "SELECT key, external_reference, plan, status, answer, at
+             FROM refund_requests WHERE status IS NULL ORDER BY at",
+            &[],
+            refund_request,
+        )
         .await
     }
 
     async fn put_refund_request(&self, r: RefundRequest) -> Result<(), StoreError> {
-        self.timed(async {
-            let c = self.conn().await?;
-            let (status, answer) = r.answer.clone().unzip();
-            let status = status.map(i64::from);
-            exec(
-                &c,
-                "INSERT INTO refund_requests (key, external_reference, plan, status, answer, at)
-                 VALUES ($1, $2, $3, $4, $5, $6)
-                 ON CONFLICT (key) DO UPDATE SET plan = excluded.plan,
-                   status = excluded.status, answer = excluded.answer",
-                &[
-                    &r.key,
-                    &r.external_reference,
-                    &r.plan,
-                    &status,
-                    &answer,
-                    &r.at,
-                ],
-            )
-            .await
-            .map(drop)
-        })
+        let (status, answer) = r.answer.clone().unzip();
+        self.execute(
+            "INSERT INTO refund_requests (key, external_reference, plan, status, answer, at)
+             VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (key) DO UPDATE SET plan = excluded.plan,
+               status = excluded.status, answer = excluded.answer",
+            &[
+                &r.key,
+                &r.external_reference,
+                &r.plan,
+                &status.map(i64::from),
+                &answer,
+                &r.at,
+            ],
+        )
         .await
+        .map(drop)
     }
 
     // ---- Searching paid sales again ----
@@ -877,29 +810,24 @@ impl Store for PgStore {
         paid_before: i64,
         limit: usize,
     ) -> Result<Vec<Recheck>, StoreError> {
-        self.timed(async {
-            let c = self.conn().await?;
-            let found = rows(
-                &c,
+        let found = self
+            .select(
                 "SELECT external_reference, paid_at, done FROM rechecks
                  WHERE done = $1 AND paid_at <= $2 ORDER BY paid_at LIMIT $3",
                 &[&i64::from(done), &paid_before, &(limit as i64)],
+                |r| Ok((col::<String>(r, 0)?, col::<i64>(r, 1)?, col::<i64>(r, 2)?)),
             )
             .await?;
-            let mut out = Vec::with_capacity(found.len());
-            for r in &found {
-                let Ok(external_reference) = ExternalReference::parse(&col::<String>(r, 0)?) else {
-                    continue;
-                };
-                out.push(Recheck {
-                    external_reference,
-                    paid_at: col(r, 1)?,
-                    done: u32::try_from(col::<i64>(r, 2)?.max(0)).unwrap_or(u32::MAX),
-                });
-            }
-            Ok(out)
-        })
-        .await
+        Ok(found
+            .into_iter()
+            .filter_map(|(reference, paid_at, done)| {
+                Some(Recheck {
+                    external_reference: ExternalReference::parse(&reference).ok()?,
+                    paid_at,
+                    done: u32::try_from(done.max(0)).unwrap_or(u32::MAX),
+                })
+            })
+            .collect())
     }
 
     async fn recheck_done(
@@ -908,27 +836,21 @@ impl Store for PgStore {
         done: u32,
         last: bool,
     ) -> Result<(), StoreError> {
-        self.timed(async {
-            let c = self.conn().await?;
-            let reference = reference.as_str();
-            if last {
-                exec(
-                    &c,
-                    "DELETE FROM rechecks WHERE external_reference = $1",
-                    &[&reference],
-                )
-                .await
-            } else {
-                exec(
-                    &c,
-                    "UPDATE rechecks SET done = $2 WHERE external_reference = $1",
-                    &[&reference, &i64::from(done)],
-                )
-                .await
-            }
-            .map(drop)
-        })
-        .await
+        let reference = reference.as_str();
+        if last {
+            self.execute(
+                "DELETE FROM rechecks WHERE external_reference = $1",
+                &[&reference],
+            )
+            .await
+        } else {
+            self.execute(
+                "UPDATE rechecks SET done = $2 WHERE external_reference = $1",
+                &[&reference, &i64::from(done)],
+            )
+            .await
+        }
+        .map(drop)
     }
 
     async fn prune(&self, before: i64) -> Result<(), StoreError> {
@@ -948,16 +870,10 @@ impl Store for PgStore {
     }
 
     async fn merchant_order(&self, id: &MpId) -> Result<Option<MerchantOrderRecord>, StoreError> {
-        self.timed(async {
-            let c = self.conn().await?;
-            rows(
-                &c,
-                "SELECT external_reference, status, body, seen_at FROM merchant_orders WHERE id = $1",
-                &[&text_id(id)],
-            )
-            .await?
-            .first()
-            .map(|r| {
+        self.select(
+            "SELECT external_reference, status, body, seen_at FROM merchant_orders WHERE id = $1",
+            &[&text_id(id)],
+            |r| {
                 Ok(MerchantOrderRecord {
                     id: id.clone(),
                     external_reference: col(r, 0)?,
@@ -966,10 +882,10 @@ impl Store for PgStore {
                     seen_at: col(r, 3)?,
                     payments: Vec::new(),
                 })
-            })
-            .transpose()
-        })
+            },
+        )
         .await
+        .map(|mut v| v.pop())
     }
 
     // ---- Retention ----
@@ -1083,41 +999,33 @@ impl Store for PgStore {
     }
 
     async fn forget_rejections(&self, before: i64, limit: usize) -> Result<usize, StoreError> {
-        self.timed(async {
-            let c = self.conn().await?;
-            // Oldest first by `seq` (the order they were kept), so the
-            // search stops within the first `limit` rows.
-            let n = exec(
-                &c,
+        // Oldest first by `seq` (the order they were kept), so the search
+        // stops within the first `limit` rows.
+        let n = self
+            .execute(
                 "DELETE FROM device_rejections WHERE seq IN
                    (SELECT seq FROM device_rejections ORDER BY seq LIMIT $2) AND at < $1",
                 &[&before, &(limit as i64)],
             )
             .await?;
-            Ok(usize::try_from(n).unwrap_or(usize::MAX))
-        })
-        .await
+        Ok(usize::try_from(n).unwrap_or(usize::MAX))
     }
 
     async fn sales(&self, filter: SaleFilter) -> Result<Vec<Sale>, StoreError> {
-        self.timed(async {
-            let c = self.conn().await?;
-            bodies(
-                &c,
-                "SELECT external_reference, body FROM sales
-                 WHERE ($1::TEXT IS NULL OR pos = $1) AND ($2::TEXT IS NULL OR state = $2)
-                   AND ($3::BIGINT IS NULL OR accepted_at >= $3) AND (NOT $5 OR owes > 0)
-                 ORDER BY accepted_at DESC, seq DESC LIMIT $4",
-                &[
-                    &filter.pos,
-                    &filter.state,
-                    &filter.since,
-                    &(filter.limit.min(10_000) as i64),
-                    &filter.owing,
-                ],
-            )
-            .await
-        })
+        self.select(
+            "SELECT external_reference, body FROM sales
+             WHERE ($1::TEXT IS NULL OR pos = $1) AND ($2::TEXT IS NULL OR state = $2)
+               AND ($3::BIGINT IS NULL OR accepted_at >= $3) AND (NOT $5 OR owes > 0)
+             ORDER BY accepted_at DESC, seq DESC LIMIT $4",
+            &[
+                &filter.pos,
+                &filter.state,
+                &filter.since,
+                &(filter.limit.min(10_000) as i64),
+                &filter.owing,
+            ],
+            sale_row,
+        )
         .await
     }
 
@@ -1185,67 +1093,51 @@ impl Store for PgStore {
     }
 
     async fn check_writable(&self) -> Result<(), StoreError> {
-        self.timed(async {
-            let c = self.conn().await?;
-            exec(
-                &c,
-                "INSERT INTO health (id, at) VALUES (1, extract(epoch FROM now())::BIGINT)
-                 ON CONFLICT (id) DO UPDATE SET at = excluded.at",
-                &[],
-            )
-            .await
-            .map(drop)
-        })
+        self.execute(
+            "INSERT INTO health (id, at) VALUES (1, extract(epoch FROM now())::BIGINT)
+             ON CONFLICT (id) DO UPDATE SET at = excluded.at",
+            &[],
+        )
         .await
+        .map(drop)
     }
 
     // ---- POS registration at Mercado Pago ----
 
     async fn record_registration(&self, r: RegistrationRecord) -> Result<(), StoreError> {
-        self.timed(async {
-            let c = self.conn().await?;
-            exec(
-                &c,
-                "INSERT INTO mp_registrations (pos, mp_external_id, store, mp_pos_id, url, qr_image,
-                   qr_template_document, qr_template_image, action, at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
-                 ON CONFLICT (pos) DO UPDATE SET mp_external_id = excluded.mp_external_id,
-                   store = excluded.store, mp_pos_id = excluded.mp_pos_id, url = excluded.url,
-                   qr_image = excluded.qr_image, qr_template_document = excluded.qr_template_document,
-                   qr_template_image = excluded.qr_template_image, action = excluded.action,
-                   at = excluded.at",
-                &[
-                    &r.pos,
-                    &r.mp_external_id,
-                    &r.store,
-                    &(r.mp_pos_id as i64),
-                    &r.url,
-                    &r.qr_image,
-                    &r.qr_template_document,
-                    &r.qr_template_image,
-                    &r.action,
-                    &r.at,
-                ],
-            )
-            .await
-            .map(drop)
-        })
+        self.execute(
+            "INSERT INTO mp_registrations (pos, mp_external_id, store, mp_pos_id, url, qr_image,
+               qr_template_document, qr_template_image, action, at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+             ON CONFLICT (pos) DO UPDATE SET mp_external_id = excluded.mp_external_id,
+               store = excluded.store, mp_pos_id = excluded.mp_pos_id, url = excluded.url,
+               qr_image = excluded.qr_image, qr_template_document = excluded.qr_template_document,
+               qr_template_image = excluded.qr_template_image, action = excluded.action,
+               at = excluded.at",
+            &[
+                &r.pos,
+                &r.mp_external_id,
+                &r.store,
+                &(r.mp_pos_id as i64),
+                &r.url,
+                &r.qr_image,
+                &r.qr_template_document,
+                &r.qr_template_image,
+                &r.action,
+                &r.at,
+            ],
+        )
         .await
+        .map(drop)
     }
 
     async fn registrations(&self) -> Result<Vec<RegistrationRecord>, StoreError> {
-        self.timed(async {
-            let c = self.conn().await?;
-            rows(
-                &c,
-                "SELECT pos, mp_external_id, store, mp_pos_id, url, qr_image, qr_template_document,
-                        qr_template_image, action, at
-                 FROM mp_registrations ORDER BY pos",
-                &[],
-            )
-            .await?
-            .iter()
-            .map(|r| {
+        self.select(
+            "SELECT pos, mp_external_id, store, mp_pos_id, url, qr_image, qr_template_document,
+                    qr_template_image, action, at
+             FROM mp_registrations ORDER BY pos",
+            &[],
+            |r| {
                 Ok(RegistrationRecord {
                     pos: col(r, 0)?,
                     mp_external_id: col(r, 1)?,
@@ -1258,9 +1150,8 @@ impl Store for PgStore {
                     action: col(r, 8)?,
                     at: col(r, 9)?,
                 })
-            })
-            .collect()
-        })
+            },
+        )
         .await
     }
 }
