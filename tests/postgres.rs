@@ -30,7 +30,7 @@ mod sales;
 mod wait;
 
 use postgres::{Postgres, SECURED_PASSWORD, SECURED_ROLE};
-use sales::sale;
+use sales::{put, sale};
 use wait::{wait_for, wait_for_event, WAIT};
 
 const BIN: &str = env!("CARGO_BIN_EXE_qrgate");
@@ -118,14 +118,11 @@ async fn a_pos_has_one_open_sale_per_device_sale_id_in_the_database() {
     let Some(pg) = postgres::shared() else { return };
     let store = PgStore::connect(&pg.fresh_url()).await.unwrap();
     let mut first = sale("pump-1", "pump-1-a", "5", SaleState::Pending, 1);
-    store.record(&first, &SaleEvent::Accepted).await.unwrap();
+    put(&store, &first, &SaleEvent::Accepted).await.unwrap();
     // A second writer accepting the same device sale (the same message
     // delivered twice) is refused by the database itself.
     let twice = sale("pump-1", "pump-1-b", "5", SaleState::Pending, 1);
-    let e = store
-        .record(&twice, &SaleEvent::Accepted)
-        .await
-        .unwrap_err();
+    let e = put(&store, &twice, &SaleEvent::Accepted).await.unwrap_err();
     assert!(
         matches!(&e, StoreError::Database(m) if m.contains("already has an open sale") && m.contains("pump-1-b")),
         "{e}"
@@ -137,16 +134,16 @@ async fn a_pos_has_one_open_sale_per_device_sale_id_in_the_database() {
         .is_none());
     // Another POS, or the same id once the first sale ended (a device reset),
     // is a new sale.
-    store
-        .record(
-            &sale("pump-2", "pump-2-a", "5", SaleState::Pending, 1),
-            &SaleEvent::Accepted,
-        )
-        .await
-        .unwrap();
+    put(
+        &store,
+        &sale("pump-2", "pump-2-a", "5", SaleState::Pending, 1),
+        &SaleEvent::Accepted,
+    )
+    .await
+    .unwrap();
     first.state = SaleState::Cancelled;
-    store.record(&first, &SaleEvent::Cancelled).await.unwrap();
-    store.record(&twice, &SaleEvent::Accepted).await.unwrap();
+    put(&store, &first, &SaleEvent::Cancelled).await.unwrap();
+    put(&store, &twice, &SaleEvent::Accepted).await.unwrap();
 }
 
 /// Whether a connection to `url` is encrypted, as the server sees it.
@@ -264,7 +261,7 @@ async fn a_frozen_or_stopped_postgresql_makes_the_store_answer_unavailable_then_
     })
     .await;
     let s = sale("pump-1", "pump-1-a", "1", SaleState::Pending, 1);
-    store.record(&s, &SaleEvent::Accepted).await.unwrap();
+    put(&store, &s, &SaleEvent::Accepted).await.unwrap();
 }
 
 async fn advisory_locks_granted(pg: &Postgres) -> i64 {
@@ -682,6 +679,8 @@ async fn record_throughput_on_each_engine() {
                 .map(|w| {
                     let store = std::sync::Arc::clone(&store);
                     tokio::spawn(async move {
+                        // Each writer its own POS, whose version it knows.
+                        let mut version = 0;
                         for n in (w..SALES).step_by(writers) {
                             let s = sale(
                                 &format!("pump-{w}"),
@@ -690,7 +689,10 @@ async fn record_throughput_on_each_engine() {
                                 SaleState::Cancelled,
                                 1,
                             );
-                            store.record(&s, &SaleEvent::Accepted).await.unwrap();
+                            version = store
+                                .record(&s, &SaleEvent::Accepted, version)
+                                .await
+                                .unwrap();
                         }
                     })
                 })

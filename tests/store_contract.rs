@@ -23,7 +23,7 @@ use qrgate::store::{
     RejectionRecord, RetentionPage, SaleFilter, SqliteStore, Store, StoreError,
 };
 use rust_decimal::Decimal;
-use sales::sale;
+use sales::{put, sale};
 
 #[path = "common/postgres.rs"]
 mod postgres;
@@ -84,6 +84,7 @@ macro_rules! contract {
 
 contract!(
     a_sale_survives_reopening_and_is_closed_only_once,
+    a_change_decided_on_an_older_version_of_its_pos_is_refused_stale_and_writes_nothing,
     closes_of_one_sale_racing_from_eight_tasks_give_exactly_one_ok,
     a_payment_is_recorded_in_one_sale_s_ledger_only,
     a_sale_is_one_row_by_its_reference_and_a_refund_is_recorded_once,
@@ -154,14 +155,14 @@ fn references(sales: Vec<Sale>) -> Vec<String> {
 async fn a_sale_survives_reopening_and_is_closed_only_once(engine: Engine) {
     let store = engine.open().await;
     let s = sale("pump-1", "pump-1-a", "1", SaleState::Pending, 1);
-    store.record(&s, &SaleEvent::Accepted).await.unwrap();
+    put(&*store, &s, &SaleEvent::Accepted).await.unwrap();
     for (pos, r) in [("pump-1", "pump-1-b"), ("pump-2", "pump-2-a")] {
         let other = sale(pos, r, "2", SaleState::Pending, 2);
-        store.record(&other, &SaleEvent::Accepted).await.unwrap();
+        put(&*store, &other, &SaleEvent::Accepted).await.unwrap();
     }
     let s = paid(s, 9, 8, 3);
-    store.record(&s, &PAID).await.unwrap();
-    let e = store.record(&s, &PAID).await.unwrap_err();
+    put(&*store, &s, &PAID).await.unwrap();
+    let e = put(&*store, &s, &PAID).await.unwrap_err();
     assert!(matches!(e, StoreError::AlreadyClosed(_)), "{e}");
     drop(store);
 
@@ -178,27 +179,114 @@ async fn a_sale_survives_reopening_and_is_closed_only_once(engine: Engine) {
         ["accepted", "paid"]
     );
     // Closed across the restart too.
-    let e = store.record(&s, &PAID).await.unwrap_err();
+    let e = put(&*store, &s, &PAID).await.unwrap_err();
     assert!(matches!(e, StoreError::AlreadyClosed(_)), "{e}");
     store.check_writable().await.unwrap();
+}
+
+async fn a_change_decided_on_an_older_version_of_its_pos_is_refused_stale_and_writes_nothing(
+    engine: Engine,
+) {
+    let store = engine.open().await;
+    let head = store.pos_head("pump-1").await.unwrap();
+    assert_eq!((head.version, head.latest.is_none()), (0, true));
+    assert!(store.pos_versions().await.unwrap().is_empty());
+    let mut a = sale("pump-1", "pump-1-a", "1", SaleState::Pending, 1);
+    assert_eq!(store.record(&a, &SaleEvent::Accepted, 0).await.unwrap(), 1);
+    // Decided before a was stored: refused, and nothing of it written.
+    let b = sale("pump-1", "pump-1-b", "2", SaleState::Pending, 2);
+    match store.record(&b, &SaleEvent::Accepted, 0).await.unwrap_err() {
+        StoreError::Stale { pos, version } => assert_eq!((pos.as_str(), version), ("pump-1", 1)),
+        e => panic!("{e}"),
+    }
+    assert!(store.sale(&b.external_reference).await.unwrap().is_none());
+    assert!(events(store.as_ref(), "pump-1-b").await.is_empty());
+    // A close decided on an older version is stale before it is anything.
+    let closed = paid(a.clone(), 7, 8, 3);
+    let e = store.record(&closed, &PAID, 0).await.unwrap_err();
+    assert!(matches!(e, StoreError::Stale { version: 1, .. }), "{e}");
+    a.state = SaleState::Cancelled;
+    a.updated_at = 4;
+    assert_eq!(store.record(&a, &SaleEvent::Cancelled, 1).await.unwrap(), 2);
+    let head = store.pos_head("pump-1").await.unwrap();
+    assert_eq!(head.version, 2);
+    assert_eq!(head.latest.map(|s| s.state), Some(SaleState::Cancelled));
+    // Eight new sales of pump-2 decided on its first state: one is stored.
+    let racing: Vec<_> = (0..8)
+        .map(|n| {
+            let store = Arc::clone(&store);
+            let s = sale(
+                "pump-2",
+                &format!("pump-2-{n}"),
+                &n.to_string(),
+                SaleState::Pending,
+                5,
+            );
+            tokio::spawn(async move { store.record(&s, &SaleEvent::Accepted, 0).await })
+        })
+        .collect();
+    let mut stored = 0;
+    for r in racing {
+        match r.await.unwrap() {
+            Ok(v) => {
+                stored += 1;
+                assert_eq!(v, 1);
+            }
+            Err(StoreError::Stale { version: 1, .. }) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(stored, 1);
+    assert_eq!(
+        store
+            .sales(SaleFilter {
+                pos: Some("pump-2".into()),
+                limit: 10,
+                ..SaleFilter::default()
+            })
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    drop(store);
+    // Versions are stored: a restart starts from them.
+    let store = engine.open().await;
+    let mut versions = store.pos_versions().await.unwrap();
+    versions.sort();
+    assert_eq!(
+        versions,
+        [("pump-1".to_owned(), 2), ("pump-2".to_owned(), 1)]
+    );
 }
 
 async fn closes_of_one_sale_racing_from_eight_tasks_give_exactly_one_ok(engine: Engine) {
     let store = engine.open().await;
     let s = sale("pump-1", "pump-1-race", "1", SaleState::Pending, 1);
-    store.record(&s, &SaleEvent::Accepted).await.unwrap();
+    put(&*store, &s, &SaleEvent::Accepted).await.unwrap();
     let closes: Vec<_> = (0..8)
         .map(|n| {
             let store = Arc::clone(&store);
-            // Each believes its own payment closes the sale.
+            // Each believes its own payment closes the sale, and, refused
+            // as stale, reads the POS again and tries again, as a book does.
             let s = paid(s.clone(), 900 + n, 800 + n, 2);
-            tokio::spawn(async move { store.record(&s, &PAID).await })
+            tokio::spawn(async move {
+                loop {
+                    match put(&*store, &s, &PAID).await {
+                        Err(StoreError::Stale { .. }) => continue,
+                        other => return other,
+                    }
+                }
+            })
         })
         .collect();
     let mut ok = 0;
     for close in closes {
         match close.await.unwrap() {
-            Ok(()) => ok += 1,
+            Ok(version) => {
+                ok += 1;
+                assert_eq!(version, 2);
+            }
             Err(StoreError::AlreadyClosed(r)) => assert_eq!(r, "pump-1-race"),
             Err(e) => panic!("{e}"),
         }
@@ -223,7 +311,7 @@ async fn a_payment_is_recorded_in_one_sale_s_ledger_only(engine: Engine) {
         70,
         2,
     );
-    store.record(&a, &PAID).await.unwrap();
+    put(&*store, &a, &PAID).await.unwrap();
     // Another sale claiming the same payment is refused, naming the owner.
     let b = paid(
         sale("pump-2", "pump-2-b", "1", SaleState::Pending, 1),
@@ -231,7 +319,7 @@ async fn a_payment_is_recorded_in_one_sale_s_ledger_only(engine: Engine) {
         71,
         3,
     );
-    match store.record(&b, &PAID).await.unwrap_err() {
+    match put(&*store, &b, &PAID).await.unwrap_err() {
         StoreError::ForeignPayment { payment, owner } => {
             assert_eq!((payment.as_str(), owner.as_str()), ("77", "pump-1-a"))
         }
@@ -243,15 +331,15 @@ async fn a_payment_is_recorded_in_one_sale_s_ledger_only(engine: Engine) {
     // Its owner writes its ledger again freely.
     let mut again = a.clone();
     again.updated_at = 4;
-    store.record(&again, &SaleEvent::RefundDue).await.unwrap();
+    put(&*store, &again, &SaleEvent::RefundDue).await.unwrap();
 }
 
 async fn a_sale_is_one_row_by_its_reference_and_a_refund_is_recorded_once(engine: Engine) {
     let store = engine.open().await;
     let mut s = sale("pump-1", "pump-1-a", "1", SaleState::Pending, 1);
-    store.record(&s, &SaleEvent::Accepted).await.unwrap();
+    put(&*store, &s, &SaleEvent::Accepted).await.unwrap();
     s = paid(s, 5, 6, 2);
-    store.record(&s, &PAID).await.unwrap();
+    put(&*store, &s, &PAID).await.unwrap();
     // The operator refunds it: refund 55 of payment 5, written at each of
     // two events (a redelivered answer writes the same ledger again).
     s.state = SaleState::Refunded;
@@ -273,7 +361,7 @@ async fn a_sale_is_one_row_by_its_reference_and_a_refund_is_recorded_once(engine
             amount: Decimal::from(10),
             by: "console".into(),
         };
-        store.record(&s, &refunded).await.unwrap();
+        put(&*store, &s, &refunded).await.unwrap();
     }
     let all = store
         .sales(SaleFilter {
@@ -449,19 +537,19 @@ async fn a_device_sale_id_finds_the_pos_s_latest_sale_with_it(engine: Engine) {
     let store = engine.open().await;
     // The device reused sale id 7 after a reset: two sales carry it.
     let mut old = sale("pump-1", "pump-1-old", "7", SaleState::Pending, 1);
-    store.record(&old, &SaleEvent::Accepted).await.unwrap();
+    put(&*store, &old, &SaleEvent::Accepted).await.unwrap();
     old.state = SaleState::Cancelled;
     old.updated_at = 2;
-    store.record(&old, &SaleEvent::Cancelled).await.unwrap();
+    put(&*store, &old, &SaleEvent::Cancelled).await.unwrap();
     let new = sale("pump-1", "pump-1-new", "7", SaleState::Pending, 3);
-    store.record(&new, &SaleEvent::Accepted).await.unwrap();
-    store
-        .record(
-            &sale("pump-2", "pump-2-x", "7", SaleState::Pending, 4),
-            &SaleEvent::Accepted,
-        )
-        .await
-        .unwrap();
+    put(&*store, &new, &SaleEvent::Accepted).await.unwrap();
+    put(
+        &*store,
+        &sale("pump-2", "pump-2-x", "7", SaleState::Pending, 4),
+        &SaleEvent::Accepted,
+    )
+    .await
+    .unwrap();
     let found = store
         .sale_by_device_id("pump-1", "7")
         .await
@@ -490,7 +578,7 @@ async fn reconciliation_and_refunds_find_the_sales_they_must_work_on(engine: Eng
     ] {
         let mut s = sale(&r[..6], r, "1", SaleState::Pending, 1);
         s.served_at = served;
-        store.record(&s, &SaleEvent::Served).await.unwrap();
+        put(&*store, &s, &SaleEvent::Served).await.unwrap();
     }
     let mut searched = references(store.unsettled_served(15).await.unwrap());
     searched.sort();
@@ -504,7 +592,7 @@ async fn reconciliation_and_refunds_find_the_sales_they_must_work_on(engine: Eng
         30,
     );
     s.served_at = Some(20);
-    store.record(&s, &PAID).await.unwrap();
+    put(&*store, &s, &PAID).await.unwrap();
     assert_eq!(
         references(store.unsettled_served(0).await.unwrap()),
         ["pump-1-a"]
@@ -534,12 +622,10 @@ async fn reconciliation_and_refunds_find_the_sales_they_must_work_on(engine: Eng
         s.updated_at = 42;
         s
     };
-    store
-        .record(&owing("pump-4-d", 500, true), &PAID)
+    put(&*store, &owing("pump-4-d", 500, true), &PAID)
         .await
         .unwrap();
-    store
-        .record(&owing("pump-5-e", 800, false), &PAID)
+    put(&*store, &owing("pump-5-e", 800, false), &PAID)
         .await
         .unwrap();
     assert_eq!(store.count_owing().await.unwrap(), 2);
@@ -695,7 +781,7 @@ async fn a_paid_sale_is_searched_again_until_its_last_search(engine: Engine) {
             at as u64 + 1,
             at,
         );
-        store.record(&s, &PAID).await.unwrap();
+        put(&*store, &s, &PAID).await.unwrap();
     }
     let due = |done, before, limit| {
         let store = Arc::clone(&store);
@@ -751,7 +837,7 @@ async fn retention_pages_through_candidates_and_forgets_only_sales_unchanged_sin
         12,
         20,
     );
-    store.record(&a, &PAID).await.unwrap();
+    put(&*store, &a, &PAID).await.unwrap();
     store
         .record_merchant_order(MerchantOrderRecord {
             id: MpId::Num(12),
@@ -774,12 +860,12 @@ async fn retention_pages_through_candidates_and_forgets_only_sales_unchanged_sin
         .await
         .unwrap();
     let b = sale("pump-1", "pump-1-b", "2", SaleState::Pending, 30);
-    store.record(&b, &SaleEvent::Accepted).await.unwrap();
+    put(&*store, &b, &SaleEvent::Accepted).await.unwrap();
     // pump-2: a cancelled sale with an operator's refund under way, then a
     // newer one; pump-3: its only sale.
     let mut c = sale("pump-2", "pump-2-c", "1", SaleState::Cancelled, 40);
     c.updated_at = 41;
-    store.record(&c, &SaleEvent::Cancelled).await.unwrap();
+    put(&*store, &c, &SaleEvent::Cancelled).await.unwrap();
     store
         .put_refund_request(RefundRequest {
             key: "rq".into(),
@@ -791,9 +877,9 @@ async fn retention_pages_through_candidates_and_forgets_only_sales_unchanged_sin
         .await
         .unwrap();
     let d = sale("pump-2", "pump-2-d", "2", SaleState::Pending, 50);
-    store.record(&d, &SaleEvent::Accepted).await.unwrap();
+    put(&*store, &d, &SaleEvent::Accepted).await.unwrap();
     let e = sale("pump-3", "pump-3-e", "1", SaleState::Cancelled, 60);
-    store.record(&e, &SaleEvent::Cancelled).await.unwrap();
+    put(&*store, &e, &SaleEvent::Cancelled).await.unwrap();
 
     // Pages of two, in the order sales last changed.
     let page = |after, with_records| RetentionPage {
@@ -872,16 +958,16 @@ async fn retention_pages_through_candidates_and_forgets_only_sales_unchanged_sin
     let mut a2 = a.clone();
     a2.delivered_at = Some(70);
     a2.updated_at = 70;
-    store
-        .record(
-            &a2,
-            &SaleEvent::Delivered {
-                ok: true,
-                reason: None,
-            },
-        )
-        .await
-        .unwrap();
+    put(
+        &*store,
+        &a2,
+        &SaleEvent::Delivered {
+            ok: true,
+            reason: None,
+        },
+    )
+    .await
+    .unwrap();
     let forgotten = store
         .forget_sales(vec![
             (reference("pump-1-a"), 20),
@@ -927,7 +1013,7 @@ async fn retention_pages_through_candidates_and_forgets_only_sales_unchanged_sin
         1
     );
     // Its closing went too: the reference could be closed anew.
-    store.record(&a, &PAID).await.unwrap();
+    put(&*store, &a, &PAID).await.unwrap();
 }
 
 async fn the_operator_filters_sales_by_pos_state_owing_and_time_newest_first(engine: Engine) {
@@ -937,8 +1023,7 @@ async fn the_operator_filters_sales_by_pos_state_owing_and_time_newest_first(eng
         ("pump-1", "pump-1-b", SaleState::Pending, 2),
         ("pump-2", "pump-2-c", SaleState::Pending, 3),
     ] {
-        store
-            .record(&sale(pos, r, "1", state, at), &SaleEvent::Accepted)
+        put(&*store, &sale(pos, r, "1", state, at), &SaleEvent::Accepted)
             .await
             .unwrap();
     }
@@ -953,7 +1038,7 @@ async fn the_operator_filters_sales_by_pos_state_owing_and_time_newest_first(eng
         refund: None,
     }];
     owing.ledger = Ledger::from_payments(vec![late]);
-    store.record(&owing, &SaleEvent::RefundDue).await.unwrap();
+    put(&*store, &owing, &SaleEvent::RefundDue).await.unwrap();
     let all = SaleFilter {
         limit: 100,
         ..SaleFilter::default()

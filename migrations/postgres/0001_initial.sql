@@ -9,6 +9,13 @@
 -- - `seq` columns keep the order rows were first written in (SQLite's rowid):
 --   a POS's latest sale, a sale's merchant orders in the order they came.
 
+-- Every POS's version: how many changes to its sales are stored. A change
+-- is written only if it was decided on the current one, under this row's lock.
+CREATE TABLE pos_heads (
+    pos                TEXT PRIMARY KEY,
+    version            BIGINT NOT NULL
+);
+
 CREATE TABLE sales (
     seq                BIGINT GENERATED ALWAYS AS IDENTITY UNIQUE,
     external_reference TEXT PRIMARY KEY,

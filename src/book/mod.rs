@@ -36,6 +36,9 @@ use rejections::{Tally, SUMMARY_CODE};
 pub struct PosView {
     pub state: PosState,
     pub answer: PollAnswer,
+    /// The POS's version in the store this view was read at or written as:
+    /// a change is decided on it, and refused there if the POS moved on.
+    pub version: u64,
     /// Set by the first poll that hands the pending sale to Mercado Pago, so
     /// only that poll asks for the sale to be marked served.
     served_asked: AtomicBool,
@@ -121,6 +124,9 @@ pub struct Book {
     /// Which device refusals are kept one by one (`book::rejections`).
     refusals: Tally,
     clock: Clock,
+    /// POS whose change stored elsewhere was heard of and not read yet: the
+    /// version heard. Polls of them read the store first.
+    behind: DashMap<PosId, u64>,
 }
 
 /// What the book needs from the configuration besides the POS.
@@ -138,6 +144,11 @@ pub struct BookSettings {
 
 /// Stripes of the per-sale refund turn.
 const REFUND_TURNS: usize = 64;
+
+/// Times a change refused as stale is decided again on the stored state
+/// before the caller hears the refusal: each retry follows another
+/// instance's change to the same POS in between.
+const STALE_RETRIES: u32 = 5;
 
 impl Book {
     /// Builds the book from the store's latest sale of each configured POS.
@@ -157,6 +168,7 @@ impl Book {
             clock,
         } = settings;
         let latest = store.latest_sales().await?;
+        let versions: HashMap<String, u64> = store.pos_versions().await?.into_iter().collect();
         let mut by_pos: HashMap<PosId, Sale> =
             latest.into_iter().map(|s| (s.pos.clone(), s)).collect();
         let views = DashMap::with_capacity(pos.len());
@@ -165,7 +177,8 @@ impl Book {
                 presence: orders::Presence::Unknown,
                 current: by_pos.remove(&p.id),
             };
-            views.insert(p.id.clone(), Arc::new(view(p, state, &account)));
+            let version = versions.get(p.id.as_str()).copied().unwrap_or(0);
+            views.insert(p.id.clone(), Arc::new(view(p, state, &account, version)));
         }
         for (pos, sale) in by_pos {
             tracing::warn!(pos = %pos, external_reference = %sale.external_reference, state = sale.state.as_str(),
@@ -191,6 +204,7 @@ impl Book {
             // MQTT side sets the configured one.
             refusals: Tally::new(20),
             clock,
+            behind: DashMap::new(),
         })
     }
 
@@ -229,14 +243,50 @@ impl Book {
         Ok(self.store.sale(reference).await?)
     }
 
-    /// Durably writes a change, timed for the metrics.
-    async fn record(&self, sale: &Sale, event: &SaleEvent) -> Result<(), StoreError> {
+    /// Durably writes a change decided on `seen`, timed for the metrics;
+    /// the POS's new version.
+    async fn record(
+        &self,
+        seen: &PosView,
+        sale: &Sale,
+        event: &SaleEvent,
+    ) -> Result<u64, StoreError> {
         let started = std::time::Instant::now();
-        let r = self.store.record(sale, event).await;
+        let r = self.store.record(sale, event, seen.version).await;
         self.metrics
             .store_write_seconds
             .observe(started.elapsed().as_secs_f64());
         r
+    }
+
+    /// Reads the POS again from the store after a change decided on its
+    /// view was refused as stale: another instance changed it. Called with
+    /// the POS's lock held.
+    async fn reload(&self, cfg: &PosConfig, stale: &StoreError) -> Result<(), BookError> {
+        let head = self.store.pos_head(cfg.id.as_str()).await?;
+        let presence = self
+            .view(&cfg.id)
+            .map_or(orders::Presence::Unknown, |v| v.state.presence);
+        tracing::info!(pos = %cfg.id, version = head.version, reason = %stale,
+            "the POS changed in the store since this view: read again, deciding again");
+        let state = PosState {
+            presence,
+            current: head.latest,
+        };
+        self.views.insert(
+            cfg.id.clone(),
+            Arc::new(view(cfg, state, &self.account, head.version)),
+        );
+        Ok(())
+    }
+
+    /// The POS's view at a new version, when a change stored was to an
+    /// older sale than its current one.
+    fn moved_to(&self, cfg: &PosConfig, seen: &PosView, version: u64) {
+        self.views.insert(
+            cfg.id.clone(),
+            Arc::new(view(cfg, seen.state.clone(), &self.account, version)),
+        );
     }
 
     pub fn pos_config(&self, id: &str) -> Option<&PosConfig> {
@@ -274,6 +324,71 @@ impl Book {
             }
         }
         view.answer.clone()
+    }
+
+    /// The version of a change to the POS stored elsewhere that was heard
+    /// of and not read yet ([`Book::follow`]).
+    pub fn behind(&self, id: &str) -> Option<u64> {
+        let id = PosId::parse(id).ok()?;
+        self.behind.get(&id).map(|v| *v)
+    }
+
+    /// Follows a change another instance stored: version `version` of POS
+    /// `pos`. The view is read again from the store (under the POS's lock)
+    /// unless it is there already; the device was told by whoever stored
+    /// it. Until then the POS is behind, and polls of it wait for this.
+    pub async fn follow(&self, pos: &str, version: u64) -> Result<(), BookError> {
+        let Ok(id) = PosId::parse(pos) else {
+            return Ok(());
+        };
+        let (Some(cfg), Some(lock)) = (self.pos.get(&id), self.locks.get(&id)) else {
+            return Ok(());
+        };
+        if self.view(&id).is_some_and(|v| v.version >= version) {
+            return Ok(());
+        }
+        self.behind
+            .entry(id.clone())
+            .and_modify(|v| *v = (*v).max(version))
+            .or_insert(version);
+        let _guard = lock.lock().await;
+        if self.view(&id).is_none_or(|v| v.version < version) {
+            let head = self.store.pos_head(pos).await?;
+            let presence = self
+                .view(&id)
+                .map_or(orders::Presence::Unknown, |v| v.state.presence);
+            let state = PosState {
+                presence,
+                current: head.latest,
+            };
+            tracing::debug!(
+                pos,
+                version = head.version,
+                "followed a change stored elsewhere"
+            );
+            self.views.insert(
+                id.clone(),
+                Arc::new(view(cfg, state, &self.account, head.version)),
+            );
+        }
+        let now = self.view(&id).map_or(0, |v| v.version);
+        self.behind.remove_if(&id, |_, heard| *heard <= now);
+        Ok(())
+    }
+
+    /// Follows every POS whose stored version is past its view's: after the
+    /// feed of changes was lost for a while (a reconnection), when what
+    /// changed meanwhile is not known. The number of POS read again.
+    pub async fn catch_up(&self) -> Result<usize, BookError> {
+        let mut read = 0;
+        for (pos, version) in self.store.pos_versions().await? {
+            let Ok(id) = PosId::parse(&pos) else { continue };
+            if self.view(&id).is_some_and(|v| v.version < version) {
+                self.follow(&pos, version).await?;
+                read += 1;
+            }
+        }
+        Ok(read)
     }
 
     /// Every POS's retained state, to republish after a (re)connection: the
@@ -570,12 +685,19 @@ impl Book {
 
     /// Makes a stored change visible: the view and the device's retained
     /// state.
-    fn commit(&self, cfg: &PosConfig, presence: orders::Presence, sale: Sale, publish: bool) {
+    fn commit(
+        &self,
+        cfg: &PosConfig,
+        presence: orders::Presence,
+        sale: Sale,
+        publish: bool,
+        version: u64,
+    ) {
         let state = PosState {
             presence,
             current: Some(sale),
         };
-        let v = Arc::new(view(cfg, state, &self.account));
+        let v = Arc::new(view(cfg, state, &self.account, version));
         // Shown before told: a device may poll the moment it hears its state.
         self.views.insert(cfg.id.clone(), Arc::clone(&v));
         if let Some(s) = v.state.current.as_ref().filter(|_| publish) {
@@ -591,12 +713,40 @@ impl Book {
         }
     }
 
-    /// Applies a command to a POS: decide, store, show, tell.
+    /// Applies a command to a POS: decide, store, show, tell. A decision
+    /// the store refuses as stale is made again on the stored state.
     pub async fn execute(&self, pos: &PosId, cmd: Command) -> Result<Outcome, BookError> {
         let (Some(cfg), Some(lock)) = (self.pos.get(pos), self.locks.get(pos)) else {
             return Err(BookError::UnknownPos(pos.to_string()));
         };
         let _guard = lock.lock().await;
+        let mut attempts = 0;
+        loop {
+            match self
+                .execute_locked(cfg, pos, cmd.clone(), attempts > 0)
+                .await
+            {
+                Err(BookError::Store(stale @ StoreError::Stale { .. }))
+                    if attempts < STALE_RETRIES =>
+                {
+                    attempts += 1;
+                    self.reload(cfg, &stale).await?;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// [`Book::execute`] with the POS's lock held: one decision. `again`:
+    /// a decision made again after a stale one, on a change stored
+    /// elsewhere, whose device was told by whoever stored it.
+    async fn execute_locked(
+        &self,
+        cfg: &PosConfig,
+        pos: &PosId,
+        cmd: Command,
+        again: bool,
+    ) -> Result<Outcome, BookError> {
         let current = self
             .view(pos)
             .ok_or_else(|| BookError::UnknownPos(pos.to_string()))?;
@@ -622,7 +772,8 @@ impl Book {
                     let outcome = orders::rules::deliver(&older, *ok, reason.clone(), self.now());
                     match &outcome {
                         Outcome::Changed { sale, event } => {
-                            self.record(sale, event).await?;
+                            let version = self.record(&current, sale, event).await?;
+                            self.moved_to(cfg, &current, version);
                             self.log_event(Some(&older), sale, event);
                             self.wake_refunds(sale);
                         }
@@ -641,15 +792,18 @@ impl Book {
             // The operator hears why; the device has nothing to learn.
             Outcome::Rejected { .. } if from_operator => {}
             Outcome::Changed { sale, event } => {
-                self.record(sale, event).await?;
+                let version = self.record(&current, sale, event).await?;
                 self.log_event(current.state.current.as_ref(), sale, event);
                 self.wake_refunds(sale);
                 // A failed delivery changes nothing the device must hear.
                 let publish =
                     !matches!(event, SaleEvent::Delivered { .. }) && self.shown_to_device(sale);
-                self.commit(cfg, current.state.presence, sale.clone(), publish);
+                self.commit(cfg, current.state.presence, sale.clone(), publish, version);
                 self.follow_up(cfg, sale, event);
             }
+            // The same message, applied by another instance in between:
+            // the device heard its state from there.
+            Outcome::Republish if again => {}
             Outcome::Republish => {
                 if let Some(s) = current
                     .state
@@ -683,8 +837,10 @@ impl Book {
                     presence: *p,
                     current: current.state.current.clone(),
                 };
-                self.views
-                    .insert(pos.clone(), Arc::new(view(cfg, state, &self.account)));
+                self.views.insert(
+                    pos.clone(),
+                    Arc::new(view(cfg, state, &self.account, current.version)),
+                );
             }
             Outcome::Nothing => {}
         }
@@ -738,68 +894,76 @@ impl Book {
         else {
             return foreign();
         };
-        let Some(locked) = self.lock_sale(&reference).await? else {
-            return foreign();
-        };
-        let (pos, sale) = (locked.cfg.id.clone(), &locked.sale);
-        let outcome = match orders::settle(sale, facts, self.collector_id, self.now()) {
-            Ok(o) => o,
-            Err(why) => {
+        let mut attempts = 0;
+        loop {
+            let Some(locked) = self.lock_sale(&reference).await? else {
+                return foreign();
+            };
+            let (pos, sale) = (locked.cfg.id.clone(), &locked.sale);
+            let outcome = match orders::settle(sale, facts, self.collector_id, self.now()) {
+                Ok(o) => o,
+                Err(why) => {
+                    tracing::info!(pos = %pos, sale_id = %sale.sale_id, external_reference = %reference,
+                        merchant_order = %facts.id, reason = why.code(), detail = %why, "merchant order closes nothing");
+                    self.events.emit(OpEvent {
+                        at: self.clock.now_millis(),
+                        kind: "notification".into(),
+                        detail: format!("merchant order {} closes nothing: {why}", facts.id),
+                        ..OpEvent::of_sale(sale, "notification", "")
+                    });
+                    self.check_attended_order(&locked, facts);
+                    return Ok(Verdict::Unpaid(why.code().to_owned()));
+                }
+            };
+            let Outcome::Changed {
+                sale: changed,
+                event,
+            } = outcome
+            else {
                 tracing::info!(pos = %pos, sale_id = %sale.sale_id, external_reference = %reference,
-                    merchant_order = %facts.id, reason = why.code(), detail = %why, "merchant order closes nothing");
-                self.events.emit(OpEvent {
-                    at: self.clock.now_millis(),
-                    kind: "notification".into(),
-                    detail: format!("merchant order {} closes nothing: {why}", facts.id),
-                    ..OpEvent::of_sale(sale, "notification", "")
-                });
-                self.check_attended_order(&locked, facts);
-                return Ok(Verdict::Unpaid(why.code().to_owned()));
-            }
-        };
-        let Outcome::Changed {
-            sale: changed,
-            event,
-        } = outcome
-        else {
-            tracing::info!(pos = %pos, sale_id = %sale.sale_id, external_reference = %reference,
-                merchant_order = %facts.id, "payments already recorded");
-            return Ok(Verdict::Duplicate);
-        };
-        match self.record(&changed, &event).await {
-            Ok(()) => {}
-            Err(StoreError::AlreadyClosed(_)) => {
-                tracing::info!(pos = %pos, external_reference = %reference, merchant_order = %facts.id,
-                    "sale already closed (store)");
+                    merchant_order = %facts.id, "payments already recorded");
                 return Ok(Verdict::Duplicate);
+            };
+            let version = match self.record(&locked.view, &changed, &event).await {
+                Ok(version) => version,
+                Err(stale @ StoreError::Stale { .. }) if attempts < STALE_RETRIES => {
+                    attempts += 1;
+                    self.reload(locked.cfg, &stale).await?;
+                    continue;
+                }
+                Err(StoreError::AlreadyClosed(_)) => {
+                    tracing::info!(pos = %pos, external_reference = %reference, merchant_order = %facts.id,
+                        "sale already closed (store)");
+                    return Ok(Verdict::Duplicate);
+                }
+                Err(e @ StoreError::ForeignPayment { .. }) => {
+                    tracing::error!(pos = %pos, external_reference = %reference, merchant_order = %facts.id,
+                        error = %e, "a payment reported for this sale is another sale's: nothing recorded");
+                    return Ok(Verdict::Unpaid("foreign_payment".into()));
+                }
+                Err(e) => return Err(e.into()),
+            };
+            self.log_event(Some(sale), &changed, &event);
+            self.wake_refunds(&changed);
+            let settlement = match event {
+                SaleEvent::Paid { .. } => Verdict::Paid {
+                    reference: reference.clone(),
+                },
+                SaleEvent::PaymentHeld => Verdict::Held {
+                    reference: reference.clone(),
+                },
+                _ => Verdict::RefundDue {
+                    reference: reference.clone(),
+                },
+            };
+            // Money for a sale that is no longer payable tells the device nothing.
+            let publish = matches!(settlement, Verdict::Paid { .. });
+            if publish {
+                self.follow_up(locked.cfg, &changed, &event);
             }
-            Err(e @ StoreError::ForeignPayment { .. }) => {
-                tracing::error!(pos = %pos, external_reference = %reference, merchant_order = %facts.id,
-                    error = %e, "a payment reported for this sale is another sale's: nothing recorded");
-                return Ok(Verdict::Unpaid("foreign_payment".into()));
-            }
-            Err(e) => return Err(e.into()),
+            locked.show(self, changed, publish, version);
+            return Ok(settlement);
         }
-        self.log_event(Some(sale), &changed, &event);
-        self.wake_refunds(&changed);
-        let settlement = match event {
-            SaleEvent::Paid { .. } => Verdict::Paid {
-                reference: reference.clone(),
-            },
-            SaleEvent::PaymentHeld => Verdict::Held {
-                reference: reference.clone(),
-            },
-            _ => Verdict::RefundDue {
-                reference: reference.clone(),
-            },
-        };
-        // Money for a sale that is no longer payable tells the device nothing.
-        let publish = matches!(settlement, Verdict::Paid { .. });
-        if publish {
-            self.follow_up(locked.cfg, &changed, &event);
-        }
-        locked.show(self, changed, publish);
-        Ok(settlement)
     }
 
     /// A rejected payment leaves the attended order for a retry, unless
@@ -925,20 +1089,31 @@ impl Book {
         reference: &ExternalReference,
         made: &[(orders::MpId, Refund)],
     ) -> Result<Option<Sale>, BookError> {
-        let Some(locked) = self.lock_sale(reference).await? else {
-            return Ok(None);
-        };
-        let Some(Outcome::Changed { sale, event }) =
-            orders::record_refunds(&locked.sale, made, self.clock.now_millis())
-        else {
-            return Ok(Some(locked.sale.clone()));
-        };
-        self.record(&sale, &event).await?;
-        self.log_event(Some(&locked.sale), &sale, &event);
-        let publish = matches!(event, SaleEvent::RefundedByOperator { .. });
-        let after = sale.clone();
-        locked.show(self, sale, publish);
-        Ok(Some(after))
+        let mut attempts = 0;
+        loop {
+            let Some(locked) = self.lock_sale(reference).await? else {
+                return Ok(None);
+            };
+            let Some(Outcome::Changed { sale, event }) =
+                orders::record_refunds(&locked.sale, made, self.clock.now_millis())
+            else {
+                return Ok(Some(locked.sale.clone()));
+            };
+            let version = match self.record(&locked.view, &sale, &event).await {
+                Ok(version) => version,
+                Err(stale @ StoreError::Stale { .. }) if attempts < STALE_RETRIES => {
+                    attempts += 1;
+                    self.reload(locked.cfg, &stale).await?;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            self.log_event(Some(&locked.sale), &sale, &event);
+            let publish = matches!(event, SaleEvent::RefundedByOperator { .. });
+            let after = sale.clone();
+            locked.show(self, sale, publish, version);
+            return Ok(Some(after));
+        }
     }
 }
 
@@ -952,20 +1127,24 @@ struct Locked<'a> {
 }
 
 impl Locked<'_> {
-    /// Makes a stored change visible when the sale is its POS's current one.
-    fn show(self, book: &Book, sale: Sale, publish: bool) {
+    /// Makes a stored change visible when the sale is its POS's current
+    /// one; the POS's view moves to the new version either way.
+    fn show(self, book: &Book, sale: Sale, publish: bool, version: u64) {
         if self.is_current {
-            book.commit(self.cfg, self.view.state.presence, sale, publish);
+            book.commit(self.cfg, self.view.state.presence, sale, publish, version);
+        } else {
+            book.moved_to(self.cfg, &self.view, version);
         }
     }
 }
 
-fn view(cfg: &PosConfig, state: PosState, account: &MpAccount) -> PosView {
+fn view(cfg: &PosConfig, state: PosState, account: &MpAccount, version: u64) -> PosView {
     let answer = poll_answer::render(cfg, &state, account);
     let served = state.busy_sale().is_some_and(|s| s.served_at.is_some());
     PosView {
         state,
         answer,
+        version,
         served_asked: AtomicBool::new(served),
     }
 }

@@ -96,6 +96,14 @@ pub async fn poll(
         }
         return ApiError::NotFound.error_response();
     }
+    // A change stored elsewhere is being read: never answer the old state.
+    if let Some(version) = shared.book.behind(&pos) {
+        if let Err(e) = shared.book.follow(&pos, version).await {
+            tracing::warn!(pos = %pos, error = %e, "cannot read a POS changed elsewhere; poll answered 503");
+            return ApiError::Unavailable("the POS is being read again; poll again".into())
+                .error_response();
+        }
+    }
     let answer = shared.book.poll(&pos);
     let metrics = shared.book.metrics();
     metrics.poll(answer.kind);

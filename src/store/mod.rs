@@ -41,6 +41,19 @@ pub enum StoreError {
     Database(String),
     #[error("corrupt record for {reference}: {reason}")]
     Corrupt { reference: String, reason: String },
+    /// The POS changed since the change was decided (another instance, or
+    /// a view read before the last write): nothing was written. The caller
+    /// decides again on the stored state ([`Store::pos_head`]).
+    #[error("POS {pos} moved on to version {version}: decided on an older state")]
+    Stale { pos: String, version: u64 },
+}
+
+/// A POS's place in the record: how many changes to its sales were stored
+/// (its version), and its latest sale.
+#[derive(Debug, Clone, Default)]
+pub struct PosHead {
+    pub version: u64,
+    pub latest: Option<Sale>,
 }
 
 /// A merchant order as fetched, kept for the operator and for audits.
@@ -161,10 +174,20 @@ pub struct RetentionCandidate {
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Durably writes the sale's new state and the event that produced it.
+    /// Durably writes the sale's new state and the event that produced it,
+    /// decided on version `seen` of its POS, and answers the POS's new
+    /// version. Every change to a POS's sales moves its version on by one,
+    /// under the POS's lock in the database, so a change decided on any
+    /// older state is refused with [`StoreError::Stale`] and writes nothing.
     /// A `Paid` event whose sale is already closed is refused with
     /// [`StoreError::AlreadyClosed`], whatever the caller believed.
-    async fn record(&self, sale: &Sale, event: &SaleEvent) -> Result<(), StoreError>;
+    async fn record(&self, sale: &Sale, event: &SaleEvent, seen: u64) -> Result<u64, StoreError>;
+
+    /// The POS's version and latest sale, read together.
+    async fn pos_head(&self, pos: &str) -> Result<PosHead, StoreError>;
+
+    /// Every POS's version (a POS never written has none: version 0).
+    async fn pos_versions(&self) -> Result<Vec<(String, u64)>, StoreError>;
 
     async fn record_merchant_order(&self, mo: MerchantOrderRecord) -> Result<(), StoreError>;
 

@@ -31,14 +31,18 @@ use tokio::sync::oneshot;
 use rust_decimal::Decimal;
 
 use super::{
-    InboxEntry, MerchantOrderRecord, PaymentRecord, Recheck, RefundRequest, RegistrationRecord,
-    RejectionRecord, RetentionCandidate, RetentionPage, SaleFilter, Store, StoreError,
-    TimelineEntry,
+    InboxEntry, MerchantOrderRecord, PaymentRecord, PosHead, Recheck, RefundRequest,
+    RegistrationRecord, RejectionRecord, RetentionCandidate, RetentionPage, SaleFilter, Store,
+    StoreError, TimelineEntry,
 };
 use crate::orders::ledger::RefundOf;
 use crate::orders::{ExternalReference, MpId, Sale, SaleEvent};
 
 pub(super) const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS pos_heads (
+    pos     TEXT PRIMARY KEY,
+    version INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS sales (
     external_reference TEXT PRIMARY KEY,
     pos                TEXT NOT NULL,
@@ -805,6 +809,34 @@ pub(super) fn write_ledger(conn: &Connection, sale: &Sale) -> Result<(), StoreEr
     Ok(())
 }
 
+fn head_version(conn: &Connection, pos: &str) -> Result<u64, StoreError> {
+    conn.prepare_cached("SELECT version FROM pos_heads WHERE pos = ?1")
+        .and_then(|mut st| st.query_row([pos], |r| r.get::<_, i64>(0)).optional())
+        .map_err(db)
+        .map(|v| v.map_or(0, |v| u64::try_from(v).unwrap_or(0)))
+}
+
+/// Moves the POS's version on from `seen`, or refuses a change decided on
+/// an older state. The writer is the only one, so reading and writing in
+/// its savepoint is the POS's lock.
+fn move_head(conn: &Connection, pos: &str, seen: u64) -> Result<u64, StoreError> {
+    let version = head_version(conn, pos)?;
+    if version != seen {
+        return Err(StoreError::Stale {
+            pos: pos.to_owned(),
+            version,
+        });
+    }
+    let next = version + 1;
+    conn.prepare_cached(
+        "INSERT INTO pos_heads (pos, version) VALUES (?1, ?2)
+         ON CONFLICT (pos) DO UPDATE SET version = excluded.version",
+    )
+    .and_then(|mut st| st.execute(params![pos, i64::try_from(next).unwrap_or(i64::MAX)]))
+    .map_err(db)?;
+    Ok(next)
+}
+
 fn write_sale(conn: &Connection, sale: &Sale, event: &SaleEvent) -> Result<(), StoreError> {
     let reference = sale.external_reference.as_str();
     if let SaleEvent::Paid { .. } = event {
@@ -1053,9 +1085,50 @@ fn bodies(
 
 #[async_trait]
 impl Store for SqliteStore {
-    async fn record(&self, sale: &Sale, event: &SaleEvent) -> Result<(), StoreError> {
+    async fn record(&self, sale: &Sale, event: &SaleEvent, seen: u64) -> Result<u64, StoreError> {
         let (sale, event) = (sale.clone(), event.clone());
-        self.write(move |c| write_sale(c, &sale, &event)).await
+        self.write(move |c| {
+            let version = move_head(c, sale.pos.as_str(), seen)?;
+            write_sale(c, &sale, &event)?;
+            Ok(version)
+        })
+        .await
+    }
+
+    async fn pos_head(&self, pos: &str) -> Result<PosHead, StoreError> {
+        let pos = pos.to_owned();
+        self.read(move |c| {
+            let version = head_version(c, &pos)?;
+            let latest = c
+                .query_row(
+                    "SELECT external_reference, body FROM sales WHERE pos = ?1
+                     ORDER BY rowid DESC LIMIT 1",
+                    [&pos],
+                    |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
+                )
+                .optional()
+                .map_err(db)?
+                .map(|(reference, body)| parse_sale(&reference, &body))
+                .transpose()?;
+            Ok(PosHead { version, latest })
+        })
+        .await
+    }
+
+    async fn pos_versions(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        self.read(|c| {
+            let mut st = c
+                .prepare("SELECT pos, version FROM pos_heads")
+                .map_err(db)?;
+            let rows = st
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+                .map_err(db)?
+                .map(|r| r.map(|(p, v)| (p, u64::try_from(v).unwrap_or(0))))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(db);
+            rows
+        })
+        .await
     }
 
     async fn record_merchant_order(&self, mo: MerchantOrderRecord) -> Result<(), StoreError> {
@@ -1794,6 +1867,12 @@ mod tests {
     use std::pin::Pin;
     use std::task::Poll;
 
+    /// Records a change decided on the POS's stored version.
+    async fn put(store: &SqliteStore, s: &Sale, e: &SaleEvent) -> Result<u64, StoreError> {
+        let seen = store.pos_head(s.pos.as_str()).await?.version;
+        store.record(s, e, seen).await
+    }
+
     fn sale(pos: &str, reference: &str, state: SaleState) -> Sale {
         Sale {
             external_reference: ExternalReference::parse(reference).unwrap(),
@@ -1877,8 +1956,7 @@ mod tests {
             paid: Decimal::ONE,
             at: 3,
         });
-        let e = store
-            .record(&s, &SaleEvent::Paid { overpaid: false })
+        let e = put(&store, &s, &SaleEvent::Paid { overpaid: false })
             .await
             .unwrap_err();
         assert!(matches!(e, StoreError::AlreadyClosed(_)), "{e}");
@@ -1967,7 +2045,7 @@ mod tests {
         let mut n = 0;
         let write = async |n: usize| {
             let s = sale("pump-1", &format!("pump-1-{n}"), SaleState::Pending);
-            store.record(&s, &SaleEvent::Accepted).await.unwrap();
+            put(&store, &s, &SaleEvent::Accepted).await.unwrap();
         };
         while wal_size() <= 2 * limit {
             write(n).await;
@@ -2018,7 +2096,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("q.db"), true).unwrap();
         let mut s = sale("pump-1", "pump-1-a", SaleState::Pending);
-        store.record(&s, &SaleEvent::Accepted).await.unwrap();
+        put(&store, &s, &SaleEvent::Accepted).await.unwrap();
         s.state = SaleState::Paid;
         s.settled = Some(Closing {
             payment_id: MpId::Num(9),
@@ -2030,8 +2108,8 @@ mod tests {
 
         let (release, holding) = hold(&store).await;
         let first = queued(store.record_rejection(rejection(1))).await;
-        let close = queued(store.record(&s, &paid)).await;
-        let close_again = queued(store.record(&s, &paid)).await;
+        let close = queued(store.record(&s, &paid, 1)).await;
+        let close_again = queued(store.record(&s, &paid, 1)).await;
         let half_done = queued(Box::pin(store.write(|c| {
             c.execute(
                 "INSERT INTO device_rejections (pos, sale_id, code, message, at)
@@ -2048,8 +2126,9 @@ mod tests {
 
         first.await.unwrap();
         close.await.unwrap();
+        // Decided on the version the first close moved on from.
         let e = close_again.await.unwrap_err();
-        assert!(matches!(e, StoreError::AlreadyClosed(_)), "{e}");
+        assert!(matches!(e, StoreError::Stale { version: 2, .. }), "{e}");
         let e = half_done.await.unwrap_err();
         assert!(e.to_string().contains("refused after writing"), "{e}");
         last.await.unwrap();

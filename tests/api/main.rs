@@ -15,6 +15,7 @@ mod health;
 mod helpers;
 mod hostile_devices;
 mod hostile_http;
+mod instances;
 mod ledger;
 mod messages;
 mod metrics;

@@ -179,43 +179,17 @@ async fn readiness_fails_with_a_reason_when_the_broker_is_unreachable() {
 /// would.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poll_right_after_the_device_hears_pending_is_served() {
-    use qrgate::book::{Book, BookSettings};
-    use qrgate::mercadopago::order_body::MpAccount;
     use qrgate::mqtt::inbound::parse;
     use qrgate::mqtt::topics::DeviceTopic;
-    use qrgate::orders::PollProtocol;
     use qrgate::orders::{PosId, PosKind};
-    use qrgate::store::SqliteStore;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::sync::Arc;
 
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(SqliteStore::open(&dir.path().join("q.db"), false).unwrap());
-    let (publish_tx, mut publish_rx) = tokio::sync::mpsc::unbounded_channel();
-    let (served_tx, _served_rx) = tokio::sync::mpsc::unbounded_channel();
-    let book = Arc::new(
-        Book::load(
-            vec![pos("pump-1", PosKind::Fuel)],
-            store,
-            MpAccount {
-                poll_protocol: qrgate::orders::PollProtocol::V1,
-                collector_id: 1,
-                sponsor_id: None,
-                notification_url: "http://127.0.0.1:9/mp/notifications".into(),
-            },
-            BookSettings {
-                collector_id: 1,
-                auto_refund: false,
-                poll_protocol: PollProtocol::V1,
-                attended: None,
-                clock: qrgate::clock::Clock::system(),
-            },
-            publish_tx,
-            served_tx,
-        )
-        .await
-        .unwrap(),
-    );
+    let (book, mut publish_rx) =
+        crate::helpers::bare_book(&dir.path().join("q.db"), vec![pos("pump-1", PosKind::Fuel)])
+            .await;
+    let book = Arc::new(book);
     let (heard, unserved, done) = (
         Arc::new(AtomicUsize::new(0)),
         Arc::new(AtomicUsize::new(0)),

@@ -29,3 +29,14 @@ pub fn sale(pos: &str, reference: &str, sale_id: &str, state: SaleState, at: i64
         updated_at: at,
     }
 }
+
+/// Records a change decided on the POS's stored version, as a book that
+/// just read it does: the new version.
+pub async fn put(
+    store: &(impl qrgate::store::Store + ?Sized),
+    s: &Sale,
+    event: &qrgate::orders::SaleEvent,
+) -> Result<u64, qrgate::store::StoreError> {
+    let seen = store.pos_head(s.pos.as_str()).await?.version;
+    store.record(s, event, seen).await
+}

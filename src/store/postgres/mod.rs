@@ -2,8 +2,12 @@
 //! the SQLite store method for method: the same tables, the same unique
 //! keys, the same answers. Each write is one transaction, committed before
 //! the call returns (PostgreSQL's commit is durable: `synchronous_commit`
-//! is the server's to keep on); a refused write (a second close of a sale)
-//! rolls back alone.
+//! is the server's to keep on); a refused write (a second close of a sale,
+//! a change decided on a POS's older version) rolls back alone.
+//!
+//! A change to a POS's sales moves the POS's version on (`pos_heads`) in
+//! its own transaction: the head row's lock orders changes of one POS, so
+//! one decided on an older state is refused `Stale`, whoever else wrote.
 //!
 //! The keys that make money happen once hold in the database itself, so
 //! they hold whoever writes: a sale's `external_reference`, its closing,
@@ -34,9 +38,9 @@ pub use target::{PgTarget, TlsMode, STORE_PASSWORD_ENV};
 
 use super::sqlite::{event_detail, parse_sale, sale_columns};
 use super::{
-    InboxEntry, MerchantOrderRecord, PaymentRecord, Recheck, RefundRequest, RegistrationRecord,
-    RejectionRecord, RetentionCandidate, RetentionPage, SaleFilter, Store, StoreError,
-    TimelineEntry,
+    InboxEntry, MerchantOrderRecord, PaymentRecord, PosHead, Recheck, RefundRequest,
+    RegistrationRecord, RejectionRecord, RetentionCandidate, RetentionPage, SaleFilter, Store,
+    StoreError, TimelineEntry,
 };
 use crate::orders::ledger::RefundOf;
 use crate::orders::{ExternalReference, MpId, Sale, SaleEvent};
@@ -279,8 +283,56 @@ async fn write_ledger<C: GenericClient>(tx: &C, sale: &Sale) -> Result<(), Store
     Ok(())
 }
 
-/// Whether an event writes more than its sale's row and its timeline entry
-/// (a closing, ledger rows): then it needs a transaction of its own.
+/// Moves the POS's version on from `seen`, or refuses a change decided on
+/// an older state. The update takes the head row's lock until the
+/// transaction ends: a concurrent change of the same POS waits for it, then
+/// finds another version and is refused.
+async fn move_head(
+    tx: &deadpool_postgres::Transaction<'_>,
+    pos: &str,
+    seen: u64,
+) -> Result<u64, StoreError> {
+    let moved = if seen == 0 {
+        rows(
+            tx,
+            "INSERT INTO pos_heads (pos, version) VALUES ($1, 1)
+             ON CONFLICT (pos) DO NOTHING RETURNING version",
+            &[&pos],
+        )
+        .await?
+    } else {
+        rows(
+            tx,
+            "UPDATE pos_heads SET version = version + 1 WHERE pos = $1 AND version = $2
+             RETURNING version",
+            &[&pos, &i64::try_from(seen).unwrap_or(i64::MAX)],
+        )
+        .await?
+    };
+    if let Some(r) = moved.first() {
+        return Ok(version(col(r, 0)?));
+    }
+    let version = head_version(tx, pos).await?;
+    Err(StoreError::Stale {
+        pos: pos.to_owned(),
+        version,
+    })
+}
+
+async fn head_version<C: GenericClient>(c: &C, pos: &str) -> Result<u64, StoreError> {
+    let found = rows(c, "SELECT version FROM pos_heads WHERE pos = $1", &[&pos]).await?;
+    Ok(found
+        .first()
+        .map(|r| col(r, 0))
+        .transpose()?
+        .map_or(0, version))
+}
+
+fn version(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+/// Whether an event writes ledger rows (a closing, payments, refunds).
 fn writes_ledger(event: &SaleEvent) -> bool {
     matches!(
         event,
@@ -292,10 +344,9 @@ fn writes_ledger(event: &SaleEvent) -> bool {
     )
 }
 
-/// Writes a sale and the event that changed it; in `tx`, a transaction,
-/// whenever [`writes_ledger`].
-async fn write_sale<C: GenericClient>(
-    tx: &C,
+/// Writes a sale and the event that changed it, in `tx`.
+async fn write_sale(
+    tx: &deadpool_postgres::Transaction<'_>,
     sale: &Sale,
     event: &SaleEvent,
 ) -> Result<(), StoreError> {
@@ -333,8 +384,7 @@ async fn write_sale<C: GenericClient>(
     }
     let (unsettled, owes) = sale_columns(sale);
     let body = serde_json::to_string(sale).map_err(|e| StoreError::Database(e.to_string()))?;
-    // The row and its event in one statement: one round trip, and atomic
-    // on its own when no transaction wraps it.
+    // The row and its event in one statement: one round trip.
     exec(
         tx,
         "WITH written AS (
@@ -509,15 +559,48 @@ async fn sale_record(
 
 #[async_trait]
 impl Store for PgStore {
-    async fn record(&self, sale: &Sale, event: &SaleEvent) -> Result<(), StoreError> {
+    async fn record(&self, sale: &Sale, event: &SaleEvent, seen: u64) -> Result<u64, StoreError> {
         self.timed(async {
             let mut c = self.conn().await?;
-            if !writes_ledger(event) {
-                return write_sale(&c, sale, event).await;
-            }
             let tx = c.transaction().await.map_err(pg)?;
+            let version = move_head(&tx, sale.pos.as_str(), seen).await?;
             write_sale(&tx, sale, event).await?;
-            tx.commit().await.map_err(pg)
+            tx.commit().await.map_err(pg)?;
+            Ok(version)
+        })
+        .await
+    }
+
+    async fn pos_head(&self, pos: &str) -> Result<PosHead, StoreError> {
+        self.timed(async {
+            let mut c = self.conn().await?;
+            // The version and the sale it counts, from one snapshot.
+            let tx = c
+                .build_transaction()
+                .isolation_level(IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .await
+                .map_err(pg)?;
+            let version = head_version(&tx, pos).await?;
+            let latest = rows(
+                &tx,
+                "SELECT external_reference, body FROM sales WHERE pos = $1 ORDER BY seq DESC LIMIT 1",
+                &[&pos],
+            )
+            .await?
+            .first()
+            .map(sale_row)
+            .transpose()?;
+            tx.commit().await.map_err(pg)?;
+            Ok(PosHead { version, latest })
+        })
+        .await
+    }
+
+    async fn pos_versions(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        self.select("SELECT pos, version FROM pos_heads", &[], |r| {
+            Ok((col(r, 0)?, version(col(r, 1)?)))
         })
         .await
     }
