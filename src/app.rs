@@ -23,7 +23,7 @@ use crate::mercadopago::poll_answer::MpAccount;
 use crate::mqtt::broker;
 use crate::mqtt::connection::{self, Endpoint};
 use crate::orders::Command;
-use crate::store::{SqliteStore, Store};
+use crate::store::{InstanceLock, PgLock, PgStore, SqliteStore, Store};
 
 /// Two TLS stacks are linked (reqwest's and rumqttc's), so rustls cannot pick
 /// its crypto provider by itself: choose one for the process, once.
@@ -42,7 +42,7 @@ pub struct App {
     link: Arc<LinkState>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
-    db_lock: crate::store::DbLock,
+    db_lock: crate::store::InstanceLock,
 }
 
 impl App {
@@ -82,15 +82,29 @@ impl App {
             None => None,
         };
         // One qrgate per database: taken before the store opens.
-        let db_lock = crate::store::DbLock::take(&config.store.path, listener.local_addr()?)?;
-        let store: Arc<dyn Store> = Arc::new(
-            SqliteStore::open_with(
-                &config.store.path,
-                config.store.fsync,
-                config.store.checkpoints,
-            )
-            .with_context(|| format!("cannot open the store {}", config.store.path.display()))?,
-        );
+        let (store, db_lock): (Arc<dyn Store>, InstanceLock) = match &config.store.url {
+            Some(url) => {
+                let password = config.store.password.as_ref().map(Secret::expose);
+                let lock = PgLock::take(url, password, listener.local_addr()?).await?;
+                let store = PgStore::open(url, password)
+                    .await
+                    .with_context(|| format!("cannot open the store {url}"))?;
+                tracing::info!(store = %url, tls = url.tls().as_str(), "store: PostgreSQL");
+                (Arc::new(store), InstanceLock::Postgres(lock))
+            }
+            None => {
+                let lock = crate::store::DbLock::take(&config.store.path, listener.local_addr()?)?;
+                let store = SqliteStore::open_with(
+                    &config.store.path,
+                    config.store.fsync,
+                    config.store.checkpoints,
+                )
+                .with_context(|| {
+                    format!("cannot open the store {}", config.store.path.display())
+                })?;
+                (Arc::new(store), InstanceLock::File(lock))
+            }
+        };
         let http_addr = listener.local_addr()?;
         // Unset, public_url is the listener's: its real port, when the OS
         // picked it.
@@ -184,6 +198,16 @@ impl App {
 
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
+        if let InstanceLock::Postgres(lock) = &db_lock {
+            // Another qrgate took the database while this one was cut off.
+            let (lost, shutdown) = (lock.lost(), shutdown.clone());
+            tracker.spawn(async move {
+                tokio::select! {
+                    _ = lost.cancelled() => shutdown.cancel(),
+                    _ = shutdown.cancelled() => {}
+                }
+            });
+        }
         let (publish_tx, publish_rx) = mpsc::unbounded_channel();
         let (served_tx, mut served_rx) = mpsc::unbounded_channel();
         let any_attended = config

@@ -44,6 +44,8 @@ pub const WEBHOOK_SECRET_ENV: &str = "QRGATE_MP_WEBHOOK_SECRET";
 /// The environment variable that holds the read-only token of `/metrics`.
 pub const METRICS_TOKEN_ENV: &str = "QRGATE_METRICS_TOKEN";
 
+pub use crate::store::postgres::STORE_PASSWORD_ENV;
+
 /// A value that must never reach a log, an error or a response.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -75,6 +77,7 @@ pub const ENVIRONMENT: &[(&str, &str)] = &[
     (ADMIN_TOKEN_ENV, "the operator's token, 16 characters or more (default: none; console on loopback only)"),
     (METRICS_TOKEN_ENV, "a read-only token for /metrics alone (default: none)"),
     (MQTT_PASSWORD_ENV, "qrgate's password at an external broker (default: none)"),
+    (STORE_PASSWORD_ENV, "the PostgreSQL password of [store] url (default: none)"),
     ("<VAR>_FILE", "a file holding the secret <VAR> (any variable above, or one a config key names)"),
     (secrets::CREDENTIALS_DIRECTORY_ENV, "systemd's credentials: <VAR> lower-cased without QRGATE_ (mp_access_token), and device_passwords"),
     ("QRGATE_<SECTION>__<KEY>", "overrides one config key (QRGATE_HTTP__LISTEN=0.0.0.0:8080)"),
@@ -341,6 +344,10 @@ pub struct OrdersConfig {
 
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
+    /// PostgreSQL (`url`) instead of the SQLite file at `path`.
+    pub url: Option<crate::store::postgres::PgTarget>,
+    /// From `QRGATE_STORE_PASSWORD`, for `url`.
+    pub password: Option<Secret>,
     pub path: PathBuf,
     /// fsync at every commit (SQLite `synchronous = FULL`); off only for
     /// measurements.
@@ -580,6 +587,8 @@ struct RawOrders {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawStore {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    url: Option<String>,
     path: String,
     fsync: bool,
     retain_days: f64,
@@ -705,6 +714,7 @@ fn defaults() -> RawConfig {
             notification_retry_max_secs: 60,
         },
         store: RawStore {
+            url: None,
             path: "qrgate.db".into(),
             fsync: true,
             retain_days: 90.0,
@@ -919,6 +929,7 @@ fn secret_home(key: &str, field: &str) -> Option<String> {
         ("mqtt", false, "password") => Some(var(MQTT_PASSWORD_ENV)),
         ("admin", false, "token") => Some(var(ADMIN_TOKEN_ENV)),
         ("admin" | "http", false, "metrics_token") => Some(var(METRICS_TOKEN_ENV)),
+        ("store", false, "password") => Some(var(STORE_PASSWORD_ENV)),
         ("pos", _, "password" | "device_password") => Some(
             "name the variable that holds it with device_password_env, or list it in \
              [mqtt] device_passwords_file"
@@ -983,6 +994,7 @@ fn validate(
         }
     };
     let access_token = secret(ACCESS_TOKEN_ENV);
+    let store_password = secret(STORE_PASSWORD_ENV);
     let webhook_secret = secret(WEBHOOK_SECRET_ENV);
     let serving_secret = |name: &str| if serving { secret(name) } else { None };
     let mqtt_password = serving_secret(MQTT_PASSWORD_ENV);
@@ -1361,6 +1373,12 @@ fn validate(
     if raw.store.path.trim().is_empty() {
         bad("store.path", "must name a database file".into());
     }
+    let store_url = match raw.store.url.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(url) => crate::store::postgres::PgTarget::parse(url)
+            .map_err(|e| bad("store.url", e))
+            .ok(),
+    };
     // A day or a fraction of one (tests and benchmarks use minutes), up to
     // a hundred years.
     let retain = match raw.store.retain_days {
@@ -1774,6 +1792,8 @@ fn validate(
             notification_retry_max_secs: raw.orders.notification_retry_max_secs,
         },
         store: StoreConfig {
+            url: store_url,
+            password: store_password,
             path: PathBuf::from(raw.store.path),
             fsync: raw.store.fsync,
             retain,
@@ -1832,6 +1852,7 @@ fn render_effective(
         MQTT_PASSWORD_ENV,
     ]
     .into_iter()
+    .chain(config.store.url.is_some().then_some(STORE_PASSWORD_ENV))
     .chain(named)
     {
         let line = match sources.get(var) {
@@ -2033,6 +2054,40 @@ mod tests {
             let e = load_toml(&text(bad)).unwrap_err().to_string();
             assert!(e.contains("store.retain_days"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn a_store_url_selects_postgresql_with_its_password_from_the_environment_never_the_file() {
+        assert!(Config::defaults().store.url.is_none(), "SQLite by default");
+        let text =
+            |store: &str| format!("[mqtt]\nallow_anonymous = true\n[store]\n{store}\n{PUMP}");
+        let url = "postgres://qrgate@db.example.com/qrgate?sslmode=verify-full";
+        let c = load_env(
+            &text(&format!("url = \"{url}\"")),
+            &[(STORE_PASSWORD_ENV, "pg-s3cret")],
+        )
+        .unwrap();
+        assert_eq!(
+            c.store.url.as_ref().map(|u| u.to_string()).as_deref(),
+            Some(url)
+        );
+        assert_eq!(
+            c.store.password.as_ref().map(Secret::expose),
+            Some("pg-s3cret")
+        );
+        for bad in [
+            "url = \"postgres://qrgate:hunter2@db/qrgate\"",
+            "url = \"postgres://qrgate@db/qrgate?password=hunter2\"",
+            "password = \"hunter2\"",
+        ] {
+            let e = load_toml(&text(bad)).unwrap_err().to_string();
+            assert!(e.contains(STORE_PASSWORD_ENV), "{bad}: {e}");
+            assert!(!e.contains("hunter2"), "{bad}: {e}");
+        }
+        let e = load_toml(&text("url = \"postgres://qrgate@db/qrgate?sslmode=allow\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("store.url") && e.contains("verify-full"), "{e}");
     }
 
     #[test]

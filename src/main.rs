@@ -253,7 +253,7 @@ async fn pos(path: Option<PathBuf>, command: PosCmd) -> ExitCode {
             let store = if dry_run {
                 None
             } else {
-                match qrgate::store::SqliteStore::open(&config.store.path, config.store.fsync) {
+                match open_store(&config).await {
                     Ok(s) => Some(s),
                     Err(e) => {
                         eprintln!("qrgate: {e}");
@@ -266,8 +266,12 @@ async fn pos(path: Option<PathBuf>, command: PosCmd) -> ExitCode {
             let mut ok = report.failures() == 0;
             if let Some(store) = store {
                 let now = chrono::Utc::now().timestamp_millis();
-                if let Err(e) = registration::record(&store, &report, now).await {
-                    eprintln!("qrgate: Mercado Pago is up to date, but the QR links could not be kept in {}: {e}", config.store.path.display());
+                if let Err(e) = registration::record(store.as_ref(), &report, now).await {
+                    let kept_in = config.store.url.as_ref().map_or_else(
+                        || config.store.path.display().to_string(),
+                        ToString::to_string,
+                    );
+                    eprintln!("qrgate: Mercado Pago is up to date, but the QR links could not be kept in {kept_in}: {e}");
                     ok = false;
                 }
             }
@@ -278,6 +282,22 @@ async fn pos(path: Option<PathBuf>, command: PosCmd) -> ExitCode {
             }
         }
     }
+}
+
+/// The store `serve` would use, opened beside it (no single-instance lock).
+async fn open_store(
+    config: &Config,
+) -> Result<Box<dyn qrgate::store::Store>, qrgate::store::StoreError> {
+    Ok(match &config.store.url {
+        Some(url) => {
+            let password = config.store.password.as_ref().map(|p| p.expose());
+            Box::new(qrgate::store::PgStore::open(url, password).await?)
+        }
+        None => Box::new(qrgate::store::SqliteStore::open(
+            &config.store.path,
+            config.store.fsync,
+        )?),
+    })
 }
 
 /// `qrgate backup PATH`: the store `serve` would open, copied online.
@@ -292,6 +312,15 @@ fn backup(config: Option<&Path>, to: &Path, force: bool) -> ExitCode {
             return ExitCode::from(EX_CONFIG);
         }
     };
+    if let Some(url) = &config.store.url {
+        eprintln!(
+            "qrgate: the store is PostgreSQL ({url}); `qrgate backup` copies SQLite files only. \
+             Back it up with pg_dump: pg_dump --format=custom --file={} '{url}' \
+             (docs/operations.md, \"PostgreSQL\")",
+            to.display()
+        );
+        return ExitCode::FAILURE;
+    }
     match qrgate::store::backup::backup(&config.store.path, to, force) {
         Ok(copied) => {
             println!(

@@ -122,7 +122,7 @@ impl DbLock {
     }
 }
 
-fn host_name() -> String {
+pub(super) fn host_name() -> String {
     let mut buf = [0u8; 256];
     // SAFETY: the buffer is valid for its whole length; gethostname writes
     // at most that many bytes.

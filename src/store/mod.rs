@@ -1,11 +1,13 @@
 //! The durable record. Every change to a sale is written here before it is
 //! acknowledged to a device or made visible to polls; the in-memory order
-//! book is rebuilt from it at start. Behind a trait because a second engine
-//! is planned; SQLite (WAL, fsync per commit) is the embedded default.
+//! book is rebuilt from it at start. One trait, two engines: SQLite (WAL,
+//! fsync per commit) is the embedded default; PostgreSQL (`[store] url`) is
+//! the shared one.
 
 pub mod backup;
 mod legacy;
 mod lock;
+pub mod postgres;
 mod sqlite;
 
 use async_trait::async_trait;
@@ -13,7 +15,16 @@ use async_trait::async_trait;
 use crate::orders::{ExternalReference, MpId, Sale, SaleEvent};
 
 pub use lock::{lock_path, DbLock, Holder, LockError};
+pub use postgres::{PgLock, PgStore};
 pub use sqlite::SqliteStore;
+
+/// What keeps this process its database's only qrgate until it exits: the
+/// SQLite file's flock, or PostgreSQL's advisory lock.
+#[derive(Debug)]
+pub enum InstanceLock {
+    File(DbLock),
+    Postgres(PgLock),
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -683,7 +683,7 @@ fn ledger_news(sale: &Sale) -> (Vec<serde_json::Value>, Vec<serde_json::Value>) 
     (owed, refunds)
 }
 
-fn event_detail(sale: &Sale, event: &SaleEvent) -> String {
+pub(super) fn event_detail(sale: &Sale, event: &SaleEvent) -> String {
     let (owed, refunds) = ledger_news(sale);
     let mut v = match event {
         SaleEvent::Accepted | SaleEvent::Priced => serde_json::json!({
@@ -911,7 +911,7 @@ fn write_sale(conn: &Connection, sale: &Sale, event: &SaleEvent) -> Result<(), S
     Ok(())
 }
 
-fn parse_sale(reference: &str, body: &str) -> Result<Sale, StoreError> {
+pub(super) fn parse_sale(reference: &str, body: &str) -> Result<Sale, StoreError> {
     serde_json::from_str(body).map_err(|e| StoreError::Corrupt {
         reference: reference.to_owned(),
         reason: e.to_string(),
@@ -1970,173 +1970,6 @@ mod tests {
             .is_some());
     }
 
-    #[tokio::test]
-    async fn a_sale_survives_reopening_the_file_and_is_closed_only_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("q.db");
-        let store = SqliteStore::open(&path, true).unwrap();
-        let mut s = sale("pump-1", "pump-1-a", SaleState::Pending);
-        put(&store, &s, &SaleEvent::Accepted).await.unwrap();
-        put(
-            &store,
-            &sale("pump-1", "pump-1-b", SaleState::Pending),
-            &SaleEvent::Accepted,
-        )
-        .await
-        .unwrap();
-        put(
-            &store,
-            &sale("pump-2", "pump-2-a", SaleState::Pending),
-            &SaleEvent::Accepted,
-        )
-        .await
-        .unwrap();
-        s.state = SaleState::Paid;
-        s.settled = Some(Closing {
-            payment_id: MpId::Num(9),
-            merchant_order: MpId::Num(8),
-            paid: Decimal::from(10),
-            at: 2,
-        });
-        let paid = SaleEvent::Paid { overpaid: false };
-        put(&store, &s, &paid).await.unwrap();
-        assert!(matches!(
-            put(&store, &s, &paid).await,
-            Err(StoreError::AlreadyClosed(_))
-        ));
-        drop(store);
-
-        let store = SqliteStore::open(&path, true).unwrap();
-        let mut latest: Vec<_> = store
-            .latest_sales()
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|s| s.external_reference.as_str().to_owned())
-            .collect();
-        latest.sort();
-        assert_eq!(latest, ["pump-1-b", "pump-2-a"]);
-        let found = store.sale(&s.external_reference).await.unwrap().unwrap();
-        assert_eq!(found.state, SaleState::Paid);
-        let events: Vec<_> = store
-            .timeline(&s.external_reference)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|e| e.1)
-            .collect();
-        assert_eq!(events, ["accepted", "paid"]);
-        store.check_writable().await.unwrap();
-    }
-
-    #[tokio::test]
-    async fn the_inbox_folds_duplicates_and_keeps_an_entry_until_its_latest_notification_is_applied(
-    ) {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("q.db");
-        let store = SqliteStore::open(&path, true).unwrap();
-        let first = store.inbox_add("merchant_order", "7", 100).await.unwrap();
-        assert_eq!(
-            (first.generation, first.attempts, first.next_at),
-            (1, 0, 100)
-        );
-        store
-            .inbox_retry(
-                "merchant_order",
-                "7",
-                1,
-                3,
-                5_000,
-                "Mercado Pago answered 500",
-            )
-            .await
-            .unwrap();
-        // A duplicate folds into the pending entry and makes it due now.
-        let again = store.inbox_add("merchant_order", "7", 200).await.unwrap();
-        assert_eq!((again.generation, again.attempts), (2, 3));
-        assert_eq!((again.received_at, again.next_at), (100, 200));
-        store.inbox_add("payment", "9", 300).await.unwrap();
-        assert_eq!(store.inbox_pending().await.unwrap().len(), 2);
-        // A failure noted for the older fetch does not push the newer back.
-        store
-            .inbox_retry("merchant_order", "7", 1, 4, 9_000, "500 again")
-            .await
-            .unwrap();
-        let now: Vec<_> = store.inbox_pending().await.unwrap();
-        assert_eq!((now[0].attempts, now[0].next_at), (3, 200));
-        // A fetch that started before the duplicate does not finish it.
-        assert_eq!(
-            store
-                .inbox_done("merchant_order", "7", 1, 400, "paid")
-                .await
-                .unwrap(),
-            Some(2)
-        );
-        assert_eq!(
-            store
-                .inbox_done("merchant_order", "7", 2, 400, "paid")
-                .await
-                .unwrap(),
-            None
-        );
-        // A stale fetch of an entry done already finds nothing to do.
-        assert_eq!(
-            store
-                .inbox_done("merchant_order", "7", 1, 450, "paid")
-                .await
-                .unwrap(),
-            None
-        );
-        drop(store);
-        // Across a restart only what is not applied is left.
-        let store = SqliteStore::open(&path, true).unwrap();
-        let pending = store.inbox_pending().await.unwrap();
-        assert_eq!(pending.len(), 1);
-        assert_eq!(
-            (pending[0].topic.as_str(), pending[0].id.as_str()),
-            ("payment", "9")
-        );
-        // News about a resource done before opens it again, afresh.
-        let reopened = store.inbox_add("merchant_order", "7", 500).await.unwrap();
-        assert_eq!((reopened.attempts, reopened.received_at), (0, 500));
-        assert_eq!(store.inbox_pending().await.unwrap().len(), 2);
-        // Done entries are forgotten after a while; pending ones never.
-        store
-            .inbox_done("payment", "9", 1, 600, "paid")
-            .await
-            .unwrap();
-        store.prune(700).await.unwrap();
-        assert_eq!(store.inbox_pending().await.unwrap().len(), 1);
-    }
-
-    // ---- POS registration ----
-
-    #[tokio::test]
-    async fn a_pos_registration_replaces_the_previous_one_and_survives_reopening() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("q.db");
-        let store = SqliteStore::open(&path, true).unwrap();
-        let mut r = RegistrationRecord {
-            pos: "pump-1".into(),
-            mp_external_id: "pump1".into(),
-            store: "st01".into(),
-            mp_pos_id: 3_000_001,
-            url: Some("https://s.example/mp/pos/pump-1?key=***".into()),
-            qr_image: Some("https://qr/1.png".into()),
-            qr_template_document: None,
-            qr_template_image: None,
-            action: "created".into(),
-            at: 1,
-        };
-        store.record_registration(r.clone()).await.unwrap();
-        r.action = "unchanged".into();
-        r.at = 2;
-        store.record_registration(r.clone()).await.unwrap();
-        drop(store);
-        let store = SqliteStore::open(&path, true).unwrap();
-        assert_eq!(store.registrations().await.unwrap(), vec![r]);
-    }
-
     // ---- The writer: group commit, savepoints, panics ----
 
     type Call<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
@@ -2190,36 +2023,6 @@ mod tests {
             .collect();
         r.reverse();
         r
-    }
-
-    #[tokio::test]
-    async fn the_latest_rejection_of_each_pos_is_one_row_per_pos() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("q.db"), false).unwrap();
-        for (pos, n) in [
-            ("pump-1", 1),
-            ("pump-2", 2),
-            ("pump-1", 3),
-            ("pump-2", 4),
-            ("pump-1", 5),
-        ] {
-            store
-                .record_rejection(RejectionRecord {
-                    pos: pos.into(),
-                    ..rejection(n)
-                })
-                .await
-                .unwrap();
-        }
-        let mut latest: Vec<_> = store
-            .latest_rejections()
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|r| (r.pos, r.at))
-            .collect();
-        latest.sort();
-        assert_eq!(latest, [("pump-1".to_owned(), 5), ("pump-2".to_owned(), 4)]);
     }
 
     /// A reader holding a snapshot (a backup, an operator's sqlite3) keeps
