@@ -239,6 +239,10 @@ impl App {
             .await?,
         );
 
+        // Changes other instances store, shown as they commit (PostgreSQL).
+        if let Some(heard) = store.changes(shutdown.clone()) {
+            tracker.spawn(Arc::clone(&book).follow_changes(heard));
+        }
         let link = connection::spawn(
             &config.mqtt,
             endpoint,

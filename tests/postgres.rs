@@ -22,6 +22,8 @@ use qrgate::store::{PgLock, PgStore, SqliteStore, Store, StoreError};
 use qrgate_devices::{Device, DeviceConfig, Item};
 use rust_decimal::Decimal;
 
+#[path = "common/book.rs"]
+mod book;
 #[path = "common/postgres.rs"]
 mod postgres;
 #[path = "common/sales.rs"]
@@ -354,15 +356,19 @@ fn app_config(url: &str, mp: &Simulator, prefix: &str, listener: &TcpListener) -
     config.mqtt.client_id = format!("qrgate-{prefix}");
     config.admin.listen = None;
     config.store.url = Some(PgTarget::parse(url).unwrap());
-    config.pos = vec![PosConfig {
+    config.pos = vec![pos("pump-1", PosKind::Fuel)];
+    config
+}
+
+fn pos(id: &str, kind: PosKind) -> PosConfig {
+    PosConfig {
         max_amount: Decimal::from(1_000_000),
         ..PosConfig::new(
-            PosId::parse("pump-1").unwrap(),
-            PosKind::Fuel,
+            PosId::parse(id).unwrap(),
+            kind,
             qrgate::money::Currency::Ars,
         )
-    }];
-    config
+    }
 }
 
 /// A running app: its HTTP address and the handle that stops it.
@@ -707,4 +713,84 @@ async fn record_throughput_on_each_engine() {
             );
         }
     }
+}
+
+fn device_sale(pos: &str, sale_id: &str, price: &str) -> qrgate::orders::Command {
+    let body = format!(
+        r#"{{"sale_id":"{sale_id}","items":[{{"title":"Super 95","quantity":"1","unit_price":"{price}"}}]}}"#
+    );
+    qrgate::mqtt::inbound::parse(
+        qrgate::mqtt::topics::DeviceTopic::Sale,
+        pos,
+        body.as_bytes(),
+        16 * 1024,
+    )
+    .unwrap()
+}
+
+/// Two books on one PostgreSQL, as two instances: a change one stores is
+/// heard by the other as it commits (`pg_notify`), and shown by its polls
+/// with the same bytes. PostgreSQL restarts: the other's listening session
+/// comes back, catches up on what it could not hear, and goes on hearing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_stored_by_one_book_is_served_by_the_other_as_it_commits_and_after_postgresql_restarts(
+) {
+    let Some(mut pg) = Postgres::start() else {
+        return;
+    };
+    let url = pg.fresh_url();
+    let pumps = || vec![pos("pump-1", PosKind::Fuel), pos("pump-2", PosKind::Fuel)];
+    let a_store: std::sync::Arc<dyn Store> =
+        std::sync::Arc::new(PgStore::connect(&url).await.unwrap());
+    let b_store: std::sync::Arc<dyn Store> =
+        std::sync::Arc::new(PgStore::connect(&url).await.unwrap());
+    let (a, _) = book::book_on(a_store, pumps()).await;
+    let (b, mut b_told) = book::book_on(std::sync::Arc::clone(&b_store), pumps()).await;
+    let b = std::sync::Arc::new(b);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let _stop = stop.clone().drop_guard();
+    tokio::spawn(std::sync::Arc::clone(&b).follow_changes(b_store.changes(stop).unwrap()));
+
+    let one = PosId::parse("pump-1").unwrap();
+    a.execute(&one, device_sale("pump-1", "1", "100.00"))
+        .await
+        .unwrap();
+    wait_for("B serving A's sale", || async {
+        b.poll("pump-1").status == 200
+    })
+    .await;
+    assert_eq!(
+        b.poll("pump-1").body,
+        a.poll("pump-1").body,
+        "the same bytes"
+    );
+    assert!(
+        b_told.try_recv().is_err(),
+        "B tells the device nothing of A's change"
+    );
+
+    // Every session ends; A's change meanwhile is not heard, then caught up.
+    pg.restart();
+    let two = PosId::parse("pump-2").unwrap();
+    wait_for("A storing again after the restart", || async {
+        a.execute(&two, device_sale("pump-2", "7", "50.00")).await
+    })
+    .await;
+    wait_for("B serving A's sale on pump-2", || async {
+        b.poll("pump-2").status == 200
+    })
+    .await;
+    assert_eq!(b.poll("pump-2").body, a.poll("pump-2").body);
+    let cancel = qrgate::mqtt::inbound::parse(
+        qrgate::mqtt::topics::DeviceTopic::Cancel,
+        "pump-1",
+        br#"{"sale_id":"1"}"#,
+        1024,
+    )
+    .unwrap();
+    a.execute(&one, cancel).await.unwrap();
+    wait_for("B hearing the cancel", || async {
+        b.poll("pump-1").status == 400
+    })
+    .await;
 }

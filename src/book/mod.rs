@@ -28,7 +28,7 @@ use crate::orders::{
     self, Command, ExternalReference, Given, Outcome, PosConfig, PosId, PosState, Sale, SaleEvent,
     UnixMillis,
 };
-use crate::store::{MerchantOrderRecord, PaymentRecord, RejectionRecord, Store, StoreError};
+use crate::store::{Heard, MerchantOrderRecord, PaymentRecord, RejectionRecord, Store, StoreError};
 use rejections::{Tally, SUMMARY_CODE};
 
 /// A POS as polls see it: its state and the answer rendered from it.
@@ -389,6 +389,26 @@ impl Book {
             }
         }
         Ok(read)
+    }
+
+    /// Follows what is heard of changes stored elsewhere until the feed
+    /// ends ([`Store::changes`]). A change that cannot be read leaves its
+    /// POS behind: its polls read the store until it is read.
+    pub async fn follow_changes(self: Arc<Self>, mut heard: mpsc::UnboundedReceiver<Heard>) {
+        while let Some(h) = heard.recv().await {
+            let followed = match h {
+                Heard::Change { pos, version } => self.follow(&pos, version).await,
+                Heard::Gap => self.catch_up().await.map(|read| {
+                    if read > 0 {
+                        tracing::info!(pos_read = read, "caught up on changes stored elsewhere");
+                    }
+                }),
+            };
+            if let Err(e) = followed {
+                tracing::warn!(error = %e, "cannot read a change stored elsewhere: \
+                    polls of its POS read the store until it is read");
+            }
+        }
     }
 
     /// Every POS's retained state, to republish after a (re)connection: the

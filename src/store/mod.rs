@@ -48,6 +48,15 @@ pub enum StoreError {
     Stale { pos: String, version: u64 },
 }
 
+/// What an instance hears of changes other instances stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Heard {
+    /// The POS's sales changed: its version is now `version`.
+    Change { pos: String, version: u64 },
+    /// Changes may have gone unheard (the feed was down): catch up.
+    Gap,
+}
+
 /// A POS's place in the record: how many changes to its sales were stored
 /// (its version), and its latest sale.
 #[derive(Debug, Clone, Default)]
@@ -188,6 +197,16 @@ pub trait Store: Send + Sync + 'static {
 
     /// Every POS's version (a POS never written has none: version 0).
     async fn pos_versions(&self) -> Result<Vec<(String, u64)>, StoreError>;
+
+    /// The changes other writers store, as they commit, until `shutdown`;
+    /// `None` for an engine only one process writes (SQLite).
+    fn changes(
+        &self,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Option<tokio::sync::mpsc::UnboundedReceiver<Heard>> {
+        let _ = shutdown;
+        None
+    }
 
     async fn record_merchant_order(&self, mo: MerchantOrderRecord) -> Result<(), StoreError>;
 

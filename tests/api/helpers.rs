@@ -1006,9 +1006,7 @@ pub async fn metric(admin: &str, name: &str, labels: &str) -> f64 {
         .sum()
 }
 
-/// A book on its own over the SQLite file at `path`, as the app builds it
-/// (V1 polls, collector 1, no attended desk, the system clock), with what it
-/// tells devices: for tests of the book itself, without MQTT or HTTP.
+/// [`book_on`](crate::book::book_on) the SQLite file at `path`.
 pub async fn bare_book(
     path: &std::path::Path,
     pos: Vec<PosConfig>,
@@ -1016,34 +1014,6 @@ pub async fn bare_book(
     qrgate::book::Book,
     tokio::sync::mpsc::UnboundedReceiver<qrgate::book::Tell>,
 ) {
-    use qrgate::book::{Book, BookSettings};
-    use qrgate::mercadopago::poll_answer::MpAccount;
-    use qrgate::orders::PollProtocol;
-    let store: Arc<dyn qrgate::store::Store> =
-        Arc::new(qrgate::store::SqliteStore::open(path, false).unwrap());
-    let (publish_tx, told) = tokio::sync::mpsc::unbounded_channel();
-    // Nothing here is polled by Mercado Pago: what polls serve is dropped.
-    let (served_tx, _) = tokio::sync::mpsc::unbounded_channel();
-    let book = Book::load(
-        pos,
-        store,
-        MpAccount {
-            poll_protocol: PollProtocol::V1,
-            collector_id: 1,
-            sponsor_id: None,
-            notification_url: "http://127.0.0.1:9/mp/notifications".into(),
-        },
-        BookSettings {
-            collector_id: 1,
-            auto_refund: false,
-            poll_protocol: PollProtocol::V1,
-            attended: None,
-            clock: qrgate::clock::Clock::system(),
-        },
-        publish_tx,
-        served_tx,
-    )
-    .await
-    .unwrap();
-    (book, told)
+    let store = Arc::new(qrgate::store::SqliteStore::open(path, false).unwrap());
+    crate::book::book_on(store, pos).await
 }

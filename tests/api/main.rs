@@ -4,6 +4,8 @@
 mod admin;
 mod attended;
 mod backup;
+#[path = "../common/book.rs"]
+mod book;
 mod browser;
 mod checklist;
 mod console_edge;

@@ -20,6 +20,7 @@
 //! ([`CALL_TIMEOUT`]): with PostgreSQL unreachable it fails as
 //! `Unavailable`, and readiness says so, instead of hanging.
 
+pub mod feed;
 mod lock;
 pub mod migrate;
 mod target;
@@ -38,7 +39,7 @@ pub use target::{PgTarget, TlsMode, STORE_PASSWORD_ENV};
 
 use super::sqlite::{event_detail, parse_sale, sale_columns};
 use super::{
-    InboxEntry, MerchantOrderRecord, PaymentRecord, PosHead, Recheck, RefundRequest,
+    Heard, InboxEntry, MerchantOrderRecord, PaymentRecord, PosHead, Recheck, RefundRequest,
     RegistrationRecord, RejectionRecord, RetentionCandidate, RetentionPage, SaleFilter, Store,
     StoreError, TimelineEntry,
 };
@@ -55,6 +56,11 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct PgStore {
     pool: Pool,
     target: PgTarget,
+    /// How the change feed's session connects.
+    listen: (
+        tokio_postgres::Config,
+        tokio_postgres_rustls::MakeRustlsConnect,
+    ),
 }
 
 /// A PostgreSQL error as the store reports it: the server's own message
@@ -129,6 +135,7 @@ impl PgStore {
     /// opens it beside the service ([`PgLock`] is the service's).
     pub async fn open(target: &PgTarget, password: Option<&str>) -> Result<PgStore, StoreError> {
         let (config, tls) = target.connector(password)?;
+        let listen = (config.clone(), tls.clone());
         let manager = Manager::from_config(
             config,
             tls,
@@ -149,6 +156,7 @@ impl PgStore {
         let store = PgStore {
             pool,
             target: target.clone(),
+            listen,
         };
         store
             .timed(async {
@@ -565,6 +573,13 @@ impl Store for PgStore {
             let tx = c.transaction().await.map_err(pg)?;
             let version = move_head(&tx, sale.pos.as_str(), seen).await?;
             write_sale(&tx, sale, event).await?;
+            // Delivered at commit to every instance listening (`feed`).
+            tx.execute(
+                "SELECT pg_notify($1, $2)",
+                &[&feed::CHANNEL, &format!("{} {version}", sale.pos.as_str())],
+            )
+            .await
+            .map_err(pg)?;
             tx.commit().await.map_err(pg)?;
             Ok(version)
         })
@@ -603,6 +618,14 @@ impl Store for PgStore {
             Ok((col(r, 0)?, version(col(r, 1)?)))
         })
         .await
+    }
+
+    fn changes(
+        &self,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Option<tokio::sync::mpsc::UnboundedReceiver<Heard>> {
+        let (config, tls) = self.listen.clone();
+        Some(feed::spawn(config, tls, shutdown))
     }
 
     async fn record_merchant_order(&self, mo: MerchantOrderRecord) -> Result<(), StoreError> {
