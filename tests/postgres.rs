@@ -794,3 +794,66 @@ async fn a_change_stored_by_one_book_is_served_by_the_other_as_it_commits_and_af
     })
     .await;
 }
+
+/// PostgreSQL stops under a running qrgate: polls still answer from memory,
+/// so the pending sale stays payable; readiness drops; the device's cancel
+/// is held unacknowledged, not lost. PostgreSQL comes back: the cancel is
+/// stored, the device hears it, polls stop serving the sale, and readiness
+/// returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_postgresql_is_down_polls_answer_from_memory_and_a_device_message_waits_for_it() {
+    let Some(mut pg) = Postgres::start() else {
+        return;
+    };
+    let url = pg.fresh_url();
+    let mp = Simulator::start(SimulatorConfig::default()).await.unwrap();
+    let prefix = format!("pgdown{}", std::process::id());
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let app = run(app_config(&url, &mp, &prefix, &listener), listener).await;
+    let pump = Device::connect(
+        DeviceConfig::new("127.0.0.1", broker_port(), "pump-1")
+            .topic_prefix(prefix.clone())
+            .client_id(format!("{prefix}-pump"))
+            .without_presence(),
+    )
+    .await
+    .unwrap();
+    pump.publish_sale("s1", &[Item::new("Super", "10", "100.00")], None)
+        .await
+        .unwrap();
+    pump.wait_for("s1", "pending", WAIT).await.unwrap();
+    let http = reqwest::Client::new();
+    let poll = format!("http://{}/mp/pos/pump-1", app.http);
+    let ready = format!("http://{}/readyz", app.http);
+    let answered = http.get(&poll).send().await.unwrap();
+    assert_eq!(answered.status(), 200);
+    let body = answered.text().await.unwrap();
+
+    pg.stop();
+    wait_for("readiness dropping", || async {
+        http.get(&ready)
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 503)
+    })
+    .await;
+    let answered = http.get(&poll).send().await.unwrap();
+    assert_eq!(answered.status(), 200, "polls answer from memory");
+    assert_eq!(answered.text().await.unwrap(), body, "the same bytes");
+    pump.cancel("s1").await.unwrap();
+
+    pg.restart();
+    pump.wait_for("s1", "cancelled", WAIT).await.unwrap();
+    assert_ne!(http.get(&poll).send().await.unwrap().status(), 200);
+    wait_for("readiness back", || async {
+        http.get(&ready)
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    let store = app.book.store().clone();
+    let head = store.pos_head("pump-1").await.unwrap();
+    assert_eq!(head.latest.unwrap().state, SaleState::Cancelled);
+    app.stop().await;
+}

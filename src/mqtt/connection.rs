@@ -517,7 +517,7 @@ async fn worker(queue: Arc<Queue>, book: Arc<Book>, max_bytes: usize, shutdown: 
             dropped,
             done,
         } = job;
-        let handled = handle(&book, &pos, kind, &publish, dropped, max_bytes).await;
+        let handled = handle(&book, &pos, kind, &publish, dropped, max_bytes, &shutdown).await;
         queue.done(&pos);
         let _ = done.send(handled);
     }
@@ -533,6 +533,7 @@ async fn handle(
     p: &rumqttc::Publish,
     dropped: Option<usize>,
     max_bytes: usize,
+    shutdown: &CancellationToken,
 ) -> bool {
     let arrived = inbound::Arrived {
         kind,
@@ -565,21 +566,35 @@ async fn handle(
             loop {
                 match book.execute(pos, cmd.clone()).await {
                     Ok(_) => break,
-                    Err(BookError::Store(e)) if attempt < 5 => {
-                        attempt += 1;
-                        tracing::error!(pos = %pos, error = %e, attempt, "cannot store a device message; retrying");
-                        tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+                    // Held, unacknowledged, until the store takes it: the
+                    // broker would deliver it again only after a
+                    // reconnection, and the device's next messages wait
+                    // behind it, in order.
+                    Err(BookError::Store(e)) => {
+                        attempt = attempt.saturating_add(1);
+                        if attempt.is_power_of_two() {
+                            tracing::error!(pos = %pos, error = %e, attempt,
+                                "cannot store a device message: held unacknowledged and tried again until the store takes it");
+                        }
+                        let wait = Duration::from_millis(200)
+                            .saturating_mul(attempt)
+                            .min(Duration::from_secs(5));
+                        tokio::select! {
+                            _ = tokio::time::sleep(wait) => {}
+                            // Left unacknowledged: the broker delivers it
+                            // again to the next qrgate.
+                            _ = shutdown.cancelled() => return false,
+                        }
                     }
                     Err(e) => {
-                        // Not acknowledged: the broker delivers it again
-                        // after the next reconnection.
-                        tracing::error!(pos = %pos, error = %e, "device message not stored; left unacknowledged for redelivery");
+                        // Nothing a redelivery would change.
+                        tracing::error!(pos = %pos, error = %e, "device message not applied; acknowledged");
                         break;
                     }
                 }
             }
-            if attempt >= 5 {
-                return false;
+            if attempt > 0 {
+                tracing::info!(pos = %pos, attempts = attempt, "device message stored after the store came back");
             }
         }
     }
