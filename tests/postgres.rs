@@ -857,3 +857,72 @@ async fn while_postgresql_is_down_polls_answer_from_memory_and_a_device_message_
     assert_eq!(head.latest.unwrap().state, SaleState::Cancelled);
     app.stop().await;
 }
+
+/// A measurement, not an assertion: from a sale stored and shown on one
+/// book (`execute` returned) to another book on the same PostgreSQL serving
+/// it through the change feed, 1,000 times over 50 POS (a sale, then its
+/// cancel, each heard). `cargo test --test postgres -- --ignored
+/// served_elsewhere --nocapture`; docs/performance.md has the numbers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn served_elsewhere_latency() {
+    const POS: usize = 50;
+    const SALES: usize = 1_000;
+    let Some(pg) = Postgres::start() else { return };
+    pg.psql("postgres", "ALTER SYSTEM SET fsync = on");
+    pg.psql("postgres", "SELECT pg_reload_conf()");
+    let url = pg.fresh_url();
+    let pumps: Vec<PosConfig> = (0..POS)
+        .map(|i| pos(&format!("pump-{i}"), PosKind::Fuel))
+        .collect();
+    let a_store: std::sync::Arc<dyn Store> =
+        std::sync::Arc::new(PgStore::connect(&url).await.unwrap());
+    let b_store: std::sync::Arc<dyn Store> =
+        std::sync::Arc::new(PgStore::connect(&url).await.unwrap());
+    let (a, _) = book::book_on(a_store, pumps.clone()).await;
+    let (b, _) = book::book_on(std::sync::Arc::clone(&b_store), pumps).await;
+    let b = std::sync::Arc::new(b);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let _stop = stop.clone().drop_guard();
+    tokio::spawn(std::sync::Arc::clone(&b).follow_changes(b_store.changes(stop).unwrap()));
+    let mut from_commit = Vec::with_capacity(SALES);
+    for n in 0..SALES {
+        let (i, round) = (n % POS, n / POS);
+        let name = format!("pump-{i}");
+        let id = PosId::parse(&name).unwrap();
+        let sale_id = format!("s{round}");
+        let (cmd, served) = if round % 2 == 0 {
+            (device_sale(&name, &sale_id, "100.00"), 200)
+        } else {
+            let prev = format!(r#"{{"sale_id":"s{}"}}"#, round - 1);
+            (
+                qrgate::mqtt::inbound::parse(
+                    qrgate::mqtt::topics::DeviceTopic::Cancel,
+                    &name,
+                    prev.as_bytes(),
+                    1024,
+                )
+                .unwrap(),
+                400,
+            )
+        };
+        a.execute(&id, cmd).await.unwrap();
+        let committed = Instant::now();
+        wait_for_event("B serving A's change", async {
+            while b.poll(&name).status != served {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+        from_commit.push(committed.elapsed());
+    }
+    from_commit.sort();
+    let at =
+        |q: f64| from_commit[((from_commit.len() as f64 * q) as usize).min(from_commit.len() - 1)];
+    eprintln!(
+        "served elsewhere after the commit, {SALES} changes over {POS} POS: p50 {:?}, p99 {:?}, max {:?}",
+        at(0.5),
+        at(0.99),
+        from_commit.last().unwrap()
+    );
+}
