@@ -46,6 +46,8 @@ pub struct Metrics {
     pub device_messages_over_rate: IntCounter,
     /// Refusals counted and summed, not stored one by one.
     pub device_rejections_summed: IntCounter,
+    /// Tries of device messages the store could not take yet (held).
+    pub device_messages_held: IntCounter,
     /// qrgate's connections to the broker (CONNACKs): more than one means
     /// the link was lost, or taken over.
     pub mqtt_connections: IntCounter,
@@ -210,6 +212,11 @@ impl Metrics {
                 &r,
                 "qrgate_device_rejections_summed_total",
                 "Device refusals beyond [mqtt] stored_rejections_per_minute for their POS: summed into one row a minute, not stored one by one.",
+            ),
+            device_messages_held: counter(
+                &r,
+                "qrgate_device_messages_held_total",
+                "Tries of a device message the store could not take: held unacknowledged and tried again until it can.",
             ),
             mqtt_connections: counter(
                 &r,

@@ -841,6 +841,10 @@ async fn while_postgresql_is_down_polls_answer_from_memory_and_a_device_message_
     assert_eq!(answered.status(), 200, "polls answer from memory");
     assert_eq!(answered.text().await.unwrap(), body, "the same bytes");
     pump.cancel("s1").await.unwrap();
+    // Held past what a few quick retries would cover (200 ms growing to
+    // 5 s a try: the sixth comes after 3 s).
+    let held = || app.book.metrics().device_messages_held.get();
+    wait_for("the cancel tried six times", || async { held() >= 6 }).await;
 
     pg.restart();
     pump.wait_for("s1", "cancelled", WAIT).await.unwrap();

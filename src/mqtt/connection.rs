@@ -572,6 +572,7 @@ async fn handle(
                     // behind it, in order.
                     Err(BookError::Store(e)) => {
                         attempt = attempt.saturating_add(1);
+                        book.metrics().device_messages_held.inc();
                         if attempt.is_power_of_two() {
                             tracing::error!(pos = %pos, error = %e, attempt,
                                 "cannot store a device message: held unacknowledged and tried again until the store takes it");
