@@ -145,6 +145,9 @@ pub struct BookSettings {
 /// Stripes of the per-sale refund turn.
 const REFUND_TURNS: usize = 64;
 
+/// POS followed at once ([`Book::follow_changes`]).
+const FOLLOWING: usize = 32;
+
 /// Times a change refused as stale is decided again on the stored state
 /// before the caller hears the refusal: each retry follows another
 /// instance's change to the same POS in between.
@@ -392,21 +395,35 @@ impl Book {
     }
 
     /// Follows what is heard of changes stored elsewhere until the feed
-    /// ends ([`Store::changes`]). A change that cannot be read leaves its
-    /// POS behind: its polls read the store until it is read.
+    /// ends ([`Store::changes`]): up to [`FOLLOWING`] POS at once, each
+    /// under its own lock, since every follow is a read of the store. A
+    /// change that cannot be read leaves its POS behind: its polls read the
+    /// store until it is read.
     pub async fn follow_changes(self: Arc<Self>, mut heard: mpsc::UnboundedReceiver<Heard>) {
+        let reads = Arc::new(tokio::sync::Semaphore::new(FOLLOWING));
         while let Some(h) = heard.recv().await {
-            let followed = match h {
-                Heard::Change { pos, version } => self.follow(&pos, version).await,
-                Heard::Gap => self.catch_up().await.map(|read| {
-                    if read > 0 {
-                        tracing::info!(pos_read = read, "caught up on changes stored elsewhere");
+            match h {
+                Heard::Change { pos, version } => {
+                    let Ok(permit) = Arc::clone(&reads).acquire_owned().await else {
+                        return;
+                    };
+                    let book = Arc::clone(&self);
+                    tokio::spawn(async move {
+                        if let Err(e) = book.follow(&pos, version).await {
+                            tracing::warn!(pos = %pos, version, error = %e,
+                                "cannot read a change stored elsewhere: polls of this POS read the store until it is read");
+                        }
+                        drop(permit);
+                    });
+                }
+                Heard::Gap => match self.catch_up().await {
+                    Ok(0) => {}
+                    Ok(read) => {
+                        tracing::info!(pos_read = read, "caught up on changes stored elsewhere")
                     }
-                }),
-            };
-            if let Err(e) = followed {
-                tracing::warn!(error = %e, "cannot read a change stored elsewhere: \
-                    polls of its POS read the store until it is read");
+                    Err(e) => tracing::warn!(error = %e,
+                        "cannot catch up on changes stored elsewhere: the next gap tries again"),
+                },
             }
         }
     }
