@@ -118,6 +118,8 @@ struct Run {
     failures: u32,
     /// Uploads seen, so a repeat is not logged again.
     uploads_seen: HashSet<(u16, u32, Option<String>)>,
+    /// Where closes are recorded until their `delivered` is sent.
+    closes: Option<CloseRecord>,
 }
 
 async fn run(
@@ -158,7 +160,10 @@ async fn run(
 
     let controller_id = controller_id(&cfg, &controller).await;
     info!(controller = %controller_id, pumps = cfg.pumps.len(), "bridge running");
-    let machines = cfg
+    let closes = cfg.state_dir.as_ref().map(|d| CloseRecord {
+        dir: d.join("closed"),
+    });
+    let mut machines: Vec<PumpMachine> = cfg
         .pumps
         .iter()
         .map(|p| {
@@ -172,12 +177,28 @@ async fn run(
             })
         })
         .collect();
+    if let Some(record) = &closes {
+        for sale_id in record.read() {
+            let machine = machines.iter_mut().find(|m| {
+                let c = m.config();
+                sale_id.starts_with(&format!("{}-{}-", c.controller_id, c.pump))
+            });
+            match machine {
+                Some(m) => {
+                    info!(%sale_id, "closed before the restart, delivered not yet said: said now if qrgate still shows it paid");
+                    m.remember_closed(sale_id);
+                }
+                None => record.forget(&sale_id),
+            }
+        }
+    }
     let mut run = Run {
         controller,
         devices,
         machines,
         failures: 0,
         uploads_seen: HashSet::new(),
+        closes,
     };
     let mut tick = tokio::time::interval(cfg.poll_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -342,7 +363,13 @@ impl Run {
                     } else {
                         warn!(%pos, pump, %sale_id, reason = reason.as_deref().unwrap_or(""), "paid but not closed by the bridge: delivered not ok, the payment is owed back");
                     }
-                    device.delivered(sale_id, *ok, reason.as_deref()).await
+                    let said = device.delivered(sale_id, *ok, reason.as_deref()).await;
+                    if said.is_ok() {
+                        if let Some(record) = &self.closes {
+                            record.forget(sale_id);
+                        }
+                    }
+                    said
                 }
                 Action::Lock {
                     sale_id,
@@ -374,7 +401,12 @@ impl Run {
                     let outcome = self.close(pump, *transaction, payment.clone()).await;
                     match &outcome {
                         CloseOutcome::Closed => {
-                            info!(%pos, pump, %sale_id, transaction, "paid: transaction closed")
+                            info!(%pos, pump, %sale_id, transaction, "paid: transaction closed");
+                            if let Some(record) = &self.closes {
+                                if let Err(e) = record.write(sale_id) {
+                                    error!(%pos, pump, %sale_id, "cannot record the close: a restart before `delivered` is sent would deliver it not ok: {e}");
+                                }
+                            }
                         }
                         CloseOutcome::Retry(why) => {
                             warn!(%pos, pump, %sale_id, transaction, "paid, close to be tried again: {why}")
@@ -496,5 +528,75 @@ impl Run {
                 },
             },
         }
+    }
+}
+
+/// The transactions the bridge closed and has not yet said `delivered`
+/// for: one empty file per sale id, written (and synced) once the
+/// controller confirmed the close, removed once `delivered` was sent. After
+/// a restart, a paid sale found closed with a record here was closed by
+/// the bridge; without one, the bridge cannot tell it from a sale settled at
+/// the station, and delivers it `ok: false`.
+struct CloseRecord {
+    dir: std::path::PathBuf,
+}
+
+impl CloseRecord {
+    fn path(&self, sale_id: &str) -> Option<std::path::PathBuf> {
+        // Our own sale ids; anything else is not ours to name a file after.
+        let safe = !sale_id.is_empty()
+            && sale_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '+'));
+        (safe && !sale_id.starts_with('.')).then(|| self.dir.join(sale_id))
+    }
+
+    fn write(&self, sale_id: &str) -> std::io::Result<()> {
+        let path = self.path(sale_id).ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a sale id of ours")
+        })?;
+        std::fs::create_dir_all(&self.dir)?;
+        std::fs::File::create(&path)?.sync_all()?;
+        std::fs::File::open(&self.dir)?.sync_all()
+    }
+
+    fn forget(&self, sale_id: &str) {
+        if let Some(path) = self.path(sale_id) {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+
+    fn read(&self) -> Vec<String> {
+        std::fs::read_dir(&self.dir)
+            .map(|entries| {
+                entries
+                    .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_close_is_recorded_until_forgotten_and_only_under_a_sale_id_of_ours() {
+        let dir = tempfile::tempdir().unwrap();
+        let record = CloseRecord {
+            dir: dir.path().join("closed"),
+        };
+        assert!(record.read().is_empty(), "nothing before the first close");
+        let id = "003A003A3435510938393730-3-41-2025-11-04T10:00:00";
+        record.write(id).unwrap();
+        assert_eq!(record.read(), [id]);
+        // What a restart reads back, until `delivered` was sent.
+        record.forget(id);
+        assert!(record.read().is_empty());
+        for bad in ["", "../escape", ".hidden", "a/b"] {
+            assert!(record.write(bad).is_err(), "{bad:?}");
+        }
+        assert!(record.read().is_empty());
     }
 }

@@ -80,6 +80,10 @@ pub struct BridgeConfig {
     pub payment_form: Option<u8>,
     pub poll_interval: Duration,
     pub pumps: Vec<Pump>,
+    /// Where the bridge records the transactions it closed until it has
+    /// said `delivered` for them (`state_dir`): without it, a paid sale
+    /// found closed after a restart is delivered `ok: false`.
+    pub state_dir: Option<std::path::PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -92,6 +96,7 @@ struct File {
     mqtt: MqttFile,
     payment_form_id: Option<u8>,
     poll_interval_ms: Option<u64>,
+    state_dir: Option<std::path::PathBuf>,
     #[serde(default)]
     pumps: Vec<PumpFile>,
 }
@@ -364,6 +369,7 @@ pub fn parse(
             payment_form: file.payment_form_id,
             poll_interval: Duration::from_millis(poll_ms),
             pumps,
+            state_dir: file.state_dir,
         }),
         _ => Err(errors),
     }

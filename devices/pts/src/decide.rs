@@ -25,6 +25,7 @@
 
 use qrgate_devices::StateMessage;
 use rust_decimal::{Decimal, RoundingStrategy};
+use std::collections::HashSet;
 
 use crate::jsonpts::{Num, PaymentForTransaction, PaymentPart, PumpStatus, TransactionStatus};
 
@@ -206,6 +207,9 @@ pub struct PumpMachine {
     /// qrgate's retained state for a sale this machine does not track yet:
     /// after a restart, it says what qrgate knows of the pump's last sale.
     replayed: Option<StateMessage>,
+    /// Sales whose transaction the bridge itself closed, as its close
+    /// record says (kept across restarts by the bridge).
+    closed_here: HashSet<String>,
 }
 
 impl PumpMachine {
@@ -216,7 +220,14 @@ impl PumpMachine {
             seen: Seen::Unknown,
             sale: None,
             replayed: None,
+            closed_here: HashSet::new(),
         }
+    }
+
+    /// A sale whose transaction the bridge closed before a restart, its
+    /// `delivered` maybe not sent: found paid and gone, it was delivered.
+    pub fn remember_closed(&mut self, sale_id: String) {
+        self.closed_here.insert(sale_id);
     }
 
     pub fn config(&self) -> &PumpConfig {
@@ -510,9 +521,15 @@ impl PumpMachine {
                 ..msg
             });
         }
+        // Its transaction, as the sale id says: `{controller}-{pump}-{n}-…`.
+        let transaction = sale_id
+            .strip_prefix(&format!("{}-{}-", self.cfg.controller_id, self.cfg.pump))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
         let mut old = Tracked {
             sale_id,
-            transaction: 0,
+            transaction,
             start: None,
             told: Told::Sale,
             qr: match msg.state.as_str() {
@@ -527,6 +544,14 @@ impl PumpMachine {
             ended_at: None,
             amount: None,
         };
+        if old.qr == Qr::Paid && self.closed_here.contains(&old.sale_id) {
+            // Closed here, then the bridge stopped before it said so.
+            return vec![Action::Delivered {
+                sale_id: old.sale_id,
+                ok: true,
+                reason: None,
+            }];
+        }
         gone(&mut old)
     }
 
@@ -1118,6 +1143,33 @@ mod tests {
         );
 
         let mut m = PumpMachine::new(cfg());
+        m.heard(&replayed(old, "paid"));
+        let settled = m.observe(&idle(), NOW);
+        assert_eq!(kinds(&settled), ["online", "delivered not ok"]);
+        assert!(
+            matches!(&settled[1], Action::Delivered { reason: Some(r), .. } if r.contains("transaction 40 ")),
+            "the reason names the transaction its sale id says: {settled:?}"
+        );
+
+        // The same, but the bridge's close record says it closed that
+        // transaction before it stopped: delivered, the fuel was paid.
+        let mut m = PumpMachine::new(cfg());
+        m.remember_closed(old.to_owned());
+        m.heard(&replayed(old, "paid"));
+        assert_eq!(
+            m.observe(&idle(), NOW),
+            [
+                Action::Presence(true),
+                Action::Delivered {
+                    sale_id: old.to_owned(),
+                    ok: true,
+                    reason: None
+                }
+            ]
+        );
+        // A record of another sale changes nothing for this one.
+        let mut m = PumpMachine::new(cfg());
+        m.remember_closed(format!("{old}-not-it"));
         m.heard(&replayed(old, "paid"));
         assert_eq!(
             kinds(&m.observe(&idle(), NOW)),

@@ -145,6 +145,7 @@ impl Station {
             currency: Currency::new("ARS"),
             payment_form: Some(4),
             poll_interval: Duration::from_millis(250),
+            state_dir: None,
             pumps: vec![Pump {
                 pump: 1,
                 pos_id: "pump-1".into(),

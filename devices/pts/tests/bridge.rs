@@ -152,6 +152,7 @@ fn config(broker: &Broker, link: Link, payment_form: Option<u8>) -> BridgeConfig
         currency: Currency::new("ARS"),
         payment_form,
         poll_interval: Duration::from_millis(200),
+        state_dir: None,
         pumps: vec![
             Pump {
                 pump: 1,
@@ -338,6 +339,85 @@ async fn a_restarted_bridge_keeps_the_sale_id_and_closes_only_once_paid() {
         "the same sale id, adopted from qrgate's retained state"
     );
     assert_eq!(sim.seen("PumpCloseTransaction"), 1);
+}
+
+/// The bridge closed a paid transaction and stopped before it said
+/// `delivered`: its close record says so after the restart, and the sale is
+/// delivered, not owed back. The record is gone once `delivered` is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_recorded_before_a_restart_is_delivered_ok_and_then_forgotten() {
+    let Some((broker, sim, mut q, bridge)) = station(SimConfig::new(), None).await else {
+        return;
+    };
+    let (sale_id, _) = fill(&sim, &mut q, 1, "3").await;
+    q.tell("pump-1", state(&sale_id, "pending")).await;
+    bridge.stop();
+    assert_eq!(q.next("pump-1", "status").await, "offline");
+    // What the stopped bridge left: qrgate's retained `paid`, the
+    // transaction no longer open on the pump, and its record of the close.
+    q.tell("pump-1", state(&sale_id, "paid")).await;
+    retained_at_the_broker(broker.port, "pump-1", "paid").await;
+    sim.pay_in_shop(1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let closed = dir.path().join("closed");
+    std::fs::create_dir_all(&closed).unwrap();
+    std::fs::write(closed.join(&sale_id), b"").unwrap();
+
+    let _bridge = Bridge::start(BridgeConfig {
+        state_dir: Some(dir.path().to_owned()),
+        ..config(&broker, http(&sim, Scheme::Digest), None)
+    })
+    .await
+    .unwrap();
+    assert_eq!(q.next("pump-1", "status").await, "online");
+    assert_eq!(
+        q.next("pump-1", "delivered").await,
+        json!({"sale_id": sale_id, "ok": true})
+    );
+    assert_eq!(sim.seen("PumpCloseTransaction"), 0, "nothing closed again");
+    wait_until_empty(&closed).await;
+}
+
+/// Waits until the broker keeps `state` as the POS's retained state, as a
+/// client subscribing now reads it (a publish returns once queued).
+async fn retained_at_the_broker(port: u16, pos: &str, state: &str) {
+    let mut opts = MqttOptions::new("qrgate-test-reader", "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(5));
+    let topic = format!("qrgate/pos/{pos}/state");
+    wait_for_event("the retained state at the broker", async {
+        loop {
+            let (client, mut events) = AsyncClient::new(opts.clone(), 16);
+            client.subscribe(&topic, QoS::AtLeastOnce).await.unwrap();
+            loop {
+                match events.poll().await {
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let v: Value = serde_json::from_slice(&p.payload).unwrap_or_default();
+                        if v["state"] == state {
+                            return;
+                        }
+                        // An older retained state: ask again.
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+            let _ = client.disconnect().await;
+        }
+    })
+    .await;
+}
+
+/// The record is removed right after `delivered` is published, which the
+/// test has just read: waited for, the removal being the bridge's next step.
+async fn wait_until_empty(dir: &std::path::Path) {
+    for _ in 0..1000 {
+        if std::fs::read_dir(dir).unwrap().next().is_none() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the close record is still there after delivered was sent");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
