@@ -127,6 +127,8 @@ pub struct Book {
     /// POS whose change stored elsewhere was heard of and not read yet: the
     /// version heard. Polls of them read the store first.
     behind: DashMap<PosId, u64>,
+    /// How many POS `behind` holds, read by every poll without a lookup.
+    behind_count: std::sync::atomic::AtomicUsize,
 }
 
 /// What the book needs from the configuration besides the POS.
@@ -208,6 +210,7 @@ impl Book {
             refusals: Tally::new(20),
             clock,
             behind: DashMap::new(),
+            behind_count: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -266,12 +269,20 @@ impl Book {
     /// view was refused as stale: another instance changed it. Called with
     /// the POS's lock held.
     async fn reload(&self, cfg: &PosConfig, stale: &StoreError) -> Result<(), BookError> {
+        let version = self.read_again(cfg).await?;
+        tracing::info!(pos = %cfg.id, version, reason = %stale,
+            "the POS changed in the store since this view: read again, deciding again");
+        Ok(())
+    }
+
+    /// Shows the POS as the store has it (its version and latest sale),
+    /// keeping the device's presence, which is not stored; its version.
+    /// Called with the POS's lock held.
+    async fn read_again(&self, cfg: &PosConfig) -> Result<u64, BookError> {
         let head = self.store.pos_head(cfg.id.as_str()).await?;
         let presence = self
             .view(&cfg.id)
             .map_or(orders::Presence::Unknown, |v| v.state.presence);
-        tracing::info!(pos = %cfg.id, version = head.version, reason = %stale,
-            "the POS changed in the store since this view: read again, deciding again");
         let state = PosState {
             presence,
             current: head.latest,
@@ -280,7 +291,7 @@ impl Book {
             cfg.id.clone(),
             Arc::new(view(cfg, state, &self.account, head.version)),
         );
-        Ok(())
+        Ok(head.version)
     }
 
     /// The POS's view at a new version, when a change stored was to an
@@ -332,6 +343,11 @@ impl Book {
     /// The version of a change to the POS stored elsewhere that was heard
     /// of and not read yet ([`Book::follow`]).
     pub fn behind(&self, id: &str) -> Option<u64> {
+        // The poll's hot path: nothing to look up while no POS is behind,
+        // which is always with one qrgate per database.
+        if self.behind_count.load(Ordering::Acquire) == 0 {
+            return None;
+        }
         let id = PosId::parse(id).ok()?;
         self.behind.get(&id).map(|v| *v)
     }
@@ -350,32 +366,29 @@ impl Book {
         if self.view(&id).is_some_and(|v| v.version >= version) {
             return Ok(());
         }
-        self.behind
-            .entry(id.clone())
-            .and_modify(|v| *v = (*v).max(version))
-            .or_insert(version);
+        match self.behind.entry(id.clone()) {
+            dashmap::Entry::Occupied(mut e) => {
+                let heard = e.get_mut();
+                *heard = (*heard).max(version);
+            }
+            dashmap::Entry::Vacant(e) => {
+                e.insert(version);
+                self.behind_count.fetch_add(1, Ordering::Release);
+            }
+        }
         let _guard = lock.lock().await;
         if self.view(&id).is_none_or(|v| v.version < version) {
-            let head = self.store.pos_head(pos).await?;
-            let presence = self
-                .view(&id)
-                .map_or(orders::Presence::Unknown, |v| v.state.presence);
-            let state = PosState {
-                presence,
-                current: head.latest,
-            };
-            tracing::debug!(
-                pos,
-                version = head.version,
-                "followed a change stored elsewhere"
-            );
-            self.views.insert(
-                id.clone(),
-                Arc::new(view(cfg, state, &self.account, head.version)),
-            );
+            let now = self.read_again(cfg).await?;
+            tracing::debug!(pos, version = now, "followed a change stored elsewhere");
         }
         let now = self.view(&id).map_or(0, |v| v.version);
-        self.behind.remove_if(&id, |_, heard| *heard <= now);
+        if self
+            .behind
+            .remove_if(&id, |_, heard| *heard <= now)
+            .is_some()
+        {
+            self.behind_count.fetch_sub(1, Ordering::Release);
+        }
         Ok(())
     }
 
