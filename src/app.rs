@@ -23,7 +23,7 @@ use crate::mercadopago::poll_answer::MpAccount;
 use crate::mqtt::broker;
 use crate::mqtt::connection::{self, Endpoint};
 use crate::orders::Command;
-use crate::store::{InstanceLock, PgLock, PgStore, SqliteStore, Store};
+use crate::store::{Heard, InstanceLock, PgLock, PgStore, SqliteStore, Store};
 
 /// Two TLS stacks are linked (reqwest's and rumqttc's), so rustls cannot pick
 /// its crypto provider by itself: choose one for the process, once.
@@ -81,14 +81,19 @@ impl App {
             })?),
             None => None,
         };
-        // One qrgate per database: taken before the store opens.
+        // The instance's name: its persistent session at the broker, and
+        // who it is among the instances sharing a PostgreSQL store.
+        let name = config.mqtt.client_id.clone();
+        // One qrgate per SQLite file, one per name on PostgreSQL: taken
+        // before the store opens.
         let (store, db_lock): (Arc<dyn Store>, InstanceLock) = match &config.store.url {
             Some(url) => {
                 let password = config.store.password.as_ref().map(Secret::expose);
-                let lock = PgLock::take(url, password, listener.local_addr()?).await?;
+                let lock = PgLock::take(url, password, &name, listener.local_addr()?).await?;
                 let store = PgStore::open(url, password)
                     .await
-                    .with_context(|| format!("cannot open the store {url}"))?;
+                    .with_context(|| format!("cannot open the store {url}"))?
+                    .named(&name);
                 tracing::info!(store = %url, tls = url.tls().as_str(), "store: PostgreSQL");
                 (Arc::new(store), InstanceLock::Postgres(lock))
             }
@@ -239,9 +244,28 @@ impl App {
             .await?,
         );
 
-        // Changes other instances store, shown as they commit (PostgreSQL).
-        if let Some(heard) = store.changes(shutdown.clone()) {
-            tracker.spawn(Arc::clone(&book).follow_changes(heard));
+        let leading = store.leadership(&name, shutdown.clone());
+        let (inbox, woken) = inbox::Inbox::new(Arc::clone(&store), clock.clone(), leading.clone());
+        // What other instances store, as they commit (PostgreSQL): changes
+        // for the book, notifications written for the leader's inbox.
+        if let Some(mut heard) = store.changes(shutdown.clone()) {
+            let (changes, followed) = mpsc::unbounded_channel();
+            tracker.spawn(Arc::clone(&book).follow_changes(followed));
+            let inbox = inbox.clone();
+            tracker.spawn(async move {
+                while let Some(h) = heard.recv().await {
+                    match h {
+                        Heard::Inbox(entry) => inbox.heard(inbox::Wake::Entry(entry)),
+                        Heard::Gap => {
+                            inbox.heard(inbox::Wake::Reread);
+                            let _ = changes.send(Heard::Gap);
+                        }
+                        change => {
+                            let _ = changes.send(change);
+                        }
+                    }
+                }
+            });
         }
         let link = connection::spawn(
             &config.mqtt,
@@ -268,29 +292,16 @@ impl App {
         let client = MpClient::new(&config.mercadopago)?.with_metrics(Arc::clone(book.metrics()));
         // The inbox retries with its own backoff, across restarts: one
         // attempt per fetch.
-        let inbox = inbox::spawn(
-            client
-                .clone()
-                .with_retry(crate::mercadopago::client::RetryPolicy {
-                    attempts: 1,
-                    ..Default::default()
-                }),
-            Arc::clone(&book),
-            InboxSettings {
-                window: Duration::from_secs(config.orders.reconcile_window_secs),
-                retry_max: Duration::from_secs(config.orders.notification_retry_max_secs),
-            },
-            shutdown.clone(),
-            &tracker,
-        )
-        .await
-        .context("cannot read the notification inbox")?;
-        tracker.spawn(crate::reconcile::run(
-            client.clone(),
-            Arc::clone(&book),
-            config.orders.clone(),
-            shutdown.clone(),
-        ));
+        let inbox_client = client
+            .clone()
+            .with_retry(crate::mercadopago::client::RetryPolicy {
+                attempts: 1,
+                ..Default::default()
+            });
+        let inbox_settings = InboxSettings {
+            window: Duration::from_secs(config.orders.reconcile_window_secs),
+            retry_max: Duration::from_secs(config.orders.notification_retry_max_secs),
+        };
         if any_attended {
             crate::attended::spawn(
                 crate::attended::Placer::new(
@@ -306,15 +317,50 @@ impl App {
                 &tracker,
             );
         }
-        tracker.spawn(crate::retention::run(
-            Arc::clone(&store),
-            crate::retention::Retention::new(&config.store, &config.orders),
-            clock.clone(),
-            shutdown.clone(),
-        ));
-        tracker.spawn(crate::refunds::run(
-            client.clone(),
-            Arc::clone(&book),
+        let singletons = {
+            let (book, store, client, orders) = (
+                Arc::clone(&book),
+                Arc::clone(&store),
+                client.clone(),
+                config.orders.clone(),
+            );
+            let retention = crate::retention::Retention::new(&config.store, &config.orders);
+            let paid_every = Duration::from_secs(config.orders.paid_republish_secs);
+            move |stop: CancellationToken| -> Vec<crate::leadership::Work> {
+                vec![
+                    Box::pin(inbox::work(
+                        inbox_client.clone(),
+                        Arc::clone(&book),
+                        inbox_settings,
+                        Arc::clone(&woken),
+                        stop.clone(),
+                    )),
+                    Box::pin(crate::reconcile::run(
+                        client.clone(),
+                        Arc::clone(&book),
+                        orders.clone(),
+                        stop.clone(),
+                    )),
+                    Box::pin(crate::retention::run(
+                        Arc::clone(&store),
+                        retention.clone(),
+                        book.clock().clone(),
+                        stop.clone(),
+                    )),
+                    Box::pin(crate::refunds::run(
+                        client.clone(),
+                        Arc::clone(&book),
+                        stop.clone(),
+                    )),
+                    Box::pin(repeat_paid(Arc::clone(&book), paid_every, stop.clone())),
+                    Box::pin(expire(Arc::clone(&book), stop)),
+                ]
+            }
+        };
+        tracker.spawn(crate::leadership::run(
+            leading,
+            singletons,
+            Arc::clone(book.metrics()),
             shutdown.clone(),
         ));
         let token_status = Arc::new(crate::mercadopago::account_check::TokenStatus::default());
@@ -331,26 +377,6 @@ impl App {
             token_status,
             Arc::clone(book.metrics()),
         );
-        // Repeats `paid` until the device confirms it acted on it.
-        {
-            let book = Arc::clone(&book);
-            let shutdown = shutdown.clone();
-            let every = Duration::from_secs(config.orders.paid_republish_secs);
-            tracker.spawn(async move {
-                loop {
-                    tokio::select! {
-                        _ = book.clock().sleep(every) => {}
-                        _ = shutdown.cancelled() => break,
-                    }
-                    for sale in book.undelivered() {
-                        tracing::debug!(pos = %sale.pos, external_reference = %sale.external_reference,
-                            "paid_undelivered: paid republished");
-                        book.republish(sale);
-                    }
-                }
-            });
-        }
-
         // Marks served sales off the poll path.
         {
             let book = Arc::clone(&book);
@@ -367,25 +393,6 @@ impl App {
                 }
             });
         }
-        // Expires sales nobody paid.
-        {
-            let book = Arc::clone(&book);
-            let shutdown = shutdown.clone();
-            tracker.spawn(async move {
-                loop {
-                    tokio::select! {
-                        _ = book.clock().sleep(Duration::from_millis(250)) => {}
-                        _ = shutdown.cancelled() => break,
-                    }
-                    for pos in book.expired(book.clock().now_millis()) {
-                        if let Err(e) = book.execute(&pos, Command::Expire).await {
-                            tracing::error!(pos = %pos, error = %e, "cannot expire a sale");
-                        }
-                    }
-                }
-            });
-        }
-
         let shared = web::Data::new(crate::http::State {
             book: Arc::clone(&book),
             inbox,
@@ -520,5 +527,35 @@ impl App {
         tracing::info!("stopped");
         drop(self.db_lock);
         Ok(())
+    }
+}
+
+/// Repeats `paid` until the device confirms it acted on it (a singleton).
+async fn repeat_paid(book: Arc<Book>, every: Duration, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = book.clock().sleep(every) => {}
+            _ = stop.cancelled() => break,
+        }
+        for sale in book.undelivered() {
+            tracing::debug!(pos = %sale.pos, external_reference = %sale.external_reference,
+                "paid_undelivered: paid republished");
+            book.republish(sale);
+        }
+    }
+}
+
+/// Expires sales nobody paid (a singleton).
+async fn expire(book: Arc<Book>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = book.clock().sleep(Duration::from_millis(250)) => {}
+            _ = stop.cancelled() => break,
+        }
+        for pos in book.expired(book.clock().now_millis()) {
+            if let Err(e) = book.execute(&pos, Command::Expire).await {
+                tracing::error!(pos = %pos, error = %e, "cannot expire a sale");
+            }
+        }
     }
 }

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -65,15 +65,47 @@ impl Resource {
     }
 }
 
-/// Where notifications are written before they are answered.
+/// Where notifications are written before they are answered. The worker
+/// runs on the instance that leads the singletons ([`work`]); any instance
+/// writes, and the leader hears of what others wrote through the store.
 #[derive(Clone)]
 pub struct Inbox {
     store: Arc<dyn Store>,
-    wake: mpsc::UnboundedSender<InboxEntry>,
+    wake: mpsc::UnboundedSender<Wake>,
     clock: Clock,
+    leading: watch::Receiver<Option<u64>>,
 }
 
+/// What wakes the worker.
+#[derive(Debug)]
+pub enum Wake {
+    /// An entry was written (here, or by another instance).
+    Entry(InboxEntry),
+    /// Entries may have been written unheard: read the inbox again.
+    Reread,
+}
+
+/// The worker's end of the wakes, handed from one leadership term's worker
+/// to the next.
+pub type Woken = Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<Wake>>>;
+
 impl Inbox {
+    /// The inbox of `store`, waking the worker while `leading` holds a term.
+    pub fn new(
+        store: Arc<dyn Store>,
+        clock: Clock,
+        leading: watch::Receiver<Option<u64>>,
+    ) -> (Inbox, Woken) {
+        let (wake, woken) = mpsc::unbounded_channel();
+        let inbox = Inbox {
+            store,
+            wake,
+            clock,
+            leading,
+        };
+        (inbox, Arc::new(tokio::sync::Mutex::new(woken)))
+    }
+
     /// Writes the notification durably (group commit makes this one fsync
     /// shared by every write of the moment), then wakes the worker. An error
     /// means nothing was written: Mercado Pago must be told to send again.
@@ -82,9 +114,23 @@ impl Inbox {
             .store
             .inbox_add(r.topic(), &r.id(), self.clock.now_millis())
             .await?;
-        // Only fails after shutdown; the entry waits in the store.
-        let _ = self.wake.send(entry);
+        self.wake(Wake::Entry(entry));
         Ok(())
+    }
+
+    /// What another instance wrote, or that something may have gone
+    /// unheard.
+    pub fn heard(&self, w: Wake) {
+        self.wake(w);
+    }
+
+    fn wake(&self, w: Wake) {
+        // A follower's worker does not run: the leader hears of the entry
+        // through the store, and reads the inbox whole when it begins.
+        if self.leading.borrow().is_some() {
+            // Only fails after shutdown; the entry waits in the store.
+            let _ = self.wake.send(w);
+        }
     }
 }
 
@@ -293,86 +339,108 @@ async fn after_fetch(
     }
 }
 
-/// Starts the worker with the entries a stop left pending.
-pub async fn spawn(
+/// The inbox's entries still pending, read until it answers or `shutdown`.
+async fn read_pending(store: &dyn Store, shutdown: &CancellationToken) -> Option<Vec<InboxEntry>> {
+    let mut wait = Duration::from_millis(200);
+    loop {
+        match store.inbox_pending().await {
+            Ok(p) => return Some(p),
+            Err(e) => tracing::warn!(error = %e, "cannot read the notification inbox yet; reading it again"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.cancelled() => return None,
+        }
+        wait = (wait * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// The worker, for as long as this instance leads (until `shutdown`):
+/// fetches the entries pending, then each one it is woken for.
+pub async fn work(
     client: MpClient,
     book: Arc<Book>,
     settings: InboxSettings,
+    woken: Woken,
     shutdown: CancellationToken,
-    tracker: &TaskTracker,
-) -> Result<Inbox, StoreError> {
+) {
     let store = Arc::clone(book.store());
     let clock = book.clock().clone();
-    let worker_clock = clock.clone();
-    let pending = store.inbox_pending().await?;
+    // The previous term's worker is gone once its shutdown was cancelled;
+    // the lock is the handover.
+    let mut woken = woken.lock().await;
+    let Some(pending) = read_pending(store.as_ref(), &shutdown).await else {
+        return;
+    };
     if !pending.is_empty() {
         tracing::info!(
             entries = pending.len(),
             "notifications not yet applied: fetching them again"
         );
     }
-    let (wake, mut woken) = mpsc::unbounded_channel::<InboxEntry>();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(InboxEntry, Fetched)>();
     let lanes = Lanes {
         fresh: Arc::new(Semaphore::new(FRESH_LANE)),
         retry: Arc::new(Semaphore::new(RETRY_LANE)),
     };
-    let inner = tracker.clone();
-    let worker_store = Arc::clone(&store);
-    tracker.spawn(async move {
-        let store = worker_store;
-        let clock = worker_clock;
-        let mut schedule = Schedule::default();
-        for e in pending {
-            schedule.put(e);
-        }
-        loop {
-            let next = schedule.next_at();
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                e = woken.recv() => {
-                    let Some(e) = e else { break };
-                    schedule.woken(e);
-                }
-                d = done_rx.recv() => {
-                    let Some(first) = d else { break };
-                    // Every fetch that ended meanwhile is written at once:
-                    // the store commits them in one batch, where one commit
-                    // each let the inbox fall behind a busy station.
-                    let mut ended = vec![first];
-                    while ended.len() < DONE_BATCH {
-                        match done_rx.try_recv() {
-                            Ok(d) => ended.push(d),
-                            Err(_) => break,
-                        }
-                    }
-                    let now = clock.now_millis();
-                    let (entries, fetched): (Vec<_>, Vec<_>) = ended.into_iter().unzip();
-                    let nexts = futures_util::future::join_all(
-                        entries
-                            .iter()
-                            .zip(fetched)
-                            .map(|(e, f)| after_fetch(&store, &book, settings, e, f, now)),
-                    )
-                    .await;
-                    for (e, next) in entries.iter().zip(nexts) {
-                        schedule.finished(e, next, now);
+    let fetches = TaskTracker::new();
+    let mut schedule = Schedule::default();
+    for e in pending {
+        schedule.put(e);
+    }
+    loop {
+        let next = schedule.next_at();
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            w = woken.recv() => match w {
+                Some(Wake::Entry(e)) => schedule.woken(e),
+                Some(Wake::Reread) => {
+                    let Some(pending) = read_pending(store.as_ref(), &shutdown).await else { break };
+                    for e in pending {
+                        schedule.woken(e);
                     }
                 }
-                _ = clock.sleep_until(next.unwrap_or(i64::MAX)), if next.is_some() => {}
+                None => break,
+            },
+            d = done_rx.recv() => {
+                let Some(first) = d else { break };
+                // Every fetch that ended meanwhile is written at once:
+                // the store commits them in one batch, where one commit
+                // each let the inbox fall behind a busy station.
+                let mut ended = vec![first];
+                while ended.len() < DONE_BATCH {
+                    match done_rx.try_recv() {
+                        Ok(d) => ended.push(d),
+                        Err(_) => break,
+                    }
+                }
+                let now = clock.now_millis();
+                let (entries, fetched): (Vec<_>, Vec<_>) = ended.into_iter().unzip();
+                let nexts = futures_util::future::join_all(
+                    entries
+                        .iter()
+                        .zip(fetched)
+                        .map(|(e, f)| after_fetch(&store, &book, settings, e, f, now)),
+                )
+                .await;
+                for (e, next) in entries.iter().zip(nexts) {
+                    schedule.finished(e, next, now);
+                }
             }
-            for e in schedule.take_due(clock.now_millis()) {
-                let job = Fetch {
-                    client: client.clone(),
-                    book: Arc::clone(&book),
-                    done: done_tx.clone(),
-                    shutdown: shutdown.clone(),
-                };
-                inner.spawn(job.run(e, lanes.clone()));
-            }
+            _ = clock.sleep_until(next.unwrap_or(i64::MAX)), if next.is_some() => {}
         }
-    });
-    Ok(Inbox { store, wake, clock })
+        for e in schedule.take_due(clock.now_millis()) {
+            let job = Fetch {
+                client: client.clone(),
+                book: Arc::clone(&book),
+                done: done_tx.clone(),
+                shutdown: shutdown.clone(),
+            };
+            fetches.spawn(crate::store::fence::carry(job.run(e, lanes.clone())));
+        }
+    }
+    fetches.close();
+    fetches.wait().await;
 }
 
 #[derive(Clone)]
@@ -407,7 +475,9 @@ impl Fetch {
         // Its own task: a panic on some answer fails this fetch, not the
         // entry's bookkeeping.
         let (client, book) = (self.client.clone(), Arc::clone(&self.book));
-        let mut fetch = tokio::spawn(async move { process(&client, &book, &r).await });
+        let mut fetch = tokio::spawn(crate::store::fence::carry(async move {
+            process(&client, &book, &r).await
+        }));
         // A slow fetch gives its place up: the lane bounds how many fetches
         // start together, never how long the next notification waits
         // behind a slow one.

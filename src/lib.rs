@@ -36,6 +36,7 @@ pub mod events;
 pub mod healthcheck;
 pub mod http;
 pub mod inbox;
+pub mod leadership;
 pub mod link;
 pub mod mercadopago;
 pub mod metrics;

@@ -51,6 +51,16 @@ pub struct Metrics {
     /// qrgate's connections to the broker (CONNACKs): more than one means
     /// the link was lost, or taken over.
     pub mqtt_connections: IntCounter,
+    /// 1 while this instance leads the singletons.
+    pub leader: IntGauge,
+    /// Terms this instance began to lead.
+    pub leader_terms: IntCounter,
+    /// The singletons' writes refused because another instance had begun
+    /// to lead.
+    pub fenced_writes: IntCounter,
+    /// Device messages a stored change owed, published by the outbox sweep
+    /// because the instance that stored it did not mark them published.
+    pub outbox_swept: IntCounter,
     // Read from the book at scrape time.
     pub sales_pending: IntGauge,
     pub sales_paid_undelivered: IntGauge,
@@ -222,6 +232,26 @@ impl Metrics {
                 &r,
                 "qrgate_mqtt_connections_total",
                 "Connections of qrgate's MQTT client to the broker (CONNACKs received).",
+            ),
+            leader: gauge(
+                &r,
+                "qrgate_leader",
+                "1 while this instance leads the singletons (reconciliation, expiry, the inbox, refunds, retention, the outbox sweep).",
+            ),
+            leader_terms: counter(
+                &r,
+                "qrgate_leader_terms_total",
+                "Times this instance began to lead the singletons.",
+            ),
+            fenced_writes: counter(
+                &r,
+                "qrgate_fenced_writes_total",
+                "Writes of the singletons refused because another instance had begun to lead meanwhile.",
+            ),
+            outbox_swept: counter(
+                &r,
+                "qrgate_outbox_swept_total",
+                "Device messages published by the outbox sweep: the instance that stored the change did not publish them within their lease.",
             ),
             sales_pending: gauge(&r, "qrgate_sales_pending", "Sales pending payment now."),
             sales_paid_undelivered: gauge(

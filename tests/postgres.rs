@@ -52,24 +52,25 @@ async fn migrations_run_once_and_an_older_database_is_brought_forward() {
     let mut c = client(&url).await;
     assert_eq!(
         migrate::run(&mut c, migrate::MIGRATIONS).await.unwrap(),
-        [1]
+        [1, 2]
     );
     // A second run finds nothing to do, and changes nothing.
     assert!(migrate::run(&mut c, migrate::MIGRATIONS)
         .await
         .unwrap()
         .is_empty());
-    // A newer qrgate adds a step: the database at version 1 is brought
+    // A newer qrgate adds a step: the database at version 2 is brought
     // forward by it alone.
     let newer = [
         migrate::MIGRATIONS[0],
+        migrate::MIGRATIONS[1],
         migrate::Migration {
-            version: 2,
+            version: 3,
             name: "a_later_step",
             sql: "ALTER TABLE sales ADD COLUMN note TEXT",
         },
     ];
-    assert_eq!(migrate::run(&mut c, &newer).await.unwrap(), [2]);
+    assert_eq!(migrate::run(&mut c, &newer).await.unwrap(), [3]);
     let versions: Vec<i64> = c
         .query(
             "SELECT version FROM schema_migrations ORDER BY version",
@@ -80,7 +81,7 @@ async fn migrations_run_once_and_an_older_database_is_brought_forward() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(versions, [1, 2]);
+    assert_eq!(versions, [1, 2, 3]);
     c.execute("UPDATE sales SET note = 'the column is there'", &[])
         .await
         .unwrap();
@@ -91,7 +92,7 @@ async fn migrations_run_once_and_an_older_database_is_brought_forward() {
         "{e}"
     );
     let e = PgStore::connect(&url).await.err().expect("refused");
-    assert!(e.to_string().contains("version 2"), "{e}");
+    assert!(e.to_string().contains("version 3"), "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -112,7 +113,7 @@ async fn four_qrgates_opening_one_new_database_at_once_migrate_it_once() {
         .query_one("SELECT count(*) FROM schema_migrations", &[])
         .await
         .unwrap();
-    assert_eq!(row.get::<_, i64>(0), 1);
+    assert_eq!(row.get::<_, i64>(0), migrate::MIGRATIONS.len() as i64);
 }
 
 #[tokio::test]
@@ -276,16 +277,16 @@ async fn advisory_locks_granted(pg: &Postgres) -> i64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_single_instance_lock_names_its_holder_is_freed_on_drop_and_taken_again_after_a_restart(
+async fn an_instance_name_is_held_by_one_qrgate_named_in_a_refusal_freed_on_drop_and_taken_again_after_a_restart(
 ) {
     let Some(mut pg) = Postgres::start() else {
         return;
     };
     let target = PgTarget::parse(&pg.fresh_url()).unwrap();
-    let first = PgLock::take(&target, None, "127.0.0.1:8080".parse().unwrap())
+    let first = PgLock::take(&target, None, "qrgate-a", "127.0.0.1:8080".parse().unwrap())
         .await
         .unwrap();
-    let e = PgLock::take(&target, None, "127.0.0.1:8081".parse().unwrap())
+    let e = PgLock::take(&target, None, "qrgate-a", "127.0.0.1:8081".parse().unwrap())
         .await
         .unwrap_err();
     let text = e.to_string();
@@ -294,24 +295,30 @@ async fn the_single_instance_lock_names_its_holder_is_freed_on_drop_and_taken_ag
         "{text}"
     );
     assert!(text.contains("HTTP on 127.0.0.1:8080"), "{text}");
-    assert!(text.contains("its own database"), "{text}");
+    assert!(text.contains("as \"qrgate-a\""), "{text}");
+    assert!(text.contains("QRGATE_MQTT__CLIENT_ID"), "{text}");
+    // Another name shares the database.
+    let other = PgLock::take(&target, None, "qrgate-b", "127.0.0.1:8084".parse().unwrap())
+        .await
+        .unwrap();
 
-    // A restart of PostgreSQL ends the session that held it; the holder
-    // takes it again, and a newcomer is still refused.
+    // A restart of PostgreSQL ends the sessions that held them; the holders
+    // take them again, and a newcomer under a held name is still refused.
     pg.restart();
-    wait_for("the lock held again", || async {
-        advisory_locks_granted(&pg).await == 1
+    wait_for("both names held again", || async {
+        advisory_locks_granted(&pg).await == 2
     })
     .await;
-    let e = PgLock::take(&target, None, "127.0.0.1:8082".parse().unwrap())
+    let e = PgLock::take(&target, None, "qrgate-a", "127.0.0.1:8082".parse().unwrap())
         .await
         .unwrap_err();
     assert!(e.to_string().contains("HTTP on 127.0.0.1:8080"), "{e}");
     assert!(!first.lost().is_cancelled());
+    assert!(!other.lost().is_cancelled());
 
     drop(first);
-    let second = wait_for("the lock free once its holder dropped it", || async {
-        PgLock::take(&target, None, "127.0.0.1:8083".parse().unwrap())
+    let second = wait_for("the name free once its holder dropped it", || async {
+        PgLock::take(&target, None, "qrgate-a", "127.0.0.1:8083".parse().unwrap())
             .await
             .map_err(|e| e.to_string())
     })
@@ -559,7 +566,8 @@ fn qrgate(config: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> (i32
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_second_qrgate_on_the_same_database_refuses_to_start_naming_the_first() {
+async fn a_second_qrgate_under_the_same_name_refuses_to_start_naming_the_first_and_another_name_starts(
+) {
     let Some(pg) = postgres::shared() else { return };
     let db = pg.database();
     let dir = tempfile::tempdir().unwrap();
@@ -578,8 +586,13 @@ async fn a_second_qrgate_on_the_same_database_refuses_to_start_naming_the_first(
     assert_eq!(code, 1, "{err}");
     assert!(err.contains(&format!("pid {}", first.child.id())), "{err}");
     assert!(err.contains(&format!("HTTP on {}", first.http)), "{err}");
-    assert!(err.contains("in use by another qrgate"), "{err}");
+    assert!(err.contains("another qrgate serves the store"), "{err}");
     assert!(!err.contains(SECURED_PASSWORD), "{err}");
+    // Under its own name, a second instance shares the database.
+    let mut secret_b = secret.to_vec();
+    secret_b.push(("QRGATE_MQTT__CLIENT_ID", "qrgate-b"));
+    let second = Serving::start(&config, &secret_b);
+    assert_ne!(second.http, first.http);
     // Without the password: a clear error, not a hang.
     let (code, _, err) = qrgate(&config, &["serve"], &[]);
     assert_eq!(code, 1, "{err}");
@@ -612,7 +625,7 @@ async fn a_second_qrgate_on_the_same_database_refuses_to_start_naming_the_first(
     .await;
     let c = client(&pg.url(&db)).await;
     let holder = c
-        .query_one("SELECT pid FROM qrgate_instance", &[])
+        .query_one("SELECT pid FROM instances WHERE name = 'qrgate'", &[])
         .await
         .unwrap();
     assert_eq!(holder.get::<_, i64>(0), i64::from(std::process::id()));

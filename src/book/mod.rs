@@ -262,6 +262,11 @@ impl Book {
         self.metrics
             .store_write_seconds
             .observe(started.elapsed().as_secs_f64());
+        if let Err(StoreError::Fenced { term }) = &r {
+            self.metrics.fenced_writes.inc();
+            tracing::warn!(pos = %sale.pos, sale_id = %sale.sale_id, external_reference = %sale.external_reference,
+                event = event.name(), term, "a singleton's change refused: another instance leads now");
+        }
         r
     }
 
@@ -429,6 +434,8 @@ impl Book {
                         drop(permit);
                     });
                 }
+                // The inbox's, not the book's.
+                Heard::Inbox(_) => {}
                 Heard::Gap => match self.catch_up().await {
                     Ok(0) => {}
                     Ok(read) => {

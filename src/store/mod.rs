@@ -5,6 +5,7 @@
 //! the shared one.
 
 pub mod backup;
+pub mod fence;
 mod legacy;
 mod lock;
 pub mod postgres;
@@ -46,6 +47,10 @@ pub enum StoreError {
     /// decides again on the stored state ([`Store::pos_head`]).
     #[error("POS {pos} moved on to version {version}: decided on an older state")]
     Stale { pos: String, version: u64 },
+    /// The singletons' write of leadership term `term`, made after another
+    /// instance began to lead: nothing was written ([`fence`]).
+    #[error("this instance no longer leads (term {term} is over): write refused")]
+    Fenced { term: u64 },
 }
 
 /// What an instance hears of changes other instances stored.
@@ -55,6 +60,8 @@ pub enum Heard {
     Change { pos: String, version: u64 },
     /// Changes may have gone unheard (the feed was down): catch up.
     Gap,
+    /// A notification another instance wrote to the inbox, for the leader.
+    Inbox(InboxEntry),
 }
 
 /// A POS's place in the record: how many changes to its sales were stored
@@ -206,6 +213,19 @@ pub trait Store: Send + Sync + 'static {
     ) -> Option<tokio::sync::mpsc::UnboundedReceiver<Heard>> {
         let _ = shutdown;
         None
+    }
+
+    /// Whether this instance, named `name`, leads the singletons: the
+    /// leadership term while it does, `None` while another instance does,
+    /// until `shutdown`. A store only one process writes (SQLite) is led by
+    /// it alone, at term 0, unfenced.
+    fn leadership(
+        &self,
+        name: &str,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> tokio::sync::watch::Receiver<Option<u64>> {
+        let _ = (name, shutdown);
+        tokio::sync::watch::channel(Some(0)).1
     }
 
     async fn record_merchant_order(&self, mo: MerchantOrderRecord) -> Result<(), StoreError>;

@@ -1,9 +1,11 @@
 //! What other instances store, heard as they commit. Every change to a
 //! POS's sales notifies [`CHANNEL`] with `"<pos> <version>"` in its own
 //! transaction, which PostgreSQL delivers at commit to every session
-//! listening. Each instance keeps one such session; while it has none it
-//! hears nothing, so every (re)connection starts with [`Heard::Gap`], and
-//! the book catches up on the versions the store holds.
+//! listening; every notification written to the inbox notifies
+//! [`INBOX_CHANNEL`] with the entry, for the leader. Each instance keeps one
+//! such session; while it has none it hears nothing, so every
+//! (re)connection starts with [`Heard::Gap`], and the book catches up on
+//! the versions the store holds (the leader reads the inbox again).
 
 use std::time::Duration;
 
@@ -13,10 +15,36 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use tokio_util::sync::CancellationToken;
 
 use super::pg;
-use crate::store::{Heard, StoreError};
+use crate::store::{Heard, InboxEntry, StoreError};
 
 /// The channel changes are notified on.
 pub const CHANNEL: &str = "qrgate_pos";
+
+/// The channel inbox entries are notified on.
+pub const INBOX_CHANNEL: &str = "qrgate_inbox";
+
+/// An inbox entry as notified: `"<topic> <id> <generation> <received_at>
+/// <attempts> <next_at> <instance>"`, the instance that wrote it last (its
+/// name may hold spaces: it is the rest).
+pub fn inbox_payload(instance: &str, e: &InboxEntry) -> String {
+    format!(
+        "{} {} {} {} {} {} {instance}",
+        e.topic, e.id, e.generation, e.received_at, e.attempts, e.next_at
+    )
+}
+
+fn parse_inbox(payload: &str) -> Option<(String, InboxEntry)> {
+    let mut p = payload.splitn(7, ' ');
+    let entry = InboxEntry {
+        topic: p.next()?.to_owned(),
+        id: p.next()?.to_owned(),
+        generation: p.next()?.parse().ok()?,
+        received_at: p.next()?.parse().ok()?,
+        attempts: p.next()?.parse().ok()?,
+        next_at: p.next()?.parse().ok()?,
+    };
+    Some((p.next().unwrap_or_default().to_owned(), entry))
+}
 
 /// How often the listening session is asked whether it is alive: a
 /// PostgreSQL that vanished without closing it would otherwise leave it
@@ -29,6 +57,7 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 pub fn spawn(
     config: tokio_postgres::Config,
     tls: MakeRustlsConnect,
+    me: String,
     shutdown: CancellationToken,
 ) -> mpsc::UnboundedReceiver<Heard> {
     let (heard, rx) = mpsc::unbounded_channel();
@@ -36,7 +65,7 @@ pub fn spawn(
         let mut failures: u32 = 0;
         loop {
             let ended = tokio::select! {
-                r = listen(&config, &tls, &heard) => r,
+                r = listen(&config, &tls, &me, &heard) => r,
                 _ = shutdown.cancelled() => return,
             };
             match ended {
@@ -67,6 +96,7 @@ pub fn spawn(
 async fn listen(
     config: &tokio_postgres::Config,
     tls: &MakeRustlsConnect,
+    me: &str,
     heard: &mpsc::UnboundedSender<Heard>,
 ) -> Result<(), StoreError> {
     let (client, mut connection) = config.connect(tls.clone()).await.map_err(pg)?;
@@ -76,7 +106,8 @@ async fn listen(
         loop {
             match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
                 Some(Ok(AsyncMessage::Notification(n))) => {
-                    if messages.send(Ok(n.payload().to_owned())).is_err() {
+                    let inbox = n.channel() == INBOX_CHANNEL;
+                    if messages.send(Ok((inbox, n.payload().to_owned()))).is_err() {
                         return;
                     }
                 }
@@ -91,7 +122,7 @@ async fn listen(
     });
     let _driver = AbortOnDrop(driver);
     client
-        .batch_execute(&format!("LISTEN {CHANNEL}"))
+        .batch_execute(&format!("LISTEN {CHANNEL}; LISTEN {INBOX_CHANNEL}"))
         .await
         .map_err(pg)?;
     tracing::info!("listening to other instances' changes");
@@ -104,7 +135,7 @@ async fn listen(
     loop {
         tokio::select! {
             m = inbox.recv() => match m {
-                Some(Ok(payload)) => match parse(&payload) {
+                Some(Ok((false, payload))) => match parse(&payload) {
                     Some(change) => {
                         if heard.send(change).is_err() {
                             return Ok(());
@@ -112,6 +143,17 @@ async fn listen(
                     }
                     None => tracing::warn!(payload = %payload.escape_debug(),
                         "a notification on {CHANNEL} that is not a change of a POS; ignored"),
+                },
+                Some(Ok((true, payload))) => match parse_inbox(&payload) {
+                    // Its own entries the instance has already.
+                    Some((by, _)) if by == me => {}
+                    Some((_, entry)) => {
+                        if heard.send(Heard::Inbox(entry)).is_err() {
+                            return Ok(());
+                        }
+                    }
+                    None => tracing::warn!(payload = %payload.escape_debug(),
+                        "a notification on {INBOX_CHANNEL} that is not an inbox entry; ignored"),
                 },
                 Some(Err(e)) => return Err(pg(e)),
                 None => return Err(StoreError::Unavailable("the listening session ended".into())),
@@ -160,5 +202,22 @@ mod tests {
         assert_eq!(parse("pump-1"), None);
         assert_eq!(parse("pump-1 x"), None);
         assert_eq!(parse(""), None);
+    }
+
+    #[test]
+    fn an_inbox_entry_reads_back_as_written_with_its_writer() {
+        let e = InboxEntry {
+            topic: "merchant_order".into(),
+            id: "123".into(),
+            received_at: 1_700_000_000_000,
+            generation: 3,
+            attempts: 0,
+            next_at: 1_700_000_000_500,
+        };
+        assert_eq!(
+            parse_inbox(&inbox_payload("qrgate a", &e)),
+            Some(("qrgate a".to_owned(), e))
+        );
+        assert_eq!(parse_inbox("merchant_order 123 x"), None);
     }
 }

@@ -1,18 +1,20 @@
-//! One `qrgate serve` per PostgreSQL database, until several instances can
-//! share one: each would rebuild its own order book from the database and
-//! then disagree about every POS, while PostgreSQL took both writers'
-//! commits.
+//! One `qrgate serve` per instance name on a PostgreSQL database. Several
+//! instances share the database, each named by its MQTT client id, which is
+//! also its persistent session at the broker: two processes under one name
+//! would take each other's session (and its queued device messages) at
+//! every reconnection.
 //!
-//! The guard is a session-level advisory lock (`pg_try_advisory_lock`) taken
-//! on a connection of its own and held for the life of the process.
-//! PostgreSQL releases it when that session ends, crash included, so a
-//! holder that died never blocks a start. The `qrgate_instance` row says
-//! who holds it (pid, host, start time, HTTP listen address), so a refused
-//! start can name the running one.
+//! The guard is a session-level advisory lock (`pg_try_advisory_lock`) on
+//! the name, taken on a connection of its own and held for the life of the
+//! process. PostgreSQL releases it when that session ends, crash included,
+//! so a holder that died never blocks a start. The `instances` row says who
+//! holds the name (pid, host, start time, HTTP listen address), so a
+//! refused start can name the running one.
 //!
 //! A restart of PostgreSQL ends the session, and the lock with it: the
 //! holder takes it again as soon as PostgreSQL is back. Should another
-//! qrgate have taken it meanwhile, the holder is told (`lost`) and stops.
+//! qrgate have taken the name meanwhile, the holder is told (`lost`) and
+//! stops.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -25,25 +27,34 @@ use tokio_util::sync::CancellationToken;
 use super::{pg, PgTarget};
 use crate::store::{Holder, StoreError};
 
-/// The single-instance lock's key, apart from the migrations'.
-pub const INSTANCE_LOCK: i64 = 0x7172_6761_7465_0002;
+/// The class of the names' locks (the first half of a two-part advisory
+/// key; the second is the name's hash), apart from the migrations' and the
+/// leader's one-part keys.
+pub const INSTANCE_LOCK: i32 = 0x7172_0002;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PgLockError {
     #[error(
-        "the store {db} is in use by another qrgate (pid {pid} on {host}, started {started}, HTTP on {http}); \
-         stop it first, or give this one its own database",
+        "another qrgate serves the store {db} as {name:?} (pid {pid} on {host}, started {started}, HTTP on {http}); \
+         give each instance its own [mqtt] client_id (QRGATE_MQTT__CLIENT_ID), or stop that one first",
         pid = .holder.pid, host = .holder.host, started = .holder.started_at, http = .holder.http_listen
     )]
-    Held { db: String, holder: Holder },
-    #[error("the store {db} is in use by another qrgate (it has not said who yet)")]
-    HeldUnknown { db: String },
+    Held {
+        db: String,
+        name: String,
+        holder: Holder,
+    },
+    #[error(
+        "another qrgate serves the store {db} as {name:?} (it has not said who yet); \
+         give each instance its own [mqtt] client_id (QRGATE_MQTT__CLIENT_ID)"
+    )]
+    HeldUnknown { db: String, name: String },
     #[error("cannot lock the store {db}: {error}")]
     Store { db: String, error: StoreError },
 }
 
-/// Held while qrgate serves the database; dropping it ends the session
-/// that holds the lock, which releases it.
+/// Held while qrgate serves the database under its name; dropping it ends
+/// the session that holds the lock, which releases it.
 #[derive(Debug)]
 pub struct PgLock {
     stop: CancellationToken,
@@ -51,10 +62,12 @@ pub struct PgLock {
 }
 
 impl PgLock {
-    /// Takes the database's lock for this process, or names who has it.
+    /// Takes the instance name `name` on the database for this process, or
+    /// names who has it.
     pub async fn take(
         target: &PgTarget,
         password: Option<&str>,
+        name: &str,
         http_listen: SocketAddr,
     ) -> Result<PgLock, PgLockError> {
         let db = target.to_string();
@@ -69,10 +82,14 @@ impl PgLock {
             started_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             http_listen: http_listen.to_string(),
         };
-        let session = match attempt(&config, &tls, &holder).await.map_err(store)? {
+        let name = name.to_owned();
+        let session = match attempt(&config, &tls, &name, &holder)
+            .await
+            .map_err(store)?
+        {
             Attempt::Taken(session) => session,
-            Attempt::Held(Some(holder)) => return Err(PgLockError::Held { db, holder }),
-            Attempt::Held(None) => return Err(PgLockError::HeldUnknown { db }),
+            Attempt::Held(Some(holder)) => return Err(PgLockError::Held { db, name, holder }),
+            Attempt::Held(None) => return Err(PgLockError::HeldUnknown { db, name }),
         };
         let stop = CancellationToken::new();
         let lost = CancellationToken::new();
@@ -80,6 +97,7 @@ impl PgLock {
             session,
             config,
             tls,
+            name,
             holder,
             db,
             stop.clone(),
@@ -88,7 +106,7 @@ impl PgLock {
         Ok(PgLock { stop, lost })
     }
 
-    /// Cancelled when the lock was lost to another qrgate for good: this
+    /// Cancelled when the name was taken by another qrgate for good: this
     /// one must stop serving.
     pub fn lost(&self) -> CancellationToken {
         self.lost.clone()
@@ -111,12 +129,12 @@ enum Attempt {
     Held(Option<Holder>),
 }
 
-/// Tries the lock once on a new session. Taken, the schema is brought up to
-/// date (under the lock, so a newer qrgate refused here never migrates the
-/// database under the running one) and the holder row says who holds it.
+/// Tries the name's lock once on a new session. Taken, the schema is
+/// brought up to date and the holder row says who holds it.
 async fn attempt(
     config: &Config,
     tls: &MakeRustlsConnect,
+    name: &str,
     me: &Holder,
 ) -> Result<Attempt, StoreError> {
     let (mut client, connection) = config.connect(tls.clone()).await.map_err(pg)?;
@@ -124,15 +142,18 @@ async fn attempt(
         let _ = connection.await;
     });
     let taken: bool = client
-        .query_one("SELECT pg_try_advisory_lock($1)", &[&INSTANCE_LOCK])
+        .query_one(
+            "SELECT pg_try_advisory_lock($1, hashtext($2))",
+            &[&INSTANCE_LOCK, &name],
+        )
         .await
         .map_err(pg)?
         .get(0);
     if !taken {
         let row = match client
             .query_opt(
-                "SELECT pid, host, started_at, http_listen FROM qrgate_instance WHERE id = 1",
-                &[],
+                "SELECT pid, host, started_at, http_listen FROM instances WHERE name = $1",
+                &[&name],
             )
             .await
         {
@@ -151,15 +172,16 @@ async fn attempt(
     super::migrate::run(&mut client, super::migrate::MIGRATIONS).await?;
     client
         .execute(
-            "INSERT INTO qrgate_instance (id, pid, host, started_at, http_listen)
-             VALUES (1, $1, $2, $3, $4)
-             ON CONFLICT (id) DO UPDATE SET pid = excluded.pid, host = excluded.host,
+            "INSERT INTO instances (name, pid, host, started_at, http_listen)
+             VALUES ($5, $1, $2, $3, $4)
+             ON CONFLICT (name) DO UPDATE SET pid = excluded.pid, host = excluded.host,
                started_at = excluded.started_at, http_listen = excluded.http_listen",
             &[
                 &i64::from(me.pid),
                 &me.host,
                 &me.started_at,
                 &me.http_listen,
+                &name,
             ],
         )
         .await
@@ -173,6 +195,7 @@ async fn hold(
     mut session: Session,
     config: Config,
     tls: MakeRustlsConnect,
+    name: String,
     me: Holder,
     db: String,
     stop: CancellationToken,
@@ -183,16 +206,16 @@ async fn hold(
             _ = &mut session.1 => {}
             _ = stop.cancelled() => return,
         }
-        tracing::error!(store = %db, "the session holding this qrgate's lock on the store ended; taking it again");
+        tracing::error!(store = %db, name = %name, "the session holding this instance's name on the store ended; taking it again");
         let mut wait = Duration::from_millis(200);
         session = loop {
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = stop.cancelled() => return,
             }
-            match attempt(&config, &tls, &me).await {
+            match attempt(&config, &tls, &name, &me).await {
                 Ok(Attempt::Taken(s)) => {
-                    tracing::info!(store = %db, "this qrgate holds the store's lock again");
+                    tracing::info!(store = %db, name = %name, "this instance holds its name on the store again");
                     break s;
                 }
                 Ok(Attempt::Held(holder)) => {
@@ -205,13 +228,13 @@ async fn hold(
                             )
                         },
                     );
-                    tracing::error!(store = %db, by = %by,
-                        "another qrgate took the store while this one was cut off from it: stopping");
+                    tracing::error!(store = %db, name = %name, by = %by,
+                        "another qrgate took this instance's name while this one was cut off from the store: stopping");
                     lost.cancel();
                     return;
                 }
                 Err(e) => {
-                    tracing::warn!(store = %db, error = %e, "cannot take the store's lock again yet; retrying");
+                    tracing::warn!(store = %db, name = %name, error = %e, "cannot take this instance's name on the store again yet; retrying");
                     wait = (wait * 2).min(Duration::from_secs(5));
                 }
             }

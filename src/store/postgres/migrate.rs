@@ -20,11 +20,18 @@ pub struct Migration {
 
 /// Every migration, in order. A new one is appended with the next version;
 /// one already released is never edited.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "initial",
-    sql: include_str!("../../../migrations/postgres/0001_initial.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "initial",
+        sql: include_str!("../../../migrations/postgres/0001_initial.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "instances",
+        sql: include_str!("../../../migrations/postgres/0002_instances.sql"),
+    },
+];
 
 /// The advisory lock held while migrating (an arbitrary constant, "qrgate
 /// migrate" in spirit), apart from the single-instance lock's.

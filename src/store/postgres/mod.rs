@@ -21,6 +21,7 @@
 //! `Unavailable`, and readiness says so, instead of hanging.
 
 pub mod feed;
+pub mod leader;
 mod lock;
 pub mod migrate;
 mod target;
@@ -37,6 +38,7 @@ use tokio_postgres::{IsolationLevel, Row};
 pub use lock::{PgLock, PgLockError, INSTANCE_LOCK};
 pub use target::{PgTarget, TlsMode, STORE_PASSWORD_ENV};
 
+use super::fence;
 use super::sqlite::{event_detail, parse_sale, sale_columns};
 use super::{
     Heard, InboxEntry, MerchantOrderRecord, PaymentRecord, PosHead, Recheck, RefundRequest,
@@ -56,11 +58,14 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct PgStore {
     pool: Pool,
     target: PgTarget,
-    /// How the change feed's session connects.
+    /// How the change feed's and the leader's sessions connect.
     listen: (
         tokio_postgres::Config,
         tokio_postgres_rustls::MakeRustlsConnect,
     ),
+    /// The instance this store writes for (its MQTT client id): named in
+    /// what it notifies, so it does not act twice on its own news.
+    name: String,
 }
 
 /// A PostgreSQL error as the store reports it: the server's own message
@@ -157,6 +162,7 @@ impl PgStore {
             pool,
             target: target.clone(),
             listen,
+            name: String::new(),
         };
         store
             .timed(async {
@@ -183,6 +189,12 @@ impl PgStore {
 
     pub fn target(&self) -> &PgTarget {
         &self.target
+    }
+
+    /// The store of instance `name` (`[mqtt] client_id`).
+    pub fn named(mut self, name: &str) -> PgStore {
+        self.name = name.to_owned();
+        self
     }
 
     /// `f`, failed as `Unavailable` when it takes longer than
@@ -220,14 +232,41 @@ impl PgStore {
     }
 
     /// One statement on its own, committed when it returns: the rows it
-    /// changed.
+    /// changed. The singletons' statement is fenced by their term.
     async fn execute(&self, sql: &str, params: Params<'_>) -> Result<u64, StoreError> {
         self.timed(async {
-            let c = self.conn().await?;
-            exec(&c, sql, params).await
+            let mut c = self.conn().await?;
+            if fence::current().is_none() {
+                return exec(&c, sql, params).await;
+            }
+            let tx = c.transaction().await.map_err(pg)?;
+            fenced(&tx).await?;
+            let n = exec(&tx, sql, params).await?;
+            tx.commit().await.map_err(pg)?;
+            Ok(n)
         })
         .await
     }
+}
+
+/// Refuses the singletons' write (the current task's term, if any) once
+/// another instance leads. The term's row is read `FOR SHARE`: a new
+/// leader's move of the term waits for this transaction to end, so no
+/// write of an older term commits after it.
+async fn fenced<C: GenericClient>(tx: &C) -> Result<(), StoreError> {
+    let Some(term) = fence::current() else {
+        return Ok(());
+    };
+    let current = rows(
+        tx,
+        "SELECT 1 FROM leadership WHERE id = 1 AND term = $1 FOR SHARE",
+        &[&i64::try_from(term).unwrap_or(i64::MAX)],
+    )
+    .await?;
+    if current.is_empty() {
+        return Err(StoreError::Fenced { term });
+    }
+    Ok(())
 }
 
 /// The sales row would give its POS a second open sale with this device
@@ -571,6 +610,7 @@ impl Store for PgStore {
         self.timed(async {
             let mut c = self.conn().await?;
             let tx = c.transaction().await.map_err(pg)?;
+            fenced(&tx).await?;
             let version = move_head(&tx, sale.pos.as_str(), seen).await?;
             write_sale(&tx, sale, event).await?;
             // Delivered at commit to every instance listening (`feed`).
@@ -625,13 +665,23 @@ impl Store for PgStore {
         shutdown: tokio_util::sync::CancellationToken,
     ) -> Option<tokio::sync::mpsc::UnboundedReceiver<Heard>> {
         let (config, tls) = self.listen.clone();
-        Some(feed::spawn(config, tls, shutdown))
+        Some(feed::spawn(config, tls, self.name.clone(), shutdown))
+    }
+
+    fn leadership(
+        &self,
+        name: &str,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> tokio::sync::watch::Receiver<Option<u64>> {
+        let (config, tls) = self.listen.clone();
+        leader::spawn(config, tls, name.to_owned(), shutdown)
     }
 
     async fn record_merchant_order(&self, mo: MerchantOrderRecord) -> Result<(), StoreError> {
         self.timed(async {
             let mut c = self.conn().await?;
             let tx = c.transaction().await.map_err(pg)?;
+            fenced(&tx).await?;
             let id = text_id(&mo.id);
             exec(
                 &tx,
@@ -770,26 +820,42 @@ impl Store for PgStore {
     // ---- The notification inbox ----
 
     async fn inbox_add(&self, topic: &str, id: &str, now: i64) -> Result<InboxEntry, StoreError> {
-        // A pending entry folds the notification in (and is due now); a done
-        // one opens again: Mercado Pago has news about the resource.
-        self.select(
-            &format!(
-                "INSERT INTO inbox (topic, id, received_at, generation, attempts, next_at)
-                 VALUES ($1, $2, $3, 1, 0, $3)
-                 ON CONFLICT (topic, id) DO UPDATE SET
-                   generation = inbox.generation + 1,
-                   next_at = LEAST(inbox.next_at, excluded.next_at),
-                   received_at = CASE WHEN inbox.done_at IS NULL THEN inbox.received_at ELSE excluded.received_at END,
-                   attempts = CASE WHEN inbox.done_at IS NULL THEN inbox.attempts ELSE 0 END,
-                   done_at = NULL, outcome = NULL
-                 RETURNING {INBOX_COLUMNS}"
-            ),
-            &[&topic, &id, &now],
-            inbox_entry,
-        )
-        .await?
-        .pop()
-        .ok_or_else(|| StoreError::Database("the inbox returned no row".into()))
+        self.timed(async {
+            let mut c = self.conn().await?;
+            let tx = c.transaction().await.map_err(pg)?;
+            // A pending entry folds the notification in (and is due now); a
+            // done one opens again: Mercado Pago has news about the resource.
+            let entry = rows(
+                &tx,
+                &format!(
+                    "INSERT INTO inbox (topic, id, received_at, generation, attempts, next_at)
+                     VALUES ($1, $2, $3, 1, 0, $3)
+                     ON CONFLICT (topic, id) DO UPDATE SET
+                       generation = inbox.generation + 1,
+                       next_at = LEAST(inbox.next_at, excluded.next_at),
+                       received_at = CASE WHEN inbox.done_at IS NULL THEN inbox.received_at ELSE excluded.received_at END,
+                       attempts = CASE WHEN inbox.done_at IS NULL THEN inbox.attempts ELSE 0 END,
+                       done_at = NULL, outcome = NULL
+                     RETURNING {INBOX_COLUMNS}"
+                ),
+                &[&topic, &id, &now],
+            )
+            .await?
+            .first()
+            .map(inbox_entry)
+            .transpose()?
+            .ok_or_else(|| StoreError::Database("the inbox returned no row".into()))?;
+            // The leader works the inbox, whichever instance was notified.
+            tx.execute(
+                "SELECT pg_notify($1, $2)",
+                &[&feed::INBOX_CHANNEL, &feed::inbox_payload(&self.name, &entry)],
+            )
+            .await
+            .map_err(pg)?;
+            tx.commit().await.map_err(pg)?;
+            Ok(entry)
+        })
+        .await
     }
 
     async fn inbox_pending(&self) -> Result<Vec<InboxEntry>, StoreError> {
@@ -814,6 +880,7 @@ impl Store for PgStore {
         self.timed(async {
             let mut c = self.conn().await?;
             let tx = c.transaction().await.map_err(pg)?;
+            fenced(&tx).await?;
             let done = exec(
                 &tx,
                 "UPDATE inbox SET done_at = $4, outcome = $5, last_error = NULL
