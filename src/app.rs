@@ -318,11 +318,12 @@ impl App {
             );
         }
         let singletons = {
-            let (book, store, client, orders) = (
+            let (book, store, client, orders, link) = (
                 Arc::clone(&book),
                 Arc::clone(&store),
                 client.clone(),
                 config.orders.clone(),
+                Arc::clone(&link),
             );
             let retention = crate::retention::Retention::new(&config.store, &config.orders);
             let paid_every = Duration::from_secs(config.orders.paid_republish_secs);
@@ -353,6 +354,11 @@ impl App {
                         stop.clone(),
                     )),
                     Box::pin(repeat_paid(Arc::clone(&book), paid_every, stop.clone())),
+                    Box::pin(sweep_outbox(
+                        Arc::clone(&book),
+                        Arc::clone(&link),
+                        stop.clone(),
+                    )),
                     Box::pin(expire(Arc::clone(&book), stop)),
                 ]
             }
@@ -555,6 +561,39 @@ async fn expire(book: Arc<Book>, stop: CancellationToken) {
         for pos in book.expired(book.clock().now_millis()) {
             if let Err(e) = book.execute(&pos, Command::Expire).await {
                 tracing::error!(pos = %pos, error = %e, "cannot expire a sale");
+            }
+        }
+    }
+}
+
+/// Publishes what stored changes owed their devices and their instances
+/// left unpublished past the lease (a singleton): while the broker link is
+/// up, so that what it publishes goes out.
+async fn sweep_outbox(book: Arc<Book>, link: Arc<LinkState>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.cancelled() => break,
+        }
+        if !link.connected.load(std::sync::atomic::Ordering::Acquire) {
+            continue;
+        }
+        let due = match book.store().outbox_due(256).await {
+            Ok(due) => due,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the outbox; swept again in a second");
+                continue;
+            }
+        };
+        for (pos, version) in due {
+            match book.retell(&pos).await {
+                Ok(()) => {
+                    book.metrics().outbox_swept.inc();
+                    tracing::info!(pos = %pos, version,
+                        "a stored change was not told to its device by the instance that stored it: told by the sweep");
+                }
+                Err(e) => tracing::warn!(pos = %pos, version, error = %e,
+                    "cannot tell a device what the outbox owes it; swept again in a second"),
             }
         }
     }

@@ -345,7 +345,9 @@ async fn read_pending(store: &dyn Store, shutdown: &CancellationToken) -> Option
     loop {
         match store.inbox_pending().await {
             Ok(p) => return Some(p),
-            Err(e) => tracing::warn!(error = %e, "cannot read the notification inbox yet; reading it again"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the notification inbox yet; reading it again")
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}

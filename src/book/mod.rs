@@ -51,6 +51,10 @@ pub enum Tell {
     /// The state of its POS's current or last sale, which the broker keeps
     /// for a device that reconnects.
     State(Box<Sale>),
+    /// The same, for a change this instance stored as version `version` of
+    /// its POS: once published, what the store's outbox owed for it is
+    /// marked told.
+    Stored { sale: Box<Sale>, version: u64 },
     /// One of its messages was rejected; its sale's state stays as it was.
     Rejected {
         pos: PosId,
@@ -250,15 +254,21 @@ impl Book {
     }
 
     /// Durably writes a change decided on `seen`, timed for the metrics;
-    /// the POS's new version.
+    /// the POS's new version. `tell`: this instance will tell the device
+    /// (the store keeps what it owes, [`Store::record_to_tell`]).
     async fn record(
         &self,
         seen: &PosView,
         sale: &Sale,
         event: &SaleEvent,
+        tell: bool,
     ) -> Result<u64, StoreError> {
         let started = std::time::Instant::now();
-        let r = self.store.record(sale, event, seen.version).await;
+        let r = if tell {
+            self.store.record_to_tell(sale, event, seen.version).await
+        } else {
+            self.store.record(sale, event, seen.version).await
+        };
         self.metrics
             .store_write_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -758,7 +768,10 @@ impl Book {
         // Shown before told: a device may poll the moment it hears its state.
         self.views.insert(cfg.id.clone(), Arc::clone(&v));
         if let Some(s) = v.state.current.as_ref().filter(|_| publish) {
-            self.publish_state(s);
+            self.send(Tell::Stored {
+                sale: Box::new(s.clone()),
+                version,
+            });
         }
     }
 
@@ -829,7 +842,7 @@ impl Book {
                     let outcome = orders::rules::deliver(&older, *ok, reason.clone(), self.now());
                     match &outcome {
                         Outcome::Changed { sale, event } => {
-                            let version = self.record(&current, sale, event).await?;
+                            let version = self.record(&current, sale, event, false).await?;
                             self.moved_to(cfg, &current, version);
                             self.log_event(Some(&older), sale, event);
                             self.wake_refunds(sale);
@@ -849,12 +862,12 @@ impl Book {
             // The operator hears why; the device has nothing to learn.
             Outcome::Rejected { .. } if from_operator => {}
             Outcome::Changed { sale, event } => {
-                let version = self.record(&current, sale, event).await?;
-                self.log_event(current.state.current.as_ref(), sale, event);
-                self.wake_refunds(sale);
                 // A failed delivery changes nothing the device must hear.
                 let publish =
                     !matches!(event, SaleEvent::Delivered { .. }) && self.shown_to_device(sale);
+                let version = self.record(&current, sale, event, publish).await?;
+                self.log_event(current.state.current.as_ref(), sale, event);
+                self.wake_refunds(sale);
                 self.commit(cfg, current.state.presence, sale.clone(), publish, version);
                 self.follow_up(cfg, sale, event);
             }
@@ -981,7 +994,9 @@ impl Book {
                     merchant_order = %facts.id, "payments already recorded");
                 return Ok(Verdict::Duplicate);
             };
-            let version = match self.record(&locked.view, &changed, &event).await {
+            // Money for a sale that is no longer payable tells the device nothing.
+            let publish = locked.is_current && matches!(event, SaleEvent::Paid { .. });
+            let version = match self.record(&locked.view, &changed, &event, publish).await {
                 Ok(version) => version,
                 Err(stale @ StoreError::Stale { .. }) if attempts < STALE_RETRIES => {
                     attempts += 1;
@@ -1013,9 +1028,7 @@ impl Book {
                     reference: reference.clone(),
                 },
             };
-            // Money for a sale that is no longer payable tells the device nothing.
-            let publish = matches!(settlement, Verdict::Paid { .. });
-            if publish {
+            if matches!(settlement, Verdict::Paid { .. }) {
                 self.follow_up(locked.cfg, &changed, &event);
             }
             locked.show(self, changed, publish, version);
@@ -1132,6 +1145,39 @@ impl Book {
             .collect()
     }
 
+    /// Tells a POS's device its state as the store has it now: for an
+    /// outbox row its instance left unpublished past its lease (it died, or
+    /// lost the broker). What the row owed is marked told once published,
+    /// or at once when the device has nothing to hear.
+    pub async fn retell(&self, pos: &str) -> Result<(), BookError> {
+        let cfg_lock = PosId::parse(pos)
+            .ok()
+            .and_then(|id| Some((self.pos.get(&id)?, self.locks.get(&id)?)));
+        let Some((cfg, lock)) = cfg_lock else {
+            tracing::warn!(
+                pos,
+                "an outbox row for a POS this instance does not serve: marked told"
+            );
+            let version = self.store.pos_head(pos).await?.version;
+            self.store.outbox_told(&[(pos.to_owned(), version)]).await?;
+            return Ok(());
+        };
+        let _guard = lock.lock().await;
+        let version = self.read_again(cfg).await?;
+        let shown = self
+            .view(&cfg.id)
+            .and_then(|v| v.state.current.clone())
+            .filter(|s| self.shown_to_device(s));
+        match shown {
+            Some(sale) => self.send(Tell::Stored {
+                sale: Box::new(sale),
+                version,
+            }),
+            None => self.store.outbox_told(&[(pos.to_owned(), version)]).await?,
+        }
+        Ok(())
+    }
+
     /// Tells a sale's device its state again.
     pub fn republish(&self, sale: Sale) {
         self.send(Tell::State(Box::new(sale)));
@@ -1156,7 +1202,9 @@ impl Book {
             else {
                 return Ok(Some(locked.sale.clone()));
             };
-            let version = match self.record(&locked.view, &sale, &event).await {
+            let publish =
+                locked.is_current && matches!(event, SaleEvent::RefundedByOperator { .. });
+            let version = match self.record(&locked.view, &sale, &event, publish).await {
                 Ok(version) => version,
                 Err(stale @ StoreError::Stale { .. }) if attempts < STALE_RETRIES => {
                     attempts += 1;
@@ -1166,7 +1214,6 @@ impl Book {
                 Err(e) => return Err(e.into()),
             };
             self.log_event(Some(&locked.sale), &sale, &event);
-            let publish = matches!(event, SaleEvent::RefundedByOperator { .. });
             let after = sale.clone();
             locked.show(self, sale, publish, version);
             return Ok(Some(after));

@@ -32,6 +32,7 @@ use crate::book::{Book, BookError, Tell};
 use crate::config::{Broker, MqttConfig, Secret};
 use crate::link::LinkState;
 use crate::orders::PosId;
+use crate::store::Store;
 
 /// Where qrgate's client connects, and how it proves who it is.
 pub struct Endpoint {
@@ -112,14 +113,19 @@ pub fn spawn(
     let mut net = rumqttc::NetworkOptions::new();
     net.set_tcp_nodelay(true);
     eventloop.set_network_options(net);
-    let link = Arc::new(LinkState::default());
     let topics = Topics::new(&cfg.topic_prefix);
 
-    // Outgoing: state messages, in order.
+    let link = Arc::new(LinkState::default());
+    // Outgoing: state messages, in order. A stored change's is marked told
+    // in the store once handed to the client while connected; one handed
+    // over while the link is down is left to the outbox sweep.
     {
         let client = client.clone();
         let shutdown = shutdown.clone();
         let topics = topics.clone();
+        let link = Arc::clone(&link);
+        let (told, marks) = mpsc::unbounded_channel();
+        tracker.spawn(mark_told(Arc::clone(book.store()), marks));
         tracker.spawn(async move {
             loop {
                 let tell = tokio::select! {
@@ -127,11 +133,20 @@ pub fn spawn(
                     _ = shutdown.cancelled() => break,
                 };
                 let p = outbound::render(&tell, &topics);
-                if let Err(e) = client
+                match client
                     .publish(p.topic.clone(), QoS::AtLeastOnce, p.retain, p.payload)
                     .await
                 {
-                    tracing::warn!(topic = %p.topic, error = %e, "cannot queue a state message; it is republished at the next connection");
+                    Ok(()) => {
+                        if let Tell::Stored { sale, version } = &tell {
+                            if link.connected.load(Ordering::Acquire) {
+                                let _ = told.send((sale.pos.as_str().to_owned(), *version));
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(topic = %p.topic, error = %e, "cannot queue a state message; it is republished at the next connection");
+                    }
                 }
             }
         });
@@ -226,6 +241,12 @@ pub fn spawn(
                         if let Err(e) = client.subscribe_many(filters).await {
                             tracing::warn!(error = %e, "cannot subscribe to device topics");
                         }
+                        // Another instance may have stored changes this one
+                        // has not heard yet: retained states go out as the
+                        // store has them.
+                        if let Err(e) = book.catch_up().await {
+                            tracing::warn!(error = %e, "cannot read the store before republishing retained states; republishing what this instance has");
+                        }
                         for tell in book.retained_states() {
                             let p = outbound::render(&tell, &topics);
                             let _ = client
@@ -272,6 +293,25 @@ pub fn spawn(
         let _ = tokio::time::timeout(Duration::from_secs(1), client.disconnect()).await;
     });
     link
+}
+
+/// Marks in the store what was told, as many at once as came meanwhile. A
+/// mark that fails leaves its rows to the outbox sweep, which publishes
+/// them again: a device hears its state twice, never not at all.
+async fn mark_told(store: Arc<dyn Store>, mut marks: mpsc::UnboundedReceiver<(String, u64)>) {
+    while let Some(first) = marks.recv().await {
+        let mut told = vec![first];
+        while told.len() < 256 {
+            match marks.try_recv() {
+                Ok(m) => told.push(m),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = store.outbox_told(&told).await {
+            tracing::warn!(error = %e, changes = told.len(),
+                "cannot mark device messages told; the outbox sweep publishes them again");
+        }
+    }
 }
 
 /// The broker's refusal of qrgate's own login, if `e` is one.

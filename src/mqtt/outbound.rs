@@ -51,7 +51,7 @@ pub struct Message {
 /// state is retained, a rejection is not.
 pub fn render(tell: &Tell, topics: &Topics) -> Message {
     match tell {
-        Tell::State(sale) => Message {
+        Tell::State(sale) | Tell::Stored { sale, .. } => Message {
             topic: topics.state(sale.pos.as_str()),
             payload: state(sale),
             retain: true,

@@ -199,6 +199,35 @@ pub trait Store: Send + Sync + 'static {
     /// [`StoreError::AlreadyClosed`], whatever the caller believed.
     async fn record(&self, sale: &Sale, event: &SaleEvent, seen: u64) -> Result<u64, StoreError>;
 
+    /// [`Store::record`], for a change its device must be told: a store
+    /// several instances share also keeps, in the same transaction, an
+    /// outbox row for it, which this instance marks once it published the
+    /// change ([`Store::outbox_told`]) and which any instance's sweep
+    /// publishes if it did not ([`Store::outbox_due`]). A store one process
+    /// writes needs none: that process republishes every POS's state at
+    /// each connection to the broker, a restart included.
+    async fn record_to_tell(
+        &self,
+        sale: &Sale,
+        event: &SaleEvent,
+        seen: u64,
+    ) -> Result<u64, StoreError> {
+        self.record(sale, event, seen).await
+    }
+
+    /// Marks the outbox rows of each POS up to its version published.
+    async fn outbox_told(&self, told: &[(String, u64)]) -> Result<(), StoreError> {
+        let _ = told;
+        Ok(())
+    }
+
+    /// POS with outbox rows left unpublished past their lease, each with
+    /// its latest such version: at most `limit`.
+    async fn outbox_due(&self, limit: usize) -> Result<Vec<(String, u64)>, StoreError> {
+        let _ = limit;
+        Ok(Vec::new())
+    }
+
     /// The POS's version and latest sale, read together.
     async fn pos_head(&self, pos: &str) -> Result<PosHead, StoreError>;
 

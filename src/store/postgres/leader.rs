@@ -84,10 +84,7 @@ async fn session(
     });
     let _abort = AbortOnDrop(connection.abort_handle());
     client
-        .batch_execute(&format!(
-            "SET idle_session_timeout = {}",
-            LEASE.as_millis()
-        ))
+        .batch_execute(&format!("SET idle_session_timeout = {}", LEASE.as_millis()))
         .await
         .map_err(|e| {
             StoreError::Database(format!(

@@ -249,6 +249,61 @@ impl PgStore {
     }
 }
 
+/// The database's clock in unix millis: leases are set and compared on one
+/// clock, whichever instance's host drifts.
+const DB_NOW: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
+
+/// How long the instance that stored a change has to publish what it owes
+/// the device before the outbox sweep publishes it instead.
+pub const OUTBOX_LEASE: Duration = Duration::from_secs(3);
+
+impl PgStore {
+    /// A change, in one transaction: the POS's version moved on, the sale
+    /// and its event written, the change notified to every instance, and
+    /// (`tell`) the outbox row this instance owes its device.
+    async fn write_change(
+        &self,
+        sale: &Sale,
+        event: &SaleEvent,
+        seen: u64,
+        tell: bool,
+    ) -> Result<u64, StoreError> {
+        self.timed(async {
+            let mut c = self.conn().await?;
+            let tx = c.transaction().await.map_err(pg)?;
+            fenced(&tx).await?;
+            let version = move_head(&tx, sale.pos.as_str(), seen).await?;
+            write_sale(&tx, sale, event).await?;
+            if tell {
+                exec(
+                    &tx,
+                    &format!(
+                        "INSERT INTO outbox (pos, version, owner, lease_until)
+                         VALUES ($1, $2, $3, {DB_NOW} + $4)"
+                    ),
+                    &[
+                        &sale.pos.as_str(),
+                        &i64::try_from(version).unwrap_or(i64::MAX),
+                        &self.name,
+                        &(OUTBOX_LEASE.as_millis() as i64),
+                    ],
+                )
+                .await?;
+            }
+            // Delivered at commit to every instance listening (`feed`).
+            tx.execute(
+                "SELECT pg_notify($1, $2)",
+                &[&feed::CHANNEL, &format!("{} {version}", sale.pos.as_str())],
+            )
+            .await
+            .map_err(pg)?;
+            tx.commit().await.map_err(pg)?;
+            Ok(version)
+        })
+        .await
+    }
+}
+
 /// Refuses the singletons' write (the current task's term, if any) once
 /// another instance leads. The term's row is read `FOR SHARE`: a new
 /// leader's move of the term waits for this transaction to end, so no
@@ -607,22 +662,48 @@ async fn sale_record(
 #[async_trait]
 impl Store for PgStore {
     async fn record(&self, sale: &Sale, event: &SaleEvent, seen: u64) -> Result<u64, StoreError> {
-        self.timed(async {
-            let mut c = self.conn().await?;
-            let tx = c.transaction().await.map_err(pg)?;
-            fenced(&tx).await?;
-            let version = move_head(&tx, sale.pos.as_str(), seen).await?;
-            write_sale(&tx, sale, event).await?;
-            // Delivered at commit to every instance listening (`feed`).
-            tx.execute(
-                "SELECT pg_notify($1, $2)",
-                &[&feed::CHANNEL, &format!("{} {version}", sale.pos.as_str())],
-            )
-            .await
-            .map_err(pg)?;
-            tx.commit().await.map_err(pg)?;
-            Ok(version)
-        })
+        self.write_change(sale, event, seen, false).await
+    }
+
+    async fn record_to_tell(
+        &self,
+        sale: &Sale,
+        event: &SaleEvent,
+        seen: u64,
+    ) -> Result<u64, StoreError> {
+        self.write_change(sale, event, seen, true).await
+    }
+
+    async fn outbox_told(&self, told: &[(String, u64)]) -> Result<(), StoreError> {
+        if told.is_empty() {
+            return Ok(());
+        }
+        let (pos, versions): (Vec<&str>, Vec<i64>) = told
+            .iter()
+            .map(|(p, v)| (p.as_str(), i64::try_from(*v).unwrap_or(i64::MAX)))
+            .unzip();
+        self.execute(
+            &format!(
+                "UPDATE outbox o SET published_at = {DB_NOW}
+                 FROM unnest($1::text[], $2::bigint[]) AS t(pos, version)
+                 WHERE o.pos = t.pos AND o.version <= t.version AND o.published_at IS NULL"
+            ),
+            &[&pos, &versions],
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn outbox_due(&self, limit: usize) -> Result<Vec<(String, u64)>, StoreError> {
+        self.select(
+            &format!(
+                "SELECT pos, max(version) FROM outbox
+                 WHERE published_at IS NULL AND lease_until < {DB_NOW}
+                 GROUP BY pos LIMIT $1"
+            ),
+            &[&(limit as i64)],
+            |r| Ok((col(r, 0)?, version(col(r, 1)?))),
+        )
         .await
     }
 
@@ -1034,6 +1115,7 @@ impl Store for PgStore {
                 "DELETE FROM inbox WHERE done_at IS NOT NULL AND done_at < $1",
                 "DELETE FROM refund_requests WHERE status IS NOT NULL AND at < $1",
                 "DELETE FROM rechecks WHERE paid_at < $1",
+                "DELETE FROM outbox WHERE published_at IS NOT NULL AND published_at < $1",
             ] {
                 exec(&tx, sql, &[&before]).await?;
             }
