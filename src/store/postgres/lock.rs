@@ -95,8 +95,7 @@ impl PgLock {
         let lost = CancellationToken::new();
         tokio::spawn(hold(
             session,
-            config,
-            tls,
+            (config, tls),
             name,
             holder,
             db,
@@ -193,8 +192,7 @@ async fn attempt(
 /// session ends under it (PostgreSQL restarted, the network cut).
 async fn hold(
     mut session: Session,
-    config: Config,
-    tls: MakeRustlsConnect,
+    (config, tls): (Config, MakeRustlsConnect),
     name: String,
     me: Holder,
     db: String,
