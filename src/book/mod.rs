@@ -886,7 +886,19 @@ impl Book {
                     self.publish_state(s);
                 }
             }
-            Outcome::Rejected { sale_id, why } => self.refuse(pos, sale_id.as_ref(), why).await,
+            Outcome::Rejected { sale_id, why } => {
+                // Another instance may have stored what the device acts on
+                // (its `paid`, before this one heard of it): refused only
+                // on the stored state, or the device hears a false refusal.
+                if !again {
+                    let stored = self.store.pos_head(pos.as_str()).await?.version;
+                    if stored != current.version {
+                        let (pos, version) = (pos.to_string(), stored);
+                        return Err(StoreError::Stale { pos, version }.into());
+                    }
+                }
+                self.refuse(pos, sale_id.as_ref(), why).await
+            }
             Outcome::Presence(p) => {
                 let said = if p.is_offline() {
                     "device offline"

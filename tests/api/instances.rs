@@ -221,3 +221,55 @@ async fn a_book_follows_changes_stored_elsewhere_and_catches_up_after_a_gap() {
     assert_eq!(b.poll("pump-2").body, a.poll("pump-2").body);
     assert_eq!(b.catch_up().await.unwrap(), 0, "nothing left to read");
 }
+
+/// A refusal stores nothing, so no version stops one decided on a view
+/// behind the store: B, which has not heard that A's sale was paid, must
+/// not refuse the device's confirmation of it (nor its next sale as
+/// `busy`) but decide again on the stored state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_message_is_refused_only_on_the_stored_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.db");
+    let id = PosId::parse("pump-1").unwrap();
+    let a = instance(&path, pos("pump-1", PosKind::Fuel)).await;
+    let mut b = instance(&path, pos("pump-1", PosKind::Fuel)).await;
+    a.book.execute(&id, sale("1", "100.00")).await.unwrap();
+    b.book.follow("pump-1", 1).await.unwrap();
+    let reference = b.book.view(&id).unwrap().state.current.clone().unwrap();
+    let paid_in_full = MerchantOrderFacts {
+        id: MpId::Num(7002),
+        status: MerchantOrderStatus::Closed,
+        external_reference: Some(reference.external_reference.as_str().to_owned()),
+        collector_id: Some(1),
+        payments: vec![PaymentFacts {
+            id: MpId::Num(9002),
+            status: PaymentStatus::Approved,
+            amount: Decimal::new(10000, 2),
+            currency: Some("ARS".into()),
+            approved_at: Some(1),
+        }],
+    };
+    let verdict = a.book.settle(&paid_in_full, None, "closed").await.unwrap();
+    assert!(matches!(verdict, Verdict::Paid { .. }), "{verdict:?}");
+
+    // B still shows the sale pending when the device acts on its `paid`.
+    let delivered = parse(
+        DeviceTopic::Delivered,
+        "pump-1",
+        br#"{"sale_id":"1","ok":true}"#,
+        1024,
+    )
+    .unwrap();
+    let confirmed = b.book.execute(&id, delivered).await.unwrap();
+    assert!(
+        matches!(confirmed, Outcome::Changed { .. }),
+        "{confirmed:?}"
+    );
+    let next = b.book.execute(&id, sale("2", "50.00")).await.unwrap();
+    assert!(matches!(next, Outcome::Changed { .. }), "{next:?}");
+    while let Ok(t) = b.told.try_recv() {
+        assert!(!matches!(t, Tell::Rejected { .. }), "B told {t:?}");
+    }
+    let store = SqliteStore::open(&path, false).unwrap();
+    assert!(store.latest_rejections().await.unwrap().is_empty());
+}
