@@ -133,6 +133,10 @@ pub struct Book {
     behind: DashMap<PosId, u64>,
     /// How many POS `behind` holds, read by every poll without a lookup.
     behind_count: std::sync::atomic::AtomicUsize,
+    /// The version of each POS last read because another instance stored
+    /// it: what a device message finds already applied there was told by
+    /// that instance.
+    followed: DashMap<PosId, u64>,
 }
 
 /// What the book needs from the configuration besides the POS.
@@ -215,6 +219,7 @@ impl Book {
             clock,
             behind: DashMap::new(),
             behind_count: std::sync::atomic::AtomicUsize::new(0),
+            followed: DashMap::new(),
         })
     }
 
@@ -285,6 +290,7 @@ impl Book {
     /// the POS's lock held.
     async fn reload(&self, cfg: &PosConfig, stale: &StoreError) -> Result<(), BookError> {
         let version = self.read_again(cfg).await?;
+        self.followed.insert(cfg.id.clone(), version);
         tracing::info!(pos = %cfg.id, version, reason = %stale,
             "the POS changed in the store since this view: read again, deciding again");
         Ok(())
@@ -394,6 +400,7 @@ impl Book {
         let _guard = lock.lock().await;
         if self.view(&id).is_none_or(|v| v.version < version) {
             let now = self.read_again(cfg).await?;
+            self.followed.insert(id.clone(), now);
             tracing::debug!(pos, version = now, "followed a change stored elsewhere");
         }
         let now = self.view(&id).map_or(0, |v| v.version);
@@ -874,6 +881,12 @@ impl Book {
             // The same message, applied by another instance in between:
             // the device heard its state from there.
             Outcome::Republish if again => {}
+            // Or applied elsewhere before this instance heard the message.
+            Outcome::Republish
+                if self
+                    .followed
+                    .get(pos)
+                    .is_some_and(|v| *v == current.version) => {}
             Outcome::Republish => {
                 if let Some(s) = current
                     .state
