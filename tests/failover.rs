@@ -185,20 +185,51 @@ async fn sell(device: &Device, sale: &str, price: &str) -> String {
         .expect("a pending sale names its external reference")
 }
 
+/// What the store holds, as one number that any stored change moves: every
+/// timeline event and every POS's version.
+async fn stored(c: &Cluster) -> i64 {
+    c.count("SELECT count(*) FROM sale_events", &[]).await
+        + c.count(
+            "SELECT coalesce(sum(version), 0)::bigint FROM pos_heads",
+            &[],
+        )
+        .await
+}
+
+/// The device says it is offline (or online) and each of `instances`
+/// shows it. Presence is not stored: each instance hears it itself, so
+/// one that shows it has handled every message of the POS before it
+/// (a pump with a sale pending stays payable offline: this needs a
+/// vending machine, or a pump without one).
+async fn hears_presence(c: &Cluster, instances: &[&str], device: &Device, online: bool) {
+    device.set_status(online).await.unwrap();
+    let pos = device.pos_id();
+    for n in instances {
+        wait_for(format!("{n} hearing {pos} online: {online}"), || async {
+            let kind = c.poll_kind(n, pos).await;
+            (kind == "timeout") != online
+        })
+        .await;
+    }
+}
+
 // ---- (a) ----
 
 /// Three instances hear the same device sale; the first to store it
 /// tells the device, the others find it stored. Every instance serves it
 /// with the same bytes, and a change stored by one (the cancel) is
-/// followed by all.
+/// followed by all. C hears the broker late, so it has always read each
+/// change from the store before the device message that made it: it
+/// tells the device nothing again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sale_is_served_with_the_same_body_by_every_instance() {
     let Some(c) = cluster(&["pump-1"]).await else {
         return;
     };
-    for n in ["a", "b", "c"] {
-        c.start(n).await;
-    }
+    let late = Relay::slowed(c.broker.port, Duration::from_millis(300)).await;
+    c.start("a").await;
+    c.start("b").await;
+    c.start_via("c", late.port).await;
     let pump = c.device("pump-1").await;
     let reference = sell(&pump, "s1", "1234.50").await;
 
@@ -233,6 +264,12 @@ async fn a_sale_is_served_with_the_same_body_by_every_instance() {
         .await;
     }
     assert_eq!(events(&c, &reference, "cancelled").await, 1);
+    // Once each shows the pump offline, each has handled the sale and the
+    // cancel (C last): none told them again.
+    hears_presence(&c, &["a", "b", "c"], &pump, false).await;
+    for n in ["a", "b", "c"] {
+        assert!(!c.log.has(n, &["same sale again"]), "{n} told it again");
+    }
     assert_no_refusals(&c).await;
 }
 
@@ -428,15 +465,7 @@ async fn a_restarted_instance_rebuilds_its_book_and_tells_nothing_twice() {
     })
     .await;
     wait_for("every change told", || async { untold(&c).await == 0 }).await;
-    let stored = || async {
-        c.count("SELECT count(*) FROM sale_events", &[]).await
-            + c.count(
-                "SELECT coalesce(sum(version), 0)::bigint FROM pos_heads",
-                &[],
-            )
-            .await
-    };
-    let before = stored().await;
+    let before = stored(&c).await;
     pump.drain();
     vending.drain();
 
@@ -444,19 +473,11 @@ async fn a_restarted_instance_rebuilds_its_book_and_tells_nothing_twice() {
     let (_, b_body) = c.poll("b", "vending-1").await.unwrap();
     let (status, a_body) = c.poll("a", "vending-1").await.unwrap();
     assert_eq!((status, &a_body), (200, &b_body), "a's rebuilt book");
-    // Presence is not stored: each instance hears it itself. Once A shows
-    // both POS offline, it has handled every message its session kept.
-    pump.set_status(false).await.unwrap();
-    vending.set_status(false).await.unwrap();
-    for pos in ["pump-1", "vending-1"] {
-        for n in ["a", "b"] {
-            wait_for(format!("{n} hearing {pos} offline"), || async {
-                c.poll_kind(n, pos).await == "timeout"
-            })
-            .await;
-        }
-    }
-    assert_eq!(stored().await, before, "a stored something again");
+    // Once A shows both POS offline, it has handled every message its
+    // session kept.
+    hears_presence(&c, &["a", "b"], &pump, false).await;
+    hears_presence(&c, &["a", "b"], &vending, false).await;
+    assert_eq!(stored(&c).await, before, "a stored something again");
     for n in ["a", "b"] {
         assert_eq!(c.metric(n, "qrgate_outbox_swept_total").await, Some(0.0));
     }
@@ -471,8 +492,8 @@ async fn a_restarted_instance_rebuilds_its_book_and_tells_nothing_twice() {
     }
 
     // A works on: t1 is paid through it.
-    pump.set_status(true).await.unwrap();
-    vending.set_status(true).await.unwrap();
+    hears_presence(&c, &["a", "b"], &pump, true).await;
+    hears_presence(&c, &["a", "b"], &vending, true).await;
     let order = c.scan("a", "vending-1").await;
     c.mp.pay(order.merchant_order_id, PaymentOutcome::Approved)
         .await
@@ -483,6 +504,50 @@ async fn a_restarted_instance_rebuilds_its_book_and_tells_nothing_twice() {
         assert_money(&c, reference, closes).await;
         assert_eq!(events(&c, reference, "accepted").await, 1);
     }
+    assert_no_refusals(&c).await;
+}
+
+/// B is down while a vending machine sells twice (one paid, one cancelled); its
+/// session at the broker keeps both sales' messages. Started again, B
+/// must find them applied, as the messages of a POS's latest sale are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "product bug: a restarted instance replays what its MQTT session kept while it was down, and a \
+            `sale` older than its POS's latest sale is taken as a new sale (latest finished) or refused \
+            busy (latest pending), though another instance applied it long ago"]
+async fn a_restarted_instance_replaying_its_session_takes_no_older_sale_again() {
+    let Some(c) = cluster(&["vending-1"]).await else {
+        return;
+    };
+    c.start("a").await;
+    c.start("b").await;
+    let machine = c.device("vending-1").await;
+    c.kill("b");
+    let s1 = sell(&machine, "s1", "150.00").await;
+    let order = c.scan("a", "vending-1").await;
+    c.mp.pay(order.merchant_order_id, PaymentOutcome::Approved)
+        .await
+        .unwrap();
+    assert_eq!(c.notify("a", order.merchant_order_id).await, Some(200));
+    heard(&machine, "s1", "paid").await;
+    machine.delivered("s1", true, None).await.unwrap();
+    sell(&machine, "s2", "20.00").await;
+    machine.cancel("s2").await.unwrap();
+    heard(&machine, "s2", "cancelled").await;
+    wait_for("s1 delivered", || async {
+        events(&c, &s1, "delivered").await == 1
+    })
+    .await;
+    let before = stored(&c).await;
+
+    c.start("b").await;
+    hears_presence(&c, &["b"], &machine, false).await;
+    let after: Vec<String> = machine.drain().iter().map(|m| m.to_string()).collect();
+    assert_eq!(
+        stored(&c).await,
+        before,
+        "b stored again; the machine heard {after:?}"
+    );
+    assert_eq!(c.count("SELECT count(*) FROM sales", &[]).await, 2);
     assert_no_refusals(&c).await;
 }
 
@@ -520,6 +585,16 @@ async fn while_postgresql_restarts_polls_answer_messages_wait_and_then_everythin
             .await;
             served.push(((n, pos), body));
         }
+    }
+    // Those polls served the sales, which one instance stores and the
+    // other follows. A POS whose change an instance heard of and has not
+    // read yet is answered from the store (never from what may be wrong),
+    // so the outage starts once each shows both sales served.
+    for n in ["a", "b"] {
+        wait_for(format!("{n} showing both sales served"), || async {
+            c.metric(n, "qrgate_sales_served_unpaid").await == Some(2.0)
+        })
+        .await;
     }
 
     pg.stop();
@@ -595,20 +670,8 @@ async fn after_the_broker_restarts_every_instance_subscribes_again() {
         .await;
     }
     let pump = c.device("pump-1").await;
-    pump.set_status(false).await.unwrap();
-    for n in ["a", "b"] {
-        wait_for(format!("{n} hearing pump-1 offline"), || async {
-            c.poll_kind(n, "pump-1").await == "timeout"
-        })
-        .await;
-    }
-    pump.set_status(true).await.unwrap();
-    for n in ["a", "b"] {
-        wait_for(format!("{n} hearing pump-1 online"), || async {
-            c.poll_kind(n, "pump-1").await == "unavailable"
-        })
-        .await;
-    }
+    hears_presence(&c, &["a", "b"], &pump, false).await;
+    hears_presence(&c, &["a", "b"], &pump, true).await;
     let reference = sell(&pump, "s1", "120.00").await;
     let order = c.scan("b", "pump-1").await;
     c.mp.pay(order.merchant_order_id, PaymentOutcome::Approved)
@@ -706,6 +769,9 @@ enum Way {
     Unnotified,
 }
 
+/// The instances of the mix.
+const INSTANCES: [&str; 3] = ["a", "b", "c"];
+
 const WAYS: [Way; 5] = [
     Way::Once,
     Way::Twice,
@@ -759,6 +825,17 @@ async fn sell_in_the_mix(
 ) -> Sold {
     use rand::Rng;
     let pos = device.pos_id();
+    // An instance killed and started again replays what its session kept
+    // meanwhile; a sale older than its POS's latest is then taken again
+    // (the ignored test above): the next sale waits for every instance.
+    wait_for("every instance running before a sale", || async {
+        let mut ready = 0;
+        for n in INSTANCES {
+            ready += usize::from(c.ready(n).await);
+        }
+        ready == INSTANCES.len()
+    })
+    .await;
     let amount = Decimal::new(rng.gen_range(100..100_000), 2);
     let reference = sell(device, sale, &amount.to_string()).await;
     let mut orders = vec![scan_any(c, rng, pos).await.merchant_order_id];
@@ -830,7 +907,8 @@ async fn sell_in_the_mix(
 
 /// Three instances, three pumps selling at once, every way of paying; an
 /// instance killed (`kill -9`) at a random point every few sales and
-/// started again under its name. At the end, from the database: every sale
+/// started again under its name (a pump's next sale waits until it runs:
+/// see `sell_in_the_mix`). At the end, from the database: every sale
 /// stored once, closed once if Mercado Pago was paid for it while it was
 /// payable, told `paid` with the payment that closed it, every approved
 /// payment in the ledger once, and nothing owed but what was paid beyond
@@ -840,7 +918,7 @@ async fn random_kills_during_a_sustained_mix_leave_every_payment_recorded_once_a
 ) {
     use rand::{Rng, SeedableRng};
     const PUMPS: [&str; 3] = ["pump-1", "pump-2", "pump-3"];
-    const SALES_PER_PUMP: usize = 5;
+    const SALES_PER_PUMP: usize = 10;
     const KILL_EVERY: usize = 3;
     let Some(mut c) = cluster(&PUMPS).await else {
         return;
@@ -853,7 +931,7 @@ async fn random_kills_during_a_sustained_mix_leave_every_payment_recorded_once_a
     c.log.note(&format!("seed {seed}"));
     c.set("QRGATE_ORDERS__RECONCILE_AFTER_SECS", "1");
     let c = c;
-    for n in ["a", "b", "c"] {
+    for n in INSTANCES {
         c.start(n).await;
     }
     let mut devices = Vec::new();
@@ -896,12 +974,13 @@ async fn random_kills_during_a_sustained_mix_leave_every_payment_recorded_once_a
     let started = Instant::now();
     let (sales, kills) = tokio::join!(sales, chaos);
     let sold: Vec<Sold> = sales.into_iter().flatten().collect();
+    let terms: i64 = c.sql("SELECT term FROM leadership", &[]).await.unwrap()[0].get(0);
     eprintln!(
-        "failover mix: {} sales, {kills} kills, in {:?}",
+        "failover mix: {} sales, {kills} kills, {terms} leadership terms, in {:?}",
         sold.len(),
         started.elapsed()
     );
-    assert!(kills >= 4, "{kills} kills");
+    assert!(kills >= 8, "{kills} kills");
 
     let store = qrgate::store::PgStore::connect(&c.url).await.unwrap();
     let mut closed = 0;

@@ -207,8 +207,9 @@ impl Drop for Mosquitto {
     }
 }
 
-/// A TCP relay between one instance and the broker that the test cuts: the
-/// instance loses the broker while everything else keeps it.
+/// A TCP relay between one instance and the broker, which the test cuts
+/// (the instance loses the broker while everything else keeps it) or
+/// slows (the instance hears the broker late).
 pub struct Relay {
     pub port: u16,
     open: Arc<AtomicBool>,
@@ -218,6 +219,11 @@ pub struct Relay {
 
 impl Relay {
     pub async fn start(to: u16) -> Relay {
+        Relay::slowed(to, Duration::ZERO).await
+    }
+
+    /// A relay whose bytes from the broker arrive `late`.
+    pub async fn slowed(to: u16, late: Duration) -> Relay {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let open = Arc::new(AtomicBool::new(true));
@@ -225,15 +231,14 @@ impl Relay {
         let accept = {
             let (open, links) = (Arc::clone(&open), Arc::clone(&links));
             tokio::spawn(async move {
-                while let Ok((mut inbound, _)) = listener.accept().await {
+                while let Ok((inbound, _)) = listener.accept().await {
                     // Cut: taken and closed at once, as a broker that is gone.
                     if !open.load(Ordering::Acquire) {
                         continue;
                     }
                     let link = tokio::spawn(async move {
-                        if let Ok(mut out) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await
-                        {
-                            let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                        if let Ok(out) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await {
+                            relay(inbound, out, late).await;
                         }
                     });
                     links.lock().unwrap().push(link.abort_handle());
@@ -255,6 +260,32 @@ impl Relay {
         for link in self.links.lock().unwrap().drain(..) {
             link.abort();
         }
+    }
+}
+
+/// Both directions until either side closes; what comes from the broker
+/// (`from`) is held `late` before it goes on.
+async fn relay(to: tokio::net::TcpStream, from: tokio::net::TcpStream, late: Duration) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut to_read, mut to_write) = to.into_split();
+    let (mut from_read, mut from_write) = from.into_split();
+    let up = tokio::io::copy(&mut to_read, &mut from_write);
+    let down = async {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match from_read.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            tokio::time::sleep(late).await;
+            if to_write.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        _ = up => {}
+        _ = down => {}
     }
 }
 
