@@ -182,6 +182,14 @@ impl PgTarget {
         if let Some(p) = password {
             config.password(p);
         }
+        // A transaction left open by a qrgate that froze or lost the
+        // network keeps its row locks (a POS's head, the leader's term)
+        // until PostgreSQL ends it: within the leader's lease, not TCP's
+        // hours, so that another instance can take over.
+        let idle = super::leader::LEASE.as_millis();
+        let options = config.get_options().unwrap_or_default();
+        let options = format!("{options} -c idle_in_transaction_session_timeout={idle}");
+        config.options(options.trim_start());
         let tls = client_config(self.tls, self.root_cert.as_deref())
             .map_err(|e| StoreError::Unavailable(format!("TLS for {self}: {e}")))?;
         Ok((config, MakeRustlsConnect::new(tls)))
