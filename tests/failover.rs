@@ -229,7 +229,7 @@ async fn a_sale_is_served_with_the_same_body_by_every_instance() {
     let late = Relay::slowed(c.broker.port, Duration::from_millis(300)).await;
     c.start("a").await;
     c.start("b").await;
-    c.start_via("c", late.port).await;
+    c.start_with("c", &[Cluster::broker_at(late.port)]).await;
     let pump = c.device("pump-1").await;
     let reference = sell(&pump, "s1", "1234.50").await;
 
@@ -368,7 +368,7 @@ async fn an_instance_dying_between_commit_and_publish_leaves_the_device_to_the_n
         return;
     };
     let relay = Relay::start(c.broker.port).await;
-    c.start_via("a", relay.port).await;
+    c.start_with("a", &[Cluster::broker_at(relay.port)]).await;
     assert_eq!(c.leader().await, "a");
     c.start("b").await;
     let pump = c.device("pump-1").await;
@@ -1038,5 +1038,50 @@ async fn random_kills_during_a_sustained_mix_leave_every_payment_recorded_once_a
         c.count("SELECT count(*) FROM ledger_payments", &[]).await,
         payments
     );
+    assert_no_refusals(&c).await;
+}
+
+/// A leader cut off from PostgreSQL in the middle of a singleton's write
+/// (its term checked under the row lock, the next statement not yet
+/// sent), as a host that loses the network or freezes mid-transaction.
+/// Its session ends with the lease and B leads within it, settles the
+/// notification and tells the device; the cut-off write never commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_in_the_middle_of_a_write_is_replaced_within_the_lease() {
+    let Some(c) = cluster(&["pump-1"]).await else {
+        return;
+    };
+    let store = Relay::start(c.store_port()).await;
+    c.start_with("a", &[c.store_at(store.port)]).await;
+    assert_eq!(c.leader().await, "a");
+    c.start("b").await;
+    let pump = c.device("pump-1").await;
+    let reference = sell(&pump, "s1", "640.00").await;
+    let order = c.scan("b", "pump-1").await;
+    let payment =
+        c.mp.pay(order.merchant_order_id, PaymentOutcome::Approved)
+            .await
+            .unwrap();
+
+    // A settles what it fetched: its first write checks its term, then
+    // writes the merchant order, which never reaches PostgreSQL.
+    store.freeze_before(b"INSERT INTO merchant_orders");
+    assert_eq!(c.notify("b", order.merchant_order_id).await, Some(200));
+    wait_for("a cut off in the middle of its write", || async {
+        store.frozen()
+    })
+    .await;
+    c.log.note("a's store link frozen in the middle of a write");
+    wait_for("b leading", || async {
+        c.metric("b", "qrgate_leader").await == Some(1.0)
+    })
+    .await;
+    let paid = heard(&pump, "s1", "paid").await;
+    assert_eq!(paid.payment_id, Some(payment));
+
+    store.thaw();
+    c.log.note("a's store link back");
+    assert_eq!(c.leader().await, "b");
+    assert_money(&c, &reference, 1).await;
     assert_no_refusals(&c).await;
 }

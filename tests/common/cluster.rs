@@ -207,12 +207,14 @@ impl Drop for Mosquitto {
     }
 }
 
-/// A TCP relay between one instance and the broker, which the test cuts
-/// (the instance loses the broker while everything else keeps it) or
-/// slows (the instance hears the broker late).
+/// A TCP relay between one instance and the broker or the store, which
+/// the test cuts (the instance loses it while everything else keeps it),
+/// slows (the instance hears the broker late) or freezes (nothing passes
+/// either way, as in a network partition, until it thaws).
 pub struct Relay {
     pub port: u16,
     open: Arc<AtomicBool>,
+    gate: Arc<Gate>,
     links: Arc<Mutex<Vec<AbortHandle>>>,
     accept: AbortHandle,
 }
@@ -222,23 +224,25 @@ impl Relay {
         Relay::slowed(to, Duration::ZERO).await
     }
 
-    /// A relay whose bytes from the broker arrive `late`.
+    /// A relay whose bytes from the other end arrive `late`.
     pub async fn slowed(to: u16, late: Duration) -> Relay {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let open = Arc::new(AtomicBool::new(true));
+        let gate = Arc::new(Gate::default());
         let links: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
         let accept = {
-            let (open, links) = (Arc::clone(&open), Arc::clone(&links));
+            let (open, gate, links) = (Arc::clone(&open), Arc::clone(&gate), Arc::clone(&links));
             tokio::spawn(async move {
                 while let Ok((inbound, _)) = listener.accept().await {
-                    // Cut: taken and closed at once, as a broker that is gone.
+                    // Cut: taken and closed at once, as a peer that is gone.
                     if !open.load(Ordering::Acquire) {
                         continue;
                     }
+                    let gate = Arc::clone(&gate);
                     let link = tokio::spawn(async move {
                         if let Ok(out) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await {
-                            relay(inbound, out, late).await;
+                            relay(inbound, out, late, &gate).await;
                         }
                     });
                     links.lock().unwrap().push(link.abort_handle());
@@ -249,6 +253,7 @@ impl Relay {
         Relay {
             port,
             open,
+            gate,
             links,
             accept,
         }
@@ -261,31 +266,95 @@ impl Relay {
             link.abort();
         }
     }
+
+    /// Freezes the relay when the instance next sends `bytes` (a statement
+    /// of its own, say), before they pass.
+    pub fn freeze_before(&self, bytes: &[u8]) {
+        *self.gate.before.lock().unwrap() = Some(bytes.to_vec());
+    }
+
+    pub fn frozen(&self) -> bool {
+        self.gate.frozen.load(Ordering::Acquire)
+    }
+
+    /// What waits at the relay passes, and everything after.
+    pub fn thaw(&self) {
+        self.gate.frozen.store(false, Ordering::Release);
+        self.gate.thawed.notify_waiters();
+    }
 }
 
-/// Both directions until either side closes; what comes from the broker
-/// (`from`) is held `late` before it goes on.
-async fn relay(to: tokio::net::TcpStream, from: tokio::net::TcpStream, late: Duration) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (mut to_read, mut to_write) = to.into_split();
-    let (mut from_read, mut from_write) = from.into_split();
-    let up = tokio::io::copy(&mut to_read, &mut from_write);
-    let down = async {
+/// Where a frozen relay holds its bytes.
+#[derive(Default)]
+struct Gate {
+    frozen: AtomicBool,
+    /// What freezes the relay when the instance sends it.
+    before: Mutex<Option<Vec<u8>>>,
+    thawed: tokio::sync::Notify,
+}
+
+impl Gate {
+    /// Returns when `bytes` may pass.
+    async fn pass(&self, bytes: &[u8], from_instance: bool) {
+        if from_instance {
+            let mut before = self.before.lock().unwrap();
+            let hit = before
+                .as_ref()
+                .is_some_and(|b| bytes.windows(b.len()).any(|w| w == b.as_slice()));
+            if hit {
+                *before = None;
+                self.frozen.store(true, Ordering::Release);
+            }
+        }
+        loop {
+            let thawed = self.thawed.notified();
+            tokio::pin!(thawed);
+            thawed.as_mut().enable();
+            if !self.frozen.load(Ordering::Acquire) {
+                return;
+            }
+            thawed.await;
+        }
+    }
+}
+
+/// Both directions until either side closes: what the instance (`to`)
+/// sends goes on at once, what the other end sends `late`, and nothing
+/// while the gate is frozen.
+async fn relay(
+    to: tokio::net::TcpStream,
+    from: tokio::net::TcpStream,
+    late: Duration,
+    gate: &Gate,
+) {
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+    async fn pump(
+        mut read: impl AsyncRead + Unpin,
+        mut write: impl AsyncWrite + Unpin,
+        late: Duration,
+        gate: &Gate,
+        from_instance: bool,
+    ) {
         let mut buf = vec![0u8; 16 * 1024];
         loop {
-            let n = match from_read.read(&mut buf).await {
+            let n = match read.read(&mut buf).await {
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
             };
-            tokio::time::sleep(late).await;
-            if to_write.write_all(&buf[..n]).await.is_err() {
+            if !late.is_zero() {
+                tokio::time::sleep(late).await;
+            }
+            gate.pass(&buf[..n], from_instance).await;
+            if write.write_all(&buf[..n]).await.is_err() {
                 return;
             }
         }
-    };
+    }
+    let (to_read, to_write) = to.into_split();
+    let (from_read, from_write) = from.into_split();
     tokio::select! {
-        _ = up => {}
-        _ = down => {}
+        _ = pump(to_read, from_write, Duration::ZERO, gate, true) => {}
+        _ = pump(from_read, to_write, late, gate, false) => {}
     }
 }
 
@@ -293,6 +362,7 @@ impl Drop for Relay {
     fn drop(&mut self) {
         self.accept.abort();
         self.cut();
+        self.thaw();
     }
 }
 
@@ -402,6 +472,33 @@ impl Cluster {
         self.instances.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The setting that makes an instance reach the broker on `port` (a
+    /// [`Relay`]'s).
+    pub fn broker_at(port: u16) -> (&'static str, String) {
+        ("QRGATE_MQTT__BROKER", format!("mqtt://127.0.0.1:{port}"))
+    }
+
+    /// The store's port (PostgreSQL's, on loopback).
+    pub fn store_port(&self) -> u16 {
+        self.store_url_parts().1.parse().unwrap()
+    }
+
+    /// The setting that makes an instance reach the store on `port` (a
+    /// [`Relay`]'s).
+    pub fn store_at(&self, port: u16) -> (&'static str, String) {
+        let (head, _, tail) = self.store_url_parts();
+        (
+            "QRGATE_STORE__URL",
+            format!("{head}@127.0.0.1:{port}/{tail}"),
+        )
+    }
+
+    fn store_url_parts(&self) -> (&str, &str, &str) {
+        let (head, rest) = self.url.split_once("@127.0.0.1:").expect("a loopback URL");
+        let (port, tail) = rest.split_once('/').expect("a database");
+        (head, port, tail)
+    }
+
     /// Instance `name`'s HTTP and admin addresses, while it runs.
     pub fn addr(&self, name: &str) -> Option<(SocketAddr, SocketAddr)> {
         self.instances().get(name).map(|i| (i.http, i.admin))
@@ -414,22 +511,22 @@ impl Cluster {
         Ok(format!("http://{http}{path}"))
     }
 
-    /// Starts instance `name` on the test's broker and waits until it is
-    /// ready.
+    /// Starts instance `name` and waits until it is ready.
     pub async fn start(&self, name: &str) {
-        self.start_via(name, self.broker.port).await;
+        self.start_with(name, &[]).await;
     }
 
-    /// Starts instance `name`, reaching the broker on port `broker` (a
-    /// [`Relay`]'s), and waits until it is ready.
-    pub async fn start_via(&self, name: &str, broker: u16) {
-        self.launch(name, broker).await;
+    /// Starts instance `name` with settings of its own (`QRGATE_…` keys:
+    /// a [`Relay`] for its broker or its store), and waits until it is
+    /// ready.
+    pub async fn start_with(&self, name: &str, env: &[(&str, String)]) {
+        self.launch(name, env).await;
         wait_for(format!("{name} ready"), || self.ready(name)).await;
         self.log.note(&format!("{name} is ready"));
     }
 
     /// Starts instance `name` and waits only until it listens.
-    pub async fn launch(&self, name: &str, broker: u16) {
+    pub async fn launch(&self, name: &str, env: &[(&str, String)]) {
         assert!(
             !self.instances().contains_key(name),
             "{name} is running already"
@@ -442,8 +539,8 @@ impl Cluster {
             .env_remove("QRGATE_CONFIG")
             .env_remove("RUST_LOG")
             .env("QRGATE_MQTT__CLIENT_ID", name)
-            .env("QRGATE_MQTT__BROKER", format!("mqtt://127.0.0.1:{broker}"))
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         dies_with_this_thread(&mut cmd);
