@@ -1112,16 +1112,32 @@ impl Book {
 
     /// The turn to refund money of `reference`: held from reading the
     /// ledger to recording what Mercado Pago made.
+    /// Across every instance sharing the store, too: the ledger is then
+    /// read from the store ([`Book::stored_sale`]), where the other
+    /// instances' refunds are, whether or not this one has heard of them.
     pub async fn refund_turn(
         &self,
         reference: &ExternalReference,
-    ) -> tokio::sync::MutexGuard<'_, ()> {
+    ) -> Result<RefundTurn<'_>, BookError> {
         use std::hash::{Hash, Hasher};
         let mut h = std::collections::hash_map::DefaultHasher::new();
         reference.hash(&mut h);
-        self.refund_turns[(h.finish() % REFUND_TURNS as u64) as usize]
+        let here = self.refund_turns[(h.finish() % REFUND_TURNS as u64) as usize]
             .lock()
-            .await
+            .await;
+        let everywhere = self.store.exclusive(&format!("refund {reference}")).await?;
+        Ok(RefundTurn {
+            _here: here,
+            _everywhere: everywhere,
+        })
+    }
+
+    /// A sale as the store has it: what a refund plans from.
+    pub async fn stored_sale(
+        &self,
+        reference: &ExternalReference,
+    ) -> Result<Option<Sale>, BookError> {
+        Ok(self.store.sale(reference).await?)
     }
 
     /// Signalled whenever a refund qrgate must make comes due.
@@ -1219,6 +1235,12 @@ impl Book {
             return Ok(Some(after));
         }
     }
+}
+
+/// The turn to refund one sale's money ([`Book::refund_turn`]).
+pub struct RefundTurn<'a> {
+    _here: tokio::sync::MutexGuard<'a, ()>,
+    _everywhere: Option<crate::store::Exclusive>,
 }
 
 /// A sale found by reference, with its POS locked.
