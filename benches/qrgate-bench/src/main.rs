@@ -20,6 +20,11 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
+mod instances;
+#[path = "../../../tests/common/wait.rs"]
+#[allow(dead_code)]
+mod wait;
+
 const WAIT: Duration = Duration::from_secs(30);
 
 fn free_port() -> u16 {
@@ -1210,6 +1215,44 @@ fn print_table(r: &Value) {
             );
         }
     }
+    if let Some(i) = r.get("instances").filter(|v| !v.is_null()) {
+        let ms = |v: &Value| v.as_f64().unwrap_or(0.0) / 1000.0;
+        println!(
+            "| two instances on PostgreSQL (fsync on), Mosquitto, {} POS: sales accepted/s, all POS at once | {} | | |",
+            i["pos"], i["accepted_per_sec"]
+        );
+        for (name, key) in [
+            ("sale → servable by the first instance", "servable_first"),
+            ("sale → servable by both instances", "servable_both"),
+            ("… lag of the second instance behind the first", "lag"),
+            (
+                "notification (to either instance) → device paid",
+                "notify_to_device",
+            ),
+        ] {
+            println!(
+                "| {name}, p50 / p99 ms ({} sales) | {:.2} / {:.2} | | |",
+                i["sales"],
+                ms(&i[key]["p50_us"]),
+                ms(&i[key]["p99_us"])
+            );
+        }
+        if !i["polls_64"].is_null() {
+            println!(
+                "| polls/s per instance, 64 conn, the other instance running | {} (p99 {:.2} ms) | | |",
+                i["polls_64"]["rps"],
+                i["polls_64"]["p99_ms"].as_f64().unwrap_or(0.0)
+            );
+        }
+        let f = &i["failover"];
+        println!(
+            "| failover, kill -9 of the leader, {} POS paid and unsettled: survivor leads / every notification answered / every device told paid, ms | {:.0} / {:.0} / {:.0} | | |",
+            f["pos"],
+            f["survivor_leads_ms"].as_f64().unwrap_or(0.0),
+            f["notifications_answered_ms"].as_f64().unwrap_or(0.0),
+            f["every_pos_paid_ms"].as_f64().unwrap_or(0.0)
+        );
+    }
     if let Some(m) = r.get("mix").filter(|v| !v.is_null()) {
         println!(
             "| sustained mix {} s, {} POS: cycles/s, errors, lost | {} , {} , {} | | |",
@@ -1258,7 +1301,7 @@ async fn main() -> Result<()> {
     // 100,000-POS scale. Its numbers mean nothing.
     let smoke = mode == "smoke";
     if !matches!(mode, "all" | "quick" | "smoke") {
-        bail!("usage: qrgate-bench [all|quick|smoke] [--only PART] [--out FILE] [--mix-secs N] [--mix-broker embedded|mosquitto] [--mix-retain-days D]; PART: polls|servable|notify|scale|devices|mix|flood|console");
+        bail!("usage: qrgate-bench [all|quick|smoke] [--only PART] [--out FILE] [--mix-secs N] [--mix-broker embedded|mosquitto] [--mix-retain-days D]; PART: polls|servable|notify|scale|devices|mix|flood|console|instances");
     }
     let flag = |name: &str| {
         args.iter()
@@ -1371,6 +1414,17 @@ async fn main() -> Result<()> {
                 eprintln!("skipped: {e}");
                 Value::Null
             }
+        };
+    }
+    if run("instances") {
+        eprintln!("two instances on PostgreSQL...");
+        r["instances"] = match instances::run(&sim, sales, quick).await {
+            Ok(v) => v,
+            Err(e) if only.is_none() => {
+                eprintln!("skipped: {e:#}");
+                Value::Null
+            }
+            Err(e) => return Err(e),
         };
     }
     if run("mix") {
