@@ -10,7 +10,6 @@
 use super::*;
 
 #[path = "../../../tests/common/postgres.rs"]
-#[allow(dead_code)]
 mod postgres;
 
 /// One instance of a cluster: the release binary on the shared store.

@@ -22,7 +22,6 @@ use tokio::sync::oneshot;
 
 mod instances;
 #[path = "../../../tests/common/wait.rs"]
-#[allow(dead_code)]
 mod wait;
 
 const WAIT: Duration = Duration::from_secs(30);
