@@ -1,4 +1,4 @@
-//! 9. Several instances on one PostgreSQL (`--only instances`): two
+//! Several instances on one PostgreSQL (`--only instances`): two
 //! `qrgate serve` of the release binary sharing a PostgreSQL started from
 //! initdb (fsync on, as in production) and a Mosquitto, as deployed. It
 //! measures what the single-instance parts measure, beside them: a sale
