@@ -37,7 +37,7 @@ fn sale(sale_id: &str, price: &str) -> qrgate::orders::Command {
 fn told_states(i: &mut Instance) -> Vec<(String, SaleState)> {
     let mut out = Vec::new();
     while let Ok(t) = i.told.try_recv() {
-        if let Tell::State(s) = t {
+        if let Tell::State(s) | Tell::Stored { sale: s, .. } = t {
             out.push((s.sale_id.as_str().to_owned(), s.state));
         }
     }
@@ -220,4 +220,29 @@ async fn a_book_follows_changes_stored_elsewhere_and_catches_up_after_a_gap() {
     assert_eq!(b.poll("pump-1").status, 400);
     assert_eq!(b.poll("pump-2").body, a.poll("pump-2").body);
     assert_eq!(b.catch_up().await.unwrap(), 0, "nothing left to read");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poll_of_a_pos_heard_changed_elsewhere_reads_the_store_before_it_answers() {
+    let app = crate::helpers::TestApp::spawn().await;
+    let id = PosId::parse("pump-1").unwrap();
+    let cfg = app.config.pos.iter().find(|p| p.id == id).cloned().unwrap();
+    let other = instance(&app.config.store.path, cfg).await;
+    let (status, _, _) = app.poll("pump-1").await;
+    assert_eq!(status, 400, "no sale yet");
+
+    // The app hears that the POS moved on to version 1 before that change
+    // is readable (as from another instance's feed): it reads the store,
+    // finds version 0, and stays behind.
+    app.app_book.follow("pump-1", 1).await.unwrap();
+    assert_eq!(app.app_book.behind("pump-1"), Some(1));
+    let changed = other.book.execute(&id, sale("1", "100.00")).await.unwrap();
+    assert!(matches!(changed, Outcome::Changed { .. }), "{changed:?}");
+    // Its view still shows no sale; its poll reads the store first.
+    assert!(app.app_book.view(&id).unwrap().state.current.is_none());
+    let (status, body, _) = app.poll("pump-1").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.to_string().contains("100"), "{body}");
+    assert_eq!(app.app_book.behind("pump-1"), None);
+    app.stop().await;
 }
