@@ -117,6 +117,95 @@ async fn servable_at(
     }
 }
 
+/// Sales accepted per second: one on each of `pos` POS at once, until every
+/// device heard `pending`; then each is cancelled.
+async fn burst(fleet: &Fleet, pos: usize, tag: &str) -> Result<f64> {
+    let t0 = Instant::now();
+    pending_sales(fleet, 0..pos, tag).await?;
+    let rate = (pos as f64 / t0.elapsed().as_secs_f64()).round();
+    let cancelled: Vec<_> = (0..pos)
+        .map(|i| fleet.expect(&format!("p{i}"), &format!("{tag}{i}"), "cancelled"))
+        .collect();
+    for i in 0..pos {
+        fleet
+            .send(
+                &format!("p{i}"),
+                "cancel",
+                format!(r#"{{"sale_id":"{tag}{i}"}}"#),
+            )
+            .await?;
+    }
+    for c in cancelled {
+        arrived(c, "a cancel").await?;
+    }
+    Ok(rate)
+}
+
+/// Notification to the device's `paid`, each notification to the next of
+/// `to` in turn.
+async fn notify(
+    sim: &Simulator,
+    fleet: &Fleet,
+    to: &[&Qrgate],
+    sales: usize,
+    tag: &str,
+) -> Result<Value> {
+    let http = reqwest::Client::new();
+    sim.set_notify_mode(NotifyMode::None);
+    let mut h = hist();
+    for k in 0..sales {
+        let pos = format!("p{}", k % 200);
+        let sale = format!("{tag}{k}");
+        let to = to[k % to.len()];
+        let pending = fleet.expect(&pos, &sale, "pending");
+        fleet.sale(&pos, &sale).await?;
+        arrived(pending, "pending").await?;
+        let order = scan(sim, to, &pos).await?;
+        sim.pay(order.merchant_order_id, PaymentOutcome::Approved)
+            .await?;
+        let paid = fleet.expect(&pos, &sale, "paid");
+        let t0 = Instant::now();
+        let resp = http
+            .post(format!(
+                "{}/mp/notifications?topic=merchant_order&id={}",
+                to.base, order.merchant_order_id
+            ))
+            .send()
+            .await?;
+        if resp.status() != 200 {
+            bail!("notification answered {}", resp.status());
+        }
+        let at = arrived(paid, "paid").await?;
+        h.record(at.duration_since(t0).as_nanos() as u64)?;
+        fleet
+            .send(
+                &pos,
+                "delivered",
+                format!(r#"{{"sale_id":"{sale}","ok":true}}"#),
+            )
+            .await?;
+    }
+    Ok(json!({ "p50_us": us(&h, 0.5), "p99_us": us(&h, 0.99) }))
+}
+
+/// One instance on SQLite (fsync on) through the same Mosquitto: the same
+/// measures, beside.
+async fn on_sqlite(sim: &Simulator, broker: u16, pos: usize, sales: usize) -> Result<Value> {
+    let dir = tempfile::tempdir()?;
+    let q = Qrgate::start(
+        pos,
+        &BrokerChoice::External(broker),
+        &sim.base_url(),
+        dir.path(),
+    )?;
+    q.ready().await?;
+    let fleet = Fleet::connect(broker, "bench-instances-sqlite").await?;
+    Ok(json!({
+        "accepted_per_sec": burst(&fleet, pos, "sqlite-burst").await?,
+        "notify_to_device": notify(sim, &fleet, &[&q], sales, "sqlite-n").await?,
+    }))
+}
+
 pub async fn run(sim: &Simulator, sales: usize, quick: bool) -> Result<Value> {
     let Some(pg) = postgres::Postgres::start() else {
         bail!("PostgreSQL is not installed (initdb)");
@@ -129,6 +218,7 @@ pub async fn run(sim: &Simulator, sales: usize, quick: bool) -> Result<Value> {
     let (mut mosquitto, broker) = start_mosquitto()?;
     let dir = tempfile::tempdir()?;
     const POS: usize = 1000;
+    let sqlite = on_sqlite(sim, broker, POS, sales).await?;
     let a = instance("qrgate-a", POS, broker, &sim.base_url(), &url, dir.path())?;
     a.ready().await?;
     let b = instance("qrgate-b", POS, broker, &sim.base_url(), &url, dir.path())?;
@@ -136,27 +226,9 @@ pub async fn run(sim: &Simulator, sales: usize, quick: bool) -> Result<Value> {
     let both = [&a, &b];
     let fleet = Fleet::connect(broker, "bench-instances").await?;
     let http = reqwest::Client::new();
-    let mut r = json!({ "pos": POS, "sales": sales });
+    let mut r = json!({ "pos": POS, "sales": sales, "sqlite": sqlite });
 
-    // Sales accepted per second: one on every POS at once.
-    let t0 = Instant::now();
-    pending_sales(&fleet, 0..POS, "burst").await?;
-    r["accepted_per_sec"] = json!((POS as f64 / t0.elapsed().as_secs_f64()).round());
-    let cancelled: Vec<_> = (0..POS)
-        .map(|i| fleet.expect(&format!("p{i}"), &format!("burst{i}"), "cancelled"))
-        .collect();
-    for i in 0..POS {
-        fleet
-            .send(
-                &format!("p{i}"),
-                "cancel",
-                format!(r#"{{"sale_id":"burst{i}"}}"#),
-            )
-            .await?;
-    }
-    for c in cancelled {
-        arrived(c, "a cancel").await?;
-    }
+    r["accepted_per_sec"] = json!(burst(&fleet, POS, "burst").await?);
 
     // A sale served by both instances: when the first serves it, when both
     // do, and the lag between them.
@@ -186,41 +258,7 @@ pub async fn run(sim: &Simulator, sales: usize, quick: bool) -> Result<Value> {
 
     // Notification to the device's `paid`, each notification to the other
     // instance in turn.
-    sim.set_notify_mode(NotifyMode::None);
-    let mut h = hist();
-    for k in 0..sales {
-        let pos = format!("p{}", k % 200);
-        let sale = format!("n{k}");
-        let to = both[k % 2];
-        let pending = fleet.expect(&pos, &sale, "pending");
-        fleet.sale(&pos, &sale).await?;
-        arrived(pending, "pending").await?;
-        let order = scan(sim, to, &pos).await?;
-        sim.pay(order.merchant_order_id, PaymentOutcome::Approved)
-            .await?;
-        let paid = fleet.expect(&pos, &sale, "paid");
-        let t0 = Instant::now();
-        let resp = http
-            .post(format!(
-                "{}/mp/notifications?topic=merchant_order&id={}",
-                to.base, order.merchant_order_id
-            ))
-            .send()
-            .await?;
-        if resp.status() != 200 {
-            bail!("notification answered {}", resp.status());
-        }
-        let at = arrived(paid, "paid").await?;
-        h.record(at.duration_since(t0).as_nanos() as u64)?;
-        fleet
-            .send(
-                &pos,
-                "delivered",
-                format!(r#"{{"sale_id":"{sale}","ok":true}}"#),
-            )
-            .await?;
-    }
-    r["notify_to_device"] = json!({ "p50_us": us(&h, 0.5), "p99_us": us(&h, 0.99) });
+    r["notify_to_device"] = notify(sim, &fleet, &both, sales, "n").await?;
 
     // Polls per instance, the other one running beside it.
     if !quick {

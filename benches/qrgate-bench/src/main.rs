@@ -1217,8 +1217,14 @@ fn print_table(r: &Value) {
     if let Some(i) = r.get("instances").filter(|v| !v.is_null()) {
         let ms = |v: &Value| v.as_f64().unwrap_or(0.0) / 1000.0;
         println!(
-            "| two instances on PostgreSQL (fsync on), Mosquitto, {} POS: sales accepted/s, all POS at once | {} | | |",
-            i["pos"], i["accepted_per_sec"]
+            "| two instances on PostgreSQL (fsync on), Mosquitto, {} POS: sales accepted/s, all POS at once (one on SQLite) | {} ({}) | | |",
+            i["pos"], i["accepted_per_sec"], i["sqlite"]["accepted_per_sec"]
+        );
+        println!(
+            "| one instance on SQLite (fsync on), Mosquitto: notification → device paid, p50 / p99 ms ({} sales) | {:.2} / {:.2} | | |",
+            i["sales"],
+            ms(&i["sqlite"]["notify_to_device"]["p50_us"]),
+            ms(&i["sqlite"]["notify_to_device"]["p99_us"])
         );
         for (name, key) in [
             ("sale → servable by the first instance", "servable_first"),
