@@ -133,6 +133,10 @@ pub struct Book {
     behind: DashMap<PosId, u64>,
     /// How many POS `behind` holds, read by every poll without a lookup.
     behind_count: std::sync::atomic::AtomicUsize,
+    /// Whether this instance leads the singletons (always, alone on its
+    /// store): only the leader tells a device what nobody's change owes it
+    /// (a repeated message's state, every state after a reconnection).
+    leading: AtomicBool,
 }
 
 /// What the book needs from the configuration besides the POS.
@@ -215,7 +219,18 @@ impl Book {
             clock,
             behind: DashMap::new(),
             behind_count: std::sync::atomic::AtomicUsize::new(0),
+            leading: AtomicBool::new(true),
         })
+    }
+
+    /// Whether this instance leads the singletons ([`Book::set_leading`]).
+    pub fn leads(&self) -> bool {
+        self.leading.load(Ordering::Acquire)
+    }
+
+    /// Says whether this instance leads, among several sharing the store.
+    pub fn set_leading(&self, yes: bool) {
+        self.leading.store(yes, Ordering::Release);
     }
 
     /// The operator's event stream, fed where the log lines are written.
@@ -872,8 +887,9 @@ impl Book {
                 self.follow_up(cfg, sale, event);
             }
             // The same message, applied by another instance in between:
-            // the device heard its state from there.
-            Outcome::Republish if again => {}
+            // the device heard its state from there. A repeated message is
+            // answered by the leader alone: every instance hears it.
+            Outcome::Republish if again || !self.leads() => {}
             Outcome::Republish => {
                 if let Some(s) = current
                     .state
