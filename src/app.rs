@@ -258,6 +258,7 @@ impl App {
         // What other instances store, as they commit (PostgreSQL): changes
         // for the book, notifications written for the leader's inbox.
         if let Some(mut heard) = store.changes(shutdown.clone()) {
+            book.set_shared();
             let (changes, followed) = mpsc::unbounded_channel();
             tracker.spawn(Arc::clone(&book).follow_changes(followed));
             let inbox = inbox.clone();

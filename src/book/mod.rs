@@ -137,6 +137,8 @@ pub struct Book {
     /// store): only the leader tells a device what nobody's change owes it
     /// (a repeated message's state, every state after a reconnection).
     leading: AtomicBool,
+    /// Whether other instances write the store too.
+    shared: AtomicBool,
 }
 
 /// What the book needs from the configuration besides the POS.
@@ -220,6 +222,7 @@ impl Book {
             behind: DashMap::new(),
             behind_count: std::sync::atomic::AtomicUsize::new(0),
             leading: AtomicBool::new(true),
+            shared: AtomicBool::new(false),
         })
     }
 
@@ -231,6 +234,11 @@ impl Book {
     /// Says whether this instance leads, among several sharing the store.
     pub fn set_leading(&self, yes: bool) {
         self.leading.store(yes, Ordering::Release);
+    }
+
+    /// Says that other instances write the store too.
+    pub fn set_shared(&self) {
+        self.shared.store(true, Ordering::Release);
     }
 
     /// The operator's event stream, fed where the log lines are written.
@@ -620,6 +628,11 @@ impl Book {
         tell: bool,
         received: Option<(&str, usize)>,
     ) {
+        // Every instance hears the message: the leader alone keeps and
+        // tells its refusal.
+        if !self.leads() {
+            return;
+        }
         let (record, told) = self.note_rejection(pos, sale_id, code, message, tell, received);
         if let Some(record) = record {
             if let Err(e) = self.store.record_rejection(record).await {
@@ -644,6 +657,9 @@ impl Book {
         tell: bool,
         received: Option<(&str, usize)>,
     ) {
+        if !self.leads() {
+            return;
+        }
         let (record, told) = self.note_rejection(pos, sale_id, code, message, tell, received);
         match record {
             Some(record) => {
@@ -902,7 +918,21 @@ impl Book {
                     self.publish_state(s);
                 }
             }
-            Outcome::Rejected { sale_id, why } => self.refuse(pos, sale_id.as_ref(), why).await,
+            Outcome::Rejected { sale_id, why } => {
+                // A refusal writes nothing the store could refuse as stale:
+                // with several instances its view is checked against the
+                // store first, and a view that moved on decides again.
+                if self.shared.load(Ordering::Acquire) {
+                    let stored = self.store.pos_head(pos.as_str()).await?.version;
+                    if stored != current.version {
+                        return Err(BookError::Store(StoreError::Stale {
+                            pos: pos.to_string(),
+                            version: stored,
+                        }));
+                    }
+                }
+                self.refuse(pos, sale_id.as_ref(), why).await
+            }
             Outcome::Presence(p) => {
                 let said = if p.is_offline() {
                     "device offline"
