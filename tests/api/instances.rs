@@ -246,3 +246,61 @@ async fn a_poll_of_a_pos_heard_changed_elsewhere_reads_the_store_before_it_answe
     assert_eq!(app.app_book.behind("pump-1"), None);
     app.stop().await;
 }
+
+/// A refusal writes nothing the store could refuse as stale: among several
+/// instances the view is checked against the stored version first, so a
+/// book that has not heard a cancel takes the next sale instead of refusing
+/// it `busy`; and only the leader keeps and tells a refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_is_decided_on_the_stored_version_and_told_by_the_leader_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.db");
+    let id = PosId::parse("pump-1").unwrap();
+    let mut a = instance(&path, pos("pump-1", PosKind::Fuel)).await;
+    let mut b = instance(&path, pos("pump-1", PosKind::Fuel)).await;
+    for i in [&a, &b] {
+        i.book.set_shared();
+    }
+    b.book.set_leading(false);
+    a.book.execute(&id, sale("1", "100.00")).await.unwrap();
+    assert_eq!(
+        b.book.execute(&id, sale("1", "100.00")).await.unwrap(),
+        Outcome::Republish
+    );
+    // A cancels sale 1; B has not heard and still shows it pending.
+    let cancel = parse(DeviceTopic::Cancel, "pump-1", br#"{"sale_id":"1"}"#, 1024).unwrap();
+    a.book.execute(&id, cancel).await.unwrap();
+    assert!(b.book.view(&id).unwrap().state.busy_sale().is_some());
+    // Sale 2 reaches B first: its view would refuse it busy; the store says
+    // the POS is free, and B takes it.
+    let taken = b.book.execute(&id, sale("2", "50.00")).await.unwrap();
+    assert!(matches!(taken, Outcome::Changed { .. }), "{taken:?}");
+    assert_eq!(
+        a.book.execute(&id, sale("2", "50.00")).await.unwrap(),
+        Outcome::Republish
+    );
+    // Sale 3 while sale 2 is pending: refused by both, told once, by the
+    // leader.
+    let refused = |o: &Outcome| matches!(o, Outcome::Rejected { .. });
+    assert!(refused(
+        &b.book.execute(&id, sale("3", "10.00")).await.unwrap()
+    ));
+    assert!(refused(
+        &a.book.execute(&id, sale("3", "10.00")).await.unwrap()
+    ));
+    let rejections = |i: &mut Instance| {
+        let mut n = 0;
+        while let Ok(t) = i.told.try_recv() {
+            n += usize::from(matches!(t, Tell::Rejected { .. }));
+        }
+        n
+    };
+    assert_eq!(rejections(&mut b), 0, "the follower told a refusal");
+    assert_eq!(rejections(&mut a), 1);
+    let kept = SqliteStore::open(&path, false)
+        .unwrap()
+        .rejections("pump-1", 10)
+        .await
+        .unwrap();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+}
