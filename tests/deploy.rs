@@ -1148,11 +1148,7 @@ async fn caddy_spreads_polls_over_both_instances_and_loses_none_when_one_is_kill
     // Every further poll is the survivor's.
     let before = a.polls_answered().await;
     const N: u32 = 50;
-    for i in 0..N {
-        if let Err(e) = poll_idle(&client, &caddy.site).await {
-            panic!("poll {i} after the kill: {e}");
-        }
-    }
+    poll_idle_times(&client, &caddy.site, N, "after the kill").await;
     assert_eq!(a.polls_answered().await - before, f64::from(N));
 
     // A notification, once Caddy's check took b out (a POST is retried
@@ -1209,11 +1205,7 @@ async fn caddy_sends_nothing_to_an_unready_instance_while_another_is_ready_and_s
 
     caddy.until_checks_fail(&[&b], 2).await;
     let before = answered().await;
-    for i in 0..N {
-        if let Err(e) = poll_idle(&client, &caddy.site).await {
-            panic!("poll {i} with b unready: {e}");
-        }
-    }
+    poll_idle_times(&client, &caddy.site, N, "with b unready").await;
     let after = answered().await;
     assert_eq!(
         (after.0 - before.0, after.1 - before.1),
@@ -1240,11 +1232,7 @@ async fn caddy_sends_nothing_to_an_unready_instance_while_another_is_ready_and_s
     wait_unready(&b).await;
     caddy.until_checks_fail(&[&a, &b], 2).await;
     let before = answered().await;
-    for i in 0..N {
-        if let Err(e) = poll_idle(&client, &caddy.site).await {
-            panic!("poll {i} with no instance ready: {e}");
-        }
-    }
+    poll_idle_times(&client, &caddy.site, N, "with no instance ready").await;
     let after = answered().await;
     assert_eq!(
         after.0 - before.0 + after.1 - before.1,
@@ -1267,6 +1255,16 @@ async fn wait_unready(qrgate: &Qrgate) {
         }
     })
     .await
+}
+
+/// `n` polls of an idle POS through `site`, one after another, each of
+/// which must get qrgate's own answer.
+async fn poll_idle_times(client: &reqwest::Client, site: &str, n: u32, when: &str) {
+    for i in 0..n {
+        if let Err(e) = poll_idle(client, site).await {
+            panic!("poll {i} {when}: {e}");
+        }
+    }
 }
 
 /// A poll of an idle POS, as Mercado Pago sends it, through `site`: `Ok`
