@@ -142,8 +142,8 @@ async fn burst(fleet: &Fleet, pos: usize, tag: &str) -> Result<f64> {
 }
 
 /// Notification to the device's `paid`, each notification to the next of
-/// `to` in turn.
-async fn notify(
+/// `to` in turn (the single instance's part too).
+pub async fn notify(
     sim: &Simulator,
     fleet: &Fleet,
     to: &[&Qrgate],

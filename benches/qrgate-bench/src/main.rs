@@ -599,43 +599,9 @@ async fn notify_to_device(sim: &Simulator, sales: usize) -> Result<Value> {
     let q = Qrgate::start(200, &BrokerChoice::Embedded, &sim.base_url(), dir.path())?;
     q.ready().await?;
     let fleet = Fleet::connect(q.mqtt_port, "bench-notify").await?;
-    let http = reqwest::Client::new();
-    sim.set_notify_mode(NotifyMode::None);
-    let mut h = hist();
-    for k in 0..sales {
-        let pos = format!("p{}", k % 200);
-        let sale = format!("n{k}");
-        let pending = fleet.expect(&pos, &sale, "pending");
-        fleet.sale(&pos, &sale).await?;
-        arrived(pending, "pending").await?;
-        let Scan::Order(order) = sim.scan(&format!("{}/mp/pos/{pos}", q.base)).await? else {
-            bail!("{pos} served no order");
-        };
-        sim.pay(order.merchant_order_id, PaymentOutcome::Approved)
-            .await?;
-        let paid = fleet.expect(&pos, &sale, "paid");
-        let t0 = Instant::now();
-        let r = http
-            .post(format!(
-                "{}/mp/notifications?topic=merchant_order&id={}",
-                q.base, order.merchant_order_id
-            ))
-            .send()
-            .await?;
-        if r.status() != 200 {
-            bail!("notification answered {}", r.status());
-        }
-        let at = arrived(paid, "paid").await?;
-        h.record(at.duration_since(t0).as_nanos() as u64)?;
-        fleet
-            .send(
-                &pos,
-                "delivered",
-                format!(r#"{{"sale_id":"{sale}","ok":true}}"#),
-            )
-            .await?;
-    }
-    Ok(json!({ "sales": sales, "p50_us": us(&h, 0.5), "p99_us": us(&h, 0.99) }))
+    let mut r = instances::notify(sim, &fleet, &[&q], sales, "n").await?;
+    r["sales"] = json!(sales);
+    Ok(r)
 }
 
 // ---------------------------------------------------------------------------
