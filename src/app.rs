@@ -245,10 +245,20 @@ impl App {
         );
 
         let leading = store.leadership(&name, shutdown.clone());
+        // Whether it leads decides what it tells devices at its first
+        // connection to the broker (the leader republishes every state):
+        // known before it connects. SQLite's one process leads from the
+        // start.
+        {
+            let mut first = leading.clone();
+            let _ = tokio::time::timeout(Duration::from_secs(5), first.changed()).await;
+        }
+        book.set_leading(leading.borrow().is_some());
         let (inbox, woken) = inbox::Inbox::new(Arc::clone(&store), clock.clone(), leading.clone());
         // What other instances store, as they commit (PostgreSQL): changes
         // for the book, notifications written for the leader's inbox.
         if let Some(mut heard) = store.changes(shutdown.clone()) {
+            book.set_shared();
             let (changes, followed) = mpsc::unbounded_channel();
             tracker.spawn(Arc::clone(&book).follow_changes(followed));
             let inbox = inbox.clone();
@@ -363,9 +373,14 @@ impl App {
                 ]
             }
         };
+        let said = {
+            let book = Arc::clone(&book);
+            move |yes: bool| book.set_leading(yes)
+        };
         tracker.spawn(crate::leadership::run(
             leading,
             singletons,
+            said,
             Arc::clone(book.metrics()),
             shutdown.clone(),
         ));

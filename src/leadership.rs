@@ -20,10 +20,11 @@ use crate::store::fence;
 pub type Work = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// Starts `singletons` at every term this instance leads and stops them
-/// when it ends, until `shutdown`.
+/// when it ends, until `shutdown`; `said` hears whether it leads.
 pub async fn run(
     mut leading: watch::Receiver<Option<u64>>,
     singletons: impl Fn(CancellationToken) -> Vec<Work>,
+    said: impl Fn(bool),
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
@@ -36,9 +37,11 @@ pub async fn run(
                 work.spawn(fence::under(term, w));
             }
             work.close();
+            said(true);
             metrics.leader.set(1);
             metrics.leader_terms.inc();
             until_changed(&mut leading, &shutdown).await;
+            said(false);
             stop.cancel();
             work.wait().await;
             metrics.leader.set(0);

@@ -112,8 +112,16 @@ async fn refund_owed(
     reference: &ExternalReference,
     refused: &mut HashSet<String>,
 ) {
-    let _turn = book.refund_turn(reference).await;
-    let sale = match book.find_sale(reference).await {
+    let sale = match book.refund_turn(reference).await {
+        Ok(turn) => (turn, book.stored_sale(reference).await),
+        Err(e) => {
+            tracing::warn!(external_reference = %reference, error = %e,
+                "cannot take a sale's refund turn; tried again later");
+            return;
+        }
+    };
+    let (_turn, sale) = sale;
+    let sale = match sale {
         Ok(Some(s)) => s,
         Ok(None) => return,
         Err(e) => {
@@ -194,7 +202,14 @@ async fn finish_unanswered(client: &MpClient, book: &Book, before: i64) {
         let Ok(reference) = ExternalReference::parse(&r.external_reference) else {
             continue;
         };
-        let _turn = book.refund_turn(&reference).await;
+        let _turn = match book.refund_turn(&reference).await {
+            Ok(turn) => turn,
+            Err(e) => {
+                tracing::warn!(external_reference = %reference, error = %e,
+                    "cannot take a sale's refund turn to finish a refund request; tried again later");
+                continue;
+            }
+        };
         let answer = finish(client, book, &r).await;
         tracing::warn!(external_reference = %reference, status = answer.status,
             "an operator's refund request cut short was finished");
@@ -212,7 +227,7 @@ async fn finish(client: &MpClient, book: &Book, r: &RefundRequest) -> Answer {
         Ok(p) => p,
         Err(e) => return fail(500, "internal_error", &format!("stored plan: {e}")),
     };
-    let sale = match book.find_sale(&reference).await {
+    let sale = match book.stored_sale(&reference).await {
         Ok(Some(s)) => s,
         Ok(None) => return fail(404, "unknown_sale", "no such sale"),
         Err(e) => return fail(500, "internal_error", &e.to_string()),
@@ -439,7 +454,10 @@ impl OperatorRefunds {
         first_seen: i64,
     ) -> Answer {
         let _one = self.one_at_a_time.lock().await;
-        let _turn = self.book.refund_turn(reference).await;
+        let _turn = match self.book.refund_turn(reference).await {
+            Ok(turn) => turn,
+            Err(e) => return fail(503, "unavailable", &e.to_string()),
+        };
         let (stored, key, tag) = match self.name(reference, client_key, amount, first_seen).await {
             Ok(n) => n,
             Err(e) => return fail(500, "internal_error", &e.to_string()),
@@ -467,7 +485,7 @@ impl OperatorRefunds {
             }
             Err(e) => return fail(500, "internal_error", &e.to_string()),
         }
-        let sale = match self.book.find_sale(reference).await {
+        let sale = match self.book.stored_sale(reference).await {
             Ok(Some(s)) => s,
             Ok(None) => return fail(404, "unknown_sale", "no such sale"),
             Err(e) => return fail(500, "internal_error", &e.to_string()),

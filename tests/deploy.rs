@@ -16,6 +16,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use yaml_rust2::Yaml;
+
 #[path = "common/wait.rs"]
 mod wait;
 
@@ -134,6 +136,8 @@ struct Qrgate {
     child: Child,
     /// Where it listens for HTTP, from its "HTTP listening" log line.
     listen: SocketAddr,
+    /// Its console and admin API, when it has one.
+    admin: Option<SocketAddr>,
 }
 
 impl Qrgate {
@@ -159,6 +163,7 @@ impl Qrgate {
             }
         });
         let mut seen = Vec::new();
+        let mut admin = None;
         let listen = loop {
             let Ok(line) = log.recv_timeout(wait::WAIT) else {
                 let _ = child.kill();
@@ -166,12 +171,49 @@ impl Qrgate {
             };
             let v: serde_json::Value =
                 serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON: {line}: {e}"));
-            if v["message"] == "HTTP listening" {
-                break v["listen"].as_str().unwrap().parse().unwrap();
+            let at = || v["listen"].as_str().unwrap().parse().unwrap();
+            match v["message"].as_str() {
+                Some("HTTP listening") => break at(),
+                Some("console and admin API listening") => admin = Some(at()),
+                _ => {}
             }
             seen.push(line);
         };
-        Qrgate { child, listen }
+        Qrgate {
+            child,
+            listen,
+            admin,
+        }
+    }
+
+    /// The polls it has answered, whatever the answer: the sum of its
+    /// `qrgate_polls_total`. Behind a balancer, this tells which instance
+    /// answered.
+    async fn polls_answered(&self) -> f64 {
+        let admin = self.admin.expect("the console is on");
+        let text = reqwest::get(format!("http://{admin}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
+            .expect("metrics parse");
+        scrape
+            .samples
+            .iter()
+            .filter(|s| s.metric == "qrgate_polls_total")
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+                ref other => panic!("qrgate_polls_total is {other:?}"),
+            })
+            .sum()
+    }
+
+    /// kill -9, and reaped.
+    fn kill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
     }
 
     /// Where a client on this host reaches it.
@@ -299,14 +341,7 @@ async fn under_systemd_qrgate_says_ready_when_readyz_answers_pings_the_watchdog_
     let readyz = reqwest::get(qrgate.url("/readyz")).await.unwrap();
     assert_eq!(readyz.status(), 503);
 
-    let _mosquitto = Killed(
-        Command::new("mosquitto")
-            .args(["-p", &broker_port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _mosquitto = mosquitto(broker_port);
     manager.until("READY=1", |l| l == "READY=1").await;
     // At that moment, not later: READY=1 means what /readyz 200 means.
     let readyz = reqwest::get(qrgate.url("/readyz")).await.unwrap();
@@ -500,6 +535,206 @@ async fn the_watchdog_counts_qrgate_alive_only_while_its_listener_answers() {
     running.await.unwrap().unwrap();
 }
 
+/// deploy/compose.yaml, its merge keys (`<<`) resolved as compose resolves
+/// them.
+fn compose() -> Yaml {
+    let text = std::fs::read_to_string(format!("{DEPLOY}/compose.yaml")).unwrap();
+    let docs = yaml_rust2::YamlLoader::load_from_str(&text).expect("compose.yaml is YAML");
+    merged(&docs[0])
+}
+
+/// `y` with every `<<` key replaced by the keys it merges, a map's own keys
+/// winning.
+fn merged(y: &Yaml) -> Yaml {
+    match y {
+        Yaml::Hash(map) => {
+            let mut out = yaml_rust2::yaml::Hash::new();
+            for (k, v) in map {
+                if k.as_str() != Some("<<") {
+                    out.insert(k.clone(), merged(v));
+                }
+            }
+            if let Some(Yaml::Hash(base)) = map.get(&Yaml::String("<<".into())).map(merged) {
+                for (k, v) in base {
+                    out.entry(k).or_insert(v);
+                }
+            }
+            Yaml::Hash(out)
+        }
+        Yaml::Array(items) => Yaml::Array(items.iter().map(merged).collect()),
+        other => other.clone(),
+    }
+}
+
+/// The qrgate instances compose runs (the services of qrgate's image), by
+/// service name.
+fn compose_instances(compose: &Yaml) -> Vec<(String, Yaml)> {
+    compose["services"]
+        .as_hash()
+        .expect("services")
+        .iter()
+        .filter(|(_, s)| s["image"].as_str() == Some("localhost/qrgate:latest"))
+        .map(|(name, s)| (name.as_str().unwrap().to_owned(), s.clone()))
+        .collect()
+}
+
+/// A service's `environment` variable.
+fn env_of<'a>(service: &'a Yaml, key: &str) -> &'a str {
+    service["environment"][key]
+        .as_str()
+        .unwrap_or_else(|| panic!("no {key} in {service:?}"))
+}
+
+/// Where a service's secret appears in /run/secrets (its `target`), by
+/// the compose secret it comes from.
+fn secrets_of(service: &Yaml) -> Vec<(String, String)> {
+    service["secrets"]
+        .as_vec()
+        .map(|v| v.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .map(|s| match s.as_str() {
+            Some(name) => (name.to_owned(), name.to_owned()),
+            None => (
+                s["source"].as_str().unwrap().to_owned(),
+                s["target"].as_str().unwrap().to_owned(),
+            ),
+        })
+        .collect()
+}
+
+/// The topic lines of each `user` block of deploy/mosquitto.acl, by
+/// username (a `pattern` line belongs to nobody: it applies to everyone).
+fn acl_users() -> std::collections::HashMap<String, Vec<String>> {
+    let acl = std::fs::read_to_string(format!("{DEPLOY}/mosquitto.acl")).unwrap();
+    let mut users = std::collections::HashMap::new();
+    let mut current: Option<String> = None;
+    for line in acl.lines().map(str::trim) {
+        if let Some(user) = line.strip_prefix("user ") {
+            current = Some(user.trim().to_owned());
+            users.insert(user.trim().to_owned(), Vec::new());
+        } else if line.starts_with("pattern ") {
+            current = None;
+        } else if let (Some(user), true) = (&current, line.starts_with("topic ")) {
+            users.get_mut(user).unwrap().push(line.to_owned());
+        }
+    }
+    users
+}
+
+/// compose.yaml's instances share one database and each has a name of its
+/// own: its MQTT client id, equal to its broker login (use_username_as_clientid),
+/// with a password of its own, qrgate's rights in the ACL, and a line in the
+/// password file's instructions. Caddy balances every one of them.
+#[test]
+fn compose_runs_two_instances_on_one_database_each_with_its_own_name_and_login() {
+    let compose = compose();
+    let instances = compose_instances(&compose);
+    let names: Vec<&str> = instances.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["qrgate-a", "qrgate-b"]);
+
+    let logins: Vec<&str> = instances
+        .iter()
+        .map(|(name, s)| {
+            let id = env_of(s, "QRGATE_MQTT__CLIENT_ID");
+            assert_eq!(
+                env_of(s, "QRGATE_MQTT__USERNAME"),
+                id,
+                "{name}: the broker takes the username as the client id"
+            );
+            id
+        })
+        .collect();
+    let unique: std::collections::HashSet<&&str> = logins.iter().collect();
+    assert_eq!(unique.len(), logins.len(), "client ids shared: {logins:?}");
+
+    // One database, reached as the role the PostgreSQL service creates,
+    // with no password in the URL.
+    let urls: Vec<&str> = instances
+        .iter()
+        .map(|(_, s)| env_of(s, "QRGATE_STORE__URL"))
+        .collect();
+    assert!(urls.iter().all(|u| *u == urls[0]), "{urls:?}");
+    let postgres = &compose["services"]["postgres"];
+    let (user, db) = (
+        env_of(postgres, "POSTGRES_USER"),
+        env_of(postgres, "POSTGRES_DB"),
+    );
+    assert!(
+        urls[0].starts_with(&format!("postgres://{user}@postgres:5432/{db}?")),
+        "{}",
+        urls[0]
+    );
+    let major: u32 = postgres["image"]
+        .as_str()
+        .and_then(|i| i.rsplit_once(':'))
+        .and_then(|(_, tag)| tag.split(['.', '-']).next()?.parse().ok())
+        .expect("postgres image pinned to a major version");
+    assert!(major >= 14, "PostgreSQL {major}: 14 or newer is required");
+    assert_eq!(
+        env_of(postgres, "POSTGRES_PASSWORD_FILE"),
+        "/run/secrets/store_password"
+    );
+    assert!(secrets_of(postgres).contains(&("store_password".into(), "store_password".into())));
+
+    // Each its own MQTT password, under the credential name qrgate reads.
+    let mut sources = Vec::new();
+    for (name, s) in &instances {
+        let secrets = secrets_of(s);
+        assert!(
+            secrets.contains(&("store_password".into(), "store_password".into())),
+            "{name}: {secrets:?}"
+        );
+        let (source, _) = secrets
+            .iter()
+            .find(|(_, target)| target == "mqtt_password")
+            .unwrap_or_else(|| panic!("{name} has no mqtt_password: {secrets:?}"));
+        assert!(compose["secrets"][source.as_str()]["file"]
+            .as_str()
+            .is_some());
+        sources.push(source.clone());
+    }
+    sources.dedup();
+    assert_eq!(
+        sources.len(),
+        instances.len(),
+        "one MQTT password for two logins"
+    );
+
+    // Caddy in front of all of them, at the image's HTTP port.
+    let (_, listen) = image_env()
+        .into_iter()
+        .find(|(k, _)| k == "QRGATE_HTTP__LISTEN")
+        .unwrap();
+    let port = listen.rsplit_once(':').unwrap().1;
+    let upstream: Vec<&str> = env_of(&compose["services"]["caddy"], "QRGATE_UPSTREAM")
+        .split_whitespace()
+        .collect();
+    let expected: Vec<String> = names.iter().map(|n| format!("{n}:{port}")).collect();
+    assert_eq!(upstream, expected);
+
+    // Each login has qrgate's rights, and is made in the password file.
+    let acl = acl_users();
+    let rights = &acl["qrgate"];
+    assert!(
+        rights.iter().any(|l| l == "topic read qrgate/pos/+/sale"),
+        "{rights:?}"
+    );
+    let readme = std::fs::read_to_string(format!("{DEPLOY}/README.md")).unwrap();
+    for login in &logins {
+        assert_eq!(
+            acl.get(*login),
+            Some(rights),
+            "{login}'s rights in mosquitto.acl"
+        );
+        assert!(
+            readme.contains(&format!("mosquitto_passwd /w/qrgate.passwd {login}"))
+                || readme.contains(&format!("mosquitto_passwd -c /w/qrgate.passwd {login}")),
+            "deploy/README.md does not make {login}'s login"
+        );
+    }
+}
+
 /// compose/mosquitto.conf is deploy/mosquitto.conf in a container: every
 /// setting the same but the host's paths and addresses, and the ACL file
 /// itself shared.
@@ -515,7 +750,7 @@ fn the_compose_broker_keeps_every_setting_of_the_station_broker_but_its_paths() 
             .collect()
     };
     let station = settings("mosquitto.conf");
-    let compose = settings("compose/mosquitto.conf");
+    let conf = settings("compose/mosquitto.conf");
     let key = |l: &str| l.split_whitespace().next().unwrap_or("").to_owned();
     // Host paths and addresses, said again for the container; the pid file
     // is the host service manager's.
@@ -528,59 +763,79 @@ fn the_compose_broker_keeps_every_setting_of_the_station_broker_but_its_paths() 
     ];
     for line in station.iter().filter(|l| key(l) != "pid_file") {
         if placed.contains(&key(line).as_str()) {
-            assert!(compose.iter().any(|l| key(l) == key(line)), "no {line:?}");
+            assert!(conf.iter().any(|l| key(l) == key(line)), "no {line:?}");
         } else {
-            assert!(
-                compose.contains(line),
-                "compose/mosquitto.conf lacks {line:?}"
-            );
+            assert!(conf.contains(line), "compose/mosquitto.conf lacks {line:?}");
         }
     }
-    let compose_yaml = std::fs::read_to_string(format!("{DEPLOY}/compose.yaml")).unwrap();
-    for line in &compose {
+    let mounts: Vec<String> = compose()["services"]["mosquitto"]["volumes"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_owned())
+        .collect();
+    for line in &conf {
         if let Some(path) = line
             .strip_prefix("acl_file ")
             .or(line.strip_prefix("password_file "))
         {
             assert!(
-                compose_yaml.contains(&format!(":{path}:ro")),
-                "{path} is not mounted"
+                mounts.iter().any(|m| m.ends_with(&format!(":{path}:ro"))),
+                "{path} is not mounted: {mounts:?}"
             );
         }
     }
-    assert!(compose_yaml.contains("./mosquitto.acl:/mosquitto/config/qrgate.acl:ro"));
+    assert!(mounts.contains(&"./mosquitto.acl:/mosquitto/config/qrgate.acl:ro".to_owned()));
 }
 
 /// compose/mosquitto.conf runs: the real Mosquitto, with its container
 /// paths under a temporary root and its listener on a free loopback port,
-/// takes qrgate's login from the password file and the ACL compose mounts,
-/// and qrgate becomes ready on it.
-#[tokio::test]
-async fn qrgate_becomes_ready_on_the_compose_broker_with_its_password_file_and_acl() {
+/// takes each compose instance's own login from the password file, under
+/// the MQTT settings compose gives it; both are ready at once (neither
+/// takes the other's session), and the ACL lets each read a device's sale
+/// and tell the device: each instance takes the sale (here each on its own
+/// SQLite file, so each makes its own reference), serves it, and the
+/// device hears both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_compose_instances_log_in_as_themselves_on_the_compose_broker_and_each_hears_and_tells_a_device(
+) {
     use std::os::unix::fs::PermissionsExt;
     if !installed("mosquitto", "-h", "QRGATE_REQUIRE_MOSQUITTO") {
         return;
     }
-    let station = Station::new();
-    let root = station.path("mosquitto");
+    let root_dir = tempfile::tempdir().unwrap();
+    let root = root_dir.path().join("mosquitto");
     std::fs::create_dir_all(root.join("config")).unwrap();
     std::fs::create_dir_all(root.join("data")).unwrap();
     // Started as root, Mosquitto drops to its own user: it must read its
     // files and write its persistence.
     let mode =
         |p: &Path, m: u32| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
-    for dir in [station.path(""), root.clone(), root.join("config")] {
-        mode(&dir, 0o755);
+    for dir in [root_dir.path(), &root, &root.join("config")] {
+        mode(dir, 0o755);
     }
     mode(&root.join("data"), 0o777);
+
+    let instances = compose_instances(&compose());
     let passwd = root.join("config/qrgate.passwd");
-    let made = Command::new("mosquitto_passwd")
-        .args(["-c", "-b"])
-        .arg(&passwd)
-        .args(["qrgate", "compose-secret"])
-        .status()
-        .unwrap();
-    assert!(made.success());
+    let mut logins: Vec<(String, String)> = instances
+        .iter()
+        .map(|(name, s)| {
+            let user = env_of(s, "QRGATE_MQTT__USERNAME").to_owned();
+            (user, format!("{name}-secret"))
+        })
+        .collect();
+    logins.push(("pump-1".into(), "device-secret".into()));
+    for (i, (user, password)) in logins.iter().enumerate() {
+        let create: &[&str] = if i == 0 { &["-c", "-b"] } else { &["-b"] };
+        let made = Command::new("mosquitto_passwd")
+            .args(create)
+            .arg(&passwd)
+            .args([user, password])
+            .status()
+            .unwrap();
+        assert!(made.success(), "mosquitto_passwd {user}");
+    }
     mode(&passwd, 0o644);
     std::fs::copy(
         format!("{DEPLOY}/mosquitto.acl"),
@@ -607,13 +862,90 @@ async fn qrgate_becomes_ready_on_the_compose_broker_with_its_password_file_and_a
             .unwrap(),
     );
 
-    let env = with(
-        &station.env(),
-        "QRGATE_MQTT__BROKER",
-        &format!("mqtt://127.0.0.1:{port}"),
+    // Each instance with compose's MQTT settings for it, its password as
+    // the credential compose mounts, on this broker.
+    let mut running = Vec::new();
+    for ((name, service), (_, password)) in instances.iter().zip(&logins) {
+        let station = Station::new();
+        let credentials = station.path("credentials");
+        std::fs::create_dir_all(&credentials).unwrap();
+        std::fs::write(credentials.join("mqtt_password"), password).unwrap();
+        let mut env = with(
+            &station.env(),
+            "QRGATE_MQTT__BROKER",
+            &format!("mqtt://127.0.0.1:{port}"),
+        );
+        for (k, v) in service["environment"].as_hash().unwrap() {
+            let k = k.as_str().unwrap();
+            if k.starts_with("QRGATE_MQTT__") && k != "QRGATE_MQTT__BROKER" {
+                env = with(&env, k, v.as_str().unwrap());
+            }
+        }
+        env = with(
+            &env,
+            "CREDENTIALS_DIRECTORY",
+            &credentials.display().to_string(),
+        );
+        running.push((name.clone(), Qrgate::start(&env), station));
+    }
+    for (_, qrgate, _) in &running {
+        wait_ready(&qrgate.url("/readyz")).await;
+    }
+
+    let mut device = rumqttc::MqttOptions::new("pump-1", "127.0.0.1", port);
+    device.set_credentials("pump-1", "device-secret");
+    let (client, mut events) = rumqttc::AsyncClient::new(device, 16);
+    client
+        .subscribe("qrgate/pos/pump-1/state", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    wait::wait_for_event("the device subscribed to its state", async {
+        loop {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)) =
+                events.poll().await.unwrap()
+            {
+                return;
+            }
+        }
+    })
+    .await;
+    client
+        .publish(
+            "qrgate/pos/pump-1/sale",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            r#"{"sale_id":"compose-1","items":[{"title":"Super 95","quantity":"10","unit_price":"100.00"}]}"#,
+        )
+        .await
+        .unwrap();
+    let told = wait::wait_for_event("pending from every instance", async {
+        let mut references = std::collections::HashSet::new();
+        loop {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) =
+                events.poll().await.unwrap()
+            {
+                let v: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+                if v["sale_id"] == "compose-1" && v["state"] == "pending" {
+                    references.insert(v["external_reference"].as_str().unwrap().to_owned());
+                    if references.len() == running.len() {
+                        return references;
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    let mut served = std::collections::HashSet::new();
+    for (name, qrgate, _) in &running {
+        let r = reqwest::get(qrgate.url("/mp/pos/pump-1")).await.unwrap();
+        assert_eq!(r.status(), 200, "{name} does not serve the sale");
+        let v: serde_json::Value = r.json().await.unwrap();
+        served.insert(v["external_reference"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(
+        served, told,
+        "each instance told the device the sale it serves"
     );
-    let qrgate = Qrgate::start(&with(&env, "QRGATE_MQTT_PASSWORD", "compose-secret"));
-    wait_ready(&qrgate.url("/readyz")).await;
 }
 
 #[tokio::test]
@@ -625,9 +957,8 @@ async fn caddy_forwards_only_mp_to_qrgate_and_answers_everything_else_404() {
     let qrgate = Qrgate::start(&station.env());
     wait_ready(&qrgate.url("/readyz")).await;
 
-    let caddyfile = format!("{DEPLOY}/Caddyfile");
     let valid = Command::new("caddy")
-        .args(["validate", "--adapter", "caddyfile", "--config", &caddyfile])
+        .args(["validate", "--adapter", "caddyfile", "--config", CADDYFILE])
         .env("HOME", station.path(""))
         .output()
         .unwrap();
@@ -637,34 +968,11 @@ async fn caddy_forwards_only_mp_to_qrgate_and_answers_everything_else_404() {
         String::from_utf8_lossy(&valid.stderr)
     );
 
-    let port = free_port();
-    let site = format!("http://127.0.0.1:{port}");
-    let _caddy = Killed(
-        Command::new("caddy")
-            .args(["run", "--adapter", "caddyfile", "--config", &caddyfile])
-            .env("HOME", station.path(""))
-            .env("XDG_DATA_HOME", station.path("caddy-data"))
-            .env("XDG_CONFIG_HOME", station.path("caddy-config"))
-            .env("QRGATE_SITE", &site)
-            .env(
-                "QRGATE_UPSTREAM",
-                format!("127.0.0.1:{}", qrgate.listen.port()),
-            )
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait::wait_for("caddy answering", || async {
-        reqwest::get(format!("{site}/")).await.is_ok()
-    })
-    .await;
+    let caddy = Caddy::start(&[&qrgate]).await;
+    let site = &caddy.site;
 
     // A poll reaches qrgate: its own JSON answer for an idle POS.
-    let r = reqwest::get(format!("{site}/mp/pos/pump-1")).await.unwrap();
-    assert_eq!(r.status(), 400);
-    let v: serde_json::Value = r.json().await.unwrap();
-    assert_eq!(v["error"]["type"], "unavailable", "{v}");
+    poll_idle(&reqwest::Client::new(), site).await.unwrap();
     // So does a notification (400: no topic or id, from qrgate).
     let r = reqwest::Client::new()
         .post(format!("{site}/mp/notifications"))
@@ -692,9 +1000,406 @@ async fn caddy_forwards_only_mp_to_qrgate_and_answers_everything_else_404() {
     // Dot segments, written raw (a client would clean them), do not
     // climb out of /mp/.
     for path in ["/mp/../readyz", "/mp/%2e%2e/readyz", "/mp/..%2freadyz"] {
-        let status = raw_get(&format!("127.0.0.1:{port}"), path).await;
+        let status = raw_get(&format!("127.0.0.1:{}", caddy.port), path).await;
         assert_ne!(status, 200, "{path} answered 200");
     }
+}
+
+/// Several addresses in QRGATE_UPSTREAM, separated by spaces, are as many
+/// upstreams (Caddy puts the value in before it reads the file): the
+/// balancer checks each on /readyz, and falls back to the same list,
+/// unchecked, when none is ready.
+#[test]
+fn the_caddyfile_makes_every_address_of_qrgate_upstream_an_upstream_checked_on_readyz() {
+    if !installed("caddy", "version", "QRGATE_REQUIRE_CADDY") {
+        return;
+    }
+    let home = tempfile::tempdir().unwrap();
+    let upstreams = ["127.0.0.1:8081", "127.0.0.1:8082", "10.0.0.3:8080"];
+    let caddy = |command: &str| {
+        let out = Command::new("caddy")
+            .args([command, "--adapter", "caddyfile", "--config", CADDYFILE])
+            .env("HOME", home.path())
+            .env("QRGATE_UPSTREAM", upstreams.join(" "))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "caddy {command}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    };
+    caddy("validate");
+    let config: serde_json::Value = serde_json::from_slice(&caddy("adapt")).unwrap();
+
+    let mut proxies = Vec::new();
+    reverse_proxies(&config, &mut proxies);
+    assert_eq!(
+        proxies.len(),
+        2,
+        "the balancer and its fallback: {proxies:#?}"
+    );
+    for proxy in &proxies {
+        let dials: Vec<&str> = proxy["upstreams"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u| u["dial"].as_str().unwrap())
+            .collect();
+        assert_eq!(dials, upstreams);
+    }
+    let (checked, unchecked): (Vec<&serde_json::Value>, Vec<_>) = proxies
+        .iter()
+        .partition(|p| !p["health_checks"]["active"].is_null());
+    let active = &checked[0]["health_checks"]["active"];
+    assert_eq!(active["uri"], "/readyz", "{active}");
+    assert_eq!(active["expect_status"], 200, "{active}");
+    assert_eq!(unchecked.len(), 1);
+}
+
+/// Every `reverse_proxy` handler in Caddy's JSON configuration.
+fn reverse_proxies<'a>(v: &'a serde_json::Value, found: &mut Vec<&'a serde_json::Value>) {
+    match v {
+        serde_json::Value::Object(map) => {
+            if map.get("handler").and_then(|h| h.as_str()) == Some("reverse_proxy") {
+                found.push(v);
+            }
+            map.values().for_each(|v| reverse_proxies(v, found));
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|v| reverse_proxies(v, found)),
+        _ => {}
+    }
+}
+
+/// Two instances behind deploy/Caddyfile: Mercado Pago's polls reach both,
+/// and when one is killed (kill -9: no drain, its connections cut) every
+/// poll still gets qrgate's answer, from the survivor, whether it was under
+/// way at the kill or sent after it; so does a notification.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn caddy_spreads_polls_over_both_instances_and_loses_none_when_one_is_killed() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    if !installed("caddy", "version", "QRGATE_REQUIRE_CADDY") {
+        return;
+    }
+    let (station_a, station_b) = (Station::new(), Station::new());
+    let a = Qrgate::start(&station_a.env());
+    let mut b = Qrgate::start(&station_b.env());
+    wait_ready(&a.url("/readyz")).await;
+    wait_ready(&b.url("/readyz")).await;
+    let mut caddy = Caddy::start(&[&a, &b]).await;
+    let client = reqwest::Client::new();
+
+    wait::wait_for("polls through Caddy answered by both instances", || async {
+        poll_idle(&client, &caddy.site).await?;
+        let answered = (a.polls_answered().await, b.polls_answered().await);
+        match answered {
+            (a, b) if a > 0.0 && b > 0.0 => Ok(()),
+            _ => Err(format!("answered by a and b: {answered:?}")),
+        }
+    })
+    .await;
+
+    // Polls keep coming, four at a time, while b is killed.
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let pollers: Vec<_> = (0..4)
+        .map(|_| {
+            let (stop, sent) = (Arc::clone(&stop), Arc::clone(&sent));
+            let (client, site) = (client.clone(), caddy.site.clone());
+            tokio::spawn(async move {
+                let mut failed = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    if let Err(e) = poll_idle(&client, &site).await {
+                        failed.push(e);
+                    }
+                    sent.fetch_add(1, Ordering::Relaxed);
+                }
+                failed
+            })
+        })
+        .collect();
+    let at_least = |n: u64| {
+        let sent = Arc::clone(&sent);
+        move || {
+            let sent = Arc::clone(&sent);
+            async move { sent.load(Ordering::Relaxed) >= n }
+        }
+    };
+    wait::wait_for("polls under way", at_least(100)).await;
+    b.kill();
+    caddy.forget_log();
+    let at_kill = sent.load(Ordering::Relaxed);
+    wait::wait_for("polls after the kill", at_least(at_kill + 200)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut failed = Vec::new();
+    for poller in pollers {
+        failed.extend(poller.await.unwrap());
+    }
+    let sent = sent.load(Ordering::Relaxed);
+    assert!(
+        failed.is_empty(),
+        "{} of {sent} polls not answered by qrgate: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+
+    // Every further poll is the survivor's.
+    let before = a.polls_answered().await;
+    const N: u32 = 50;
+    poll_idle_times(&client, &caddy.site, N, "after the kill").await;
+    assert_eq!(a.polls_answered().await - before, f64::from(N));
+
+    // A notification, once Caddy's check took b out (a POST is retried
+    // after a refused connection only by Caddy 2.11.2 and later; Debian
+    // 12's is 2.6.2).
+    caddy.until_checks_fail(&[&b], 2).await;
+    let r = client
+        .post(format!("{}/mp/notifications", caddy.site))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    let body: serde_json::Value = r.json().await.unwrap_or_default();
+    assert!(
+        status == 400 && body["code"] == "bad_notification",
+        "a notification after the kill: {status} {body}"
+    );
+}
+
+/// deploy/Caddyfile's readiness checks: an instance whose /readyz answers
+/// 503 gets no poll while another is ready, and gets them again once it
+/// answers 200. When no instance is ready, polls still reach them (an
+/// unready qrgate answers from memory, so a pending sale stays payable)
+/// instead of being refused at the edge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn caddy_sends_nothing_to_an_unready_instance_while_another_is_ready_and_sends_anyway_when_none_is(
+) {
+    if !installed("caddy", "version", "QRGATE_REQUIRE_CADDY")
+        || !installed("mosquitto", "-h", "QRGATE_REQUIRE_MOSQUITTO")
+    {
+        return;
+    }
+    // Each instance on a broker of its own that the test starts and stops:
+    // without its broker an instance is unready (broker_not_connected).
+    let (port_a, port_b) = (free_port(), free_port());
+    let broker_a = mosquitto(port_a);
+    let (station_a, station_b) = (Station::new(), Station::new());
+    let on = |station: &Station, port: u16| {
+        with(
+            &station.env(),
+            "QRGATE_MQTT__BROKER",
+            &format!("mqtt://127.0.0.1:{port}"),
+        )
+    };
+    let a = Qrgate::start(&on(&station_a, port_a));
+    let b = Qrgate::start(&on(&station_b, port_b));
+    wait_ready(&a.url("/readyz")).await;
+    wait_unready(&b).await;
+    let mut caddy = Caddy::start(&[&a, &b]).await;
+    let client = reqwest::Client::new();
+    const N: u32 = 50;
+    let answered = || async { (a.polls_answered().await, b.polls_answered().await) };
+
+    caddy.until_checks_fail(&[&b], 2).await;
+    let before = answered().await;
+    poll_idle_times(&client, &caddy.site, N, "with b unready").await;
+    let after = answered().await;
+    assert_eq!(
+        (after.0 - before.0, after.1 - before.1),
+        (f64::from(N), 0.0),
+        "polls answered by a and b while b is unready"
+    );
+
+    let broker_b = mosquitto(port_b);
+    wait_ready(&b.url("/readyz")).await;
+    caddy.until_checked_ready(&b).await;
+    wait::wait_for("polls through Caddy reaching b again", || async {
+        poll_idle(&client, &caddy.site).await?;
+        let now = b.polls_answered().await;
+        if now > after.1 {
+            Ok(())
+        } else {
+            Err(format!("b answered {now}"))
+        }
+    })
+    .await;
+
+    drop((broker_a, broker_b));
+    wait_unready(&a).await;
+    wait_unready(&b).await;
+    caddy.until_checks_fail(&[&a, &b], 2).await;
+    let before = answered().await;
+    poll_idle_times(&client, &caddy.site, N, "with no instance ready").await;
+    let after = answered().await;
+    assert_eq!(
+        after.0 - before.0 + after.1 - before.1,
+        f64::from(N),
+        "polls answered by a and b with neither ready"
+    );
+}
+
+/// Waits for `qrgate` to answer /readyz 503 for want of its broker.
+async fn wait_unready(qrgate: &Qrgate) {
+    wait::wait_for("/readyz 503 broker_not_connected", || async {
+        let r = reqwest::get(qrgate.url("/readyz"))
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = r.status();
+        let body = r.text().await.map_err(|e| e.to_string())?;
+        match status.as_u16() == 503 && body.contains("broker_not_connected") {
+            true => Ok(()),
+            false => Err(format!("{status} {body}")),
+        }
+    })
+    .await
+}
+
+/// `n` polls of an idle POS through `site`, one after another, each of
+/// which must get qrgate's own answer.
+async fn poll_idle_times(client: &reqwest::Client, site: &str, n: u32, when: &str) {
+    for i in 0..n {
+        if let Err(e) = poll_idle(client, site).await {
+            panic!("poll {i} {when}: {e}");
+        }
+    }
+}
+
+/// A poll of an idle POS, as Mercado Pago sends it, through `site`: `Ok`
+/// when it got qrgate's own answer (400, `unavailable`), else what came
+/// instead.
+async fn poll_idle(client: &reqwest::Client, site: &str) -> Result<(), String> {
+    let r = client
+        .get(format!("{site}/mp/pos/pump-1"))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = r.status();
+    let body = r.text().await.map_err(|e| e.to_string())?;
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    match status.as_u16() == 400 && v["error"]["type"] == "unavailable" {
+        true => Ok(()),
+        false => Err(format!("{status} {body:?}")),
+    }
+}
+
+const CADDYFILE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/Caddyfile");
+
+/// The real Caddy running deploy/Caddyfile on a free port of this host,
+/// plain HTTP (no certificate), in front of `upstreams`; its log (JSON on
+/// stderr) read as it comes.
+struct Caddy {
+    /// `http://127.0.0.1:{port}`.
+    site: String,
+    port: u16,
+    log: tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>,
+    _process: Killed,
+    _home: tempfile::TempDir,
+}
+
+impl Caddy {
+    async fn start(upstreams: &[&Qrgate]) -> Caddy {
+        let home = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let site = format!("http://127.0.0.1:{port}");
+        let upstream: Vec<String> = upstreams
+            .iter()
+            .map(|q| format!("127.0.0.1:{}", q.listen.port()))
+            .collect();
+        let mut child = Command::new("caddy")
+            .args(["run", "--adapter", "caddyfile", "--config", CADDYFILE])
+            .env("HOME", home.path())
+            .env("XDG_DATA_HOME", home.path().join("data"))
+            .env("XDG_CONFIG_HOME", home.path().join("config"))
+            .env("QRGATE_SITE", &site)
+            .env("QRGATE_UPSTREAM", upstream.join(" "))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, log) = tokio::sync::mpsc::unbounded_channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                // Read to the end whoever listens, so Caddy never blocks.
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                    let _ = tx.send(v);
+                }
+            }
+        });
+        wait::wait_for("caddy answering", || async {
+            reqwest::get(format!("{site}/")).await.is_ok()
+        })
+        .await;
+        Caddy {
+            site,
+            port,
+            log,
+            _process: Killed(child),
+            _home: home,
+        }
+    }
+
+    /// Waits until each of `instances` has failed `times` of Caddy's
+    /// /readyz checks (an answer other than 200, or none), counted from
+    /// now. Twice is sure to be acted on: Caddy logs a failed check just
+    /// before it marks the instance down.
+    async fn until_checks_fail(&mut self, instances: &[&Qrgate], times: usize) {
+        let mut failed: std::collections::HashMap<String, usize> = instances
+            .iter()
+            .map(|q| (format!("127.0.0.1:{}", q.listen.port()), 0))
+            .collect();
+        let log = &mut self.log;
+        wait::wait_for_event(format!("Caddy's checks failing {failed:?}"), async {
+            while let Some(v) = log.recv().await {
+                let host = v["host"].as_str().unwrap_or_default();
+                if v["msg"] == "unexpected status code" || v["msg"] == "HTTP request failed" {
+                    if let Some(n) = failed.get_mut(host) {
+                        *n += 1;
+                    }
+                }
+                if failed.values().all(|n| *n >= times) {
+                    return;
+                }
+            }
+            panic!("Caddy's log ended");
+        })
+        .await
+    }
+
+    /// Forgets what Caddy logged so far: a wait counts from here.
+    fn forget_log(&mut self) {
+        while self.log.try_recv().is_ok() {}
+    }
+
+    /// Waits for Caddy to find `instance` ready again.
+    async fn until_checked_ready(&mut self, instance: &Qrgate) {
+        let host = format!("127.0.0.1:{}", instance.listen.port());
+        let log = &mut self.log;
+        wait::wait_for_event(format!("Caddy finding {host} up"), async {
+            while let Some(v) = log.recv().await {
+                if v["msg"] == "host is up" && v["host"] == host.as_str() {
+                    return;
+                }
+            }
+            panic!("Caddy's log ended");
+        })
+        .await
+    }
+}
+
+/// `mosquitto -p port`, killed when dropped.
+fn mosquitto(port: u16) -> Killed {
+    Killed(
+        Command::new("mosquitto")
+            .args(["-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
 }
 
 /// The service manager's end of the notify socket.

@@ -1,8 +1,9 @@
 //! What the PostgreSQL store has beyond the contract it shares with SQLite
 //! (tests/store_contract.rs): migrations under a lock, a POS's open sale id
 //! unique in the database, TLS and the password, readiness while PostgreSQL
-//! is frozen or down, one qrgate per database, and the real app on it: a
-//! sale accepted, scanned, paid, and still there after a restart.
+//! is frozen or down, one qrgate per instance name, the leader and its
+//! fenced terms, the outbox, turns across instances, and the real app on
+//! it: a sale accepted, scanned, paid, and still there after a restart.
 //!
 //! Skipped, said on stderr, when PostgreSQL is not installed, unless
 //! QRGATE_REQUIRE_POSTGRES=1 (tests/common/postgres.rs).
@@ -942,4 +943,182 @@ async fn served_elsewhere_latency() {
         at(0.99),
         from_commit.last().unwrap()
     );
+}
+
+// ---- Several instances: leadership, fencing, the outbox, turns ----
+
+/// The term `leading` holds once it holds one.
+async fn leads(leading: &tokio::sync::watch::Receiver<Option<u64>>) -> u64 {
+    let mut leading = leading.clone();
+    let term = match tokio::time::timeout(WAIT, leading.wait_for(Option::is_some)).await {
+        Ok(Ok(term)) => *term,
+        _ => None,
+    };
+    term.expect("a term within the wait")
+}
+
+/// The leadership row: its term and holder.
+async fn leadership_row(c: &tokio_postgres::Client) -> (u64, String) {
+    let r = c
+        .query_one("SELECT term, holder FROM leadership", &[])
+        .await
+        .unwrap();
+    (r.get::<_, i64>(0) as u64, r.get::<_, String>(1))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_instance_leads_at_a_time_and_a_former_leaders_writes_are_refused_by_its_term() {
+    use qrgate::store::fence;
+    use tokio_util::sync::CancellationToken;
+    let Some(pg) = postgres::shared() else { return };
+    let url = pg.fresh_url();
+    let a = PgStore::connect(&url).await.unwrap().named("a");
+    let b = PgStore::connect(&url).await.unwrap().named("b");
+    let (stop_a, stop_b) = (CancellationToken::new(), CancellationToken::new());
+    let leading_a = a.leadership("a", stop_a.clone());
+    let first = leads(&leading_a).await;
+    let leading_b = b.leadership("b", stop_b.clone());
+    let c = client(&url).await;
+    assert_eq!(leadership_row(&c).await, (first, "a".to_owned()));
+
+    // The leader's term writes; a write with no term (a device's, a
+    // poll's) is never fenced.
+    let mut s = sale("pump-1", "pump-1-a", "1", SaleState::Pending, 1);
+    fence::under(first, put(&a, &s, &SaleEvent::Accepted))
+        .await
+        .unwrap();
+    assert!(leading_b.borrow().is_none(), "b follows while a leads");
+
+    // a stops leading (its session ends): b leads, under a newer term.
+    stop_a.cancel();
+    let second = leads(&leading_b).await;
+    assert!(second > first, "{second} > {first}");
+    assert_eq!(leadership_row(&c).await, (second, "b".to_owned()));
+
+    // What a does under its old term is refused and writes nothing, through
+    // a transaction or a single statement alike.
+    let before = a.pos_head("pump-1").await.unwrap().version;
+    s.state = SaleState::Expired;
+    let e = fence::under(first, put(&a, &s, &SaleEvent::Expired))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, StoreError::Fenced { term } if term == first),
+        "{e}"
+    );
+    assert_eq!(a.pos_head("pump-1").await.unwrap().version, before);
+    let entry = a.inbox_add("merchant_order", "77", 1).await.unwrap();
+    let e = fence::under(
+        first,
+        a.inbox_retry("merchant_order", "77", entry.generation, 1, 99, "x"),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(e, StoreError::Fenced { .. }), "{e}");
+    let e = fence::under(
+        first,
+        a.inbox_done("merchant_order", "77", entry.generation, 2, "paid"),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(e, StoreError::Fenced { .. }), "{e}");
+    assert_eq!(a.inbox_pending().await.unwrap(), [entry]);
+    // b's term writes.
+    fence::under(second, put(&b, &s, &SaleEvent::Expired))
+        .await
+        .unwrap();
+    stop_b.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outbox_row_is_kept_with_its_change_and_due_past_its_lease_until_marked_told() {
+    let Some(pg) = postgres::shared() else { return };
+    let store = PgStore::connect(&pg.fresh_url()).await.unwrap().named("a");
+    let s1 = sale("pump-1", "pump-1-a", "1", SaleState::Pending, 1);
+    let s2 = sale("pump-2", "pump-2-a", "1", SaleState::Pending, 1);
+    // Told and marked at once, as a connected instance does.
+    let v1 = store
+        .record_to_tell(&s1, &SaleEvent::Accepted, 0)
+        .await
+        .unwrap();
+    store.outbox_told(&[("pump-1".into(), v1)]).await.unwrap();
+    // Never marked, as when its instance died before publishing; and a
+    // change that tells nothing keeps no row.
+    let v2 = store
+        .record_to_tell(&s2, &SaleEvent::Accepted, 0)
+        .await
+        .unwrap();
+    let mut served = s2.clone();
+    served.served_at = Some(2);
+    store.record(&served, &SaleEvent::Served, v2).await.unwrap();
+    let due = wait_for("the unmarked row due past its lease", || async {
+        Some(store.outbox_due(10).await.unwrap()).filter(|d| !d.is_empty())
+    })
+    .await;
+    assert_eq!(due, [("pump-2".to_owned(), v2)]);
+    // The sweep told it: nothing is due any more.
+    store.outbox_told(&due).await.unwrap();
+    assert!(store.outbox_due(10).await.unwrap().is_empty());
+    // A failed change writes no row.
+    let e = store
+        .record_to_tell(&s1, &SaleEvent::Cancelled, 0)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::Stale { .. }), "{e}");
+    let c = client(&pg.url(&url_db(&store))).await;
+    let rows: i64 = c
+        .query_one("SELECT count(*) FROM outbox", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 2);
+}
+
+/// The database a store's URL names.
+fn url_db(store: &PgStore) -> String {
+    store
+        .target()
+        .to_string()
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .split('?')
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_turn_taken_by_one_instance_is_waited_for_by_another_until_it_ends() {
+    let Some(pg) = postgres::shared() else { return };
+    let url = pg.fresh_url();
+    let a = PgStore::connect(&url).await.unwrap();
+    let b = std::sync::Arc::new(PgStore::connect(&url).await.unwrap());
+    let held = a
+        .exclusive("refund pump-1-a")
+        .await
+        .unwrap()
+        .expect("a turn");
+    // Another turn is free meanwhile.
+    drop(b.exclusive("refund pump-1-b").await.unwrap());
+    let waiting = {
+        let b = std::sync::Arc::clone(&b);
+        tokio::spawn(async move { b.exclusive("refund pump-1-a").await.map(drop) })
+    };
+    let c = client(&url).await;
+    wait_for("b waiting for a's turn", || async {
+        let n: i64 = c
+            .query_one(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        n == 1
+    })
+    .await;
+    assert!(!waiting.is_finished());
+    drop(held);
+    waiting.await.unwrap().unwrap();
 }

@@ -133,10 +133,12 @@ pub struct Book {
     behind: DashMap<PosId, u64>,
     /// How many POS `behind` holds, read by every poll without a lookup.
     behind_count: std::sync::atomic::AtomicUsize,
-    /// The version of each POS last read because another instance stored
-    /// it: what a device message finds already applied there was told by
-    /// that instance.
-    followed: DashMap<PosId, u64>,
+    /// Whether this instance leads the singletons (always, alone on its
+    /// store): only the leader tells a device what nobody's change owes it
+    /// (a repeated message's state, every state after a reconnection).
+    leading: AtomicBool,
+    /// Whether other instances write the store too.
+    shared: AtomicBool,
 }
 
 /// What the book needs from the configuration besides the POS.
@@ -219,8 +221,24 @@ impl Book {
             clock,
             behind: DashMap::new(),
             behind_count: std::sync::atomic::AtomicUsize::new(0),
-            followed: DashMap::new(),
+            leading: AtomicBool::new(true),
+            shared: AtomicBool::new(false),
         })
+    }
+
+    /// Whether this instance leads the singletons ([`Book::set_leading`]).
+    pub fn leads(&self) -> bool {
+        self.leading.load(Ordering::Acquire)
+    }
+
+    /// Says whether this instance leads, among several sharing the store.
+    pub fn set_leading(&self, yes: bool) {
+        self.leading.store(yes, Ordering::Release);
+    }
+
+    /// Says that other instances write the store too.
+    pub fn set_shared(&self) {
+        self.shared.store(true, Ordering::Release);
     }
 
     /// The operator's event stream, fed where the log lines are written.
@@ -290,7 +308,6 @@ impl Book {
     /// the POS's lock held.
     async fn reload(&self, cfg: &PosConfig, stale: &StoreError) -> Result<(), BookError> {
         let version = self.read_again(cfg).await?;
-        self.followed.insert(cfg.id.clone(), version);
         tracing::info!(pos = %cfg.id, version, reason = %stale,
             "the POS changed in the store since this view: read again, deciding again");
         Ok(())
@@ -400,7 +417,6 @@ impl Book {
         let _guard = lock.lock().await;
         if self.view(&id).is_none_or(|v| v.version < version) {
             let now = self.read_again(cfg).await?;
-            self.followed.insert(id.clone(), now);
             tracing::debug!(pos, version = now, "followed a change stored elsewhere");
         }
         let now = self.view(&id).map_or(0, |v| v.version);
@@ -612,6 +628,11 @@ impl Book {
         tell: bool,
         received: Option<(&str, usize)>,
     ) {
+        // Every instance hears the message: the leader alone keeps and
+        // tells its refusal.
+        if !self.leads() {
+            return;
+        }
         let (record, told) = self.note_rejection(pos, sale_id, code, message, tell, received);
         if let Some(record) = record {
             if let Err(e) = self.store.record_rejection(record).await {
@@ -636,6 +657,9 @@ impl Book {
         tell: bool,
         received: Option<(&str, usize)>,
     ) {
+        if !self.leads() {
+            return;
+        }
         let (record, told) = self.note_rejection(pos, sale_id, code, message, tell, received);
         match record {
             Some(record) => {
@@ -879,14 +903,9 @@ impl Book {
                 self.follow_up(cfg, sale, event);
             }
             // The same message, applied by another instance in between:
-            // the device heard its state from there.
-            Outcome::Republish if again => {}
-            // Or applied elsewhere before this instance heard the message.
-            Outcome::Republish
-                if self
-                    .followed
-                    .get(pos)
-                    .is_some_and(|v| *v == current.version) => {}
+            // the device heard its state from there. A repeated message is
+            // answered by the leader alone: every instance hears it.
+            Outcome::Republish if again || !self.leads() => {}
             Outcome::Republish => {
                 if let Some(s) = current
                     .state
@@ -900,14 +919,16 @@ impl Book {
                 }
             }
             Outcome::Rejected { sale_id, why } => {
-                // Another instance may have stored what the device acts on
-                // (its `paid`, before this one heard of it): refused only
-                // on the stored state, or the device hears a false refusal.
-                if !again {
+                // A refusal writes nothing the store could refuse as stale:
+                // with several instances its view is checked against the
+                // store first, and a view that moved on decides again.
+                if self.shared.load(Ordering::Acquire) {
                     let stored = self.store.pos_head(pos.as_str()).await?.version;
                     if stored != current.version {
-                        let (pos, version) = (pos.to_string(), stored);
-                        return Err(StoreError::Stale { pos, version }.into());
+                        return Err(BookError::Store(StoreError::Stale {
+                            pos: pos.to_string(),
+                            version: stored,
+                        }));
                     }
                 }
                 self.refuse(pos, sale_id.as_ref(), why).await
@@ -1137,16 +1158,32 @@ impl Book {
 
     /// The turn to refund money of `reference`: held from reading the
     /// ledger to recording what Mercado Pago made.
+    /// Across every instance sharing the store, too: the ledger is then
+    /// read from the store ([`Book::stored_sale`]), where the other
+    /// instances' refunds are, whether or not this one has heard of them.
     pub async fn refund_turn(
         &self,
         reference: &ExternalReference,
-    ) -> tokio::sync::MutexGuard<'_, ()> {
+    ) -> Result<RefundTurn<'_>, BookError> {
         use std::hash::{Hash, Hasher};
         let mut h = std::collections::hash_map::DefaultHasher::new();
         reference.hash(&mut h);
-        self.refund_turns[(h.finish() % REFUND_TURNS as u64) as usize]
+        let here = self.refund_turns[(h.finish() % REFUND_TURNS as u64) as usize]
             .lock()
-            .await
+            .await;
+        let everywhere = self.store.exclusive(&format!("refund {reference}")).await?;
+        Ok(RefundTurn {
+            _here: here,
+            _everywhere: everywhere,
+        })
+    }
+
+    /// A sale as the store has it: what a refund plans from.
+    pub async fn stored_sale(
+        &self,
+        reference: &ExternalReference,
+    ) -> Result<Option<Sale>, BookError> {
+        Ok(self.store.sale(reference).await?)
     }
 
     /// Signalled whenever a refund qrgate must make comes due.
@@ -1244,6 +1281,12 @@ impl Book {
             return Ok(Some(after));
         }
     }
+}
+
+/// The turn to refund one sale's money ([`Book::refund_turn`]).
+pub struct RefundTurn<'a> {
+    _here: tokio::sync::MutexGuard<'a, ()>,
+    _everywhere: Option<crate::store::Exclusive>,
 }
 
 /// A sale found by reference, with its POS locked.

@@ -241,9 +241,12 @@ pub fn spawn(
                         if let Err(e) = client.subscribe_many(filters).await {
                             tracing::warn!(error = %e, "cannot subscribe to device topics");
                         }
-                        // Another instance may have stored changes this one
-                        // has not heard yet: retained states go out as the
-                        // store has them.
+                        // Among several instances the leader alone
+                        // republishes, once it caught up with what the others
+                        // stored: retained states go out once, as stored.
+                        if !book.leads() {
+                            return;
+                        }
                         if let Err(e) = book.catch_up().await {
                             tracing::warn!(error = %e, "cannot read the store before republishing retained states; republishing what this instance has");
                         }

@@ -53,6 +53,16 @@ pub enum StoreError {
     Fenced { term: u64 },
 }
 
+/// Held while a turn spans every instance sharing the store
+/// ([`Store::exclusive`]); dropping it ends the turn.
+pub struct Exclusive(pub Box<dyn std::any::Any + Send + Sync>);
+
+impl std::fmt::Debug for Exclusive {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Exclusive")
+    }
+}
+
 /// What an instance hears of changes other instances stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Heard {
@@ -213,6 +223,14 @@ pub trait Store: Send + Sync + 'static {
         seen: u64,
     ) -> Result<u64, StoreError> {
         self.record(sale, event, seen).await
+    }
+
+    /// A turn named `key` that no other instance sharing the store holds
+    /// until the answer is dropped: `None` for a store one process writes,
+    /// whose turns are its own. It ends with the process, crash included.
+    async fn exclusive(&self, key: &str) -> Result<Option<Exclusive>, StoreError> {
+        let _ = key;
+        Ok(None)
     }
 
     /// Marks the outbox rows of each POS up to its version published.

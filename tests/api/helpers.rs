@@ -206,8 +206,13 @@ impl TestApp {
             Where::Port(p) => p,
         };
         // A restart keeps its HTTP address: public_url is part of the body.
-        let listener =
-            TcpListener::bind(http.unwrap_or_else(|| "127.0.0.1:0".parse().unwrap())).unwrap();
+        // Another process may hold the port a moment (an outgoing
+        // connection given it as its local port): bound once it is free.
+        let at = http.unwrap_or_else(|| "127.0.0.1:0".parse().unwrap());
+        let listener = wait_for(format!("{at} free to listen on"), || async move {
+            TcpListener::bind(at).ok()
+        })
+        .await;
         let base = format!("http://{}", listener.local_addr().unwrap());
         let mut config = Config::defaults();
         config.http.listen = listener.local_addr().unwrap();

@@ -37,7 +37,7 @@ fn sale(sale_id: &str, price: &str) -> qrgate::orders::Command {
 fn told_states(i: &mut Instance) -> Vec<(String, SaleState)> {
     let mut out = Vec::new();
     while let Ok(t) = i.told.try_recv() {
-        if let Tell::State(s) = t {
+        if let Tell::State(s) | Tell::Stored { sale: s, .. } = t {
             out.push((s.sale_id.as_str().to_owned(), s.state));
         }
     }
@@ -222,54 +222,85 @@ async fn a_book_follows_changes_stored_elsewhere_and_catches_up_after_a_gap() {
     assert_eq!(b.catch_up().await.unwrap(), 0, "nothing left to read");
 }
 
-/// A refusal stores nothing, so no version stops one decided on a view
-/// behind the store: B, which has not heard that A's sale was paid, must
-/// not refuse the device's confirmation of it (nor its next sale as
-/// `busy`) but decide again on the stored state.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_device_message_is_refused_only_on_the_stored_state() {
+async fn a_poll_of_a_pos_heard_changed_elsewhere_reads_the_store_before_it_answers() {
+    let app = crate::helpers::TestApp::spawn().await;
+    let id = PosId::parse("pump-1").unwrap();
+    let cfg = app.config.pos.iter().find(|p| p.id == id).cloned().unwrap();
+    let other = instance(&app.config.store.path, cfg).await;
+    let (status, _, _) = app.poll("pump-1").await;
+    assert_eq!(status, 400, "no sale yet");
+
+    // The app hears that the POS moved on to version 1 before that change
+    // is readable (as from another instance's feed): it reads the store,
+    // finds version 0, and stays behind.
+    app.app_book.follow("pump-1", 1).await.unwrap();
+    assert_eq!(app.app_book.behind("pump-1"), Some(1));
+    let changed = other.book.execute(&id, sale("1", "100.00")).await.unwrap();
+    assert!(matches!(changed, Outcome::Changed { .. }), "{changed:?}");
+    // Its view still shows no sale; its poll reads the store first.
+    assert!(app.app_book.view(&id).unwrap().state.current.is_none());
+    let (status, body, _) = app.poll("pump-1").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.to_string().contains("100"), "{body}");
+    assert_eq!(app.app_book.behind("pump-1"), None);
+    app.stop().await;
+}
+
+/// A refusal writes nothing the store could refuse as stale: among several
+/// instances the view is checked against the stored version first, so a
+/// book that has not heard a cancel takes the next sale instead of refusing
+/// it `busy`; and only the leader keeps and tells a refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_is_decided_on_the_stored_version_and_told_by_the_leader_alone() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("q.db");
     let id = PosId::parse("pump-1").unwrap();
-    let a = instance(&path, pos("pump-1", PosKind::Fuel)).await;
+    let mut a = instance(&path, pos("pump-1", PosKind::Fuel)).await;
     let mut b = instance(&path, pos("pump-1", PosKind::Fuel)).await;
-    a.book.execute(&id, sale("1", "100.00")).await.unwrap();
-    b.book.follow("pump-1", 1).await.unwrap();
-    let reference = b.book.view(&id).unwrap().state.current.clone().unwrap();
-    let paid_in_full = MerchantOrderFacts {
-        id: MpId::Num(7002),
-        status: MerchantOrderStatus::Closed,
-        external_reference: Some(reference.external_reference.as_str().to_owned()),
-        collector_id: Some(1),
-        payments: vec![PaymentFacts {
-            id: MpId::Num(9002),
-            status: PaymentStatus::Approved,
-            amount: Decimal::new(10000, 2),
-            currency: Some("ARS".into()),
-            approved_at: Some(1),
-        }],
-    };
-    let verdict = a.book.settle(&paid_in_full, None, "closed").await.unwrap();
-    assert!(matches!(verdict, Verdict::Paid { .. }), "{verdict:?}");
-
-    // B still shows the sale pending when the device acts on its `paid`.
-    let delivered = parse(
-        DeviceTopic::Delivered,
-        "pump-1",
-        br#"{"sale_id":"1","ok":true}"#,
-        1024,
-    )
-    .unwrap();
-    let confirmed = b.book.execute(&id, delivered).await.unwrap();
-    assert!(
-        matches!(confirmed, Outcome::Changed { .. }),
-        "{confirmed:?}"
-    );
-    let next = b.book.execute(&id, sale("2", "50.00")).await.unwrap();
-    assert!(matches!(next, Outcome::Changed { .. }), "{next:?}");
-    while let Ok(t) = b.told.try_recv() {
-        assert!(!matches!(t, Tell::Rejected { .. }), "B told {t:?}");
+    for i in [&a, &b] {
+        i.book.set_shared();
     }
-    let store = SqliteStore::open(&path, false).unwrap();
-    assert!(store.latest_rejections().await.unwrap().is_empty());
+    b.book.set_leading(false);
+    a.book.execute(&id, sale("1", "100.00")).await.unwrap();
+    assert_eq!(
+        b.book.execute(&id, sale("1", "100.00")).await.unwrap(),
+        Outcome::Republish
+    );
+    // A cancels sale 1; B has not heard and still shows it pending.
+    let cancel = parse(DeviceTopic::Cancel, "pump-1", br#"{"sale_id":"1"}"#, 1024).unwrap();
+    a.book.execute(&id, cancel).await.unwrap();
+    assert!(b.book.view(&id).unwrap().state.busy_sale().is_some());
+    // Sale 2 reaches B first: its view would refuse it busy; the store says
+    // the POS is free, and B takes it.
+    let taken = b.book.execute(&id, sale("2", "50.00")).await.unwrap();
+    assert!(matches!(taken, Outcome::Changed { .. }), "{taken:?}");
+    assert_eq!(
+        a.book.execute(&id, sale("2", "50.00")).await.unwrap(),
+        Outcome::Republish
+    );
+    // Sale 3 while sale 2 is pending: refused by both, told once, by the
+    // leader.
+    let refused = |o: &Outcome| matches!(o, Outcome::Rejected { .. });
+    assert!(refused(
+        &b.book.execute(&id, sale("3", "10.00")).await.unwrap()
+    ));
+    assert!(refused(
+        &a.book.execute(&id, sale("3", "10.00")).await.unwrap()
+    ));
+    let rejections = |i: &mut Instance| {
+        let mut n = 0;
+        while let Ok(t) = i.told.try_recv() {
+            n += usize::from(matches!(t, Tell::Rejected { .. }));
+        }
+        n
+    };
+    assert_eq!(rejections(&mut b), 0, "the follower told a refusal");
+    assert_eq!(rejections(&mut a), 1);
+    let kept = SqliteStore::open(&path, false)
+        .unwrap()
+        .rejections("pump-1", 10)
+        .await
+        .unwrap();
+    assert_eq!(kept.len(), 1, "{kept:?}");
 }

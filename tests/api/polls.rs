@@ -205,9 +205,9 @@ async fn a_poll_right_after_the_device_hears_pending_is_served() {
         std::thread::spawn(move || {
             while !done.load(Ordering::Acquire) {
                 match publish_rx.try_recv() {
-                    Ok(qrgate::book::Tell::State(sale))
-                        if sale.state == qrgate::orders::SaleState::Pending =>
-                    {
+                    Ok(
+                        qrgate::book::Tell::State(sale) | qrgate::book::Tell::Stored { sale, .. },
+                    ) if sale.state == qrgate::orders::SaleState::Pending => {
                         if book.poll("pump-1").status != 200 {
                             unserved.fetch_add(1, Ordering::Relaxed);
                         }

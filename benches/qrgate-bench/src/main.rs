@@ -20,6 +20,10 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
+mod instances;
+#[path = "../../../tests/common/wait.rs"]
+mod wait;
+
 const WAIT: Duration = Duration::from_secs(30);
 
 fn free_port() -> u16 {
@@ -595,43 +599,9 @@ async fn notify_to_device(sim: &Simulator, sales: usize) -> Result<Value> {
     let q = Qrgate::start(200, &BrokerChoice::Embedded, &sim.base_url(), dir.path())?;
     q.ready().await?;
     let fleet = Fleet::connect(q.mqtt_port, "bench-notify").await?;
-    let http = reqwest::Client::new();
-    sim.set_notify_mode(NotifyMode::None);
-    let mut h = hist();
-    for k in 0..sales {
-        let pos = format!("p{}", k % 200);
-        let sale = format!("n{k}");
-        let pending = fleet.expect(&pos, &sale, "pending");
-        fleet.sale(&pos, &sale).await?;
-        arrived(pending, "pending").await?;
-        let Scan::Order(order) = sim.scan(&format!("{}/mp/pos/{pos}", q.base)).await? else {
-            bail!("{pos} served no order");
-        };
-        sim.pay(order.merchant_order_id, PaymentOutcome::Approved)
-            .await?;
-        let paid = fleet.expect(&pos, &sale, "paid");
-        let t0 = Instant::now();
-        let r = http
-            .post(format!(
-                "{}/mp/notifications?topic=merchant_order&id={}",
-                q.base, order.merchant_order_id
-            ))
-            .send()
-            .await?;
-        if r.status() != 200 {
-            bail!("notification answered {}", r.status());
-        }
-        let at = arrived(paid, "paid").await?;
-        h.record(at.duration_since(t0).as_nanos() as u64)?;
-        fleet
-            .send(
-                &pos,
-                "delivered",
-                format!(r#"{{"sale_id":"{sale}","ok":true}}"#),
-            )
-            .await?;
-    }
-    Ok(json!({ "sales": sales, "p50_us": us(&h, 0.5), "p99_us": us(&h, 0.99) }))
+    let mut r = instances::notify(sim, &fleet, &[&q], sales, "n").await?;
+    r["sales"] = json!(sales);
+    Ok(r)
 }
 
 // ---------------------------------------------------------------------------
@@ -1210,6 +1180,50 @@ fn print_table(r: &Value) {
             );
         }
     }
+    if let Some(i) = r.get("instances").filter(|v| !v.is_null()) {
+        let ms = |v: &Value| v.as_f64().unwrap_or(0.0) / 1000.0;
+        println!(
+            "| two instances on PostgreSQL (fsync on), Mosquitto, {} POS: sales accepted/s, all POS at once (one on SQLite) | {} ({}) | | |",
+            i["pos"], i["accepted_per_sec"], i["sqlite"]["accepted_per_sec"]
+        );
+        println!(
+            "| one instance on SQLite (fsync on), Mosquitto: notification → device paid, p50 / p99 ms ({} sales) | {:.2} / {:.2} | | |",
+            i["sales"],
+            ms(&i["sqlite"]["notify_to_device"]["p50_us"]),
+            ms(&i["sqlite"]["notify_to_device"]["p99_us"])
+        );
+        for (name, key) in [
+            ("sale → servable by the first instance", "servable_first"),
+            ("sale → servable by both instances", "servable_both"),
+            ("… lag of the second instance behind the first", "lag"),
+            (
+                "notification (to either instance) → device paid",
+                "notify_to_device",
+            ),
+        ] {
+            println!(
+                "| {name}, p50 / p99 ms ({} sales) | {:.2} / {:.2} | | |",
+                i["sales"],
+                ms(&i[key]["p50_us"]),
+                ms(&i[key]["p99_us"])
+            );
+        }
+        if !i["polls_64"].is_null() {
+            println!(
+                "| polls/s per instance, 64 conn, the other instance running | {} (p99 {:.2} ms) | | |",
+                i["polls_64"]["rps"],
+                i["polls_64"]["p99_ms"].as_f64().unwrap_or(0.0)
+            );
+        }
+        let f = &i["failover"];
+        println!(
+            "| failover, kill -9 of the leader, {} POS paid and unsettled: survivor leads / every notification answered / every device told paid, ms | {:.0} / {:.0} / {:.0} | | |",
+            f["pos"],
+            f["survivor_leads_ms"].as_f64().unwrap_or(0.0),
+            f["notifications_answered_ms"].as_f64().unwrap_or(0.0),
+            f["every_pos_paid_ms"].as_f64().unwrap_or(0.0)
+        );
+    }
     if let Some(m) = r.get("mix").filter(|v| !v.is_null()) {
         println!(
             "| sustained mix {} s, {} POS: cycles/s, errors, lost | {} , {} , {} | | |",
@@ -1258,7 +1272,7 @@ async fn main() -> Result<()> {
     // 100,000-POS scale. Its numbers mean nothing.
     let smoke = mode == "smoke";
     if !matches!(mode, "all" | "quick" | "smoke") {
-        bail!("usage: qrgate-bench [all|quick|smoke] [--only PART] [--out FILE] [--mix-secs N] [--mix-broker embedded|mosquitto] [--mix-retain-days D]; PART: polls|servable|notify|scale|devices|mix|flood|console");
+        bail!("usage: qrgate-bench [all|quick|smoke] [--only PART] [--out FILE] [--mix-secs N] [--mix-broker embedded|mosquitto] [--mix-retain-days D]; PART: polls|servable|notify|scale|devices|mix|flood|console|instances");
     }
     let flag = |name: &str| {
         args.iter()
@@ -1371,6 +1385,17 @@ async fn main() -> Result<()> {
                 eprintln!("skipped: {e}");
                 Value::Null
             }
+        };
+    }
+    if run("instances") {
+        eprintln!("two instances on PostgreSQL...");
+        r["instances"] = match instances::run(&sim, sales, quick).await {
+            Ok(v) => v,
+            Err(e) if only.is_none() => {
+                eprintln!("skipped: {e:#}");
+                Value::Null
+            }
+            Err(e) => return Err(e),
         };
     }
     if run("mix") {

@@ -33,7 +33,8 @@ pub const LEASE: Duration = Duration::from_secs(5);
 const BEAT: Duration = Duration::from_secs(1);
 
 /// Tries to lead until `shutdown`; the receiver holds the term while this
-/// instance leads, `None` while it does not.
+/// instance leads, `None` while it does not. The first decision, leader or
+/// follower, is always sent.
 pub fn spawn(
     config: Config,
     tls: MakeRustlsConnect,
@@ -43,9 +44,10 @@ pub fn spawn(
     let (leading, rx) = watch::channel(None);
     tokio::spawn(async move {
         let mut failures: u32 = 0;
+        let mut undecided = true;
         loop {
             let Err(ended) = tokio::select! {
-                r = session(&config, &tls, &name, &leading) => r,
+                r = session(&config, &tls, &name, &leading, &mut undecided) => r,
                 _ = shutdown.cancelled() => break,
             };
             if leading.send_replace(None).is_some() {
@@ -77,6 +79,7 @@ async fn session(
     tls: &MakeRustlsConnect,
     name: &str,
     leading: &watch::Sender<Option<u64>>,
+    undecided: &mut bool,
 ) -> Result<std::convert::Infallible, StoreError> {
     let (client, connection) = config.connect(tls.clone()).await.map_err(pg)?;
     let mut connection = tokio::spawn(async move {
@@ -127,7 +130,11 @@ async fn session(
                 tracing::info!(name, term, "this instance leads the singletons");
                 leading.send_replace(Some(term));
             }
-            Ok(Ok(None)) => {}
+            // A follower says so once, so that whoever waits for the
+            // first decision hears it.
+            Ok(Ok(None)) => {
+                leading.send_if_modified(|_| std::mem::take(&mut *undecided));
+            }
             Ok(Err(e)) => return Err(pg(e)),
             Err(_) => {
                 return Err(StoreError::Unavailable(

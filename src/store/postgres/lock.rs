@@ -239,3 +239,12 @@ async fn hold(
         };
     }
 }
+
+/// Ends a session (its connection's task) when dropped.
+pub(super) struct EndOnDrop(pub(super) tokio::task::AbortHandle);
+
+impl Drop for EndOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

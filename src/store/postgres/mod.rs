@@ -253,6 +253,10 @@ impl PgStore {
 /// clock, whichever instance's host drifts.
 const DB_NOW: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
 
+/// The class of the turns every instance takes in turn (the first half of
+/// a two-part advisory key; the second is the turn's hash).
+const EXCLUSIVE_LOCK: i32 = 0x7172_0004;
+
 /// How long the instance that stored a change has to publish what it owes
 /// the device before the outbox sweep publishes it instead.
 pub const OUTBOX_LEASE: Duration = Duration::from_secs(3);
@@ -672,6 +676,28 @@ impl Store for PgStore {
         seen: u64,
     ) -> Result<u64, StoreError> {
         self.write_change(sale, event, seen, true).await
+    }
+
+    async fn exclusive(&self, key: &str) -> Result<Option<super::Exclusive>, StoreError> {
+        // A session of its own: the lock is the session's, and ends with it
+        // when the guard is dropped, or the process dies.
+        self.timed(async {
+            let (config, tls) = &self.listen;
+            let (client, connection) = config.connect(tls.clone()).await.map_err(pg)?;
+            let session = tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            let session = lock::EndOnDrop(session.abort_handle());
+            client
+                .execute(
+                    "SELECT pg_advisory_lock($1, hashtext($2))",
+                    &[&EXCLUSIVE_LOCK, &key],
+                )
+                .await
+                .map_err(pg)?;
+            Ok(Some(super::Exclusive(Box::new((client, session)))))
+        })
+        .await
     }
 
     async fn outbox_told(&self, told: &[(String, u64)]) -> Result<(), StoreError> {
