@@ -139,6 +139,10 @@ pub struct Book {
     leading: AtomicBool,
     /// Whether other instances write the store too.
     shared: AtomicBool,
+    /// The version of each POS last read because another instance stored
+    /// it: a device message found applied there is that change's own, heard
+    /// after the change itself, and that instance told it.
+    followed: DashMap<PosId, u64>,
 }
 
 /// What the book needs from the configuration besides the POS.
@@ -223,6 +227,7 @@ impl Book {
             behind_count: std::sync::atomic::AtomicUsize::new(0),
             leading: AtomicBool::new(true),
             shared: AtomicBool::new(false),
+            followed: DashMap::new(),
         })
     }
 
@@ -308,6 +313,7 @@ impl Book {
     /// the POS's lock held.
     async fn reload(&self, cfg: &PosConfig, stale: &StoreError) -> Result<(), BookError> {
         let version = self.read_again(cfg).await?;
+        self.followed.insert(cfg.id.clone(), version);
         tracing::info!(pos = %cfg.id, version, reason = %stale,
             "the POS changed in the store since this view: read again, deciding again");
         Ok(())
@@ -417,6 +423,7 @@ impl Book {
         let _guard = lock.lock().await;
         if self.view(&id).is_none_or(|v| v.version < version) {
             let now = self.read_again(cfg).await?;
+            self.followed.insert(id.clone(), now);
             tracing::debug!(pos, version = now, "followed a change stored elsewhere");
         }
         let now = self.view(&id).map_or(0, |v| v.version);
@@ -906,6 +913,12 @@ impl Book {
             // the device heard its state from there. A repeated message is
             // answered by the leader alone: every instance hears it.
             Outcome::Republish if again || !self.leads() => {}
+            // Or the leader read the change before it heard the message.
+            Outcome::Republish
+                if self
+                    .followed
+                    .get(pos)
+                    .is_some_and(|v| *v == current.version) => {}
             Outcome::Republish => {
                 if let Some(s) = current
                     .state
