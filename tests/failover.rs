@@ -185,6 +185,27 @@ async fn sell(device: &Device, sale: &str, price: &str) -> String {
         .expect("a pending sale names its external reference")
 }
 
+/// A customer scans `pos`'s QR with Mercado Pago polling `scan_at`, and
+/// pays in full: the merchant order and the payment (nobody notified yet).
+async fn scan_and_pay(c: &Cluster, scan_at: &str, pos: &str) -> (u64, u64) {
+    let mo = c.scan(scan_at, pos).await.merchant_order_id;
+    (mo, c.mp.pay(mo, PaymentOutcome::Approved).await.unwrap())
+}
+
+/// A customer scans the device's QR with Mercado Pago polling `scan_at`
+/// and pays; Mercado Pago notifies `notify_to`. Returns once the device
+/// heard `paid` with that payment.
+async fn pay(c: &Cluster, device: &Device, sale: &str, scan_at: &str, notify_to: &str) {
+    let (mo, payment) = scan_and_pay(c, scan_at, device.pos_id()).await;
+    assert_eq!(c.notify(notify_to, mo).await, Some(200));
+    let paid = heard(device, sale, "paid").await;
+    assert_eq!(
+        paid.payment_id,
+        Some(payment),
+        "{sale} told paid by another payment"
+    );
+}
+
 /// What the store holds, as one number that any stored change moves: every
 /// timeline event and every POS's version.
 async fn stored(c: &Cluster) -> i64 {
@@ -318,9 +339,7 @@ async fn the_same_notification_to_two_instances_at_once_closes_the_sale_once() {
     c.start("b").await;
     let pump = c.device("pump-1").await;
     let reference = sell(&pump, "s1", "250.00").await;
-    let order = c.scan("b", "pump-1").await;
-    let mo = order.merchant_order_id;
-    let payment = c.mp.pay(mo, PaymentOutcome::Approved).await.unwrap();
+    let (mo, payment) = scan_and_pay(&c, "b", "pump-1").await;
     let answers = tokio::join!(
         c.notify("a", mo),
         c.notify("b", mo),
@@ -375,11 +394,7 @@ async fn an_instance_dying_between_commit_and_publish_leaves_the_device_to_the_n
     c.start("b").await;
     let pump = c.device("pump-1").await;
     let reference = sell(&pump, "s1", "700.00").await;
-    let order = c.scan("b", "pump-1").await;
-    let payment =
-        c.mp.pay(order.merchant_order_id, PaymentOutcome::Approved)
-            .await
-            .unwrap();
+    let (mo, payment) = scan_and_pay(&c, "b", "pump-1").await;
 
     relay.cut();
     c.log.note("a's broker link cut");
@@ -387,7 +402,7 @@ async fn an_instance_dying_between_commit_and_publish_leaves_the_device_to_the_n
         !c.ready("a").await
     })
     .await;
-    assert_eq!(c.notify("b", order.merchant_order_id).await, Some(200));
+    assert_eq!(c.notify("b", mo).await, Some(200));
     // The leader, A, settles: stored, not told.
     wait_for("a closing s1", || async {
         rows_of(&c, "closings", &reference).await == 1
@@ -432,12 +447,7 @@ async fn a_restarted_instance_rebuilds_its_book_and_tells_nothing_twice() {
     let pump = c.device("pump-1").await;
     let vending = c.device("vending-1").await;
     let s1 = sell(&pump, "s1", "300.00").await;
-    let order = c.scan("a", "pump-1").await;
-    c.mp.pay(order.merchant_order_id, PaymentOutcome::Approved)
-        .await
-        .unwrap();
-    assert_eq!(c.notify("a", order.merchant_order_id).await, Some(200));
-    heard(&pump, "s1", "paid").await;
+    pay(&c, &pump, "s1", "a", "a").await;
     pump.delivered("s1", true, None).await.unwrap();
     wait_for("s1 delivered", || async {
         events(&c, &s1, "delivered").await == 1
@@ -448,12 +458,7 @@ async fn a_restarted_instance_rebuilds_its_book_and_tells_nothing_twice() {
     c.kill("a");
     // B alone: what the devices publish now waits in A's session too.
     let s2 = sell(&pump, "s2", "450.00").await;
-    let order = c.scan("b", "pump-1").await;
-    c.mp.pay(order.merchant_order_id, PaymentOutcome::Approved)
-        .await
-        .unwrap();
-    assert_eq!(c.notify("b", order.merchant_order_id).await, Some(200));
-    heard(&pump, "s2", "paid").await;
+    pay(&c, &pump, "s2", "b", "b").await;
     pump.delivered("s2", true, None).await.unwrap();
     let t1 = sell(&vending, "t1", "80.00").await;
     // Served (a poll marks it, and that is stored) before A returns.
@@ -496,12 +501,7 @@ async fn a_restarted_instance_rebuilds_its_book_and_tells_nothing_twice() {
     // A works on: t1 is paid through it.
     hears_presence(&c, &["a", "b"], &pump, true).await;
     hears_presence(&c, &["a", "b"], &vending, true).await;
-    let order = c.scan("a", "vending-1").await;
-    c.mp.pay(order.merchant_order_id, PaymentOutcome::Approved)
-        .await
-        .unwrap();
-    assert_eq!(c.notify("a", order.merchant_order_id).await, Some(200));
-    heard(&vending, "t1", "paid").await;
+    pay(&c, &vending, "t1", "a", "a").await;
     for (reference, closes) in [(&s1, 1), (&s2, 1), (&t1, 1)] {
         assert_money(&c, reference, closes).await;
         assert_eq!(events(&c, reference, "accepted").await, 1);
@@ -525,12 +525,7 @@ async fn a_restarted_instance_replaying_its_session_takes_no_older_sale_again() 
     let machine = c.device("vending-1").await;
     c.kill("b");
     let s1 = sell(&machine, "s1", "150.00").await;
-    let order = c.scan("a", "vending-1").await;
-    c.mp.pay(order.merchant_order_id, PaymentOutcome::Approved)
-        .await
-        .unwrap();
-    assert_eq!(c.notify("a", order.merchant_order_id).await, Some(200));
-    heard(&machine, "s1", "paid").await;
+    pay(&c, &machine, "s1", "a", "a").await;
     machine.delivered("s1", true, None).await.unwrap();
     sell(&machine, "s2", "20.00").await;
     machine.cancel("s2").await.unwrap();
@@ -608,12 +603,8 @@ async fn while_postgresql_restarts_polls_answer_messages_wait_and_then_everythin
         let answer = c.poll(n, pos).await.unwrap();
         assert_eq!(&answer, &(200, body.clone()), "{n} polled for {pos}");
     }
-    let order = c.scan("a", "pump-1").await;
-    let payment =
-        c.mp.pay(order.merchant_order_id, PaymentOutcome::Approved)
-            .await
-            .unwrap();
-    let refused = c.notify("b", order.merchant_order_id).await;
+    let (mo, payment) = scan_and_pay(&c, "a", "pump-1").await;
+    let refused = c.notify("b", mo).await;
     assert_ne!(refused, Some(200), "a notification answered 200 unstored");
     two.cancel("t1").await.unwrap();
     for n in ["a", "b"] {
@@ -630,7 +621,7 @@ async fn while_postgresql_restarts_polls_answer_messages_wait_and_then_everythin
         wait_for(format!("{n} ready again"), || c.ready(n)).await;
     }
     // Mercado Pago sends it again.
-    assert_eq!(c.notify("b", order.merchant_order_id).await, Some(200));
+    assert_eq!(c.notify("b", mo).await, Some(200));
     let paid = heard(&one, "s1", "paid").await;
     assert_eq!(paid.payment_id, Some(payment));
     for n in ["a", "b"] {
@@ -675,12 +666,7 @@ async fn after_the_broker_restarts_every_instance_subscribes_again() {
     hears_presence(&c, &["a", "b"], &pump, false).await;
     hears_presence(&c, &["a", "b"], &pump, true).await;
     let reference = sell(&pump, "s1", "120.00").await;
-    let order = c.scan("b", "pump-1").await;
-    c.mp.pay(order.merchant_order_id, PaymentOutcome::Approved)
-        .await
-        .unwrap();
-    assert_eq!(c.notify("a", order.merchant_order_id).await, Some(200));
-    heard(&pump, "s1", "paid").await;
+    pay(&c, &pump, "s1", "b", "a").await;
     assert_money(&c, &reference, 1).await;
     assert_no_refusals(&c).await;
 }
@@ -705,9 +691,7 @@ async fn a_leader_paused_while_another_takes_over_loses_every_stale_action() {
     c.start("b").await;
     let pump = c.device("pump-1").await;
     let reference = sell(&pump, "s1", "880.00").await;
-    let order = c.scan("b", "pump-1").await;
-    let mo = order.merchant_order_id;
-    let payment = c.mp.pay(mo, PaymentOutcome::Approved).await.unwrap();
+    let (mo, payment) = scan_and_pay(&c, "b", "pump-1").await;
     let fetches = |mp: &Simulator| {
         mp.api_calls()
             .iter()
@@ -1059,16 +1043,12 @@ async fn a_leader_cut_off_in_the_middle_of_a_write_is_replaced_within_the_lease(
     c.start("b").await;
     let pump = c.device("pump-1").await;
     let reference = sell(&pump, "s1", "640.00").await;
-    let order = c.scan("b", "pump-1").await;
-    let payment =
-        c.mp.pay(order.merchant_order_id, PaymentOutcome::Approved)
-            .await
-            .unwrap();
+    let (mo, payment) = scan_and_pay(&c, "b", "pump-1").await;
 
     // A settles what it fetched: its first write checks its term, then
     // writes the merchant order, which never reaches PostgreSQL.
     store.freeze_before(b"INSERT INTO merchant_orders");
-    assert_eq!(c.notify("b", order.merchant_order_id).await, Some(200));
+    assert_eq!(c.notify("b", mo).await, Some(200));
     wait_for("a cut off in the middle of its write", || async {
         store.frozen()
     })

@@ -202,9 +202,14 @@ impl Mosquitto {
 
 impl Drop for Mosquitto {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        end(&mut self.child);
     }
+}
+
+/// Kills a child of the test's (SIGKILL: a paused one too) and reaps it.
+fn end(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// A TCP relay between one instance and the broker or the store, which
@@ -376,9 +381,7 @@ struct Instance {
 
 impl Drop for Instance {
     fn drop(&mut self) {
-        // SIGKILL ends a paused process too.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        end(&mut self.child);
     }
 }
 
