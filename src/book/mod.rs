@@ -246,6 +246,33 @@ impl Book {
         self.shared.store(true, Ordering::Release);
     }
 
+    /// Whether other instances write the store too.
+    pub fn is_shared(&self) -> bool {
+        self.shared.load(Ordering::Acquire)
+    }
+
+    /// Whether a device message this instance's broker session kept for it
+    /// while it was away was applied already: it names a sale of its POS
+    /// that is stored and is not the POS's current one. Another instance
+    /// heard it then; taken again now, an old `sale` would open a sale the
+    /// device left long ago.
+    async fn applied_while_away(&self, pos: &PosId, cmd: &Command) -> Result<bool, BookError> {
+        let Some(sale_id) = cmd.device_sale_id() else {
+            return Ok(false);
+        };
+        let current = self
+            .view(pos)
+            .and_then(|v| v.state.current.as_ref().map(|s| s.sale_id.clone()));
+        if current.as_ref() == Some(sale_id) {
+            return Ok(false);
+        }
+        Ok(self
+            .store
+            .sale_by_device_id(pos.as_str(), sale_id.as_str())
+            .await?
+            .is_some())
+    }
+
     /// The operator's event stream, fed where the log lines are written.
     pub fn events(&self) -> &Events {
         &self.events
@@ -824,12 +851,35 @@ impl Book {
     /// Applies a command to a POS: decide, store, show, tell. A decision
     /// the store refuses as stale is made again on the stored state.
     pub async fn execute(&self, pos: &PosId, cmd: Command) -> Result<Outcome, BookError> {
+        self.execute_as(pos, cmd, false).await
+    }
+
+    /// [`Book::execute`] for a device message this instance's broker session
+    /// kept for it while it was away: one that names a sale of its POS other
+    /// than the current one was applied then, by another instance, and is
+    /// not applied again ([`Book::applied_while_away`]), however often the
+    /// decision is made again.
+    pub async fn execute_replayed(&self, pos: &PosId, cmd: Command) -> Result<Outcome, BookError> {
+        self.execute_as(pos, cmd, true).await
+    }
+
+    async fn execute_as(
+        &self,
+        pos: &PosId,
+        cmd: Command,
+        replayed: bool,
+    ) -> Result<Outcome, BookError> {
         let (Some(cfg), Some(lock)) = (self.pos.get(pos), self.locks.get(pos)) else {
             return Err(BookError::UnknownPos(pos.to_string()));
         };
         let _guard = lock.lock().await;
         let mut attempts = 0;
         loop {
+            if replayed && self.applied_while_away(pos, &cmd).await? {
+                tracing::info!(pos = %pos, sale_id = cmd.device_sale_id().map(|s| s.as_str()),
+                    "a message kept by this instance's session while it was away names an older sale: applied then elsewhere, not again");
+                return Ok(Outcome::Nothing);
+            }
             match self
                 .execute_locked(cfg, pos, cmd.clone(), attempts > 0)
                 .await

@@ -13,6 +13,7 @@
 //! The client reaches the broker through `guard`, so that no device message,
 //! whatever its size, can break this connection.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -117,15 +118,18 @@ pub fn spawn(
 
     let link = Arc::new(LinkState::default());
     // Outgoing: state messages, in order. A stored change's is marked told
-    // in the store once handed to the client while connected; one handed
-    // over while the link is down is left to the outbox sweep.
+    // once the broker acknowledged it (the event loop below).
+    let sender = Sender {
+        client: client.clone(),
+        owed: Arc::default(),
+        turn: Arc::default(),
+    };
+    let (told, marks) = mpsc::unbounded_channel();
+    tracker.spawn(mark_told(Arc::clone(book.store()), marks));
     {
-        let client = client.clone();
+        let sender = sender.clone();
         let shutdown = shutdown.clone();
         let topics = topics.clone();
-        let link = Arc::clone(&link);
-        let (told, marks) = mpsc::unbounded_channel();
-        tracker.spawn(mark_told(Arc::clone(book.store()), marks));
         tracker.spawn(async move {
             loop {
                 let tell = tokio::select! {
@@ -133,20 +137,12 @@ pub fn spawn(
                     _ = shutdown.cancelled() => break,
                 };
                 let p = outbound::render(&tell, &topics);
-                match client
-                    .publish(p.topic.clone(), QoS::AtLeastOnce, p.retain, p.payload)
-                    .await
-                {
-                    Ok(()) => {
-                        if let Tell::Stored { sale, version } = &tell {
-                            if link.connected.load(Ordering::Acquire) {
-                                let _ = told.send((sale.pos.as_str().to_owned(), *version));
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(topic = %p.topic, error = %e, "cannot queue a state message; it is republished at the next connection");
-                    }
+                let owes = match &tell {
+                    Tell::Stored { sale, version } => Some((sale.pos.as_str().to_owned(), *version)),
+                    _ => None,
+                };
+                if let Err(e) = sender.publish(p.topic.clone(), p.retain, p.payload, owes).await {
+                    tracing::warn!(topic = %p.topic, error = %e, "cannot queue a state message; it is republished at the next connection");
                 }
             }
         });
@@ -207,11 +203,20 @@ pub fn spawn(
         clock: Instant::now(),
         strays: Strays::default(),
         cap,
+        replay: Replay {
+            topic: (matches!(cfg.broker, Broker::External { .. }) && book.is_shared())
+                .then(|| topics.mark(&cfg.client_id)),
+            since: None,
+        },
     };
 
     let state = Arc::clone(&link);
-    let subscriptions = topics.subscriptions();
+    let mut subscriptions = topics.subscriptions();
+    subscriptions.extend(router.replay.topic.clone());
+    let mark = router.replay.topic.clone();
     tracker.spawn(async move {
+        // Publishes sent and not acknowledged yet: what each owes the outbox.
+        let mut awaiting_ack: HashMap<u16, Option<(String, u64)>> = HashMap::new();
         let mut failures: u32 = 0;
         // Consecutive refusals of qrgate's own login.
         let mut refusals: u32 = 0;
@@ -228,9 +233,16 @@ pub fn spawn(
                     state.connections.fetch_add(1, Ordering::Relaxed);
                     book.metrics().mqtt_connections.inc();
                     tracing::info!(session_present = ack.session_present, "connected to the MQTT broker");
+                    // What the session kept comes first; the mark, published
+                    // after, comes back behind it.
+                    let mark = mark.clone().filter(|_| ack.session_present);
+                    if mark.is_some() {
+                        router.replay.since = Some(Instant::now());
+                    }
                     // Never await the client inside the event loop's task:
                     // its requests need this loop to be polled.
                     let client = client.clone();
+                    let sender = sender.clone();
                     let subs = subscriptions.clone();
                     let book = Arc::clone(&book);
                     let topics = topics.clone();
@@ -240,6 +252,11 @@ pub fn spawn(
                             .map(|f| rumqttc::SubscribeFilter::new(f, QoS::AtLeastOnce));
                         if let Err(e) = client.subscribe_many(filters).await {
                             tracing::warn!(error = %e, "cannot subscribe to device topics");
+                        }
+                        if let Some(mark) = mark {
+                            if let Err(e) = sender.publish(mark, false, Vec::new(), None).await {
+                                tracing::warn!(error = %e, "cannot mark the end of what the session kept");
+                            }
                         }
                         // Among several instances the leader alone
                         // republishes, once it caught up with what the others
@@ -252,11 +269,21 @@ pub fn spawn(
                         }
                         for tell in book.retained_states() {
                             let p = outbound::render(&tell, &topics);
-                            let _ = client
-                                .publish(p.topic, QoS::AtLeastOnce, true, p.payload)
-                                .await;
+                            let _ = sender.publish(p.topic, true, p.payload, None).await;
                         }
                     });
+                }
+                // A publish going out for the first time takes what it owes
+                // (a resend after a reconnection has its packet id noted).
+                Ok(Event::Outgoing(rumqttc::Outgoing::Publish(pkid))) => {
+                    if let std::collections::hash_map::Entry::Vacant(e) = awaiting_ack.entry(pkid) {
+                        e.insert(sender.going_out());
+                    }
+                }
+                Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                    if let Some(Some(owed)) = awaiting_ack.remove(&ack.pkid) {
+                        let _ = told.send(owed);
+                    }
                 }
                 Ok(Event::Incoming(Packet::SubAck(_))) => {
                     state.set_subscribed();
@@ -296,6 +323,53 @@ pub fn spawn(
         let _ = tokio::time::timeout(Duration::from_secs(1), client.disconnect()).await;
     });
     link
+}
+
+/// What qrgate's client publishes, each with what the outbox owes for it
+/// (a stored change's POS and version), so that the row is marked told only
+/// once the broker acknowledged the message. rumqttc names a publish's
+/// packet id only as it goes out (`Outgoing::Publish`), in the order
+/// publishes were handed to it: every publish goes through [`Sender`],
+/// which notes what it owes in that order, one publish at a time.
+/// A stored change's POS and version: what a publish owes the outbox.
+type Owed = (String, u64);
+
+#[derive(Clone)]
+struct Sender {
+    client: AsyncClient,
+    owed: Arc<Mutex<std::collections::VecDeque<Option<Owed>>>>,
+    turn: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Sender {
+    async fn publish(
+        &self,
+        topic: String,
+        retain: bool,
+        payload: Vec<u8>,
+        owes: Option<(String, u64)>,
+    ) -> Result<(), rumqttc::ClientError> {
+        let _turn = self.turn.lock().await;
+        lock(&self.owed).push_back(owes);
+        let r = self
+            .client
+            .publish(topic, QoS::AtLeastOnce, retain, payload)
+            .await;
+        if r.is_err() {
+            // Never handed over: it will never go out.
+            lock(&self.owed).pop_back();
+        }
+        r
+    }
+
+    /// What the next publish going out owes.
+    fn going_out(&self) -> Option<(String, u64)> {
+        lock(&self.owed).pop_front().flatten()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Marks in the store what was told, as many at once as came meanwhile. A
@@ -354,6 +428,8 @@ struct Job {
     publish: rumqttc::Publish,
     /// The size of a payload the guard dropped (`publish` is its stand-in).
     dropped: Option<usize>,
+    /// Kept for this instance by its session while it was away.
+    replayed: bool,
     done: oneshot::Sender<bool>,
 }
 
@@ -447,6 +523,43 @@ struct Router {
     strays: Strays,
     /// The largest payload read whole (`[mqtt] max_payload_bytes`).
     cap: usize,
+    /// Until this instance's mark comes back: what arrives was kept by its
+    /// session while it was away ([`Replay`]).
+    replay: Replay,
+}
+
+/// What a persistent session kept while the instance was away comes first
+/// at a reconnection, before anything published after it: among several
+/// instances sharing the store, the others heard those messages then. The
+/// instance publishes a mark to itself once connected; everything before
+/// it comes back is a replay.
+#[derive(Default)]
+struct Replay {
+    /// The mark's topic; `None` when replays need no telling apart (one
+    /// instance on its store, or the embedded broker, which keeps no
+    /// session across its restarts).
+    topic: Option<String>,
+    /// Since when the mark is awaited.
+    since: Option<Instant>,
+}
+
+/// A mark that never comes back (a broker refusing the topic) ends the
+/// replay after this.
+const REPLAY_AT_MOST: Duration = Duration::from_secs(30);
+
+impl Replay {
+    fn replaying(&mut self) -> bool {
+        match self.since {
+            Some(at) if at.elapsed() < REPLAY_AT_MOST => true,
+            Some(_) => {
+                tracing::warn!("this instance's mark did not come back from the broker within 30 s: \
+                    messages are taken as new from now on (does the broker let qrgate use its instances/<name>/mark topic?)");
+                self.since = None;
+                false
+            }
+            None => false,
+        }
+    }
 }
 
 impl Router {
@@ -471,6 +584,16 @@ impl Router {
     /// Sends a message to its POS's queue, or refuses it over the POS's rate;
     /// anything else is answered here.
     fn route(&mut self, p: rumqttc::Publish, done: oneshot::Sender<bool>) {
+        if self.replay.topic.as_deref() == Some(p.topic.as_str()) {
+            if self.replay.since.take().is_some() {
+                tracing::info!(
+                    "this instance's session has delivered what it kept while it was away"
+                );
+            }
+            let _ = done.send(true);
+            return;
+        }
+        let replayed = self.replay.replaying();
         let dropped = self.marker.dropped_size(&p.payload);
         let size = dropped.unwrap_or(p.payload.len());
         let Some((pos, kind)) = self.topics.parse(&p.topic) else {
@@ -504,6 +627,7 @@ impl Router {
                     kind,
                     publish: p,
                     dropped,
+                    replayed,
                     done,
                 },
             ),
@@ -558,12 +682,28 @@ async fn worker(queue: Arc<Queue>, book: Arc<Book>, max_bytes: usize, shutdown: 
             kind,
             publish,
             dropped,
+            replayed,
             done,
         } = job;
-        let handled = handle(&book, &pos, kind, &publish, dropped, max_bytes, &shutdown).await;
+        let arrived = Delivery {
+            kind,
+            publish: &publish,
+            dropped,
+            replayed,
+        };
+        let handled = handle(&book, &pos, arrived, max_bytes, &shutdown).await;
         queue.done(&pos);
         let _ = done.send(handled);
     }
+}
+
+/// A device message as the worker takes it.
+struct Delivery<'a> {
+    kind: DeviceTopic,
+    publish: &'a rumqttc::Publish,
+    /// The size of a payload the guard dropped (`publish` is its stand-in).
+    dropped: Option<usize>,
+    replayed: bool,
 }
 
 /// One device message, from screening to its stored effect: `true` once
@@ -572,12 +712,16 @@ async fn worker(queue: Arc<Queue>, book: Arc<Book>, max_bytes: usize, shutdown: 
 async fn handle(
     book: &Book,
     pos: &PosId,
-    kind: DeviceTopic,
-    p: &rumqttc::Publish,
-    dropped: Option<usize>,
+    delivery: Delivery<'_>,
     max_bytes: usize,
     shutdown: &CancellationToken,
 ) -> bool {
+    let Delivery {
+        kind,
+        publish: p,
+        dropped,
+        replayed,
+    } = delivery;
     let arrived = inbound::Arrived {
         kind,
         pos: pos.as_str(),
@@ -607,7 +751,12 @@ async fn handle(
         Ok(Some(cmd)) => {
             let mut attempt = 0u32;
             loop {
-                match book.execute(pos, cmd.clone()).await {
+                let executed = if replayed {
+                    book.execute_replayed(pos, cmd.clone()).await
+                } else {
+                    book.execute(pos, cmd.clone()).await
+                };
+                match executed {
                     Ok(_) => break,
                     // Held, unacknowledged, until the store takes it: the
                     // broker would deliver it again only after a

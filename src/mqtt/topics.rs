@@ -50,6 +50,12 @@ impl Topics {
             .collect()
     }
 
+    /// Where an instance marks the end of what its session kept for it
+    /// while it was away (`mqtt::connection`).
+    pub fn mark(&self, instance: &str) -> String {
+        format!("{}/instances/{instance}/mark", self.prefix)
+    }
+
     pub fn state(&self, pos: &str) -> String {
         format!("{}/pos/{}/state", self.prefix, pos)
     }

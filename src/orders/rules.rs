@@ -170,6 +170,18 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// The device's sale a device message names, if any.
+    pub fn device_sale_id(&self) -> Option<&SaleId> {
+        match self {
+            Command::Sale(r) => Some(&r.sale_id),
+            Command::Progress(id) | Command::Cancel(id) => Some(id),
+            Command::Delivered { sale_id, .. } => Some(sale_id),
+            _ => None,
+        }
+    }
+}
+
 /// Why a device message changed nothing. `code` is the stable word devices
 /// and operators match on; `Display` says what to fix.
 #[derive(Debug, Clone, PartialEq, Eq)]
