@@ -9,6 +9,8 @@ use std::sync::{Arc, Mutex};
 
 use qrgate::config::EX_CONFIG;
 
+#[path = "common/mosquitto.rs"]
+mod mosquitto;
 #[path = "common/wait.rs"]
 mod wait;
 
@@ -530,19 +532,7 @@ struct LockedMosquitto {
 impl LockedMosquitto {
     fn start(dir: &std::path::Path) -> Option<LockedMosquitto> {
         use std::os::unix::fs::PermissionsExt;
-        let installed = |tool: &str| {
-            Command::new(tool)
-                .arg("-h")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok()
-        };
-        if !installed("mosquitto") || !installed("mosquitto_passwd") {
-            if std::env::var("QRGATE_REQUIRE_MOSQUITTO").as_deref() == Ok("1") {
-                panic!("mosquitto is required (QRGATE_REQUIRE_MOSQUITTO=1) but not installed");
-            }
-            eprintln!("SKIPPED: mosquitto is not installed");
+        if !mosquitto::installed(&["mosquitto", "mosquitto_passwd"]) {
             return None;
         }
         // Started as root, Mosquitto drops to its own user: it must read these.

@@ -22,6 +22,8 @@ use rust_decimal::Decimal;
 
 #[path = "common/cluster.rs"]
 mod cluster;
+#[path = "common/mosquitto.rs"]
+mod mosquitto;
 #[path = "common/postgres.rs"]
 mod postgres;
 #[path = "common/wait.rs"]

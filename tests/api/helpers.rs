@@ -64,17 +64,7 @@ impl Mosquitto {
     /// Starts Mosquitto with the config `conf(port)` returns (or `-p PORT`
     /// when it returns `None`).
     pub fn start_with(conf: impl FnOnce(u16) -> Option<std::path::PathBuf>) -> Option<Mosquitto> {
-        let found = Command::new("mosquitto")
-            .arg("-h")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok();
-        if !found {
-            if std::env::var("QRGATE_REQUIRE_MOSQUITTO").as_deref() == Ok("1") {
-                panic!("mosquitto is required (QRGATE_REQUIRE_MOSQUITTO=1) but not installed");
-            }
-            eprintln!("SKIPPED: mosquitto is not installed");
+        if !crate::mosquitto_tools::installed(&["mosquitto"]) {
             return None;
         }
         let port = free_port();

@@ -22,6 +22,8 @@ mod ledger;
 mod messages;
 mod metrics;
 mod mosquitto;
+#[path = "../common/mosquitto.rs"]
+mod mosquitto_tools;
 mod notifications;
 mod operator_view;
 mod polls;

@@ -153,17 +153,7 @@ impl Mosquitto {
     /// `None` (said on stderr) when Mosquitto is not installed, unless
     /// QRGATE_REQUIRE_MOSQUITTO=1 makes that a failure.
     fn start(log: &Log) -> Option<Mosquitto> {
-        let found = Command::new("mosquitto")
-            .arg("-h")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok();
-        if !found {
-            if std::env::var("QRGATE_REQUIRE_MOSQUITTO").as_deref() == Ok("1") {
-                panic!("mosquitto is required (QRGATE_REQUIRE_MOSQUITTO=1) but not installed");
-            }
-            eprintln!("SKIPPED: mosquitto is not installed (apt-get install mosquitto)");
+        if !crate::mosquitto::installed(&["mosquitto"]) {
             return None;
         }
         let port = free_port();
